@@ -1,0 +1,179 @@
+"""The command line: parse, call one library function, print. Nothing else.
+
+Imports of torch and transformers happen inside the commands, so `peftcli --help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="peftcli",
+    help="Fine-tune Hugging Face models with parameter-efficient methods, driven by YAML recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+err_console = Console(stderr=True)
+out_console = Console()
+
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_USER_ERROR)
+
+
+def guarded(func):
+    """Turn user mistakes (RecipeError) into one red line and exit code 2, never a traceback."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from peftcli.recipe import RecipeError
+
+        try:
+            return func(*args, **kwargs)
+        except RecipeError as err:
+            fail(str(err))
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/yellow]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@guarded
+def train(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides, e.g. train.lr=1e-4")] = None,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="run directory (overrides output_dir)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the newest complete checkpoint")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or tables")] = False,
+) -> None:
+    """Fine-tune a model as a recipe says; write the run directory (adapter, metrics, checkpoints)."""
+    from peftcli.recipe import load_recipe
+    from peftcli.reporting import Reporter
+    from peftcli.train import TrainingInterrupted, train as run
+
+    loaded = load_recipe(recipe, overrides or [], output_dir)
+    reporter = Reporter(err_console, quiet=quiet)
+    try:
+        result = run(loaded, resume=resume, reporter=reporter)
+    except TrainingInterrupted as stop:
+        err_console.print(f"[yellow]stopped at step {stop.step}[/yellow]; checkpoint written to {stop.checkpoint}. "
+                          f"Continue with: peftcli train {recipe} --resume"
+                          + (f" --output-dir {output_dir}" if output_dir else ""))
+        raise typer.Exit(130 if stop.signum == 2 else 143) from None
+    if not quiet:
+        err_console.print(reporter.result_table(result))
+    out_console.print(f"adapter written to {result.adapter_dir}", highlight=False)
+
+
+@app.command()
+@guarded
+def merge(
+    adapter_dir: Annotated[Path, typer.Argument(help="adapter directory (RUN/adapter)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="directory for the merged model")],
+    base: Annotated[Optional[str], typer.Option(help="base model (default: the one the adapter names)")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+) -> None:
+    """Fold an adapter into its base and write a plain transformers model directory."""
+    from peftcli.recipe import RecipeError, did_you_mean
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise RecipeError("--dtype", f"{dtype!r} is not a dtype", did_you_mean(dtype, ["float32", "bfloat16", "float16"])
+                          or "use float32, bfloat16 or float16")
+    from peftcli.api import merge as run
+
+    info = run(adapter_dir, output, base=base, dtype=dtype)
+    for line in info.get("report_lines", []):
+        err_console.print(line, highlight=False)
+    out_console.print(f"merged {info['method']} into {info['base']} ({dtype}) -> {info['output']}", highlight=False)
+
+
+@app.command("eval")
+@guarded
+def eval_(
+    target: Annotated[Path, typer.Argument(help="a recipe, an adapter directory or a model directory")],
+    data: Annotated[Optional[str], typer.Option(help="eval data file (default: the recipe's eval data)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    max_examples: Annotated[Optional[int], typer.Option(help="evaluate at most this many examples")] = None,
+) -> None:
+    """Measure eval loss, perplexity and accuracy / exact match of a base, adapter or merged model."""
+    from peftcli.api import evaluate_target
+
+    result = evaluate_target(target, data=data, max_examples=max_examples)
+    if as_json:
+        print(json.dumps(result))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"eval {result['target']} ({result['kind']})", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if key not in ("target", "kind"):
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out_console.print(table)
+
+
+@app.command()
+@guarded
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides")] = None,
+    show: Annotated[bool, typer.Option("--show", help="print the resolved recipe")] = False,
+) -> None:
+    """Check a recipe (keys, types, ranges, method options, local files) without loading weights."""
+    from peftcli.recipe import dump_recipe, load_recipe, validate_files
+
+    loaded = load_recipe(recipe, overrides or [])
+    validate_files(loaded)
+    if show:
+        out_console.print(dump_recipe(loaded), highlight=False)
+    out_console.print(f"[green]ok[/green] {recipe}: {loaded.method.name} on {loaded.model.name} "
+                      f"({loaded.model.task}), output_dir {loaded.output_dir}", highlight=False)
+
+
+@app.command()
+def methods() -> None:
+    """List the registered PEFT methods."""
+    from rich.table import Table
+
+    from peftcli.methods import list_methods
+
+    table = Table(title="methods", title_justify="left")
+    table.add_column("name", style="bold")
+    table.add_column("description")
+    table.add_column("merges")
+    table.add_column("peft type")
+    table.add_column("trainable parameters")
+    for cls in list_methods():
+        table.add_row(cls.name, cls.description, "yes" if cls.mergeable else "no", cls.peft_type or "-",
+                      cls.trainable_formula)
+    out_console.print(table)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except SystemExit:
+        raise
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

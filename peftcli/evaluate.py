@@ -1,0 +1,163 @@
+"""Evaluation: token-weighted loss and perplexity, accuracy, and exact match by greedy generation.
+
+``eval_loss`` is the sum of per-token negative log-likelihoods over the whole eval set divided by
+the number of label tokens, computed here from the logits. Averaging per-batch means instead would
+weight a short batch as much as a long one and make the number depend on the batch size.
+
+Generation for causal LMs is our own greedy loop over a KV cache on left-padded prompts (position
+ids follow the attention mask, as in ``transformers``' ``generate``). Owning the loop keeps it working
+for models whose wrappers ``generate`` does not know; ``test_evaluate`` checks it gives the same
+tokens as ``model.generate(do_sample=False)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from peftcli.data import IGNORE_INDEX, DataBundle, collate, encode_prompt, pad_token_id
+from peftcli.recipe import EvalConfig
+
+GenerateFn = Callable[[torch.nn.Module, list[list[int]], int], list[list[int]]]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    config = getattr(model, "generation_config", None)
+    configured = getattr(config, "eos_token_id", None)
+    if configured is not None:
+        ids.update(configured if isinstance(configured, list) else [configured])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad_id: int,
+                    device: torch.device) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` (new tokens only, cut before the first EOS).
+
+    Prompts are left-padded so every row's next token sits in the last column; positions come from
+    the attention mask so padding does not shift them.
+    """
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)  # (B, L)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    eos = torch.tensor(sorted(eos_ids) or [-1], device=device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # (B,)
+    generated: list[torch.Tensor] = []
+    past = None
+    for _ in range(max_new_tokens):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        next_token = out.logits[:, -1, :].argmax(dim=-1)  # (B,)
+        next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
+        generated.append(next_token)
+        finished |= torch.isin(next_token, eos)
+        if bool(finished.all()):
+            break
+        input_ids = next_token[:, None]  # (B, 1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)
+        position_ids = position_ids[:, -1:] + 1  # (B, 1)
+    tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in prompts]  # (B, N)
+    results = []
+    for row in tokens:
+        cut = next((i for i, token in enumerate(row) if token in eos_ids), len(row))
+        results.append(row[:cut])
+    return results
+
+
+def _seq2seq_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                      device: torch.device) -> list[list[int]]:
+    pad_id = pad_token_id(tokenizer)
+    batch = collate([{"input_ids": p, "labels": [0]} for p in prompts], tokenizer, "seq2seq")
+    output = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id)
+    return output.tolist()
+
+
+def _loss_sums(model, tokenizer, examples: list[dict], task: str, batch_size: int,
+               device: torch.device) -> tuple[float, int, int]:
+    """(summed NLL, label-token count, correct predictions) over ``examples``."""
+    total_loss, total_tokens, correct = 0.0, 0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start: start + batch_size], tokenizer, task).items()}
+        labels = batch["labels"]
+        if task == "seq_cls":
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, C)
+            logits = logits.float()
+            total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            total_tokens += labels.numel()
+            correct += int((logits.argmax(dim=-1) == labels).sum())
+            continue
+        if task == "seq2seq":
+            # labels let the model build its decoder inputs (labels shifted right); logits align with labels.
+            logits = model(**batch).logits.float()  # (B, T', V)
+            targets = labels
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            # Methods that prepend virtual tokens (prompt tuning) return longer logits; the real
+            # positions are the last T.
+            logits = logits[:, -labels.shape[1]:, :]  # (B, T, V)
+            logits, targets = logits[:, :-1, :], labels[:, 1:]  # position t predicts token t + 1
+        total_loss += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                      ignore_index=IGNORE_INDEX, reduction="sum").item()
+        total_tokens += int((targets != IGNORE_INDEX).sum())
+    return total_loss, total_tokens, correct
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, bundle: DataBundle, task: str, cfg: EvalConfig, device: torch.device,
+             generate_fn: GenerateFn | None = None) -> dict[str, float]:
+    """Metrics on ``bundle.eval``: eval_loss, perplexity, eval_examples, plus accuracy (seq_cls) or
+    exact_match and generated_examples (causal_lm / seq2seq with answers, when ``cfg.generate``).
+
+    ``generate_fn(model, prompt_ids_list, max_new_tokens) -> new token ids`` replaces the built-in
+    greedy decoding. With no eval data the result is ``{"eval_examples": 0}``.
+    """
+    if not bundle.eval:
+        return {"eval_examples": 0}
+    was_training = model.training
+    model.eval()
+    try:
+        total_loss, total_tokens, correct = _loss_sums(model, tokenizer, bundle.eval, task, cfg.batch_size, device)
+        eval_loss = total_loss / max(total_tokens, 1)
+        metrics: dict[str, float] = {
+            "eval_loss": eval_loss,
+            "perplexity": math.exp(min(eval_loss, 700.0)),  # exp overflows a float past ~709
+            "eval_examples": len(bundle.eval),
+        }
+        if task == "seq_cls":
+            metrics["accuracy"] = correct / len(bundle.eval)
+        elif cfg.generate and bundle.eval_examples:
+            metrics.update(_exact_match(model, tokenizer, bundle, task, cfg, device, generate_fn))
+    finally:
+        model.train(was_training)
+    return metrics
+
+
+def _exact_match(model, tokenizer, bundle: DataBundle, task: str, cfg: EvalConfig, device: torch.device,
+                 generate_fn: GenerateFn | None) -> dict[str, float]:
+    examples = bundle.eval_examples[: cfg.max_generate_examples]
+    max_length = bundle.stats.get("max_length")
+    prompts = [encode_prompt(tokenizer, example["prompt"], task, max_length) for example in examples]
+    eos_ids, pad_id = _eos_ids(model, tokenizer), pad_token_id(tokenizer)
+    outputs: list[list[int]] = []
+    for start in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[start: start + cfg.batch_size]
+        if generate_fn is not None:
+            outputs += generate_fn(model, chunk, cfg.max_new_tokens)
+        elif task == "seq2seq":
+            outputs += _seq2seq_generate(model, tokenizer, chunk, cfg.max_new_tokens, device)
+        else:
+            outputs += greedy_generate(model, chunk, cfg.max_new_tokens, eos_ids, pad_id, device)
+    matches = sum(
+        tokenizer.decode(tokens, skip_special_tokens=True).strip() == example["answer"].strip()
+        for tokens, example in zip(outputs, examples)
+    )
+    return {"exact_match": matches / len(examples), "generated_examples": len(examples)}

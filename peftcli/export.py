@@ -1,0 +1,207 @@
+"""Adapters on disk (peft's format) and merging them into a plain transformers model.
+
+An adapter directory holds:
+
+- ``adapter_config.json``: peft's config (``peft_type``, ``task_type``, ``base_model_name_or_path`` and
+  the method's fields under peft's names). Methods peft lacks write no ``peft_type`` (peft must not
+  mistake them for one of its own) and name our method in ``peftcli_method``.
+- ``adapter_model.safetensors``: the trained tensors under peft's key names.
+- ``peftcli_adapter.json``: our own record (method name and full options, task, label names, the
+  base as the recipe named it), kept out of ``adapter_config.json`` because peft warns on unknown keys.
+- the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from peftcli.checkpoint import AtomicDir
+from peftcli.methods import get_method_class, list_methods
+from peftcli.methods.registry import Method
+from peftcli.models import PEFT_TASK_TYPE, TASK_FROM_PEFT, load_model, load_tokenizer, resolve_model_name
+from peftcli.recipe import ModelConfig, QuantizationConfig, RecipeError, coerce, from_dict, to_dict
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SIDECAR = "peftcli_adapter.json"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file() and not is_adapter_dir(path)
+
+
+def save_adapter(
+    out_dir: str | Path,
+    model: nn.Module,
+    method: Method,
+    tokenizer,
+    base_path: str,
+    model_cfg: ModelConfig,
+    label_names: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the adapter directory atomically (a crash leaves the previous one intact)."""
+    method.on_save(model)
+    config: dict[str, Any] = {
+        "task_type": PEFT_TASK_TYPE[method.task],
+        "base_model_name_or_path": base_path,
+        "inference_mode": True,
+        "revision": model_cfg.revision,
+        **method.adapter_config(model),
+    }
+    if method.peft_type:
+        config["peft_type"] = method.peft_type
+    else:
+        config["peftcli_method"] = method.name
+    sidecar = {
+        "method": method.name,
+        "method_config": to_dict(method.cfg),
+        "task": method.task,
+        "model_name": model_cfg.name,
+        "quantization": to_dict(model_cfg.quantization) if model_cfg.quantization else None,
+        "label_names": label_names,
+        **(extra or {}),
+    }
+    state = {k: v.detach().contiguous().cpu() for k, v in method.adapter_state_dict(model).items()}
+    from safetensors.torch import save_file
+
+    with AtomicDir(out_dir) as tmp:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def read_adapter_state(path: str | Path) -> dict[str, torch.Tensor]:
+    weights = Path(path) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise RecipeError("adapter", f"{weights} is missing", "point at a directory written by peftcli train or peft")
+    with safe_open(str(weights), framework="pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}
+
+
+def read_adapter_info(path: str | Path) -> dict[str, Any]:
+    """Method class, its config, task and base from an adapter dir (ours, or one peft wrote)."""
+    path = Path(path)
+    if not is_adapter_dir(path):
+        raise RecipeError("adapter", f"{path} has no {ADAPTER_CONFIG}", "point at an adapter directory (RUN/adapter)")
+    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    sidecar_path = path / SIDECAR
+    if sidecar_path.is_file():
+        sidecar = json.loads(sidecar_path.read_text())
+        method_cls = get_method_class(sidecar["method"])
+        method_cfg = from_dict(method_cls.config_cls, sidecar["method_config"], "method")
+        task = sidecar["task"]
+        model_name = sidecar.get("model_name") or config.get("base_model_name_or_path")
+        quant = sidecar.get("quantization")
+        label_names = sidecar.get("label_names")
+    else:  # an adapter written by peft itself
+        peft_type = config.get("peft_type")
+        candidates = [m for m in list_methods() if m.peft_type == peft_type]
+        if not candidates:
+            raise RecipeError("adapter", f"peft_type {peft_type!r} is not a method peftcli can load",
+                              f"peftcli loads: {', '.join(sorted({m.peft_type for m in list_methods() if m.peft_type}))}")
+        method_cls = candidates[0]
+        method_cfg = method_cls.config_from_adapter(config)
+        task = TASK_FROM_PEFT.get(config.get("task_type") or "CAUSAL_LM", "causal_lm")
+        model_name = config.get("base_model_name_or_path")
+        quant, label_names = None, None
+    return {
+        "config": config,
+        "method_cls": method_cls,
+        "method_cfg": method_cfg,
+        "task": task,
+        "base_path": config.get("base_model_name_or_path"),
+        "model_name": model_name,
+        "quantization": quant,
+        "label_names": label_names,
+    }
+
+
+def resolve_base(info: dict[str, Any], base: str | None) -> str:
+    """The base to load: ``--base``, else the recorded path, else the recipe's name (rebuilds tiny:)."""
+    if base:
+        return resolve_model_name(base)
+    recorded = info["base_path"]
+    if recorded and Path(recorded).is_dir():
+        return recorded
+    name = info["model_name"] or recorded
+    if not name:
+        raise RecipeError("adapter", "the adapter does not name its base model", "pass --base MODEL")
+    return resolve_model_name(name)
+
+
+@dataclass
+class LoadedAdapter:
+    model: nn.Module
+    tokenizer: Any
+    method: Method
+    task: str
+    label_names: list[str] | None
+    base_path: str
+
+
+def load_adapter(
+    path: str | Path,
+    base: str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    quantized: bool = True,
+) -> LoadedAdapter:
+    """Rebuild the tuned model: load the base, apply the method, load the trained tensors.
+
+    ``quantized=False`` loads a QLoRA adapter's base in full precision (what merge does).
+    """
+    path = Path(path)
+    info = read_adapter_info(path)
+    base_path = resolve_base(info, base)
+    quant = info["quantization"] if quantized else None
+    model_cfg = ModelConfig(name=base_path, task=info["task"],
+                            quantization=coerce(quant, QuantizationConfig, "quantization") if quant else None)
+    tokenizer_src = str(path) if (path / "tokenizer_config.json").exists() else base_path
+    tokenizer = load_tokenizer(tokenizer_src, model_cfg)
+    device = torch.device(device)
+    model = load_model(base_path, model_cfg, device, label_names=info["label_names"],
+                       pad_token_id=tokenizer.pad_token_id, dtype=dtype)
+    method = info["method_cls"](info["method_cfg"], info["task"])
+    torch.manual_seed(0)
+    model = method.apply(model)
+    method.load_adapter_state_dict(model, read_adapter_state(path))
+    model.to(device)
+    model.eval()
+    return LoadedAdapter(model, tokenizer, method, info["task"], info["label_names"], base_path)
+
+
+def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | None = None,
+                  dtype: str = "float32") -> dict[str, Any]:
+    """Fold an adapter into its base and write a plain transformers model directory.
+
+    The base is always reloaded in full precision (a QLoRA adapter's base too): the update is added
+    to the fp32 weights, and only then is the model cast to ``dtype``. Nothing is re-quantized.
+    """
+    info = read_adapter_info(adapter_dir)
+    if not info["method_cls"].mergeable:
+        raise RecipeError("merge", f"method {info['method_cls'].name} cannot be merged into the base",
+                          "load the adapter directory directly (peftcli eval / peftcli.load)")
+    loaded = load_adapter(adapter_dir, base=base, dtype=torch.float32, quantized=False)
+    merged = loaded.method.merge(loaded.model)
+    target = getattr(torch, dtype)
+    merged.to(target)
+    with AtomicDir(output) as tmp:
+        merged.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+    return {"output": str(output), "dtype": dtype, "method": loaded.method.name, "base": loaded.base_path,
+            "task": loaded.task}

@@ -1,0 +1,139 @@
+"""Target matching, module replacement and freezing: written once, used by every method."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from peftcli.recipe import RecipeError
+
+# Class names of layers that compute x @ W^T (+ b), including bitsandbytes' 4/8-bit layers and
+# GPT-2's transposed Conv1D, checked by name so that bitsandbytes is never imported here.
+LINEAR_CLASS_NAMES = {"Linear", "Conv1D", "Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4"}
+
+# Heads that produce the output: `all-linear` never adapts them (peft does the same).
+HEAD_NAMES = {"lm_head", "score", "classifier", "qa_outputs", "cls", "pooler"}
+
+_REGEX_CHARS = set("^$*+?()[]{}|\\")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return type(module).__name__ in LINEAR_CLASS_NAMES and hasattr(module, "weight")
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like layer."""
+    if type(module).__name__ == "Conv1D":
+        in_features, out_features = module.weight.shape  # Conv1D stores W as (in, out)
+        return in_features, out_features
+    return module.in_features, module.out_features
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Full names of the modules that produce the model's output (LM head, classifier)."""
+    names = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if head is not None and module is head:
+            names.add(name)
+        if name.split(".")[0] in HEAD_NAMES:
+            names.add(name)
+    return names
+
+
+def name_matches(name: str, target: str) -> bool:
+    """peft's rule for a list entry: the full name, or a suffix after a dot."""
+    return name == target or name.endswith("." + target)
+
+
+def match_targets(
+    model: nn.Module,
+    targets: str | list[str],
+    key: str = "method.target_modules",
+    accept=is_linear,
+    what: str = "linear layer",
+) -> list[str]:
+    """Resolve ``targets`` (names, a regex, or ``all-linear``) to full module names, or explain why not."""
+    heads = output_head_names(model)
+    candidates = [(n, m) for n, m in model.named_modules() if n]
+    if targets == "all-linear" or targets == ["all-linear"]:
+        found = [n for n, m in candidates if accept(m) and not any(n == h or n.startswith(h + ".") for h in heads)]
+    elif isinstance(targets, str) and _REGEX_CHARS & set(targets):
+        try:
+            pattern = re.compile(targets)
+        except re.error as err:
+            raise RecipeError(key, f"{targets!r} is not a valid regular expression ({err})", "fix the pattern") from None
+        found = [n for n, m in candidates if pattern.fullmatch(n) and accept(m)]
+    else:
+        names = [targets] if isinstance(targets, str) else list(targets)
+        found = []
+        for target in names:
+            hits = [n for n, m in candidates if name_matches(n, target)]
+            if not hits:
+                raise RecipeError(
+                    key, f"{target!r} matches no module in {type(model).__name__}",
+                    f"names of its {what}s: {', '.join(available_names(model, accept)) or 'none'}",
+                )
+            wrong = [n for n in hits if not accept(model.get_submodule(n))]
+            if wrong:
+                raise RecipeError(
+                    key, f"{target!r} matches {wrong[0]} ({type(model.get_submodule(wrong[0])).__name__}), not a {what}",
+                    f"pick among: {', '.join(available_names(model, accept))}",
+                )
+            found.extend(hits)
+        found = sorted(set(found), key=[n for n, _ in candidates].index)
+    if not found:
+        raise RecipeError(
+            key, f"{targets!r} matches no {what} in {type(model).__name__}",
+            f"names of its {what}s: {', '.join(available_names(model, accept)) or 'none'}",
+        )
+    return found
+
+
+def available_names(model: nn.Module, accept=is_linear) -> list[str]:
+    """Short names (last component) of the modules ``accept`` admits, for error messages."""
+    seen: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if name and accept(module):
+            seen.setdefault(name.split(".")[-1], None)
+    return list(seen)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def make_trainable_copies(model: nn.Module, names: list[str], key: str = "method.modules_to_save") -> list[str]:
+    """Train whole modules (``modules_to_save``). Each parameter is replaced by a trainable clone, so a
+    weight tied elsewhere (embeddings ↔ LM head) keeps its original value there, as in peft."""
+    resolved = []
+    for target in names:
+        hits = [n for n, _ in model.named_modules() if n and name_matches(n, target)]
+        if not hits:
+            short = [n.split(".")[-1] for n, m in model.named_modules() if n and list(m.parameters(recurse=False))]
+            raise RecipeError(key, f"{target!r} matches no module in {type(model).__name__}",
+                              f"modules with weights: {', '.join(dict.fromkeys(short))}")
+        for name in hits:
+            module = model.get_submodule(name)
+            for pname, param in list(module.named_parameters(recurse=True)):
+                owner = module.get_submodule(pname.rpartition(".")[0]) if "." in pname else module
+                setattr(owner, pname.rpartition(".")[2], nn.Parameter(param.detach().clone(), requires_grad=True))
+            resolved.append(name)
+    return resolved
+
+
+def modules_to_save_state(model: nn.Module, names: list[str], prefix: str = "base_model.model.") -> dict:
+    state = {}
+    for name in names:
+        for pname, param in model.get_submodule(name).named_parameters():
+            state[f"{prefix}{name}.{pname}"] = param.detach()
+    return state

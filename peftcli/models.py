@@ -1,0 +1,150 @@
+"""Load the base model and its tokenizer: hub id, local directory or ``tiny:<arch>``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftcli.recipe import ModelConfig, RecipeError
+from peftcli.tiny import ensure_tiny, parse_tiny
+
+TASK_AUTO = {
+    "causal_lm": "AutoModelForCausalLM",
+    "seq_cls": "AutoModelForSequenceClassification",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+}
+PEFT_TASK_TYPE = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
+TASK_FROM_PEFT = {v: k for k, v in PEFT_TASK_TYPE.items()}
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' progress bars and info logs: our own progress display is the one users read."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def resolve_model_name(name: str) -> str:
+    """A path or hub id transformers can load; ``tiny:<arch>`` is materialised on disk first."""
+    arch = parse_tiny(name)
+    if arch is not None:
+        return str(ensure_tiny(arch))
+    expanded = os.path.expanduser(name)
+    looks_local = expanded.startswith((".", "/", "~")) or os.sep in expanded and not _looks_like_hub_id(expanded)
+    if os.path.isdir(expanded):
+        if not (Path(expanded) / "config.json").exists():
+            raise RecipeError("model.name", f"{name} is a directory without config.json",
+                              "point it at a saved transformers model directory")
+        return expanded
+    if looks_local or os.path.isfile(expanded):
+        raise RecipeError("model.name", f"model directory not found: {name}",
+                          "check the path, or use a hub id such as Qwen/Qwen2.5-0.5B or tiny:llama")
+    return name
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise RecipeError("train.device", f"{spec!r} is not a device", "use auto, cpu, cuda or cuda:0") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("train.device", "cuda was asked for but no GPU is visible", "use train.device: auto or cpu")
+    return device
+
+
+def _hub_error(name: str, err: Exception) -> RecipeError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return RecipeError("model.name", f"could not load {name!r}: {first[:200]}",
+                       "check the hub id and your network (or HF_HUB_OFFLINE), or pass a local directory")
+
+
+def load_tokenizer(path: str, cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(cfg.name, err) from None
+    if tokenizer.pad_token_id is None:
+        # Decoder-only models often ship no pad token; EOS is safe because padded labels are -100.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(
+    path: str,
+    cfg: ModelConfig,
+    device: torch.device,
+    num_labels: int | None = None,
+    label_names: list[str] | None = None,
+    pad_token_id: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Load the base model for ``cfg.task`` in ``dtype`` (quantized where ``cfg.quantization`` asks)."""
+    import transformers
+
+    quiet_transformers()
+    auto = getattr(transformers, TASK_AUTO[cfg.task])
+    dtype = dtype or resolve_dtype(cfg.dtype, device)
+    kwargs: dict[str, Any] = dict(dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if cfg.task == "seq_cls":
+        labels = label_names or [str(i) for i in range(num_labels or 2)]
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={name: i for i, name in enumerate(labels)})
+    if cfg.quantization is not None:
+        from peftcli.quantize import quantization_kwargs
+
+        kwargs.update(quantization_kwargs(cfg, device))
+    try:
+        model = auto.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        if "Unrecognized configuration class" in str(err) or "not supported" in str(err):
+            raise RecipeError("model.task", f"{cfg.name} has no {cfg.task} head in transformers ({str(err)[:120]})",
+                              "pick the task the model was built for") from None
+        raise _hub_error(cfg.name, err) from None
+    if cfg.task == "seq_cls" and pad_token_id is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id  # decoder classifiers find the last token through it
+    if cfg.quantization is None:
+        model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    return model
+
+
+def task_of_model_dir(path: str) -> str:
+    """Guess the task of a saved transformers model from its architecture name."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    arch = (config.architectures or [""])[0]
+    if arch.endswith("ForSequenceClassification"):
+        return "seq_cls"
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    return "causal_lm"

@@ -1,0 +1,481 @@
+"""The recipe: schema, loading, overrides and validation.
+
+A recipe is YAML with five sections (``model``, ``data``, ``method``, ``train``, ``eval``) and
+``output_dir``. Every section is a dataclass below; every field carries a one-line ``help`` in its
+metadata, which feeds ``peftcli validate`` errors and the README's recipe reference
+(``peftcli.docs``). The method section is declared by the method itself (``Method.config_cls``)
+and picked by ``method.name``.
+
+Every user mistake raises :class:`RecipeError` with the dotted key, what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class RecipeError(Exception):
+    """A mistake in a recipe or on the command line. The CLI prints it as one line, exit code 2."""
+
+    def __init__(self, key: str, message: str, hint: str | None = None):
+        self.key, self.message, self.hint = key, message, hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"{self.key}: {self.message}" if self.key else self.message
+        return f"{text}; {self.hint}" if self.hint else text
+
+
+def doc(help: str, **extra: Any) -> dict[str, Any]:
+    """Field metadata: a one-line help text plus optional checks (``min``, ``max``, ``min_exclusive``)."""
+    return {"help": help, **extra}
+
+
+def did_you_mean(word: str, choices: typing.Iterable[str]) -> str | None:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizationConfig:
+    bits: Literal[4, 8] = field(default=4, metadata=doc("store the base's linear layers in 4 or 8 bits"))
+    quant_type: Literal["nf4", "fp4"] = field(
+        default="nf4", metadata=doc("4-bit data type: nf4 (QLoRA's NormalFloat) or fp4")
+    )
+    double_quant: bool = field(
+        default=True, metadata=doc("quantize the quantization constants too (saves ~0.37 bit/param)")
+    )
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="bfloat16", metadata=doc("dtype the 4-bit weights are dequantized to for matmuls")
+    )
+    skip_modules: list[str] = field(
+        default_factory=list,
+        metadata=doc("extra module names kept in full precision (the LM/classifier head always is)"),
+    )
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(
+        default="", metadata=doc("hub id, local model directory, or tiny:<arch> (llama, qwen2, gpt2, bert, t5)")
+    )
+    task: Literal["causal_lm", "seq_cls", "seq2seq"] = field(
+        default="causal_lm", metadata=doc("head to load: causal_lm, seq_cls (classification) or seq2seq")
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata=doc("dtype of the frozen base weights; auto = float32 on CPU, bfloat16 on GPU")
+    )
+    revision: str | None = field(default=None, metadata=doc("hub revision (branch, tag or commit)"))
+    num_labels: int | None = field(
+        default=None,
+        metadata=doc("seq_cls: number of classes; default: counted from the training labels", min=2),
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata=doc("recompute activations in backward to save memory (~30% slower)")
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata=doc("run model code shipped with a hub repo; only for repos you trust")
+    )
+    quantization: QuantizationConfig | None = field(
+        default=None, metadata=doc("load the base in 4/8 bits with bitsandbytes (QLoRA); see model.quantization.*")
+    )
+
+
+@dataclass
+class DataConfig:
+    train: str = field(
+        default="",
+        metadata=doc("training data: a .jsonl/.json/.csv/.parquet file, a saved datasets dir, or a hub dataset id"),
+    )
+    train_split: str = field(default="train", metadata=doc("split to read when data.train is a hub dataset"))
+    eval: str | None = field(default=None, metadata=doc("evaluation data, same forms as data.train"))
+    eval_split: str = field(default="validation", metadata=doc("split to read when data.eval is a hub dataset"))
+    eval_fraction: float = field(
+        default=0.0,
+        metadata=doc("hold out this fraction of train for eval when data.eval is not set", min=0.0, max=0.5),
+    )
+    format: Literal["text", "completion", "instruction", "chat", "classification"] = field(
+        default="text",
+        metadata=doc("text | completion (prompt/completion) | instruction (alpaca) | chat (messages) | classification"),
+    )
+    columns: dict[str, str] = field(
+        default_factory=dict,
+        metadata=doc("rename columns: {our_name: your_column}, e.g. {prompt: question, completion: answer}"),
+    )
+    max_length: int = field(default=512, metadata=doc("tokens per example; longer ones are truncated and counted", min=8))
+    train_on_prompt: bool = field(
+        default=False, metadata=doc("also compute the loss on prompt tokens (default: only on the answer)")
+    )
+    add_eos: bool = field(default=True, metadata=doc("append the EOS token to every target so generation stops"))
+    max_train_examples: int | None = field(default=None, metadata=doc("use only the first N training examples", min=1))
+    max_eval_examples: int | None = field(default=None, metadata=doc("use only the first N eval examples", min=1))
+    shuffle_seed: int = field(default=0, metadata=doc("seed of the eval_fraction split"))
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's section: ``name`` picks the registry entry."""
+
+    name: str = field(default="lora", metadata=doc("PEFT method; `peftcli methods` lists them"))
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = field(default=1.0, metadata=doc("passes over the training data (ignored when max_steps is set)", min_exclusive=0.0))
+    max_steps: int | None = field(default=None, metadata=doc("optimizer steps to run; overrides epochs", min=1))
+    batch_size: int = field(default=8, metadata=doc("examples per micro-batch", min=1))
+    grad_accum: int = field(default=1, metadata=doc("micro-batches per optimizer step", min=1))
+    lr: float = field(default=2e-4, metadata=doc("peak learning rate", min_exclusive=0.0))
+    scheduler: Literal["constant", "linear", "cosine"] = field(
+        default="linear", metadata=doc("learning-rate decay after warmup: constant, linear or cosine (to 0)")
+    )
+    warmup_steps: int = field(default=0, metadata=doc("linear warmup steps (overrides warmup_ratio when > 0)", min=0))
+    warmup_ratio: float = field(default=0.0, metadata=doc("warmup as a fraction of all steps", min=0.0, max=1.0))
+    weight_decay: float = field(default=0.0, metadata=doc("decoupled weight decay of AdamW / L2 of SGD", min=0.0))
+    max_grad_norm: float = field(default=1.0, metadata=doc("clip the gradient norm to this; 0 turns clipping off", min=0.0))
+    optimizer: Literal["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit"] = field(
+        default="adamw", metadata=doc("adamw | sgd | bitsandbytes: adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, paged_lion_8bit")
+    )
+    adam_beta1: float = field(default=0.9, metadata=doc("Adam/Lion beta1", min=0.0, max=1.0))
+    adam_beta2: float = field(default=0.999, metadata=doc("Adam/Lion beta2", min=0.0, max=1.0))
+    adam_eps: float = field(default=1e-8, metadata=doc("Adam epsilon", min_exclusive=0.0))
+    momentum: float = field(default=0.0, metadata=doc("SGD momentum", min=0.0, max=1.0))
+    seed: int = field(default=42, metadata=doc("seed for init, dropout and data order"))
+    log_every: int = field(default=10, metadata=doc("optimizer steps between train log lines", min=1))
+    eval_every: int = field(default=0, metadata=doc("steps between evals; 0 = only before and after training", min=0))
+    save_every: int = field(default=0, metadata=doc("steps between checkpoints; 0 = only at the end", min=0))
+    keep_checkpoints: int = field(default=2, metadata=doc("newest checkpoints kept; older ones are deleted", min=1))
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(
+        default="auto", metadata=doc("autocast on GPU: auto = bf16 where supported; always off on CPU")
+    )
+    device: str = field(default="auto", metadata=doc("auto, cpu, cuda or cuda:N"))
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = field(default=16, metadata=doc("examples per eval batch", min=1))
+    generate: bool = field(
+        default=True, metadata=doc("for causal LMs with answers: greedy-generate and score exact match")
+    )
+    max_new_tokens: int = field(default=32, metadata=doc("generation budget per example", min=1))
+    max_generate_examples: int = field(default=200, metadata=doc("generate for at most this many eval examples", min=1))
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=doc("the base model"))
+    data: DataConfig = field(default_factory=DataConfig, metadata=doc("training and eval data"))
+    method: MethodConfig = field(default_factory=MethodConfig, metadata=doc("the PEFT method and its options"))
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=doc("the training loop"))
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=doc("evaluation"))
+    output_dir: str = field(default="", metadata=doc("run directory; default runs/<recipe file name>"))
+
+
+REQUIRED = {"model.name", "data.train"}
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: dicts -> dataclasses, with dotted-path errors
+# --------------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return {int: "integer", float: "number", bool: "true/false", str: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert what people write (``3e-4``, ``"8"``)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except RecipeError as err:
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]
+        raise RecipeError(key, f"expected {_type_name(tp)}, got {_show(value)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        for choice in choices:
+            if value == choice or (isinstance(choice, int) and isinstance(value, str) and value.strip() == str(choice)):
+                return choice
+        hint = did_you_mean(value, choices) or "choose one of: " + ", ".join(str(c) for c in choices)
+        raise RecipeError(key, f"{_show(value)} is not one of {', '.join(str(c) for c in choices)}", hint)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item_tp in (str,):
+            value = [value]  # a single name is a list of one
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(key, f"expected {_type_name(tp)}, got {_show(value)}")
+        return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise RecipeError(key, f"expected a mapping, got {_show(value)}")
+        return {coerce(k, key_tp, key): coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise RecipeError(key, f"expected true or false, got {_show(value)}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise RecipeError(key, f"expected an integer, got {_show(value)}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and _NUMBER.match(value.strip()) and float(value).is_integer():
+            return int(float(value))
+        raise RecipeError(key, f"expected an integer, got {_show(value)}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise RecipeError(key, f"expected a number, got {_show(value)}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str) and _NUMBER.match(value.strip()):
+            return float(value)  # PyYAML reads 3e-4 as a string (YAML 1.1 wants 3.0e-4)
+        raise RecipeError(key, f"expected a number, got {_show(value)}")
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise RecipeError(key, f"expected a string, got {_show(value)}")
+        return str(value)
+    raise TypeError(f"unsupported annotation {tp!r} at {key}")  # a schema bug, not a user mistake
+
+
+def _check_range(value: Any, meta: dict, key: str) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if "min" in meta and value < meta["min"]:
+        raise RecipeError(key, f"must be >= {meta['min']}, got {value}")
+    if "max" in meta and value > meta["max"]:
+        raise RecipeError(key, f"must be <= {meta['max']}, got {value}")
+    if "min_exclusive" in meta and value <= meta["min_exclusive"]:
+        raise RecipeError(key, f"must be > {meta['min_exclusive']}, got {value}")
+
+
+def fields_of(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def resolved_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with a did-you-mean."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(path, f"expected a mapping of keys, got {_show(data)}")
+    known = fields_of(cls)
+    hints = resolved_types(cls)
+    for k in data:
+        if k not in known:
+            full = f"{path}.{k}" if path else str(k)
+            hint = did_you_mean(k, known) or f"known keys: {', '.join(known)}"
+            raise RecipeError(full, "unknown key", hint)
+    kwargs = {}
+    for name, f in known.items():
+        full = f"{path}.{name}" if path else name
+        if name in data:
+            value = coerce(data[name], hints[name], full)
+            _check_range(value, f.metadata, full)
+            if isinstance(value, list):
+                for v in value:
+                    _check_range(v, f.metadata, full)
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(item, "an override must look like key.path=value", "e.g. train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise RecipeError(item, "an override must look like key.path=value", "e.g. train.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for parts, value in parse_overrides(overrides):
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(".".join(parts[: i + 1]), "is not a section, so it has no sub-keys")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError("recipe", f"file not found: {path}", "check the path")
+    if path.is_dir():
+        raise RecipeError("recipe", f"{path} is a directory, not a recipe file", "pass a .yaml file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise RecipeError("recipe", f"{path} is not valid YAML{where}: {problem}", "fix the YAML syntax") from None
+    if raw is None:
+        raise RecipeError("recipe", f"{path} is empty", "a recipe needs at least model.name and data.train")
+    if not isinstance(raw, dict):
+        raise RecipeError("recipe", f"{path} must be a mapping of sections, got {type(raw).__name__}",
+                          "start with `model:`, `data:`, `method:`, `train:`")
+    return raw
+
+
+def build_recipe(raw: dict, source: str | None = None) -> Recipe:
+    """Validate a raw mapping into a :class:`Recipe` (the method section by its own schema)."""
+    from peftcli.methods import get_method_class
+
+    raw = dict(raw)
+    method_raw = raw.pop("method", None)
+    if method_raw is None:
+        method_raw = {}
+    if not isinstance(method_raw, dict):
+        raise RecipeError("method", f"expected a mapping, got {_show(method_raw)}", "e.g. method: {name: lora, r: 8}")
+    recipe = from_dict(Recipe, raw, "")
+    name = method_raw.get("name", "lora")
+    method_cls = get_method_class(str(name))  # RecipeError with did-you-mean on a typo
+    recipe.method = from_dict(method_cls.config_cls, method_raw, "method")
+    recipe.method.name = method_cls.name
+    for key in sorted(REQUIRED):
+        section, name_ = key.split(".")
+        if not getattr(getattr(recipe, section), name_):
+            raise RecipeError(key, "is required", f"set {key} in the recipe or as {key}=... on the command line")
+    if not recipe.output_dir:
+        stem = Path(source).stem if source else "run"
+        recipe.output_dir = str(Path("runs") / stem)
+    _cross_checks(recipe)
+    method_cls.validate_config(recipe.method, recipe)
+    return recipe
+
+
+def _cross_checks(recipe: Recipe) -> None:
+    if recipe.data.format == "classification" and recipe.model.task != "seq_cls":
+        raise RecipeError("data.format", "classification data needs model.task: seq_cls",
+                          "set model.task: seq_cls or pick another data.format")
+    if recipe.model.task == "seq_cls" and recipe.data.format != "classification":
+        raise RecipeError("model.task", "seq_cls trains on classification data",
+                          "set data.format: classification (columns text and label)")
+    if recipe.data.eval and recipe.data.eval_fraction:
+        raise RecipeError("data.eval_fraction", "set either data.eval or data.eval_fraction, not both",
+                          "remove one of them")
+    q = recipe.model.quantization
+    if q is not None and q.bits == 8 and recipe.model.dtype not in ("auto", "float16", "bfloat16", "float32"):
+        raise RecipeError("model.dtype", "not supported with 8-bit quantization")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir: str | None = None) -> Recipe:
+    raw = read_yaml(path)
+    raw = apply_overrides(raw, overrides or [])
+    if output_dir:
+        raw["output_dir"] = output_dir
+    return build_recipe(raw, source=str(path))
+
+
+def recipe_from_dict(raw: dict, overrides: list[str] | None = None) -> Recipe:
+    raw = apply_overrides(dict(raw), overrides or [])
+    return build_recipe(raw)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+def expand_path(value: str) -> str:
+    return os.path.expanduser(os.path.expandvars(value))
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or Path(value).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet")
+
+
+def validate_files(recipe: Recipe) -> None:
+    """Check that local paths the recipe names exist (hub ids are left for load time)."""
+    from peftcli.tiny import parse_tiny
+
+    name = recipe.model.name
+    if parse_tiny(name) is None and _looks_local(name) and not Path(expand_path(name)).is_dir():
+        raise RecipeError("model.name", f"model directory not found: {name}", "check the path or use a hub id")
+    for key in ("train", "eval"):
+        value = getattr(recipe.data, key)
+        if value and _looks_local(value) and not Path(expand_path(value)).exists():
+            raise RecipeError(f"data.{key}", f"file not found: {value}",
+                              "check the path (relative paths are relative to where you run peftcli)")

@@ -1,0 +1,128 @@
+"""What users read while a run goes: the start-up summary, the progress bar and the final table."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from peftcli.train import TrainResult
+
+
+def human(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+METRIC_ORDER = ("eval_loss", "perplexity", "accuracy", "exact_match")
+
+
+class _Bar:
+    def __init__(self, progress: Progress | None, task_id: Any):
+        self.progress, self.task_id = progress, task_id
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task_id, completed=step, loss=loss, lr=lr, tps=tokens_per_s)
+
+
+class Reporter:
+    def __init__(self, console: Console | None = None, quiet: bool = False):
+        self.quiet = quiet
+        self.console = console or Console(stderr=True)
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(f"[dim]{text}[/dim]")
+
+    def start_summary(self, recipe, method, trainable: int, total: int, stats: dict, steps: int, device) -> None:
+        if self.quiet:
+            return
+        table = Table(title="peftcli train", show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        table.add_row("model", f"{recipe.model.name} ({recipe.model.task}) on {device}")
+        table.add_row("method", f"{method.name}: {method.description}")
+        table.add_row("trainable", f"{human(trainable)} of {human(total)} parameters ({100 * trainable / max(total, 1):.3f}%)")
+        for line in getattr(method, "summary_lines", lambda: [])():
+            table.add_row("", line)
+        data = (f"{stats.get('train_examples', '?')} train / {stats.get('eval_examples', 0)} eval examples, "
+                f"{human(stats.get('train_tokens', 0))} train tokens")
+        truncated = stats.get("train_truncated", 0)
+        if truncated:
+            data += f", {truncated} truncated at {stats.get('max_length')} tokens"
+        table.add_row("data", data)
+        table.add_row("steps", f"{steps} (batch {recipe.train.batch_size} × accum {recipe.train.grad_accum}, "
+                               f"lr {recipe.train.lr:g}, {recipe.train.optimizer}, {recipe.train.scheduler})")
+        table.add_row("output", recipe.output_dir)
+        self.console.print(table)
+
+    @contextlib.contextmanager
+    def status(self, text: str):
+        if self.quiet:
+            yield
+            return
+        with self.console.status(text):
+            yield
+
+    @contextlib.contextmanager
+    def progress(self, steps: int, start: int):
+        if self.quiet:
+            yield _Bar(None, None)
+            return
+        progress = Progress(
+            TextColumn("step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("lr {task.fields[lr]:.2e}"),
+            TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        with progress:
+            task_id = progress.add_task("train", total=steps, completed=start, loss=float("nan"), lr=0.0, tps=0.0)
+            yield _Bar(progress, task_id)
+
+    def result_table(self, result: TrainResult) -> Table:
+        table = Table(title="result", title_justify="left")
+        table.add_column("metric")
+        table.add_column("before", justify="right")
+        table.add_column("after", justify="right")
+        before, after = result.eval_before or {}, result.eval_after or {}
+        for key in METRIC_ORDER:
+            if key in before or key in after:
+                table.add_row(key, _fmt(before.get(key)), _fmt(after.get(key)))
+        table.add_row("train loss (first → last step)", _fmt(result.first_loss), _fmt(result.last_loss))
+        table.add_row("steps / time", "", f"{result.steps} / {result.elapsed_s:.1f}s")
+        table.add_row("tokens/s", "", f"{result.tokens_per_s:,.0f}")
+        table.add_row("adapter", "", str(result.adapter_dir))
+        table.add_row("metrics", "", str(result.run_dir / "metrics.jsonl"))
+        return table
+
+    def summary_markdown(self, result: TrainResult) -> str:
+        before, after = result.eval_before or {}, result.eval_after or {}
+        lines = [f"# Run {result.run_dir}", "", "| metric | before | after |", "|---|---|---|"]
+        for key in METRIC_ORDER:
+            if key in before or key in after:
+                lines.append(f"| {key} | {_fmt(before.get(key))} | {_fmt(after.get(key))} |")
+        lines.append(f"| train loss (first → last step) | {_fmt(result.first_loss)} | {_fmt(result.last_loss)} |")
+        lines += ["", f"- steps: {result.steps}, time: {result.elapsed_s:.1f}s, tokens/s: {result.tokens_per_s:,.0f}",
+                  f"- trainable parameters: {result.trainable:,} of {result.total:,}",
+                  f"- adapter: {result.adapter_dir}", "- metrics: metrics.jsonl, results: results.json", ""]
+        return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)

@@ -1,0 +1,165 @@
+"""Deterministic tiny models and tokenizers: ``tiny:<arch>`` in a recipe.
+
+A tiny model is randomly initialised from a small transformers config with a fixed seed, and written
+(with its tokenizer) to a cache directory the first time it is asked for, so the real loading code
+runs and other tools (transformers, peft) can load it by path. For smoke runs, CI and tests only.
+
+The tokenizer is byte-level (256 byte tokens + specials): it round-trips any text, needs no training
+and is identical on every machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from peftcli.recipe import RecipeError, did_you_mean
+
+TINY_VERSION = 1  # bump when a config below changes, so stale caches are rebuilt
+
+# name -> (model_type, config overrides, default task)
+TINY_ARCHS: dict[str, dict] = {
+    "llama": dict(
+        model_type="llama", task="causal_lm",
+        config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                    tie_word_embeddings=False),
+    ),
+    "qwen2": dict(  # q/k/v carry biases: the tiny model for BitFit
+        model_type="qwen2", task="causal_lm",
+        config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False),
+    ),
+    "gpt2": dict(  # Conv1D layers (fan_in_fan_out) and biases everywhere
+        model_type="gpt2", task="causal_lm",
+        config=dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, n_inner=128),
+    ),
+    "bert": dict(
+        model_type="bert", task="seq_cls",
+        config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=512, num_labels=2),
+    ),
+    "t5": dict(
+        model_type="t5", task="seq2seq",
+        config=dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
+                    relative_attention_num_buckets=8, feed_forward_proj="relu", tie_word_embeddings=False),
+    ),
+}
+
+# Special tokens come first, then the 256 bytes as ByteLevel's printable characters.
+_SPECIALS = {
+    "causal": ["<pad>", "<s>", "</s>", "<unk>"],
+    "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    "t5": ["<pad>", "</s>", "<unk>"],
+}
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def cache_root() -> Path:
+    root = os.environ.get("PEFTCLI_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "peftcli"
+    )
+    return Path(root) / "tiny"
+
+
+def tiny_path(arch: str) -> Path:
+    return cache_root() / f"{arch}-v{TINY_VERSION}"
+
+
+def parse_tiny(name: str) -> str | None:
+    if not name.startswith("tiny:"):
+        return None
+    arch = name[len("tiny:"):]
+    if arch not in TINY_ARCHS:
+        hint = did_you_mean(arch, TINY_ARCHS) or f"choose one of: {', '.join('tiny:' + a for a in TINY_ARCHS)}"
+        raise RecipeError("model.name", f"unknown tiny model {name!r}", hint)
+    return arch
+
+
+def _byte_tokenizer(arch: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    family = "bert" if arch == "bert" else "t5" if arch == "t5" else "causal"
+    specials = _SPECIALS[family]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in sorted(ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=specials[specials.index("<unk>") if "<unk>" in specials else 1]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    if family == "bert":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+    elif family == "t5":
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok, vocab, family
+
+
+def build_tiny(arch: str, path: Path) -> None:
+    """Build ``tiny:<arch>`` into ``path`` (deterministic: fixed seed, fixed configs)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    from transformers import PreTrainedTokenizerFast
+
+    spec = TINY_ARCHS[arch]
+    backend, vocab, family = _byte_tokenizer(arch)
+    if family == "bert":
+        ids = dict(pad_token_id=vocab["[PAD]"])
+        tok_kwargs = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    elif family == "t5":
+        ids = dict(pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"], decoder_start_token_id=vocab["<pad>"])
+        tok_kwargs = dict(pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    else:
+        ids = dict(pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"])
+        tok_kwargs = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    config = AutoConfig.for_model(spec["model_type"], vocab_size=len(vocab), **spec["config"], **ids)
+    torch.manual_seed(0)
+    auto = {"causal_lm": AutoModelForCausalLM, "seq_cls": AutoModelForSequenceClassification,
+            "seq2seq": AutoModelForSeq2SeqLM}[spec["task"]]
+    model = auto.from_config(config)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=512, **tok_kwargs)
+    if family == "causal":
+        tokenizer.chat_template = CHAT_TEMPLATE
+    if family == "t5":
+        tokenizer.padding_side = "right"
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "peftcli_tiny.json").write_text(json.dumps({"arch": arch, "version": TINY_VERSION}))
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (path / "peftcli_tiny.json").exists():  # another process did not finish it either
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_tiny(arch: str) -> Path:
+    """Return the directory of ``tiny:<arch>``, building it on first use."""
+    path = tiny_path(arch)
+    if not (path / "peftcli_tiny.json").exists():
+        build_tiny(arch, path)
+    return path
+
+
+def default_task(arch: str) -> str:
+    return TINY_ARCHS[arch]["task"]
