@@ -68,6 +68,8 @@ TASK_FORMATS: dict[str, tuple[str, ...]] = {
 }
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# Suffixes that mark a missing local file rather than a hub id (hub ids may contain dots: "org/ds-1.5").
+_FILE_LIKE_SUFFIXES = (*FILE_SUFFIXES, ".txt", ".tsv", ".arrow", ".gz", ".zip", ".yaml", ".yml")
 
 
 @dataclass
@@ -94,8 +96,8 @@ def _looks_like_local_path(source: str) -> bool:
     A hub id has at most one slash and no file suffix, so a plain ``org/name`` still goes to the hub.
     """
     return (
-        source.lower().endswith(FILE_SUFFIXES)
-        or Path(source).suffix != ""
+        source.lower().endswith(_FILE_LIKE_SUFFIXES)
+        or ("/" not in source and Path(source).suffix != "")
         or source.startswith(("/", ".", "~"))
         or source.count("/") >= 2
         or "\\" in source
@@ -242,6 +244,11 @@ def render_instruction(instruction: str, input: str | None = None) -> str:
 
 
 def _check_messages(messages: Any, key: str, index: int) -> list[dict]:
+    if isinstance(messages, str):  # CSV and some exports store the conversation as a JSON string
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            pass
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and "role" in m and "content" in m for m in messages
     ):
@@ -337,6 +344,14 @@ def _causal_chat(tokenizer, messages: list[dict], cfg: DataConfig) -> tuple[list
     return _truncate(input_ids, labels, cfg.max_length)
 
 
+def _encode_seq2seq(tokenizer, text: str, max_length: int) -> tuple[list[int], bool]:
+    """Ids with the tokenizer's own special tokens; truncation by the tokenizer keeps its closing EOS."""
+    ids = list(tokenizer(text)["input_ids"])
+    if len(ids) <= max_length:
+        return ids, False
+    return list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"]), True
+
+
 def _truncate(input_ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
     # Keep the start: the prompt the answer depends on comes first.
     truncated = len(input_ids) > max_length
@@ -370,7 +385,7 @@ def _tokenize(rows: list[dict], tokenizer, task: str, cfg: DataConfig, label_nam
         answer_record: dict | None = None
         if cfg.format == "classification":
             text, pair = str(row["text"]), row.get("text_pair")
-            pair = None if pair is None else str(pair)
+            pair = None if pair is None or pair == "" else str(pair)  # CSV writes a missing pair as ""
             label = _label_index(row["label"], label_names, key)
             full = tokenizer(text, pair)["input_ids"]
             if len(full) > cfg.max_length:
@@ -397,13 +412,12 @@ def _tokenize(rows: list[dict], tokenizer, task: str, cfg: DataConfig, label_nam
                 answer = str(row["output"])
             answer_record = {"prompt": prompt, "answer": answer}
             if task == "seq2seq":
-                input_ids = list(tokenizer(prompt)["input_ids"])
-                labels = list(tokenizer(answer)["input_ids"])
+                input_ids, prompt_cut = _encode_seq2seq(tokenizer, prompt, cfg.max_length)
+                labels, answer_cut = _encode_seq2seq(tokenizer, answer, cfg.max_length)
                 eos = _eos(tokenizer, cfg.add_eos)
-                if eos and labels[-1:] != eos:
-                    labels += eos
-                cut = len(input_ids) > cfg.max_length or len(labels) > cfg.max_length
-                input_ids, labels = input_ids[: cfg.max_length], labels[: cfg.max_length]
+                if eos and labels[-1:] != eos:  # the tokenizer did not close the target itself
+                    labels = labels[: cfg.max_length - 1] + eos
+                cut = prompt_cut or answer_cut
             else:
                 input_ids, labels, cut = _causal_pair(tokenizer, prompt, answer, cfg)
         truncated += cut

@@ -114,6 +114,8 @@ def test_unreachable_hub_dataset_is_a_recipe_error(monkeypatch):
         load_records("org/name", "train", "data.train")  # one slash, no suffix: a hub id
     assert err.value.key == "data.train"
     assert "not found or the hub cannot be reached" in err.value.message
+    with pytest.raises(RecipeError, match="hub cannot be reached"):
+        load_records("org/ds-1.5", "train", "data.train")  # a dot in a hub id is not a file suffix
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +219,11 @@ def test_seq2seq_targets_end_in_eos(t5_tok):
     assert bundle.train[1] == {"input_ids": [*ids(t5_tok, "capital of France?"), t5_eos],
                                "labels": [*ids(t5_tok, "Paris"), t5_eos]}
 
+    cfg.max_length = 8  # truncation keeps the closing EOS on both sides
+    bundle = load_data(cfg, t5_tok, "seq2seq")
+    assert bundle.train[1]["input_ids"] == [*ids(t5_tok, "capital"), t5_eos]
+    assert bundle.stats["train_truncated"] == 2  # "capital of France?" and "color of the sky?"
+
 
 def test_format_must_fit_the_task(llama_tok):
     with pytest.raises(RecipeError) as err:
@@ -291,16 +298,17 @@ def test_batch_sampler_is_deterministic_and_resumable():
     sampler = BatchSampler(10, 3, seed=7)
     assert len(sampler) == 4
     epoch0 = sampler.epoch_batches(0)
-    assert [len(b) for b in epoch0] == [3, 3, 3, 1] and sorted(sum(epoch0, [])) == list(range(10))
+    order = [i for batch in epoch0 for i in batch]
+    assert [len(b) for b in epoch0] == [3, 3, 3, 1] and sorted(order) == list(range(10))
     generator = torch.Generator().manual_seed(7)
-    assert sum(epoch0, []) == torch.randperm(10, generator=generator).tolist()
+    assert order == torch.randperm(10, generator=generator).tolist()
     assert BatchSampler(10, 3, seed=7).epoch_batches(0) == epoch0
     assert sampler.epoch_batches(1) != epoch0 and BatchSampler(10, 3, seed=8).epoch_batches(0) != epoch0
     assert BatchSampler(10, 3, seed=7, drop_last=True).epoch_batches(0) == epoch0[:3]
 
     # A run stopped after batch 2 of epoch 1 and resumed from (1, 2) sees the uninterrupted order.
     full = [b for epoch in range(3) for b in sampler.epoch_batches(epoch)]
-    before = [b for b in sampler.epoch_batches(0)] + sampler.epoch_batches(1)[:2]
+    before = sampler.epoch_batches(0) + sampler.epoch_batches(1)[:2]
     resumed = BatchSampler(10, 3, seed=7)
     after = resumed.epoch_batches(1)[2:] + resumed.epoch_batches(2)
     assert before + after == full

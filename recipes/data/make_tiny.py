@@ -1,0 +1,43 @@
+"""Generate the small data files used by recipes/tiny/*.yaml (deterministic, stdlib only).
+
+    python recipes/data/make_tiny.py
+
+- tiny_train.jsonl / tiny_eval.jsonl: completion pairs "reverse <word> =" -> " <drow>" over a fixed
+  word list (the eval words are a subset of the train words: smoke runs check that loss falls,
+  not generalisation).
+- tiny_cls_train.jsonl / tiny_cls_eval.jsonl: two-class "sentiment" sentences built from
+  positive/negative word lists, for seq_cls recipes.
+"""
+
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).parent
+WORDS = ["apple", "river", "stone", "cloud", "green", "light", "table", "music", "ocean", "tiger", "house",
+         "bread", "chair", "dream", "earth", "flame", "grape", "heart", "lemon", "night"]
+POSITIVE = ["good", "great", "lovely", "happy", "bright", "superb", "fine", "nice"]
+NEGATIVE = ["bad", "awful", "sad", "dull", "poor", "grim", "nasty", "ugly"]
+NOUNS = ["movie", "meal", "day", "song", "book", "trip", "game", "show"]
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def main() -> None:
+    rng = random.Random(0)
+    pairs = [{"prompt": f"reverse {w} =", "completion": f" {w[::-1]}"} for w in WORDS]
+    write(HERE / "tiny_train.jsonl", [rng.choice(pairs) for _ in range(256)])
+    write(HERE / "tiny_eval.jsonl", pairs[:16])
+    rows = []
+    for _ in range(320):
+        label = rng.choice(["positive", "negative"])
+        word = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
+        rows.append({"text": f"the {rng.choice(NOUNS)} was {word}", "label": label})
+    write(HERE / "tiny_cls_train.jsonl", rows[:256])
+    write(HERE / "tiny_cls_eval.jsonl", rows[256:])
+
+
+if __name__ == "__main__":
+    main()
