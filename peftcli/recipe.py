@@ -41,8 +41,27 @@ def doc(help: str, **extra: Any) -> dict[str, Any]:
     return {"help": help, **extra}
 
 
+# Names other tools (peft, HF Trainer, axolotl, torchtune) use for our keys: a user coming from them
+# gets pointed at ours even where the spelling is far off.
+SYNONYMS = {
+    "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
+    "micro_batch_size": "batch_size", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "gradient_accumulation": "grad_accum",
+    "lr_scheduler": "scheduler", "lr_scheduler_type": "scheduler", "warmup": "warmup_steps",
+    "optim": "optimizer", "max_seq_length": "max_length", "sequence_len": "max_length",
+    "max_seq_len": "max_length", "torch_dtype": "dtype", "base_model": "name", "model_name": "name",
+    "lora_target_modules": "target_modules", "save_steps": "save_every", "eval_steps": "eval_every",
+    "logging_steps": "log_every", "output": "output_dir",
+}
+
+
 def did_you_mean(word: str, choices: typing.Iterable[str]) -> str | None:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    choices = [str(c) for c in choices]
+    synonym = SYNONYMS.get(str(word).lower())
+    if synonym in choices:
+        return f"did you mean '{synonym}'?"
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else None
 
 

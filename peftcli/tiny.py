@@ -79,7 +79,7 @@ def parse_tiny(name: str) -> str | None:
         return None
     arch = name[len("tiny:"):]
     if arch not in TINY_ARCHS:
-        hint = did_you_mean(arch, TINY_ARCHS) or f"choose one of: {', '.join('tiny:' + a for a in TINY_ARCHS)}"
+        hint = did_you_mean(name, [f"tiny:{a}" for a in TINY_ARCHS]) or f"choose one of: {', '.join('tiny:' + a for a in TINY_ARCHS)}"
         raise RecipeError("model.name", f"unknown tiny model {name!r}", hint)
     return arch
 
@@ -116,6 +116,9 @@ def build_tiny(arch: str, path: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
     from transformers import PreTrainedTokenizerFast
 
+    from peftcli.models import quiet_transformers
+
+    quiet_transformers()
     spec = TINY_ARCHS[arch]
     backend, vocab, family = _byte_tokenizer(arch)
     if family == "bert":
