@@ -18,7 +18,7 @@ from pathlib import Path
 
 from peftcli.recipe import RecipeError, did_you_mean
 
-TINY_VERSION = 1  # bump when a config below changes, so stale caches are rebuilt
+TINY_VERSION = 2  # bump when a config below changes, so stale caches are rebuilt
 
 # name -> (model_type, config overrides, default task)
 TINY_ARCHS: dict[str, dict] = {
@@ -58,8 +58,10 @@ _SPECIALS = {
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
 
