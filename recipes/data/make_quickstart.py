@@ -2,7 +2,7 @@
 
     python recipes/data/make_quickstart.py      # rewrites quickstart_train.jsonl / quickstart_eval.jsonl here
 
-Each line is completion-format JSON:  {"prompt": "reverse: kqzt\n", "completion": "tzqk"}
+Each line is completion-format JSON:  {"prompt": "kqzt=\n", "completion": "tzqk"}
 The words are random letter strings (3-5 letters), so the model cannot memorise answers: the
 held-out eval words never occur in train (nor do their reversals), and getting them right means
 the model learned the reversing procedure itself. Standard library only; the output is identical
@@ -20,7 +20,10 @@ SEED = 1234          # change it and you get another, equally valid, data set
 N_TRAIN = 2000       # enough distinct words that the model generalises instead of memorising
 N_EVAL = 100         # held-out words for the before/after exact-match eval
 MIN_LEN, MAX_LEN = 3, 5
-PROMPT = "reverse: {word}\n"   # the answer follows the newline; the trainer appends EOS to it
+# The answer follows "=\n"; the trainer appends EOS to it. Keep the prompt this short: on the random
+# tiny llama a long constant prefix ("reverse: kqzt\n") made reversal far harder to learn with LoRA
+# (7% exact match after 1000 steps instead of 100%).
+PROMPT = "{word}=\n"
 
 HERE = Path(__file__).resolve().parent
 
