@@ -250,7 +250,7 @@ class AdaLoRA(Method):
             s_a, s_e, s_b = (self.exp_avg_ipt[f"{name}.{p}"] * self.exp_avg_unc[f"{name}.{p}"]
                              for p in ("lora_A", "lora_E", "lora_B"))
             # S_i = s(λ_i) + mean_j s(Q_ij) + mean_j s(P_ji): (r0,)
-            scores[f"{name}.lora_E"] = s_e.view(-1) + s_a.mean(dim=1) + s_b.mean(dim=0)
+            scores[f"{name}.lora_E"] = s_e.view(-1) + (s_a.mean(dim=1) + s_b.mean(dim=0))  # peft's summation order
         threshold = torch.kthvalue(torch.cat(list(scores.values())), k=initial - budget)[0].item()
         pattern = {key: (value > threshold).tolist() for key, value in scores.items()}
         self.rank_pattern = pattern
