@@ -43,6 +43,7 @@ VARIANTS = {
     "pissa_rslora_patterns": ("rslora", ["method.init=pissa", "method.rank_pattern={o_proj: 4}",
                                          "method.alpha_pattern={up_proj: 8.0}"]),
     "pissa_dora": ("dora", ["method.init=pissa"]),
+    "pissa_gpt2": ("lora", ["method.init=pissa", "model.name=tiny:gpt2"]),
 }
 
 
@@ -172,7 +173,7 @@ def test_pissa_export_is_a_plain_rank_2r_lora_on_the_original_base(tmp_path):
         assert (exported - ours).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("variant", ["dora", "pissa", "dora_gpt2", "pissa_dora"])
+@pytest.mark.parametrize("variant", ["dora", "pissa", "dora_gpt2", "pissa_dora", "pissa_gpt2"])
 def test_merged_plain_model_reloads_with_the_adapter_logits(variant, tmp_path):
     from transformers import AutoModelForCausalLM
 
