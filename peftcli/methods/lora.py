@@ -219,6 +219,9 @@ class LoRA(Method):
                 except re.error as err:
                     raise RecipeError(f"method.{key}.{pattern}", f"not a valid regular expression ({err})",
                                       "use a module name suffix such as down_proj, or fix the regex") from None
+                if getattr(cfg, key)[pattern] <= 0:
+                    raise RecipeError(f"method.{key}.{pattern}", f"must be > 0, got {getattr(cfg, key)[pattern]}",
+                                      "ranks are integers >= 1 and alphas positive numbers")
         if cfg.init == "pissa" and recipe.model.quantization is not None:
             raise RecipeError("method.init", "PiSSA decomposes full-precision weights; the base is quantized",
                               "use init: kaiming with model.quantization, or drop model.quantization")
