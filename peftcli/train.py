@@ -153,6 +153,7 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
     model, method = build_model(recipe, device, data.label_names, tokenizer, base_path)
     trainable, total = count_parameters(model)
     steps, batches_per_epoch = total_steps(cfg, len(data.train))
+    method.on_train_start(model, steps)
     optimizer = build_optimizer(method.param_groups(model, cfg.lr, cfg.weight_decay), cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
     sampler = BatchSampler(len(data.train), cfg.batch_size, cfg.seed)
@@ -253,6 +254,7 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
                     scaler.update()
                 else:
                     optimizer.step()
+                method.after_step(model, step)
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -1,13 +1,31 @@
-"""LoRA: Low-Rank Adaptation (Hu et al., 2021, arXiv 2106.09685).
+r"""LoRA: Low-Rank Adaptation (Hu et al., 2021, arXiv 2106.09685).
 
 A frozen linear layer ``W0 ∈ R^{out×in}`` gets a trainable low-rank update::
 
     h = W0 x + (α / r) · B A x          A ∈ R^{r×in}, B ∈ R^{out×r}
 
 ``A`` starts random and ``B`` at zero, so the tuned model equals the base at step 0. With rsLoRA
-(Kalajievo, 2023, arXiv 2312.03732) the scale is ``α / √r``, which keeps the update's magnitude
-stable as ``r`` grows. Merging folds ``(α / r) · B A`` into ``W0``; afterwards the model is a plain
+(Kalajievo, 2023, arXiv 2312.03732) the scale is ``s = α / √r``, which keeps the update's magnitude
+stable as ``r`` grows. Merging folds ``s · B A`` into ``W0``; afterwards the model is a plain
 transformers model with no extra latency.
+
+Options (each a recipe key of ``method``):
+
+- ``use_dora`` — DoRA (Liu et al., 2024, arXiv 2402.09353) splits the weight into a magnitude
+  ``m ∈ R^{out}`` and a direction, and adapts the direction with LoRA::
+
+      W' = m ⊙ (W0 + s·B A) / ‖W0 + s·B A‖_c        (‖·‖_c: L2 norm of each output row)
+
+  ``m`` starts at ``‖W0‖_c`` so step 0 equals the base. As the paper's §4.3 suggests (and peft does),
+  the norm is treated as a constant in backward (detached). The bias is not rescaled.
+- ``lora_plus_ratio`` — LoRA+ (Hayou et al., 2024, arXiv 2402.12354): ``B`` (and, as peft groups
+  them, every 1-D trainable tensor) learns at ``ratio × lr``, ``A`` at ``lr``.
+- ``init: pissa`` — PiSSA (Meng et al., 2024, arXiv 2404.02948): with ``W0 = U S Vᵀ``,
+  ``B = U_r √(S_r/s)``, ``A = √(S_r/s) V_rᵀ``, and the frozen base becomes the residual
+  ``W_res = W0 − s·B A``, so step 0 equals the base up to rounding. The export is converted to a
+  plain LoRA on the *original* base (see :meth:`LoRA.adapter_state_dict`).
+- ``rank_pattern`` / ``alpha_pattern`` — per-module ``r`` and ``α``; a key matches a module whose
+  full name matches ``(.*\.)?(key)$`` (peft's rule), keys tried in sorted order.
 
 Parameter names mirror peft's (``<module>.base_layer``, ``<module>.lora_A``, ``<module>.lora_B``) so
 that our state-dict keys, prefixed with ``base_model.model.``, are peft's on-disk keys.
@@ -16,6 +34,7 @@ that our state-dict keys, prefixed with ``base_model.model.``, are peft's on-dis
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -51,8 +70,22 @@ class LoraConfig(MethodConfig):
         metadata=doc("modules trained in full and saved whole (e.g. [embed_tokens]); seq_cls heads are added"),
     )
     use_rslora: bool = field(default=False, metadata=doc("rank-stabilised scale alpha/sqrt(r) instead of alpha/r"))
-    init: Literal["kaiming", "gaussian"] = field(
-        default="kaiming", metadata=doc("init of A (B is zero): kaiming (uniform, peft's default) or gaussian (std 1/r)")
+    use_dora: bool = field(
+        default=False, metadata=doc("DoRA: learn a per-output magnitude and adapt the direction (≈ +out params/layer)")
+    )
+    lora_plus_ratio: float | None = field(
+        default=None,
+        metadata=doc("LoRA+: lr of B (and 1-D params) = ratio × train.lr; the paper suggests 16", min_exclusive=0.0),
+    )
+    init: Literal["kaiming", "gaussian", "pissa"] = field(
+        default="kaiming",
+        metadata=doc("kaiming (A uniform, B = 0; peft's default), gaussian (A ~ N(0, 1/r²)), or pissa (top-r SVD of W)"),
+    )
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict, metadata=doc("per-module r: {regex or name suffix: r}, e.g. {down_proj: 16}", min=1)
+    )
+    alpha_pattern: dict[str, float] = field(
+        default_factory=dict, metadata=doc("per-module alpha: {regex or name suffix: alpha}", min_exclusive=0.0)
     )
     bias: Literal["none", "all", "lora_only"] = field(
         default="none", metadata=doc("also train biases: none, all, or lora_only (those of adapted layers)")
@@ -62,7 +95,8 @@ class LoraConfig(MethodConfig):
 class LoRALinear(nn.Module):
     """``base_layer(x) + scaling · lora_B(lora_A(dropout(x)))`` around a frozen linear-like layer."""
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool,
+                 use_dora: bool = False):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = linear_dims(base_layer)
@@ -76,25 +110,85 @@ class LoRALinear(nn.Module):
         dtype = torch.float32 if not weight.is_floating_point() else weight.dtype
         self.lora_A.to(device=weight.device, dtype=dtype)
         self.lora_B.to(device=weight.device, dtype=dtype)
+        self.use_dora = use_dora
+        if use_dora:  # set to ‖W0 + s·B A‖_c by reset_parameters, once B and A hold their init
+            self.lora_magnitude_vector = nn.Parameter(torch.ones(self.out_features, device=weight.device, dtype=dtype))
 
     def reset_parameters(self, init: str) -> None:
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
-        else:  # kaiming-uniform, as nn.Linear and peft's default
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)  # B = 0: step 0 equals the base
+        if init == "pissa":
+            self.pissa_init()
+        else:
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+            else:  # kaiming-uniform, as nn.Linear and peft's default
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)  # B = 0: step 0 equals the base
+        if self.use_dora:  # m = ‖W0 + s·B A‖_c: the direction has unit rows, so step 0 equals the base
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(self.weight_norm())
+
+    def pissa_init(self) -> None:
+        """Put the top-r singular triplets of W0 into B, A and leave the residual in the base layer."""
+        base = self.base_layer
+        if not base.weight.is_floating_point():
+            raise RecipeError("method.init", "PiSSA needs the base weights in floating point, not quantized",
+                              "use init: kaiming with a quantized base, or drop model.quantization")
+        with torch.no_grad():
+            weight = self.dense_weight()  # (out, in), fp32
+            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+            root = torch.sqrt(S[: self.r] / self.scaling)  # s·B·A = U_r S_r V_rᵀ
+            self.lora_A.weight.copy_(root[:, None] * Vh[: self.r])
+            self.lora_B.weight.copy_(U[:, : self.r] * root[None, :])
+            residual = weight - self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+            base.weight.copy_((residual.T if self.fan_in_fan_out else residual).to(base.weight.dtype))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The frozen base weight as an fp32 (out, in) matrix (dequantized for 4-bit layers)."""
+        weight = self.base_layer.weight
+        if type(self.base_layer).__name__ == "Linear4bit":
+            from peftcli.optim import import_bitsandbytes
+
+            bnb = import_bitsandbytes("model.quantization")
+            weight = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        weight = weight.detach().float()
+        return weight.T if self.fan_in_fan_out else weight
+
+    def weight_norm(self) -> torch.Tensor:
+        """‖W0 + s·B A‖_c, the L2 norm of each output row, detached (DoRA §4.3): shape (out,)."""
+        lora_weight = (self.lora_B.weight @ self.lora_A.weight).detach().float()
+        return torch.linalg.norm(self.dense_weight() + self.scaling * lora_weight, dim=1)
 
     def delta_weight(self) -> torch.Tensor:
         """(α/r)·B·A in the layout of ``base_layer.weight`` (transposed for Conv1D)."""
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
+    def merged_weight(self) -> torch.Tensor:
+        """The fp32 weight that replaces ``base_layer.weight`` on merge, in its layout."""
+        delta = (self.lora_B.weight @ self.lora_A.weight).float() * self.scaling  # (out, in)
+        weight = self.dense_weight() + delta
+        if self.use_dora:  # m ⊙ (W0 + ΔW) / ‖W0 + ΔW‖_c, row by row
+            weight = (self.lora_magnitude_vector.float() / self.weight_norm())[:, None] * weight
+        return weight.T if self.fan_in_fan_out else weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, in) -> (B, T, out)
         result = self.base_layer(x)
         result_dtype = result.dtype
         x = x.to(self.lora_A.weight.dtype)
-        result = result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        dropped = self.lora_dropout(x)
+        lora = self.lora_B(self.lora_A(dropped))  # (B, T, out)
+        if not self.use_dora:
+            return (result + lora * self.scaling).to(result_dtype)
+        # DoRA: W'x = (m/‖W0+ΔW‖)·(W0 x + s·B A x); written as a correction on top of the base output.
+        scale = self.lora_magnitude_vector / self.weight_norm().to(x.dtype)  # (out,)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            base_no_bias = result.to(x.dtype) - (bias.to(x.dtype) if bias is not None else 0)
+        else:  # the direction must see the same dropped input as the LoRA path (as peft)
+            weight = self.dense_weight().to(x.dtype)
+            base_no_bias = torch.nn.functional.linear(dropped, weight)
+        result = result + (scale - 1) * base_no_bias + scale * lora * self.scaling
         return result.to(result_dtype)
 
 
@@ -106,7 +200,8 @@ class LoRA(Method):
     mergeable = True
     peft_type = "LORA"
     supports_quantized_base = True
-    trainable_formula = "sum over adapted layers of r·(in + out), plus modules_to_save and trained biases"
+    trainable_formula = ("sum over adapted layers of r·(in + out) (+ out with DoRA), plus modules_to_save "
+                         "and trained biases")
 
     cfg: LoraConfig
 
@@ -115,14 +210,39 @@ class LoRA(Method):
         self.targets: list[str] = []
         self.saved_modules: list[str] = []
 
+    @classmethod
+    def validate_config(cls, cfg: LoraConfig, recipe) -> None:
+        for key in ("rank_pattern", "alpha_pattern"):
+            for pattern in getattr(cfg, key):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise RecipeError(f"method.{key}.{pattern}", f"not a valid regular expression ({err})",
+                                      "use a module name suffix such as down_proj, or fix the regex") from None
+                if getattr(cfg, key)[pattern] <= 0:
+                    raise RecipeError(f"method.{key}.{pattern}", f"must be > 0, got {getattr(cfg, key)[pattern]}",
+                                      "ranks are integers >= 1 and alphas positive numbers")
+        if cfg.init == "pissa" and recipe.model.quantization is not None:
+            raise RecipeError("method.init", "PiSSA decomposes full-precision weights; the base is quantized",
+                              "use init: kaiming with model.quantization, or drop model.quantization")
+
     # -- building ------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
         freeze(model)
         self.targets = match_targets(model, cfg.target_modules)
+        for key in ("rank_pattern", "alpha_pattern"):  # peft ignores a key that matches nothing; we say so
+            for pattern in getattr(cfg, key):
+                if not any(pattern_key([pattern], name) for name in self.targets):
+                    raise RecipeError(f"method.{key}.{pattern}", "matches none of the adapted modules",
+                                      f"adapted: {', '.join(dict.fromkeys(n.split('.')[-1] for n in self.targets))}")
         for name in self.targets:
-            layer = LoRALinear(model.get_submodule(name), cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora)
+            r, alpha = self.rank_and_alpha(name)
+            layer = LoRALinear(model.get_submodule(name), r, alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora)
             layer.reset_parameters(cfg.init)
+            if cfg.init == "pissa":  # kept (not saved, not trained) to export ΔW relative to the original W0
+                layer.register_buffer("pissa_A0", layer.lora_A.weight.detach().clone(), persistent=False)
+                layer.register_buffer("pissa_B0", layer.lora_B.weight.detach().clone(), persistent=False)
             set_module(model, name, layer)
         to_save = list(cfg.modules_to_save)
         if self.task == "seq_cls":  # a new classification head must train (peft adds it too)
@@ -145,11 +265,31 @@ class LoRA(Method):
             raise RecipeError("method.bias", f"bias: {self.cfg.bias} but the adapted modules have no biases",
                               "set method.bias: none")
 
+    def rank_and_alpha(self, name: str) -> tuple[int, float]:
+        """r and α of module ``name``: the first pattern key (sorted) that matches it, else the defaults."""
+        cfg = self.cfg
+        r_key = pattern_key(cfg.rank_pattern, name)
+        a_key = pattern_key(cfg.alpha_pattern, name)
+        return (cfg.rank_pattern[r_key] if r_key else cfg.r), (cfg.alpha_pattern[a_key] if a_key else cfg.alpha)
+
     def lora_layers(self, model: nn.Module) -> list[tuple[str, LoRALinear]]:
         return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """LoRA+: ``B`` and 1-D tensors (DoRA magnitudes, biases) at ratio × lr, as peft groups them."""
+        ratio = self.cfg.lora_plus_ratio
+        if ratio is None:
+            return super().param_groups(model, lr, weight_decay)
+        fast, slow = [], []
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                (fast if ".lora_B." in name or param.ndim == 1 else slow).append(param)
+        return [{"params": slow, "lr": lr, "weight_decay": weight_decay},
+                {"params": fast, "lr": lr * ratio, "weight_decay": weight_decay}]
+
     def expected_trainable_parameters(self, model: nn.Module) -> int:
-        count = sum(m.r * (m.in_features + m.out_features) for _, m in self.lora_layers(model))
+        count = sum(m.r * (m.in_features + m.out_features) + (m.out_features if m.use_dora else 0)
+                    for _, m in self.lora_layers(model))
         count += sum(p.numel() for name in self.saved_modules for p in model.get_submodule(name).parameters())
         count += sum(p.numel() for n, p in self._bias_params(model))
         return count
@@ -160,39 +300,73 @@ class LoRA(Method):
                 if p.requires_grad and n.endswith("bias") and "lora_" not in n and not n.startswith(saved)]
 
     # -- saving --------------------------------------------------------------------------
-    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def live_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The trained tensors themselves (not detached), keyed as on disk."""
         state = {}
         for name, layer in self.lora_layers(model):
-            state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach()
-            state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+            state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
+            state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+            if layer.use_dora:  # peft's on-disk name (no ".weight")
+                state[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
         for name, param in self._bias_params(model):
-            state[f"{PREFIX}{name}"] = param.detach()
+            state[f"{PREFIX}{name}"] = param
         state.update(modules_to_save_state(model, self.saved_modules, PREFIX))
         return state
 
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The export. With PiSSA the frozen base holds the residual ``W0 − s·B0 A0``, which no other tool
+        has; so the adapter is written as a plain LoRA on the *original* ``W0`` (peft's
+        ``path_initial_model_for_weight_conversion``): ``W_res + s·B A = W0 + s·(B A − B0 A0)
+        = W0 + s·[B | −B0]·[A ; A0]``, a rank-2r LoRA with the same scale (see :meth:`adapter_config`).
+        ``base_model_name_or_path`` then stays the original model, and peft and merge tools load it."""
+        state = {k: v.detach() for k, v in self.live_state_dict(model).items()}
+        if self.cfg.init == "pissa":
+            for name, layer in self.lora_layers(model):
+                a_key, b_key = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
+                state[a_key] = torch.cat([state[a_key], layer.pissa_A0], dim=0)  # (2r, in)
+                state[b_key] = torch.cat([state[b_key], -layer.pissa_B0], dim=1)  # (out, 2r)
+        return state
+
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_prefixed(model, state, self.adapter_state_dict(model))
+        expected = self.live_state_dict(model)
+        if self.cfg.init == "pissa":  # apply() redid the SVD; the first r rows are the trained A, B
+            state = dict(state)
+            for name, layer in self.lora_layers(model):
+                a_key, b_key = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
+                if a_key in state and state[a_key].shape[0] == 2 * layer.r:
+                    state[a_key], state[b_key] = state[a_key][: layer.r], state[b_key][:, : layer.r]
+        load_prefixed(model, state, {k: v.detach() for k, v in expected.items()})
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         cfg = self.cfg
+        r, alpha = cfg.r, cfg.alpha
+        rank_pattern, alpha_pattern = dict(cfg.rank_pattern), dict(cfg.alpha_pattern)
+        if cfg.init == "pissa":  # exported as a rank-2r LoRA with the same scale s (see adapter_state_dict)
+            grow = math.sqrt(2) if cfg.use_rslora else 2.0  # α' = grow·α keeps α'/(2r) or α'/√(2r) equal to s
+            r, alpha = 2 * r, grow * alpha
+            rank_pattern = {k: 2 * v for k, v in rank_pattern.items()}
+            alpha_pattern = {k: grow * v for k, v in alpha_pattern.items()}
         return {
-            "r": cfg.r,
-            "lora_alpha": cfg.alpha,
+            "r": r,
+            "lora_alpha": alpha,
             "lora_dropout": cfg.dropout,
             "target_modules": list(self.targets),
             "modules_to_save": list(self.saved_modules) or None,
             "use_rslora": cfg.use_rslora,
-            "use_dora": False,
+            "use_dora": cfg.use_dora,
             "bias": cfg.bias,
+            # a PiSSA export is a plain LoRA on W0: peft must not redo the SVD when it loads it
             "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
             "fan_in_fan_out": any(m.fan_in_fan_out for _, m in self.lora_layers(model)),
-            "rank_pattern": {},
-            "alpha_pattern": {},
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
         }
 
     @classmethod
     def config_from_adapter(cls, adapter_config: dict[str, Any]) -> LoraConfig:
         init = adapter_config.get("init_lora_weights", True)
+        if isinstance(init, str) and init.startswith("pissa"):
+            init = "pissa"  # peft's own PiSSA save: W_res is recomputed from the base, as peft does
         return LoraConfig(
             name=cls.name,
             r=int(adapter_config.get("r", 8)),
@@ -201,8 +375,11 @@ class LoRA(Method):
             target_modules=adapter_config.get("target_modules") or "all-linear",
             modules_to_save=list(adapter_config.get("modules_to_save") or []),
             use_rslora=bool(adapter_config.get("use_rslora", False)),
-            init="gaussian" if init == "gaussian" else "kaiming",
+            use_dora=bool(adapter_config.get("use_dora", False)),
+            init=init if init in ("gaussian", "pissa") else "kaiming",
             bias=adapter_config.get("bias", "none"),
+            rank_pattern={k: int(v) for k, v in (adapter_config.get("rank_pattern") or {}).items()},
+            alpha_pattern={k: float(v) for k, v in (adapter_config.get("alpha_pattern") or {}).items()},
         )
 
     # -- merging -------------------------------------------------------------------------
@@ -213,12 +390,20 @@ class LoRA(Method):
                 raise RecipeError("merge", "cannot fold LoRA into a quantized layer in place",
                                   "merge reloads the base in full precision; use `peftcli merge`")
             with torch.no_grad():
-                delta = layer.delta_weight().to(torch.float32)
-                base.weight.copy_((base.weight.to(torch.float32) + delta).to(base.weight.dtype))
+                base.weight.copy_(layer.merged_weight().to(base.weight.dtype))
             set_module(model, name, base)
         for p in model.parameters():
             p.requires_grad_(False)
         return model
+
+
+def pattern_key(patterns: dict[str, Any] | list[str], name: str) -> str | None:
+    r"""The first key (in sorted order) such that ``name`` matches ``(.*\.)?(key)$``, as peft matches
+    ``rank_pattern`` keys. Sorted, because peft reads them back from a JSON file written with sorted keys."""
+    for key in sorted(patterns):
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
 
 
 def _has_module(model: nn.Module, name: str) -> bool:
@@ -250,4 +435,4 @@ def lora_layers_of(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-__all__ = ["LoRA", "LoRALinear", "LoraConfig", "load_prefixed", "is_linear"]
+__all__ = ["LoRA", "LoRALinear", "LoraConfig", "is_linear", "load_prefixed"]

@@ -82,6 +82,13 @@ class Method:
     def after_backward(self, model: nn.Module, step: int) -> None:
         """Called after backward, before the optimizer step and zero_grad (gradients present)."""
 
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after the optimizer step, before zero_grad (updated weights and gradients present);
+        ``step`` is the 0-based index of the step just taken (e.g. AdaLoRA's rank allocation, as peft)."""
+
+    def on_train_start(self, model: nn.Module, total_steps: int) -> None:
+        """Called once by the loop before the first step with the run's optimizer-step count."""
+
     def on_save(self, model: nn.Module) -> None:
         """Called before an adapter is written (e.g. AdaLoRA fixes its final rank pattern)."""
 

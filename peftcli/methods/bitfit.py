@@ -1,0 +1,124 @@
+"""BitFit: bias-terms fine-tuning (Ben Zaken et al., 2021, arXiv 2106.10199).
+
+Only the bias vectors train; every weight stays frozen::
+
+    h = W0 x + (b0 + Δb)
+
+All biases (attention, feed-forward and LayerNorm, as in the paper), or those of the modules that
+``target_modules`` names. Step 0 is the base. The adapter file holds only the deltas ``Δb = b − b0``
+(a few KB), so it reapplies to its base; merging writes the full model with ``b0 + Δb``. peft has no
+BitFit: the adapter directory names our method in ``peftcli_method``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftcli.methods.inject import freeze, make_trainable_copies, match_targets, modules_to_save_state
+from peftcli.methods.lora import PREFIX, _has_module, load_prefixed
+from peftcli.methods.registry import Method, register
+from peftcli.recipe import MethodConfig, RecipeError, doc
+
+
+@dataclass
+class BitFitConfig(MethodConfig):
+    target_modules: str | list[str] = field(
+        default="all",
+        metadata=doc("whose biases train: all (every bias, LayerNorm included), module names, or a regex"),
+    )
+    modules_to_save: list[str] = field(
+        default_factory=list, metadata=doc("modules trained in full and saved whole; seq_cls heads are added")
+    )
+
+
+def has_bias(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "bias", None), nn.Parameter)
+
+
+@register
+class BitFit(Method):
+    name = "bitfit"
+    description = "BitFit: train only the bias terms; the adapter stores their deltas (arXiv 2106.10199)"
+    config_cls = BitFitConfig
+    mergeable = True
+    peft_type = None  # peft has no BitFit
+    trainable_formula = "sum of the sizes of the targeted bias vectors, plus modules_to_save"
+
+    cfg: BitFitConfig
+
+    def __init__(self, cfg: BitFitConfig, task: str = "causal_lm"):
+        super().__init__(cfg, task)
+        self.bias_names: list[str] = []  # parameter names, e.g. model.layers.0.self_attn.q_proj.bias
+        self.original: dict[str, torch.Tensor] = {}  # b0, to save Δb = b − b0
+        self.saved_modules: list[str] = []
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        freeze(model)
+        targets = self.cfg.target_modules
+        model_type = type(model).__name__
+        if targets in ("all", ["all"]):
+            modules = [n for n, m in model.named_modules() if has_bias(m)]
+            if not modules:
+                raise RecipeError("model.name", f"{model_type} has no bias terms, and BitFit trains only biases",
+                                  "pick a model with biases (e.g. tiny:qwen2, tiny:gpt2, tiny:bert) or method lora")
+        else:
+            modules = match_targets(model, targets, accept=has_bias, what="module with a bias")
+        to_save = list(self.cfg.modules_to_save)
+        if self.task == "seq_cls":  # the new head must train (the paper trains it too)
+            to_save += [h for h in ("classifier", "score") if _has_module(model, h) and h not in to_save]
+        saved = tuple(f"{m}." for m in to_save)
+        self.bias_names = [f"{n}.bias" for n in modules if not f"{n}.".startswith(saved)]
+        params = dict(model.named_parameters())
+        for name in self.bias_names:
+            self.original[name] = params[name].detach().clone()
+            params[name].requires_grad_(True)
+        self.saved_modules = make_trainable_copies(model, to_save)
+        return model
+
+    def expected_trainable_parameters(self, model: nn.Module) -> int:
+        params = dict(model.named_parameters())
+        count = sum(params[n].numel() for n in self.bias_names)
+        count += sum(p.numel() for name in self.saved_modules for p in model.get_submodule(name).parameters())
+        return count
+
+    # -- saving --------------------------------------------------------------------------
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        params = dict(model.named_parameters())
+        state = {f"{PREFIX}{n}": (params[n].detach() - self.original[n].to(params[n].device)) for n in self.bias_names}
+        state.update({k: v.detach() for k, v in modules_to_save_state(model, self.saved_modules, PREFIX).items()})
+        return state
+
+    def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """``state`` holds Δb: the bias becomes b0 + Δb (the base's own bias plus the delta)."""
+        params = dict(model.named_parameters())
+        expected = {f"{PREFIX}{n}": params[n].detach() for n in self.bias_names}
+        expected.update({k: v.detach() for k, v in modules_to_save_state(model, self.saved_modules, PREFIX).items()})
+        state = dict(state)
+        for n in self.bias_names:
+            key = f"{PREFIX}{n}"
+            if key in state and state[key].shape == self.original[n].shape:
+                state[key] = self.original[n].to(state[key].dtype) + state[key]
+        load_prefixed(model, state, expected)
+
+    def adapter_config(self, model: nn.Module) -> dict[str, Any]:
+        return {
+            "target_modules": [n.removesuffix(".bias") for n in self.bias_names],
+            "modules_to_save": list(self.saved_modules) or None,
+            "bias_delta": True,  # tensors are b − b0, to be added to the base's biases
+        }
+
+    @classmethod
+    def config_from_adapter(cls, adapter_config: dict[str, Any]) -> BitFitConfig:
+        return BitFitConfig(name=cls.name, target_modules=adapter_config.get("target_modules") or "all",
+                            modules_to_save=list(adapter_config.get("modules_to_save") or []))
+
+    # -- merging -------------------------------------------------------------------------
+    def merge(self, model: nn.Module) -> nn.Module:
+        """The trained biases already sit in the base's own modules: the model is plain as it is."""
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model

@@ -1,0 +1,182 @@
+"""(IA)³: Infused Adapter by Inhibiting and Amplifying Inner Activations (Liu et al., 2022, arXiv 2205.05638).
+
+Learned vectors rescale activations elementwise: the keys and values of attention and the input of
+the feed-forward output projection::
+
+    k = l_k ⊙ (W_k x),   v = l_v ⊙ (W_v x),   y = W_down (l_ff ⊙ x_ff)
+
+Every ``l`` starts at one, so step 0 equals the base. A layer named in ``feedforward_modules`` scales
+its *input* (peft stores ``ia3_l`` as [1, in]); any other target scales its *output* ([out, 1]).
+Merging multiplies the weight's columns (feed-forward) or rows and bias (others) by ``l``; afterwards
+the model is a plain transformers model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftcli.methods.inject import (
+    freeze,
+    linear_dims,
+    make_trainable_copies,
+    match_targets,
+    modules_to_save_state,
+    name_matches,
+    set_module,
+)
+from peftcli.methods.lora import PREFIX, _has_module, load_prefixed
+from peftcli.methods.registry import Method, register
+from peftcli.recipe import MethodConfig, RecipeError, doc
+
+# peft's defaults per architecture: (targets, feed-forward targets).
+DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "bert": (["key", "value", "output.dense"], ["output.dense"]),
+    "t5": (["k", "v", "wo"], ["wo"]),
+}
+
+
+@dataclass
+class IA3Config(MethodConfig):
+    target_modules: str | list[str] | None = field(
+        default=None,
+        metadata=doc("modules whose activations are rescaled (names or a regex); default: keys, values and the "
+                     "FFN output projection for llama/qwen2/mistral/gemma/gpt2/bert/t5"),
+    )
+    feedforward_modules: list[str] | None = field(
+        default=None,
+        metadata=doc("targets whose INPUT is scaled (the FFN down projection); default: per architecture"),
+    )
+    modules_to_save: list[str] = field(
+        default_factory=list, metadata=doc("modules trained in full and saved whole; seq_cls heads are added")
+    )
+
+
+class IA3Linear(nn.Module):
+    """``base_layer(x ⊙ l)`` (feed-forward) or ``base_layer(x) ⊙ l`` around a frozen linear-like layer."""
+
+    def __init__(self, base_layer: nn.Module, is_feedforward: bool):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = linear_dims(base_layer)
+        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
+        self.is_feedforward = is_feedforward
+        shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)
+        # l = 1: step 0 equals the base
+        self.ia3_l = nn.Parameter(torch.ones(shape, device=base_layer.weight.device, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, in) -> (B, T, out)
+        scale = self.ia3_l.flatten()
+        if self.is_feedforward:
+            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype))
+        result = self.base_layer(x)
+        return (result * scale).to(result.dtype)
+
+
+@register
+class IA3(Method):
+    name = "ia3"
+    description = "(IA)3: learned vectors rescale keys, values and the FFN input (arXiv 2205.05638)"
+    config_cls = IA3Config
+    mergeable = True
+    peft_type = "IA3"
+    trainable_formula = "out per adapted attention layer + in per feed-forward layer, plus modules_to_save"
+
+    cfg: IA3Config
+
+    def __init__(self, cfg: IA3Config, task: str = "causal_lm"):
+        super().__init__(cfg, task)
+        self.targets: list[str] = []
+        self.feedforward: list[str] = []
+        self.saved_modules: list[str] = []
+
+    def _resolve_defaults(self, model: nn.Module) -> tuple[str | list[str], list[str]]:
+        cfg = self.cfg
+        model_type = getattr(getattr(model, "config", None), "model_type", "")
+        defaults = DEFAULT_TARGETS.get(model_type)
+        if defaults is None and (cfg.target_modules is None or cfg.feedforward_modules is None):
+            raise RecipeError("method.target_modules", f"no (IA)3 defaults for model type {model_type!r}",
+                              "set method.target_modules (keys, values, FFN down projection) and "
+                              "method.feedforward_modules")
+        targets = cfg.target_modules if cfg.target_modules is not None else defaults[0]
+        feedforward = cfg.feedforward_modules if cfg.feedforward_modules is not None else defaults[1]
+        return targets, feedforward
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        freeze(model)
+        targets, feedforward = self._resolve_defaults(model)
+        self.targets = match_targets(model, targets)
+        self.feedforward = [n for n in self.targets if any(name_matches(n, f) for f in feedforward)]
+        stray = [f for f in feedforward if not any(name_matches(n, f) for n in self.targets)]
+        if stray:
+            raise RecipeError("method.feedforward_modules", f"{stray[0]!r} is not one of the target modules",
+                              "feedforward_modules must be a subset of target_modules")
+        for name in self.targets:
+            set_module(model, name, IA3Linear(model.get_submodule(name), name in self.feedforward))
+        to_save = list(self.cfg.modules_to_save)
+        if self.task == "seq_cls":
+            to_save += [h for h in ("classifier", "score") if _has_module(model, h) and h not in to_save]
+        self.saved_modules = make_trainable_copies(model, to_save)
+        return model
+
+    def ia3_layers(self, model: nn.Module) -> list[tuple[str, IA3Linear]]:
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, IA3Linear)]
+
+    def expected_trainable_parameters(self, model: nn.Module) -> int:
+        count = sum(m.in_features if m.is_feedforward else m.out_features for _, m in self.ia3_layers(model))
+        count += sum(p.numel() for name in self.saved_modules for p in model.get_submodule(name).parameters())
+        return count
+
+    # -- saving --------------------------------------------------------------------------
+    def _live_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        state = {f"{PREFIX}{name}.ia3_l": layer.ia3_l for name, layer in self.ia3_layers(model)}
+        state.update(modules_to_save_state(model, self.saved_modules, PREFIX))
+        return state
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self._live_state(model).items()}
+
+    def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        load_prefixed(model, state, self.adapter_state_dict(model))
+
+    def adapter_config(self, model: nn.Module) -> dict[str, Any]:
+        return {
+            "target_modules": list(self.targets),
+            "feedforward_modules": list(self.feedforward),
+            "modules_to_save": list(self.saved_modules) or None,
+            "init_ia3_weights": True,
+            "fan_in_fan_out": any(m.fan_in_fan_out for _, m in self.ia3_layers(model)),
+        }
+
+    @classmethod
+    def config_from_adapter(cls, adapter_config: dict[str, Any]) -> IA3Config:
+        return IA3Config(
+            name=cls.name,
+            target_modules=adapter_config.get("target_modules"),
+            feedforward_modules=list(adapter_config.get("feedforward_modules") or []),
+            modules_to_save=list(adapter_config.get("modules_to_save") or []),
+        )
+
+    # -- merging -------------------------------------------------------------------------
+    def merge(self, model: nn.Module) -> nn.Module:
+        for name, layer in self.ia3_layers(model):
+            base = layer.base_layer
+            scale = layer.ia3_l.detach().float()  # (1, in) scales W's columns, (out, 1) its rows
+            with torch.no_grad():
+                factor = scale.T if layer.fan_in_fan_out else scale  # Conv1D stores W as (in, out)
+                base.weight.copy_((base.weight.float() * factor).to(base.weight.dtype))
+                if not layer.is_feedforward and getattr(base, "bias", None) is not None:
+                    base.bias.copy_((base.bias.float() * scale.flatten()).to(base.bias.dtype))
+            set_module(model, name, base)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
