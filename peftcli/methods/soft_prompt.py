@@ -332,7 +332,8 @@ class SoftPromptMethod(Method):
     # -- building ------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> PromptedModel:
         freeze(model)
-        if getattr(model, "is_gradient_checkpointing", False) and self.prompt_kind == "prefix":
+        checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        if checkpointed and self.prompt_kind == "prefix":
             raise RecipeError("model.gradient_checkpointing", f"{self.name} passes its prefixes as a KV cache, which "
                               "transformers drops inside checkpointed layers",
                               "set model.gradient_checkpointing: false, or use prompt_tuning / p_tuning")
