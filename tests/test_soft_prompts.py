@@ -85,7 +85,7 @@ def test_peft_loads_our_adapter_with_equal_logits(task, key, tmp_path):
     peft = pytest.importorskip("peft")
     recipe, base_path, tokenizer, model, method, labels = build(task, METHODS[key])
     one_step(model, task)
-    input_ids, mask, kwargs, labels_ = batch_for(task, seed=1)
+    input_ids, mask, kwargs, _ = batch_for(task, seed=1)
     with torch.no_grad():
         ours = model(input_ids=input_ids, attention_mask=mask, **kwargs).logits
     save_adapter(tmp_path / "adapter", model, method, tokenizer, base_path, recipe.model, labels)
@@ -108,7 +108,7 @@ def test_peft_loads_our_adapter_with_equal_logits(task, key, tmp_path):
 
 
 def test_gqa_prefix_shapes_in_saved_config(tmp_path):
-    recipe, base_path, tokenizer, model, method, labels = build("causal_lm", METHODS["prefix_tuning"])
+    recipe, base_path, tokenizer, model, method, _ = build("causal_lm", METHODS["prefix_tuning"])
     save_adapter(tmp_path / "a", model, method, tokenizer, base_path, recipe.model)
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     # tiny llama: hidden 64, 4 query heads, 2 kv heads, head_dim 16 -> token_dim 2·16 = 32
@@ -121,7 +121,7 @@ def test_gqa_prefix_shapes_in_saved_config(tmp_path):
 
 @pytest.mark.parametrize("key", ["prompt_tuning", "prefix_tuning"])
 def test_left_and_right_padding_give_the_unpadded_logits(key):
-    *_, model, method, _ = build("causal_lm", METHODS[key])
+    *_, model, _, _ = build("causal_lm", METHODS[key])
     one_step(model, "causal_lm")
     row = torch.randint(5, 200, (1, 6), generator=torch.Generator().manual_seed(3))
     other = torch.randint(5, 200, (1, 9), generator=torch.Generator().manual_seed(4))
@@ -165,7 +165,7 @@ def test_cached_generation_inserts_the_prompt_once(method, lr):
 
 @pytest.mark.parametrize("key", ["prompt_tuning", "prefix_tuning"])
 def test_seq2seq_generate_matches_recompute(key):
-    *_, model, method, _ = build("seq2seq", METHODS[key])
+    *_, model, _, _ = build("seq2seq", METHODS[key])
     one_step(model, "seq2seq", lr=5e-2)
     ids = torch.tensor([[40, 41, 42, 43, 1], [50, 51, 1, 0, 0]])
     mask = (torch.arange(5) < torch.tensor([[5], [3]])).long()
@@ -184,7 +184,7 @@ def test_seq2seq_generate_matches_recompute(key):
 def test_gradient_checkpointing_works_for_prompt_tuning_and_is_refused_for_prefixes():
     grads = []
     for checkpointing in (False, True):
-        *_, model, method, _ = build("causal_lm", METHODS["prompt_tuning"],
+        *_, model, _, _ = build("causal_lm", METHODS["prompt_tuning"],
                                      {"gradient_checkpointing": checkpointing})
         model.train()
         input_ids, mask, _, labels = batch_for("causal_lm")
@@ -199,20 +199,20 @@ def test_gradient_checkpointing_works_for_prompt_tuning_and_is_refused_for_prefi
 
 
 def test_text_and_sample_vocab_inits_are_real_token_embeddings():
-    *_, model, method, _ = build("causal_lm", {"name": "prompt_tuning", "num_virtual_tokens": 7, "init": "text",
+    *_, model, _, _ = build("causal_lm", {"name": "prompt_tuning", "num_virtual_tokens": 7, "init": "text",
                                                "init_text": "abc"})
     tokenizer = load_tokenizer(model.name_or_path, recipe_from_dict(
         {"model": {"name": "tiny:llama"}, "data": {"train": "x.jsonl"}}).model)
     ids = repeat_to(tokenizer("abc", add_special_tokens=False)["input_ids"], 7)
     table = model.get_input_embeddings().weight
     assert torch.equal(model.input_prompt.embedding.weight, table[ids])
-    *_, model, method, _ = build("causal_lm", {"name": "prompt_tuning", "num_virtual_tokens": 16,
+    *_, model, _, _ = build("causal_lm", {"name": "prompt_tuning", "num_virtual_tokens": 16,
                                                "init": "sample_vocab", "sample_vocab_top_k": 40})
     rows = model.input_prompt.embedding.weight
     table = model.get_input_embeddings().weight
     picked = [int((table == r).all(-1).nonzero()[0]) for r in rows]  # each row is one vocabulary row
     assert all(4 <= i < 40 for i in picked)  # among the first 40 ids, never a special token (0-3)
-    *_, model, method, _ = build("seq_cls", {"name": "prompt_tuning", "num_virtual_tokens": 5, "init": "text"})
+    *_, model, _, _ = build("seq_cls", {"name": "prompt_tuning", "num_virtual_tokens": 5, "init": "text"})
     tokenizer = load_tokenizer(model.name_or_path, recipe_from_dict(
         {"model": {"name": "tiny:bert", "task": "seq_cls"}, "data": {"train": "x.jsonl", "format": "classification"}}).model)
     ids = repeat_to(tokenizer("negative positive", add_special_tokens=False)["input_ids"], 5)  # the label words
@@ -225,7 +225,7 @@ def test_real_word_prefix_equals_reading_the_words(projection):
     the prefixed model on x equals the base model on words + x (reference: base, ≤ 1e-5)."""
     method = {"name": "prefix_tuning" if projection else "p_tuning_v2", "num_virtual_tokens": 5,
               "init": "real_words", "init_text": "hello"}  # 5 bytes = 5 tokens for the byte tokenizer
-    recipe, base_path, tokenizer, model, m, _ = build("causal_lm", method)
+    _, _, tokenizer, model, _, _ = build("causal_lm", method)
     words = tokenizer("hello", add_special_tokens=False)["input_ids"]
     assert len(words) == 5
     x = torch.randint(5, 200, (1, 6), generator=torch.Generator().manual_seed(5))
@@ -276,7 +276,7 @@ def test_spot_shape_mismatch_is_a_clear_error(tmp_path):
 def test_ensemble_averages_logits_and_votes():
     members = []
     for seed in (1, 2):
-        *_, model, method, _ = build("causal_lm", METHODS["prompt_tuning"], seed=seed)
+        *_, model, _, _ = build("causal_lm", METHODS["prompt_tuning"], seed=seed)
         one_step(model, "causal_lm", seed=seed)
         members.append(model)
     input_ids, mask, _, _ = batch_for("causal_lm", seed=3)
