@@ -1,6 +1,12 @@
-"""Every method module is imported here: the one place registration happens."""
+"""Every method module is imported here: the one place registration happens (one line each)."""
 
-from peftcli.methods import adalora, bitfit, ia3, lora  # noqa: F401
+from peftcli.methods import adalora  # noqa: F401
+from peftcli.methods import bitfit  # noqa: F401
+from peftcli.methods import ia3  # noqa: F401
+from peftcli.methods import lora  # noqa: F401
+from peftcli.methods import p_tuning  # noqa: F401
+from peftcli.methods import prefix_tuning  # noqa: F401
+from peftcli.methods import prompt_tuning  # noqa: F401
 from peftcli.methods.registry import Method, get_method_class, list_methods, register
 
 __all__ = ["Method", "get_method_class", "list_methods", "register"]
