@@ -29,10 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODEL = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-             num_key_value_heads=12, vocab_size=8192, max_position_embeddings=1024, tie_word_embeddings=False)
-QUICK_MODEL = dict(MODEL, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=4)
+MODEL = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
+         "num_key_value_heads": 12, "vocab_size": 8192, "max_position_embeddings": 1024, "tie_word_embeddings": False}
+QUICK_MODEL = {**MODEL, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+               "num_attention_heads": 4, "num_key_value_heads": 4}
 BATCH, SEQ = 8, 256
 METHODS = {
     "lora": {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"},
@@ -108,13 +108,13 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        f"Model: llama architecture, random init, fp32, {report['model']['num_hidden_layers']} layers, "
-        f"hidden {report['model']['hidden_size']}, FFN {report['model']['intermediate_size']}, "
-        f"vocab {report['model']['vocab_size']}; batch {report['batch']} × {report['seq']} tokens; "
-        f"one forward + backward + AdamW step on {rows[0]['device']} ({report['machine']}).",
+        (f"Model: llama architecture, random init, fp32, {report['model']['num_hidden_layers']} layers, "
+         f"hidden {report['model']['hidden_size']}, FFN {report['model']['intermediate_size']}, "
+         f"vocab {report['model']['vocab_size']}; batch {report['batch']} × {report['seq']} tokens; "
+         f"one forward + backward + AdamW step on {rows[0]['device']} ({report['machine']})."),
         "",
-        "| method | trainable params | saved activations (MB) | trainable state (MB) | activations + state (MB) "
-        "| peak RSS (MB) | peak CUDA (MB) | step (s) |",
+        ("| method | trainable params | saved activations (MB) | trainable state (MB) | activations + state (MB) "
+         "| peak RSS (MB) | peak CUDA (MB) | step (s) |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -124,10 +124,11 @@ def markdown(report: dict) -> str:
                      f"{r['step_s']} |")
     lst = next(r for r in rows if r["method"] == "ladder_side_tuning")
     ratio = lst["saved_activation_mb"] / max(lora["saved_activation_mb"], 1e-9)
-    lines += ["", f"LST keeps {ratio:.1%} of LoRA's saved activations "
-                  f"({lst['saved_activation_mb']} MB vs {lora['saved_activation_mb']} MB); peak RSS "
-                  f"{lst['peak_rss_mb']} MB vs {lora['peak_rss_mb']} MB (RSS includes the "
-                  f"{lora['frozen_weights_mb']} MB of frozen weights and the runtime).", ""]
+    summary = (f"LST keeps {ratio:.1%} of LoRA's saved activations "
+               f"({lst['saved_activation_mb']} MB vs {lora['saved_activation_mb']} MB); peak RSS "
+               f"{lst['peak_rss_mb']} MB vs {lora['peak_rss_mb']} MB (RSS includes the "
+               f"{lora['frozen_weights_mb']} MB of frozen weights and the runtime).")
+    lines += ["", summary, ""]
     return "\n".join(lines)
 
 

@@ -51,7 +51,7 @@ def randomize_fusion(model, method) -> None:
 
 
 def test_sources_are_loaded_frozen_and_fusion_trains(tmp_path):
-    recipe, base_path, tokenizer, model, method = build(tmp_path)
+    _, _, _, model, method = build(tmp_path)
     assert [s.position for s in method.sublayers] == ["ffn", "ffn"]  # Pfeiffer sources: FFN only
     for n, source_dir in enumerate(SOURCES):
         stored = read_adapter_state(source_dir)
@@ -67,7 +67,7 @@ def test_sources_are_loaded_frozen_and_fusion_trains(tmp_path):
 
 
 def test_fusion_forward_equals_equation(tmp_path):
-    recipe, base_path, tokenizer, model, method = build(tmp_path)
+    _, _, _, model, method = build(tmp_path)
     randomize_fusion(model, method)
     sub = method.sublayers[1]
     mlp = model.get_submodule(sub.output_module)

@@ -55,7 +55,7 @@ def randomize_upsample(method, model) -> None:
 @pytest.mark.parametrize("arch,task", ARCHS)
 def test_identity_at_init(arch, task):
     base = tiny(arch, task)
-    model, method = applied(arch, task)
+    model, _ = applied(arch, task)
     if task == "seq_cls":  # same (new, random) head on both
         base.classifier.load_state_dict(model.classifier.state_dict())
     inputs, _ = batch(base.config.vocab_size, task)
@@ -105,7 +105,7 @@ def test_activations_saved_for_backward_are_only_the_side_and_head():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_sum, n = token_loss_sum(model(**inputs).logits, labels, "causal_lm")
+        token_loss_sum(model(**inputs).logits, labels, "causal_lm")
     d, ds, vocab = 64, 16, model.config.vocab_size
     intermediate = model.config.intermediate_size  # 128: would show up if an MLP of the backbone saved inputs
     assert shapes
@@ -143,7 +143,7 @@ def test_forward_equals_side_network_equation(arch, task):
 
 
 def test_trainable_count_equals_formula():
-    model, method = applied("llama", "causal_lm", reduction_factor=4, ffn_multiplier=4)
+    model, _ = applied("llama", "causal_lm", reduction_factor=4, ffn_multiplier=4)
     d, L = 64, 2
     ds = d // 4
     f = 4 * ds

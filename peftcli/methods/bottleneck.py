@@ -118,9 +118,8 @@ def transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The longest ``nn.ModuleList`` whose members all look like transformer layers."""
     best: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best):
-            if all(_layer_kind(child) for child in module):
-                best = [(f"{name}.{i}", child) for i, child in enumerate(module)]
+        if isinstance(module, nn.ModuleList) and len(module) > len(best) and all(_layer_kind(c) for c in module):
+            best = [(f"{name}.{i}", child) for i, child in enumerate(module)]
     return best
 
 

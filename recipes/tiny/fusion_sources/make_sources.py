@@ -22,8 +22,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 sys.path.insert(0, str(ROOT))
 
-from peftcli.api import train  # noqa: E402
-from peftcli.recipe import recipe_from_dict  # noqa: E402
+from peftcli.api import train
+from peftcli.recipe import recipe_from_dict
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "light", "table", "music", "ocean", "tiger", "house",
          "bread", "chair", "dream", "earth", "flame", "grape", "heart", "lemon", "night"]
