@@ -67,9 +67,13 @@ def detect_format(record: dict[str, Any]) -> str:
 
 
 def evaluate_target(target: str | Path, data: str | None = None, max_examples: int | None = None,
-                    overrides: list[str] | None = None) -> dict[str, Any]:
+                    overrides: list[str] | None = None, ensemble: list[str] | None = None,
+                    vote: bool = False) -> dict[str, Any]:
     """Evaluate a recipe (its trained adapter if the run finished, else its base), an adapter
-    directory or a model directory on ``data`` (default: the recipe's eval data)."""
+    directory or a model directory on ``data`` (default: the recipe's eval data).
+
+    ``ensemble`` names more adapters over the same base: the target and these are evaluated as one
+    model with averaged logits, or by majority vote (``vote``, classification only)."""
     from peftcli.data import load_data, load_records
     from peftcli.evaluate import evaluate
     from peftcli.export import is_adapter_dir, load_adapter
@@ -96,9 +100,14 @@ def evaluate_target(target: str | Path, data: str | None = None, max_examples: i
         raise RecipeError("TARGET", f"{target} is not a recipe, an adapter directory or a model directory",
                           "pass recipe.yaml, RUN/adapter or a merged model directory")
 
+    if (ensemble or vote) and kind != "adapter":
+        raise RecipeError("--ensemble", f"ensembling needs adapter directories; {target} is a {kind}",
+                          "pass RUN/adapter as the target and the other adapters with --ensemble")
     if kind == "adapter":
         loaded = load_adapter(target, device=device)
         model, tokenizer, task, label_names = loaded.model, loaded.tokenizer, loaded.task, loaded.label_names
+        if ensemble or vote:
+            model = _ensemble(loaded, ensemble or [], vote, device)
     elif kind == "base":
         assert recipe is not None
         path = resolve_model_name(recipe.model.name)
@@ -132,6 +141,25 @@ def evaluate_target(target: str | Path, data: str | None = None, max_examples: i
     eval_cfg = recipe.eval if recipe else EvalConfig()
     metrics = evaluate(model, tokenizer, bundle, task, eval_cfg, device)
     return {"target": str(target), "kind": kind, "task": task, **metrics}
+
+
+def _ensemble(first, others: list[str], vote: bool, device):
+    """The target adapter and ``others`` (same base, task and labels) as one EnsembleModel."""
+    from peftcli.evaluate import EnsembleModel
+    from peftcli.export import load_adapter
+
+    if vote and first.task != "seq_cls":
+        raise RecipeError("--vote", "majority vote is for classification adapters (seq_cls)",
+                          "drop --vote to average the logits")
+    members = [first.model]
+    for path in others:
+        loaded = load_adapter(path, device=device)
+        if (loaded.base_path, loaded.task, loaded.label_names) != (first.base_path, first.task, first.label_names):
+            raise RecipeError("--ensemble", f"{path} was trained on {loaded.base_path} ({loaded.task}), the target "
+                              f"on {first.base_path} ({first.task})",
+                              "ensemble adapters of one base model, task and label set")
+        members.append(loaded.model)
+    return EnsembleModel(members, vote=vote)
 
 
 def recipe_yaml(recipe: Recipe) -> str:

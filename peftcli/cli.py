@@ -109,11 +109,14 @@ def eval_(
     data: Annotated[Optional[str], typer.Option(help="eval data file (default: the recipe's eval data)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     max_examples: Annotated[Optional[int], typer.Option(help="evaluate at most this many examples")] = None,
+    ensemble: Annotated[Optional[list[str]], typer.Option(
+        "--ensemble", help="another adapter over the same base (repeatable): evaluate them with the target as one")] = None,
+    vote: Annotated[bool, typer.Option("--vote", help="ensemble by majority vote instead of averaged logits (seq_cls)")] = False,
 ) -> None:
     """Measure eval loss, perplexity and accuracy / exact match of a base, adapter or merged model."""
     from peftcli.api import evaluate_target
 
-    result = evaluate_target(target, data=data, max_examples=max_examples)
+    result = evaluate_target(target, data=data, max_examples=max_examples, ensemble=ensemble, vote=vote)
     if as_json:
         print(json.dumps(result))
         return

@@ -24,6 +24,52 @@ from peftcli.recipe import EvalConfig
 GenerateFn = Callable[[torch.nn.Module, list[list[int]], int], list[list[int]]]
 
 
+class EnsembleModel(torch.nn.Module):
+    """Several adapters over the same base evaluated as one model (Lester et al., 2021, Sec. 6):
+    the logits are averaged, or with ``vote`` (classification) each member votes for its argmax.
+
+    Vote logits are ``log`` of the vote shares, plus 1e-3 × the mean probability to break ties, so the
+    argmax is the majority class and eval_loss is the NLL of the vote distribution. KV caches are kept
+    per member (``past_key_values`` is the list of the members' caches), so ``greedy_generate`` decodes
+    from the averaged next-token logits.
+    """
+
+    def __init__(self, members: list[torch.nn.Module], vote: bool = False):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.vote = vote
+
+    @property
+    def config(self):
+        return self.members[0].config
+
+    @property
+    def generation_config(self):
+        return getattr(self.members[0], "generation_config", None)
+
+    def forward(self, past_key_values=None, **kwargs):
+        pasts = past_key_values if past_key_values is not None else [None] * len(self.members)
+        outs = [member(**kwargs, **({"past_key_values": past} if past is not None else {}))
+                for member, past in zip(self.members, pasts)]
+        logits = torch.stack([out.logits.float() for out in outs])  # (K, B, ..., V)
+        mean = logits.mean(dim=0)
+        if self.vote:
+            votes = F.one_hot(logits.argmax(-1), logits.shape[-1]).sum(0).float()  # (B, C)
+            share = votes + 1e-3 * mean.softmax(-1)
+            mean = (share / share.sum(-1, keepdim=True)).log()
+        out = outs[0]
+        out["logits"] = mean
+        if kwargs.get("use_cache"):
+            out["past_key_values"] = [o.past_key_values for o in outs]
+        return out
+
+    def generate(self, *args, **kwargs):
+        from peftcli.recipe import RecipeError
+
+        raise RecipeError("--ensemble", "ensembles generate for causal LMs only (seq2seq: loss and perplexity)",
+                          "set eval.generate: false in the recipe, or evaluate the adapters one by one")
+
+
 def _eos_ids(model, tokenizer) -> set[int]:
     ids = set()
     config = getattr(model, "generation_config", None)

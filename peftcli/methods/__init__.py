@@ -1,11 +1,14 @@
 """Every method module is imported here: the one place registration happens."""
 
-from peftcli.methods import (
-    adapter_fusion,  # noqa: F401
-    houlsby_adapter,  # noqa: F401
-    ladder_side_tuning,  # noqa: F401
-    lora,  # noqa: F401
-    parallel_adapter,  # noqa: F401
+from peftcli.methods import (  # noqa: F401
+    adapter_fusion,
+    houlsby_adapter,
+    ladder_side_tuning,
+    lora,
+    p_tuning,
+    parallel_adapter,
+    prefix_tuning,
+    prompt_tuning,
 )
 from peftcli.methods.registry import Method, get_method_class, list_methods, register
 
