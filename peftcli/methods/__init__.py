@@ -5,6 +5,7 @@ from peftcli.methods import (  # noqa: F401
     houlsby_adapter,
     ladder_side_tuning,
     lora,
+    mam_adapter,
     p_tuning,
     parallel_adapter,
     prefix_tuning,
