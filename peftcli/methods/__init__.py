@@ -10,6 +10,7 @@ from peftcli.methods import (  # noqa: F401
     parallel_adapter,
     prefix_tuning,
     prompt_tuning,
+    unipelt,
 )
 from peftcli.methods.registry import Method, get_method_class, list_methods, register
 
