@@ -14,7 +14,7 @@ import pytest
 from peftcli import api
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ["houlsby_adapter", "parallel_adapter", "ladder_side_tuning", "adapter_fusion"]
+RECIPES = ["houlsby_adapter", "parallel_adapter", "ladder_side_tuning", "adapter_fusion", "mam_adapter", "unipelt"]
 
 
 @pytest.mark.parametrize("name", RECIPES)

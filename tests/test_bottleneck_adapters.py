@@ -232,7 +232,7 @@ def test_bad_options_are_recipe_errors():
         recipe_from_dict(raw)
 
 
-@pytest.mark.parametrize("name", ["houlsby_adapter", "parallel_adapter"])
+@pytest.mark.parametrize("name", ["houlsby_adapter", "parallel_adapter", "ladder_side_tuning", "mam_adapter", "unipelt"])
 def test_adapter_dir_is_not_a_peft_adapter_and_reloads(name, tmp_path):
     """adapter_config.json names our method, the base and the task, and no peft_type; peft refuses it;
     peftcli.load and peftcli eval reload it with equal logits / the training run's final eval loss."""
