@@ -179,15 +179,18 @@ def test_instruction_format_uses_alpaca_template(llama_tok):
 def test_chat_masks_every_assistant_turn(llama_tok):
     bundle = load_data(DataConfig(train=str(DATA / "chat.jsonl"), format="chat", eval=str(DATA / "chat.jsonl")),
                        llama_tok, "causal_lm")
-    # template: "<|role|>\n" + content (+ "</s>" for the assistant); BOS is prepended as the template lacks it
-    user1, turn1 = ids(llama_tok, "<|user|>\nhi<|assistant|>\n"), ids(llama_tok, "hello")
-    user2, turn2 = ids(llama_tok, "<|user|>\nbye<|assistant|>\n"), ids(llama_tok, "ciao")
-    assert bundle.train[0]["input_ids"] == [BOS, *user1, *turn1, EOS, *user2, *turn2, EOS]
-    assert bundle.train[0]["labels"] == [M] * (1 + len(user1)) + [*turn1, EOS] + [M] * len(user2) + [*turn2, EOS]
-    assert bundle.eval_examples[0] == {"prompt": "<|user|>\nhi<|assistant|>\nhello</s><|user|>\nbye<|assistant|>\n",
-                                       "answer": "ciao"}
-    system = ids(llama_tok, "<|system|>\nbe brief<|user|>\nname?<|assistant|>\n")
-    assert bundle.train[1]["labels"] == [M] * (1 + len(system)) + [*ids(llama_tok, "Tiny"), EOS]
+    # template: "<|role|>\n" + content (+ "</s>" for the assistant) + "\n"; BOS is prepended as the template
+    # lacks it. An assistant span runs to where the rendered turn ends, so it includes the turn's "\n".
+    user1, turn1 = ids(llama_tok, "<|user|>\nhi\n<|assistant|>\n"), ids(llama_tok, "hello")
+    user2, turn2 = ids(llama_tok, "<|user|>\nbye\n<|assistant|>\n"), ids(llama_tok, "ciao")
+    newline = ids(llama_tok, "\n")
+    assert bundle.train[0]["input_ids"] == [BOS, *user1, *turn1, EOS, *newline, *user2, *turn2, EOS, *newline]
+    assert bundle.train[0]["labels"] == ([M] * (1 + len(user1)) + [*turn1, EOS, *newline] + [M] * len(user2)
+                                         + [*turn2, EOS, *newline])
+    assert bundle.eval_examples[0] == {
+        "prompt": "<|user|>\nhi\n<|assistant|>\nhello</s>\n<|user|>\nbye\n<|assistant|>\n", "answer": "ciao"}
+    system = ids(llama_tok, "<|system|>\nbe brief\n<|user|>\nname?\n<|assistant|>\n")
+    assert bundle.train[1]["labels"] == [M] * (1 + len(system)) + [*ids(llama_tok, "Tiny"), EOS, *newline]
 
 
 def test_classification_labels_and_pairs(bert_tok, tmp_path):
