@@ -244,3 +244,19 @@ def test_method_without_quantized_support_fails_at_validate(monkeypatch, tmp_pat
     with pytest.raises(RecipeError) as err:
         load_recipe(RECIPE, [f"output_dir={tmp_path}"])
     assert err.value.key == "model.quantization" and "lora" in err.value.message
+
+
+@pytest.mark.parametrize("path", ["recipes/tiny/qlora.yaml", "recipes/qlora-llama-3.1-8b.yaml",
+                                  "recipes/qlora-qwen2.5-7b.yaml"])
+def test_shipped_qlora_recipes_validate(path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from peftcli.cli import app
+
+    monkeypatch.chdir(ROOT)
+    result = CliRunner().invoke(app, ["validate", path])
+    assert result.exit_code == 0, result.output
+    recipe = load_recipe(ROOT / path)
+    q = recipe.model.quantization
+    assert q is not None and (q.bits, q.quant_type, q.double_quant) == (4, "nf4", True)
+    assert recipe.train.optimizer.startswith("paged_")
