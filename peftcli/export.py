@@ -240,11 +240,10 @@ def _quantization_report(merged: nn.Module, probe: dict[str, torch.Tensor], refe
                   "attention_mask": probe["attention_mask"].tolist(), "positions": positions,
                   "merged_dtype": dtype, "reference": f"the {q.bits}-bit adapter model ({describe(q)})",
                   "quantization": quant, **diff}
-    lines = [
-        f"merged model ({dtype}) vs the {q.bits}-bit adapter model it was trained as, on {positions} probe "
-        f"positions: max |Δlogit| {diff['max_abs_logit_diff']:.4g}, mean {diff['mean_abs_logit_diff']:.4g} "
-        f"(mean |logit| {diff['mean_abs_logit']:.4g})",
-        f"the merge used the {dtype} base weights, not the {q.bits}-bit ones: the difference is the base's "
-        "quantization error, which the adapter was trained around; nothing was re-quantized",
-    ]
+    gap = (f"merged model ({dtype}) vs the {q.bits}-bit adapter model it was trained as, on {positions} probe "
+           f"positions: max |Δlogit| {diff['max_abs_logit_diff']:.4g}, mean {diff['mean_abs_logit_diff']:.4g} "
+           f"(mean |logit| {diff['mean_abs_logit']:.4g})")
+    why = (f"the merge used the {dtype} base weights, not the {q.bits}-bit ones: the difference is the base's "
+           "quantization error, which the adapter was trained around; nothing was re-quantized")
+    lines = [gap, why]
     return {"probe": probe_info, "report_lines": lines}
