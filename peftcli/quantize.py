@@ -115,6 +115,7 @@ def prepare_for_kbit_training(model: nn.Module, cfg: ModelConfig) -> None:
       error in memory and bf16 norms are a known source of instability. Embeddings and the LM head
       stay in the load dtype (peft's prepare_model_for_kbit_training upcasts them too, which costs
       4 bytes/param on a 128k vocabulary).
+    - Unquantized bf16/fp16 linear layers (the heads) cast their fp32 input to their own dtype.
     - Input gradients with gradient checkpointing are switched on in ``models.load_model``.
     - The output heads and every ``skip_modules`` entry must really be unquantized.
     """
@@ -124,6 +125,12 @@ def prepare_for_kbit_training(model: nn.Module, cfg: ModelConfig) -> None:
         if param.is_floating_point() and param.dim() <= 1 and param.dtype != torch.float32:
             param.data = param.data.float()
     names = dict(model.named_modules())
+    for module in names.values():
+        weight = getattr(module, "weight", None)
+        if type(module).__name__ == "Linear" and weight is not None and weight.dtype != torch.float32:
+            # After the first fp32 norm the hidden states are fp32; an unquantized bf16/fp16 layer (the LM
+            # head, skip_modules) casts them to its own dtype. Autocast does this on a GPU; on a CPU, nothing.
+            module.register_forward_pre_hook(_cast_input_to_weight_dtype)
     for head in output_head_names(model):
         if is_quantized_layer(names[head]):
             raise RecipeError(KEY, f"the head {head} was quantized", "add it to model.quantization.skip_modules")
@@ -134,6 +141,11 @@ def prepare_for_kbit_training(model: nn.Module, cfg: ModelConfig) -> None:
                               "use module names such as down_proj or model.layers.0.mlp")
         if any(is_quantized_layer(names[n]) for n in hits):
             raise RecipeError(f"{KEY}.skip_modules", f"{entry!r} was quantized anyway", "report this as a bug")
+
+
+def _cast_input_to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
+    dtype = module.weight.dtype
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 # --------------------------------------------------------------------------------------------

@@ -213,6 +213,18 @@ def test_8bit_base_trains_and_loads_in_peft(tmp_path):
     assert (real_logits(ours, batch) - real_logits(peft_model, batch)).abs().max() <= 1e-4
 
 
+def test_bf16_base_and_compute_train_on_cpu_and_the_head_stays_bf16(tmp_path):
+    """No autocast on a CPU: fp32 norms feed a bf16 LM head, which must cast its input itself."""
+    out = tmp_path / "bf16"
+    result = api.train(RECIPE, overrides=[f"output_dir={out}", "model.dtype=bfloat16",
+                                          "model.quantization.compute_dtype=bfloat16", "train.max_steps=8"])
+    assert math.isfinite(result.last_loss) and result.last_loss < result.first_loss
+    model = load_adapter(result.adapter_dir, dtype=torch.bfloat16).model
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.model.norm.weight.dtype == torch.float32
+    assert model.model.layers[0].self_attn.q_proj.base_layer.compute_dtype == torch.bfloat16
+
+
 # -- loud errors ------------------------------------------------------------------------------
 
 
