@@ -40,14 +40,14 @@ sys.path.insert(0, str(ROOT))
 
 CONFIGS = {
     # ~49M parameters, 83% of them in linear layers: small enough for a few CPU steps in minutes.
-    "50m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
-                num_key_value_heads=8, vocab_size=8192),
+    "50m": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 12, "num_attention_heads": 8,
+                "num_key_value_heads": 8, "vocab_size": 8192},
     # ~97M parameters, 88% of them in linear layers (an 8B llama has 87%): what QLoRA compresses.
-    "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=12, vocab_size=8192),
+    "100m": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "num_key_value_heads": 12, "vocab_size": 8192},
     # TinyLlama-1.1B's shape.
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000),
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+               "num_key_value_heads": 4, "vocab_size": 32000},
 }
 VARIANTS = {
     # name: (load dtype, quantization or None)
@@ -66,7 +66,7 @@ LORA = {"r": 16, "alpha": 32.0}
 
 def proc_status(field: str) -> int:
     """A field of /proc/self/status in bytes (Linux)."""
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
     return int(match.group(1)) * 1024 if match else -1
 
 
@@ -131,14 +131,16 @@ def worker(args) -> dict:
     dtype = getattr(torch, dtype_name)
     path = str(args.model_dir)
     cuda = device.type == "cuda"
-    # Import each stack's libraries before the baseline, so the deltas below are the model and training.
+    # Both stacks import the same libraries before the baseline (peft too, though peftcli never uses it),
+    # so the deltas below are the model and training, not which modules a stack happened to import.
     import bitsandbytes  # noqa: F401
-    import transformers  # noqa: F401
+    import peft  # noqa: F401
+    import transformers
+    from transformers.models.llama import modeling_llama  # noqa: F401
 
-    if args.stack == "peft":
-        import peft  # noqa: F401
-    else:
-        import peftcli.train  # noqa: F401
+    import peftcli.train  # noqa: F401
+
+    transformers.AutoTokenizer.from_pretrained(path)
     trim_heap()
     rss_start = proc_status("VmRSS")
     t0 = time.perf_counter()
@@ -265,20 +267,20 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        f"Model: llama {report['model_config']} with random weights ({rows[0]['base_parameters']:,} parameters); "
+        (f"Model: llama {report['model_config']} with random weights ({rows[0]['base_parameters']:,} parameters); "
         f"LoRA r={LORA['r']} alpha={LORA['alpha']:g} on all linear layers; torch AdamW; "
         f"{report['steps']} steps of batch {report['batch']} × {report['seq']} tokens; "
-        f"gradient checkpointing {'on' if report['grad_ckpt'] else 'off'}.",
+        f"gradient checkpointing {'on' if report['grad_ckpt'] else 'off'}."),
         f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items() if v is not None)}.",
         "",
     ]
     if cuda:
-        lines += ["| stack | variant | base bytes/param | 4-bit bits/param | allocated after load MiB | "
-                  "peak training MiB | s/step | tokens/s |", "|---|---|---|---|---|---|---|---|"]
+        lines += [("| stack | variant | base bytes/param | 4-bit bits/param | allocated after load MiB | "
+                  "peak training MiB | s/step | tokens/s |"), "|---|---|---|---|---|---|---|---|"]
     else:
-        lines += ["| stack | variant | base bytes/param | 4-bit bits/param | RSS added by loading MiB | "
+        lines += [("| stack | variant | base bytes/param | 4-bit bits/param | RSS added by loading MiB | "
                   "peak RSS training, above baseline MiB | peak RSS training MiB | peak RSS process MiB | "
-                  "s/step | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "s/step | tokens/s |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bits = f"{r['quantized_bits_per_parameter']:.3f}" if r["quantized_bits_per_parameter"] else "-"
         if cuda:
@@ -299,17 +301,20 @@ def markdown(report: dict) -> str:
             parts.append(f"peftcli {variant} / peftcli lora_fp32 = {ours[peak_key] / base[peak_key]:.2f}")
         if ours and theirs and ours[peak_key] and theirs[peak_key]:
             parts.append(f"peftcli / transformers+peft = {ours[peak_key] / theirs[peak_key]:.2f}")
+        if ours and theirs and not cuda:
+            parts.append(f"same ratio of whole-process peak RSS = {ours['peak_rss_process'] / theirs['peak_rss_process']:.2f}")
         if parts:
             lines.append(f"- {variant}: " + "; ".join(parts))
     if cuda:
-        notes = ["`allocated after load` and `peak training` are torch.cuda.memory_allocated / max_memory_allocated "
-                 "(the peak reset after loading)."]
+        notes = [("`allocated after load` and `peak training` are torch.cuda.memory_allocated / max_memory_allocated "
+                 "(the peak reset after loading).")]
     else:
-        notes = ["How to read: `RSS added by loading` = resident memory after loading minus before (heap trimmed "
+        notes = [("How to read: `RSS added by loading` = resident memory after loading minus before (heap trimmed "
                  "with malloc_trim both times); `above baseline` = the kernel's peak RSS during the training steps "
                  "(VmHWM, reset after loading) minus the same baseline; `peak RSS process` = ru_maxrss, loading "
-                 "included. On a CPU, torch/transformers themselves take ~200-300 MiB of RSS before any model, "
-                 "so the deltas are the numbers to compare. Timings on a shared CPU are indicative only."]
+                 "included. Both stacks import the same libraries (torch, transformers, bitsandbytes, peft, "
+                 "peftcli) before the baseline is taken. On a CPU, torch/transformers themselves take ~200-300 MiB of RSS before any model, "
+                 "so the deltas are the numbers to compare. Timings on a shared CPU are indicative only.")]
     lines += ["", *notes, *report.get("notes", []), ""]
     return "\n".join(lines)
 
@@ -347,7 +352,7 @@ def main() -> None:
                str(model_dir), "--config", args.config, "--device", args.device, "--steps", str(args.steps),
                "--batch", str(args.batch), "--seq", str(args.seq)] + (["--grad-ckpt"] if args.grad_ckpt else [])
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False,
                               env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
