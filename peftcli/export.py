@@ -190,18 +190,60 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | None 
     """Fold an adapter into its base and write a plain transformers model directory.
 
     The base is always reloaded in full precision (a QLoRA adapter's base too): the update is added
-    to the fp32 weights, and only then is the model cast to ``dtype``. Nothing is re-quantized.
+    to the fp32 weights, and only then is the model cast to ``dtype``. Nothing is re-quantized. We
+    reload rather than dequantize because the original checkpoint's weights are exact, while
+    dequantized 4-bit weights carry the quantization error into every merged weight for good.
+
+    The adapter was trained on the quantized base, though, so the merged model is *not* the model
+    that was trained: for a quantized adapter we also run the 4-bit (or 8-bit) adapter model on a
+    fixed probe batch and report the max and mean logit difference (``report_lines``, ``probe``,
+    and ``OUTPUT/merge_report.json``) instead of hiding it.
     """
     info = read_adapter_info(adapter_dir)
     if not info["method_cls"].mergeable:
         raise RecipeError("merge", f"method {info['method_cls'].name} cannot be merged into the base",
                           "load the adapter directory directly (peftcli eval / peftcli.load)")
+    probe, reference = None, None
+    if info["quantization"]:
+        from peftcli.quantize import probe_batch, probe_logits
+
+        # The quantized model first and then freed, so that both models never sit in memory at once.
+        quantized = load_adapter(adapter_dir, base=base, dtype=torch.float32, quantized=True)
+        probe = probe_batch(quantized.tokenizer)
+        reference = probe_logits(quantized.model, probe, quantized.task)
+        del quantized
     loaded = load_adapter(adapter_dir, base=base, dtype=torch.float32, quantized=False)
     merged = loaded.method.merge(loaded.model)
     target = getattr(torch, dtype)
     merged.to(target)
+    result: dict[str, Any] = {"output": str(output), "dtype": dtype, "method": loaded.method.name,
+                              "base": loaded.base_path, "task": loaded.task, "report_lines": []}
+    if probe is not None:
+        result.update(_quantization_report(merged, probe, reference, info["quantization"], dtype, loaded.task))
     with AtomicDir(output) as tmp:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
-    return {"output": str(output), "dtype": dtype, "method": loaded.method.name, "base": loaded.base_path,
-            "task": loaded.task}
+        if probe is not None:
+            report = {"probe": result["probe"], "report_lines": result["report_lines"]}
+            (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return result
+
+
+def _quantization_report(merged: nn.Module, probe: dict[str, torch.Tensor], reference: torch.Tensor,
+                         quant: dict[str, Any], dtype: str, task: str) -> dict[str, Any]:
+    from peftcli.quantize import PROBE_TEXTS, describe, logit_difference, probe_logits
+
+    q = coerce(quant, QuantizationConfig, "quantization")
+    diff = logit_difference(probe_logits(merged, probe, task), reference)
+    positions = int(reference.shape[0])
+    probe_info = {"texts": list(PROBE_TEXTS), "input_ids": probe["input_ids"].tolist(),
+                  "attention_mask": probe["attention_mask"].tolist(), "positions": positions,
+                  "merged_dtype": dtype, "reference": f"the {q.bits}-bit adapter model ({describe(q)})",
+                  "quantization": quant, **diff}
+    gap = (f"merged model ({dtype}) vs the {q.bits}-bit adapter model it was trained as, on {positions} probe "
+           f"positions: max |Δlogit| {diff['max_abs_logit_diff']:.4g}, mean {diff['mean_abs_logit_diff']:.4g} "
+           f"(mean |logit| {diff['mean_abs_logit']:.4g})")
+    why = (f"the merge used the {dtype} base weights, not the {q.bits}-bit ones: the difference is the base's "
+           "quantization error, which the adapter was trained around; nothing was re-quantized")
+    lines = [gap, why]
+    return {"probe": probe_info, "report_lines": lines}

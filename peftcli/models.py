@@ -129,6 +129,10 @@ def load_model(
         model.config.pad_token_id = pad_token_id  # decoder classifiers find the last token through it
     if cfg.quantization is None:
         model.to(device)
+    else:
+        from peftcli.quantize import prepare_for_kbit_training
+
+        prepare_for_kbit_training(model, cfg)
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

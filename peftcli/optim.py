@@ -37,6 +37,10 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: TrainConfig) -> tor
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     bnb = import_bitsandbytes("train.optimizer")
+    if cfg.optimizer.startswith("paged_"):
+        # On a CPU bitsandbytes keeps paged state in ordinary memory (paging is a CUDA unified-memory
+        # feature) and warns at the first step; that is expected, documented, and not worth a warning.
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
     cls = getattr(bnb.optim, BNB_OPTIMIZERS[cfg.optimizer])
     kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
     if "lion" not in cfg.optimizer:

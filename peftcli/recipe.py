@@ -442,6 +442,9 @@ def build_recipe(raw: dict, source: str | None = None) -> Recipe:
         stem = Path(source).stem if source else "run"
         recipe.output_dir = str(Path("runs") / stem)
     _cross_checks(recipe)
+    if recipe.model.quantization is not None and not method_cls.supports_quantized_base:
+        raise RecipeError("model.quantization", f"method {method_cls.name} cannot train on a quantized base",
+                          "remove model.quantization, or pick a method that can (lora)")
     method_cls.validate_config(recipe.method, recipe)
     return recipe
 

@@ -41,13 +41,16 @@ class Reporter:
         if not self.quiet:
             self.console.print(f"[dim]{text}[/dim]")
 
-    def start_summary(self, recipe, method, trainable: int, total: int, stats: dict, steps: int, device) -> None:
+    def start_summary(self, recipe, method, trainable: int, total: int, stats: dict, steps: int, device,
+                      base_lines: list[str] | None = None) -> None:
         if self.quiet:
             return
         table = Table(title="peftcli train", show_header=False, title_justify="left")
         table.add_column(style="bold")
         table.add_column()
         table.add_row("model", f"{recipe.model.name} ({recipe.model.task}) on {device}")
+        for i, line in enumerate(base_lines or []):
+            table.add_row("quantized" if i == 0 else "", line)
         table.add_row("method", f"{method.name}: {method.description}")
         table.add_row("trainable", f"{human(trainable)} of {human(total)} parameters ({100 * trainable / max(total, 1):.3f}%)")
         for line in getattr(method, "summary_lines", lambda: [])():

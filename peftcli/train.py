@@ -179,7 +179,12 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
     elif metrics_path.exists():
         metrics_path.unlink()
 
-    reporter.start_summary(recipe, method, trainable, total, data.stats, steps, device)
+    base_lines = None
+    if recipe.model.quantization is not None:
+        from peftcli.quantize import summary_lines
+
+        base_lines = summary_lines(model, recipe.model.quantization)
+    reporter.start_summary(recipe, method, trainable, total, data.stats, steps, device, base_lines)
 
     def log(event: dict[str, Any]) -> None:
         with open(metrics_path, "a") as handle:
