@@ -138,7 +138,7 @@ def worker(args) -> dict:
     import transformers
     from transformers.models.llama import modeling_llama  # noqa: F401
 
-    import peftcli.train  # noqa: F401
+    import peftcli.loop  # noqa: F401
 
     transformers.AutoTokenizer.from_pretrained(path)
     trim_heap()
@@ -146,10 +146,10 @@ def worker(args) -> dict:
     t0 = time.perf_counter()
 
     if args.stack == "peftcli":
+        from peftcli.loop import build_model, token_loss_sum
         from peftcli.models import load_tokenizer
         from peftcli.optim import build_optimizer
         from peftcli.recipe import recipe_from_dict
-        from peftcli.train import build_model, token_loss_sum
 
         raw = {"model": {"name": path, "dtype": dtype_name, "gradient_checkpointing": args.grad_ckpt},
                "data": {"train": "unused.jsonl"},

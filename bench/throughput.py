@@ -55,8 +55,8 @@ def peak_memory_mb(device: str) -> float:
 def run_peftcli(args) -> dict:
     import torch
 
+    from peftcli.loop import token_loss_sum
     from peftcli.methods.lora import LoRA, LoraConfig
-    from peftcli.train import token_loss_sum
 
     model = build_model(args)
     method = LoRA(LoraConfig(r=args.r, alpha=2 * args.r, target_modules="all-linear"))

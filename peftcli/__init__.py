@@ -4,7 +4,7 @@
 """
 
 __version__ = "0.1.0"
-__all__ = ["load", "train", "merge", "evaluate_target", "RecipeError", "__version__"]
+__all__ = ["RecipeError", "__version__", "evaluate_target", "load", "merge", "train"]
 
 
 def __getattr__(name: str):

@@ -36,7 +36,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", base: str | None 
 
 def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, output_dir: str | None = None,
           resume: bool = False, reporter=None):
-    from peftcli.train import train as run
+    from peftcli.loop import train as run
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides, output_dir)
@@ -77,7 +77,13 @@ def evaluate_target(target: str | Path, data: str | None = None, max_examples: i
     from peftcli.data import load_data, load_records
     from peftcli.evaluate import evaluate
     from peftcli.export import is_adapter_dir, load_adapter
-    from peftcli.models import load_model, load_tokenizer, resolve_device, resolve_model_name, task_of_model_dir
+    from peftcli.models import (
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_model_name,
+        task_of_model_dir,
+    )
 
     target = Path(target)
     device = resolve_device("auto")

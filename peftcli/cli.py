@@ -62,9 +62,10 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or tables")] = False,
 ) -> None:
     """Fine-tune a model as a recipe says; write the run directory (adapter, metrics, checkpoints)."""
+    from peftcli.loop import TrainingInterrupted
+    from peftcli.loop import train as run
     from peftcli.recipe import load_recipe
     from peftcli.reporting import Reporter
-    from peftcli.train import TrainingInterrupted, train as run
 
     loaded = load_recipe(recipe, overrides or [], output_dir)
     reporter = Reporter(err_console, quiet=quiet)

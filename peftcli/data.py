@@ -23,6 +23,7 @@ run resumes at ``epoch_batches(epoch)[batch_index:]`` and sees exactly the batch
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -182,7 +183,7 @@ def load_records(source: str, split: str, key: str) -> list[dict]:
 
         try:
             data = datasets.load_dataset(source, split=split)
-        except Exception as err:  # noqa: BLE001 -- offline, unknown id, bad split: datasets raises many types
+        except Exception as err:
             detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
             raise RecipeError(
                 key,
@@ -245,10 +246,8 @@ def render_instruction(instruction: str, input: str | None = None) -> str:
 
 def _check_messages(messages: Any, key: str, index: int) -> list[dict]:
     if isinstance(messages, str):  # CSV and some exports store the conversation as a JSON string
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             messages = json.loads(messages)
-        except json.JSONDecodeError:
-            pass
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and "role" in m and "content" in m for m in messages
     ):

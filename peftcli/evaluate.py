@@ -50,7 +50,7 @@ class EnsembleModel(torch.nn.Module):
     def forward(self, past_key_values=None, **kwargs):
         pasts = past_key_values if past_key_values is not None else [None] * len(self.members)
         outs = [member(**kwargs, **({"past_key_values": past} if past is not None else {}))
-                for member, past in zip(self.members, pasts)]
+                for member, past in zip(self.members, pasts, strict=False)]
         logits = torch.stack([out.logits.float() for out in outs])  # (K, B, ..., V)
         mean = logits.mean(dim=0)
         if self.vote:
@@ -204,6 +204,6 @@ def _exact_match(model, tokenizer, bundle: DataBundle, task: str, cfg: EvalConfi
             outputs += greedy_generate(model, chunk, cfg.max_new_tokens, eos_ids, pad_id, device)
     matches = sum(
         tokenizer.decode(tokens, skip_special_tokens=True).strip() == example["answer"].strip()
-        for tokens, example in zip(outputs, examples)
+        for tokens, example in zip(outputs, examples, strict=False)
     )
     return {"exact_match": matches / len(examples), "generated_examples": len(examples)}

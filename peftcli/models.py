@@ -36,7 +36,7 @@ def resolve_model_name(name: str) -> str:
     if arch is not None:
         return str(ensure_tiny(arch))
     expanded = os.path.expanduser(name)
-    looks_local = expanded.startswith((".", "/", "~")) or os.sep in expanded and not _looks_like_hub_id(expanded)
+    looks_local = expanded.startswith((".", "/", "~")) or (os.sep in expanded and not _looks_like_hub_id(expanded))
     if os.path.isdir(expanded):
         if not (Path(expanded) / "config.json").exists():
             raise RecipeError("model.name", f"{name} is a directory without config.json",

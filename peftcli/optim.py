@@ -58,7 +58,7 @@ def total_steps(cfg: TrainConfig, num_examples: int) -> tuple[int, int]:
 
 
 def warmup_steps(cfg: TrainConfig, steps: int) -> int:
-    return cfg.warmup_steps if cfg.warmup_steps > 0 else int(math.ceil(cfg.warmup_ratio * steps))
+    return cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * steps)
 
 
 def lr_factor(step: int, cfg: TrainConfig, steps: int) -> float:

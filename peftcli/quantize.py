@@ -42,7 +42,7 @@ def import_bitsandbytes(key: str = KEY):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import bitsandbytes
-    except Exception as err:  # noqa: BLE001 - ImportError, or a native library that fails to load
+    except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise RecipeError(key, f"bitsandbytes is not usable here ({first})",
                           "pip install 'bitsandbytes>=0.45' (CPU and CUDA), or remove model.quantization") from None
@@ -69,7 +69,7 @@ def check_bitsandbytes_runs(q: QuantizationConfig, device: torch.device) -> None
                 layer.weight = bnb.nn.Int8Params(probe.cpu(), requires_grad=False, has_fp16_weights=False)
                 layer = layer.to(device)
                 restored = layer(torch.eye(64, device=device)).T
-    except Exception as err:  # noqa: BLE001 - any failure here means "cannot run on this device"
+    except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise RecipeError(KEY, f"bitsandbytes {bnb.__version__} cannot run {what} on {device} ({first})",
                           "use a CUDA GPU or a CPU build of bitsandbytes >= 0.45, or remove model.quantization") from None

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from peftcli.train import TrainResult
+    from peftcli.loop import TrainResult
 
 
 def human(n: float) -> str:
@@ -53,7 +53,7 @@ class Reporter:
             table.add_row("quantized" if i == 0 else "", line)
         table.add_row("method", f"{method.name}: {method.description}")
         table.add_row("trainable", f"{human(trainable)} of {human(total)} parameters ({100 * trainable / max(total, 1):.3f}%)")
-        for line in getattr(method, "summary_lines", lambda: [])():
+        for line in getattr(method, "summary_lines", list)():
             table.add_row("", line)
         data = (f"{stats.get('train_examples', '?')} train / {stats.get('eval_examples', 0)} eval examples, "
                 f"{human(stats.get('train_tokens', 0))} train tokens")

@@ -115,8 +115,13 @@ def _byte_tokenizer(arch: str):
 def build_tiny(arch: str, path: Path) -> None:
     """Build ``tiny:<arch>`` into ``path`` (deterministic: fixed seed, fixed configs)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
-    from transformers import PreTrainedTokenizerFast
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+        PreTrainedTokenizerFast,
+    )
 
     from peftcli.models import quiet_transformers
 

@@ -49,7 +49,7 @@ def test_bnb_optimizer_steps_and_resumes_exactly(name, tmp_path):
     before = [p.detach().clone() for p in straight]
     opt = build_optimizer([{"params": straight, "lr": cfg.lr, "weight_decay": cfg.weight_decay}], cfg)
     run(opt, straight, range(4))
-    assert all(not torch.equal(a, b) for a, b in zip(before, straight))  # it really stepped
+    assert all(not torch.equal(a, b) for a, b in zip(before, straight, strict=False))  # it really stepped
 
     resumed = make_params()
     opt = build_optimizer([{"params": resumed, "lr": cfg.lr, "weight_decay": cfg.weight_decay}], cfg)
@@ -66,7 +66,7 @@ def test_bnb_optimizer_steps_and_resumes_exactly(name, tmp_path):
     opt = build_optimizer([{"params": fresh, "lr": cfg.lr, "weight_decay": cfg.weight_decay}], cfg)
     opt.load_state_dict(load_tree(tmp_path, "optimizer"))
     run(opt, fresh, range(2, 4))
-    for a, b in zip(straight, fresh):
+    for a, b in zip(straight, fresh, strict=False):
         assert torch.equal(a, b)
 
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from peftcli.export import load_adapter, save_adapter
+from peftcli.loop import build_model, token_loss_sum
 from peftcli.methods import list_methods
 from peftcli.models import load_model, load_tokenizer, resolve_model_name
 from peftcli.recipe import load_recipe
-from peftcli.train import build_model, token_loss_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = [cls.name for cls in list_methods()]
@@ -96,7 +96,7 @@ def test_every_method_has_a_smoke_recipe():
 
 @pytest.mark.parametrize("name", IDENTITY)
 def test_identity_at_init(name, tmp_path):
-    recipe, base_path, tokenizer, model, method, labels = build(name, tmp_path)
+    recipe, base_path, tokenizer, model, _method, labels = build(name, tmp_path)
     base = load_model(base_path, recipe.model, torch.device("cpu"), label_names=labels,
                       pad_token_id=tokenizer.pad_token_id)
     base.eval()
@@ -130,7 +130,7 @@ def test_trainable_parameters_match_formula_and_no_base_weight_trains(name, tmp_
 
 @pytest.mark.parametrize("name", METHODS)
 def test_step_moves_adapter_and_leaves_base_bit_identical(name, tmp_path):
-    recipe, base_path, tokenizer, model, method, labels = build(name, tmp_path)
+    recipe, _base_path, _tokenizer, model, method, _labels = build(name, tmp_path)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     batch = batch_for(recipe.model.task, model.config.vocab_size)
@@ -159,7 +159,7 @@ def test_save_then_load_gives_equal_logits(name, tmp_path):
 
 @pytest.mark.parametrize("name", MERGEABLE)
 def test_merge_gives_equal_logits(name, tmp_path):
-    recipe, base_path, tokenizer, model, method, labels = build(name, tmp_path)
+    recipe, _base_path, _tokenizer, model, method, _labels = build(name, tmp_path)
     task = recipe.model.task
     batch = batch_for(task, model.config.vocab_size)
     one_step(model, method, batch, task)

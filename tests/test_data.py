@@ -260,7 +260,8 @@ def test_eval_fraction_split_is_deterministic(llama_tok, tmp_path):
     def split(seed: int) -> tuple[list[str], list[str]]:
         cfg = DataConfig(train=path, eval_fraction=0.3, shuffle_seed=seed)
         bundle = load_data(cfg, llama_tok, "causal_lm")
-        decode = lambda examples: [llama_tok.decode(e["input_ids"], skip_special_tokens=True) for e in examples]
+        def decode(examples):
+            return [llama_tok.decode(e["input_ids"], skip_special_tokens=True) for e in examples]
         return decode(bundle.train), decode(bundle.eval)
 
     train, held_out = split(0)

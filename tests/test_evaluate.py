@@ -110,7 +110,7 @@ def test_exact_match_scores_greedy_answers(llama):
         ids = torch.tensor([encode_prompt(tokenizer, prompt, "causal_lm")])
         out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    eval_examples = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
+    eval_examples = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=False)]
     eval_examples[2]["answer"] = answers[2] + "wrong"
     examples = [{"input_ids": [1, 40, 41, 2], "labels": [M, 40, 41, 2]}] * 3
     config = EvalConfig(batch_size=3, max_new_tokens=5)

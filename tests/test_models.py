@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
+from peftcli.loop import build_model, token_loss_sum
+from peftcli.models import load_tokenizer, resolve_model_name
 from peftcli.recipe import recipe_from_dict
 from peftcli.tiny import build_tiny, ensure_tiny
-from peftcli.train import build_model, token_loss_sum
-from peftcli.models import load_tokenizer, resolve_model_name
 
 
 def test_tiny_models_are_deterministic(tmp_path):

@@ -19,10 +19,10 @@ import torch
 
 from peftcli.evaluate import EnsembleModel, greedy_generate
 from peftcli.export import load_adapter, save_adapter
+from peftcli.loop import build_model, token_loss_sum
 from peftcli.methods.soft_prompt import repeat_to
 from peftcli.models import load_model, load_tokenizer, resolve_model_name
 from peftcli.recipe import RecipeError, recipe_from_dict
-from peftcli.train import build_model, token_loss_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = {"causal_lm": "tiny:llama", "seq_cls": "tiny:bert", "seq2seq": "tiny:t5"}
@@ -101,7 +101,7 @@ def test_peft_loads_our_adapter_with_equal_logits(task, key, tmp_path):
         theirs = reference(input_ids=input_ids, attention_mask=mask, **kwargs).logits
     if task == "causal_lm":
         # peft returns [B, n_virtual + T, V] for input prompts; compare the real, unpadded positions.
-        assert ours.shape == input_ids.shape + (base.config.vocab_size,)
+        assert ours.shape == (*input_ids.shape, base.config.vocab_size)
         theirs = theirs[:, -input_ids.shape[1]:]
         ours, theirs = ours[mask.bool()], theirs[mask.bool()]
     assert (ours - theirs).abs().max().item() <= 1e-5

@@ -254,7 +254,7 @@ class LoRA(Method):
     def _enable_biases(self, model: nn.Module) -> None:
         if self.cfg.bias == "none":
             return
-        for name, module in model.named_modules():
+        for _name, module in model.named_modules():
             if self.cfg.bias == "lora_only" and not isinstance(module, LoRALinear):
                 continue
             owner = module.base_layer if isinstance(module, LoRALinear) else module
