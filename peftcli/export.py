@@ -90,7 +90,7 @@ def read_adapter_state(path: str | Path) -> dict[str, torch.Tensor]:
     if not weights.is_file():
         raise RecipeError("adapter", f"{weights} is missing", "point at a directory written by peftcli train or peft")
     with safe_open(str(weights), framework="pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle}
+        return {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
 
 def read_adapter_info(path: str | Path) -> dict[str, Any]:

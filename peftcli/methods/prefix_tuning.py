@@ -18,6 +18,21 @@ finding that initialising from real words helps, Sec. 7.2): the keys and values 
 computes for ``init_text`` at positions 0…n-1, exactly where the prefix sits. With the projection on,
 the rows are a fixed offset and the MLP's last layer starts at zero, so step 0 reproduces them too.
 
+**Encoder prefixes (seq2seq, ``encoder_prefix: true``).** By default a seq2seq model's prefixes reach
+the decoder's self-attention only (peft's layout, so peft loads the adapter). With ``encoder_prefix``
+a second prefix of the same kind (own embedding, own MLP when projected) gives every *encoder*
+self-attention layer ``n`` more keys and values::
+
+    head_l^enc(x) = softmax(q [P_k^l; K]^T + [0; B]) [P_v^l; V]      (T5: no 1/√d, B = relative bias)
+
+The prefix positions get zero relative-position bias ``0`` (they have no place in the text) and are
+never masked (the attention mask grows by ``n`` ones). T5's encoder stack drops any cache it is
+given, so the prefix reaches its attention through forward pre-hooks (:func:`attach_encoder_prefix`):
+each encoder ``T5Attention`` gets a one-layer cache holding its prefix (``update`` returns
+``[P; computed]``), a mask padded with ``n`` "attend" columns, and the padded bias. peft has no
+encoder prefixes, so such an adapter writes no ``peft_type`` (a peft load would silently drop them)
+and stores the encoder rows as an extra tensor, ``encoder_prompt_embeddings`` [n, L_enc·2·token_dim].
+
 For reuse (MAM adapter, UniPELT): :class:`PrefixEncoder` produces the per-layer ``(key, value)``
 pairs, optionally scaled by ``gate(layer)``; :class:`~peftcli.methods.soft_prompt.PromptedModel`
 turns them into the KV cache the base model reads (``prefix_cache``).
@@ -27,6 +42,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -52,6 +69,11 @@ class PTuningV2Config(SoftPromptConfig):
         default="random", metadata=doc("prefix init: random, or real_words (the model's keys/values of init_text)")
     )
     init_text: str = field(default="", metadata=doc("init: real_words — the words whose activations start the prefix"))
+    encoder_prefix: bool = field(
+        default=False,
+        metadata=doc("seq2seq (T5): also prefix every encoder self-attention layer; the adapter is then "
+                     "peftcli-only (peft has no encoder prefixes)"),
+    )
 
 
 @dataclass
@@ -138,20 +160,122 @@ def real_word_rows(model: nn.Module, n: int, text: str, geometry: PrefixGeometry
     return rows.reshape(n, geometry.row_size).float()
 
 
+# --------------------------------------------------------------------------------------------
+# Encoder prefixes (seq2seq)
+# --------------------------------------------------------------------------------------------
+
+ENCODER_KEY = "encoder_prompt_embeddings"
+
+
+def encoder_self_attentions(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every encoder layer of a T5-style model, or a RecipeError."""
+    get_encoder = getattr(model, "get_encoder", None)
+    encoder = get_encoder() if callable(get_encoder) else None
+    try:
+        attentions = [block.layer[0].SelfAttention for block in encoder.block]
+    except (AttributeError, IndexError, TypeError):
+        attentions = []
+    if not attentions or not all(hasattr(a, "compute_bias") for a in attentions):
+        raise RecipeError("method.encoder_prefix", f"encoder prefixes need a T5-style encoder "
+                          f"(encoder.block[i].layer[0].SelfAttention); {type(model).__name__} has none",
+                          "set method.encoder_prefix: false (decoder prefixes only)")
+    return attentions
+
+
+def encoder_prefix_geometry(model: nn.Module) -> PrefixGeometry:
+    """The encoder's prefix shapes: one (key, value) pair per encoder layer, plain ``[k_0, v_0, …]`` rows."""
+    attentions = encoder_self_attentions(model)
+    first = attentions[0]
+    return PrefixGeometry(len(attentions), first.n_heads, first.key_value_proj_dim, encoder_decoder=False)
+
+
+class PrefixKeyValues:
+    """The one-layer cache an encoder ``T5Attention`` reads: ``update`` returns ``[prefix; computed]``.
+
+    Stateless (nothing is stored between calls), so the encoder can run any number of times.
+    """
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor):
+        self.key, self.value = key, value  # each (B, heads, n, head_dim)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.key.shape[-2]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any):
+        return torch.cat([self.key, key], dim=-2), torch.cat([self.value, value], dim=-2)
+
+
+def _encoder_started(model: PromptedModel, _module: nn.Module, _args: Any) -> None:
+    # One projection per encoder run, shared by its layers: per layer (1, heads, n, head_dim).
+    model.encoder_key_values = model.encoder_prefix.key_values(1)
+
+
+def _encoder_finished(model: PromptedModel, _module: nn.Module, _args: Any, _output: Any) -> None:
+    model.encoder_key_values = None
+
+
+def _prefixed_self_attention(model: PromptedModel, layer: int, attention: nn.Module, args: tuple,
+                             kwargs: dict[str, Any]):
+    """Forward pre-hook of encoder layer ``layer``'s ``T5Attention``: hand it the prefix."""
+    key_values = getattr(model, "encoder_key_values", None)
+    if key_values is None:  # the attention module called on its own, outside an encoder run
+        key_values = model.encoder_prefix.key_values(1)
+    hidden = args[0] if args else kwargs["hidden_states"]
+    batch, length = hidden.shape[:2]
+    key, value = (t.to(hidden.dtype).expand(batch, -1, -1, -1) for t in key_values[layer])
+    n = key.shape[-2]
+    kwargs = dict(kwargs, past_key_values=PrefixKeyValues(key, value))
+    mask = kwargs.get("mask")
+    if mask is not None:  # bool (True = attend) or additive float (0 = attend): the prefix is always seen
+        attend = torch.ones if mask.dtype == torch.bool else torch.zeros
+        kwargs["mask"] = torch.cat([attend((*mask.shape[:-1], n), dtype=mask.dtype, device=mask.device), mask], -1)
+    bias = kwargs.get("position_bias")
+    if bias is None and attention.has_relative_attention_bias:  # layer 0 computes the bias the stack shares
+        bias = attention.compute_bias(length, length, device=hidden.device)  # (1, heads, T, T)
+    if bias is not None and bias.shape[-1] == length:  # zero bias on the prefix columns
+        bias = torch.cat([bias.new_zeros((*bias.shape[:-1], n)), bias], -1)  # (1, heads, T, n + T)
+    kwargs["position_bias"] = bias
+    return args, kwargs
+
+
+def attach_encoder_prefix(model: PromptedModel, prefix: PrefixEncoder) -> None:
+    """Make every encoder self-attention layer of ``model.base_model`` attend to ``prefix``'s keys/values.
+
+    The hooks read ``model.encoder_prefix`` at call time, so a reload may replace the module.
+    """
+    model.encoder_prefix = prefix
+    model.encoder_key_values = None
+    encoder = model.base_model.get_encoder()
+    encoder.register_forward_pre_hook(partial(_encoder_started, model))
+    encoder.register_forward_hook(partial(_encoder_finished, model))
+    for layer, attention in enumerate(encoder_self_attentions(model.base_model)):
+        attention.register_forward_pre_hook(partial(_prefixed_self_attention, model, layer), with_kwargs=True)
+
+
 @register
 class PTuningV2(SoftPromptMethod):
     name = "p_tuning_v2"
     description = "P-tuning v2: trainable key/value prompts in every layer, no reparameterisation (arXiv 2110.07602)"
     config_cls = PTuningV2Config
     peft_type = "PREFIX_TUNING"
-    trainable_formula = "num_virtual_tokens · num_layers · 2 · kv_heads · head_dim"
+    trainable_formula = ("num_virtual_tokens · num_layers · 2 · kv_heads · head_dim "
+                         "(+ the same over the encoder layers with encoder_prefix)")
     prompt_kind = "prefix"
 
     cfg: PTuningV2Config
 
+    def __init__(self, cfg: PTuningV2Config, task: str = "causal_lm"):
+        super().__init__(cfg, task)
+        if self.uses_encoder_prefix:
+            self.peft_type = None  # peft has no encoder prefixes: loading there would silently drop them
+
     @property
     def projection(self) -> bool:
         return bool(getattr(self.cfg, "prefix_projection", False))
+
+    @property
+    def uses_encoder_prefix(self) -> bool:
+        return self.task == "seq2seq" and bool(self.cfg.encoder_prefix)
 
     @classmethod
     def validate_config(cls, cfg: PTuningV2Config, recipe) -> None:
@@ -166,6 +290,10 @@ class PTuningV2(SoftPromptMethod):
             if not cfg.init_text:
                 raise RecipeError("method.init_text", "init: real_words needs init_text",
                                   "set method.init_text to words that describe the task")
+        if cfg.encoder_prefix and recipe.model.task != "seq2seq":
+            raise RecipeError("method.encoder_prefix", f"encoder_prefix is for seq2seq models; a {recipe.model.task} "
+                              "model has no separate encoder (its prefixes already reach every layer)",
+                              "remove method.encoder_prefix")
 
     def build_prompt(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
@@ -186,11 +314,73 @@ class PTuningV2(SoftPromptMethod):
         model.prefix.start_from(rows)
 
     def prompt_parameter_count(self, model: PromptedModel) -> int:
-        return model.prefix.trainable_count()
+        count = model.prefix.trainable_count()
+        return count + (model.encoder_prefix.trainable_count() if self.uses_encoder_prefix else 0)
 
     def method_adapter_config(self, model: PromptedModel) -> dict[str, Any]:
         hidden = getattr(self.cfg, "encoder_hidden_size", None) or model.get_input_embeddings().weight.shape[1]
-        return {"prefix_projection": self.projection, "encoder_hidden_size": hidden}
+        extra = {"encoder_prefix": True, "encoder_num_layers": model.encoder_prefix.geometry.num_layers} \
+            if self.uses_encoder_prefix else {}
+        return {"prefix_projection": self.projection, "encoder_hidden_size": hidden, **extra}
+
+    # -- encoder prefixes (seq2seq) -------------------------------------------------------
+    def apply(self, model: nn.Module) -> PromptedModel:
+        wrapped = super().apply(model)  # the decoder prefix first: its init is the same with or without
+        if self.uses_encoder_prefix:
+            width = getattr(self.cfg, "encoder_hidden_size", None) or model.get_input_embeddings().weight.shape[1]
+            prefix = PrefixEncoder(self.cfg.num_virtual_tokens, encoder_prefix_geometry(model), self.projection, width)
+            attach_encoder_prefix(wrapped, prefix.to(model.get_input_embeddings().weight.device))
+            if self.cfg.init_from:
+                self.transfer_encoder_rows(wrapped, self.cfg.init_from)
+        return wrapped
+
+    def encoder_rows(self, model: PromptedModel) -> torch.Tensor:
+        """What the encoder consumes: (n, L_enc·2·token_dim), after any projection."""
+        module = model.encoder_prefix
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            rows = module().detach().float()
+        module.train(was_training)
+        return rows
+
+    def check_encoder_rows(self, rows: torch.Tensor, model: PromptedModel, key: str) -> torch.Tensor:
+        expected = tuple(self.encoder_rows(model).shape)
+        if tuple(rows.shape) != expected:
+            raise RecipeError(key, f"the encoder prefix there is {tuple(rows.shape)} but this model needs {expected} "
+                              "(virtual tokens × (encoder layers·2·kv dim))",
+                              "use the same base model family and method.num_virtual_tokens")
+        return rows
+
+    def transfer_encoder_rows(self, model: PromptedModel, source: str) -> None:
+        """SPoT with encoder prefixes: start from the source's encoder rows when it has them."""
+        from peftcli.export import read_adapter_state
+
+        state = read_adapter_state(Path(source).expanduser())
+        if ENCODER_KEY in state:  # a decoder-only source leaves the encoder prefix at its init
+            model.encoder_prefix.start_from(self.check_encoder_rows(state[ENCODER_KEY], model, "method.init_from"))
+
+    def adapter_state_dict(self, model: PromptedModel) -> dict[str, torch.Tensor]:
+        state = super().adapter_state_dict(model)
+        if self.uses_encoder_prefix:
+            state[ENCODER_KEY] = self.encoder_rows(model)
+        return state
+
+    def load_adapter_state_dict(self, model: PromptedModel, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        rows = state.pop(ENCODER_KEY, None)
+        if self.uses_encoder_prefix and rows is None:
+            raise RecipeError("adapter", f"this {self.name} adapter was configured with encoder_prefix but holds no "
+                              f"{ENCODER_KEY}", "load it with the method options that wrote it")
+        if rows is not None and not self.uses_encoder_prefix:
+            raise RecipeError("adapter", f"the adapter holds encoder prefixes ({ENCODER_KEY}) but encoder_prefix is "
+                              "off", "set method.encoder_prefix: true (seq2seq)")
+        super().load_adapter_state_dict(model, state)
+        if rows is not None:
+            rows = self.check_encoder_rows(rows, model, "adapter")
+            fixed = PrefixEncoder(rows.shape[0], model.encoder_prefix.geometry, projection=False)
+            fixed.start_from(rows.to(self.encoder_rows(model).dtype))
+            model.encoder_prefix = fixed.to(next(model.encoder_prefix.parameters()).device)
 
     @classmethod
     def config_from_adapter(cls, adapter_config: dict[str, Any]) -> PTuningV2Config:
@@ -203,6 +393,7 @@ class PrefixTuning(PTuningV2):
     description = "Prefix tuning: trainable key/value prefixes in every layer, MLP-reparameterised (arXiv 2101.00190)"
     config_cls = PrefixTuningConfig
     trainable_formula = ("with prefix_projection: n·t + t·e+e + e·(L·2·t)+L·2·t, else n·L·2·t "
-                         "(t = kv_heads·head_dim, e = encoder_hidden_size, L layers); export keeps n·L·2·t")
+                         "(t = kv_heads·head_dim, e = encoder_hidden_size, L layers); export keeps n·L·2·t; "
+                         "encoder_prefix adds the same again with L = encoder layers")
 
     cfg: PrefixTuningConfig
