@@ -213,3 +213,31 @@ def head_modules(model: nn.Module, task: str) -> list[str]:
     if task != "seq_cls":
         return []
     return [h for h in ("classifier", "score") if has_module(model, h)]
+
+
+# -- what Houlsby and parallel adapters share: counting and saving the attached blocks ----------
+
+
+def attached_blocks(model: nn.Module, sublayers: list[Sublayer]) -> list[tuple[str, nn.Module]]:
+    """(output module name, block) for every sublayer an adapter block was attached to."""
+    return [(sub.output_module, block_of(model, sub)) for sub in sublayers]
+
+
+def blocks_trainable_count(model: nn.Module, sublayers: list[Sublayer], saved_modules: list[str]) -> int:
+    """2·d·m + d + m per block (the formula, from each block's dims), plus whole saved modules."""
+    count = sum(Bottleneck.parameter_count(b.bottleneck.hidden_size, b.bottleneck.bottleneck_size)
+                for _, b in attached_blocks(model, sublayers))
+    return count + sum(p.numel() for n in saved_modules for p in model.get_submodule(n).parameters())
+
+
+def blocks_state_dict(model: nn.Module, sublayers: list[Sublayer], saved_modules: list[str],
+                      prefix: str) -> dict[str, torch.Tensor]:
+    """``<prefix><output module>.adapter.{down,up}.{weight,bias}`` plus the saved modules."""
+    from peftcli.methods.inject import modules_to_save_state
+
+    state = {}
+    for name, block in attached_blocks(model, sublayers):
+        for pname, param in block.named_parameters():
+            state[f"{prefix}{name}.{ADAPTER_ATTR}.{pname.removeprefix('bottleneck.')}"] = param.detach()
+    state.update(modules_to_save_state(model, saved_modules, prefix))
+    return state

@@ -37,12 +37,13 @@ from peftcli.methods.bottleneck import (
     Bottleneck,
     Sublayer,
     attach,
-    block_of,
+    blocks_state_dict,
+    blocks_trainable_count,
     bottleneck_width,
     find_sublayers,
     head_modules,
 )
-from peftcli.methods.inject import freeze, make_trainable_copies, modules_to_save_state
+from peftcli.methods.inject import freeze, make_trainable_copies
 from peftcli.methods.lora import load_prefixed
 from peftcli.methods.registry import Method, register
 from peftcli.recipe import MethodConfig, Recipe, RecipeError, doc, from_dict, to_dict
@@ -145,21 +146,11 @@ class HoulsbyAdapter(Method):
         self.saved_modules = make_trainable_copies(model, norms + head_modules(model, self.task))
         return model
 
-    def adapters(self, model: nn.Module) -> list[tuple[str, SerialAdapter]]:
-        return [(sub.output_module, block_of(model, sub)) for sub in self.sublayers]
-
     def expected_trainable_parameters(self, model: nn.Module) -> int:
-        count = sum(Bottleneck.parameter_count(b.bottleneck.hidden_size, b.bottleneck.bottleneck_size)
-                    for _, b in self.adapters(model))
-        return count + sum(p.numel() for n in self.saved_modules for p in model.get_submodule(n).parameters())
+        return blocks_trainable_count(model, self.sublayers, self.saved_modules)
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state = {}
-        for name, block in self.adapters(model):
-            for pname, param in block.named_parameters():
-                state[f"{PREFIX}{name}.adapter.{pname.removeprefix('bottleneck.')}"] = param.detach()
-        state.update(modules_to_save_state(model, self.saved_modules, PREFIX))
-        return state
+        return blocks_state_dict(model, self.sublayers, self.saved_modules, PREFIX)
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         load_prefixed(model, state, self.adapter_state_dict(model))
