@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side; the median is reported")
     parser.add_argument("--side", choices=["peftcli", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
@@ -139,15 +141,21 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    argv = [a for a in sys.argv[1:]]
+    argv = list(sys.argv[1:])
+    runs: dict[str, list[dict]] = {"peftcli": [], "reference": []}
+    for _ in range(args.repeats):  # alternate the sides so drifts in machine load hit both alike
+        for side in runs:
+            proc = subprocess.run([sys.executable, __file__, *argv, "--side", side], capture_output=True, text=True,
+                                  check=False)
+            if proc.returncode != 0:
+                sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
+            runs[side].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     results = {}
-    for side in ("peftcli", "reference"):
-        proc = subprocess.run([sys.executable, __file__, *argv, "--side", side], capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
-        results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
-        tokens = args.batch * args.seq
-        results[side]["tokens_per_s"] = tokens / results[side]["step_s"]
+    for side, found in runs.items():
+        step_times = sorted(r["step_s"] for r in found)
+        results[side] = {"step_s": statistics.median(step_times), "step_s_all": step_times,
+                         "peak_mb": statistics.median(r["peak_mb"] for r in found),
+                         "tokens_per_s": args.batch * args.seq / statistics.median(step_times)}
     ratio_speed = results["peftcli"]["tokens_per_s"] / results["reference"]["tokens_per_s"]
     ratio_mem = results["peftcli"]["peak_mb"] / results["reference"]["peak_mb"]
     command = "python bench/throughput.py " + " ".join(argv)
@@ -162,7 +170,8 @@ def main() -> None:
           f"Command: `{command}`", "",
           f"Llama, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; batch {args.batch} × "
           f"{args.seq} tokens; LoRA r={args.r} on all linear layers; AdamW; {args.steps} timed steps after "
-          f"{args.warmup} warm-up steps.", "",
+          f"{args.warmup} warm-up steps; each side run {args.repeats}× alternately in fresh processes, medians "
+          "reported (per-run s/step in throughput.json).", "",
           f"| stack | s/step | tokens/s | {memory_kind} (MiB) |", "|---|---|---|---|"]
     for side, label in (("peftcli", "peftcli"), ("reference", "transformers Trainer + peft")):
         r = results[side]

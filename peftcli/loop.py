@@ -69,8 +69,10 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tup
     """Summed cross-entropy and the number of scored targets (tokens, or examples for seq_cls)."""
     if task == "seq_cls":
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
-    if task == "causal_lm":  # position t predicts token t+1
-        logits, labels = logits[:, :-1, :], labels[:, 1:]
+    if task == "causal_lm":
+        # Position t predicts token t+1. Shifting the labels (not the logits) keeps the logits a view:
+        # slicing them would copy a (B, T, vocab) tensor every step.
+        labels = F.pad(labels[:, 1:], (0, 1), value=-100)
     labels = labels.to(logits.device)
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
                            reduction="sum")
