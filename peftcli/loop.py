@@ -227,8 +227,11 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
     elapsed_before = _elapsed_at(metrics_path, step)
     try:
         with reporter.progress(steps, step) as progress:
+            batches_of_epoch: tuple[int, list[list[int]]] = (-1, [])
             while step < steps:
-                batches = sampler.epoch_batches(epoch)
+                if batches_of_epoch[0] != epoch:  # one permutation per epoch, not one per step
+                    batches_of_epoch = (epoch, sampler.epoch_batches(epoch))
+                batches = batches_of_epoch[1]
                 window = batches[batch_index: batch_index + cfg.grad_accum]
                 next_epoch, next_batch = epoch, batch_index + len(window)
                 if next_batch >= len(batches):

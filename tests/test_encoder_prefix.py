@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from test_soft_prompts import batch_for, build, one_step
+from test_soft_prompts import assert_seq2seq_generate_matches_recompute, batch_for, build, one_step
 
 from peftcli.export import load_adapter, save_adapter
 from peftcli.methods.prefix_tuning import ENCODER_KEY
@@ -120,17 +120,7 @@ def test_save_load_gives_equal_logits_and_no_peft_type(key, tmp_path):
 def test_generation_with_encoder_prefix_matches_recompute():
     *_, model, _, _ = build("seq2seq", METHODS["prefix_tuning"])
     one_step(model, "seq2seq", lr=5e-2)
-    ids = torch.tensor([[40, 41, 42, 43, 1], [50, 51, 1, 0, 0]])
-    mask = (torch.arange(5) < torch.tensor([[5], [3]])).long()
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5)
-    for row in range(2):
-        tokens = [model.config.decoder_start_token_id]
-        for _ in range(5):
-            with torch.no_grad():
-                logits = model(input_ids=ids[row: row + 1, : int(mask[row].sum())],
-                               decoder_input_ids=torch.tensor([tokens])).logits
-            tokens.append(int(logits[0, -1].argmax()))
-        assert out[row].tolist()[: len(tokens)] == tokens[: out.shape[1]]
+    assert_seq2seq_generate_matches_recompute(model)
 
 
 def test_encoder_prefix_is_refused_without_an_encoder():
