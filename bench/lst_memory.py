@@ -29,10 +29,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODEL = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
-         "num_key_value_heads": 12, "vocab_size": 8192, "max_position_embeddings": 1024, "tie_word_embeddings": False}
-QUICK_MODEL = {**MODEL, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
-               "num_attention_heads": 4, "num_key_value_heads": 4}
+MODEL = {
+    "hidden_size": 768,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 12,
+    "vocab_size": 8192,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": False,
+}
+QUICK_MODEL = {
+    **MODEL,
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+}
 BATCH, SEQ = 8, 256
 METHODS = {
     "lora": {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"},
@@ -89,8 +103,11 @@ def measure(method_name: str, quick: bool) -> dict:
     saved = sum(nbytes for ptr, nbytes in storages.items() if ptr not in weight_ptrs)
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     return {
-        "method": method_name, "options": METHODS[method_name], "device": str(device),
-        "trainable_parameters": trainable, "total_parameters": total,
+        "method": method_name,
+        "options": METHODS[method_name],
+        "device": str(device),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
         "saved_activation_mb": round(saved / 2**20, 1),
         "trainable_state_mb": round(trainable * 4 * 4 / 2**20, 1),
         "frozen_weights_mb": round(frozen_bytes / 2**20, 1),
@@ -108,26 +125,34 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        (f"Model: llama architecture, random init, fp32, {report['model']['num_hidden_layers']} layers, "
-         f"hidden {report['model']['hidden_size']}, FFN {report['model']['intermediate_size']}, "
-         f"vocab {report['model']['vocab_size']}; batch {report['batch']} × {report['seq']} tokens; "
-         f"one forward + backward + AdamW step on {rows[0]['device']} ({report['machine']})."),
+        (
+            f"Model: llama architecture, random init, fp32, {report['model']['num_hidden_layers']} layers, "
+            f"hidden {report['model']['hidden_size']}, FFN {report['model']['intermediate_size']}, "
+            f"vocab {report['model']['vocab_size']}; batch {report['batch']} × {report['seq']} tokens; "
+            f"one forward + backward + AdamW step on {rows[0]['device']} ({report['machine']})."
+        ),
         "",
-        ("| method | trainable params | saved activations (MB) | trainable state (MB) | activations + state (MB) "
-         "| peak RSS (MB) | peak CUDA (MB) | step (s) |"),
+        (
+            "| method | trainable params | saved activations (MB) | trainable state (MB) | activations + state (MB) "
+            "| peak RSS (MB) | peak CUDA (MB) | step (s) |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         both = r["saved_activation_mb"] + r["trainable_state_mb"]
-        lines.append(f"| {r['method']} | {r['trainable_parameters']:,} | {r['saved_activation_mb']} | "
-                     f"{r['trainable_state_mb']} | {both:.1f} | {r['peak_rss_mb']} | {r['peak_cuda_mb'] or '–'} | "
-                     f"{r['step_s']} |")
+        lines.append(
+            f"| {r['method']} | {r['trainable_parameters']:,} | {r['saved_activation_mb']} | "
+            f"{r['trainable_state_mb']} | {both:.1f} | {r['peak_rss_mb']} | {r['peak_cuda_mb'] or '–'} | "
+            f"{r['step_s']} |"
+        )
     lst = next(r for r in rows if r["method"] == "ladder_side_tuning")
     ratio = lst["saved_activation_mb"] / max(lora["saved_activation_mb"], 1e-9)
-    summary = (f"LST keeps {ratio:.1%} of LoRA's saved activations "
-               f"({lst['saved_activation_mb']} MB vs {lora['saved_activation_mb']} MB); peak RSS "
-               f"{lst['peak_rss_mb']} MB vs {lora['peak_rss_mb']} MB (RSS includes the "
-               f"{lora['frozen_weights_mb']} MB of frozen weights and the runtime).")
+    summary = (
+        f"LST keeps {ratio:.1%} of LoRA's saved activations "
+        f"({lst['saved_activation_mb']} MB vs {lora['saved_activation_mb']} MB); peak RSS "
+        f"{lst['peak_rss_mb']} MB vs {lora['peak_rss_mb']} MB (RSS includes the "
+        f"{lora['frozen_weights_mb']} MB of frozen weights and the runtime)."
+    )
     lines += ["", summary, ""]
     return "\n".join(lines)
 
@@ -151,7 +176,9 @@ def main() -> None:
 
     report = {
         "command": "python bench/lst_memory.py" + (" --quick" if args.quick else ""),
-        "model": QUICK_MODEL if args.quick else MODEL, "batch": BATCH, "seq": SEQ,
+        "model": QUICK_MODEL if args.quick else MODEL,
+        "batch": BATCH,
+        "seq": SEQ,
         "machine": f"{platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}",
         "results": results,
     }

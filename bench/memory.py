@@ -40,22 +40,47 @@ sys.path.insert(0, str(ROOT))
 
 CONFIGS = {
     # ~49M parameters, 83% of them in linear layers: small enough for a few CPU steps in minutes.
-    "50m": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 12, "num_attention_heads": 8,
-                "num_key_value_heads": 8, "vocab_size": 8192},
+    "50m": {
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "vocab_size": 8192,
+    },
     # ~97M parameters, 88% of them in linear layers (an 8B llama has 87%): what QLoRA compresses.
-    "100m": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
-                 "num_key_value_heads": 12, "vocab_size": 8192},
+    "100m": {
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 12,
+        "vocab_size": 8192,
+    },
     # TinyLlama-1.1B's shape.
-    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
-               "num_key_value_heads": 4, "vocab_size": 32000},
+    "1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "vocab_size": 32000,
+    },
 }
 VARIANTS = {
     # name: (load dtype, quantization or None)
     "lora_fp32": ("float32", None),
     "lora_bf16": ("bfloat16", None),
-    "qlora_nf4_dq": ("bfloat16", {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}),
+    "qlora_nf4_dq": (
+        "bfloat16",
+        {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
+    ),
 }
-RUNS = [("peftcli", v) for v in VARIANTS] + [("peft", "lora_fp32"), ("peft", "lora_bf16"), ("peft", "qlora_nf4_dq")]
+RUNS = [("peftcli", v) for v in VARIANTS] + [
+    ("peft", "lora_fp32"),
+    ("peft", "lora_bf16"),
+    ("peft", "qlora_nf4_dq"),
+]
 LORA = {"r": 16, "alpha": 32.0}
 
 
@@ -100,8 +125,14 @@ def build_model_dir(config_name: str, cache: Path) -> Path:
     from peftcli.tiny import ensure_tiny
 
     torch.manual_seed(0)
-    config = LlamaConfig(**CONFIGS[config_name], max_position_embeddings=2048, tie_word_embeddings=False,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        **CONFIGS[config_name],
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = LlamaForCausalLM(config)
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
@@ -151,10 +182,18 @@ def worker(args) -> dict:
         from peftcli.optim import build_optimizer
         from peftcli.recipe import recipe_from_dict
 
-        raw = {"model": {"name": path, "dtype": dtype_name, "gradient_checkpointing": args.grad_ckpt},
-               "data": {"train": "unused.jsonl"},
-               "method": {"name": "lora", "r": LORA["r"], "alpha": LORA["alpha"], "target_modules": "all-linear"},
-               "train": {"optimizer": "adamw", "lr": 1e-4, "device": args.device}, "output_dir": "unused"}
+        raw = {
+            "model": {"name": path, "dtype": dtype_name, "gradient_checkpointing": args.grad_ckpt},
+            "data": {"train": "unused.jsonl"},
+            "method": {
+                "name": "lora",
+                "r": LORA["r"],
+                "alpha": LORA["alpha"],
+                "target_modules": "all-linear",
+            },
+            "train": {"optimizer": "adamw", "lr": 1e-4, "device": args.device},
+            "output_dir": "unused",
+        }
         if quant:
             raw["model"]["quantization"] = dict(quant)
         recipe = recipe_from_dict(raw)
@@ -173,8 +212,11 @@ def worker(args) -> dict:
         kwargs = {"dtype": dtype}
         if quant:
             kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=getattr(torch, quant["compute_dtype"]))
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=getattr(torch, quant["compute_dtype"]),
+            )
             kwargs["device_map"] = {"": device.index or 0} if cuda else {"": "cpu"}
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         if quant:
@@ -184,11 +226,15 @@ def worker(args) -> dict:
             if args.grad_ckpt:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear"))
+        model = get_peft_model(
+            model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear")
+        )
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def loss_of(input_ids):
-            return model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids).loss
+            return model(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids
+            ).loss
 
     load_s = time.perf_counter() - t0
     storage = storage_report(model)
@@ -218,23 +264,37 @@ def worker(args) -> dict:
         losses.append(float(loss))
     steady = step_times[1:] or step_times  # the first step allocates optimizer state and warms kernels
     result = {
-        "stack": args.stack, "variant": args.variant, "config": args.config, "device": str(device),
-        "load_dtype": dtype_name, "quantization": quant, "trainable_parameters": trainable,
+        "stack": args.stack,
+        "variant": args.variant,
+        "config": args.config,
+        "device": str(device),
+        "load_dtype": dtype_name,
+        "quantization": quant,
+        "trainable_parameters": trainable,
         "base_parameters": storage["total_parameters"],
-        "base_bytes": storage["total_bytes"], "base_bytes_per_parameter": storage["bytes_per_parameter"],
+        "base_bytes": storage["total_bytes"],
+        "base_bytes_per_parameter": storage["bytes_per_parameter"],
         "quantized_bits_per_parameter": storage["quantized_bits_per_parameter"],
-        "load_s": round(load_s, 2), "s_per_step": round(sum(steady) / len(steady), 3),
+        "load_s": round(load_s, 2),
+        "s_per_step": round(sum(steady) / len(steady), 3),
         "tokens_per_s": round(args.batch * args.seq * len(steady) / sum(steady), 1),
         "losses": [round(x, 4) for x in losses],
-        "rss_start": rss_start, "rss_after_load": rss_loaded, "rss_anon_after_load": anon_loaded,
+        "rss_start": rss_start,
+        "rss_after_load": rss_loaded,
+        "rss_anon_after_load": anon_loaded,
         "peak_rss_training": proc_status("VmHWM") if hwm_reset else None,
         "peak_rss_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     result["rss_model"] = rss_loaded - rss_start  # what loading added: the base and the adapter
-    result["rss_training_peak_above_baseline"] = (result["peak_rss_training"] - rss_start) if hwm_reset else None
+    result["rss_training_peak_above_baseline"] = (
+        (result["peak_rss_training"] - rss_start) if hwm_reset else None
+    )
     if cuda:
-        result.update(cuda_allocated_after_load=cuda_loaded, cuda_peak_load=cuda_load_peak,
-                      cuda_peak_training=torch.cuda.max_memory_allocated())
+        result.update(
+            cuda_allocated_after_load=cuda_loaded,
+            cuda_peak_load=cuda_load_peak,
+            cuda_peak_training=torch.cuda.max_memory_allocated(),
+        )
     return result
 
 
@@ -253,9 +313,16 @@ def versions() -> dict:
     import torch
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "cpus": os.cpu_count(),
-            "machine": platform.machine(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def markdown(report: dict) -> str:
@@ -267,29 +334,48 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        (f"Model: llama {report['model_config']} with random weights ({rows[0]['base_parameters']:,} parameters); "
-        f"LoRA r={LORA['r']} alpha={LORA['alpha']:g} on all linear layers; torch AdamW; "
-        f"{report['steps']} steps of batch {report['batch']} × {report['seq']} tokens; "
-        f"gradient checkpointing {'on' if report['grad_ckpt'] else 'off'}."),
+        (
+            f"Model: llama {report['model_config']} with random weights ({rows[0]['base_parameters']:,} parameters); "
+            f"LoRA r={LORA['r']} alpha={LORA['alpha']:g} on all linear layers; torch AdamW; "
+            f"{report['steps']} steps of batch {report['batch']} × {report['seq']} tokens; "
+            f"gradient checkpointing {'on' if report['grad_ckpt'] else 'off'}."
+        ),
         f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items() if v is not None)}.",
         "",
     ]
     if cuda:
-        lines += [("| stack | variant | base bytes/param | 4-bit bits/param | allocated after load MiB | "
-                  "peak training MiB | s/step | tokens/s |"), "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            (
+                "| stack | variant | base bytes/param | 4-bit bits/param | allocated after load MiB | "
+                "peak training MiB | s/step | tokens/s |"
+            ),
+            "|---|---|---|---|---|---|---|---|",
+        ]
     else:
-        lines += [("| stack | variant | base bytes/param | 4-bit bits/param | RSS added by loading MiB | "
-                  "peak RSS training, above baseline MiB | peak RSS training MiB | peak RSS process MiB | "
-                  "s/step | tokens/s |"), "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            (
+                "| stack | variant | base bytes/param | 4-bit bits/param | RSS added by loading MiB | "
+                "peak RSS training, above baseline MiB | peak RSS training MiB | peak RSS process MiB | "
+                "s/step | tokens/s |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for r in rows:
         bits = f"{r['quantized_bits_per_parameter']:.3f}" if r["quantized_bits_per_parameter"] else "-"
         if cuda:
             mem = [mib(r["cuda_allocated_after_load"]), mib(r["cuda_peak_training"])]
         else:
-            mem = [mib(r["rss_model"]), mib(r["rss_training_peak_above_baseline"]), mib(r["peak_rss_training"]),
-                   mib(r["peak_rss_process"])]
-        lines.append(f"| {r['stack']} | {r['variant']} | {r['base_bytes_per_parameter']:.3f} | {bits} | "
-                     + " | ".join(mem) + f" | {r['s_per_step']} | {r['tokens_per_s']:,.0f} |")
+            mem = [
+                mib(r["rss_model"]),
+                mib(r["rss_training_peak_above_baseline"]),
+                mib(r["peak_rss_training"]),
+                mib(r["peak_rss_process"]),
+            ]
+        lines.append(
+            f"| {r['stack']} | {r['variant']} | {r['base_bytes_per_parameter']:.3f} | {bits} | "
+            + " | ".join(mem)
+            + f" | {r['s_per_step']} | {r['tokens_per_s']:,.0f} |"
+        )
     baseline = "" if cuda else " above each process's baseline (RSS after importing its libraries)"
     lines += ["", f"Ratios of peak training memory{baseline}:", ""]
     by = {(r["stack"], r["variant"]): r for r in rows}
@@ -302,19 +388,29 @@ def markdown(report: dict) -> str:
         if ours and theirs and ours[peak_key] and theirs[peak_key]:
             parts.append(f"peftcli / transformers+peft = {ours[peak_key] / theirs[peak_key]:.2f}")
         if ours and theirs and not cuda:
-            parts.append(f"same ratio of whole-process peak RSS = {ours['peak_rss_process'] / theirs['peak_rss_process']:.2f}")
+            parts.append(
+                f"same ratio of whole-process peak RSS = {ours['peak_rss_process'] / theirs['peak_rss_process']:.2f}"
+            )
         if parts:
             lines.append(f"- {variant}: " + "; ".join(parts))
     if cuda:
-        notes = [("`allocated after load` and `peak training` are torch.cuda.memory_allocated / max_memory_allocated "
-                 "(the peak reset after loading).")]
+        notes = [
+            (
+                "`allocated after load` and `peak training` are torch.cuda.memory_allocated / max_memory_allocated "
+                "(the peak reset after loading)."
+            )
+        ]
     else:
-        notes = [("How to read: `RSS added by loading` = resident memory after loading minus before (heap trimmed "
-                 "with malloc_trim both times); `above baseline` = the kernel's peak RSS during the training steps "
-                 "(VmHWM, reset after loading) minus the same baseline; `peak RSS process` = ru_maxrss, loading "
-                 "included. Both stacks import the same libraries (torch, transformers, bitsandbytes, peft, "
-                 "peftcli) before the baseline is taken. On a CPU, torch/transformers themselves take ~200-300 MiB of RSS before any model, "
-                 "so the deltas are the numbers to compare. Timings on a shared CPU are indicative only.")]
+        notes = [
+            (
+                "How to read: `RSS added by loading` = resident memory after loading minus before (heap trimmed "
+                "with malloc_trim both times); `above baseline` = the kernel's peak RSS during the training steps "
+                "(VmHWM, reset after loading) minus the same baseline; `peak RSS process` = ru_maxrss, loading "
+                "included. Both stacks import the same libraries (torch, transformers, bitsandbytes, peft, "
+                "peftcli) before the baseline is taken. On a CPU, torch/transformers themselves take ~200-300 MiB of RSS before any model, "
+                "so the deltas are the numbers to compare. Timings on a shared CPU are indicative only."
+            )
+        ]
     lines += ["", *notes, *report.get("notes", []), ""]
     return "\n".join(lines)
 
@@ -327,8 +423,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on")
-    parser.add_argument("--only", nargs="*", help="run only these stack:variant pairs, e.g. peftcli:qlora_nf4_dq")
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("PEFTCLI_CACHE", "/tmp/peftcli-bench")) / "bench")
+    parser.add_argument(
+        "--only", nargs="*", help="run only these stack:variant pairs, e.g. peftcli:qlora_nf4_dq"
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=Path(os.environ.get("PEFTCLI_CACHE", "/tmp/peftcli-bench")) / "bench"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--name", default="memory", help="results file stem")
     # worker mode (internal)
@@ -348,25 +448,62 @@ def main() -> None:
     runs = [r for r in RUNS if not args.only or f"{r[0]}:{r[1]}" in args.only]
     results = []
     for stack, variant in runs:
-        cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--variant", variant, "--model-dir",
-               str(model_dir), "--config", args.config, "--device", args.device, "--steps", str(args.steps),
-               "--batch", str(args.batch), "--seq", str(args.seq)] + (["--grad-ckpt"] if args.grad_ckpt else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--stack",
+            stack,
+            "--variant",
+            variant,
+            "--model-dir",
+            str(model_dir),
+            "--config",
+            args.config,
+            "--device",
+            args.device,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+        ] + (["--grad-ckpt"] if args.grad_ckpt else [])
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"},
+        )
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             print(f"{stack} {variant}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
             sys.exit(1)
-        result = json.loads(line[len("RESULT "):])
+        result = json.loads(line[len("RESULT ") :])
         results.append(result)
         peak = result.get("cuda_peak_training") or result["rss_training_peak_above_baseline"]
-        print(f"{stack:8s} {variant:13s} peak {mib(peak):>7s} MiB  base {result['base_bytes_per_parameter']:.3f} B/param "
-              f"{result['s_per_step']} s/step  ({time.perf_counter() - start:.0f}s)", flush=True)
+        print(
+            f"{stack:8s} {variant:13s} peak {mib(peak):>7s} MiB  base {result['base_bytes_per_parameter']:.3f} B/param "
+            f"{result['s_per_step']} s/step  ({time.perf_counter() - start:.0f}s)",
+            flush=True,
+        )
 
-    report = {"command": command, "config": args.config, "model_config": CONFIGS[args.config],
-              "device": args.device, "steps": args.steps, "batch": args.batch, "seq": args.seq,
-              "grad_ckpt": args.grad_ckpt, "lora": LORA, "versions": versions(), "runs": results}
+    report = {
+        "command": command,
+        "config": args.config,
+        "model_config": CONFIGS[args.config],
+        "device": args.device,
+        "steps": args.steps,
+        "batch": args.batch,
+        "seq": args.seq,
+        "grad_ckpt": args.grad_ckpt,
+        "lora": LORA,
+        "versions": versions(),
+        "runs": results,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"{args.name}.md").write_text(markdown(report))

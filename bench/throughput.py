@@ -28,10 +28,16 @@ def build_model(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 4,
-                         num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
-                         num_key_value_heads=max(1, args.hidden // 128), max_position_embeddings=args.seq,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64),
+        num_key_value_heads=max(1, args.hidden // 128),
+        max_position_embeddings=args.seq,
+        tie_word_embeddings=False,
+    )
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     return LlamaForCausalLM(config).to(dtype=dtype, device=args.device)
 
@@ -107,18 +113,29 @@ def run_reference(args) -> dict:
             times.append(time.perf_counter() - self.start)
 
     training_args = TrainingArguments(
-        output_dir=os.environ.get("TMPDIR", "/tmp") + "/peftcli-bench-ref", per_device_train_batch_size=args.batch,
-        max_steps=args.steps + args.warmup, learning_rate=1e-4, report_to=[], save_strategy="no",
-        logging_strategy="no", bf16=args.device == "cuda", use_cpu=args.device == "cpu", dataloader_num_workers=0,
-        disable_tqdm=True, remove_unused_columns=False, lr_scheduler_type="constant",
+        output_dir=os.environ.get("TMPDIR", "/tmp") + "/peftcli-bench-ref",
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps + args.warmup,
+        learning_rate=1e-4,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        bf16=args.device == "cuda",
+        use_cpu=args.device == "cpu",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        lr_scheduler_type="constant",
     )
     Trainer(model=model, args=training_args, train_dataset=data, callbacks=[Timer()]).train()
-    timed = times[args.warmup:]
+    timed = times[args.warmup :]
     return {"step_s": sum(timed) / len(timed), "peak_mb": peak_memory_mb(args.device)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -128,7 +145,9 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side; the median is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="alternating runs per side; the median is reported"
+    )
     parser.add_argument("--side", choices=["peftcli", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
@@ -145,38 +164,56 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"peftcli": [], "reference": []}
     for _ in range(args.repeats):  # alternate the sides so drifts in machine load hit both alike
         for side in runs:
-            proc = subprocess.run([sys.executable, __file__, *argv, "--side", side], capture_output=True, text=True,
-                                  check=False)
+            proc = subprocess.run(
+                [sys.executable, __file__, *argv, "--side", side], capture_output=True, text=True, check=False
+            )
             if proc.returncode != 0:
                 sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
             runs[side].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     results = {}
     for side, found in runs.items():
         step_times = sorted(r["step_s"] for r in found)
-        results[side] = {"step_s": statistics.median(step_times), "step_s_all": step_times,
-                         "peak_mb": statistics.median(r["peak_mb"] for r in found),
-                         "tokens_per_s": args.batch * args.seq / statistics.median(step_times)}
+        results[side] = {
+            "step_s": statistics.median(step_times),
+            "step_s_all": step_times,
+            "peak_mb": statistics.median(r["peak_mb"] for r in found),
+            "tokens_per_s": args.batch * args.seq / statistics.median(step_times),
+        }
     ratio_speed = results["peftcli"]["tokens_per_s"] / results["reference"]["tokens_per_s"]
     ratio_mem = results["peftcli"]["peak_mb"] / results["reference"]["peak_mb"]
     command = "python bench/throughput.py " + " ".join(argv)
-    payload = {"command": command, "settings": {k: v for k, v in vars(args).items() if k not in ("side", "out")},
-               "results": results, "speed_ratio_peftcli_over_reference": ratio_speed,
-               "peak_memory_ratio_peftcli_over_reference": ratio_mem}
+    payload = {
+        "command": command,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("side", "out")},
+        "results": results,
+        "speed_ratio_peftcli_over_reference": ratio_speed,
+        "peak_memory_ratio_peftcli_over_reference": ratio_mem,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(payload, indent=2) + "\n")
     memory_kind = "peak CUDA memory allocated" if args.device == "cuda" else "peak process RSS"
-    md = [f"# LoRA training throughput: peftcli vs transformers Trainer + peft ({args.device})", "",
-          f"Command: `{command}`", "",
-          f"Llama, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; batch {args.batch} × "
-          f"{args.seq} tokens; LoRA r={args.r} on all linear layers; AdamW; {args.steps} timed steps after "
-          f"{args.warmup} warm-up steps; each side run {args.repeats}× alternately in fresh processes, medians "
-          "reported (per-run s/step in throughput.json).", "",
-          f"| stack | s/step | tokens/s | {memory_kind} (MiB) |", "|---|---|---|---|"]
+    md = [
+        f"# LoRA training throughput: peftcli vs transformers Trainer + peft ({args.device})",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Llama, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; batch {args.batch} × "
+        f"{args.seq} tokens; LoRA r={args.r} on all linear layers; AdamW; {args.steps} timed steps after "
+        f"{args.warmup} warm-up steps; each side run {args.repeats}× alternately in fresh processes, medians "
+        "reported (per-run s/step in throughput.json).",
+        "",
+        f"| stack | s/step | tokens/s | {memory_kind} (MiB) |",
+        "|---|---|---|---|",
+    ]
     for side, label in (("peftcli", "peftcli"), ("reference", "transformers Trainer + peft")):
         r = results[side]
         md.append(f"| {label} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | {r['peak_mb']:,.0f} |")
-    md += ["", f"Speed ratio (peftcli / reference): **{ratio_speed:.2f}×**; memory ratio: **{ratio_mem:.2f}×**.", ""]
+    md += [
+        "",
+        f"Speed ratio (peftcli / reference): **{ratio_speed:.2f}×**; memory ratio: **{ratio_mem:.2f}×**.",
+        "",
+    ]
     (out / "throughput.md").write_text("\n".join(md))
     print("\n".join(md))
 

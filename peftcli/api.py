@@ -30,12 +30,20 @@ def load(path: str | Path, device: str | torch.device = "cpu", base: str | None 
         model = load_model(str(path), cfg, torch.device(device), pad_token_id=tokenizer.pad_token_id)
         model.eval()
         return model, tokenizer
-    raise RecipeError("path", f"{path} is neither an adapter directory nor a model directory",
-                      "pass RUN/adapter, a merged model directory, or a saved transformers model")
+    raise RecipeError(
+        "path",
+        f"{path} is neither an adapter directory nor a model directory",
+        "pass RUN/adapter, a merged model directory, or a saved transformers model",
+    )
 
 
-def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, output_dir: str | None = None,
-          resume: bool = False, reporter=None):
+def train(
+    recipe: str | Path | Recipe,
+    overrides: list[str] | None = None,
+    output_dir: str | None = None,
+    resume: bool = False,
+    reporter=None,
+):
     from peftcli.loop import train as run
 
     if not isinstance(recipe, Recipe):
@@ -43,7 +51,9 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, outpu
     return run(recipe, resume=resume, reporter=reporter)
 
 
-def merge(adapter_dir: str | Path, output: str | Path, base: str | None = None, dtype: str = "float32") -> dict:
+def merge(
+    adapter_dir: str | Path, output: str | Path, base: str | None = None, dtype: str = "float32"
+) -> dict:
     from peftcli.export import merge_adapter
 
     return merge_adapter(adapter_dir, output, base=base, dtype=dtype)
@@ -62,13 +72,21 @@ def detect_format(record: dict[str, Any]) -> str:
         return "classification"
     if "text" in keys:
         return "text"
-    raise RecipeError("--data", f"cannot tell the format from the columns {sorted(keys)}",
-                      "evaluate through a recipe (peftcli eval RECIPE) with data.format and data.columns")
+    raise RecipeError(
+        "--data",
+        f"cannot tell the format from the columns {sorted(keys)}",
+        "evaluate through a recipe (peftcli eval RECIPE) with data.format and data.columns",
+    )
 
 
-def evaluate_target(target: str | Path, data: str | None = None, max_examples: int | None = None,
-                    overrides: list[str] | None = None, ensemble: list[str] | None = None,
-                    vote: bool = False) -> dict[str, Any]:
+def evaluate_target(
+    target: str | Path,
+    data: str | None = None,
+    max_examples: int | None = None,
+    overrides: list[str] | None = None,
+    ensemble: list[str] | None = None,
+    vote: bool = False,
+) -> dict[str, Any]:
     """Evaluate a recipe (its trained adapter if the run finished, else its base), an adapter
     directory or a model directory on ``data`` (default: the recipe's eval data).
 
@@ -103,12 +121,18 @@ def evaluate_target(target: str | Path, data: str | None = None, max_examples: i
     elif (target / "config.json").is_file():
         kind = "model"
     else:
-        raise RecipeError("TARGET", f"{target} is not a recipe, an adapter directory or a model directory",
-                          "pass recipe.yaml, RUN/adapter or a merged model directory")
+        raise RecipeError(
+            "TARGET",
+            f"{target} is not a recipe, an adapter directory or a model directory",
+            "pass recipe.yaml, RUN/adapter or a merged model directory",
+        )
 
     if (ensemble or vote) and kind != "adapter":
-        raise RecipeError("--ensemble", f"ensembling needs adapter directories; {target} is a {kind}",
-                          "pass RUN/adapter as the target and the other adapters with --ensemble")
+        raise RecipeError(
+            "--ensemble",
+            f"ensembling needs adapter directories; {target} is a {kind}",
+            "pass RUN/adapter as the target and the other adapters with --ensemble",
+        )
     if kind == "adapter":
         loaded = load_adapter(target, device=device)
         model, tokenizer, task, label_names = loaded.model, loaded.tokenizer, loaded.task, loaded.label_names
@@ -125,13 +149,19 @@ def evaluate_target(target: str | Path, data: str | None = None, max_examples: i
         cfg = ModelConfig(name=str(target), task=task)
         tokenizer = load_tokenizer(str(target), cfg)
         model = load_model(str(target), cfg, device, pad_token_id=tokenizer.pad_token_id)
-        label_names = [model.config.id2label[i] for i in range(model.config.num_labels)] if task == "seq_cls" else None
+        label_names = (
+            [model.config.id2label[i] for i in range(model.config.num_labels)] if task == "seq_cls" else None
+        )
 
     if data:
         fmt = detect_format(load_records(data, "train", "--data")[0])
-        data_cfg = DataConfig(train=data, eval=data, format=fmt,
-                              max_length=recipe.data.max_length if recipe else 512,
-                              columns={} if not recipe else recipe.data.columns)
+        data_cfg = DataConfig(
+            train=data,
+            eval=data,
+            format=fmt,
+            max_length=recipe.data.max_length if recipe else 512,
+            columns={} if not recipe else recipe.data.columns,
+        )
     elif recipe is not None:
         data_cfg = recipe.data
     else:
@@ -140,10 +170,17 @@ def evaluate_target(target: str | Path, data: str | None = None, max_examples: i
         data_cfg.max_eval_examples = max_examples
     bundle = load_data(data_cfg, tokenizer, task, label_names=label_names)
     if not bundle.eval:
-        raise RecipeError("data.eval", "there is no eval data", "set data.eval or data.eval_fraction, or pass --data")
+        raise RecipeError(
+            "data.eval", "there is no eval data", "set data.eval or data.eval_fraction, or pass --data"
+        )
     if model is None:  # the recipe's base model, untrained
-        model = load_model(resolve_model_name(recipe.model.name), recipe.model, device,
-                           label_names=bundle.label_names, pad_token_id=tokenizer.pad_token_id)
+        model = load_model(
+            resolve_model_name(recipe.model.name),
+            recipe.model,
+            device,
+            label_names=bundle.label_names,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     eval_cfg = recipe.eval if recipe else EvalConfig()
     metrics = evaluate(model, tokenizer, bundle, task, eval_cfg, device)
     return {"target": str(target), "kind": kind, "task": task, **metrics}
@@ -155,15 +192,25 @@ def _ensemble(first, others: list[str], vote: bool, device):
     from peftcli.export import load_adapter
 
     if vote and first.task != "seq_cls":
-        raise RecipeError("--vote", "majority vote is for classification adapters (seq_cls)",
-                          "drop --vote to average the logits")
+        raise RecipeError(
+            "--vote",
+            "majority vote is for classification adapters (seq_cls)",
+            "drop --vote to average the logits",
+        )
     members = [first.model]
     for path in others:
         loaded = load_adapter(path, device=device)
-        if (loaded.base_path, loaded.task, loaded.label_names) != (first.base_path, first.task, first.label_names):
-            raise RecipeError("--ensemble", f"{path} was trained on {loaded.base_path} ({loaded.task}), the target "
-                              f"on {first.base_path} ({first.task})",
-                              "ensemble adapters of one base model, task and label set")
+        if (loaded.base_path, loaded.task, loaded.label_names) != (
+            first.base_path,
+            first.task,
+            first.label_names,
+        ):
+            raise RecipeError(
+                "--ensemble",
+                f"{path} was trained on {loaded.base_path} ({loaded.task}), the target "
+                f"on {first.base_path} ({first.task})",
+                "ensemble adapters of one base model, task and label set",
+            )
         members.append(loaded.model)
     return EnsembleModel(members, vote=vote)
 

@@ -45,7 +45,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None
+) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -133,7 +135,9 @@ def save_tree(obj: Any, directory: Path, name: str) -> None:
         if ptr in seen and ptr != -1:
             tensors[key] = value.clone()
         seen[ptr] = key
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(directory / f"{name}.safetensors"))
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(directory / f"{name}.safetensors")
+    )
     (directory / f"{name}.json").write_text(json.dumps(structure))
 
 

@@ -56,9 +56,15 @@ def guarded(func):
 @guarded
 def train(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides, e.g. train.lr=1e-4")] = None,
-    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="run directory (overrides output_dir)")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue from the newest complete checkpoint")] = False,
+    overrides: Annotated[
+        Optional[list[str]], typer.Argument(help="key.path=value overrides, e.g. train.lr=1e-4")
+    ] = None,
+    output_dir: Annotated[
+        Optional[str], typer.Option("--output-dir", "-o", help="run directory (overrides output_dir)")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the newest complete checkpoint")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or tables")] = False,
 ) -> None:
     """Fine-tune a model as a recipe says; write the run directory (adapter, metrics, checkpoints)."""
@@ -72,9 +78,11 @@ def train(
     try:
         result = run(loaded, resume=resume, reporter=reporter)
     except TrainingInterrupted as stop:
-        err_console.print(f"[yellow]stopped at step {stop.step}[/yellow]; checkpoint written to {stop.checkpoint}. "
-                          f"Continue with: peftcli train {recipe} --resume"
-                          + (f" --output-dir {output_dir}" if output_dir else ""))
+        err_console.print(
+            f"[yellow]stopped at step {stop.step}[/yellow]; checkpoint written to {stop.checkpoint}. "
+            f"Continue with: peftcli train {recipe} --resume"
+            + (f" --output-dir {output_dir}" if output_dir else "")
+        )
         raise typer.Exit(130 if stop.signum == 2 else 143) from None
     if not quiet:
         err_console.print(reporter.result_table(result))
@@ -86,33 +94,49 @@ def train(
 def merge(
     adapter_dir: Annotated[Path, typer.Argument(help="adapter directory (RUN/adapter)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="directory for the merged model")],
-    base: Annotated[Optional[str], typer.Option(help="base model (default: the one the adapter names)")] = None,
+    base: Annotated[
+        Optional[str], typer.Option(help="base model (default: the one the adapter names)")
+    ] = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
 ) -> None:
     """Fold an adapter into its base and write a plain transformers model directory."""
     from peftcli.recipe import RecipeError, did_you_mean
 
     if dtype not in ("float32", "bfloat16", "float16"):
-        raise RecipeError("--dtype", f"{dtype!r} is not a dtype", did_you_mean(dtype, ["float32", "bfloat16", "float16"])
-                          or "use float32, bfloat16 or float16")
+        raise RecipeError(
+            "--dtype",
+            f"{dtype!r} is not a dtype",
+            did_you_mean(dtype, ["float32", "bfloat16", "float16"]) or "use float32, bfloat16 or float16",
+        )
     from peftcli.api import merge as run
 
     info = run(adapter_dir, output, base=base, dtype=dtype)
     for line in info.get("report_lines", []):
         err_console.print(line, highlight=False)
-    out_console.print(f"merged {info['method']} into {info['base']} ({dtype}) -> {info['output']}", highlight=False)
+    out_console.print(
+        f"merged {info['method']} into {info['base']} ({dtype}) -> {info['output']}", highlight=False
+    )
 
 
 @app.command("eval")
 @guarded
 def eval_(
     target: Annotated[Path, typer.Argument(help="a recipe, an adapter directory or a model directory")],
-    data: Annotated[Optional[str], typer.Option(help="eval data file (default: the recipe's eval data)")] = None,
+    data: Annotated[
+        Optional[str], typer.Option(help="eval data file (default: the recipe's eval data)")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     max_examples: Annotated[Optional[int], typer.Option(help="evaluate at most this many examples")] = None,
-    ensemble: Annotated[Optional[list[str]], typer.Option(
-        "--ensemble", help="another adapter over the same base (repeatable): evaluate them with the target as one")] = None,
-    vote: Annotated[bool, typer.Option("--vote", help="ensemble by majority vote instead of averaged logits (seq_cls)")] = False,
+    ensemble: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--ensemble",
+            help="another adapter over the same base (repeatable): evaluate them with the target as one",
+        ),
+    ] = None,
+    vote: Annotated[
+        bool, typer.Option("--vote", help="ensemble by majority vote instead of averaged logits (seq_cls)")
+    ] = False,
 ) -> None:
     """Measure eval loss, perplexity and accuracy / exact match of a base, adapter or merged model."""
     from peftcli.api import evaluate_target
@@ -146,8 +170,11 @@ def validate(
     validate_files(loaded)
     if show:
         out_console.print(dump_recipe(loaded), highlight=False)
-    out_console.print(f"[green]ok[/green] {recipe}: {loaded.method.name} on {loaded.model.name} "
-                      f"({loaded.model.task}), output_dir {loaded.output_dir}", highlight=False)
+    out_console.print(
+        f"[green]ok[/green] {recipe}: {loaded.method.name} on {loaded.model.name} "
+        f"({loaded.model.task}), output_dir {loaded.output_dir}",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -164,8 +191,13 @@ def methods() -> None:
     table.add_column("peft type")
     table.add_column("trainable parameters")
     for cls in list_methods():
-        table.add_row(cls.name, cls.description, "yes" if cls.mergeable else "no", cls.peft_type or "-",
-                      cls.trainable_formula)
+        table.add_row(
+            cls.name,
+            cls.description,
+            "yes" if cls.mergeable else "no",
+            cls.peft_type or "-",
+            cls.trainable_formula,
+        )
     out_console.print(table)
 
 

@@ -117,8 +117,11 @@ def _read_json(path: Path, key: str) -> list:
         if isinstance(data, dict):
             if isinstance(data.get("data"), list):
                 return data["data"]
-            raise RecipeError(key, f"{path} is a JSON object without a 'data' list",
-                              "use a list of objects, {\"data\": [...]}, or one object per line (.jsonl)")
+            raise RecipeError(
+                key,
+                f"{path} is a JSON object without a 'data' list",
+                'use a list of objects, {"data": [...]}, or one object per line (.jsonl)',
+            )
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -126,8 +129,9 @@ def _read_json(path: Path, key: str) -> list:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise RecipeError(key, f"{path} line {number} is not valid JSON: {err.msg}",
-                              "write one JSON object per line") from None
+            raise RecipeError(
+                key, f"{path} line {number} is not valid JSON: {err.msg}", "write one JSON object per line"
+            ) from None
     return records
 
 
@@ -158,8 +162,11 @@ def load_records(source: str, split: str, key: str) -> list[dict]:
         try:
             data = datasets.load_from_disk(str(path))
         except FileNotFoundError:
-            raise RecipeError(key, f"{path} is a directory but not a dataset saved with save_to_disk",
-                              "point at a data file, or save the dataset with Dataset.save_to_disk") from None
+            raise RecipeError(
+                key,
+                f"{path} is a directory but not a dataset saved with save_to_disk",
+                "point at a data file, or save the dataset with Dataset.save_to_disk",
+            ) from None
         records = _from_datasets(data, source, split, key)
     elif path.is_file():
         suffix = path.suffix.lower()
@@ -173,11 +180,15 @@ def load_records(source: str, split: str, key: str) -> list[dict]:
 
             records = pyarrow.parquet.read_table(path).to_pylist()
         else:
-            raise RecipeError(key, f"unsupported file type {suffix or '(none)'}: {path}",
-                              f"use one of {', '.join(FILE_SUFFIXES)}")
+            raise RecipeError(
+                key,
+                f"unsupported file type {suffix or '(none)'}: {path}",
+                f"use one of {', '.join(FILE_SUFFIXES)}",
+            )
     elif _looks_like_local_path(source):
-        raise RecipeError(key, f"file not found: {path}",
-                          "check the path (relative paths start from the current directory)")
+        raise RecipeError(
+            key, f"file not found: {path}", "check the path (relative paths start from the current directory)"
+        )
     else:
         import datasets
 
@@ -196,8 +207,11 @@ def load_records(source: str, split: str, key: str) -> list[dict]:
         raise RecipeError(key, f"no examples in {source}", "check that the file or split has data")
     for index, record in enumerate(records):
         if not isinstance(record, dict):
-            raise RecipeError(key, f"example {index} of {source} is a {type(record).__name__}, not an object",
-                              "each example must be an object with named columns")
+            raise RecipeError(
+                key,
+                f"example {index} of {source} is a {type(record).__name__}, not an object",
+                "each example must be an object with named columns",
+            )
     return records
 
 
@@ -229,10 +243,16 @@ def _select_columns(records: list[dict], cfg: DataConfig, key: str) -> list[dict
             if index:
                 where = f"column '{theirs}' missing in example {index} of {key}"
             if name in cfg.columns:
-                raise RecipeError(f"data.columns.{name}", f"{where} (columns: {', '.join(present)})",
-                                  f"map it with data.columns: {{{name}: <your column>}}")
-            raise RecipeError("data.columns", f"{where} (columns: {', '.join(present)})",
-                              f"map it with data.columns: {{{name}: <your column>}}")
+                raise RecipeError(
+                    f"data.columns.{name}",
+                    f"{where} (columns: {', '.join(present)})",
+                    f"map it with data.columns: {{{name}: <your column>}}",
+                )
+            raise RecipeError(
+                "data.columns",
+                f"{where} (columns: {', '.join(present)})",
+                f"map it with data.columns: {{{name}: <your column>}}",
+            )
         selected.append(row)
     return selected
 
@@ -251,8 +271,11 @@ def _check_messages(messages: Any, key: str, index: int) -> list[dict]:
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and "role" in m and "content" in m for m in messages
     ):
-        raise RecipeError(key, f"example {index}: 'messages' must be a list of {{role, content}} objects",
-                          "e.g. [{role: user, content: Hi}, {role: assistant, content: Hello}]")
+        raise RecipeError(
+            key,
+            f"example {index}: 'messages' must be a list of {{role, content}} objects",
+            "e.g. [{role: user, content: Hi}, {role: assistant, content: Hello}]",
+        )
     return messages
 
 
@@ -260,7 +283,9 @@ def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -
     if not messages and not add_generation_prompt:
         return ""
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception:
         if not messages:
             return ""  # some templates reject an empty conversation; it renders to nothing
@@ -300,7 +325,7 @@ def encode_prompt(tokenizer, prompt: str, task: str, max_length: int | None = No
     if ids[: len(bos)] == bos:
         bos = []  # the prompt (a rendered chat template) already starts with BOS
     if max_length and len(bos) + len(ids) > max_length:
-        ids = ids[len(ids) - (max_length - len(bos)):]
+        ids = ids[len(ids) - (max_length - len(bos)) :]
     return bos + ids
 
 
@@ -374,8 +399,9 @@ def infer_label_names(labels: list[Any]) -> list[str]:
         return sorted(names)
 
 
-def _tokenize(rows: list[dict], tokenizer, task: str, cfg: DataConfig, label_names: list[str] | None,
-              key: str) -> tuple[list[dict], list[dict] | None, int, int]:
+def _tokenize(
+    rows: list[dict], tokenizer, task: str, cfg: DataConfig, label_names: list[str] | None, key: str
+) -> tuple[list[dict], list[dict] | None, int, int]:
     """Tokenize rows; returns (examples, eval_examples, truncated count, dropped count)."""
     examples: list[dict] = []
     answers: list[dict] | None = None if cfg.format == "text" else []
@@ -401,8 +427,10 @@ def _tokenize(rows: list[dict], tokenizer, task: str, cfg: DataConfig, label_nam
             input_ids, labels, cut = _causal_chat(tokenizer, messages, cfg)
             last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
             if last is not None:
-                answer_record = {"prompt": _render_chat(tokenizer, messages[:last], True),
-                                 "answer": str(messages[last]["content"])}
+                answer_record = {
+                    "prompt": _render_chat(tokenizer, messages[:last], True),
+                    "answer": str(messages[last]["content"]),
+                }
         else:
             if cfg.format == "completion":
                 prompt, answer = str(row["prompt"]), str(row["completion"])
@@ -440,8 +468,11 @@ def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]
     """(train indices, eval indices), both in file order; the held-out set depends only on n, fraction, seed."""
     n_eval = max(1, round(n * fraction))
     if n_eval >= n:
-        raise RecipeError("data.eval_fraction", f"holding out {n_eval} of {n} examples leaves none to train on",
-                          "lower data.eval_fraction or add data")
+        raise RecipeError(
+            "data.eval_fraction",
+            f"holding out {n_eval} of {n} examples leaves none to train on",
+            "lower data.eval_fraction or add data",
+        )
     generator = torch.Generator().manual_seed(seed)
     held_out = set(torch.randperm(n, generator=generator)[:n_eval].tolist())
     return [i for i in range(n) if i not in held_out], sorted(held_out)
@@ -455,11 +486,15 @@ def load_data(cfg: DataConfig, tokenizer, task: str, label_names: list[str] | No
     """
     if cfg.format not in TASK_FORMATS.get(task, ()):
         formats = ", ".join(TASK_FORMATS.get(task, ()))
-        raise RecipeError("data.format", f"model.task {task} cannot train on {cfg.format} data",
-                          f"use one of: {formats}")
+        raise RecipeError(
+            "data.format", f"model.task {task} cannot train on {cfg.format} data", f"use one of: {formats}"
+        )
     if cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise RecipeError("data.format", "the tokenizer has no chat template",
-                          "use a chat model's tokenizer, or the completion/instruction format")
+        raise RecipeError(
+            "data.format",
+            "the tokenizer has no chat template",
+            "use a chat model's tokenizer, or the completion/instruction format",
+        )
 
     train_records = load_records(cfg.train, cfg.train_split, "data.train")
     if cfg.eval:
@@ -482,11 +517,15 @@ def load_data(cfg: DataConfig, tokenizer, task: str, label_names: list[str] | No
     elif cfg.format != "classification":
         label_names = None
 
-    train, _, train_truncated, train_dropped = _tokenize(train_rows, tokenizer, task, cfg, label_names,
-                                                         "data.train")
+    train, _, train_truncated, train_dropped = _tokenize(
+        train_rows, tokenizer, task, cfg, label_names, "data.train"
+    )
     if not train:
-        raise RecipeError("data.train", f"all {train_dropped} examples lost their answer to truncation",
-                          "raise data.max_length or shorten the prompts")
+        raise RecipeError(
+            "data.train",
+            f"all {train_dropped} examples lost their answer to truncation",
+            "raise data.max_length or shorten the prompts",
+        )
     evaluation = eval_examples = None
     eval_truncated = eval_dropped = 0
     if eval_rows:
@@ -503,8 +542,9 @@ def load_data(cfg: DataConfig, tokenizer, task: str, label_names: list[str] | No
         "eval_dropped": eval_dropped,
         "max_length": cfg.max_length,
     }
-    return DataBundle(train=train, eval=evaluation, eval_examples=eval_examples, label_names=label_names,
-                      stats=stats)
+    return DataBundle(
+        train=train, eval=evaluation, eval_examples=eval_examples, label_names=label_names, stats=stats
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,5 +604,5 @@ class BatchSampler:
         """All batches of ``epoch``: a permutation from a generator seeded with ``seed + epoch``."""
         generator = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(self.n_examples, generator=generator).tolist()
-        batches = [order[i: i + self.batch_size] for i in range(0, self.n_examples, self.batch_size)]
+        batches = [order[i : i + self.batch_size] for i in range(0, self.n_examples, self.batch_size)]
         return batches[: len(self)]

@@ -85,11 +85,18 @@ def recipe_reference() -> str:
     for prefix, cls in SECTIONS:
         out += [f"#### `{prefix}`", "", *header, *_rows(prefix, cls), ""]
     out_dir = next(f for f in dataclasses.fields(Recipe) if f.name == "output_dir")
-    out += ["#### `output_dir`", "", *header,
-            f"| `output_dir` | string | `runs/<recipe file name>` | {out_dir.metadata['help']} |", ""]
+    out += [
+        "#### `output_dir`",
+        "",
+        *header,
+        f"| `output_dir` | string | `runs/<recipe file name>` | {out_dir.metadata['help']} |",
+        "",
+    ]
     out += ["#### `method`", "", "`method.name` picks the method; its options sit beside it.", ""]
     for method in list_methods():
-        rows = _rows("method", method.config_cls, skip=("name",) if method.config_cls is not MethodConfig else ())
+        rows = _rows(
+            "method", method.config_cls, skip=("name",) if method.config_cls is not MethodConfig else ()
+        )
         out += [f"##### `method.name: {method.name}`", "", method.description, ""]
         out += [*header, *rows, ""] if rows else ["No options.", ""]
     return "\n".join(out).rstrip() + "\n"

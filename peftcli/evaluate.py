@@ -49,8 +49,10 @@ class EnsembleModel(torch.nn.Module):
 
     def forward(self, past_key_values=None, **kwargs):
         pasts = past_key_values if past_key_values is not None else [None] * len(self.members)
-        outs = [member(**kwargs, **({"past_key_values": past} if past is not None else {}))
-                for member, past in zip(self.members, pasts, strict=False)]
+        outs = [
+            member(**kwargs, **({"past_key_values": past} if past is not None else {}))
+            for member, past in zip(self.members, pasts, strict=False)
+        ]
         logits = torch.stack([out.logits.float() for out in outs])  # (K, B, ..., V)
         mean = logits.mean(dim=0)
         if self.vote:
@@ -66,8 +68,11 @@ class EnsembleModel(torch.nn.Module):
     def generate(self, *args, **kwargs):
         from peftcli.recipe import RecipeError
 
-        raise RecipeError("--ensemble", "ensembles generate for causal LMs only (seq2seq: loss and perplexity)",
-                          "set eval.generate: false in the recipe, or evaluate the adapters one by one")
+        raise RecipeError(
+            "--ensemble",
+            "ensembles generate for causal LMs only (seq2seq: loss and perplexity)",
+            "set eval.generate: false in the recipe, or evaluate the adapters one by one",
+        )
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -82,8 +87,9 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad_id: int,
-                    device: torch.device) -> list[list[int]]:
+def greedy_generate(
+    model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad_id: int, device: torch.device
+) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (new tokens only, cut before the first EOS).
 
     Prompts are left-padded so every row's next token sits in the last column; positions come from
@@ -98,8 +104,13 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id
     generated: list[torch.Tensor] = []
     past = None
     for _ in range(max_new_tokens):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=past, use_cache=True)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past,
+            use_cache=True,
+        )
         past = out.past_key_values
         next_token = out.logits[:, -1, :].argmax(dim=-1)  # (B,)
         next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
@@ -118,24 +129,36 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id
     return results
 
 
-def _seq2seq_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-                      device: torch.device) -> list[list[int]]:
+def _seq2seq_generate(
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device: torch.device
+) -> list[list[int]]:
     pad_id = pad_token_id(tokenizer)
     batch = collate([{"input_ids": p, "labels": [0]} for p in prompts], tokenizer, "seq2seq")
-    output = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id)
+    output = model.generate(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_id,
+    )
     return output.tolist()
 
 
-def _loss_sums(model, tokenizer, examples: list[dict], task: str, batch_size: int,
-               device: torch.device) -> tuple[float, int, int]:
+def _loss_sums(
+    model, tokenizer, examples: list[dict], task: str, batch_size: int, device: torch.device
+) -> tuple[float, int, int]:
     """(summed NLL, label-token count, correct predictions) over ``examples``."""
     total_loss, total_tokens, correct = 0.0, 0, 0
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start: start + batch_size], tokenizer, task).items()}
+        batch = {
+            k: v.to(device) for k, v in collate(examples[start : start + batch_size], tokenizer, task).items()
+        }
         labels = batch["labels"]
         if task == "seq_cls":
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, C)
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits  # (B, C)
             logits = logits.float()
             total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
             total_tokens += labels.numel()
@@ -146,20 +169,33 @@ def _loss_sums(model, tokenizer, examples: list[dict], task: str, batch_size: in
             logits = model(**batch).logits.float()  # (B, T', V)
             targets = labels
         else:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits.float()
             # Methods that prepend virtual tokens (prompt tuning) return longer logits; the real
             # positions are the last T.
-            logits = logits[:, -labels.shape[1]:, :]  # (B, T, V)
+            logits = logits[:, -labels.shape[1] :, :]  # (B, T, V)
             logits, targets = logits[:, :-1, :], labels[:, 1:]  # position t predicts token t + 1
-        total_loss += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                      ignore_index=IGNORE_INDEX, reduction="sum").item()
+        total_loss += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        ).item()
         total_tokens += int((targets != IGNORE_INDEX).sum())
     return total_loss, total_tokens, correct
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, bundle: DataBundle, task: str, cfg: EvalConfig, device: torch.device,
-             generate_fn: GenerateFn | None = None) -> dict[str, float]:
+def evaluate(
+    model,
+    tokenizer,
+    bundle: DataBundle,
+    task: str,
+    cfg: EvalConfig,
+    device: torch.device,
+    generate_fn: GenerateFn | None = None,
+) -> dict[str, float]:
     """Metrics on ``bundle.eval``: eval_loss, perplexity, eval_examples, plus accuracy (seq_cls) or
     exact_match and generated_examples (causal_lm / seq2seq with answers, when ``cfg.generate``).
 
@@ -171,7 +207,9 @@ def evaluate(model, tokenizer, bundle: DataBundle, task: str, cfg: EvalConfig, d
     was_training = model.training
     model.eval()
     try:
-        total_loss, total_tokens, correct = _loss_sums(model, tokenizer, bundle.eval, task, cfg.batch_size, device)
+        total_loss, total_tokens, correct = _loss_sums(
+            model, tokenizer, bundle.eval, task, cfg.batch_size, device
+        )
         eval_loss = total_loss / max(total_tokens, 1)
         metrics: dict[str, float] = {
             "eval_loss": eval_loss,
@@ -187,15 +225,22 @@ def evaluate(model, tokenizer, bundle: DataBundle, task: str, cfg: EvalConfig, d
     return metrics
 
 
-def _exact_match(model, tokenizer, bundle: DataBundle, task: str, cfg: EvalConfig, device: torch.device,
-                 generate_fn: GenerateFn | None) -> dict[str, float]:
+def _exact_match(
+    model,
+    tokenizer,
+    bundle: DataBundle,
+    task: str,
+    cfg: EvalConfig,
+    device: torch.device,
+    generate_fn: GenerateFn | None,
+) -> dict[str, float]:
     examples = bundle.eval_examples[: cfg.max_generate_examples]
     max_length = bundle.stats.get("max_length")
     prompts = [encode_prompt(tokenizer, example["prompt"], task, max_length) for example in examples]
     eos_ids, pad_id = _eos_ids(model, tokenizer), pad_token_id(tokenizer)
     outputs: list[list[int]] = []
     for start in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[start: start + cfg.batch_size]
+        chunk = prompts[start : start + cfg.batch_size]
         if generate_fn is not None:
             outputs += generate_fn(model, chunk, cfg.max_new_tokens)
         elif task == "seq2seq":

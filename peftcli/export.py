@@ -88,7 +88,9 @@ def save_adapter(
 def read_adapter_state(path: str | Path) -> dict[str, torch.Tensor]:
     weights = Path(path) / ADAPTER_WEIGHTS
     if not weights.is_file():
-        raise RecipeError("adapter", f"{weights} is missing", "point at a directory written by peftcli train or peft")
+        raise RecipeError(
+            "adapter", f"{weights} is missing", "point at a directory written by peftcli train or peft"
+        )
     with safe_open(str(weights), framework="pt") as handle:
         return {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
@@ -97,7 +99,9 @@ def read_adapter_info(path: str | Path) -> dict[str, Any]:
     """Method class, its config, task and base from an adapter dir (ours, or one peft wrote)."""
     path = Path(path)
     if not is_adapter_dir(path):
-        raise RecipeError("adapter", f"{path} has no {ADAPTER_CONFIG}", "point at an adapter directory (RUN/adapter)")
+        raise RecipeError(
+            "adapter", f"{path} has no {ADAPTER_CONFIG}", "point at an adapter directory (RUN/adapter)"
+        )
     config = json.loads((path / ADAPTER_CONFIG).read_text())
     sidecar_path = path / SIDECAR
     if sidecar_path.is_file():
@@ -112,8 +116,11 @@ def read_adapter_info(path: str | Path) -> dict[str, Any]:
         peft_type = config.get("peft_type")
         candidates = [m for m in list_methods() if m.peft_type == peft_type]
         if not candidates:
-            raise RecipeError("adapter", f"peft_type {peft_type!r} is not a method peftcli can load",
-                              f"peftcli loads: {', '.join(sorted({m.peft_type for m in list_methods() if m.peft_type}))}")
+            raise RecipeError(
+                "adapter",
+                f"peft_type {peft_type!r} is not a method peftcli can load",
+                f"peftcli loads: {', '.join(sorted({m.peft_type for m in list_methods() if m.peft_type}))}",
+            )
         method_cls = candidates[0]
         method_cfg = method_cls.config_from_adapter(config)
         task = TASK_FROM_PEFT.get(config.get("task_type") or "CAUSAL_LM", "causal_lm")
@@ -169,13 +176,22 @@ def load_adapter(
     info = read_adapter_info(path)
     base_path = resolve_base(info, base)
     quant = info["quantization"] if quantized else None
-    model_cfg = ModelConfig(name=base_path, task=info["task"],
-                            quantization=coerce(quant, QuantizationConfig, "quantization") if quant else None)
+    model_cfg = ModelConfig(
+        name=base_path,
+        task=info["task"],
+        quantization=coerce(quant, QuantizationConfig, "quantization") if quant else None,
+    )
     tokenizer_src = str(path) if (path / "tokenizer_config.json").exists() else base_path
     tokenizer = load_tokenizer(tokenizer_src, model_cfg)
     device = torch.device(device)
-    model = load_model(base_path, model_cfg, device, label_names=info["label_names"],
-                       pad_token_id=tokenizer.pad_token_id, dtype=dtype)
+    model = load_model(
+        base_path,
+        model_cfg,
+        device,
+        label_names=info["label_names"],
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=dtype,
+    )
     method = info["method_cls"](info["method_cfg"], info["task"])
     torch.manual_seed(0)
     model = method.apply(model)
@@ -185,8 +201,9 @@ def load_adapter(
     return LoadedAdapter(model, tokenizer, method, info["task"], info["label_names"], base_path)
 
 
-def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | None = None,
-                  dtype: str = "float32") -> dict[str, Any]:
+def merge_adapter(
+    adapter_dir: str | Path, output: str | Path, base: str | None = None, dtype: str = "float32"
+) -> dict[str, Any]:
     """Fold an adapter into its base and write a plain transformers model directory.
 
     The base is always reloaded in full precision (a QLoRA adapter's base too): the update is added
@@ -201,8 +218,11 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | None 
     """
     info = read_adapter_info(adapter_dir)
     if not info["method_cls"].mergeable:
-        raise RecipeError("merge", f"method {info['method_cls'].name} cannot be merged into the base",
-                          "load the adapter directory directly (peftcli eval / peftcli.load)")
+        raise RecipeError(
+            "merge",
+            f"method {info['method_cls'].name} cannot be merged into the base",
+            "load the adapter directory directly (peftcli eval / peftcli.load)",
+        )
     probe, reference = None, None
     if info["quantization"]:
         from peftcli.quantize import probe_batch, probe_logits
@@ -216,10 +236,18 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | None 
     merged = loaded.method.merge(loaded.model)
     target = getattr(torch, dtype)
     merged.to(target)
-    result: dict[str, Any] = {"output": str(output), "dtype": dtype, "method": loaded.method.name,
-                              "base": loaded.base_path, "task": loaded.task, "report_lines": []}
+    result: dict[str, Any] = {
+        "output": str(output),
+        "dtype": dtype,
+        "method": loaded.method.name,
+        "base": loaded.base_path,
+        "task": loaded.task,
+        "report_lines": [],
+    }
     if probe is not None:
-        result.update(_quantization_report(merged, probe, reference, info["quantization"], dtype, loaded.task))
+        result.update(
+            _quantization_report(merged, probe, reference, info["quantization"], dtype, loaded.task)
+        )
     with AtomicDir(output) as tmp:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
@@ -229,21 +257,37 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | None 
     return result
 
 
-def _quantization_report(merged: nn.Module, probe: dict[str, torch.Tensor], reference: torch.Tensor,
-                         quant: dict[str, Any], dtype: str, task: str) -> dict[str, Any]:
+def _quantization_report(
+    merged: nn.Module,
+    probe: dict[str, torch.Tensor],
+    reference: torch.Tensor,
+    quant: dict[str, Any],
+    dtype: str,
+    task: str,
+) -> dict[str, Any]:
     from peftcli.quantize import PROBE_TEXTS, describe, logit_difference, probe_logits
 
     q = coerce(quant, QuantizationConfig, "quantization")
     diff = logit_difference(probe_logits(merged, probe, task), reference)
     positions = int(reference.shape[0])
-    probe_info = {"texts": list(PROBE_TEXTS), "input_ids": probe["input_ids"].tolist(),
-                  "attention_mask": probe["attention_mask"].tolist(), "positions": positions,
-                  "merged_dtype": dtype, "reference": f"the {q.bits}-bit adapter model ({describe(q)})",
-                  "quantization": quant, **diff}
-    gap = (f"merged model ({dtype}) vs the {q.bits}-bit adapter model it was trained as, on {positions} probe "
-           f"positions: max |Δlogit| {diff['max_abs_logit_diff']:.4g}, mean {diff['mean_abs_logit_diff']:.4g} "
-           f"(mean |logit| {diff['mean_abs_logit']:.4g})")
-    why = (f"the merge used the {dtype} base weights, not the {q.bits}-bit ones: the difference is the base's "
-           "quantization error, which the adapter was trained around; nothing was re-quantized")
+    probe_info = {
+        "texts": list(PROBE_TEXTS),
+        "input_ids": probe["input_ids"].tolist(),
+        "attention_mask": probe["attention_mask"].tolist(),
+        "positions": positions,
+        "merged_dtype": dtype,
+        "reference": f"the {q.bits}-bit adapter model ({describe(q)})",
+        "quantization": quant,
+        **diff,
+    }
+    gap = (
+        f"merged model ({dtype}) vs the {q.bits}-bit adapter model it was trained as, on {positions} probe "
+        f"positions: max |Δlogit| {diff['max_abs_logit_diff']:.4g}, mean {diff['mean_abs_logit_diff']:.4g} "
+        f"(mean |logit| {diff['mean_abs_logit']:.4g})"
+    )
+    why = (
+        f"the merge used the {dtype} base weights, not the {q.bits}-bit ones: the difference is the base's "
+        "quantization error, which the adapter was trained around; nothing was re-quantized"
+    )
     lines = [gap, why]
     return {"probe": probe_info, "report_lines": lines}

@@ -50,11 +50,18 @@ class TrainResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "run_dir": str(self.run_dir), "adapter_dir": str(self.adapter_dir), "steps": self.steps,
-            "eval_before": self.eval_before, "eval_after": self.eval_after,
-            "train_loss_first": self.first_loss, "train_loss_last": self.last_loss,
-            "elapsed_s": round(self.elapsed_s, 3), "tokens_per_s": round(self.tokens_per_s, 1),
-            "trainable_parameters": self.trainable, "total_parameters": self.total, "data": self.data_stats,
+            "run_dir": str(self.run_dir),
+            "adapter_dir": str(self.adapter_dir),
+            "steps": self.steps,
+            "eval_before": self.eval_before,
+            "eval_after": self.eval_after,
+            "train_loss_first": self.first_loss,
+            "train_loss_last": self.last_loss,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "trainable_parameters": self.trainable,
+            "total_parameters": self.total,
+            "data": self.data_stats,
         }
 
 
@@ -74,8 +81,9 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tup
         # slicing them would copy a (B, T, vocab) tensor every step.
         labels = F.pad(labels[:, 1:], (0, 1), value=-100)
     labels = labels.to(logits.device)
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
-                           reduction="sum")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     return loss, int((labels != -100).sum())
 
 
@@ -99,15 +107,22 @@ def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
-def build_model(recipe: Recipe, device: torch.device, label_names: list[str] | None, tokenizer, base_path: str):
+def build_model(
+    recipe: Recipe, device: torch.device, label_names: list[str] | None, tokenizer, base_path: str
+):
     """Base model + method, with the trainable parameters in fp32 (adapters train in full precision)."""
     from peftcli.models import load_model
 
-    model = load_model(base_path, recipe.model, device, label_names=label_names, pad_token_id=tokenizer.pad_token_id)
+    model = load_model(
+        base_path, recipe.model, device, label_names=label_names, pad_token_id=tokenizer.pad_token_id
+    )
     method_cls = get_method_class(recipe.method.name)
     if recipe.model.quantization is not None and not method_cls.supports_quantized_base:
-        raise RecipeError("model.quantization", f"method {method_cls.name} cannot train on a quantized base",
-                          "remove model.quantization or pick lora")
+        raise RecipeError(
+            "model.quantization",
+            f"method {method_cls.name} cannot train on a quantized base",
+            "remove model.quantization or pick lora",
+        )
     method: Method = method_cls(recipe.method, recipe.model.task)
     torch.manual_seed(recipe.train.seed)  # adapter init depends on the seed only
     model = method.apply(model)
@@ -134,13 +149,21 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
     if resume and latest is None:
         reporter.note(f"--resume: no complete checkpoint in {run_dir}/checkpoints, starting from scratch")
     if not resume and ckpt.list_checkpoints(run_dir):
-        raise RecipeError("output_dir", f"{run_dir} already holds checkpoints from an earlier run",
-                          "pass --resume to continue it, or choose another --output-dir")
+        raise RecipeError(
+            "output_dir",
+            f"{run_dir} already holds checkpoints from an earlier run",
+            "pass --resume to continue it, or choose another --output-dir",
+        )
     if latest is not None:
-        saved = (latest.parent.parent / "recipe.yaml")
-        if saved.exists() and _training_identity(saved.read_text()) != _training_identity(dump_recipe(recipe)):
-            raise RecipeError("--resume", f"the recipe differs from the one {run_dir} was started with",
-                              f"resume with the same recipe (see {saved}) or start a new output_dir")
+        saved = latest.parent.parent / "recipe.yaml"
+        if saved.exists() and _training_identity(saved.read_text()) != _training_identity(
+            dump_recipe(recipe)
+        ):
+            raise RecipeError(
+                "--resume",
+                f"the recipe differs from the one {run_dir} was started with",
+                f"resume with the same recipe (see {saved}) or start a new output_dir",
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
 
@@ -151,7 +174,9 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
     tokenizer = load_tokenizer(base_path, recipe.model)
     data = load_data(recipe.data, tokenizer, task)
     if not data.train:
-        raise RecipeError("data.train", "no training examples left after tokenization", "check the data and max_length")
+        raise RecipeError(
+            "data.train", "no training examples left after tokenization", "check the data and max_length"
+        )
     model, method = build_model(recipe, device, data.label_names, tokenizer, base_path)
     trainable, total = count_parameters(model)
     steps, batches_per_epoch = total_steps(cfg, len(data.train))
@@ -206,8 +231,13 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
             "optimizer": optimizer.state_dict(),
             "method_state": method.method_state(),
             "rng": ckpt.rng_state(),
-            "trainer_state": {"step": at_step, "epoch": next_epoch, "batch_index": next_batch,
-                              "scheduler": scheduler.state_dict(), "total_steps": steps},
+            "trainer_state": {
+                "step": at_step,
+                "epoch": next_epoch,
+                "batch_index": next_batch,
+                "scheduler": scheduler.state_dict(),
+                "total_steps": steps,
+            },
         }
         path = ckpt.save_checkpoint(run_dir, at_step, payload, cfg.keep_checkpoints)
         if os.environ.get("PEFTCLI_TEST_KILL_AFTER_CHECKPOINT") == str(at_step):
@@ -218,8 +248,10 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
 
     # -- 3. the loop -------------------------------------------------------------------------
     stop_signal: list[int] = []
-    previous_handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
-                         for s in (signal.SIGINT, signal.SIGTERM)}
+    previous_handlers = {
+        s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
+        for s in (signal.SIGINT, signal.SIGTERM)
+    }
     model.train()
     first_loss = last_loss = None
     window_losses: list[float] = []
@@ -232,7 +264,7 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
                 if batches_of_epoch[0] != epoch:  # one permutation per epoch, not one per step
                     batches_of_epoch = (epoch, sampler.epoch_batches(epoch))
                 batches = batches_of_epoch[1]
-                window = batches[batch_index: batch_index + cfg.grad_accum]
+                window = batches[batch_index : batch_index + cfg.grad_accum]
                 next_epoch, next_batch = epoch, batch_index + len(window)
                 if next_batch >= len(batches):
                     next_epoch, next_batch = epoch + 1, 0
@@ -243,8 +275,11 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
                 for batch in micro:
                     batch = {k: v.to(device) for k, v in batch.items()}
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    **({"labels": batch["labels"]} if task == "seq2seq" else {}))
+                        out = model(
+                            input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"],
+                            **({"labels": batch["labels"]} if task == "seq2seq" else {}),
+                        )
                         loss_sum, _ = token_loss_sum(out.logits, batch["labels"], task)
                         loss = loss_sum / n_targets  # token-weighted over the whole accumulation window
                         extra = method.extra_loss(model)
@@ -271,8 +306,11 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
                 step, epoch, batch_index = step + 1, next_epoch, next_batch
 
                 if not math.isfinite(loss_total):
-                    raise RecipeError("train.lr", f"the loss became {loss_total} at step {step}",
-                                      "lower train.lr or set train.max_grad_norm")
+                    raise RecipeError(
+                        "train.lr",
+                        f"the loss became {loss_total} at step {step}",
+                        "lower train.lr or set train.max_grad_norm",
+                    )
                 first_loss = loss_total if first_loss is None else first_loss
                 last_loss = loss_total
                 window_losses.append(loss_total)
@@ -280,9 +318,17 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
                 tokens_per_s = tokens_seen / max(elapsed, 1e-9)
                 progress.update(step, loss_total, lr, tokens_per_s)
                 if step % cfg.log_every == 0 or step == steps:
-                    log({"event": "train", "step": step, "epoch": round(step / max(1, math.ceil(batches_per_epoch / cfg.grad_accum)), 4),
-                         "loss": sum(window_losses) / len(window_losses), "lr": lr,
-                         "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(elapsed_before + elapsed, 3)})
+                    log(
+                        {
+                            "event": "train",
+                            "step": step,
+                            "epoch": round(step / max(1, math.ceil(batches_per_epoch / cfg.grad_accum)), 4),
+                            "loss": sum(window_losses) / len(window_losses),
+                            "lr": lr,
+                            "tokens_per_s": round(tokens_per_s, 1),
+                            "elapsed_s": round(elapsed_before + elapsed, 3),
+                        }
+                    )
                     window_losses.clear()
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
                     run_eval(step)
@@ -301,8 +347,20 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
     eval_after = run_eval(step)
     adapter_dir = run_dir / "adapter"
     save_adapter(adapter_dir, model, method, tokenizer, base_path, recipe.model, data.label_names)
-    result = TrainResult(run_dir, adapter_dir, step, eval_before, eval_after, first_loss, last_loss, elapsed,
-                         tokens_seen / max(time.perf_counter() - start, 1e-9), trainable, total, data.stats)
+    result = TrainResult(
+        run_dir,
+        adapter_dir,
+        step,
+        eval_before,
+        eval_after,
+        first_loss,
+        last_loss,
+        elapsed,
+        tokens_seen / max(time.perf_counter() - start, 1e-9),
+        trainable,
+        total,
+        data.stats,
+    )
     atomic_write_text(run_dir / "results.json", json.dumps(result.to_json(), indent=2) + "\n")
     atomic_write_text(run_dir / "summary.md", reporter.summary_markdown(result))
     return result
@@ -323,8 +381,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop events logged after the checkpoint we resume from (they will be logged again)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 

@@ -36,15 +36,23 @@ def resolve_model_name(name: str) -> str:
     if arch is not None:
         return str(ensure_tiny(arch))
     expanded = os.path.expanduser(name)
-    looks_local = expanded.startswith((".", "/", "~")) or (os.sep in expanded and not _looks_like_hub_id(expanded))
+    looks_local = expanded.startswith((".", "/", "~")) or (
+        os.sep in expanded and not _looks_like_hub_id(expanded)
+    )
     if os.path.isdir(expanded):
         if not (Path(expanded) / "config.json").exists():
-            raise RecipeError("model.name", f"{name} is a directory without config.json",
-                              "point it at a saved transformers model directory")
+            raise RecipeError(
+                "model.name",
+                f"{name} is a directory without config.json",
+                "point it at a saved transformers model directory",
+            )
         return expanded
     if looks_local or os.path.isfile(expanded):
-        raise RecipeError("model.name", f"model directory not found: {name}",
-                          "check the path, or use a hub id such as Qwen/Qwen2.5-0.5B or tiny:llama")
+        raise RecipeError(
+            "model.name",
+            f"model directory not found: {name}",
+            "check the path, or use a hub id such as Qwen/Qwen2.5-0.5B or tiny:llama",
+        )
     return name
 
 
@@ -67,16 +75,23 @@ def resolve_device(spec: str = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise RecipeError("train.device", f"{spec!r} is not a device", "use auto, cpu, cuda or cuda:0") from None
+        raise RecipeError(
+            "train.device", f"{spec!r} is not a device", "use auto, cpu, cuda or cuda:0"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("train.device", "cuda was asked for but no GPU is visible", "use train.device: auto or cpu")
+        raise RecipeError(
+            "train.device", "cuda was asked for but no GPU is visible", "use train.device: auto or cpu"
+        )
     return device
 
 
 def _hub_error(name: str, err: Exception) -> RecipeError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return RecipeError("model.name", f"could not load {name!r}: {first[:200]}",
-                       "check the hub id and your network (or HF_HUB_OFFLINE), or pass a local directory")
+    return RecipeError(
+        "model.name",
+        f"could not load {name!r}: {first[:200]}",
+        "check the hub id and your network (or HF_HUB_OFFLINE), or pass a local directory",
+    )
 
 
 def load_tokenizer(path: str, cfg: ModelConfig):
@@ -84,7 +99,9 @@ def load_tokenizer(path: str, cfg: ModelConfig):
 
     quiet_transformers()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     except (OSError, ValueError) as err:
         raise _hub_error(cfg.name, err) from None
     if tokenizer.pad_token_id is None:
@@ -112,8 +129,11 @@ def load_model(
     kwargs: dict[str, Any] = dict(dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if cfg.task == "seq_cls":
         labels = label_names or [str(i) for i in range(num_labels or 2)]
-        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                      label2id={name: i for i, name in enumerate(labels)})
+        kwargs.update(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+        )
     if cfg.quantization is not None:
         from peftcli.quantize import quantization_kwargs
 
@@ -122,8 +142,11 @@ def load_model(
         model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         if "Unrecognized configuration class" in str(err) or "not supported" in str(err):
-            raise RecipeError("model.task", f"{cfg.name} has no {cfg.task} head in transformers ({str(err)[:120]})",
-                              "pick the task the model was built for") from None
+            raise RecipeError(
+                "model.task",
+                f"{cfg.name} has no {cfg.task} head in transformers ({str(err)[:120]})",
+                "pick the task the model was built for",
+            ) from None
         raise _hub_error(cfg.name, err) from None
     if cfg.task == "seq_cls" and pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id  # decoder classifiers find the last token through it

@@ -25,15 +25,20 @@ def import_bitsandbytes(key: str):
             warnings.simplefilter("ignore")
             import bitsandbytes
     except Exception as err:  # ImportError, or a broken native library
-        raise RecipeError(key, f"bitsandbytes is not usable here ({str(err).splitlines()[0][:120]})",
-                          "pip install bitsandbytes, or pick optimizer: adamw") from None
+        raise RecipeError(
+            key,
+            f"bitsandbytes is not usable here ({str(err).splitlines()[0][:120]})",
+            "pip install bitsandbytes, or pick optimizer: adamw",
+        ) from None
     return bitsandbytes
 
 
 def build_optimizer(param_groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(
+            param_groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+        )
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     bnb = import_bitsandbytes("train.optimizer")

@@ -44,8 +44,11 @@ def import_bitsandbytes(key: str = KEY):
             import bitsandbytes
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise RecipeError(key, f"bitsandbytes is not usable here ({first})",
-                          "pip install 'bitsandbytes>=0.45' (CPU and CUDA), or remove model.quantization") from None
+        raise RecipeError(
+            key,
+            f"bitsandbytes is not usable here ({first})",
+            "pip install 'bitsandbytes>=0.45' (CPU and CUDA), or remove model.quantization",
+        ) from None
     # "MatMul8bitLt: inputs will be cast ... to float16" is logged on every 8-bit matmul on the CPU.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     return bitsandbytes
@@ -61,8 +64,9 @@ def check_bitsandbytes_runs(q: QuantizationConfig, device: torch.device) -> None
             warnings.simplefilter("ignore")
             probe = torch.linspace(-1.0, 1.0, 256, device=device).reshape(4, 64)
             if q.bits == 4:
-                packed, state = bnb.functional.quantize_4bit(probe, blocksize=64, quant_type=q.quant_type,
-                                                             compress_statistics=q.double_quant)
+                packed, state = bnb.functional.quantize_4bit(
+                    probe, blocksize=64, quant_type=q.quant_type, compress_statistics=q.double_quant
+                )
                 restored = bnb.functional.dequantize_4bit(packed, state)
             else:
                 layer = bnb.nn.Linear8bitLt(64, 4, bias=False, has_fp16_weights=False)
@@ -71,11 +75,17 @@ def check_bitsandbytes_runs(q: QuantizationConfig, device: torch.device) -> None
                 restored = layer(torch.eye(64, device=device)).T
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise RecipeError(KEY, f"bitsandbytes {bnb.__version__} cannot run {what} on {device} ({first})",
-                          "use a CUDA GPU or a CPU build of bitsandbytes >= 0.45, or remove model.quantization") from None
+        raise RecipeError(
+            KEY,
+            f"bitsandbytes {bnb.__version__} cannot run {what} on {device} ({first})",
+            "use a CUDA GPU or a CPU build of bitsandbytes >= 0.45, or remove model.quantization",
+        ) from None
     if not torch.allclose(restored.float().cpu(), probe.cpu(), atol=0.2):
-        raise RecipeError(KEY, f"bitsandbytes {bnb.__version__} {what} on {device} gives wrong numbers",
-                          "upgrade bitsandbytes, or remove model.quantization")
+        raise RecipeError(
+            KEY,
+            f"bitsandbytes {bnb.__version__} {what} on {device} gives wrong numbers",
+            "upgrade bitsandbytes, or remove model.quantization",
+        )
 
 
 def skip_module_names(q: QuantizationConfig) -> list[str]:
@@ -95,9 +105,13 @@ def quantization_kwargs(cfg: ModelConfig, device: torch.device) -> dict[str, Any
     check_bitsandbytes_runs(q, device)
     compute_dtype = getattr(torch, q.compute_dtype)
     if q.bits == 4:
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                                    bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute_dtype,
-                                    llm_int8_skip_modules=skip_module_names(q))
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=skip_module_names(q),
+        )
     else:
         config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_module_names(q))
     place = device.index if device.type == "cuda" and device.index is not None else str(device)
@@ -133,14 +147,23 @@ def prepare_for_kbit_training(model: nn.Module, cfg: ModelConfig) -> None:
             module.register_forward_pre_hook(_cast_input_to_weight_dtype)
     for head in output_head_names(model):
         if is_quantized_layer(names[head]):
-            raise RecipeError(KEY, f"the head {head} was quantized", "add it to model.quantization.skip_modules")
+            raise RecipeError(
+                KEY, f"the head {head} was quantized", "add it to model.quantization.skip_modules"
+            )
     for entry in q.skip_modules:
-        hits = [n for n in names if n and (n == entry or n.endswith("." + entry) or n.startswith(entry + "."))]
+        hits = [
+            n for n in names if n and (n == entry or n.endswith("." + entry) or n.startswith(entry + "."))
+        ]
         if not hits:
-            raise RecipeError(f"{KEY}.skip_modules", f"{entry!r} matches no module in {type(model).__name__}",
-                              "use module names such as down_proj or model.layers.0.mlp")
+            raise RecipeError(
+                f"{KEY}.skip_modules",
+                f"{entry!r} matches no module in {type(model).__name__}",
+                "use module names such as down_proj or model.layers.0.mlp",
+            )
         if any(is_quantized_layer(names[n]) for n in hits):
-            raise RecipeError(f"{KEY}.skip_modules", f"{entry!r} was quantized anyway", "report this as a bug")
+            raise RecipeError(
+                f"{KEY}.skip_modules", f"{entry!r} was quantized anyway", "report this as a bug"
+            )
 
 
 def _cast_input_to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
@@ -214,10 +237,14 @@ def describe(q: QuantizationConfig) -> str:
 def summary_lines(model: nn.Module, q: QuantizationConfig) -> list[str]:
     """Lines for the start-up summary: what is quantized and what it costs per parameter."""
     r = storage_report(model)
-    layers = (f"{describe(q)}: {r['quantized_layers']} linear layers, {r['quantized_parameters']:,} weights "
-              f"stored at {r['quantized_bits_per_parameter']:.3f} bits/param")
-    whole = (f"whole base: {human_bytes(r['total_bytes'])} for {r['total_parameters']:,} params = "
-             f"{r['bytes_per_parameter']:.3f} bytes/param (heads, embeddings, norms unquantized)")
+    layers = (
+        f"{describe(q)}: {r['quantized_layers']} linear layers, {r['quantized_parameters']:,} weights "
+        f"stored at {r['quantized_bits_per_parameter']:.3f} bits/param"
+    )
+    whole = (
+        f"whole base: {human_bytes(r['total_bytes'])} for {r['total_parameters']:,} params = "
+        f"{r['bytes_per_parameter']:.3f} bytes/param (heads, embeddings, norms unquantized)"
+    )
     return [layers, whole]
 
 
@@ -242,7 +269,9 @@ PROBE_TEXTS = (
 
 
 def probe_batch(tokenizer, max_length: int = 64) -> dict[str, torch.Tensor]:
-    batch = tokenizer(list(PROBE_TEXTS), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    batch = tokenizer(
+        list(PROBE_TEXTS), return_tensors="pt", padding=True, truncation=True, max_length=max_length
+    )
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
@@ -252,7 +281,11 @@ def probe_logits(model: nn.Module, batch: dict[str, torch.Tensor], task: str) ->
     device = next(p for p in model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     kwargs = {"labels": batch["input_ids"]} if task == "seq2seq" else {}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits.float().cpu()
+    logits = (
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        .logits.float()
+        .cpu()
+    )
     if task == "seq_cls":
         return logits
     return logits[batch["attention_mask"].bool().cpu()]
@@ -260,5 +293,8 @@ def probe_logits(model: nn.Module, batch: dict[str, torch.Tensor], task: str) ->
 
 def logit_difference(merged: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     diff = (merged - reference).abs()
-    return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
-            "mean_abs_logit": float(reference.abs().mean())}
+    return {
+        "max_abs_logit_diff": float(diff.max()),
+        "mean_abs_logit_diff": float(diff.mean()),
+        "mean_abs_logit": float(reference.abs().mean()),
+    }

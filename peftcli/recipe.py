@@ -44,15 +44,33 @@ def doc(help: str, **extra: Any) -> dict[str, Any]:
 # Names other tools (peft, HF Trainer, axolotl, torchtune) use for our keys: a user coming from them
 # gets pointed at ours even where the spelling is far off.
 SYNONYMS = {
-    "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
-    "micro_batch_size": "batch_size", "per_device_train_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum", "gradient_accumulation": "grad_accum",
-    "lr_scheduler": "scheduler", "lr_scheduler_type": "scheduler", "warmup": "warmup_steps",
-    "optim": "optimizer", "max_seq_length": "max_length", "sequence_len": "max_length",
-    "max_seq_len": "max_length", "torch_dtype": "dtype", "base_model": "name", "model_name": "name",
-    "lora_target_modules": "target_modules", "save_steps": "save_every", "eval_steps": "eval_every",
-    "logging_steps": "log_every", "output": "output_dir",
+    "rank": "r",
+    "lora_r": "r",
+    "lora_rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "micro_batch_size": "batch_size",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "gradient_accumulation": "grad_accum",
+    "lr_scheduler": "scheduler",
+    "lr_scheduler_type": "scheduler",
+    "warmup": "warmup_steps",
+    "optim": "optimizer",
+    "max_seq_length": "max_length",
+    "sequence_len": "max_length",
+    "max_seq_len": "max_length",
+    "torch_dtype": "dtype",
+    "base_model": "name",
+    "model_name": "name",
+    "lora_target_modules": "target_modules",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "logging_steps": "log_every",
+    "output": "output_dir",
 }
 
 
@@ -91,13 +109,15 @@ class QuantizationConfig:
 @dataclass
 class ModelConfig:
     name: str = field(
-        default="", metadata=doc("hub id, local model directory, or tiny:<arch> (llama, qwen2, gpt2, bert, t5)")
+        default="",
+        metadata=doc("hub id, local model directory, or tiny:<arch> (llama, qwen2, gpt2, bert, t5)"),
     )
     task: Literal["causal_lm", "seq_cls", "seq2seq"] = field(
         default="causal_lm", metadata=doc("head to load: causal_lm, seq_cls (classification) or seq2seq")
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata=doc("dtype of the frozen base weights; auto = float32 on CPU, bfloat16 on GPU")
+        default="auto",
+        metadata=doc("dtype of the frozen base weights; auto = float32 on CPU, bfloat16 on GPU"),
     )
     revision: str | None = field(default=None, metadata=doc("hub revision (branch, tag or commit)"))
     num_labels: int | None = field(
@@ -111,7 +131,8 @@ class ModelConfig:
         default=False, metadata=doc("run model code shipped with a hub repo; only for repos you trust")
     )
     quantization: QuantizationConfig | None = field(
-        default=None, metadata=doc("load the base in 4/8 bits with bitsandbytes (QLoRA); see model.quantization.*")
+        default=None,
+        metadata=doc("load the base in 4/8 bits with bitsandbytes (QLoRA); see model.quantization.*"),
     )
 
 
@@ -119,30 +140,44 @@ class ModelConfig:
 class DataConfig:
     train: str = field(
         default="",
-        metadata=doc("training data: a .jsonl/.json/.csv/.parquet file, a saved datasets dir, or a hub dataset id"),
+        metadata=doc(
+            "training data: a .jsonl/.json/.csv/.parquet file, a saved datasets dir, or a hub dataset id"
+        ),
     )
     train_split: str = field(default="train", metadata=doc("split to read when data.train is a hub dataset"))
     eval: str | None = field(default=None, metadata=doc("evaluation data, same forms as data.train"))
-    eval_split: str = field(default="validation", metadata=doc("split to read when data.eval is a hub dataset"))
+    eval_split: str = field(
+        default="validation", metadata=doc("split to read when data.eval is a hub dataset")
+    )
     eval_fraction: float = field(
         default=0.0,
         metadata=doc("hold out this fraction of train for eval when data.eval is not set", min=0.0, max=0.5),
     )
     format: Literal["text", "completion", "instruction", "chat", "classification"] = field(
         default="text",
-        metadata=doc("text | completion (prompt/completion) | instruction (alpaca) | chat (messages) | classification"),
+        metadata=doc(
+            "text | completion (prompt/completion) | instruction (alpaca) | chat (messages) | classification"
+        ),
     )
     columns: dict[str, str] = field(
         default_factory=dict,
         metadata=doc("rename columns: {our_name: your_column}, e.g. {prompt: question, completion: answer}"),
     )
-    max_length: int = field(default=512, metadata=doc("tokens per example; longer ones are truncated and counted", min=8))
+    max_length: int = field(
+        default=512, metadata=doc("tokens per example; longer ones are truncated and counted", min=8)
+    )
     train_on_prompt: bool = field(
         default=False, metadata=doc("also compute the loss on prompt tokens (default: only on the answer)")
     )
-    add_eos: bool = field(default=True, metadata=doc("append the EOS token to every target so generation stops"))
-    max_train_examples: int | None = field(default=None, metadata=doc("use only the first N training examples", min=1))
-    max_eval_examples: int | None = field(default=None, metadata=doc("use only the first N eval examples", min=1))
+    add_eos: bool = field(
+        default=True, metadata=doc("append the EOS token to every target so generation stops")
+    )
+    max_train_examples: int | None = field(
+        default=None, metadata=doc("use only the first N training examples", min=1)
+    )
+    max_eval_examples: int | None = field(
+        default=None, metadata=doc("use only the first N eval examples", min=1)
+    )
     shuffle_seed: int = field(default=0, metadata=doc("seed of the eval_fraction split"))
 
 
@@ -155,20 +190,38 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = field(default=1.0, metadata=doc("passes over the training data (ignored when max_steps is set)", min_exclusive=0.0))
-    max_steps: int | None = field(default=None, metadata=doc("optimizer steps to run; overrides epochs", min=1))
+    epochs: float = field(
+        default=1.0,
+        metadata=doc("passes over the training data (ignored when max_steps is set)", min_exclusive=0.0),
+    )
+    max_steps: int | None = field(
+        default=None, metadata=doc("optimizer steps to run; overrides epochs", min=1)
+    )
     batch_size: int = field(default=8, metadata=doc("examples per micro-batch", min=1))
     grad_accum: int = field(default=1, metadata=doc("micro-batches per optimizer step", min=1))
     lr: float = field(default=2e-4, metadata=doc("peak learning rate", min_exclusive=0.0))
     scheduler: Literal["constant", "linear", "cosine"] = field(
         default="linear", metadata=doc("learning-rate decay after warmup: constant, linear or cosine (to 0)")
     )
-    warmup_steps: int = field(default=0, metadata=doc("linear warmup steps (overrides warmup_ratio when > 0)", min=0))
-    warmup_ratio: float = field(default=0.0, metadata=doc("warmup as a fraction of all steps", min=0.0, max=1.0))
-    weight_decay: float = field(default=0.0, metadata=doc("decoupled weight decay of AdamW / L2 of SGD", min=0.0))
-    max_grad_norm: float = field(default=1.0, metadata=doc("clip the gradient norm to this; 0 turns clipping off", min=0.0))
-    optimizer: Literal["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit"] = field(
-        default="adamw", metadata=doc("adamw | sgd | bitsandbytes: adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, paged_lion_8bit")
+    warmup_steps: int = field(
+        default=0, metadata=doc("linear warmup steps (overrides warmup_ratio when > 0)", min=0)
+    )
+    warmup_ratio: float = field(
+        default=0.0, metadata=doc("warmup as a fraction of all steps", min=0.0, max=1.0)
+    )
+    weight_decay: float = field(
+        default=0.0, metadata=doc("decoupled weight decay of AdamW / L2 of SGD", min=0.0)
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata=doc("clip the gradient norm to this; 0 turns clipping off", min=0.0)
+    )
+    optimizer: Literal[
+        "adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit"
+    ] = field(
+        default="adamw",
+        metadata=doc(
+            "adamw | sgd | bitsandbytes: adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, paged_lion_8bit"
+        ),
     )
     adam_beta1: float = field(default=0.9, metadata=doc("Adam/Lion beta1", min=0.0, max=1.0))
     adam_beta2: float = field(default=0.999, metadata=doc("Adam/Lion beta2", min=0.0, max=1.0))
@@ -176,9 +229,13 @@ class TrainConfig:
     momentum: float = field(default=0.0, metadata=doc("SGD momentum", min=0.0, max=1.0))
     seed: int = field(default=42, metadata=doc("seed for init, dropout and data order"))
     log_every: int = field(default=10, metadata=doc("optimizer steps between train log lines", min=1))
-    eval_every: int = field(default=0, metadata=doc("steps between evals; 0 = only before and after training", min=0))
+    eval_every: int = field(
+        default=0, metadata=doc("steps between evals; 0 = only before and after training", min=0)
+    )
     save_every: int = field(default=0, metadata=doc("steps between checkpoints; 0 = only at the end", min=0))
-    keep_checkpoints: int = field(default=2, metadata=doc("newest checkpoints kept; older ones are deleted", min=1))
+    keep_checkpoints: int = field(
+        default=2, metadata=doc("newest checkpoints kept; older ones are deleted", min=1)
+    )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(
         default="auto", metadata=doc("autocast on GPU: auto = bf16 where supported; always off on CPU")
     )
@@ -192,14 +249,18 @@ class EvalConfig:
         default=True, metadata=doc("for causal LMs with answers: greedy-generate and score exact match")
     )
     max_new_tokens: int = field(default=32, metadata=doc("generation budget per example", min=1))
-    max_generate_examples: int = field(default=200, metadata=doc("generate for at most this many eval examples", min=1))
+    max_generate_examples: int = field(
+        default=200, metadata=doc("generate for at most this many eval examples", min=1)
+    )
 
 
 @dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig, metadata=doc("the base model"))
     data: DataConfig = field(default_factory=DataConfig, metadata=doc("training and eval data"))
-    method: MethodConfig = field(default_factory=MethodConfig, metadata=doc("the PEFT method and its options"))
+    method: MethodConfig = field(
+        default_factory=MethodConfig, metadata=doc("the PEFT method and its options")
+    )
     train: TrainConfig = field(default_factory=TrainConfig, metadata=doc("the training loop"))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=doc("evaluation"))
     output_dir: str = field(default="", metadata=doc("run directory; default runs/<recipe file name>"))
@@ -227,7 +288,9 @@ def _type_name(tp: Any) -> str:
         return "mapping"
     if dataclasses.is_dataclass(tp):
         return "mapping"
-    return {int: "integer", float: "number", bool: "true/false", str: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {int: "integer", float: "number", bool: "true/false", str: "string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _show(value: Any) -> str:
@@ -256,7 +319,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         for choice in choices:
-            if value == choice or (isinstance(choice, int) and isinstance(value, str) and value.strip() == str(choice)):
+            if value == choice or (
+                isinstance(choice, int) and isinstance(value, str) and value.strip() == str(choice)
+            ):
                 return choice
         hint = did_you_mean(value, choices) or "choose one of: " + ", ".join(str(c) for c in choices)
         raise RecipeError(key, f"{_show(value)} is not one of {', '.join(str(c) for c in choices)}", hint)
@@ -410,12 +475,17 @@ def read_yaml(path: str | Path) -> dict:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or "invalid YAML"
-        raise RecipeError("recipe", f"{path} is not valid YAML{where}: {problem}", "fix the YAML syntax") from None
+        raise RecipeError(
+            "recipe", f"{path} is not valid YAML{where}: {problem}", "fix the YAML syntax"
+        ) from None
     if raw is None:
         raise RecipeError("recipe", f"{path} is empty", "a recipe needs at least model.name and data.train")
     if not isinstance(raw, dict):
-        raise RecipeError("recipe", f"{path} must be a mapping of sections, got {type(raw).__name__}",
-                          "start with `model:`, `data:`, `method:`, `train:`")
+        raise RecipeError(
+            "recipe",
+            f"{path} must be a mapping of sections, got {type(raw).__name__}",
+            "start with `model:`, `data:`, `method:`, `train:`",
+        )
     return raw
 
 
@@ -428,7 +498,9 @@ def build_recipe(raw: dict, source: str | None = None) -> Recipe:
     if method_raw is None:
         method_raw = {}
     if not isinstance(method_raw, dict):
-        raise RecipeError("method", f"expected a mapping, got {_show(method_raw)}", "e.g. method: {name: lora, r: 8}")
+        raise RecipeError(
+            "method", f"expected a mapping, got {_show(method_raw)}", "e.g. method: {name: lora, r: 8}"
+        )
     recipe = from_dict(Recipe, raw, "")
     name = method_raw.get("name", "lora")
     method_cls = get_method_class(str(name))  # RecipeError with did-you-mean on a typo
@@ -437,34 +509,48 @@ def build_recipe(raw: dict, source: str | None = None) -> Recipe:
     for key in sorted(REQUIRED):
         section, name_ = key.split(".")
         if not getattr(getattr(recipe, section), name_):
-            raise RecipeError(key, "is required", f"set {key} in the recipe or as {key}=... on the command line")
+            raise RecipeError(
+                key, "is required", f"set {key} in the recipe or as {key}=... on the command line"
+            )
     if not recipe.output_dir:
         stem = Path(source).stem if source else "run"
         recipe.output_dir = str(Path("runs") / stem)
     _cross_checks(recipe)
     if recipe.model.quantization is not None and not method_cls.supports_quantized_base:
-        raise RecipeError("model.quantization", f"method {method_cls.name} cannot train on a quantized base",
-                          "remove model.quantization, or pick a method that can (lora)")
+        raise RecipeError(
+            "model.quantization",
+            f"method {method_cls.name} cannot train on a quantized base",
+            "remove model.quantization, or pick a method that can (lora)",
+        )
     method_cls.validate_config(recipe.method, recipe)
     return recipe
 
 
 def _cross_checks(recipe: Recipe) -> None:
     if recipe.data.format == "classification" and recipe.model.task != "seq_cls":
-        raise RecipeError("data.format", "classification data needs model.task: seq_cls",
-                          "set model.task: seq_cls or pick another data.format")
+        raise RecipeError(
+            "data.format",
+            "classification data needs model.task: seq_cls",
+            "set model.task: seq_cls or pick another data.format",
+        )
     if recipe.model.task == "seq_cls" and recipe.data.format != "classification":
-        raise RecipeError("model.task", "seq_cls trains on classification data",
-                          "set data.format: classification (columns text and label)")
+        raise RecipeError(
+            "model.task",
+            "seq_cls trains on classification data",
+            "set data.format: classification (columns text and label)",
+        )
     if recipe.data.eval and recipe.data.eval_fraction:
-        raise RecipeError("data.eval_fraction", "set either data.eval or data.eval_fraction, not both",
-                          "remove one of them")
+        raise RecipeError(
+            "data.eval_fraction", "set either data.eval or data.eval_fraction, not both", "remove one of them"
+        )
     q = recipe.model.quantization
     if q is not None and q.bits == 8 and recipe.model.dtype not in ("auto", "float16", "bfloat16", "float32"):
         raise RecipeError("model.dtype", "not supported with 8-bit quantization")
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir: str | None = None) -> Recipe:
+def load_recipe(
+    path: str | Path, overrides: list[str] | None = None, output_dir: str | None = None
+) -> Recipe:
     raw = read_yaml(path)
     raw = apply_overrides(raw, overrides or [])
     if output_dir:
@@ -486,7 +572,12 @@ def expand_path(value: str) -> str:
 
 
 def _looks_local(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or Path(value).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet")
+    return value.startswith((".", "/", "~")) or Path(value).suffix.lower() in (
+        ".jsonl",
+        ".json",
+        ".csv",
+        ".parquet",
+    )
 
 
 def validate_files(recipe: Recipe) -> None:
@@ -495,9 +586,14 @@ def validate_files(recipe: Recipe) -> None:
 
     name = recipe.model.name
     if parse_tiny(name) is None and _looks_local(name) and not Path(expand_path(name)).is_dir():
-        raise RecipeError("model.name", f"model directory not found: {name}", "check the path or use a hub id")
+        raise RecipeError(
+            "model.name", f"model directory not found: {name}", "check the path or use a hub id"
+        )
     for key in ("train", "eval"):
         value = getattr(recipe.data, key)
         if value and _looks_local(value) and not Path(expand_path(value)).exists():
-            raise RecipeError(f"data.{key}", f"file not found: {value}",
-                              "check the path (relative paths are relative to where you run peftcli)")
+            raise RecipeError(
+                f"data.{key}",
+                f"file not found: {value}",
+                "check the path (relative paths are relative to where you run peftcli)",
+            )

@@ -41,8 +41,17 @@ class Reporter:
         if not self.quiet:
             self.console.print(f"[dim]{text}[/dim]")
 
-    def start_summary(self, recipe, method, trainable: int, total: int, stats: dict, steps: int, device,
-                      base_lines: list[str] | None = None) -> None:
+    def start_summary(
+        self,
+        recipe,
+        method,
+        trainable: int,
+        total: int,
+        stats: dict,
+        steps: int,
+        device,
+        base_lines: list[str] | None = None,
+    ) -> None:
         if self.quiet:
             return
         table = Table(title="peftcli train", show_header=False, title_justify="left")
@@ -52,17 +61,25 @@ class Reporter:
         for i, line in enumerate(base_lines or []):
             table.add_row("quantized" if i == 0 else "", line)
         table.add_row("method", f"{method.name}: {method.description}")
-        table.add_row("trainable", f"{human(trainable)} of {human(total)} parameters ({100 * trainable / max(total, 1):.3f}%)")
+        table.add_row(
+            "trainable",
+            f"{human(trainable)} of {human(total)} parameters ({100 * trainable / max(total, 1):.3f}%)",
+        )
         for line in getattr(method, "summary_lines", list)():
             table.add_row("", line)
-        data = (f"{stats.get('train_examples', '?')} train / {stats.get('eval_examples', 0)} eval examples, "
-                f"{human(stats.get('train_tokens', 0))} train tokens")
+        data = (
+            f"{stats.get('train_examples', '?')} train / {stats.get('eval_examples', 0)} eval examples, "
+            f"{human(stats.get('train_tokens', 0))} train tokens"
+        )
         truncated = stats.get("train_truncated", 0)
         if truncated:
             data += f", {truncated} truncated at {stats.get('max_length')} tokens"
         table.add_row("data", data)
-        table.add_row("steps", f"{steps} (batch {recipe.train.batch_size} × accum {recipe.train.grad_accum}, "
-                               f"lr {recipe.train.lr:g}, {recipe.train.optimizer}, {recipe.train.scheduler})")
+        table.add_row(
+            "steps",
+            f"{steps} (batch {recipe.train.batch_size} × accum {recipe.train.grad_accum}, "
+            f"lr {recipe.train.lr:g}, {recipe.train.optimizer}, {recipe.train.scheduler})",
+        )
         table.add_row("output", recipe.output_dir)
         self.console.print(table)
 
@@ -91,7 +108,9 @@ class Reporter:
             console=self.console,
         )
         with progress:
-            task_id = progress.add_task("train", total=steps, completed=start, loss=float("nan"), lr=0.0, tps=0.0)
+            task_id = progress.add_task(
+                "train", total=steps, completed=start, loss=float("nan"), lr=0.0, tps=0.0
+            )
             yield _Bar(progress, task_id)
 
     def result_table(self, result: TrainResult) -> Table:
@@ -116,10 +135,17 @@ class Reporter:
         for key in METRIC_ORDER:
             if key in before or key in after:
                 lines.append(f"| {key} | {_fmt(before.get(key))} | {_fmt(after.get(key))} |")
-        lines.append(f"| train loss (first → last step) | {_fmt(result.first_loss)} | {_fmt(result.last_loss)} |")
-        lines += ["", f"- steps: {result.steps}, time: {result.elapsed_s:.1f}s, tokens/s: {result.tokens_per_s:,.0f}",
-                  f"- trainable parameters: {result.trainable:,} of {result.total:,}",
-                  f"- adapter: {result.adapter_dir}", "- metrics: metrics.jsonl, results: results.json", ""]
+        lines.append(
+            f"| train loss (first → last step) | {_fmt(result.first_loss)} | {_fmt(result.last_loss)} |"
+        )
+        lines += [
+            "",
+            f"- steps: {result.steps}, time: {result.elapsed_s:.1f}s, tokens/s: {result.tokens_per_s:,.0f}",
+            f"- trainable parameters: {result.trainable:,} of {result.total:,}",
+            f"- adapter: {result.adapter_dir}",
+            "- metrics: metrics.jsonl, results: results.json",
+            "",
+        ]
         return "\n".join(lines)
 
 

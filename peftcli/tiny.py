@@ -23,29 +23,63 @@ TINY_VERSION = 2  # bump when a config below changes, so stale caches are rebuil
 # name -> (model_type, config overrides, default task)
 TINY_ARCHS: dict[str, dict] = {
     "llama": dict(
-        model_type="llama", task="causal_lm",
-        config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
-                    tie_word_embeddings=False),
+        model_type="llama",
+        task="causal_lm",
+        config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+        ),
     ),
     "qwen2": dict(  # q/k/v carry biases: the tiny model for BitFit
-        model_type="qwen2", task="causal_lm",
-        config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False),
+        model_type="qwen2",
+        task="causal_lm",
+        config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        ),
     ),
     "gpt2": dict(  # Conv1D layers (fan_in_fan_out) and biases everywhere
-        model_type="gpt2", task="causal_lm",
+        model_type="gpt2",
+        task="causal_lm",
         config=dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, n_inner=128),
     ),
     "bert": dict(
-        model_type="bert", task="seq_cls",
-        config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    max_position_embeddings=512, num_labels=2),
+        model_type="bert",
+        task="seq_cls",
+        config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            num_labels=2,
+        ),
     ),
     "t5": dict(
-        model_type="t5", task="seq2seq",
-        config=dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
-                    relative_attention_num_buckets=8, feed_forward_proj="relu", tie_word_embeddings=False),
+        model_type="t5",
+        task="seq2seq",
+        config=dict(
+            d_model=64,
+            d_ff=128,
+            d_kv=16,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="relu",
+            tie_word_embeddings=False,
+        ),
     ),
 }
 
@@ -79,9 +113,12 @@ def tiny_path(arch: str) -> Path:
 def parse_tiny(name: str) -> str | None:
     if not name.startswith("tiny:"):
         return None
-    arch = name[len("tiny:"):]
+    arch = name[len("tiny:") :]
     if arch not in TINY_ARCHS:
-        hint = did_you_mean(name, [f"tiny:{a}" for a in TINY_ARCHS]) or f"choose one of: {', '.join('tiny:' + a for a in TINY_ARCHS)}"
+        hint = (
+            did_you_mean(name, [f"tiny:{a}" for a in TINY_ARCHS])
+            or f"choose one of: {', '.join('tiny:' + a for a in TINY_ARCHS)}"
+        )
         raise RecipeError("model.name", f"unknown tiny model {name!r}", hint)
     return arch
 
@@ -95,12 +132,17 @@ def _byte_tokenizer(arch: str):
     vocab = {tok: i for i, tok in enumerate(specials)}
     for ch in sorted(ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=specials[specials.index("<unk>") if "<unk>" in specials else 1]))
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab, merges=[], unk_token=specials[specials.index("<unk>") if "<unk>" in specials else 1]
+        )
+    )
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     if family == "bert":
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
         )
     elif family == "t5":
@@ -130,17 +172,24 @@ def build_tiny(arch: str, path: Path) -> None:
     backend, vocab, family = _byte_tokenizer(arch)
     if family == "bert":
         ids = dict(pad_token_id=vocab["[PAD]"])
-        tok_kwargs = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+        tok_kwargs = dict(
+            pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+        )
     elif family == "t5":
-        ids = dict(pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"], decoder_start_token_id=vocab["<pad>"])
+        ids = dict(
+            pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"], decoder_start_token_id=vocab["<pad>"]
+        )
         tok_kwargs = dict(pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     else:
         ids = dict(pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"])
         tok_kwargs = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     config = AutoConfig.for_model(spec["model_type"], vocab_size=len(vocab), **spec["config"], **ids)
     torch.manual_seed(0)
-    auto = {"causal_lm": AutoModelForCausalLM, "seq_cls": AutoModelForSequenceClassification,
-            "seq2seq": AutoModelForSeq2SeqLM}[spec["task"]]
+    auto = {
+        "causal_lm": AutoModelForCausalLM,
+        "seq_cls": AutoModelForSequenceClassification,
+        "seq2seq": AutoModelForSeq2SeqLM,
+    }[spec["task"]]
     model = auto.from_config(config)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=512, **tok_kwargs)
     if family == "causal":

@@ -21,8 +21,16 @@ def main(out: Path, kind: str) -> None:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    model = BertModel(BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 vocab_size=300, max_position_embeddings=64))
+    model = BertModel(
+        BertConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=300,
+            max_position_embeddings=64,
+        )
+    )
     model.save_pretrained(out / "base")
     adapters.init(model)
     config = {
@@ -45,7 +53,9 @@ def main(out: Path, kind: str) -> None:
     mask[1, 8:] = 0
     with torch.no_grad():
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    tensors = {f"adapter.{n}": p.detach().contiguous() for n, p in model.named_parameters() if ".adapters.a." in n}
+    tensors = {
+        f"adapter.{n}": p.detach().contiguous() for n, p in model.named_parameters() if ".adapters.a." in n
+    }
     tensors.update(input_ids=ids, attention_mask=mask, last_hidden_state=hidden.contiguous())
     save_file(tensors, str(out / "reference.safetensors"))
 

@@ -16,8 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def build(recipe_name: str, tmp_path: Path, overrides: list[str] | None = None):
     """(recipe, base_path, tokenizer, model, method) for ``recipes/tiny/<recipe_name>.yaml`` + overrides."""
-    recipe = load_recipe(ROOT / "recipes" / "tiny" / f"{recipe_name}.yaml",
-                         [f"output_dir={tmp_path / 'run'}", *(overrides or [])])
+    recipe = load_recipe(
+        ROOT / "recipes" / "tiny" / f"{recipe_name}.yaml",
+        [f"output_dir={tmp_path / 'run'}", *(overrides or [])],
+    )
     base_path = resolve_model_name(recipe.model.name)
     tokenizer = load_tokenizer(base_path, recipe.model)
     model, method = build_model(recipe, torch.device("cpu"), None, tokenizer, base_path)

@@ -29,8 +29,15 @@ from peftcli.recipe import RecipeError
 peft = pytest.importorskip("peft")
 
 TOTAL = 8
-SCHEDULE = [f"train.max_steps={TOTAL}", "method.init_r=4", "method.target_r=2", "method.tinit=1",
-            "method.tfinal=2", "method.deltaT=1", "method.orth_reg_weight=0.3"]
+SCHEDULE = [
+    f"train.max_steps={TOTAL}",
+    "method.init_r=4",
+    "method.target_r=2",
+    "method.tinit=1",
+    "method.tfinal=2",
+    "method.deltaT=1",
+    "method.orth_reg_weight=0.3",
+]
 
 
 def peft_model_for(method, model, base_path, recipe):
@@ -60,7 +67,9 @@ def test_forward_and_orthogonal_penalty_equal_peft(tmp_path):
     assert (logits(model, batch) - logits(peft_model, batch)).abs().max().item() <= 1e-5
     # peft adds orth_reg_weight · mean ‖·‖_F to outputs.loss; ours comes from extra_loss
     with torch.no_grad():
-        out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out = peft_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
         task_sum, n = token_loss_sum(out.logits, batch["labels"], "causal_lm")
         peft_penalty = out.loss - task_sum / n
         ours = method.extra_loss(model)
@@ -103,8 +112,9 @@ def test_training_with_allocation_matches_peft_step_for_step(tmp_path):
         method.after_step(model, step)
         ours_opt.zero_grad()
 
-        peft_out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              labels=batch["labels"])
+        peft_out = peft_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
         peft_out.loss.backward()
         peft_opt.step()
         peft_model.base_model.update_and_allocate(step)
@@ -159,15 +169,32 @@ def test_schedule_without_a_pruning_phase_is_refused(tmp_path):
 def test_resume_is_exact_through_the_cli(tmp_path):
     """Kill the run right after the step-5 checkpoint, resume, and compare with an uninterrupted run:
     the EMA scores and the rank pattern go through method_state(), so the adapters are identical."""
-    overrides = ["train.max_steps=10", "method.tinit=2", "method.tfinal=3", "method.deltaT=2",
-                 "train.save_every=5", "data.eval=null"]
+    overrides = [
+        "train.max_steps=10",
+        "method.tinit=2",
+        "method.tfinal=3",
+        "method.deltaT=2",
+        "train.save_every=5",
+        "data.eval=null",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def run(out, *extra, kill=None):
         run_env = {**env, **({"PEFTCLI_TEST_KILL_AFTER_CHECKPOINT": str(kill)} if kill else {})}
-        cmd = [sys.executable, "-m", "peftcli", "train", "recipes/tiny/adalora.yaml", *overrides,
-               f"output_dir={out}", "--quiet", *extra]
-        return subprocess.run(cmd, check=False, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600)
+        cmd = [
+            sys.executable,
+            "-m",
+            "peftcli",
+            "train",
+            "recipes/tiny/adalora.yaml",
+            *overrides,
+            f"output_dir={out}",
+            "--quiet",
+            *extra,
+        ]
+        return subprocess.run(
+            cmd, check=False, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600
+        )
 
     straight = run(tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr

@@ -27,8 +27,10 @@ SOURCES = [ROOT / "recipes/tiny/fusion_sources/reverse", ROOT / "recipes/tiny/fu
 
 def build(tmp_path: Path, sources: list[Path] | None = None):
     adapters = "[" + ",".join(str(p) for p in (sources or SOURCES)) + "]"
-    recipe = load_recipe(ROOT / "recipes/tiny/adapter_fusion.yaml",
-                         [f"output_dir={tmp_path / 'run'}", f"method.adapters={adapters}"])
+    recipe = load_recipe(
+        ROOT / "recipes/tiny/adapter_fusion.yaml",
+        [f"output_dir={tmp_path / 'run'}", f"method.adapters={adapters}"],
+    )
     base_path = resolve_model_name(recipe.model.name)
     tokenizer = load_tokenizer(base_path, recipe.model)
     model, method = build_model(recipe, torch.device("cpu"), None, tokenizer, base_path)
@@ -86,12 +88,14 @@ def test_fusion_forward_equals_equation(tmp_path):
         q = F.linear(h, block.query.weight, block.query.bias)
         scores, values = [], []
         for source in block.sources:  # z_n = W_up relu(W_down h + b) + b (the Pfeiffer preset's relu)
-            z = F.linear(F.relu(F.linear(h, source.down.weight, source.down.bias)), source.up.weight, source.up.bias)
+            z = F.linear(
+                F.relu(F.linear(h, source.down.weight, source.down.bias)), source.up.weight, source.up.bias
+            )
             k = F.linear(z, block.key.weight, block.key.bias)
             values.append(F.linear(z, block.value.weight, block.value.bias))
             scores.append((q * k).sum(-1) / 1.0)
         a = torch.softmax(torch.stack(scores, dim=-1), dim=-1)
-        want = h + sum(a[..., n: n + 1] * values[n] for n in range(len(values)))
+        want = h + sum(a[..., n : n + 1] * values[n] for n in range(len(values)))
     assert (seen["output"] - want).abs().max().item() <= 1e-6
 
 

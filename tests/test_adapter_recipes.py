@@ -14,13 +14,22 @@ import pytest
 from peftcli import api
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ["houlsby_adapter", "parallel_adapter", "ladder_side_tuning", "adapter_fusion", "mam_adapter", "unipelt"]
+RECIPES = [
+    "houlsby_adapter",
+    "parallel_adapter",
+    "ladder_side_tuning",
+    "adapter_fusion",
+    "mam_adapter",
+    "unipelt",
+]
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_trains_and_loss_falls(name, tmp_path):
-    result = api.train(ROOT / "recipes" / "tiny" / f"{name}.yaml",
-                       overrides=[f"output_dir={tmp_path / 'run'}", "train.max_steps=12", "train.log_every=1"])
+    result = api.train(
+        ROOT / "recipes" / "tiny" / f"{name}.yaml",
+        overrides=[f"output_dir={tmp_path / 'run'}", "train.max_steps=12", "train.log_every=1"],
+    )
     assert result.steps == 12
     logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in logged if e["event"] == "train"]

@@ -33,15 +33,19 @@ PYTHON = os.environ.get("PEFTCLI_ADAPTERHUB_PYTHON")
 pytestmark = pytest.mark.skipif(
     not PYTHON or not Path(PYTHON).exists(),
     reason="adapters 1.3.0 pins transformers~=4.57.6 (incompatible with transformers 5.x in this env); "
-           "set PEFTCLI_ADAPTERHUB_PYTHON to a Python with `adapters` installed to run the parity check",
+    "set PEFTCLI_ADAPTERHUB_PYTHON to a Python with `adapters` installed to run the parity check",
 )
 
 CASES = {
-    "houlsby": lambda: HoulsbyAdapter(HoulsbyConfig(name="houlsby_adapter", config="houlsby",
-                                                    train_layer_norms=False)),
-    "pfeiffer_houlsby_placement": lambda: HoulsbyAdapter(HoulsbyConfig(name="houlsby_adapter", config="pfeiffer")),
-    "parallel": lambda: ParallelAdapter(ParallelAdapterConfig(name="parallel_adapter", reduction_factor=16,
-                                                              scaling=4.0)),
+    "houlsby": lambda: HoulsbyAdapter(
+        HoulsbyConfig(name="houlsby_adapter", config="houlsby", train_layer_norms=False)
+    ),
+    "pfeiffer_houlsby_placement": lambda: HoulsbyAdapter(
+        HoulsbyConfig(name="houlsby_adapter", config="pfeiffer")
+    ),
+    "parallel": lambda: ParallelAdapter(
+        ParallelAdapterConfig(name="parallel_adapter", reduction_factor=16, scaling=4.0)
+    ),
 }
 
 
@@ -49,15 +53,21 @@ CASES = {
 def test_forward_equals_adapterhub(kind, tmp_path):
     from transformers import BertModel
 
-    subprocess.run([PYTHON, str(HERE / "adapterhub_reference.py"), str(tmp_path), kind], check=True,
-                   capture_output=True, text=True)
+    subprocess.run(
+        [PYTHON, str(HERE / "adapterhub_reference.py"), str(tmp_path), kind],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     ref = load_file(str(tmp_path / "reference.safetensors"))
     model = BertModel.from_pretrained(tmp_path / "base")
     model.eval()
     method = CASES[kind]()
     model = method.apply(model)
     ours = {}
-    for sub in method.sublayers:  # AdapterHub: <layer>.attention.output.adapters.a.* / <layer>.output.adapters.a.*
+    for (
+        sub
+    ) in method.sublayers:  # AdapterHub: <layer>.attention.output.adapters.a.* / <layer>.output.adapters.a.*
         owner = sub.output_module.removesuffix(".dense")
         block = model.get_submodule(sub.output_module).adapter.bottleneck
         ours[f"adapter.{owner}.adapters.a.adapter_down.0.weight"] = block.down.weight

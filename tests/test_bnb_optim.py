@@ -24,8 +24,10 @@ warnings.filterwarnings("ignore", module="bitsandbytes")
 
 def make_params() -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(0)
-    return [torch.nn.Parameter(torch.randn(4096, 4, generator=gen) * 0.1),
-            torch.nn.Parameter(torch.randn(16, generator=gen) * 0.1)]
+    return [
+        torch.nn.Parameter(torch.randn(4096, 4, generator=gen) * 0.1),
+        torch.nn.Parameter(torch.randn(16, generator=gen) * 0.1),
+    ]
 
 
 def set_grads(params, step: int) -> None:

@@ -83,13 +83,19 @@ def test_placement_per_family():
     expected = {
         ("llama", "causal_lm"): ("model.layers.0.self_attn", "model.layers.0.mlp"),
         ("gpt2", "causal_lm"): ("transformer.h.0.attn", "transformer.h.0.mlp"),
-        ("bert", "seq_cls"): ("bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.0.output.dense"),
+        ("bert", "seq_cls"): (
+            "bert.encoder.layer.0.attention.output.dense",
+            "bert.encoder.layer.0.output.dense",
+        ),
     }
     for (arch, task), (attn, ffn) in expected.items():
         subs = find_sublayers(tiny(arch, task))
         assert [s.output_module for s in subs[:2]] == [attn, ffn]
     bert = find_sublayers(tiny("bert", "seq_cls"))
-    assert [s.input_module for s in bert[:2]] == ["bert.encoder.layer.0.attention.self", "bert.encoder.layer.0.intermediate"]
+    assert [s.input_module for s in bert[:2]] == [
+        "bert.encoder.layer.0.attention.self",
+        "bert.encoder.layer.0.intermediate",
+    ]
 
 
 def adapter_of(model, name):
@@ -135,7 +141,9 @@ def test_houlsby_llama_attention_output_equals_equation():
 
 def test_houlsby_bert_inside_output_sublayer_before_layernorm():
     model = tiny("bert", "seq_cls")
-    method = HoulsbyAdapter(HoulsbyConfig(name="houlsby_adapter", bottleneck_size=8, nonlinearity="relu"), "seq_cls")
+    method = HoulsbyAdapter(
+        HoulsbyConfig(name="houlsby_adapter", bottleneck_size=8, nonlinearity="relu"), "seq_cls"
+    )
     model = method.apply(model)
     randomize(model)
     out_layer = model.bert.encoder.layer[0].attention.output  # BertSelfOutput(hidden_states, input_tensor)
@@ -155,8 +163,9 @@ def test_houlsby_bert_inside_output_sublayer_before_layernorm():
 def test_parallel_llama_and_gpt2_ffn_equal_equation():
     for arch in ("llama", "gpt2"):
         model = tiny(arch, "causal_lm")
-        method = ParallelAdapter(ParallelAdapterConfig(name="parallel_adapter", bottleneck_size=8, scaling=4.0),
-                                 "causal_lm")
+        method = ParallelAdapter(
+            ParallelAdapterConfig(name="parallel_adapter", bottleneck_size=8, scaling=4.0), "causal_lm"
+        )
         model = method.apply(model)
         randomize(model)
         name = method.sublayers[0].output_module
@@ -172,13 +181,17 @@ def test_parallel_llama_and_gpt2_ffn_equal_equation():
             mlp._forward_hooks.clear()  # the base sublayer alone: f(x)
             f_x = mlp(x)
             mlp._forward_hooks.update(handle_off)
-            want = f_x + 4.0 * F.linear(F.relu(F.linear(x, a.down.weight, a.down.bias)), a.up.weight, a.up.bias)
+            want = f_x + 4.0 * F.linear(
+                F.relu(F.linear(x, a.down.weight, a.down.bias)), a.up.weight, a.up.bias
+            )
         assert (seen["output"] - want).abs().max().item() <= TOL, arch
 
 
 def test_parallel_bert_reads_ffn_input_and_adds_before_layernorm():
     model = tiny("bert", "seq_cls")
-    method = ParallelAdapter(ParallelAdapterConfig(name="parallel_adapter", bottleneck_size=8, scaling=2.0), "seq_cls")
+    method = ParallelAdapter(
+        ParallelAdapterConfig(name="parallel_adapter", bottleneck_size=8, scaling=2.0), "seq_cls"
+    )
     model = method.apply(model)
     randomize(model)
     layer = model.bert.encoder.layer[1]
@@ -190,7 +203,9 @@ def test_parallel_bert_reads_ffn_input_and_adds_before_layernorm():
     a = adapter_of(model, "bert.encoder.layer.1.output.dense")
     with torch.no_grad():  # LayerNorm(dense(i) + s·(W_up relu(W_down x + b) + b) + x), x = the FFN's input
         delta = 2.0 * F.linear(F.relu(F.linear(x, a.down.weight, a.down.bias)), a.up.weight, a.up.bias)
-        want = layer.output.LayerNorm(F.linear(inter, layer.output.dense.weight, layer.output.dense.bias) + delta + x)
+        want = layer.output.LayerNorm(
+            F.linear(inter, layer.output.dense.weight, layer.output.dense.bias) + delta + x
+        )
     assert (seen["output"] - want).abs().max().item() <= TOL
 
 
@@ -201,7 +216,9 @@ def test_trainable_counts_equal_formula():
     method = HoulsbyAdapter(HoulsbyConfig(name="houlsby_adapter", bottleneck_size=m), "causal_lm")
     model = method.apply(model)
     rms_norms = 2 * L * d  # input_layernorm + post_attention_layernorm weights
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * L * adapter + rms_norms == 8768
+    assert (
+        sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * L * adapter + rms_norms == 8768
+    )
     model = tiny("llama", "causal_lm")
     method = HoulsbyAdapter(HoulsbyConfig(name="houlsby_adapter", config="pfeiffer"), "causal_lm")
     model = method.apply(model)
@@ -223,8 +240,11 @@ def test_pfeiffer_preset_and_explicit_override():
 
 
 def test_bad_options_are_recipe_errors():
-    raw = {"model": {"name": "tiny:llama"}, "data": {"train": "x.jsonl"},
-           "method": {"name": "houlsby_adapter", "reduction_factor": 8, "bottleneck_size": 4}}
+    raw = {
+        "model": {"name": "tiny:llama"},
+        "data": {"train": "x.jsonl"},
+        "method": {"name": "houlsby_adapter", "reduction_factor": 8, "bottleneck_size": 4},
+    }
     with pytest.raises(RecipeError, match="method.bottleneck_size"):
         recipe_from_dict(raw)
     raw["method"] = {"name": "parallel_adapter", "positions": ["mlp"]}
@@ -232,7 +252,9 @@ def test_bad_options_are_recipe_errors():
         recipe_from_dict(raw)
 
 
-@pytest.mark.parametrize("name", ["houlsby_adapter", "parallel_adapter", "ladder_side_tuning", "mam_adapter", "unipelt"])
+@pytest.mark.parametrize(
+    "name", ["houlsby_adapter", "parallel_adapter", "ladder_side_tuning", "mam_adapter", "unipelt"]
+)
 def test_adapter_dir_is_not_a_peft_adapter_and_reloads(name, tmp_path):
     """adapter_config.json names our method, the base and the task, and no peft_type; peft refuses it;
     peftcli.load and peftcli eval reload it with equal logits / the training run's final eval loss."""
@@ -241,7 +263,9 @@ def test_adapter_dir_is_not_a_peft_adapter_and_reloads(name, tmp_path):
     from peftcli import api
     from peftcli.export import load_adapter
 
-    result = api.train(f"recipes/tiny/{name}.yaml", overrides=[f"output_dir={tmp_path}/run", "train.max_steps=3"])
+    result = api.train(
+        f"recipes/tiny/{name}.yaml", overrides=[f"output_dir={tmp_path}/run", "train.max_steps=3"]
+    )
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert "peft_type" not in config and config["peftcli_method"] == name
     assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"]

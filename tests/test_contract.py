@@ -97,15 +97,20 @@ def test_every_method_has_a_smoke_recipe():
 @pytest.mark.parametrize("name", IDENTITY)
 def test_identity_at_init(name, tmp_path):
     recipe, base_path, tokenizer, model, _method, labels = build(name, tmp_path)
-    base = load_model(base_path, recipe.model, torch.device("cpu"), label_names=labels,
-                      pad_token_id=tokenizer.pad_token_id)
+    base = load_model(
+        base_path, recipe.model, torch.device("cpu"), label_names=labels, pad_token_id=tokenizer.pad_token_id
+    )
     base.eval()
     if recipe.model.task == "seq_cls":  # the head is new and random: give both the same head
         head_state = {k: v for k, v in model.state_dict().items() if k.startswith(("classifier", "score"))}
         base.load_state_dict(head_state, strict=False)
     batch = batch_for(recipe.model.task, base.config.vocab_size)
     with torch.no_grad():
-        diff = (logits_of(model, batch, recipe.model.task) - logits_of(base, batch, recipe.model.task)).abs().max()
+        diff = (
+            (logits_of(model, batch, recipe.model.task) - logits_of(base, batch, recipe.model.task))
+            .abs()
+            .max()
+        )
     assert diff.item() <= 1e-6
 
 
@@ -115,8 +120,9 @@ def test_trainable_parameters_match_formula_and_no_base_weight_trains(name, tmp_
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable, "a method must train something"
     assert sum(p.numel() for p in trainable.values()) == method.expected_trainable_parameters(model)
-    base = load_model(base_path, recipe.model, torch.device("cpu"), label_names=labels,
-                      pad_token_id=tokenizer.pad_token_id)
+    base = load_model(
+        base_path, recipe.model, torch.device("cpu"), label_names=labels, pad_token_id=tokenizer.pad_token_id
+    )
     base_weight_names = {n for n, _ in base.named_parameters() if not n.endswith("bias")}
     assert base_weight_names
     # Base weights may train only as whole-module copies the method declares (modules_to_save).
@@ -124,7 +130,11 @@ def test_trainable_parameters_match_formula_and_no_base_weight_trains(name, tmp_
     for n in trainable:
         # Methods that wrap the model (soft prompts) hold it as `base_model`: compare in base naming.
         plain = n.replace(".base_layer.", ".")
-        plain = plain.removeprefix("base_model.") if plain.removeprefix("base_model.") in base_weight_names else plain
+        plain = (
+            plain.removeprefix("base_model.")
+            if plain.removeprefix("base_model.") in base_weight_names
+            else plain
+        )
         assert plain not in base_weight_names or plain.startswith(saved), f"base weight {n} is trainable"
 
 

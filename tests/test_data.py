@@ -82,9 +82,19 @@ def test_every_file_format_gives_the_same_records(tmp_path):
     (tmp_path / "rows.csv").write_text("prompt,completion\na,b\nc,d\n")
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist(ROWS), tmp_path / "rows.parquet")
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "saved_dict"))
-    for name in ["list.json", "wrapped.json", "lines.json", "rows.jsonl", "rows.csv", "rows.parquet", "saved",
-                 "saved_dict"]:
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(
+        str(tmp_path / "saved_dict")
+    )
+    for name in [
+        "list.json",
+        "wrapped.json",
+        "lines.json",
+        "rows.jsonl",
+        "rows.csv",
+        "rows.parquet",
+        "saved",
+        "saved_dict",
+    ]:
         assert load_records(str(tmp_path / name), "train", "data.train") == ROWS, name
 
     with pytest.raises(RecipeError) as err:
@@ -124,8 +134,11 @@ def test_unreachable_hub_dataset_is_a_recipe_error(monkeypatch):
 
 
 def test_completion_mask_with_column_mapping(llama_tok):
-    cfg = DataConfig(train=str(DATA / "completion.jsonl"), format="completion",
-                     columns={"prompt": "question", "completion": "answer"})
+    cfg = DataConfig(
+        train=str(DATA / "completion.jsonl"),
+        format="completion",
+        columns={"prompt": "question", "completion": "answer"},
+    )
     bundle = load_data(cfg, llama_tok, "causal_lm")
     prompt, answer = ids(llama_tok, "2+2="), ids(llama_tok, "4")
     assert bundle.train[0] == {"input_ids": [BOS, *prompt, *answer, EOS], "labels": [M] * 5 + [*answer, EOS]}
@@ -164,8 +177,13 @@ def test_text_format_trains_every_token(llama_tok):
 
 
 def test_instruction_format_uses_alpaca_template(llama_tok):
-    bundle = load_data(DataConfig(train=str(DATA / "instruction.json"), format="instruction",
-                                  eval=str(DATA / "instruction.json")), llama_tok, "causal_lm")
+    bundle = load_data(
+        DataConfig(
+            train=str(DATA / "instruction.json"), format="instruction", eval=str(DATA / "instruction.json")
+        ),
+        llama_tok,
+        "causal_lm",
+    )
     with_input = ALPACA_PROMPT.format(instruction="Add the numbers.", input="2 and 3")
     assert with_input.endswith("### Input:\n2 and 3\n\n### Response:\n")
     prompt, answer = ids(llama_tok, with_input), ids(llama_tok, "5")
@@ -173,28 +191,39 @@ def test_instruction_format_uses_alpaca_template(llama_tok):
     assert bundle.train[0]["labels"] == [M] * (1 + len(prompt)) + [*answer, EOS]
     no_input = ALPACA_PROMPT_NO_INPUT.format(instruction="Say hello.")  # empty input: no Input section
     assert "### Input" not in no_input
-    assert bundle.eval_examples == [{"prompt": with_input, "answer": "5"}, {"prompt": no_input, "answer": "Hello!"}]
+    assert bundle.eval_examples == [
+        {"prompt": with_input, "answer": "5"},
+        {"prompt": no_input, "answer": "Hello!"},
+    ]
 
 
 def test_chat_masks_every_assistant_turn(llama_tok):
-    bundle = load_data(DataConfig(train=str(DATA / "chat.jsonl"), format="chat", eval=str(DATA / "chat.jsonl")),
-                       llama_tok, "causal_lm")
+    bundle = load_data(
+        DataConfig(train=str(DATA / "chat.jsonl"), format="chat", eval=str(DATA / "chat.jsonl")),
+        llama_tok,
+        "causal_lm",
+    )
     # template: "<|role|>\n" + content (+ "</s>" for the assistant) + "\n"; BOS is prepended as the template
     # lacks it. An assistant span runs to where the rendered turn ends, so it includes the turn's "\n".
     user1, turn1 = ids(llama_tok, "<|user|>\nhi\n<|assistant|>\n"), ids(llama_tok, "hello")
     user2, turn2 = ids(llama_tok, "<|user|>\nbye\n<|assistant|>\n"), ids(llama_tok, "ciao")
     newline = ids(llama_tok, "\n")
     assert bundle.train[0]["input_ids"] == [BOS, *user1, *turn1, EOS, *newline, *user2, *turn2, EOS, *newline]
-    assert bundle.train[0]["labels"] == ([M] * (1 + len(user1)) + [*turn1, EOS, *newline] + [M] * len(user2)
-                                         + [*turn2, EOS, *newline])
+    assert bundle.train[0]["labels"] == (
+        [M] * (1 + len(user1)) + [*turn1, EOS, *newline] + [M] * len(user2) + [*turn2, EOS, *newline]
+    )
     assert bundle.eval_examples[0] == {
-        "prompt": "<|user|>\nhi\n<|assistant|>\nhello</s>\n<|user|>\nbye\n<|assistant|>\n", "answer": "ciao"}
+        "prompt": "<|user|>\nhi\n<|assistant|>\nhello</s>\n<|user|>\nbye\n<|assistant|>\n",
+        "answer": "ciao",
+    }
     system = ids(llama_tok, "<|system|>\nbe brief\n<|user|>\nname?\n<|assistant|>\n")
     assert bundle.train[1]["labels"] == [M] * (1 + len(system)) + [*ids(llama_tok, "Tiny"), EOS, *newline]
 
 
 def test_classification_labels_and_pairs(bert_tok, tmp_path):
-    cfg = DataConfig(train=str(DATA / "classification.csv"), format="classification", columns={"text": "sentence"})
+    cfg = DataConfig(
+        train=str(DATA / "classification.csv"), format="classification", columns={"text": "sentence"}
+    )
     bundle = load_data(cfg, bert_tok, "seq_cls")
     assert bundle.label_names == ["neg", "pos"]
     assert [e["label"] for e in bundle.train] == [1, 0, 1, 0]
@@ -202,8 +231,10 @@ def test_classification_labels_and_pairs(bert_tok, tmp_path):
     assert bundle.train[0]["input_ids"] == [cls, *ids(bert_tok, "a fine film"), sep]
 
     assert infer_label_names([2, 10, 1]) == ["1", "2", "10"]  # numeric order, not string order
-    path = write_jsonl(tmp_path / "pairs.jsonl", [{"text": "a", "text_pair": "b", "label": 10},
-                                                 {"text": "c", "text_pair": "d", "label": 9}])
+    path = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"text": "a", "text_pair": "b", "label": 10}, {"text": "c", "text_pair": "d", "label": 9}],
+    )
     bundle = load_data(DataConfig(train=path, format="classification"), bert_tok, "seq_cls")
     assert bundle.label_names == ["9", "10"] and [e["label"] for e in bundle.train] == [1, 0]
     a, b = ids(bert_tok, "a"), ids(bert_tok, "b")
@@ -215,12 +246,17 @@ def test_classification_labels_and_pairs(bert_tok, tmp_path):
 
 
 def test_seq2seq_targets_end_in_eos(t5_tok):
-    cfg = DataConfig(train=str(DATA / "completion.jsonl"), format="completion",
-                     columns={"prompt": "question", "completion": "answer"})
+    cfg = DataConfig(
+        train=str(DATA / "completion.jsonl"),
+        format="completion",
+        columns={"prompt": "question", "completion": "answer"},
+    )
     bundle = load_data(cfg, t5_tok, "seq2seq")
     t5_eos = t5_tok.eos_token_id
-    assert bundle.train[1] == {"input_ids": [*ids(t5_tok, "capital of France?"), t5_eos],
-                               "labels": [*ids(t5_tok, "Paris"), t5_eos]}
+    assert bundle.train[1] == {
+        "input_ids": [*ids(t5_tok, "capital of France?"), t5_eos],
+        "labels": [*ids(t5_tok, "Paris"), t5_eos],
+    }
 
     cfg.max_length = 8  # truncation keeps the closing EOS on both sides
     bundle = load_data(cfg, t5_tok, "seq2seq")
@@ -240,15 +276,24 @@ def test_format_must_fit_the_task(llama_tok):
 
 
 def test_truncation_is_counted_and_answerless_examples_dropped(llama_tok, tmp_path):
-    path = write_jsonl(tmp_path / "long.jsonl", [
-        {"prompt": "ab", "completion": "cd"},        # 1 + 2 + 2 + 1 = 6 tokens: fits
-        {"prompt": "abcd", "completion": "efghij"},  # 12 tokens: cut to 8, answer partly kept
-        {"prompt": "abcdefghij", "completion": "k"},  # the answer is cut away entirely: dropped
-    ])
+    path = write_jsonl(
+        tmp_path / "long.jsonl",
+        [
+            {"prompt": "ab", "completion": "cd"},  # 1 + 2 + 2 + 1 = 6 tokens: fits
+            {"prompt": "abcd", "completion": "efghij"},  # 12 tokens: cut to 8, answer partly kept
+            {"prompt": "abcdefghij", "completion": "k"},  # the answer is cut away entirely: dropped
+        ],
+    )
     bundle = load_data(DataConfig(train=path, format="completion", max_length=8), llama_tok, "causal_lm")
     assert bundle.stats | {"train_tokens": None} == {
-        "train_examples": 2, "eval_examples": 0, "train_tokens": None, "train_truncated": 2, "eval_truncated": 0,
-        "train_dropped": 1, "eval_dropped": 0, "max_length": 8,
+        "train_examples": 2,
+        "eval_examples": 0,
+        "train_tokens": None,
+        "train_truncated": 2,
+        "eval_truncated": 0,
+        "train_dropped": 1,
+        "eval_dropped": 0,
+        "max_length": 8,
     }
     assert bundle.stats["train_tokens"] == 6 + 8
     assert bundle.train[1]["labels"] == [M] * 5 + ids(llama_tok, "efg")
@@ -260,8 +305,10 @@ def test_eval_fraction_split_is_deterministic(llama_tok, tmp_path):
     def split(seed: int) -> tuple[list[str], list[str]]:
         cfg = DataConfig(train=path, eval_fraction=0.3, shuffle_seed=seed)
         bundle = load_data(cfg, llama_tok, "causal_lm")
+
         def decode(examples):
             return [llama_tok.decode(e["input_ids"], skip_special_tokens=True) for e in examples]
+
         return decode(bundle.train), decode(bundle.eval)
 
     train, held_out = split(0)
@@ -283,18 +330,27 @@ def test_eval_fraction_split_is_deterministic(llama_tok, tmp_path):
 
 
 def test_collate_pads_right(llama_tok, bert_tok):
-    batch = collate([{"input_ids": [1, 5, 6], "labels": [M, 5, 6]}, {"input_ids": [1, 7], "labels": [M, 7]}],
-                    llama_tok, "causal_lm")
+    batch = collate(
+        [{"input_ids": [1, 5, 6], "labels": [M, 5, 6]}, {"input_ids": [1, 7], "labels": [M, 7]}],
+        llama_tok,
+        "causal_lm",
+    )
     assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, PAD]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [[M, 5, 6], [M, 7, M]]
     assert all(t.dtype == torch.long for t in batch.values())
 
-    batch = collate([{"input_ids": [4], "labels": [9, 9, 1]}, {"input_ids": [4, 5], "labels": [1]}],
-                    llama_tok, "seq2seq")
-    assert batch["input_ids"].tolist() == [[4, PAD], [4, 5]] and batch["labels"].tolist() == [[9, 9, 1], [1, M, M]]
+    batch = collate(
+        [{"input_ids": [4], "labels": [9, 9, 1]}, {"input_ids": [4, 5], "labels": [1]}], llama_tok, "seq2seq"
+    )
+    assert batch["input_ids"].tolist() == [[4, PAD], [4, 5]] and batch["labels"].tolist() == [
+        [9, 9, 1],
+        [1, M, M],
+    ]
 
-    batch = collate([{"input_ids": [2, 8, 3], "label": 1}, {"input_ids": [2, 3], "label": 0}], bert_tok, "seq_cls")
+    batch = collate(
+        [{"input_ids": [2, 8, 3], "label": 1}, {"input_ids": [2, 3], "label": 0}], bert_tok, "seq_cls"
+    )
     assert batch["labels"].tolist() == [1, 0] and batch["input_ids"].tolist() == [[2, 8, 3], [2, 3, 0]]
 
 

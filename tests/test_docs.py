@@ -49,7 +49,9 @@ def test_help_is_fast_and_imports_no_torch():
     code = "import sys, peftcli.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "peftcli", "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftcli", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0 and "train" in proc.stdout
     assert time.perf_counter() - start < 5.0  # generous for a loaded CI machine; ~0.4 s here
 

@@ -25,8 +25,12 @@ from peftcli.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
-    "prefix_tuning": {"name": "prefix_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 48,
-                      "encoder_prefix": True},
+    "prefix_tuning": {
+        "name": "prefix_tuning",
+        "num_virtual_tokens": 4,
+        "encoder_hidden_size": 48,
+        "encoder_prefix": True,
+    },
     "p_tuning_v2": {"name": "p_tuning_v2", "num_virtual_tokens": 4, "encoder_prefix": True},
 }
 
@@ -39,9 +43,14 @@ def reference_encoder(t5, rows: torch.Tensor, input_ids: torch.Tensor, mask: tor
     B = the relative-position bias of the real tokens, M = -inf on padded keys; then the feed-forward."""
     encoder = t5.get_encoder()
     n_layers = len(encoder.block)
-    heads, d = encoder.block[0].layer[0].SelfAttention.n_heads, encoder.block[0].layer[0].SelfAttention.key_value_proj_dim
+    heads, d = (
+        encoder.block[0].layer[0].SelfAttention.n_heads,
+        encoder.block[0].layer[0].SelfAttention.key_value_proj_dim,
+    )
     n = rows.shape[0]
-    blocks = rows.view(n, 2 * n_layers, heads, d).permute(1, 2, 0, 3)  # (2L, H, n, d): [k_0, v_0, k_1, v_1, ...]
+    blocks = rows.view(n, 2 * n_layers, heads, d).permute(
+        1, 2, 0, 3
+    )  # (2L, H, n, d): [k_0, v_0, k_1, v_1, ...]
     batch, length = input_ids.shape
     hidden = encoder.embed_tokens(input_ids)  # (B, T, h)
     first = encoder.block[0].layer[0].SelfAttention
@@ -131,7 +140,9 @@ def test_encoder_prefix_is_refused_without_an_encoder():
 def test_t5_recipe_trains_through_the_cli_path_and_loss_falls(tmp_path):
     from peftcli.api import train
 
-    result = train(ROOT / "recipes" / "tiny" / "prefix_tuning_t5.yaml", overrides=[f"output_dir={tmp_path / 'run'}"])
+    result = train(
+        ROOT / "recipes" / "tiny" / "prefix_tuning_t5.yaml", overrides=[f"output_dir={tmp_path / 'run'}"]
+    )
     assert result.last_loss < result.first_loss
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config.get("encoder_prefix") is True and "peft_type" not in config

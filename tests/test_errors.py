@@ -53,20 +53,32 @@ def assert_one_line_error(result, lines, *needles: str) -> None:
 @pytest.mark.parametrize(
     ("text", "needles"),
     [
-        (BASE.replace("max_steps: 2", "max_step: 2"), ["train.max_step", "unknown key", "did you mean 'max_steps'"]),
-        (BASE.replace("batch_size: 4", "batch_size: four"), ["train.batch_size", "expected an integer", "'four'"]),
+        (
+            BASE.replace("max_steps: 2", "max_step: 2"),
+            ["train.max_step", "unknown key", "did you mean 'max_steps'"],
+        ),
+        (
+            BASE.replace("batch_size: 4", "batch_size: four"),
+            ["train.batch_size", "expected an integer", "'four'"],
+        ),
         (BASE.replace("batch_size: 4", "batch_size: 0"), ["train.batch_size", "must be >= 1"]),
         (BASE + "\noutput_dir: [1, 2]\n", ["output_dir", "expected a string"]),
         (BASE.replace("name: lora", "name: lorra"), ["method.name", "unknown method", "did you mean 'lora'"]),
         (BASE.replace("r: 4", "rank: 4"), ["method.rank", "unknown key", "did you mean 'r'"]),
-        (BASE.replace("format: completion", "format: compleiton"), ["data.format", "did you mean 'completion'"]),
+        (
+            BASE.replace("format: completion", "format: compleiton"),
+            ["data.format", "did you mean 'completion'"],
+        ),
         (BASE.replace(TRAIN, "/nope/train.jsonl"), ["data.train", "file not found"]),
         (BASE.replace("tiny:llama", "./no/such/model"), ["model.name", "not found"]),
         (BASE.replace("tiny:llama", "tiny:lama"), ["model.name", "did you mean 'tiny:llama'"]),
         ("model: [unclosed\n", ["recipe", "not valid YAML", "line"]),
         ("", ["recipe", "empty"]),
         ("- a\n- b\n", ["recipe", "must be a mapping"]),
-        (BASE.replace('model: {name: "tiny:llama"}', "model: {task: causal_lm}"), ["model.name", "is required"]),
+        (
+            BASE.replace('model: {name: "tiny:llama"}', "model: {task: causal_lm}"),
+            ["model.name", "is required"],
+        ),
     ],
 )
 def test_validate_rejects_with_one_line(tmp_path, text, needles):
@@ -101,7 +113,9 @@ def test_numbers_written_the_way_people_write_them(tmp_path):
 
 def test_target_module_that_matches_nothing(tmp_path):
     text = BASE.replace("r: 4", "r: 4, target_modules: [q_proj, query]")
-    result, lines = run_cli(["train", str(write_recipe(tmp_path, text)), f"output_dir={tmp_path / 'run'}", "-q"])
+    result, lines = run_cli(
+        ["train", str(write_recipe(tmp_path, text)), f"output_dir={tmp_path / 'run'}", "-q"]
+    )
     assert_one_line_error(result, lines, "method.target_modules", "'query' matches no module", "q_proj")
     assert not (tmp_path / "run" / "adapter").exists()
 
@@ -110,7 +124,9 @@ def test_missing_dataset_column(tmp_path):
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
     text = BASE.replace(TRAIN, str(data)).replace(f", eval: {EVAL}", "")
-    result, lines = run_cli(["train", str(write_recipe(tmp_path, text)), f"output_dir={tmp_path / 'run'}", "-q"])
+    result, lines = run_cli(
+        ["train", str(write_recipe(tmp_path, text)), f"output_dir={tmp_path / 'run'}", "-q"]
+    )
     assert_one_line_error(result, lines, "data.columns", "'prompt'", "question")
 
 
@@ -127,14 +143,27 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 def test_real_console_script_prints_no_traceback(tmp_path):
     path = write_recipe(tmp_path, BASE.replace("max_steps: 2", "max_stepz: 2"))
-    proc = subprocess.run([sys.executable, "-m", "peftcli", "train", str(path)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftcli", "train", str(path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     assert proc.stdout == ""
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and "train.max_stepz" in err[0] and "did you mean 'max_steps'" in err[0]
-    proc = subprocess.run([sys.executable, "-m", "peftcli", "merge", str(tmp_path / "nothing"), "--output",
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "peftcli",
+            "merge",
+            str(tmp_path / "nothing"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "adapter_config.json" in proc.stderr
     assert not (tmp_path / "out").exists()

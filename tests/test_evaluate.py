@@ -37,8 +37,13 @@ def llama():
 
 
 def bundle_of(examples: list[dict], eval_examples: list[dict] | None = None) -> DataBundle:
-    return DataBundle(train=examples, eval=examples, eval_examples=eval_examples, label_names=None,
-                      stats={"max_length": 512})
+    return DataBundle(
+        train=examples,
+        eval=examples,
+        eval_examples=eval_examples,
+        label_names=None,
+        stats={"max_length": 512},
+    )
 
 
 def test_causal_loss_matches_transformers(llama):
@@ -49,7 +54,9 @@ def test_causal_loss_matches_transformers(llama):
 
     # Reference: transformers' loss on one unpadded example (mean over its label tokens).
     def hf_loss(example: dict) -> float:
-        return model(input_ids=torch.tensor([example["input_ids"]]), labels=torch.tensor([example["labels"]])).loss.item()
+        return model(
+            input_ids=torch.tensor([example["input_ids"]]), labels=torch.tensor([example["labels"]])
+        ).loss.item()
 
     metrics = evaluate(model, tokenizer, bundle_of([short]), "causal_lm", config, CPU)
     assert metrics["eval_loss"] == pytest.approx(hf_loss(short), abs=1e-5)
@@ -61,8 +68,9 @@ def test_causal_loss_matches_transformers(llama):
     expected = (3 * hf_loss(short) + 7 * hf_loss(long)) / 10
     assert metrics["eval_loss"] == pytest.approx(expected, abs=1e-5)
     assert metrics["eval_loss"] != pytest.approx((hf_loss(short) + hf_loss(long)) / 2, abs=1e-4)
-    one_by_one = evaluate(model, tokenizer, bundle_of([short, long]), "causal_lm",
-                          EvalConfig(batch_size=1, generate=False), CPU)
+    one_by_one = evaluate(
+        model, tokenizer, bundle_of([short, long]), "causal_lm", EvalConfig(batch_size=1, generate=False), CPU
+    )
     assert one_by_one["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)
 
 
@@ -86,9 +94,16 @@ def test_greedy_decode_matches_generate_on_padded_batches(llama):
 
     width = max(map(len, prompts))
     input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    attention_mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
+    attention_mask = (
+        torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]
+    ).long()
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     reference = []
     for row in out[:, width:].tolist():
         reference.append(row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row)
@@ -109,7 +124,7 @@ def test_exact_match_scores_greedy_answers(llama):
     for prompt in prompts:  # reference answers: what generate produces for each prompt alone
         ids = torch.tensor([encode_prompt(tokenizer, prompt, "causal_lm")])
         out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     eval_examples = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=False)]
     eval_examples[2]["answer"] = answers[2] + "wrong"
     examples = [{"input_ids": [1, 40, 41, 2], "labels": [M, 40, 41, 2]}] * 3
@@ -125,7 +140,9 @@ def test_exact_match_scores_greedy_answers(llama):
         return [tokenizer(" " + answers[0] + " ", add_special_tokens=False)["input_ids"] for _ in prompt_ids]
 
     config = EvalConfig(batch_size=1, max_new_tokens=5, max_generate_examples=2)
-    metrics = evaluate(model, tokenizer, bundle_of(examples, eval_examples), "causal_lm", config, CPU, echo_answer)
+    metrics = evaluate(
+        model, tokenizer, bundle_of(examples, eval_examples), "causal_lm", config, CPU, echo_answer
+    )
     assert metrics["exact_match"] == pytest.approx(1 / 2) and metrics["generated_examples"] == 2
     assert seen == [encode_prompt(tokenizer, p, "causal_lm") for p in prompts[:2]]
 
@@ -144,17 +161,23 @@ def test_seq_cls_loss_and_accuracy():
     assert metrics["eval_loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), abs=1e-5)
     assert metrics["eval_examples"] == 4 and "exact_match" not in metrics
     flipped = [dict(e, label=1 - e["label"]) for e in examples]
-    flipped_accuracy = evaluate(model, tokenizer, bundle_of(flipped), "seq_cls", EvalConfig(), CPU)["accuracy"]
+    flipped_accuracy = evaluate(model, tokenizer, bundle_of(flipped), "seq_cls", EvalConfig(), CPU)[
+        "accuracy"
+    ]
     assert flipped_accuracy == pytest.approx(1 - expected_accuracy)
 
 
 def test_seq2seq_loss_and_exact_match():
     model, tokenizer = load("t5", AutoModelForSeq2SeqLM)
     model.eval()
-    examples = [{"input_ids": tokenizer("2+2=")["input_ids"], "labels": tokenizer("4")["input_ids"]},
-                {"input_ids": tokenizer("hello there")["input_ids"], "labels": tokenizer("hi you")["input_ids"]}]
-    hf = [model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])).loss.item()
-          for e in examples]
+    examples = [
+        {"input_ids": tokenizer("2+2=")["input_ids"], "labels": tokenizer("4")["input_ids"]},
+        {"input_ids": tokenizer("hello there")["input_ids"], "labels": tokenizer("hi you")["input_ids"]},
+    ]
+    hf = [
+        model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])).loss.item()
+        for e in examples
+    ]
     expected = (2 * hf[0] + 7 * hf[1]) / 9  # "4</s>" and "hi you</s>" label tokens
     prompts = ["2+2=", "hello there"]
     answers = []
@@ -163,7 +186,13 @@ def test_seq2seq_loss_and_exact_match():
         out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
         answers.append(tokenizer.decode(out[0], skip_special_tokens=True))
     eval_examples = [{"prompt": prompts[0], "answer": answers[0]}, {"prompt": prompts[1], "answer": "nope"}]
-    metrics = evaluate(model, tokenizer, bundle_of(examples, eval_examples), "seq2seq",
-                       EvalConfig(batch_size=2, max_new_tokens=4), CPU)
+    metrics = evaluate(
+        model,
+        tokenizer,
+        bundle_of(examples, eval_examples),
+        "seq2seq",
+        EvalConfig(batch_size=2, max_new_tokens=4),
+        CPU,
+    )
     assert metrics["eval_loss"] == pytest.approx(expected, abs=1e-5)
     assert metrics["exact_match"] == pytest.approx(0.5) and metrics["generated_examples"] == 2

@@ -37,7 +37,9 @@ def batch(vocab: int):
 
 def prefix_only(rows: torch.Tensor, n: int):
     """A prefix_tuning model whose prefix replays ``rows`` exactly (the reference)."""
-    method = PrefixTuning(PrefixTuningConfig(name="prefix_tuning", num_virtual_tokens=n, prefix_projection=False))
+    method = PrefixTuning(
+        PrefixTuningConfig(name="prefix_tuning", num_virtual_tokens=n, prefix_projection=False)
+    )
     torch.manual_seed(0)
     model = method.apply(tiny())
     model.prefix.start_from(rows)
@@ -47,8 +49,11 @@ def prefix_only(rows: torch.Tensor, n: int):
 
 def mam(**options):
     torch.manual_seed(0)
-    method = MamAdapter(MamConfig(name="mam_adapter", num_virtual_tokens=4, encoder_hidden_size=32,
-                                  bottleneck_size=8, **options))
+    method = MamAdapter(
+        MamConfig(
+            name="mam_adapter", num_virtual_tokens=4, encoder_hidden_size=32, bottleneck_size=8, **options
+        )
+    )
     model = method.apply(tiny())
     model.eval()
     return model, method
@@ -56,7 +61,9 @@ def mam(**options):
 
 def unipelt(arch: str = "llama", task: str = "causal_lm"):
     torch.manual_seed(0)
-    method = UniPelt(UniPeltConfig(name="unipelt", num_virtual_tokens=4, encoder_hidden_size=32, bottleneck_size=8), task)
+    method = UniPelt(
+        UniPeltConfig(name="unipelt", num_virtual_tokens=4, encoder_hidden_size=32, bottleneck_size=8), task
+    )
     model = method.apply(tiny(arch, task))
     model.eval()
     return model, method
@@ -99,7 +106,9 @@ def test_mam_and_unipelt_counts_equal_formula():
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == prefix + L * adapter
     model, method = unipelt()
     r = 8
-    lora = L * ((r * (d + d) + d + 1) + (r * (d + t) + d + 1))  # q: 64 -> 64, v: 64 -> 32, each + gate (in + 1)
+    lora = L * (
+        (r * (d + d) + d + 1) + (r * (d + t) + d + 1)
+    )  # q: 64 -> 64, v: 64 -> 32, each + gate (in + 1)
     gated_adapters = L * (adapter + d + 1)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == lora + prefix + L + gated_adapters
     assert method.expected_trainable_parameters(model) == lora + prefix + L + gated_adapters
@@ -113,7 +122,7 @@ def test_unipelt_prefix_gate_scales_the_prefix_rows():
     gated = rows.clone()
     t = rows.shape[1] // 4
     for layer, g in enumerate(torch.sigmoid(torch.tensor([0.7, -1.3]))):
-        gated[:, layer * 2 * t: (layer + 1) * 2 * t] *= g
+        gated[:, layer * 2 * t : (layer + 1) * 2 * t] *= g
     reference = prefix_only(gated, 4)  # LoRA (B = 0) and the adapters (W_up = 0) add nothing yet
     b = batch(model.config.vocab_size)
     with torch.no_grad():
@@ -132,14 +141,16 @@ def test_unipelt_gated_lora_and_gated_adapter_equations():
     lora = gated.lora
     with torch.no_grad():  # W0 x + σ(w·x + b) · (α/r) B A x
         want = lora.base_layer(x) + torch.sigmoid(F.linear(x, gated.gate.weight, gated.gate.bias)) * (
-            x @ lora.lora_A.weight.T @ lora.lora_B.weight.T) * (16.0 / 8)
+            x @ lora.lora_A.weight.T @ lora.lora_B.weight.T
+        ) * (16.0 / 8)
         assert (gated(x) - want).abs().max().item() <= 1e-6
     block = model.base_model.get_submodule(method.sublayers[0].output_module).adapter
     h = torch.randn(2, 5, 64, generator=gen)
     a = block.bottleneck
     with torch.no_grad():  # h + σ(w·h + b) · (W_up relu(W_down h + b) + b)
         want = h + torch.sigmoid(F.linear(h, block.gate.weight, block.gate.bias)) * F.linear(
-            F.relu(F.linear(h, a.down.weight, a.down.bias)), a.up.weight, a.up.bias)
+            F.relu(F.linear(h, a.down.weight, a.down.bias)), a.up.weight, a.up.bias
+        )
         assert (block(h) - want).abs().max().item() <= 1e-6
 
 
@@ -164,7 +175,9 @@ def test_bert_classifier_trains_saves_and_reloads(name, tmp_path):
         ours = model(**b).logits
     base_path = resolve_model_name("tiny:bert")
     cfg = ModelConfig(name="tiny:bert", task="seq_cls")
-    save_adapter(tmp_path / "adapter", model, method, load_tokenizer(base_path, cfg), base_path, cfg, ["a", "b"])
+    save_adapter(
+        tmp_path / "adapter", model, method, load_tokenizer(base_path, cfg), base_path, cfg, ["a", "b"]
+    )
     loaded = load_adapter(tmp_path / "adapter")
     with torch.no_grad():
         assert (loaded.model(**b).logits - ours).abs().max().item() <= 1e-6

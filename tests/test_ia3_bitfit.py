@@ -25,8 +25,10 @@ from peftcli.recipe import RecipeError
 
 peft = pytest.importorskip("peft")
 
-IA3_VARIANTS = {"llama": [], "gpt2": ["model.name=tiny:gpt2", "method.target_modules=null",
-                                      "method.feedforward_modules=null"]}
+IA3_VARIANTS = {
+    "llama": [],
+    "gpt2": ["model.name=tiny:gpt2", "method.target_modules=null", "method.feedforward_modules=null"],
+}
 
 
 def reload_plain(path):
@@ -46,7 +48,9 @@ def test_ia3_forward_equals_peft_for_the_same_weights(variant, tmp_path):
     batch = batch_of(model.config.vocab_size)
     fields = method.adapter_config(model)
     fields.pop("fan_in_fan_out")
-    peft_model = peft.get_peft_model(base_model(base_path, recipe), IA3Config(task_type="CAUSAL_LM", **fields))
+    peft_model = peft.get_peft_model(
+        base_model(base_path, recipe), IA3Config(task_type="CAUSAL_LM", **fields)
+    )
     copy_into_peft(peft_model, method.adapter_state_dict(model))
     peft_model.eval()
     assert (logits(model, batch) - logits(peft_model, batch)).abs().max().item() <= 1e-5
@@ -76,7 +80,9 @@ def test_ia3_layer_is_the_papers_equation():
         attention.ia3_l.copy_(torch.linspace(0.5, 1.5, 5)[:, None])
         feedforward.ia3_l.copy_(torch.linspace(0.2, 2.0, 6)[None, :])
     assert (attention(x) - (x @ base.weight.T + base.bias) * torch.linspace(0.5, 1.5, 5)).abs().max() <= 1e-6
-    assert (feedforward(x) - ((x * torch.linspace(0.2, 2.0, 6)) @ base.weight.T + base.bias)).abs().max() <= 1e-6
+    assert (
+        feedforward(x) - ((x * torch.linspace(0.2, 2.0, 6)) @ base.weight.T + base.bias)
+    ).abs().max() <= 1e-6
 
 
 def test_ia3_feedforward_must_be_a_target(tmp_path):
@@ -100,7 +106,9 @@ def test_bitfit_trains_only_biases_and_saves_their_deltas(tmp_path):
     params = dict(model.named_parameters())
     assert len(state) == len(biases)
     for name in biases:  # the file holds Δb = b − b0, nothing else
-        assert torch.equal(state[f"base_model.model.{name}"], params[name].detach() - base_params[name].detach())
+        assert torch.equal(
+            state[f"base_model.model.{name}"], params[name].detach() - base_params[name].detach()
+        )
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peftcli_method"] == "bitfit" and "peft_type" not in config
 

@@ -22,8 +22,11 @@ def test_tiny_recipe_validates_and_its_loss_falls(name, tmp_path, monkeypatch):
     validate_files(load_recipe(path))
     result = api.train(path, overrides=[f"output_dir={tmp_path / 'run'}", "data.eval=null"])
     assert result.steps == load_recipe(path).train.max_steps
-    losses = [e["loss"] for e in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-              if e["event"] == "train"]
+    losses = [
+        e["loss"]
+        for e in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+        if e["event"] == "train"
+    ]
     assert len(losses) >= 2
     assert losses[-1] < losses[0] - 0.05, losses
     assert result.last_loss < result.first_loss

@@ -69,8 +69,14 @@ def test_no_gradient_reaches_the_backbone_and_it_runs_without_a_graph(arch, task
     randomize_upsample(method, model)
     body = model.get_submodule(method.body_name)
     backbone_params = dict(body.backbone.named_parameters())
-    layers = [m for n, m in body.backbone.named_modules() if n.count(".") == 1 and n.split(".")[0] in ("layers", "h", "layer")]
-    layers += [m for n, m in body.backbone.named_modules() if n.count(".") == 2 and n.startswith("encoder.layer.")]
+    layers = [
+        m
+        for n, m in body.backbone.named_modules()
+        if n.count(".") == 1 and n.split(".")[0] in ("layers", "h", "layer")
+    ]
+    layers += [
+        m for n, m in body.backbone.named_modules() if n.count(".") == 2 and n.startswith("encoder.layer.")
+    ]
     assert len(layers) == model.config.num_hidden_layers
     records = []
 
@@ -85,7 +91,9 @@ def test_no_gradient_reaches_the_backbone_and_it_runs_without_a_graph(arch, task
     (loss_sum / n).backward()
     for h in handles:
         h.remove()
-    assert records and all(r == (False, False, None) for r in records), records  # no graph on any backbone activation
+    assert records and all(r == (False, False, None) for r in records), (
+        records
+    )  # no graph on any backbone activation
     assert all(p.grad is None for p in backbone_params.values())
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
     side_grads = [p.grad for p in method.side_network(model).parameters()]
@@ -129,11 +137,18 @@ def test_forward_equals_side_network_equation(arch, task):
         s = F.linear(hs[0], side.downsamplers[0].weight, side.downsamplers[0].bias)
         for i in range(side.num_layers):
             mu = torch.sigmoid(side.gates[i] / 0.1)
-            z = mu * F.linear(hs[i + 1], side.downsamplers[i + 1].weight, side.downsamplers[i + 1].bias) + (1 - mu) * s
+            z = (
+                mu * F.linear(hs[i + 1], side.downsamplers[i + 1].weight, side.downsamplers[i + 1].bias)
+                + (1 - mu) * s
+            )
             block = side.blocks[i]
             normed = F.layer_norm(z, (side.width,), block.norm.weight, block.norm.bias, block.norm.eps)
-            s = z + F.linear(F.gelu(F.linear(normed, block.fc1.weight, block.fc1.bias)), block.fc2.weight, block.fc2.bias)
-        final = F.layer_norm(s, (side.width,), side.final_norm.weight, side.final_norm.bias, side.final_norm.eps)
+            s = z + F.linear(
+                F.gelu(F.linear(normed, block.fc1.weight, block.fc1.bias)), block.fc2.weight, block.fc2.bias
+            )
+        final = F.layer_norm(
+            s, (side.width,), side.final_norm.weight, side.final_norm.bias, side.final_norm.eps
+        )
         h_last = hs[-1] + F.linear(final, side.upsample.weight, side.upsample.bias)
         if task == "causal_lm":
             want = model.lm_head(h_last)
@@ -160,6 +175,8 @@ def test_greedy_generation_with_cache_matches_full_recompute():
     ids = torch.randint(5, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         cached = model(input_ids=ids[:, :4], use_cache=True)
-        step = model(input_ids=ids[:, 4:], past_key_values=cached.past_key_values, use_cache=True).logits[:, -1]
+        step = model(input_ids=ids[:, 4:], past_key_values=cached.past_key_values, use_cache=True).logits[
+            :, -1
+        ]
         full = model(input_ids=ids).logits[:, -1]
     assert (step - full).abs().max().item() <= 1e-5

@@ -35,13 +35,20 @@ VARIANTS = {
     "lora": ("lora", []),
     "dora": ("dora", []),
     "rslora": ("rslora", []),
-    "patterns": ("lora", ["method.rank_pattern={down_proj: 4, 'layers\\.1\\.self_attn\\.q_proj': 2}",
-                          "method.alpha_pattern={v_proj: 3.0}"]),
+    "patterns": (
+        "lora",
+        [
+            "method.rank_pattern={down_proj: 4, 'layers\\.1\\.self_attn\\.q_proj': 2}",
+            "method.alpha_pattern={v_proj: 3.0}",
+        ],
+    ),
     "rslora_patterns": ("rslora", ["method.rank_pattern={o_proj: 4}", "method.alpha_pattern={up_proj: 8.0}"]),
     "dora_gpt2": ("dora", ["model.name=tiny:gpt2"]),
     "pissa": ("lora", ["method.init=pissa"]),
-    "pissa_rslora_patterns": ("rslora", ["method.init=pissa", "method.rank_pattern={o_proj: 4}",
-                                         "method.alpha_pattern={up_proj: 8.0}"]),
+    "pissa_rslora_patterns": (
+        "rslora",
+        ["method.init=pissa", "method.rank_pattern={o_proj: 4}", "method.alpha_pattern={up_proj: 8.0}"],
+    ),
     "pissa_dora": ("dora", ["method.init=pissa"]),
     "pissa_gpt2": ("lora", ["method.init=pissa", "model.name=tiny:gpt2"]),
 }

@@ -25,17 +25,20 @@ def test_tiny_tokenizer_round_trips_any_text():
     tokenizer = AutoTokenizer.from_pretrained(ensure_tiny("llama"))
     text = "Grüße, 世界! reverse: abc\n"
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                             add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert rendered == "<|user|>\nhi\n<|assistant|>\n"
 
 
 def _loss_and_grads(checkpointing: bool, dtype: str = "float32"):
-    recipe = recipe_from_dict({
-        "model": {"name": "tiny:llama", "gradient_checkpointing": checkpointing, "dtype": dtype},
-        "data": {"train": "unused.jsonl"},
-        "method": {"name": "lora", "r": 4},
-    })
+    recipe = recipe_from_dict(
+        {
+            "model": {"name": "tiny:llama", "gradient_checkpointing": checkpointing, "dtype": dtype},
+            "data": {"train": "unused.jsonl"},
+            "method": {"name": "lora", "r": 4},
+        }
+    )
     path = resolve_model_name(recipe.model.name)
     tokenizer = load_tokenizer(path, recipe.model)
     model, _ = build_model(recipe, torch.device("cpu"), None, tokenizer, path)

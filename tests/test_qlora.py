@@ -36,12 +36,17 @@ def hf_quantized_base(path: str, bits: int = 4, compute_dtype: torch.dtype = tor
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if bits == 4:
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=compute_dtype)
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map={"": "cpu"},
-                                                dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=config, device_map={"": "cpu"}, dtype=torch.float32
+    )
 
 
 def fixed_batch(vocab: int = 260) -> dict[str, torch.Tensor]:
@@ -114,10 +119,17 @@ def test_stored_bits_per_parameter_match_the_formula(double_quant):
 
     torch.manual_seed(0)
     dense = torch.nn.Sequential(torch.nn.Linear(1024, 1024, bias=False), torch.nn.LayerNorm(1024))
-    layer = bnb.nn.Linear4bit(1024, 1024, bias=False, compute_dtype=torch.float32, quant_type="nf4",
-                              compress_statistics=double_quant)
-    layer.weight = bnb.nn.Params4bit(dense[0].weight.data.clone(), requires_grad=False,
-                                     compress_statistics=double_quant, quant_type="nf4")
+    layer = bnb.nn.Linear4bit(
+        1024,
+        1024,
+        bias=False,
+        compute_dtype=torch.float32,
+        quant_type="nf4",
+        compress_statistics=double_quant,
+    )
+    layer.weight = bnb.nn.Params4bit(
+        dense[0].weight.data.clone(), requires_grad=False, compress_statistics=double_quant, quant_type="nf4"
+    )
     model = torch.nn.Sequential(layer.to("cpu"), dense[1])
     for p in model.parameters():
         p.requires_grad_(False)
@@ -142,8 +154,9 @@ def test_tiny_model_storage_report_counts_every_quantized_layer(tmp_path):
     layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
     assert report["quantized_layers"] == len(layers) == 14
     assert report["quantized_parameters"] == sum(m.in_features * m.out_features for m in layers)
-    assert report["quantized_bytes"] == sum(expected_4bit_bytes(m.in_features * m.out_features, True)
-                                            for m in layers)
+    assert report["quantized_bytes"] == sum(
+        expected_4bit_bytes(m.in_features * m.out_features, True) for m in layers
+    )
 
 
 def test_adapter_loads_in_peft_on_the_same_4bit_base(trained):
@@ -159,7 +172,9 @@ def test_adapter_loads_in_peft_on_the_same_4bit_base(trained):
     batch = fixed_batch()
     base_logits = real_logits(base, batch)
     peft_model = PeftModel.from_pretrained(base, str(trained.adapter_dir))
-    assert type(peft_model.base_model.model.model.layers[0].mlp.down_proj).__module__ == "peft.tuners.lora.bnb"
+    assert (
+        type(peft_model.base_model.model.model.layers[0].mlp.down_proj).__module__ == "peft.tuners.lora.bnb"
+    )
     peft_logits = real_logits(peft_model, batch)
     our_logits = real_logits(ours, batch)
     assert (peft_logits - base_logits).abs().max() > 1e-2  # the adapter really is loaded and not zero
@@ -182,12 +197,15 @@ def test_merge_is_exact_against_the_fp32_base_plus_adapter_and_reports_the_4bit_
     assert (real_logits(merged, batch) - real_logits(unmerged, batch)).abs().max() <= 1e-4
 
     # The report: recompute the 4-bit gap independently, with peft on transformers' 4-bit base.
-    probe = {"input_ids": torch.tensor(info["probe"]["input_ids"]),
-             "attention_mask": torch.tensor(info["probe"]["attention_mask"])}
+    probe = {
+        "input_ids": torch.tensor(info["probe"]["input_ids"]),
+        "attention_mask": torch.tensor(info["probe"]["attention_mask"]),
+    }
     tokenizer = load_adapter(trained.adapter_dir, quantized=False).tokenizer
     assert torch.equal(probe["input_ids"], probe_batch(tokenizer)["input_ids"])
-    peft_model = PeftModel.from_pretrained(hf_quantized_base(str(resolve_model_name("tiny:llama"))),
-                                           str(trained.adapter_dir))
+    peft_model = PeftModel.from_pretrained(
+        hf_quantized_base(str(resolve_model_name("tiny:llama"))), str(trained.adapter_dir)
+    )
     diff = (real_logits(merged, probe) - real_logits(peft_model, probe)).abs()
     assert info["probe"]["max_abs_logit_diff"] == pytest.approx(float(diff.max()), abs=1e-5)
     assert info["probe"]["mean_abs_logit_diff"] == pytest.approx(float(diff.mean()), abs=1e-6)
@@ -202,8 +220,15 @@ def test_8bit_base_trains_and_loads_in_peft(tmp_path):
     from peft import PeftModel
 
     out = tmp_path / "run8"
-    result = api.train(RECIPE, overrides=[
-        f"output_dir={out}", "model.quantization.bits=8", "train.max_steps=12", "train.optimizer=adamw_8bit"])
+    result = api.train(
+        RECIPE,
+        overrides=[
+            f"output_dir={out}",
+            "model.quantization.bits=8",
+            "train.max_steps=12",
+            "train.optimizer=adamw_8bit",
+        ],
+    )
     assert result.last_loss < result.first_loss
     ours = load_adapter(result.adapter_dir).model
     assert type(ours.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear8bitLt"
@@ -216,8 +241,15 @@ def test_8bit_base_trains_and_loads_in_peft(tmp_path):
 def test_bf16_base_and_compute_train_on_cpu_and_the_head_stays_bf16(tmp_path):
     """No autocast on a CPU: fp32 norms feed a bf16 LM head, which must cast its input itself."""
     out = tmp_path / "bf16"
-    result = api.train(RECIPE, overrides=[f"output_dir={out}", "model.dtype=bfloat16",
-                                          "model.quantization.compute_dtype=bfloat16", "train.max_steps=8"])
+    result = api.train(
+        RECIPE,
+        overrides=[
+            f"output_dir={out}",
+            "model.dtype=bfloat16",
+            "model.quantization.compute_dtype=bfloat16",
+            "train.max_steps=8",
+        ],
+    )
     assert math.isfinite(result.last_loss) and result.last_loss < result.first_loss
     model = load_adapter(result.adapter_dir, dtype=torch.bfloat16).model
     assert model.lm_head.weight.dtype == torch.bfloat16
@@ -258,8 +290,9 @@ def test_method_without_quantized_support_fails_at_validate(monkeypatch, tmp_pat
     assert err.value.key == "model.quantization" and "lora" in err.value.message
 
 
-@pytest.mark.parametrize("path", ["recipes/tiny/qlora.yaml", "recipes/qlora-llama-3.1-8b.yaml",
-                                  "recipes/qlora-qwen2.5-7b.yaml"])
+@pytest.mark.parametrize(
+    "path", ["recipes/tiny/qlora.yaml", "recipes/qlora-llama-3.1-8b.yaml", "recipes/qlora-qwen2.5-7b.yaml"]
+)
 def test_shipped_qlora_recipes_validate(path, monkeypatch):
     from typer.testing import CliRunner
 

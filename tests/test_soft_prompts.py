@@ -31,8 +31,12 @@ LABELS = ["negative", "positive"]
 
 
 def build(task: str, method: dict, model_extra: dict | None = None, seed: int = 0):
-    raw = {"model": {"name": ARCH[task], "task": task, **(model_extra or {})},
-           "data": {"train": "unused.jsonl", "format": FORMAT[task]}, "method": method, "train": {"seed": seed}}
+    raw = {
+        "model": {"name": ARCH[task], "task": task, **(model_extra or {})},
+        "data": {"train": "unused.jsonl", "format": FORMAT[task]},
+        "method": method,
+        "train": {"seed": seed},
+    }
     recipe = recipe_from_dict(raw)
     base_path = resolve_model_name(recipe.model.name)
     tokenizer = load_tokenizer(base_path, recipe.model)
@@ -71,12 +75,22 @@ def one_step(model, task, seed=0, lr=1e-2):
 METHODS = {
     "prompt_tuning": {"name": "prompt_tuning", "num_virtual_tokens": 4},
     "p_tuning_mlp": {"name": "p_tuning", "num_virtual_tokens": 4},
-    "p_tuning_lstm": {"name": "p_tuning", "num_virtual_tokens": 4, "encoder": "lstm", "encoder_hidden_size": 24},
+    "p_tuning_lstm": {
+        "name": "p_tuning",
+        "num_virtual_tokens": 4,
+        "encoder": "lstm",
+        "encoder_hidden_size": 24,
+    },
     "prefix_tuning": {"name": "prefix_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 48},
     "p_tuning_v2": {"name": "p_tuning_v2", "num_virtual_tokens": 4},
 }
-PEFT_TYPE = {"prompt_tuning": "PROMPT_TUNING", "p_tuning_mlp": "P_TUNING", "p_tuning_lstm": "P_TUNING",
-             "prefix_tuning": "PREFIX_TUNING", "p_tuning_v2": "PREFIX_TUNING"}
+PEFT_TYPE = {
+    "prompt_tuning": "PROMPT_TUNING",
+    "p_tuning_mlp": "P_TUNING",
+    "p_tuning_lstm": "P_TUNING",
+    "prefix_tuning": "PREFIX_TUNING",
+    "p_tuning_v2": "PREFIX_TUNING",
+}
 CASES = [(t, m) for t in ARCH for m in METHODS if not (t != "causal_lm" and m == "p_tuning_lstm")]
 
 
@@ -91,8 +105,9 @@ def test_peft_loads_our_adapter_with_equal_logits(task, key, tmp_path):
     save_adapter(tmp_path / "adapter", model, method, tokenizer, base_path, recipe.model, labels)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == PEFT_TYPE[key]
-    base = load_model(base_path, recipe.model, torch.device("cpu"), label_names=labels,
-                      pad_token_id=tokenizer.pad_token_id)
+    base = load_model(
+        base_path, recipe.model, torch.device("cpu"), label_names=labels, pad_token_id=tokenizer.pad_token_id
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
@@ -102,7 +117,7 @@ def test_peft_loads_our_adapter_with_equal_logits(task, key, tmp_path):
     if task == "causal_lm":
         # peft returns [B, n_virtual + T, V] for input prompts; compare the real, unpadded positions.
         assert ours.shape == (*input_ids.shape, base.config.vocab_size)
-        theirs = theirs[:, -input_ids.shape[1]:]
+        theirs = theirs[:, -input_ids.shape[1] :]
         ours, theirs = ours[mask.bool()], theirs[mask.bool()]
     assert (ours - theirs).abs().max().item() <= 1e-5
 
@@ -128,10 +143,14 @@ def test_left_and_right_padding_give_the_unpadded_logits(key):
     with torch.no_grad():
         alone = model(input_ids=row, attention_mask=torch.ones_like(row)).logits[0]  # (6, V)
         pad = torch.zeros(1, 3, dtype=torch.long)
-        right = model(input_ids=torch.cat([torch.cat([row, pad], 1), other]),
-                      attention_mask=torch.tensor([[1] * 6 + [0] * 3, [1] * 9])).logits[0, :6]
-        left = model(input_ids=torch.cat([torch.cat([pad, row], 1), other]),
-                     attention_mask=torch.tensor([[0] * 3 + [1] * 6, [1] * 9])).logits[0, 3:]
+        right = model(
+            input_ids=torch.cat([torch.cat([row, pad], 1), other]),
+            attention_mask=torch.tensor([[1] * 6 + [0] * 3, [1] * 9]),
+        ).logits[0, :6]
+        left = model(
+            input_ids=torch.cat([torch.cat([pad, row], 1), other]),
+            attention_mask=torch.tensor([[0] * 3 + [1] * 6, [1] * 9]),
+        ).logits[0, 3:]
     assert (alone - right).abs().max().item() <= 1e-5
     assert (alone - left).abs().max().item() <= 1e-5
 
@@ -144,21 +163,29 @@ def recompute_greedy(model, prompt: list[int], steps: int) -> list[int]:
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         tokens.append(int(logits[0, -1].argmax()))
-    return tokens[len(prompt):]
+    return tokens[len(prompt) :]
 
 
 REAL_WORDS = {"init": "real_words", "init_text": "abcd"}  # prefixes that leave the model's output varied
 
 
-@pytest.mark.parametrize("method,lr", [(METHODS["prompt_tuning"], 5e-2), (METHODS["p_tuning_mlp"], 5e-2),
-                                       ({**METHODS["prefix_tuning"], **REAL_WORDS}, 1e-3),
-                                       ({**METHODS["p_tuning_v2"], **REAL_WORDS}, 5e-2)],
-                         ids=["prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"])
+@pytest.mark.parametrize(
+    "method,lr",
+    [
+        (METHODS["prompt_tuning"], 5e-2),
+        (METHODS["p_tuning_mlp"], 5e-2),
+        ({**METHODS["prefix_tuning"], **REAL_WORDS}, 1e-3),
+        ({**METHODS["p_tuning_v2"], **REAL_WORDS}, 5e-2),
+    ],
+    ids=["prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"],
+)
 def test_cached_generation_inserts_the_prompt_once(method, lr):
     *_, model, _, _ = build("causal_lm", method)
     one_step(model, "causal_lm", lr=lr)
     prompts = [[40, 41, 42, 43, 44, 45, 46], [50, 51, 52], [60, 61, 62, 63, 64]]  # left-padded in one batch
-    cached = greedy_generate(model, prompts, max_new_tokens=6, eos_ids=set(), pad_id=0, device=torch.device("cpu"))
+    cached = greedy_generate(
+        model, prompts, max_new_tokens=6, eos_ids=set(), pad_id=0, device=torch.device("cpu")
+    )
     assert len({t for row in cached for t in row}) >= 5  # a varied continuation, so the check has teeth
     assert cached == [recompute_greedy(model, p, 6) for p in prompts]
 
@@ -173,8 +200,10 @@ def assert_seq2seq_generate_matches_recompute(model) -> None:
         tokens = [model.config.decoder_start_token_id]
         for _ in range(5):
             with torch.no_grad():
-                logits = model(input_ids=ids[row: row + 1, : int(mask[row].sum())],
-                               decoder_input_ids=torch.tensor([tokens])).logits
+                logits = model(
+                    input_ids=ids[row : row + 1, : int(mask[row].sum())],
+                    decoder_input_ids=torch.tensor([tokens]),
+                ).logits
             tokens.append(int(logits[0, -1].argmax()))
         assert out[row].tolist()[: len(tokens)] == tokens[: out.shape[1]]
 
@@ -189,8 +218,9 @@ def test_seq2seq_generate_matches_recompute(key):
 def test_gradient_checkpointing_works_for_prompt_tuning_and_is_refused_for_prefixes():
     grads = []
     for checkpointing in (False, True):
-        *_, model, _, _ = build("causal_lm", METHODS["prompt_tuning"],
-                                     {"gradient_checkpointing": checkpointing})
+        *_, model, _, _ = build(
+            "causal_lm", METHODS["prompt_tuning"], {"gradient_checkpointing": checkpointing}
+        )
         model.train()
         input_ids, mask, _, labels = batch_for("causal_lm")
         loss, n = token_loss_sum(model(input_ids=input_ids, attention_mask=mask).logits, labels, "causal_lm")
@@ -204,23 +234,37 @@ def test_gradient_checkpointing_works_for_prompt_tuning_and_is_refused_for_prefi
 
 
 def test_text_and_sample_vocab_inits_are_real_token_embeddings():
-    *_, model, _, _ = build("causal_lm", {"name": "prompt_tuning", "num_virtual_tokens": 7, "init": "text",
-                                               "init_text": "abc"})
-    tokenizer = load_tokenizer(model.name_or_path, recipe_from_dict(
-        {"model": {"name": "tiny:llama"}, "data": {"train": "x.jsonl"}}).model)
+    *_, model, _, _ = build(
+        "causal_lm", {"name": "prompt_tuning", "num_virtual_tokens": 7, "init": "text", "init_text": "abc"}
+    )
+    tokenizer = load_tokenizer(
+        model.name_or_path,
+        recipe_from_dict({"model": {"name": "tiny:llama"}, "data": {"train": "x.jsonl"}}).model,
+    )
     ids = repeat_to(tokenizer("abc", add_special_tokens=False)["input_ids"], 7)
     table = model.get_input_embeddings().weight
     assert torch.equal(model.input_prompt.embedding.weight, table[ids])
-    *_, model, _, _ = build("causal_lm", {"name": "prompt_tuning", "num_virtual_tokens": 16,
-                                               "init": "sample_vocab", "sample_vocab_top_k": 40})
+    *_, model, _, _ = build(
+        "causal_lm",
+        {"name": "prompt_tuning", "num_virtual_tokens": 16, "init": "sample_vocab", "sample_vocab_top_k": 40},
+    )
     rows = model.input_prompt.embedding.weight
     table = model.get_input_embeddings().weight
     picked = [int((table == r).all(-1).nonzero()[0]) for r in rows]  # each row is one vocabulary row
     assert all(4 <= i < 40 for i in picked)  # among the first 40 ids, never a special token (0-3)
     *_, model, _, _ = build("seq_cls", {"name": "prompt_tuning", "num_virtual_tokens": 5, "init": "text"})
-    tokenizer = load_tokenizer(model.name_or_path, recipe_from_dict(
-        {"model": {"name": "tiny:bert", "task": "seq_cls"}, "data": {"train": "x.jsonl", "format": "classification"}}).model)
-    ids = repeat_to(tokenizer("negative positive", add_special_tokens=False)["input_ids"], 5)  # the label words
+    tokenizer = load_tokenizer(
+        model.name_or_path,
+        recipe_from_dict(
+            {
+                "model": {"name": "tiny:bert", "task": "seq_cls"},
+                "data": {"train": "x.jsonl", "format": "classification"},
+            }
+        ).model,
+    )
+    ids = repeat_to(
+        tokenizer("negative positive", add_special_tokens=False)["input_ids"], 5
+    )  # the label words
     assert torch.equal(model.input_prompt.embedding.weight, model.get_input_embeddings().weight[ids])
 
 
@@ -228,8 +272,12 @@ def test_text_and_sample_vocab_inits_are_real_token_embeddings():
 def test_real_word_prefix_equals_reading_the_words(projection):
     """Li & Liang's real-word init: the prefix is the model's own keys/values of the words, so at step 0
     the prefixed model on x equals the base model on words + x (reference: base, ≤ 1e-5)."""
-    method = {"name": "prefix_tuning" if projection else "p_tuning_v2", "num_virtual_tokens": 5,
-              "init": "real_words", "init_text": "hello"}  # 5 bytes = 5 tokens for the byte tokenizer
+    method = {
+        "name": "prefix_tuning" if projection else "p_tuning_v2",
+        "num_virtual_tokens": 5,
+        "init": "real_words",
+        "init_text": "hello",
+    }  # 5 bytes = 5 tokens for the byte tokenizer
     _, _, tokenizer, model, _, _ = build("causal_lm", method)
     words = tokenizer("hello", add_special_tokens=False)["input_ids"]
     assert len(words) == 5
@@ -250,8 +298,15 @@ def source_adapter(tmp_path: Path, method: dict, task: str = "causal_lm") -> Pat
     return tmp_path / "source"
 
 
-@pytest.mark.parametrize("source,target", [("prompt_tuning", "prompt_tuning"), ("p_tuning_mlp", "prompt_tuning"),
-                                           ("p_tuning_v2", "prefix_tuning"), ("prefix_tuning", "p_tuning_v2")])
+@pytest.mark.parametrize(
+    "source,target",
+    [
+        ("prompt_tuning", "prompt_tuning"),
+        ("p_tuning_mlp", "prompt_tuning"),
+        ("p_tuning_v2", "prefix_tuning"),
+        ("prefix_tuning", "p_tuning_v2"),
+    ],
+)
 def test_spot_init_reproduces_the_source_prompt_at_step_0(source, target, tmp_path):
     path = source_adapter(tmp_path, METHODS[source])
     stored = load_adapter(path)
@@ -292,8 +347,9 @@ def test_ensemble_averages_logits_and_votes():
     # The ensemble decodes greedily from the averaged logits, with one KV cache per member.
     prompts = [[40, 41, 42], [50, 51, 52, 53]]
     ensemble = EnsembleModel(members)
-    assert greedy_generate(ensemble, prompts, 4, set(), 0, torch.device("cpu")) == \
-        [recompute_greedy(ensemble, p, 4) for p in prompts]
+    assert greedy_generate(ensemble, prompts, 4, set(), 0, torch.device("cpu")) == [
+        recompute_greedy(ensemble, p, 4) for p in prompts
+    ]
 
     class Fixed(torch.nn.Module):  # a classifier that always returns the given logits
         def __init__(self, logits):
@@ -302,6 +358,7 @@ def test_ensemble_averages_logits_and_votes():
 
         def forward(self, **_):
             from transformers.modeling_outputs import SequenceClassifierOutput
+
             return SequenceClassifierOutput(logits=self.logits.clone())
 
     # Two weak votes for class 0 beat one confident vote for class 1; the mean picks class 1.
@@ -317,7 +374,9 @@ def test_cli_eval_ensemble_of_classifiers(tmp_path):
 
     adapters = []
     for seed in (1, 2, 3):
-        recipe, base_path, tokenizer, model, method, labels = build("seq_cls", METHODS["prompt_tuning"], seed=seed)
+        recipe, base_path, tokenizer, model, method, labels = build(
+            "seq_cls", METHODS["prompt_tuning"], seed=seed
+        )
         one_step(model, "seq_cls", seed=seed, lr=5e-2)
         save_adapter(tmp_path / f"a{seed}", model, method, tokenizer, base_path, recipe.model, labels)
         adapters.append(str(tmp_path / f"a{seed}"))
@@ -331,12 +390,20 @@ def test_cli_eval_ensemble_of_classifiers(tmp_path):
     from peftcli.recipe import DataConfig
 
     loaded = [load_adapter(a) for a in adapters]
-    bundle = load_data(DataConfig(train=data, eval=data, format="classification"), loaded[0].tokenizer, "seq_cls",
-                       label_names=loaded[0].label_names)
+    bundle = load_data(
+        DataConfig(train=data, eval=data, format="classification"),
+        loaded[0].tokenizer,
+        "seq_cls",
+        label_names=loaded[0].label_names,
+    )
     batch = collate(bundle.eval, loaded[0].tokenizer, "seq_cls")
     with torch.no_grad():
-        logits = torch.stack([m.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                              for m in loaded])
+        logits = torch.stack(
+            [
+                m.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                for m in loaded
+            ]
+        )
     by_mean = (logits.mean(0).argmax(-1) == batch["labels"]).float().mean().item()
     assert mean["accuracy"] == pytest.approx(by_mean)
     votes = torch.nn.functional.one_hot(logits.argmax(-1), 2).sum(0)  # 3 voters, 2 classes: never a tie

@@ -63,7 +63,11 @@ def test_run_directory_layout(finished_run):
     names = {p.name for p in finished_run.iterdir()}
     assert {"recipe.yaml", "metrics.jsonl", "checkpoints", "adapter", "results.json", "summary.md"} <= names
     assert {p.name for p in (finished_run / "adapter").iterdir()} >= {
-        "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     steps = sorted(int(p.name.split("-")[1]) for p in (finished_run / "checkpoints").iterdir())
     assert steps == [6, 8]  # save_every 3 plus the final step; keep_checkpoints 2 dropped step-3
     events = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
@@ -95,7 +99,11 @@ def test_peft_loads_our_adapter_with_our_logits(finished_run):
     with torch.no_grad():
         a, b = ours(**batch).logits, theirs(**batch).logits
     assert (a - b).abs().max().item() <= 1e-5
-    lora_b = [v for k, v in load_file(finished_run / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k]
+    lora_b = [
+        v
+        for k, v in load_file(finished_run / "adapter" / "adapter_model.safetensors").items()
+        if "lora_B" in k
+    ]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "training moved every B away from zero"
 
 
@@ -114,8 +122,9 @@ def test_merge_writes_a_plain_model_with_the_same_logits(finished_run, tmp_path)
     assert (out / "tokenizer.json").exists()
 
     half = tmp_path / "merged-bf16"
-    result = CliRunner().invoke(app, ["merge", str(finished_run / "adapter"), "--output", str(half),
-                                      "--dtype", "bfloat16"])
+    result = CliRunner().invoke(
+        app, ["merge", str(finished_run / "adapter"), "--output", str(half), "--dtype", "bfloat16"]
+    )
     assert result.exit_code == 0, result.output
     assert all(v.dtype == torch.bfloat16 for v in load_file(half / "model.safetensors").values())
 
@@ -157,15 +166,28 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(finished_run
     full, resumed = _adapter(finished_run), _adapter(run)
     assert full.keys() == resumed.keys()
     assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["event"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["event"] == "train"
+    ]
     assert steps == list(range(1, 9)), "events after the checkpoint were dropped and logged once"
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_finishes(recipe_path, tmp_path):
     run = tmp_path / "term"
-    cmd = [sys.executable, "-m", "peftcli", "train", str(recipe_path), "--output-dir", str(run), "-q",
-           "train.max_steps=400", "train.save_every=1000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "peftcli",
+        "train",
+        str(recipe_path),
+        "--output-dir",
+        str(run),
+        "-q",
+        "train.max_steps=400",
+        "train.save_every=1000",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
@@ -184,7 +206,8 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(recipe_path, tmp_path):
 
 
 def test_resume_refuses_a_changed_recipe(finished_run, recipe_path):
-    result = CliRunner().invoke(app, ["train", str(recipe_path), "--output-dir", str(finished_run), "--resume",
-                                      "train.lr=1e-2", "-q"])
+    result = CliRunner().invoke(
+        app, ["train", str(recipe_path), "--output-dir", str(finished_run), "--resume", "train.lr=1e-2", "-q"]
+    )
     assert result.exit_code == 2
     assert "--resume" in result.output and "differs" in result.output

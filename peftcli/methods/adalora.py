@@ -55,8 +55,13 @@ from peftcli.recipe import MethodConfig, RecipeError, doc
 @dataclass
 class AdaLoraConfig(MethodConfig):
     init_r: int = field(default=12, metadata=doc("starting rank of every adapted layer (r0)", min=1))
-    target_r: int = field(default=8, metadata=doc("average rank per layer left at the end of the schedule", min=1))
-    alpha: float = field(default=8.0, metadata=doc("scale numerator: the update is multiplied by alpha/init_r", min_exclusive=0.0))
+    target_r: int = field(
+        default=8, metadata=doc("average rank per layer left at the end of the schedule", min=1)
+    )
+    alpha: float = field(
+        default=8.0,
+        metadata=doc("scale numerator: the update is multiplied by alpha/init_r", min_exclusive=0.0),
+    )
     dropout: float = field(default=0.0, metadata=doc("dropout on the adapter input path", min=0.0, max=0.99))
     target_modules: str | list[str] = field(
         default="all-linear", metadata=doc("module names (list), a regex on full names, or all-linear")
@@ -64,14 +69,26 @@ class AdaLoraConfig(MethodConfig):
     modules_to_save: list[str] = field(
         default_factory=list, metadata=doc("modules trained in full and saved whole; seq_cls heads are added")
     )
-    tinit: int = field(default=0, metadata=doc("steps of warmup at the full budget before pruning starts", min=0))
-    tfinal: int = field(default=0, metadata=doc("last steps trained with the final, fixed rank pattern", min=0))
+    tinit: int = field(
+        default=0, metadata=doc("steps of warmup at the full budget before pruning starts", min=0)
+    )
+    tfinal: int = field(
+        default=0, metadata=doc("last steps trained with the final, fixed rank pattern", min=0)
+    )
     deltaT: int = field(default=1, metadata=doc("steps between two budget allocations (maskings)", min=1))
-    beta1: float = field(default=0.85, metadata=doc("EMA factor of the sensitivity (importance smoothing)", min_exclusive=0.0, max=0.999999))
-    beta2: float = field(default=0.85, metadata=doc("EMA factor of the uncertainty", min_exclusive=0.0, max=0.999999))
-    orth_reg_weight: float = field(default=0.5, metadata=doc("weight of the orthogonality penalty on P and Q", min=0.0))
+    beta1: float = field(
+        default=0.85,
+        metadata=doc("EMA factor of the sensitivity (importance smoothing)", min_exclusive=0.0, max=0.999999),
+    )
+    beta2: float = field(
+        default=0.85, metadata=doc("EMA factor of the uncertainty", min_exclusive=0.0, max=0.999999)
+    )
+    orth_reg_weight: float = field(
+        default=0.5, metadata=doc("weight of the orthogonality penalty on P and Q", min=0.0)
+    )
     total_step: int | None = field(
-        default=None, metadata=doc("steps of the budget schedule; leave unset: the run's step count is used", min=1)
+        default=None,
+        metadata=doc("steps of the budget schedule; leave unset: the run's step count is used", min=1),
     )
 
 
@@ -111,14 +128,16 @@ class SVDLinear(nn.Module):
         result = self.base_layer(x)
         result_dtype = result.dtype
         x = x.to(self.lora_A.dtype)
-        update = (self.lora_dropout(x) @ (self.lora_A * self.lora_E).T @ self.lora_B.T)  # (B, T, out)
+        update = self.lora_dropout(x) @ (self.lora_A * self.lora_E).T @ self.lora_B.T  # (B, T, out)
         return (result + update * self.scaling / (self.ranknum + 1e-5)).to(result_dtype)
 
 
 @register
 class AdaLoRA(Method):
     name = "adalora"
-    description = "AdaLoRA: SVD-form LoRA whose ranks are pruned by importance on a cubic budget (arXiv 2303.10512)"
+    description = (
+        "AdaLoRA: SVD-form LoRA whose ranks are pruned by importance on a cubic budget (arXiv 2303.10512)"
+    )
     config_cls = AdaLoraConfig
     mergeable = True
     peft_type = "ADALORA"
@@ -139,25 +158,37 @@ class AdaLoRA(Method):
     @classmethod
     def validate_config(cls, cfg: AdaLoraConfig, recipe) -> None:
         if cfg.target_r > cfg.init_r:
-            raise RecipeError("method.target_r", f"{cfg.target_r} is above init_r {cfg.init_r}",
-                              "AdaLoRA only prunes: set target_r <= init_r")
+            raise RecipeError(
+                "method.target_r",
+                f"{cfg.target_r} is above init_r {cfg.init_r}",
+                "AdaLoRA only prunes: set target_r <= init_r",
+            )
         steps = recipe.train.max_steps
         if cfg.total_step is not None and steps is not None and cfg.total_step != steps:
-            raise RecipeError("method.total_step", f"{cfg.total_step} differs from train.max_steps {steps}",
-                              "leave method.total_step unset; the run's step count is used")
+            raise RecipeError(
+                "method.total_step",
+                f"{cfg.total_step} differs from train.max_steps {steps}",
+                "leave method.total_step unset; the run's step count is used",
+            )
         if cfg.total_step is not None or steps is not None:
             cls._check_schedule(cfg, cfg.total_step or steps)
 
     @staticmethod
     def _check_schedule(cfg: AdaLoraConfig, total: int) -> None:
         if cfg.tinit >= total - cfg.tfinal:
-            raise RecipeError("method.tinit", f"tinit {cfg.tinit} + tfinal {cfg.tfinal} leave no pruning phase in "
-                              f"{total} steps", "lower method.tinit / method.tfinal or train longer")
+            raise RecipeError(
+                "method.tinit",
+                f"tinit {cfg.tinit} + tfinal {cfg.tfinal} leave no pruning phase in {total} steps",
+                "lower method.tinit / method.tfinal or train longer",
+            )
 
     def on_train_start(self, model: nn.Module, total_steps: int) -> None:
         if self.cfg.total_step is not None and self.cfg.total_step != total_steps:
-            raise RecipeError("method.total_step", f"{self.cfg.total_step} differs from the run's {total_steps} steps",
-                              "leave method.total_step unset")
+            raise RecipeError(
+                "method.total_step",
+                f"{self.cfg.total_step} differs from the run's {total_steps} steps",
+                "leave method.total_step unset",
+            )
         self._check_schedule(self.cfg, total_steps)
         self.total_step = total_steps
 
@@ -210,8 +241,11 @@ class AdaLoRA(Method):
             self._apply_pattern(model)
 
     def _importance_tensors(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in model.named_parameters()
-                if p.requires_grad and n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_E")}
+        return {
+            n: p
+            for n, p in model.named_parameters()
+            if p.requires_grad and n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_E")
+        }
 
     def _update_importance(self, model: nn.Module) -> None:
         b1, b2 = self.cfg.beta1, self.cfg.beta2
@@ -247,10 +281,14 @@ class AdaLoRA(Method):
             return None
         scores: dict[str, torch.Tensor] = {}
         for name, _ in self.svd_layers(model):
-            s_a, s_e, s_b = (self.exp_avg_ipt[f"{name}.{p}"] * self.exp_avg_unc[f"{name}.{p}"]
-                             for p in ("lora_A", "lora_E", "lora_B"))
+            s_a, s_e, s_b = (
+                self.exp_avg_ipt[f"{name}.{p}"] * self.exp_avg_unc[f"{name}.{p}"]
+                for p in ("lora_A", "lora_E", "lora_B")
+            )
             # S_i = s(λ_i) + mean_j s(Q_ij) + mean_j s(P_ji): (r0,)
-            scores[f"{name}.lora_E"] = s_e.view(-1) + (s_a.mean(dim=1) + s_b.mean(dim=0))  # peft's summation order
+            scores[f"{name}.lora_E"] = s_e.view(-1) + (
+                s_a.mean(dim=1) + s_b.mean(dim=0)
+            )  # peft's summation order
         threshold = torch.kthvalue(torch.cat(list(scores.values())), k=initial - budget)[0].item()
         pattern = {key: (value > threshold).tolist() for key, value in scores.items()}
         self.rank_pattern = pattern
@@ -271,8 +309,12 @@ class AdaLoRA(Method):
             self._apply_pattern(model)
 
     def method_state(self) -> dict[str, Any]:
-        return {"exp_avg_ipt": dict(self.exp_avg_ipt), "exp_avg_unc": dict(self.exp_avg_unc),
-                "rank_pattern": self.rank_pattern, "total_step": self.total_step}
+        return {
+            "exp_avg_ipt": dict(self.exp_avg_ipt),
+            "exp_avg_unc": dict(self.exp_avg_unc),
+            "rank_pattern": self.rank_pattern,
+            "total_step": self.total_step,
+        }
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self.exp_avg_ipt = dict(state.get("exp_avg_ipt") or {})
@@ -308,8 +350,11 @@ class AdaLoRA(Method):
             saved = state.get(f"{PREFIX}{name}.lora_E")
             if saved is not None and saved.shape[0] != layer.r:  # a pruned adapter: r′ < init_r rows
                 if saved.shape[0] > self.cfg.init_r:
-                    raise RecipeError("adapter", f"{name} has rank {saved.shape[0]} > init_r {self.cfg.init_r}",
-                                      "load it with the init_r it was trained with")
+                    raise RecipeError(
+                        "adapter",
+                        f"{name} has rank {saved.shape[0]} > init_r {self.cfg.init_r}",
+                        "load it with the init_r it was trained with",
+                    )
                 layer.resize(saved.shape[0])
             pattern[f"{name}.lora_E"] = [True] * layer.r + [False] * (self.cfg.init_r - layer.r)
         if any(not all(keep) for keep in pattern.values()):

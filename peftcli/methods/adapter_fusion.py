@@ -57,9 +57,12 @@ SOURCE_METHOD = "houlsby_adapter"
 @dataclass
 class FusionConfig(MethodConfig):
     adapters: list[str] = field(
-        default_factory=list, metadata=doc("trained houlsby_adapter directories to fuse (RUN/adapter), at least 2")
+        default_factory=list,
+        metadata=doc("trained houlsby_adapter directories to fuse (RUN/adapter), at least 2"),
     )
-    temperature: float = field(default=1.0, metadata=doc("T in softmax(q·k / T) over the adapters", min_exclusive=0.0))
+    temperature: float = field(
+        default=1.0, metadata=doc("T in softmax(q·k / T) over the adapters", min_exclusive=0.0)
+    )
     source_configs: list[dict[str, Any]] = field(
         default_factory=list,
         metadata=doc("filled in when training starts (the sources' options); leave empty"),
@@ -101,22 +104,32 @@ def read_source(path: str, key: str) -> dict[str, Any]:
     """The sidecar of a stage-one adapter directory, checked to be a houlsby_adapter."""
     sidecar = Path(path) / "peftcli_adapter.json"
     if not sidecar.is_file():
-        raise RecipeError(key, f"{path} is not an adapter directory written by peftcli",
-                          "point at RUN/adapter of a houlsby_adapter run")
+        raise RecipeError(
+            key,
+            f"{path} is not an adapter directory written by peftcli",
+            "point at RUN/adapter of a houlsby_adapter run",
+        )
     info = json.loads(sidecar.read_text())
     if info.get("method") != SOURCE_METHOD:
-        raise RecipeError(key, f"{path} holds a {info.get('method')} adapter, not a {SOURCE_METHOD}",
-                          "AdapterFusion fuses bottleneck adapters trained with method.name: houlsby_adapter")
+        raise RecipeError(
+            key,
+            f"{path} holds a {info.get('method')} adapter, not a {SOURCE_METHOD}",
+            "AdapterFusion fuses bottleneck adapters trained with method.name: houlsby_adapter",
+        )
     return info
 
 
 @register
 class AdapterFusion(Method):
     name = "adapter_fusion"
-    description = "AdapterFusion: learn an attention over N frozen trained adapters per layer (arXiv 2005.00247)"
+    description = (
+        "AdapterFusion: learn an attention over N frozen trained adapters per layer (arXiv 2005.00247)"
+    )
     config_cls = FusionConfig
     identity_at_init = False  # the frozen source adapters act from step 0
-    trainable_formula = "per fused sublayer 3·(d² + d) for query/key/value, plus a seq_cls head (sources frozen)"
+    trainable_formula = (
+        "per fused sublayer 3·(d² + d) for query/key/value, plus a seq_cls head (sources frozen)"
+    )
 
     cfg: FusionConfig
 
@@ -128,34 +141,56 @@ class AdapterFusion(Method):
     @classmethod
     def validate_config(cls, cfg: FusionConfig, recipe: Recipe) -> None:
         if len(cfg.adapters) < 2:
-            raise RecipeError("method.adapters", f"needs at least 2 adapter directories, got {len(cfg.adapters)}",
-                              "list the RUN/adapter directories of your houlsby_adapter runs")
+            raise RecipeError(
+                "method.adapters",
+                f"needs at least 2 adapter directories, got {len(cfg.adapters)}",
+                "list the RUN/adapter directories of your houlsby_adapter runs",
+            )
         positions = None
         for i, path in enumerate(cfg.adapters):
             key = f"method.adapters[{i}]"
             if not Path(path).is_dir():
-                raise RecipeError(key, f"directory not found: {path}", "paths are relative to where peftcli runs")
+                raise RecipeError(
+                    key, f"directory not found: {path}", "paths are relative to where peftcli runs"
+                )
             info = read_source(path, key)
             if info.get("model_name") != recipe.model.name:
-                raise RecipeError(key, f"{path} was trained on {info.get('model_name')!r}, this recipe uses "
-                                  f"{recipe.model.name!r}", "fuse adapters trained on the same base model")
+                raise RecipeError(
+                    key,
+                    f"{path} was trained on {info.get('model_name')!r}, this recipe uses "
+                    f"{recipe.model.name!r}",
+                    "fuse adapters trained on the same base model",
+                )
             if info.get("task") != recipe.model.task:
-                raise RecipeError(key, f"{path} was trained for {info.get('task')}, this recipe is {recipe.model.task}",
-                                  "fuse adapters trained for the same model.task")
+                raise RecipeError(
+                    key,
+                    f"{path} was trained for {info.get('task')}, this recipe is {recipe.model.task}",
+                    "fuse adapters trained for the same model.task",
+                )
             options = resolved(from_dict(HoulsbyConfig, info["method_config"], key))
             if options.train_layer_norms:
-                raise RecipeError(key, f"{path} trained its own layer norms; N adapters cannot share them",
-                                  "train the sources with train_layer_norms: false (e.g. config: pfeiffer)")
+                raise RecipeError(
+                    key,
+                    f"{path} trained its own layer norms; N adapters cannot share them",
+                    "train the sources with train_layer_norms: false (e.g. config: pfeiffer)",
+                )
             if positions is not None and sorted(options.positions) != positions:
-                raise RecipeError(key, f"{path} sits on {options.positions}, the first adapter on {positions}",
-                                  "fuse adapters with the same positions")
+                raise RecipeError(
+                    key,
+                    f"{path} sits on {options.positions}, the first adapter on {positions}",
+                    "fuse adapters with the same positions",
+                )
             positions = sorted(options.positions)
 
     def source_options(self) -> list[HoulsbyConfig]:
         if not self.cfg.source_configs:  # first build: copy the sources' options into the config we save
-            self.cfg.source_configs = [read_source(p, f"method.adapters[{i}]")["method_config"]
-                                       for i, p in enumerate(self.cfg.adapters)]
-        return [resolved(from_dict(HoulsbyConfig, c, "method.source_configs")) for c in self.cfg.source_configs]
+            self.cfg.source_configs = [
+                read_source(p, f"method.adapters[{i}]")["method_config"]
+                for i, p in enumerate(self.cfg.adapters)
+            ]
+        return [
+            resolved(from_dict(HoulsbyConfig, c, "method.source_configs")) for c in self.cfg.source_configs
+        ]
 
     def apply(self, model: nn.Module) -> nn.Module:
         from peftcli.export import read_adapter_state
@@ -166,8 +201,14 @@ class AdapterFusion(Method):
         self.sublayers = find_sublayers(model, positions)
         device = next(model.parameters()).device
         for sub in self.sublayers:
-            sources = [Bottleneck(sub.hidden_size, bottleneck_width(sub.hidden_size, o.reduction_factor, o.bottleneck_size),
-                                  o.nonlinearity) for o in options]
+            sources = [
+                Bottleneck(
+                    sub.hidden_size,
+                    bottleneck_width(sub.hidden_size, o.reduction_factor, o.bottleneck_size),
+                    o.nonlinearity,
+                )
+                for o in options
+            ]
             attach(model, sub, FusionBlock(sub.hidden_size, sources, self.cfg.temperature).to(device))
         # Source tensors: from their directories when present (training); a reload overwrites them anyway
         # with the copies saved in the fusion adapter.
@@ -181,8 +222,11 @@ class AdapterFusion(Method):
                     for pname, param in source.named_parameters():
                         key = f"{PREFIX}{sub.output_module}.adapter.{pname}"
                         if key not in state:
-                            raise RecipeError(f"method.adapters[{n}]", f"{path} has no tensor {key}",
-                                              "it was trained on another model or with other positions")
+                            raise RecipeError(
+                                f"method.adapters[{n}]",
+                                f"{path} has no tensor {key}",
+                                "it was trained on another model or with other positions",
+                            )
                         param.copy_(state[key].to(param.dtype))
         self.saved_modules = make_trainable_copies(model, head_modules(model, self.task))
         return model
@@ -191,7 +235,7 @@ class AdapterFusion(Method):
         return [(sub.output_module, block_of(model, sub)) for sub in self.sublayers]
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
-        count = sum(3 * (b.query.in_features ** 2 + b.query.in_features) for _, b in self.blocks(model))
+        count = sum(3 * (b.query.in_features**2 + b.query.in_features) for _, b in self.blocks(model))
         return count + sum(p.numel() for n in self.saved_modules for p in model.get_submodule(n).parameters())
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -206,8 +250,12 @@ class AdapterFusion(Method):
         load_prefixed(model, state, self.adapter_state_dict(model))
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
-        return {"adapters": list(self.cfg.adapters), "temperature": self.cfg.temperature,
-                "source_configs": self.cfg.source_configs, "modules_to_save": list(self.saved_modules) or None}
+        return {
+            "adapters": list(self.cfg.adapters),
+            "temperature": self.cfg.temperature,
+            "source_configs": self.cfg.source_configs,
+            "modules_to_save": list(self.saved_modules) or None,
+        }
 
     @classmethod
     def config_from_adapter(cls, adapter_config: dict[str, Any]) -> FusionConfig:

@@ -63,8 +63,11 @@ class BitFit(Method):
         if targets in ("all", ["all"]):
             modules = [n for n, m in model.named_modules() if has_bias(m)]
             if not modules:
-                raise RecipeError("model.name", f"{model_type} has no bias terms, and BitFit trains only biases",
-                                  "pick a model with biases (e.g. tiny:qwen2, tiny:gpt2, tiny:bert) or method lora")
+                raise RecipeError(
+                    "model.name",
+                    f"{model_type} has no bias terms, and BitFit trains only biases",
+                    "pick a model with biases (e.g. tiny:qwen2, tiny:gpt2, tiny:bert) or method lora",
+                )
         else:
             modules = match_targets(model, targets, accept=has_bias, what="module with a bias")
         to_save = list(self.cfg.modules_to_save)
@@ -88,15 +91,22 @@ class BitFit(Method):
     # -- saving --------------------------------------------------------------------------
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         params = dict(model.named_parameters())
-        state = {f"{PREFIX}{n}": (params[n].detach() - self.original[n].to(params[n].device)) for n in self.bias_names}
-        state.update({k: v.detach() for k, v in modules_to_save_state(model, self.saved_modules, PREFIX).items()})
+        state = {
+            f"{PREFIX}{n}": (params[n].detach() - self.original[n].to(params[n].device))
+            for n in self.bias_names
+        }
+        state.update(
+            {k: v.detach() for k, v in modules_to_save_state(model, self.saved_modules, PREFIX).items()}
+        )
         return state
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """``state`` holds Δb: the bias becomes b0 + Δb (the base's own bias plus the delta)."""
         params = dict(model.named_parameters())
         expected = {f"{PREFIX}{n}": params[n].detach() for n in self.bias_names}
-        expected.update({k: v.detach() for k, v in modules_to_save_state(model, self.saved_modules, PREFIX).items()})
+        expected.update(
+            {k: v.detach() for k, v in modules_to_save_state(model, self.saved_modules, PREFIX).items()}
+        )
         state = dict(state)
         for n in self.bias_names:
             key = f"{PREFIX}{n}"
@@ -113,8 +123,11 @@ class BitFit(Method):
 
     @classmethod
     def config_from_adapter(cls, adapter_config: dict[str, Any]) -> BitFitConfig:
-        return BitFitConfig(name=cls.name, target_modules=adapter_config.get("target_modules") or "all",
-                            modules_to_save=list(adapter_config.get("modules_to_save") or []))
+        return BitFitConfig(
+            name=cls.name,
+            target_modules=adapter_config.get("target_modules") or "all",
+            modules_to_save=list(adapter_config.get("modules_to_save") or []),
+        )
 
     # -- merging -------------------------------------------------------------------------
     def merge(self, model: nn.Module) -> nn.Module:

@@ -81,8 +81,12 @@ class Bottleneck(nn.Module):
         return 2 * hidden_size * bottleneck_size + bottleneck_size + hidden_size
 
 
-def bottleneck_width(hidden_size: int, reduction_factor: float | None, bottleneck_size: int | None,
-                     default_reduction: float = 16.0) -> int:
+def bottleneck_width(
+    hidden_size: int,
+    reduction_factor: float | None,
+    bottleneck_size: int | None,
+    default_reduction: float = 16.0,
+) -> int:
     if bottleneck_size is not None:
         return bottleneck_size
     return max(1, int(hidden_size // (reduction_factor or default_reduction)))
@@ -118,17 +122,28 @@ def transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The longest ``nn.ModuleList`` whose members all look like transformer layers."""
     best: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best) and all(_layer_kind(c) for c in module):
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) > len(best)
+            and all(_layer_kind(c) for c in module)
+        ):
             best = [(f"{name}.{i}", child) for i, child in enumerate(module)]
     return best
 
 
 def hidden_size_of(model: nn.Module) -> int:
     config = getattr(model, "config", None)
-    size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or getattr(config, "d_model", None)
+    size = (
+        getattr(config, "hidden_size", None)
+        or getattr(config, "n_embd", None)
+        or getattr(config, "d_model", None)
+    )
     if not size:
-        raise RecipeError("model.name", f"cannot tell the hidden size of {type(model).__name__}",
-                          "bottleneck adapters need config.hidden_size")
+        raise RecipeError(
+            "model.name",
+            f"cannot tell the hidden size of {type(model).__name__}",
+            "bottleneck adapters need config.hidden_size",
+        )
     return int(size)
 
 
@@ -137,25 +152,41 @@ def find_sublayers(model: nn.Module, positions: list[str] | tuple[str, ...] = PO
     layers = transformer_layers(model)
     if not layers:
         raise RecipeError(
-            "model.name", f"found no transformer layers with attention and feed-forward sublayers in {type(model).__name__}",
+            "model.name",
+            f"found no transformer layers with attention and feed-forward sublayers in {type(model).__name__}",
             "bottleneck adapters support llama/qwen2/mistral-style, gpt2-style and bert-style layers",
         )
     hidden = hidden_size_of(model)
     found = []
     for index, (prefix, layer) in enumerate(layers):
         if _layer_kind(layer) == "post_norm":
-            spots = {"attn": ("attention.output.dense", "attention.self"), "ffn": ("output.dense", "intermediate")}
+            spots = {
+                "attn": ("attention.output.dense", "attention.self"),
+                "ffn": ("output.dense", "intermediate"),
+            }
             norms = [n for n in ("attention.output.LayerNorm", "output.LayerNorm") if _has(layer, n)]
         else:
             attn = next(n for n in ATTENTION_NAMES if _has(layer, n))
             ffn = next(n for n in FEED_FORWARD_NAMES if _has(layer, n))
             spots = {"attn": (attn, attn), "ffn": (ffn, ffn)}
-            norms = [n for n, m in layer.named_children() if "norm" in type(m).__name__.lower() or n.startswith("ln_")]
+            norms = [
+                n
+                for n, m in layer.named_children()
+                if "norm" in type(m).__name__.lower() or n.startswith("ln_")
+            ]
         for position in POSITIONS:
             if position in positions:
                 out_name, in_name = spots[position]
-                found.append(Sublayer(index, position, f"{prefix}.{out_name}", f"{prefix}.{in_name}", hidden,
-                                      [f"{prefix}.{n}" for n in norms]))
+                found.append(
+                    Sublayer(
+                        index,
+                        position,
+                        f"{prefix}.{out_name}",
+                        f"{prefix}.{in_name}",
+                        hidden,
+                        [f"{prefix}.{n}" for n in norms],
+                    )
+                )
     return found
 
 
@@ -172,7 +203,9 @@ def _stash_input(block: nn.Module, module: nn.Module, args: tuple, kwargs: dict)
     block.sublayer_input = _first_input(args, kwargs)
 
 
-def _replace_output(block: nn.Module, same_module: bool, module: nn.Module, args: tuple, kwargs: dict, output):
+def _replace_output(
+    block: nn.Module, same_module: bool, module: nn.Module, args: tuple, kwargs: dict, output
+):
     h = output[0] if isinstance(output, tuple) else output  # (B, T, d)
     x = None
     if getattr(block, "needs_input", False):
@@ -188,14 +221,18 @@ def attach(model: nn.Module, sublayer: Sublayer, block: nn.Module) -> None:
     """Make ``block(h, x)`` replace the sublayer output ``h`` (``x``: the sublayer input)."""
     out_module = model.get_submodule(sublayer.output_module)
     if hasattr(out_module, ADAPTER_ATTR):
-        raise RecipeError("method", f"{sublayer.output_module} already carries an adapter",
-                          "apply one bottleneck method per model")
+        raise RecipeError(
+            "method",
+            f"{sublayer.output_module} already carries an adapter",
+            "apply one bottleneck method per model",
+        )
     out_module.add_module(ADAPTER_ATTR, block)
     same = sublayer.input_module == sublayer.output_module
     if getattr(block, "needs_input", False) and not same:
         block.sublayer_input = None
-        model.get_submodule(sublayer.input_module).register_forward_pre_hook(partial(_stash_input, block),
-                                                                             with_kwargs=True)
+        model.get_submodule(sublayer.input_module).register_forward_pre_hook(
+            partial(_stash_input, block), with_kwargs=True
+        )
     # partial (not a closure) so that copy.deepcopy of the model rebinds the hook to the copied block
     out_module.register_forward_hook(partial(_replace_output, block, same), with_kwargs=True)
 
@@ -225,13 +262,16 @@ def attached_blocks(model: nn.Module, sublayers: list[Sublayer]) -> list[tuple[s
 
 def blocks_trainable_count(model: nn.Module, sublayers: list[Sublayer], saved_modules: list[str]) -> int:
     """2·d·m + d + m per block (the formula, from each block's dims), plus whole saved modules."""
-    count = sum(Bottleneck.parameter_count(b.bottleneck.hidden_size, b.bottleneck.bottleneck_size)
-                for _, b in attached_blocks(model, sublayers))
+    count = sum(
+        Bottleneck.parameter_count(b.bottleneck.hidden_size, b.bottleneck.bottleneck_size)
+        for _, b in attached_blocks(model, sublayers)
+    )
     return count + sum(p.numel() for n in saved_modules for p in model.get_submodule(n).parameters())
 
 
-def blocks_state_dict(model: nn.Module, sublayers: list[Sublayer], saved_modules: list[str],
-                      prefix: str) -> dict[str, torch.Tensor]:
+def blocks_state_dict(
+    model: nn.Module, sublayers: list[Sublayer], saved_modules: list[str], prefix: str
+) -> dict[str, torch.Tensor]:
     """``<prefix><output module>.adapter.{down,up}.{weight,bias}`` plus the saved modules."""
     from peftcli.methods.inject import modules_to_save_state
 

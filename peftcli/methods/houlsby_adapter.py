@@ -52,10 +52,18 @@ PREFIX = "base_model.model."
 Nonlinearity = Literal["relu", "gelu", "swish", "tanh"]
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "houlsby": {"positions": ["attn", "ffn"], "nonlinearity": "swish", "reduction_factor": 16.0,
-                "train_layer_norms": True},
-    "pfeiffer": {"positions": ["ffn"], "nonlinearity": "relu", "reduction_factor": 16.0,
-                 "train_layer_norms": False},
+    "houlsby": {
+        "positions": ["attn", "ffn"],
+        "nonlinearity": "swish",
+        "reduction_factor": 16.0,
+        "train_layer_norms": True,
+    },
+    "pfeiffer": {
+        "positions": ["ffn"],
+        "nonlinearity": "relu",
+        "reduction_factor": 16.0,
+        "train_layer_norms": False,
+    },
 }
 
 
@@ -66,7 +74,8 @@ class HoulsbyConfig(MethodConfig):
         metadata=doc("preset: houlsby (attn+ffn, swish, layer norms trained) or pfeiffer (ffn only, relu)"),
     )
     reduction_factor: float | None = field(
-        default=None, metadata=doc("bottleneck width m = hidden_size / reduction_factor (preset: 16)", min=1.0)
+        default=None,
+        metadata=doc("bottleneck width m = hidden_size / reduction_factor (preset: 16)", min=1.0),
     )
     bottleneck_size: int | None = field(
         default=None, metadata=doc("bottleneck width m directly (instead of reduction_factor)", min=1)
@@ -114,8 +123,10 @@ class HoulsbyAdapter(Method):
     name = "houlsby_adapter"
     description = "Houlsby/Pfeiffer bottleneck adapters after attention and FFN sublayers (arXiv 1902.00751)"
     config_cls = HoulsbyConfig
-    trainable_formula = ("per adapted sublayer 2·d·m + d + m (m = d / reduction_factor), plus the layer norms "
-                         "when train_layer_norms and a seq_cls head")
+    trainable_formula = (
+        "per adapted sublayer 2·d·m + d + m (m = d / reduction_factor), plus the layer norms "
+        "when train_layer_norms and a seq_cls head"
+    )
 
     cfg: HoulsbyConfig
 
@@ -128,10 +139,15 @@ class HoulsbyAdapter(Method):
     @classmethod
     def validate_config(cls, cfg: HoulsbyConfig, recipe: Recipe) -> None:
         if cfg.reduction_factor is not None and cfg.bottleneck_size is not None:
-            raise RecipeError("method.bottleneck_size", "set either reduction_factor or bottleneck_size, not both",
-                              "remove one of them")
+            raise RecipeError(
+                "method.bottleneck_size",
+                "set either reduction_factor or bottleneck_size, not both",
+                "remove one of them",
+            )
         if cfg.positions is not None and not cfg.positions:
-            raise RecipeError("method.positions", "needs at least one sublayer", "e.g. positions: [attn, ffn]")
+            raise RecipeError(
+                "method.positions", "needs at least one sublayer", "e.g. positions: [attn, ffn]"
+            )
 
     def apply(self, model: nn.Module) -> nn.Module:
         opts = self.options
@@ -142,7 +158,11 @@ class HoulsbyAdapter(Method):
             block = SerialAdapter(sub.hidden_size, m, opts.nonlinearity)
             block.to(device=_device_of(model))
             attach(model, sub, block)
-        norms = list(dict.fromkeys(n for sub in self.sublayers for n in sub.layer_norms)) if opts.train_layer_norms else []
+        norms = (
+            list(dict.fromkeys(n for sub in self.sublayers for n in sub.layer_norms))
+            if opts.train_layer_norms
+            else []
+        )
         self.saved_modules = make_trainable_copies(model, norms + head_modules(model, self.task))
         return model
 
@@ -169,7 +189,14 @@ class HoulsbyAdapter(Method):
 
     @classmethod
     def config_from_adapter(cls, adapter_config: dict[str, Any]) -> HoulsbyConfig:
-        keys = ("config", "reduction_factor", "bottleneck_size", "nonlinearity", "positions", "train_layer_norms")
+        keys = (
+            "config",
+            "reduction_factor",
+            "bottleneck_size",
+            "nonlinearity",
+            "positions",
+            "train_layer_norms",
+        )
         values = {k: adapter_config[k] for k in keys if adapter_config.get(k) is not None}
         return from_dict(HoulsbyConfig, {"name": cls.name, **values}, "method")
 

@@ -48,8 +48,10 @@ DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
 class IA3Config(MethodConfig):
     target_modules: str | list[str] | None = field(
         default=None,
-        metadata=doc("modules whose activations are rescaled (names or a regex); default: keys, values and the "
-                     "FFN output projection for llama/qwen2/mistral/gemma/gpt2/bert/t5"),
+        metadata=doc(
+            "modules whose activations are rescaled (names or a regex); default: keys, values and the "
+            "FFN output projection for llama/qwen2/mistral/gemma/gpt2/bert/t5"
+        ),
     )
     feedforward_modules: list[str] | None = field(
         default=None,
@@ -104,9 +106,12 @@ class IA3(Method):
         model_type = getattr(getattr(model, "config", None), "model_type", "")
         defaults = DEFAULT_TARGETS.get(model_type)
         if defaults is None and (cfg.target_modules is None or cfg.feedforward_modules is None):
-            raise RecipeError("method.target_modules", f"no (IA)3 defaults for model type {model_type!r}",
-                              "set method.target_modules (keys, values, FFN down projection) and "
-                              "method.feedforward_modules")
+            raise RecipeError(
+                "method.target_modules",
+                f"no (IA)3 defaults for model type {model_type!r}",
+                "set method.target_modules (keys, values, FFN down projection) and "
+                "method.feedforward_modules",
+            )
         targets = cfg.target_modules if cfg.target_modules is not None else defaults[0]
         feedforward = cfg.feedforward_modules if cfg.feedforward_modules is not None else defaults[1]
         return targets, feedforward
@@ -118,8 +123,11 @@ class IA3(Method):
         self.feedforward = [n for n in self.targets if any(name_matches(n, f) for f in feedforward)]
         stray = [f for f in feedforward if not any(name_matches(n, f) for n in self.targets)]
         if stray:
-            raise RecipeError("method.feedforward_modules", f"{stray[0]!r} is not one of the target modules",
-                              "feedforward_modules must be a subset of target_modules")
+            raise RecipeError(
+                "method.feedforward_modules",
+                f"{stray[0]!r} is not one of the target modules",
+                "feedforward_modules must be a subset of target_modules",
+            )
         for name in self.targets:
             set_module(model, name, IA3Linear(model.get_submodule(name), name in self.feedforward))
         to_save = list(self.cfg.modules_to_save)

@@ -59,12 +59,16 @@ def match_targets(
     heads = output_head_names(model)
     candidates = [(n, m) for n, m in model.named_modules() if n]
     if targets == "all-linear" or targets == ["all-linear"]:
-        found = [n for n, m in candidates if accept(m) and not any(n == h or n.startswith(h + ".") for h in heads)]
+        found = [
+            n for n, m in candidates if accept(m) and not any(n == h or n.startswith(h + ".") for h in heads)
+        ]
     elif isinstance(targets, str) and _REGEX_CHARS & set(targets):
         try:
             pattern = re.compile(targets)
         except re.error as err:
-            raise RecipeError(key, f"{targets!r} is not a valid regular expression ({err})", "fix the pattern") from None
+            raise RecipeError(
+                key, f"{targets!r} is not a valid regular expression ({err})", "fix the pattern"
+            ) from None
         found = [n for n, m in candidates if pattern.fullmatch(n) and accept(m)]
     else:
         names = [targets] if isinstance(targets, str) else list(targets)
@@ -73,20 +77,23 @@ def match_targets(
             hits = [n for n, m in candidates if name_matches(n, target)]
             if not hits:
                 raise RecipeError(
-                    key, f"{target!r} matches no module in {type(model).__name__}",
+                    key,
+                    f"{target!r} matches no module in {type(model).__name__}",
                     f"names of its {what}s: {', '.join(available_names(model, accept)) or 'none'}",
                 )
             wrong = [n for n in hits if not accept(model.get_submodule(n))]
             if wrong:
                 raise RecipeError(
-                    key, f"{target!r} matches {wrong[0]} ({type(model.get_submodule(wrong[0])).__name__}), not a {what}",
+                    key,
+                    f"{target!r} matches {wrong[0]} ({type(model.get_submodule(wrong[0])).__name__}), not a {what}",
                     f"pick among: {', '.join(available_names(model, accept))}",
                 )
             found.extend(hits)
         found = sorted(set(found), key=[n for n, _ in candidates].index)
     if not found:
         raise RecipeError(
-            key, f"{targets!r} matches no {what} in {type(model).__name__}",
+            key,
+            f"{targets!r} matches no {what} in {type(model).__name__}",
             f"names of its {what}s: {', '.join(available_names(model, accept)) or 'none'}",
         )
     return found
@@ -112,21 +119,30 @@ def freeze(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def make_trainable_copies(model: nn.Module, names: list[str], key: str = "method.modules_to_save") -> list[str]:
+def make_trainable_copies(
+    model: nn.Module, names: list[str], key: str = "method.modules_to_save"
+) -> list[str]:
     """Train whole modules (``modules_to_save``). Each parameter is replaced by a trainable clone, so a
     weight tied elsewhere (embeddings ↔ LM head) keeps its original value there, as in peft."""
     resolved = []
     for target in names:
         hits = [n for n, _ in model.named_modules() if n and name_matches(n, target)]
         if not hits:
-            short = [n.split(".")[-1] for n, m in model.named_modules() if n and list(m.parameters(recurse=False))]
-            raise RecipeError(key, f"{target!r} matches no module in {type(model).__name__}",
-                              f"modules with weights: {', '.join(dict.fromkeys(short))}")
+            short = [
+                n.split(".")[-1] for n, m in model.named_modules() if n and list(m.parameters(recurse=False))
+            ]
+            raise RecipeError(
+                key,
+                f"{target!r} matches no module in {type(model).__name__}",
+                f"modules with weights: {', '.join(dict.fromkeys(short))}",
+            )
         for name in hits:
             module = model.get_submodule(name)
             for pname, param in list(module.named_parameters(recurse=True)):
                 owner = module.get_submodule(pname.rpartition(".")[0]) if "." in pname else module
-                setattr(owner, pname.rpartition(".")[2], nn.Parameter(param.detach().clone(), requires_grad=True))
+                setattr(
+                    owner, pname.rpartition(".")[2], nn.Parameter(param.detach().clone(), requires_grad=True)
+                )
             resolved.append(name)
     return resolved
 

@@ -47,12 +47,16 @@ PREFIX = "base_model.model."
 
 @dataclass
 class LadderConfig(MethodConfig):
-    reduction_factor: int = field(default=8, metadata=doc("side width d_s = hidden_size / reduction_factor (paper: 8)", min=1))
+    reduction_factor: int = field(
+        default=8, metadata=doc("side width d_s = hidden_size / reduction_factor (paper: 8)", min=1)
+    )
     gate_temperature: float = field(
         default=0.1, metadata=doc("T in the gates μ_i = sigmoid(α_i / T) (paper: 0.1)", min_exclusive=0.0)
     )
     ffn_multiplier: int = field(default=4, metadata=doc("side block FFN width = ffn_multiplier · d_s", min=1))
-    nonlinearity: Literal["relu", "gelu", "swish", "tanh"] = field(default="gelu", metadata=doc("σ in the side blocks"))
+    nonlinearity: Literal["relu", "gelu", "swish", "tanh"] = field(
+        default="gelu", metadata=doc("σ in the side blocks")
+    )
 
 
 class SideBlock(nn.Module):
@@ -78,8 +82,9 @@ class SideNetwork(nn.Module):
         self.temperature = cfg.gate_temperature
         self.downsamplers = nn.ModuleList(nn.Linear(hidden_size, width) for _ in range(num_layers + 1))
         self.gates = nn.Parameter(torch.zeros(num_layers))  # α_i = 0: μ_i = 0.5, half backbone, half ladder
-        self.blocks = nn.ModuleList(SideBlock(width, cfg.ffn_multiplier * width, cfg.nonlinearity)
-                                    for _ in range(num_layers))
+        self.blocks = nn.ModuleList(
+            SideBlock(width, cfg.ffn_multiplier * width, cfg.nonlinearity) for _ in range(num_layers)
+        )
         self.final_norm = nn.LayerNorm(width)
         self.upsample = nn.Linear(width, hidden_size)
         nn.init.zeros_(self.upsample.weight)  # U = 0: h'_L = h_L at step 0, the base's output
@@ -136,10 +141,14 @@ class LadderSideBody(nn.Module):
 @register
 class LadderSideTuning(Method):
     name = "ladder_side_tuning"
-    description = "Ladder side-tuning: a small gated side network, no backprop through the backbone (arXiv 2206.06522)"
+    description = (
+        "Ladder side-tuning: a small gated side network, no backprop through the backbone (arXiv 2206.06522)"
+    )
     config_cls = LadderConfig
-    trainable_formula = ("(L+1)·(d·d_s + d_s) downsamplers + L gates + L side blocks (2·d_s + 2·f·d_s + f + d_s) "
-                         "+ 2·d_s + d_s·d + d upsample (d_s = d / reduction_factor, f = ffn_multiplier·d_s), plus a seq_cls head")
+    trainable_formula = (
+        "(L+1)·(d·d_s + d_s) downsamplers + L gates + L side blocks (2·d_s + 2·f·d_s + f + d_s) "
+        "+ 2·d_s + d_s·d + d upsample (d_s = d / reduction_factor, f = ffn_multiplier·d_s), plus a seq_cls head"
+    )
 
     cfg: LadderConfig
 
@@ -153,11 +162,18 @@ class LadderSideTuning(Method):
         self.body_name = getattr(model, "base_model_prefix", "")
         body = getattr(model, self.body_name, None) if self.body_name else None
         if body is None or body is model:
-            raise RecipeError("model.task", f"ladder_side_tuning needs a model with a head over a body; "
-                              f"{type(model).__name__} has none", "use a causal_lm or seq_cls model")
-        num_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+            raise RecipeError(
+                "model.task",
+                f"ladder_side_tuning needs a model with a head over a body; {type(model).__name__} has none",
+                "use a causal_lm or seq_cls model",
+            )
+        num_layers = getattr(model.config, "num_hidden_layers", None) or getattr(
+            model.config, "n_layer", None
+        )
         if not num_layers:
-            raise RecipeError("model.name", "cannot tell the number of layers", "the config needs num_hidden_layers")
+            raise RecipeError(
+                "model.name", "cannot tell the number of layers", "the config needs num_hidden_layers"
+            )
         device = next(model.parameters()).device
         side = SideNetwork(hidden_size_of(model), int(num_layers), self.cfg).to(device)
         set_module(model, self.body_name, LadderSideBody(body, side))
@@ -172,7 +188,10 @@ class LadderSideTuning(Method):
         return count + sum(p.numel() for n in self.saved_modules for p in model.get_submodule(n).parameters())
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state = {f"{PREFIX}{self.body_name}.side.{n}": p.detach() for n, p in self.side_network(model).named_parameters()}
+        state = {
+            f"{PREFIX}{self.body_name}.side.{n}": p.detach()
+            for n, p in self.side_network(model).named_parameters()
+        }
         state.update(modules_to_save_state(model, self.saved_modules, PREFIX))
         return state
 
@@ -181,9 +200,13 @@ class LadderSideTuning(Method):
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         cfg = self.cfg
-        return {"reduction_factor": cfg.reduction_factor, "gate_temperature": cfg.gate_temperature,
-                "ffn_multiplier": cfg.ffn_multiplier, "nonlinearity": cfg.nonlinearity,
-                "modules_to_save": list(self.saved_modules) or None}
+        return {
+            "reduction_factor": cfg.reduction_factor,
+            "gate_temperature": cfg.gate_temperature,
+            "ffn_multiplier": cfg.ffn_multiplier,
+            "nonlinearity": cfg.nonlinearity,
+            "modules_to_save": list(self.saved_modules) or None,
+        }
 
     @classmethod
     def config_from_adapter(cls, adapter_config: dict[str, Any]) -> LadderConfig:

@@ -59,33 +59,48 @@ PREFIX = "base_model.model."
 @dataclass
 class LoraConfig(MethodConfig):
     r: int = field(default=8, metadata=doc("rank of the update B·A (typical 8–64)", min=1))
-    alpha: float = field(default=16.0, metadata=doc("scale numerator: the update is multiplied by alpha/r", min_exclusive=0.0))
+    alpha: float = field(
+        default=16.0, metadata=doc("scale numerator: the update is multiplied by alpha/r", min_exclusive=0.0)
+    )
     dropout: float = field(default=0.0, metadata=doc("dropout on the LoRA input path", min=0.0, max=0.99))
     target_modules: str | list[str] = field(
         default="all-linear",
-        metadata=doc("module names (list), a regex on full names, or all-linear (every linear layer but the head)"),
+        metadata=doc(
+            "module names (list), a regex on full names, or all-linear (every linear layer but the head)"
+        ),
     )
     modules_to_save: list[str] = field(
         default_factory=list,
-        metadata=doc("modules trained in full and saved whole (e.g. [embed_tokens]); seq_cls heads are added"),
+        metadata=doc(
+            "modules trained in full and saved whole (e.g. [embed_tokens]); seq_cls heads are added"
+        ),
     )
-    use_rslora: bool = field(default=False, metadata=doc("rank-stabilised scale alpha/sqrt(r) instead of alpha/r"))
+    use_rslora: bool = field(
+        default=False, metadata=doc("rank-stabilised scale alpha/sqrt(r) instead of alpha/r")
+    )
     use_dora: bool = field(
-        default=False, metadata=doc("DoRA: learn a per-output magnitude and adapt the direction (≈ +out params/layer)")
+        default=False,
+        metadata=doc("DoRA: learn a per-output magnitude and adapt the direction (≈ +out params/layer)"),
     )
     lora_plus_ratio: float | None = field(
         default=None,
-        metadata=doc("LoRA+: lr of B (and 1-D params) = ratio × train.lr; the paper suggests 16", min_exclusive=0.0),
+        metadata=doc(
+            "LoRA+: lr of B (and 1-D params) = ratio × train.lr; the paper suggests 16", min_exclusive=0.0
+        ),
     )
     init: Literal["kaiming", "gaussian", "pissa"] = field(
         default="kaiming",
-        metadata=doc("kaiming (A uniform, B = 0; peft's default), gaussian (A ~ N(0, 1/r²)), or pissa (top-r SVD of W)"),
+        metadata=doc(
+            "kaiming (A uniform, B = 0; peft's default), gaussian (A ~ N(0, 1/r²)), or pissa (top-r SVD of W)"
+        ),
     )
     rank_pattern: dict[str, int] = field(
-        default_factory=dict, metadata=doc("per-module r: {regex or name suffix: r}, e.g. {down_proj: 16}", min=1)
+        default_factory=dict,
+        metadata=doc("per-module r: {regex or name suffix: r}, e.g. {down_proj: 16}", min=1),
     )
     alpha_pattern: dict[str, float] = field(
-        default_factory=dict, metadata=doc("per-module alpha: {regex or name suffix: alpha}", min_exclusive=0.0)
+        default_factory=dict,
+        metadata=doc("per-module alpha: {regex or name suffix: alpha}", min_exclusive=0.0),
     )
     bias: Literal["none", "all", "lora_only"] = field(
         default="none", metadata=doc("also train biases: none, all, or lora_only (those of adapted layers)")
@@ -95,8 +110,15 @@ class LoraConfig(MethodConfig):
 class LoRALinear(nn.Module):
     """``base_layer(x) + scaling · lora_B(lora_A(dropout(x)))`` around a frozen linear-like layer."""
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool,
-                 use_dora: bool = False):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        use_dora: bool = False,
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = linear_dims(base_layer)
@@ -112,7 +134,9 @@ class LoRALinear(nn.Module):
         self.lora_B.to(device=weight.device, dtype=dtype)
         self.use_dora = use_dora
         if use_dora:  # set to ‖W0 + s·B A‖_c by reset_parameters, once B and A hold their init
-            self.lora_magnitude_vector = nn.Parameter(torch.ones(self.out_features, device=weight.device, dtype=dtype))
+            self.lora_magnitude_vector = nn.Parameter(
+                torch.ones(self.out_features, device=weight.device, dtype=dtype)
+            )
 
     def reset_parameters(self, init: str) -> None:
         if init == "pissa":
@@ -131,8 +155,11 @@ class LoRALinear(nn.Module):
         """Put the top-r singular triplets of W0 into B, A and leave the residual in the base layer."""
         base = self.base_layer
         if not base.weight.is_floating_point():
-            raise RecipeError("method.init", "PiSSA needs the base weights in floating point, not quantized",
-                              "use init: kaiming with a quantized base, or drop model.quantization")
+            raise RecipeError(
+                "method.init",
+                "PiSSA needs the base weights in floating point, not quantized",
+                "use init: kaiming with a quantized base, or drop model.quantization",
+            )
         with torch.no_grad():
             weight = self.dense_weight()  # (out, in), fp32
             U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
@@ -200,8 +227,9 @@ class LoRA(Method):
     mergeable = True
     peft_type = "LORA"
     supports_quantized_base = True
-    trainable_formula = ("sum over adapted layers of r·(in + out) (+ out with DoRA), plus modules_to_save "
-                         "and trained biases")
+    trainable_formula = (
+        "sum over adapted layers of r·(in + out) (+ out with DoRA), plus modules_to_save and trained biases"
+    )
 
     cfg: LoraConfig
 
@@ -217,14 +245,23 @@ class LoRA(Method):
                 try:
                     re.compile(pattern)
                 except re.error as err:
-                    raise RecipeError(f"method.{key}.{pattern}", f"not a valid regular expression ({err})",
-                                      "use a module name suffix such as down_proj, or fix the regex") from None
+                    raise RecipeError(
+                        f"method.{key}.{pattern}",
+                        f"not a valid regular expression ({err})",
+                        "use a module name suffix such as down_proj, or fix the regex",
+                    ) from None
                 if getattr(cfg, key)[pattern] <= 0:
-                    raise RecipeError(f"method.{key}.{pattern}", f"must be > 0, got {getattr(cfg, key)[pattern]}",
-                                      "ranks are integers >= 1 and alphas positive numbers")
+                    raise RecipeError(
+                        f"method.{key}.{pattern}",
+                        f"must be > 0, got {getattr(cfg, key)[pattern]}",
+                        "ranks are integers >= 1 and alphas positive numbers",
+                    )
         if cfg.init == "pissa" and recipe.model.quantization is not None:
-            raise RecipeError("method.init", "PiSSA decomposes full-precision weights; the base is quantized",
-                              "use init: kaiming with model.quantization, or drop model.quantization")
+            raise RecipeError(
+                "method.init",
+                "PiSSA decomposes full-precision weights; the base is quantized",
+                "use init: kaiming with model.quantization, or drop model.quantization",
+            )
 
     # -- building ------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:
@@ -234,8 +271,11 @@ class LoRA(Method):
         for key in ("rank_pattern", "alpha_pattern"):  # peft ignores a key that matches nothing; we say so
             for pattern in getattr(cfg, key):
                 if not any(pattern_key([pattern], name) for name in self.targets):
-                    raise RecipeError(f"method.{key}.{pattern}", "matches none of the adapted modules",
-                                      f"adapted: {', '.join(dict.fromkeys(n.split('.')[-1] for n in self.targets))}")
+                    raise RecipeError(
+                        f"method.{key}.{pattern}",
+                        "matches none of the adapted modules",
+                        f"adapted: {', '.join(dict.fromkeys(n.split('.')[-1] for n in self.targets))}",
+                    )
         for name in self.targets:
             r, alpha = self.rank_and_alpha(name)
             layer = LoRALinear(model.get_submodule(name), r, alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora)
@@ -262,15 +302,20 @@ class LoRA(Method):
             if isinstance(bias, nn.Parameter):
                 bias.requires_grad_(True)
         if not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("bias")):
-            raise RecipeError("method.bias", f"bias: {self.cfg.bias} but the adapted modules have no biases",
-                              "set method.bias: none")
+            raise RecipeError(
+                "method.bias",
+                f"bias: {self.cfg.bias} but the adapted modules have no biases",
+                "set method.bias: none",
+            )
 
     def rank_and_alpha(self, name: str) -> tuple[int, float]:
         """r and α of module ``name``: the first pattern key (sorted) that matches it, else the defaults."""
         cfg = self.cfg
         r_key = pattern_key(cfg.rank_pattern, name)
         a_key = pattern_key(cfg.alpha_pattern, name)
-        return (cfg.rank_pattern[r_key] if r_key else cfg.r), (cfg.alpha_pattern[a_key] if a_key else cfg.alpha)
+        return (cfg.rank_pattern[r_key] if r_key else cfg.r), (
+            cfg.alpha_pattern[a_key] if a_key else cfg.alpha
+        )
 
     def lora_layers(self, model: nn.Module) -> list[tuple[str, LoRALinear]]:
         return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
@@ -284,20 +329,27 @@ class LoRA(Method):
         for name, param in model.named_parameters():
             if param.requires_grad:
                 (fast if ".lora_B." in name or param.ndim == 1 else slow).append(param)
-        return [{"params": slow, "lr": lr, "weight_decay": weight_decay},
-                {"params": fast, "lr": lr * ratio, "weight_decay": weight_decay}]
+        return [
+            {"params": slow, "lr": lr, "weight_decay": weight_decay},
+            {"params": fast, "lr": lr * ratio, "weight_decay": weight_decay},
+        ]
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
-        count = sum(m.r * (m.in_features + m.out_features) + (m.out_features if m.use_dora else 0)
-                    for _, m in self.lora_layers(model))
+        count = sum(
+            m.r * (m.in_features + m.out_features) + (m.out_features if m.use_dora else 0)
+            for _, m in self.lora_layers(model)
+        )
         count += sum(p.numel() for name in self.saved_modules for p in model.get_submodule(name).parameters())
         count += sum(p.numel() for n, p in self._bias_params(model))
         return count
 
     def _bias_params(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         saved = tuple(f"{m}." for m in self.saved_modules)
-        return [(n, p) for n, p in model.named_parameters()
-                if p.requires_grad and n.endswith("bias") and "lora_" not in n and not n.startswith(saved)]
+        return [
+            (n, p)
+            for n, p in model.named_parameters()
+            if p.requires_grad and n.endswith("bias") and "lora_" not in n and not n.startswith(saved)
+        ]
 
     # -- saving --------------------------------------------------------------------------
     def live_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -387,8 +439,11 @@ class LoRA(Method):
         for name, layer in self.lora_layers(model):
             base = layer.base_layer
             if not base.weight.is_floating_point() or type(base).__name__ in ("Linear4bit", "Linear8bitLt"):
-                raise RecipeError("merge", "cannot fold LoRA into a quantized layer in place",
-                                  "merge reloads the base in full precision; use `peftcli merge`")
+                raise RecipeError(
+                    "merge",
+                    "cannot fold LoRA into a quantized layer in place",
+                    "merge reloads the base in full precision; use `peftcli merge`",
+                )
             with torch.no_grad():
                 base.weight.copy_(layer.merged_weight().to(base.weight.dtype))
             set_module(model, name, base)
@@ -410,7 +465,9 @@ def _has_module(model: nn.Module, name: str) -> bool:
     return any(n == name or n.endswith("." + name) for n, _ in model.named_modules())
 
 
-def load_prefixed(model: nn.Module, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+def load_prefixed(
+    model: nn.Module, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> None:
     """Copy ``state`` into the tensors that ``expected`` (our own adapter_state_dict) names.
 
     Keys must match exactly: a missing or unexpected key is an error, never a silent no-op (peft only
@@ -420,14 +477,20 @@ def load_prefixed(model: nn.Module, state: dict[str, torch.Tensor], expected: di
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise RecipeError("adapter", f"adapter weights do not fit this model ({detail})",
-                          "load it on the base model it was trained on, with the same method options")
+        raise RecipeError(
+            "adapter",
+            f"adapter weights do not fit this model ({detail})",
+            "load it on the base model it was trained on, with the same method options",
+        )
     with torch.no_grad():
         for key, target in expected.items():
             value = state[key]
             if value.shape != target.shape:
-                raise RecipeError("adapter", f"{key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}",
-                                  "load it on the base model it was trained on")
+                raise RecipeError(
+                    "adapter",
+                    f"{key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}",
+                    "load it on the base model it was trained on",
+                )
             target.copy_(value.to(target.dtype))
 
 

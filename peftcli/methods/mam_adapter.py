@@ -34,31 +34,56 @@ from peftcli.recipe import MethodConfig, Recipe, RecipeError, doc, from_dict
 
 @dataclass
 class MamConfig(MethodConfig):
-    num_virtual_tokens: int = field(default=30, metadata=doc("prefix length n in every attention layer (paper: 30)", min=1))
-    prefix_projection: bool = field(default=True, metadata=doc("train the prefixes through a tanh MLP (dropped at export)"))
-    encoder_hidden_size: int | None = field(default=None, metadata=doc("prefix MLP width (default: hidden size)", min=1))
-    reduction_factor: float | None = field(
-        default=None, metadata=doc("FFN adapter width m = hidden_size / reduction_factor (default 16)", min=1.0)
+    num_virtual_tokens: int = field(
+        default=30, metadata=doc("prefix length n in every attention layer (paper: 30)", min=1)
     )
-    bottleneck_size: int | None = field(default=None, metadata=doc("FFN adapter width m directly (paper: 512)", min=1))
-    scaling: float = field(default=4.0, metadata=doc("s, the FFN adapter's output scale (paper: 4)", min_exclusive=0.0))
-    nonlinearity: Literal["relu", "gelu", "swish", "tanh"] = field(default="relu", metadata=doc("σ in the FFN adapter"))
+    prefix_projection: bool = field(
+        default=True, metadata=doc("train the prefixes through a tanh MLP (dropped at export)")
+    )
+    encoder_hidden_size: int | None = field(
+        default=None, metadata=doc("prefix MLP width (default: hidden size)", min=1)
+    )
+    reduction_factor: float | None = field(
+        default=None,
+        metadata=doc("FFN adapter width m = hidden_size / reduction_factor (default 16)", min=1.0),
+    )
+    bottleneck_size: int | None = field(
+        default=None, metadata=doc("FFN adapter width m directly (paper: 512)", min=1)
+    )
+    scaling: float = field(
+        default=4.0, metadata=doc("s, the FFN adapter's output scale (paper: 4)", min_exclusive=0.0)
+    )
+    nonlinearity: Literal["relu", "gelu", "swish", "tanh"] = field(
+        default="relu", metadata=doc("σ in the FFN adapter")
+    )
 
 
 def prefix_config(cfg: MamConfig) -> PrefixTuningConfig:
-    return PrefixTuningConfig(name="prefix_tuning", num_virtual_tokens=cfg.num_virtual_tokens,
-                              prefix_projection=cfg.prefix_projection, encoder_hidden_size=cfg.encoder_hidden_size)
+    return PrefixTuningConfig(
+        name="prefix_tuning",
+        num_virtual_tokens=cfg.num_virtual_tokens,
+        prefix_projection=cfg.prefix_projection,
+        encoder_hidden_size=cfg.encoder_hidden_size,
+    )
 
 
 def adapter_config(cfg: MamConfig) -> ParallelAdapterConfig:
-    return ParallelAdapterConfig(name="parallel_adapter", positions=["ffn"], reduction_factor=cfg.reduction_factor,
-                                 bottleneck_size=cfg.bottleneck_size, scaling=cfg.scaling, nonlinearity=cfg.nonlinearity)
+    return ParallelAdapterConfig(
+        name="parallel_adapter",
+        positions=["ffn"],
+        reduction_factor=cfg.reduction_factor,
+        bottleneck_size=cfg.bottleneck_size,
+        scaling=cfg.scaling,
+        nonlinearity=cfg.nonlinearity,
+    )
 
 
 @register
 class MamAdapter(Method):
     name = "mam_adapter"
-    description = "MAM adapter: prefix tuning on attention + scaled parallel adapter on the FFN (arXiv 2110.04366)"
+    description = (
+        "MAM adapter: prefix tuning on attention + scaled parallel adapter on the FFN (arXiv 2110.04366)"
+    )
     config_cls = MamConfig
     identity_at_init = False  # the prefixes change the outputs from step 0
     trainable_formula = "prefix_tuning's count + parallel_adapter's count on the FFNs (+ one seq_cls head)"
@@ -77,45 +102,72 @@ class MamAdapter(Method):
     @classmethod
     def validate_config(cls, cfg: MamConfig, recipe: Recipe) -> None:
         if cfg.reduction_factor is not None and cfg.bottleneck_size is not None:
-            raise RecipeError("method.bottleneck_size", "set either reduction_factor or bottleneck_size, not both",
-                              "remove one of them")
+            raise RecipeError(
+                "method.bottleneck_size",
+                "set either reduction_factor or bottleneck_size, not both",
+                "remove one of them",
+            )
         PrefixTuning.validate_config(prefix_config(cfg), recipe)
 
     def apply(self, model: nn.Module) -> nn.Module:
         wrapped = self.prefix.apply(model)  # PromptedModel: the prefix encoder lives beside base_model
-        self.adapter.apply(wrapped.base_model)  # freezes the base again, adds the FFN adapters and the head copy
+        self.adapter.apply(
+            wrapped.base_model
+        )  # freezes the base again, adds the FFN adapters and the head copy
         return wrapped
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
-        return self.prefix.prompt_parameter_count(model) + self.adapter.expected_trainable_parameters(model.base_model)
+        return self.prefix.prompt_parameter_count(model) + self.adapter.expected_trainable_parameters(
+            model.base_model
+        )
 
     # -- saving: prefix rows + adapter tensors (+ the head once, in the adapter's naming) -------------
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": self.prefix.stored_rows(model),
-                **self.adapter.adapter_state_dict(model.base_model)}
+        return {
+            "prompt_embeddings": self.prefix.stored_rows(model),
+            **self.adapter.adapter_state_dict(model.base_model),
+        }
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         state = dict(state)
         rows = state.pop("prompt_embeddings", None)
         if rows is None:
-            raise RecipeError("adapter", "a mam_adapter adapter holds prompt_embeddings; it is missing",
-                              "load it with the method that wrote it")
-        head_state = {key.replace("base_model.model.", "base_model.", 1): value for key, value in state.items()
-                      if any(key.startswith(f"base_model.model.{m}.") for m in self.prefix.saved_modules)}
+            raise RecipeError(
+                "adapter",
+                "a mam_adapter adapter holds prompt_embeddings; it is missing",
+                "load it with the method that wrote it",
+            )
+        head_state = {
+            key.replace("base_model.model.", "base_model.", 1): value
+            for key, value in state.items()
+            if any(key.startswith(f"base_model.model.{m}.") for m in self.prefix.saved_modules)
+        }
         self.prefix.load_adapter_state_dict(model, {"prompt_embeddings": rows, **head_state})
         self.adapter.load_adapter_state_dict(model.base_model, state)
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         cfg = self.cfg
         prefix = self.prefix.adapter_config(model)
-        return {**{k: prefix[k] for k in ("num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads")},
-                "prefix_projection": cfg.prefix_projection, "encoder_hidden_size": cfg.encoder_hidden_size,
-                **self.adapter.adapter_config(model.base_model)}
+        return {
+            **{
+                k: prefix[k] for k in ("num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads")
+            },
+            "prefix_projection": cfg.prefix_projection,
+            "encoder_hidden_size": cfg.encoder_hidden_size,
+            **self.adapter.adapter_config(model.base_model),
+        }
 
     @classmethod
     def config_from_adapter(cls, adapter_config: dict[str, Any]) -> MamConfig:
-        keys = ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size", "reduction_factor",
-                "bottleneck_size", "scaling", "nonlinearity")
+        keys = (
+            "num_virtual_tokens",
+            "prefix_projection",
+            "encoder_hidden_size",
+            "reduction_factor",
+            "bottleneck_size",
+            "scaling",
+            "nonlinearity",
+        )
         values = {k: adapter_config[k] for k in keys if adapter_config.get(k) is not None}
         return from_dict(MamConfig, {"name": cls.name, **values}, "method")
 

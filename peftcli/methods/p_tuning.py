@@ -30,32 +30,50 @@ from peftcli.recipe import RecipeError, doc
 @dataclass
 class PTuningConfig(SoftPromptConfig):
     encoder: Literal["mlp", "lstm"] = field(
-        default="mlp", metadata=doc("prompt encoder: mlp (3 layers) or lstm (bidirectional LSTM + 2-layer MLP)")
+        default="mlp",
+        metadata=doc("prompt encoder: mlp (3 layers) or lstm (bidirectional LSTM + 2-layer MLP)"),
     )
     encoder_hidden_size: int | None = field(
         default=None, metadata=doc("width of the prompt encoder (default: the model's hidden size)", min=1)
     )
     encoder_num_layers: int = field(default=2, metadata=doc("LSTM layers (lstm encoder only)", min=1))
-    encoder_dropout: float = field(default=0.0, metadata=doc("dropout between LSTM layers", min=0.0, max=0.99))
+    encoder_dropout: float = field(
+        default=0.0, metadata=doc("dropout between LSTM layers", min=0.0, max=0.99)
+    )
 
 
 class PromptEncoder(nn.Module):
     """``embedding`` (n, h) through ``lstm_head`` + ``mlp_head`` or ``mlp_head`` alone -> (n, h)."""
 
-    def __init__(self, n: int, hidden: int, encoder: str, encoder_hidden: int, num_layers: int, dropout: float):
+    def __init__(
+        self, n: int, hidden: int, encoder: str, encoder_hidden: int, num_layers: int, dropout: float
+    ):
         super().__init__()
         self.num_virtual_tokens = n
         self.encoder = encoder
         self.embedding = nn.Embedding(n, hidden)  # N(0, 1), as in the paper's code and peft
         if encoder == "lstm":
-            self.lstm_head = nn.LSTM(hidden, encoder_hidden, num_layers=num_layers, dropout=dropout,
-                                     bidirectional=True, batch_first=True)
-            self.mlp_head = nn.Sequential(nn.Linear(2 * encoder_hidden, 2 * encoder_hidden), nn.ReLU(),
-                                          nn.Linear(2 * encoder_hidden, hidden))
+            self.lstm_head = nn.LSTM(
+                hidden,
+                encoder_hidden,
+                num_layers=num_layers,
+                dropout=dropout,
+                bidirectional=True,
+                batch_first=True,
+            )
+            self.mlp_head = nn.Sequential(
+                nn.Linear(2 * encoder_hidden, 2 * encoder_hidden),
+                nn.ReLU(),
+                nn.Linear(2 * encoder_hidden, hidden),
+            )
         else:
-            self.mlp_head = nn.Sequential(nn.Linear(hidden, encoder_hidden), nn.ReLU(),
-                                          nn.Linear(encoder_hidden, encoder_hidden), nn.ReLU(),
-                                          nn.Linear(encoder_hidden, hidden))
+            self.mlp_head = nn.Sequential(
+                nn.Linear(hidden, encoder_hidden),
+                nn.ReLU(),
+                nn.Linear(encoder_hidden, encoder_hidden),
+                nn.ReLU(),
+                nn.Linear(encoder_hidden, hidden),
+            )
 
     def forward(self) -> torch.Tensor:
         e = self.embedding.weight.unsqueeze(0)  # (1, n, h)
@@ -79,8 +97,10 @@ class PTuning(SoftPromptMethod):
     description = "P-tuning: virtual tokens from a trainable LSTM/MLP prompt encoder (arXiv 2103.10385)"
     config_cls = PTuningConfig
     peft_type = "P_TUNING"
-    trainable_formula = ("n·h + encoder: mlp h·e+e + e·e+e + e·h+h; lstm BiLSTM(h→e) + 2e·2e+2e + 2e·h+h "
-                         "(h hidden size, e encoder_hidden_size); export keeps only the n·h output")
+    trainable_formula = (
+        "n·h + encoder: mlp h·e+e + e·e+e + e·h+h; lstm BiLSTM(h→e) + 2e·2e+2e + 2e·h+h "
+        "(h hidden size, e encoder_hidden_size); export keeps only the n·h output"
+    )
     prompt_kind = "input"
 
     cfg: PTuningConfig
@@ -88,9 +108,12 @@ class PTuning(SoftPromptMethod):
     @classmethod
     def validate_config(cls, cfg: PTuningConfig, recipe) -> None:
         if cfg.init_from:
-            raise RecipeError("method.init_from", "p_tuning starts its encoder from scratch, so a transferred "
-                              "prompt could not be reproduced at step 0",
-                              "use prompt_tuning for prompt transfer (a P-tuning adapter's stored prompt works as source)")
+            raise RecipeError(
+                "method.init_from",
+                "p_tuning starts its encoder from scratch, so a transferred "
+                "prompt could not be reproduced at step 0",
+                "use prompt_tuning for prompt transfer (a P-tuning adapter's stored prompt works as source)",
+            )
 
     def _encoder_hidden(self, model: nn.Module) -> int:
         return self.cfg.encoder_hidden_size or model.get_input_embeddings().weight.shape[1]
@@ -98,17 +121,32 @@ class PTuning(SoftPromptMethod):
     def build_prompt(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
         hidden = model.get_input_embeddings().weight.shape[1]
-        encoder = PromptEncoder(cfg.num_virtual_tokens, hidden, cfg.encoder, self._encoder_hidden(model),
-                                cfg.encoder_num_layers, cfg.encoder_dropout)
+        encoder = PromptEncoder(
+            cfg.num_virtual_tokens,
+            hidden,
+            cfg.encoder,
+            self._encoder_hidden(model),
+            cfg.encoder_num_layers,
+            cfg.encoder_dropout,
+        )
         return encoder.to(model.get_input_embeddings().weight.device)
 
     def fixed_prompt(self, rows: torch.Tensor, model: PromptedModel) -> nn.Module:
         return PromptEmbedding(rows)
 
     def prompt_parameter_count(self, model: PromptedModel) -> int:
-        h, e, n = model.get_input_embeddings().weight.shape[1], self._encoder_hidden(model), self.cfg.num_virtual_tokens
+        h, e, n = (
+            model.get_input_embeddings().weight.shape[1],
+            self._encoder_hidden(model),
+            self.cfg.num_virtual_tokens,
+        )
         if self.cfg.encoder == "lstm":
-            return n * h + lstm_parameters(h, e, self.cfg.encoder_num_layers) + (2 * e * 2 * e + 2 * e) + (2 * e * h + h)
+            return (
+                n * h
+                + lstm_parameters(h, e, self.cfg.encoder_num_layers)
+                + (2 * e * 2 * e + 2 * e)
+                + (2 * e * h + h)
+            )
         return n * h + (h * e + e) + (e * e + e) + (e * h + h)
 
     def method_adapter_config(self, model: PromptedModel) -> dict[str, Any]:

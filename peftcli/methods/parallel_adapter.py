@@ -47,13 +47,17 @@ PREFIX = "base_model.model."
 @dataclass
 class ParallelAdapterConfig(MethodConfig):
     positions: list[Literal["attn", "ffn"]] = field(
-        default_factory=lambda: ["ffn"], metadata=doc("sublayers that get a parallel adapter: [ffn] (paper's best), [attn] or both")
+        default_factory=lambda: ["ffn"],
+        metadata=doc("sublayers that get a parallel adapter: [ffn] (paper's best), [attn] or both"),
     )
     reduction_factor: float | None = field(
-        default=None, metadata=doc("bottleneck width m = hidden_size / reduction_factor (default 16)", min=1.0)
+        default=None,
+        metadata=doc("bottleneck width m = hidden_size / reduction_factor (default 16)", min=1.0),
     )
     bottleneck_size: int | None = field(default=None, metadata=doc("bottleneck width m directly", min=1))
-    scaling: float = field(default=4.0, metadata=doc("s, the scale of the adapter's output (paper: 4)", min_exclusive=0.0))
+    scaling: float = field(
+        default=4.0, metadata=doc("s, the scale of the adapter's output (paper: 4)", min_exclusive=0.0)
+    )
     nonlinearity: Literal["relu", "gelu", "swish", "tanh"] = field(
         default="relu", metadata=doc("σ in the bottleneck (paper: relu)")
     )
@@ -92,8 +96,11 @@ class ParallelAdapter(Method):
     @classmethod
     def validate_config(cls, cfg: ParallelAdapterConfig, recipe: Recipe) -> None:
         if cfg.reduction_factor is not None and cfg.bottleneck_size is not None:
-            raise RecipeError("method.bottleneck_size", "set either reduction_factor or bottleneck_size, not both",
-                              "remove one of them")
+            raise RecipeError(
+                "method.bottleneck_size",
+                "set either reduction_factor or bottleneck_size, not both",
+                "remove one of them",
+            )
         if not cfg.positions:
             raise RecipeError("method.positions", "needs at least one sublayer", "e.g. positions: [ffn]")
 
@@ -104,7 +111,9 @@ class ParallelAdapter(Method):
         self.sublayers = find_sublayers(model, tuple(p for p in POSITIONS if p in cfg.positions))
         for sub in self.sublayers:
             m = bottleneck_width(sub.hidden_size, cfg.reduction_factor, cfg.bottleneck_size)
-            attach(model, sub, ParallelAdapterBlock(sub.hidden_size, m, cfg.nonlinearity, cfg.scaling).to(device))
+            attach(
+                model, sub, ParallelAdapterBlock(sub.hidden_size, m, cfg.nonlinearity, cfg.scaling).to(device)
+            )
         self.saved_modules = make_trainable_copies(model, head_modules(model, self.task))
         return model
 
@@ -119,9 +128,14 @@ class ParallelAdapter(Method):
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         cfg = self.cfg
-        return {"positions": list(cfg.positions), "reduction_factor": cfg.reduction_factor,
-                "bottleneck_size": cfg.bottleneck_size, "scaling": cfg.scaling, "nonlinearity": cfg.nonlinearity,
-                "modules_to_save": list(self.saved_modules) or None}
+        return {
+            "positions": list(cfg.positions),
+            "reduction_factor": cfg.reduction_factor,
+            "bottleneck_size": cfg.bottleneck_size,
+            "scaling": cfg.scaling,
+            "nonlinearity": cfg.nonlinearity,
+            "modules_to_save": list(self.saved_modules) or None,
+        }
 
     @classmethod
     def config_from_adapter(cls, adapter_config: dict[str, Any]) -> ParallelAdapterConfig:

@@ -66,13 +66,18 @@ from peftcli.recipe import RecipeError, doc
 @dataclass
 class PTuningV2Config(SoftPromptConfig):
     init: Literal["random", "real_words"] = field(
-        default="random", metadata=doc("prefix init: random, or real_words (the model's keys/values of init_text)")
+        default="random",
+        metadata=doc("prefix init: random, or real_words (the model's keys/values of init_text)"),
     )
-    init_text: str = field(default="", metadata=doc("init: real_words — the words whose activations start the prefix"))
+    init_text: str = field(
+        default="", metadata=doc("init: real_words — the words whose activations start the prefix")
+    )
     encoder_prefix: bool = field(
         default=False,
-        metadata=doc("seq2seq (T5): also prefix every encoder self-attention layer; the adapter is then "
-                     "peftcli-only (peft has no encoder prefixes)"),
+        metadata=doc(
+            "seq2seq (T5): also prefix every encoder self-attention layer; the adapter is then "
+            "peftcli-only (peft has no encoder prefixes)"
+        ),
     )
 
 
@@ -95,8 +100,13 @@ class PrefixEncoder(nn.Module):
     multiplied by ``gate(layer)`` when a gate is set (a scalar or anything broadcastable to that shape).
     """
 
-    def __init__(self, num_virtual_tokens: int, geometry: PrefixGeometry, projection: bool = False,
-                 encoder_hidden_size: int | None = None):
+    def __init__(
+        self,
+        num_virtual_tokens: int,
+        geometry: PrefixGeometry,
+        projection: bool = False,
+        encoder_hidden_size: int | None = None,
+    ):
         super().__init__()
         self.num_virtual_tokens = num_virtual_tokens
         self.geometry = geometry
@@ -104,15 +114,18 @@ class PrefixEncoder(nn.Module):
         if projection:
             width = encoder_hidden_size or geometry.token_dim
             self.embedding = nn.Embedding(num_virtual_tokens, geometry.token_dim)
-            self.transform = nn.Sequential(nn.Linear(geometry.token_dim, width), nn.Tanh(),
-                                           nn.Linear(width, geometry.row_size))
+            self.transform = nn.Sequential(
+                nn.Linear(geometry.token_dim, width), nn.Tanh(), nn.Linear(width, geometry.row_size)
+            )
         else:
             self.embedding = nn.Embedding(num_virtual_tokens, geometry.row_size)
         self.register_buffer("offset", None)  # fixed rows added to the projection (real-word / SPoT init)
         self.gate: Callable[[int], torch.Tensor] | None = None
 
     def forward(self) -> torch.Tensor:
-        rows = self.transform(self.embedding.weight) if self.projection else self.embedding.weight  # (n, L·2·token_dim)
+        rows = (
+            self.transform(self.embedding.weight) if self.projection else self.embedding.weight
+        )  # (n, L·2·token_dim)
         if self.offset is not None:
             rows = rows + self.offset
         return rows
@@ -147,8 +160,11 @@ def real_word_rows(model: nn.Module, n: int, text: str, geometry: PrefixGeometry
     tokenizer = load_base_tokenizer(model, "method.init_text")
     ids = repeat_to(tokenizer(text, add_special_tokens=False)["input_ids"], n)
     if not ids:
-        raise RecipeError("method.init_text", "init: real_words needs a non-empty init_text",
-                          "set method.init_text to words that describe the task")
+        raise RecipeError(
+            "method.init_text",
+            "init: real_words needs a non-empty init_text",
+            "set method.init_text to words that describe the task",
+        )
     device = model.get_input_embeddings().weight.device
     with torch.no_grad():
         cache = model(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values
@@ -176,9 +192,12 @@ def encoder_self_attentions(model: nn.Module) -> list[nn.Module]:
     except (AttributeError, IndexError, TypeError):
         attentions = []
     if not attentions or not all(hasattr(a, "compute_bias") for a in attentions):
-        raise RecipeError("method.encoder_prefix", f"encoder prefixes need a T5-style encoder "
-                          f"(encoder.block[i].layer[0].SelfAttention); {type(model).__name__} has none",
-                          "set method.encoder_prefix: false (decoder prefixes only)")
+        raise RecipeError(
+            "method.encoder_prefix",
+            f"encoder prefixes need a T5-style encoder "
+            f"(encoder.block[i].layer[0].SelfAttention); {type(model).__name__} has none",
+            "set method.encoder_prefix: false (decoder prefixes only)",
+        )
     return attentions
 
 
@@ -214,8 +233,9 @@ def _encoder_finished(model: PromptedModel, _module: nn.Module, _args: Any, _out
     model.encoder_key_values = None
 
 
-def _prefixed_self_attention(model: PromptedModel, layer: int, attention: nn.Module, args: tuple,
-                             kwargs: dict[str, Any]):
+def _prefixed_self_attention(
+    model: PromptedModel, layer: int, attention: nn.Module, args: tuple, kwargs: dict[str, Any]
+):
     """Forward pre-hook of encoder layer ``layer``'s ``T5Attention``: hand it the prefix."""
     key_values = getattr(model, "encoder_key_values", None)
     if key_values is None:  # the attention module called on its own, outside an encoder run
@@ -228,7 +248,9 @@ def _prefixed_self_attention(model: PromptedModel, layer: int, attention: nn.Mod
     mask = kwargs.get("mask")
     if mask is not None:  # bool (True = attend) or additive float (0 = attend): the prefix is always seen
         attend = torch.ones if mask.dtype == torch.bool else torch.zeros
-        kwargs["mask"] = torch.cat([attend((*mask.shape[:-1], n), dtype=mask.dtype, device=mask.device), mask], -1)
+        kwargs["mask"] = torch.cat(
+            [attend((*mask.shape[:-1], n), dtype=mask.dtype, device=mask.device), mask], -1
+        )
     bias = kwargs.get("position_bias")
     if bias is None and attention.has_relative_attention_bias:  # layer 0 computes the bias the stack shares
         bias = attention.compute_bias(length, length, device=hidden.device)  # (1, heads, T, T)
@@ -255,11 +277,15 @@ def attach_encoder_prefix(model: PromptedModel, prefix: PrefixEncoder) -> None:
 @register
 class PTuningV2(SoftPromptMethod):
     name = "p_tuning_v2"
-    description = "P-tuning v2: trainable key/value prompts in every layer, no reparameterisation (arXiv 2110.07602)"
+    description = (
+        "P-tuning v2: trainable key/value prompts in every layer, no reparameterisation (arXiv 2110.07602)"
+    )
     config_cls = PTuningV2Config
     peft_type = "PREFIX_TUNING"
-    trainable_formula = ("num_virtual_tokens · num_layers · 2 · kv_heads · head_dim "
-                         "(+ the same over the encoder layers with encoder_prefix)")
+    trainable_formula = (
+        "num_virtual_tokens · num_layers · 2 · kv_heads · head_dim "
+        "(+ the same over the encoder layers with encoder_prefix)"
+    )
     prompt_kind = "prefix"
 
     cfg: PTuningV2Config
@@ -280,26 +306,43 @@ class PTuningV2(SoftPromptMethod):
     @classmethod
     def validate_config(cls, cfg: PTuningV2Config, recipe) -> None:
         if recipe.model.gradient_checkpointing:
-            raise RecipeError("model.gradient_checkpointing", f"{cls.name} passes its prefixes as a KV cache, "
-                              "which transformers drops inside checkpointed layers",
-                              "set model.gradient_checkpointing: false, or use prompt_tuning / p_tuning")
+            raise RecipeError(
+                "model.gradient_checkpointing",
+                f"{cls.name} passes its prefixes as a KV cache, "
+                "which transformers drops inside checkpointed layers",
+                "set model.gradient_checkpointing: false, or use prompt_tuning / p_tuning",
+            )
         if cfg.init == "real_words":
             if recipe.model.task != "causal_lm":
-                raise RecipeError("method.init", "init: real_words reads the model's KV cache, which only causal LMs "
-                                  "return for their inputs", "use init: random for seq_cls and seq2seq")
+                raise RecipeError(
+                    "method.init",
+                    "init: real_words reads the model's KV cache, which only causal LMs "
+                    "return for their inputs",
+                    "use init: random for seq_cls and seq2seq",
+                )
             if not cfg.init_text:
-                raise RecipeError("method.init_text", "init: real_words needs init_text",
-                                  "set method.init_text to words that describe the task")
+                raise RecipeError(
+                    "method.init_text",
+                    "init: real_words needs init_text",
+                    "set method.init_text to words that describe the task",
+                )
         if cfg.encoder_prefix and recipe.model.task != "seq2seq":
-            raise RecipeError("method.encoder_prefix", f"encoder_prefix is for seq2seq models; a {recipe.model.task} "
-                              "model has no separate encoder (its prefixes already reach every layer)",
-                              "remove method.encoder_prefix")
+            raise RecipeError(
+                "method.encoder_prefix",
+                f"encoder_prefix is for seq2seq models; a {recipe.model.task} "
+                "model has no separate encoder (its prefixes already reach every layer)",
+                "remove method.encoder_prefix",
+            )
 
     def build_prompt(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
         geometry = prefix_geometry(model.config, self.task)
-        encoder = PrefixEncoder(cfg.num_virtual_tokens, geometry, self.projection,
-                                getattr(cfg, "encoder_hidden_size", None) or model.get_input_embeddings().weight.shape[1])
+        encoder = PrefixEncoder(
+            cfg.num_virtual_tokens,
+            geometry,
+            self.projection,
+            getattr(cfg, "encoder_hidden_size", None) or model.get_input_embeddings().weight.shape[1],
+        )
         encoder.to(model.get_input_embeddings().weight.device)
         if cfg.init == "real_words":
             encoder.start_from(real_word_rows(model, cfg.num_virtual_tokens, cfg.init_text, geometry))
@@ -318,17 +361,26 @@ class PTuningV2(SoftPromptMethod):
         return count + (model.encoder_prefix.trainable_count() if self.uses_encoder_prefix else 0)
 
     def method_adapter_config(self, model: PromptedModel) -> dict[str, Any]:
-        hidden = getattr(self.cfg, "encoder_hidden_size", None) or model.get_input_embeddings().weight.shape[1]
-        extra = {"encoder_prefix": True, "encoder_num_layers": model.encoder_prefix.geometry.num_layers} \
-            if self.uses_encoder_prefix else {}
+        hidden = (
+            getattr(self.cfg, "encoder_hidden_size", None) or model.get_input_embeddings().weight.shape[1]
+        )
+        extra = (
+            {"encoder_prefix": True, "encoder_num_layers": model.encoder_prefix.geometry.num_layers}
+            if self.uses_encoder_prefix
+            else {}
+        )
         return {"prefix_projection": self.projection, "encoder_hidden_size": hidden, **extra}
 
     # -- encoder prefixes (seq2seq) -------------------------------------------------------
     def apply(self, model: nn.Module) -> PromptedModel:
         wrapped = super().apply(model)  # the decoder prefix first: its init is the same with or without
         if self.uses_encoder_prefix:
-            width = getattr(self.cfg, "encoder_hidden_size", None) or model.get_input_embeddings().weight.shape[1]
-            prefix = PrefixEncoder(self.cfg.num_virtual_tokens, encoder_prefix_geometry(model), self.projection, width)
+            width = (
+                getattr(self.cfg, "encoder_hidden_size", None) or model.get_input_embeddings().weight.shape[1]
+            )
+            prefix = PrefixEncoder(
+                self.cfg.num_virtual_tokens, encoder_prefix_geometry(model), self.projection, width
+            )
             attach_encoder_prefix(wrapped, prefix.to(model.get_input_embeddings().weight.device))
             if self.cfg.init_from:
                 self.transfer_encoder_rows(wrapped, self.cfg.init_from)
@@ -347,9 +399,12 @@ class PTuningV2(SoftPromptMethod):
     def check_encoder_rows(self, rows: torch.Tensor, model: PromptedModel, key: str) -> torch.Tensor:
         expected = tuple(self.encoder_rows(model).shape)
         if tuple(rows.shape) != expected:
-            raise RecipeError(key, f"the encoder prefix there is {tuple(rows.shape)} but this model needs {expected} "
-                              "(virtual tokens × (encoder layers·2·kv dim))",
-                              "use the same base model family and method.num_virtual_tokens")
+            raise RecipeError(
+                key,
+                f"the encoder prefix there is {tuple(rows.shape)} but this model needs {expected} "
+                "(virtual tokens × (encoder layers·2·kv dim))",
+                "use the same base model family and method.num_virtual_tokens",
+            )
         return rows
 
     def transfer_encoder_rows(self, model: PromptedModel, source: str) -> None:
@@ -358,7 +413,9 @@ class PTuningV2(SoftPromptMethod):
 
         state = read_adapter_state(Path(source).expanduser())
         if ENCODER_KEY in state:  # a decoder-only source leaves the encoder prefix at its init
-            model.encoder_prefix.start_from(self.check_encoder_rows(state[ENCODER_KEY], model, "method.init_from"))
+            model.encoder_prefix.start_from(
+                self.check_encoder_rows(state[ENCODER_KEY], model, "method.init_from")
+            )
 
     def adapter_state_dict(self, model: PromptedModel) -> dict[str, torch.Tensor]:
         state = super().adapter_state_dict(model)
@@ -370,11 +427,17 @@ class PTuningV2(SoftPromptMethod):
         state = dict(state)
         rows = state.pop(ENCODER_KEY, None)
         if self.uses_encoder_prefix and rows is None:
-            raise RecipeError("adapter", f"this {self.name} adapter was configured with encoder_prefix but holds no "
-                              f"{ENCODER_KEY}", "load it with the method options that wrote it")
+            raise RecipeError(
+                "adapter",
+                f"this {self.name} adapter was configured with encoder_prefix but holds no {ENCODER_KEY}",
+                "load it with the method options that wrote it",
+            )
         if rows is not None and not self.uses_encoder_prefix:
-            raise RecipeError("adapter", f"the adapter holds encoder prefixes ({ENCODER_KEY}) but encoder_prefix is "
-                              "off", "set method.encoder_prefix: true (seq2seq)")
+            raise RecipeError(
+                "adapter",
+                f"the adapter holds encoder prefixes ({ENCODER_KEY}) but encoder_prefix is off",
+                "set method.encoder_prefix: true (seq2seq)",
+            )
         super().load_adapter_state_dict(model, state)
         if rows is not None:
             rows = self.check_encoder_rows(rows, model, "adapter")
@@ -390,10 +453,14 @@ class PTuningV2(SoftPromptMethod):
 @register
 class PrefixTuning(PTuningV2):
     name = "prefix_tuning"
-    description = "Prefix tuning: trainable key/value prefixes in every layer, MLP-reparameterised (arXiv 2101.00190)"
+    description = (
+        "Prefix tuning: trainable key/value prefixes in every layer, MLP-reparameterised (arXiv 2101.00190)"
+    )
     config_cls = PrefixTuningConfig
-    trainable_formula = ("with prefix_projection: n·t + t·e+e + e·(L·2·t)+L·2·t, else n·L·2·t "
-                         "(t = kv_heads·head_dim, e = encoder_hidden_size, L layers); export keeps n·L·2·t; "
-                         "encoder_prefix adds the same again with L = encoder layers")
+    trainable_formula = (
+        "with prefix_projection: n·t + t·e+e + e·(L·2·t)+L·2·t, else n·L·2·t "
+        "(t = kv_heads·head_dim, e = encoder_hidden_size, L layers); export keeps n·L·2·t; "
+        "encoder_prefix adds the same again with L = encoder layers"
+    )
 
     cfg: PrefixTuningConfig

@@ -45,10 +45,13 @@ class PromptTuningConfig(SoftPromptConfig):
     )
     init_text: str = field(
         default="",
-        metadata=doc("init: text — the text whose embeddings start the prompt (default for seq_cls: the label names)"),
+        metadata=doc(
+            "init: text — the text whose embeddings start the prompt (default for seq_cls: the label names)"
+        ),
     )
     sample_vocab_top_k: int = field(
-        default=5000, metadata=doc("init: sample_vocab — draw from the first K token ids (the paper: 5000)", min=1)
+        default=5000,
+        metadata=doc("init: sample_vocab — draw from the first K token ids (the paper: 5000)", min=1),
     )
 
 
@@ -64,7 +67,9 @@ class PromptEmbedding(nn.Module):
         return self.embedding.weight  # (n, h)
 
 
-def init_rows(model: nn.Module, n: int, init: str, text: str, top_k: int, task: str, key: str) -> torch.Tensor:
+def init_rows(
+    model: nn.Module, n: int, init: str, text: str, top_k: int, task: str, key: str
+) -> torch.Tensor:
     """(n, h) starting rows from the frozen input embeddings (or N(0, 1))."""
     embeddings = model.get_input_embeddings()
     hidden = embeddings.weight.shape[1]
@@ -78,8 +83,11 @@ def init_rows(model: nn.Module, n: int, init: str, text: str, top_k: int, task: 
             text = " ".join(model.config.id2label[i] for i in range(model.config.num_labels))
         token_ids = [t for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
         if not token_ids:
-            raise RecipeError("method.init_text", "init: text needs a non-empty init_text",
-                              "set method.init_text, or use init: sample_vocab")
+            raise RecipeError(
+                "method.init_text",
+                "init: text needs a non-empty init_text",
+                "set method.init_text, or use init: sample_vocab",
+            )
         ids = torch.tensor(repeat_to(token_ids, n))
     with torch.no_grad():
         return embeddings(ids.to(embeddings.weight.device)).detach().float().cpu()
@@ -99,13 +107,23 @@ class PromptTuning(SoftPromptMethod):
     @classmethod
     def validate_config(cls, cfg: PromptTuningConfig, recipe) -> None:
         if cfg.init == "text" and not cfg.init_text and recipe.model.task != "seq_cls":
-            raise RecipeError("method.init_text", "init: text needs init_text for this task",
-                              "set method.init_text (e.g. a task description), or use init: sample_vocab")
+            raise RecipeError(
+                "method.init_text",
+                "init: text needs init_text for this task",
+                "set method.init_text (e.g. a task description), or use init: sample_vocab",
+            )
 
     def build_prompt(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
-        rows = init_rows(model, cfg.num_virtual_tokens, cfg.init, cfg.init_text, cfg.sample_vocab_top_k, self.task,
-                         "method.init")
+        rows = init_rows(
+            model,
+            cfg.num_virtual_tokens,
+            cfg.init,
+            cfg.init_text,
+            cfg.sample_vocab_top_k,
+            self.task,
+            "method.init",
+        )
         return PromptEmbedding(rows).to(model.get_input_embeddings().weight.device)
 
     def fixed_prompt(self, rows: torch.Tensor, model: PromptedModel) -> nn.Module:
@@ -128,5 +146,6 @@ class PromptTuning(SoftPromptMethod):
     @classmethod
     def config_from_adapter(cls, adapter_config: dict[str, Any]) -> PromptTuningConfig:
         # The stored prompt replaces the init, so a peft adapter reloads with the cheapest one.
-        return PromptTuningConfig(name=cls.name, num_virtual_tokens=int(adapter_config["num_virtual_tokens"]),
-                                  init="random")
+        return PromptTuningConfig(
+            name=cls.name, num_virtual_tokens=int(adapter_config["num_virtual_tokens"]), init="random"
+        )

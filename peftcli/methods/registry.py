@@ -69,8 +69,11 @@ class Method:
 
     # -- optional hooks ------------------------------------------------------------------
     def merge(self, model: nn.Module) -> nn.Module:
-        raise RecipeError("method", f"{self.name} cannot be merged into the base model",
-                          "load the adapter with peftcli.load instead")
+        raise RecipeError(
+            "method",
+            f"{self.name} cannot be merged into the base model",
+            "load the adapter with peftcli.load instead",
+        )
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -109,7 +112,9 @@ def register(cls: type[Method]) -> type[Method]:
 
 def get_method_class(name: str) -> type[Method]:
     if name not in _REGISTRY:
-        hint = did_you_mean(name, _REGISTRY) or f"run `peftcli methods`; known: {', '.join(sorted(_REGISTRY))}"
+        hint = (
+            did_you_mean(name, _REGISTRY) or f"run `peftcli methods`; known: {', '.join(sorted(_REGISTRY))}"
+        )
         raise RecipeError("method.name", f"unknown method {name!r}", hint)
     return _REGISTRY[name]
 

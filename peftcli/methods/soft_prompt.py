@@ -36,11 +36,14 @@ from peftcli.recipe import MethodConfig, RecipeError, doc
 @dataclass
 class SoftPromptConfig(MethodConfig):
     num_virtual_tokens: int = field(
-        default=20, metadata=doc("virtual tokens: every sequence grows by this many positions (typical 10–100)", min=1)
+        default=20,
+        metadata=doc("virtual tokens: every sequence grows by this many positions (typical 10–100)", min=1),
     )
     init_from: str | None = field(
         default=None,
-        metadata=doc("SPoT prompt transfer: start from the prompt of this adapter directory (same shapes required)"),
+        metadata=doc(
+            "SPoT prompt transfer: start from the prompt of this adapter directory (same shapes required)"
+        ),
     )
 
 
@@ -94,17 +97,23 @@ def prefix_geometry(config, task: str) -> PrefixGeometry:
     cfg = text_config(config)
     try:
         heads = cfg.num_attention_heads
-        layers = (getattr(cfg, "num_decoder_layers", None) if task == "seq2seq" else None) or cfg.num_hidden_layers
+        layers = (
+            getattr(cfg, "num_decoder_layers", None) if task == "seq2seq" else None
+        ) or cfg.num_hidden_layers
     except AttributeError as err:
-        raise RecipeError("method.name", f"cannot read the attention layout of {type(config).__name__} ({err})",
-                          "use prompt_tuning or p_tuning, which only need the input embeddings") from None
+        raise RecipeError(
+            "method.name",
+            f"cannot read the attention layout of {type(config).__name__} ({err})",
+            "use prompt_tuning or p_tuning, which only need the input embeddings",
+        ) from None
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "d_kv", None) or cfg.hidden_size // heads
     return PrefixGeometry(layers, kv_heads, head_dim, encoder_decoder=task == "seq2seq")
 
 
-def rows_to_key_values(rows: torch.Tensor, geometry: PrefixGeometry,
-                       batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def rows_to_key_values(
+    rows: torch.Tensor, geometry: PrefixGeometry, batch_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Stored rows (n, L·2·token_dim) -> per layer (key, value), each (B, kv_heads, n, head_dim)."""
     n = rows.shape[0]
     blocks = rows.view(n, 2 * geometry.num_layers, geometry.kv_heads, geometry.head_dim)  # (n, 2L, H, d)
@@ -112,8 +121,12 @@ def rows_to_key_values(rows: torch.Tensor, geometry: PrefixGeometry,
     out = []
     for layer in range(geometry.num_layers):
         k, v = geometry.blocks_of(layer)
-        out.append((blocks[k].unsqueeze(0).expand(batch_size, -1, -1, -1),
-                    blocks[v].unsqueeze(0).expand(batch_size, -1, -1, -1)))
+        out.append(
+            (
+                blocks[k].unsqueeze(0).expand(batch_size, -1, -1, -1),
+                blocks[v].unsqueeze(0).expand(batch_size, -1, -1, -1),
+            )
+        )
     return out
 
 
@@ -139,8 +152,13 @@ class PromptedModel(nn.Module):
     ``(key, value)`` pair per layer, each ``(B, kv_heads, n_prefix, head_dim)`` (see ``PrefixEncoder``).
     """
 
-    def __init__(self, base_model: nn.Module, task: str, input_prompt: nn.Module | None = None,
-                 prefix: nn.Module | None = None):
+    def __init__(
+        self,
+        base_model: nn.Module,
+        task: str,
+        input_prompt: nn.Module | None = None,
+        prefix: nn.Module | None = None,
+    ):
         super().__init__()
         self.base_model = base_model
         self.task = task
@@ -172,9 +190,13 @@ class PromptedModel(nn.Module):
         return self.prefix.num_virtual_tokens if self.prefix is not None else 0
 
     def _prompt_embeds(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
-        embeds = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)  # (B, T, h)
+        embeds = (
+            inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
+        )  # (B, T, h)
         prompt = self.input_prompt().to(embeds.dtype)  # (n, h)
-        return torch.cat([prompt.unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds], dim=1)  # (B, n + T, h)
+        return torch.cat(
+            [prompt.unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds], dim=1
+        )  # (B, n + T, h)
 
     def _prefix_cache(self, batch_size: int, dtype: torch.dtype):
         key_values = [(k.to(dtype), v.to(dtype)) for k, v in self.prefix.key_values(batch_size)]
@@ -183,15 +205,26 @@ class PromptedModel(nn.Module):
     def _dtype(self) -> torch.dtype:
         return self.get_input_embeddings().weight.dtype
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values=None, inputs_embeds=None, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        inputs_embeds=None,
+        **kwargs,
+    ):
         if self.task == "seq2seq":
             return self._forward_seq2seq(input_ids, attention_mask, inputs_embeds, past_key_values, **kwargs)
         reference = input_ids if input_ids is not None else inputs_embeds
         batch, length = reference.shape[:2]
         device = reference.device
         if attention_mask is None:  # covers every real token, cached ones included
-            past = 0 if past_key_values is None else past_key_values.get_seq_length() - self.n_prefix - self.n_input
+            past = (
+                0
+                if past_key_values is None
+                else past_key_values.get_seq_length() - self.n_prefix - self.n_input
+            )
             attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=device)
         first = past_key_values is None or past_key_values.get_seq_length() == 0
         n_virtual = self.n_prefix + self.n_input
@@ -235,7 +268,8 @@ class PromptedModel(nn.Module):
             attention_mask = torch.cat([attention_mask.new_ones(batch, self.n_input), attention_mask], dim=1)
         elif kwargs.get("encoder_outputs") is None:
             args["input_ids" if inputs_embeds is None else "inputs_embeds"] = (
-                input_ids if inputs_embeds is None else inputs_embeds)
+                input_ids if inputs_embeds is None else inputs_embeds
+            )
         elif self.input_prompt is not None:  # the encoder already ran on [P; x]
             attention_mask = torch.cat([attention_mask.new_ones(batch, self.n_input), attention_mask], dim=1)
         args["attention_mask"] = attention_mask
@@ -249,26 +283,39 @@ class PromptedModel(nn.Module):
         return self.base_model(**args)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 32, pad_token_id: int | None = None, **_: Any) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        pad_token_id: int | None = None,
+        **_: Any,
+    ) -> torch.Tensor:
         """Greedy decoding for encoder-decoder models (``evaluate`` calls ``model.generate``): the encoder
         runs once on ``[P; x]``, the decoder extends one KV cache that starts with the prefixes.
 
         Returns ``(B, 1 + N)`` ids starting with the decoder start token, like ``transformers``.
         """
         if self.task != "seq2seq":
-            raise RecipeError("generate", "PromptedModel.generate is for seq2seq models",
-                              "use peftcli.evaluate.greedy_generate for causal LMs")
+            raise RecipeError(
+                "generate",
+                "PromptedModel.generate is for seq2seq models",
+                "use peftcli.evaluate.greedy_generate for causal LMs",
+            )
         config = self.config
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         encoder_mask = attention_mask
         if self.input_prompt is not None:
             embeds = self._prompt_embeds(input_ids, None)
-            encoder_mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], self.n_input), attention_mask], 1)
+            encoder_mask = torch.cat(
+                [attention_mask.new_ones(input_ids.shape[0], self.n_input), attention_mask], 1
+            )
             encoder_outputs = self.base_model.get_encoder()(inputs_embeds=embeds, attention_mask=encoder_mask)
         else:
-            encoder_outputs = self.base_model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+            encoder_outputs = self.base_model.get_encoder()(
+                input_ids=input_ids, attention_mask=attention_mask
+            )
         batch = input_ids.shape[0]
         start = config.decoder_start_token_id
         pad = config.pad_token_id if pad_token_id is None else pad_token_id
@@ -277,8 +324,13 @@ class PromptedModel(nn.Module):
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         past = self._prefix_cache(batch, self._dtype()) if self.prefix is not None else None
         for _ in range(max_new_tokens):
-            out = self.base_model(encoder_outputs=encoder_outputs, attention_mask=encoder_mask,
-                                  decoder_input_ids=tokens[:, -1:], past_key_values=past, use_cache=True)
+            out = self.base_model(
+                encoder_outputs=encoder_outputs,
+                attention_mask=encoder_mask,
+                decoder_input_ids=tokens[:, -1:],
+                past_key_values=past,
+                use_cache=True,
+            )
             past = out.past_key_values
             next_token = out.logits[:, -1, :].argmax(-1)
             next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
@@ -334,9 +386,12 @@ class SoftPromptMethod(Method):
         freeze(model)
         checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
         if checkpointed and self.prompt_kind == "prefix":
-            raise RecipeError("model.gradient_checkpointing", f"{self.name} passes its prefixes as a KV cache, which "
-                              "transformers drops inside checkpointed layers",
-                              "set model.gradient_checkpointing: false, or use prompt_tuning / p_tuning")
+            raise RecipeError(
+                "model.gradient_checkpointing",
+                f"{self.name} passes its prefixes as a KV cache, which "
+                "transformers drops inside checkpointed layers",
+                "set model.gradient_checkpointing: false, or use prompt_tuning / p_tuning",
+            )
         # A classifier head is new and random: it trains with the prompt and is saved whole (peft does the same).
         heads = [h for h in ("classifier", "score") if self.task == "seq_cls" and _has_module(model, h)]
         self.saved_modules = make_trainable_copies(model, heads)
@@ -358,7 +413,11 @@ class SoftPromptMethod(Method):
         raise NotImplementedError
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
-        heads = sum(p.numel() for name in self.saved_modules for p in model.base_model.get_submodule(name).parameters())
+        heads = sum(
+            p.numel()
+            for name in self.saved_modules
+            for p in model.base_model.get_submodule(name).parameters()
+        )
         return self.prompt_parameter_count(model) + heads
 
     # -- saving --------------------------------------------------------------------------
@@ -384,13 +443,20 @@ class SoftPromptMethod(Method):
             # the second half (unused by its prompt-tuning forward) repeats the first.
             rows = torch.cat([rows, rows], dim=0)
         # peft's key for a saved head of a prompt-learning model: base_model.<module>.<param>
-        return {"prompt_embeddings": rows, **modules_to_save_state(model.base_model, self.saved_modules, "base_model.")}
+        return {
+            "prompt_embeddings": rows,
+            **modules_to_save_state(model.base_model, self.saved_modules, "base_model."),
+        }
 
     def load_adapter_state_dict(self, model: PromptedModel, state: dict[str, torch.Tensor]) -> None:
         heads = modules_to_save_state(model.base_model, self.saved_modules, "base_model.")
         if set(state) != {"prompt_embeddings", *heads}:
-            raise RecipeError("adapter", f"a {self.name} adapter holds prompt_embeddings{' and the head' if heads else ''}"
-                              f"; got {sorted(state)[:4]}", "load it with the method and task that wrote it")
+            raise RecipeError(
+                "adapter",
+                f"a {self.name} adapter holds prompt_embeddings{' and the head' if heads else ''}"
+                f"; got {sorted(state)[:4]}",
+                "load it with the method and task that wrote it",
+            )
         with torch.no_grad():
             for key, target in heads.items():
                 target.copy_(state[key].to(target.dtype))
@@ -406,9 +472,14 @@ class SoftPromptMethod(Method):
         if self.prompt_kind == "input" and rows.ndim == 2 and rows.shape[0] == 2 * n:
             rows = rows[:n]  # an encoder-decoder prompt (2n rows): the encoder's half
         if tuple(rows.shape) != expected:
-            what = "virtual tokens × hidden size" if self.prompt_kind == "input" else "virtual tokens × (layers·2·kv dim)"
+            what = (
+                "virtual tokens × hidden size"
+                if self.prompt_kind == "input"
+                else "virtual tokens × (layers·2·kv dim)"
+            )
             raise RecipeError(
-                key, f"the prompt there is {tuple(rows.shape)} but this model needs {expected} ({what})",
+                key,
+                f"the prompt there is {tuple(rows.shape)} but this model needs {expected} ({what})",
                 f"use the same base model family and method.num_virtual_tokens: {rows.shape[0] if rows.ndim else '?'}",
             )
         return rows
@@ -421,7 +492,9 @@ class SoftPromptMethod(Method):
             "num_virtual_tokens": self.cfg.num_virtual_tokens,
             "token_dim": geometry.token_dim if prefix else hidden,
             "num_transformer_submodules": self.num_transformer_submodules,
-            "num_attention_heads": geometry.kv_heads if prefix else text_config(model.config).num_attention_heads,
+            "num_attention_heads": geometry.kv_heads
+            if prefix
+            else text_config(model.config).num_attention_heads,
             "num_layers": geometry.num_layers,
             "modules_to_save": list(self.saved_modules) or None,
             **self.method_adapter_config(model),
@@ -440,18 +513,27 @@ class SoftPromptMethod(Method):
         key = "method.init_from"
         path = Path(source).expanduser()
         if not (path / "adapter_model.safetensors").is_file():
-            raise RecipeError(key, f"{source} is not an adapter directory (no adapter_model.safetensors)",
-                              "point at RUN/adapter of a prompt_tuning, p_tuning or prefix run")
+            raise RecipeError(
+                key,
+                f"{source} is not an adapter directory (no adapter_model.safetensors)",
+                "point at RUN/adapter of a prompt_tuning, p_tuning or prefix run",
+            )
         state = read_adapter_state(path)
         if "prompt_embeddings" not in state:
-            raise RecipeError(key, f"{source} holds no soft prompt (keys {sorted(state)[:3]})",
-                              "transfer between soft-prompt adapters only")
+            raise RecipeError(
+                key,
+                f"{source} holds no soft prompt (keys {sorted(state)[:3]})",
+                "transfer between soft-prompt adapters only",
+            )
         rows = self.check_rows(state["prompt_embeddings"], model, key)
         self.load_transferred_rows(model, rows)
 
     def load_transferred_rows(self, model: PromptedModel, rows: torch.Tensor) -> None:
-        raise RecipeError("method.init_from", f"{self.name} cannot start from stored prompt rows",
-                          "use prompt_tuning, p_tuning_v2 or prefix_tuning with prefix_projection: false")
+        raise RecipeError(
+            "method.init_from",
+            f"{self.name} cannot start from stored prompt rows",
+            "use prompt_tuning, p_tuning_v2 or prefix_tuning with prefix_projection: false",
+        )
 
 
 def sample_init_ids(count: int, vocab_size: int, top_k: int, special_ids: set[int]) -> torch.Tensor:
@@ -476,8 +558,11 @@ def load_base_tokenizer(model: nn.Module, key: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise RecipeError(key, f"cannot load the tokenizer of {path!r} to embed the init text ({str(err)[:80]})",
-                          "use init: random or sample_vocab") from None
+        raise RecipeError(
+            key,
+            f"cannot load the tokenizer of {path!r} to embed the init text ({str(err)[:80]})",
+            "use init: random or sample_vocab",
+        ) from None
 
 
 def special_ids(tokenizer) -> set[int]:

@@ -47,18 +47,31 @@ QUERY_VALUE_NAMES = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",))
 @dataclass
 class UniPeltConfig(MethodConfig):
     lora_r: int = field(default=8, metadata=doc("LoRA rank (paper: 8)", min=1))
-    lora_alpha: float = field(default=16.0, metadata=doc("LoRA scale numerator (update × alpha/r)", min_exclusive=0.0))
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata=doc("LoRA targets; default the query and value projections (q_proj/v_proj, query/value, c_attn)")
+    lora_alpha: float = field(
+        default=16.0, metadata=doc("LoRA scale numerator (update × alpha/r)", min_exclusive=0.0)
     )
-    num_virtual_tokens: int = field(default=10, metadata=doc("prefix length in every attention layer (paper: 10)", min=1))
-    prefix_projection: bool = field(default=True, metadata=doc("train the prefixes through a tanh MLP (dropped at export)"))
-    encoder_hidden_size: int | None = field(default=None, metadata=doc("prefix MLP width (default: hidden size)", min=1))
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata=doc(
+            "LoRA targets; default the query and value projections (q_proj/v_proj, query/value, c_attn)"
+        ),
+    )
+    num_virtual_tokens: int = field(
+        default=10, metadata=doc("prefix length in every attention layer (paper: 10)", min=1)
+    )
+    prefix_projection: bool = field(
+        default=True, metadata=doc("train the prefixes through a tanh MLP (dropped at export)")
+    )
+    encoder_hidden_size: int | None = field(
+        default=None, metadata=doc("prefix MLP width (default: hidden size)", min=1)
+    )
     reduction_factor: float | None = field(
         default=None, metadata=doc("adapter width m = hidden_size / reduction_factor (default 16)", min=1.0)
     )
     bottleneck_size: int | None = field(default=None, metadata=doc("adapter width m directly", min=1))
-    nonlinearity: Literal["relu", "gelu", "swish", "tanh"] = field(default="relu", metadata=doc("σ in the adapter"))
+    nonlinearity: Literal["relu", "gelu", "swish", "tanh"] = field(
+        default="relu", metadata=doc("σ in the adapter")
+    )
 
 
 class GatedLoRA(nn.Module):
@@ -76,7 +89,9 @@ class GatedLoRA(nn.Module):
         # x: (B, T, in) -> (B, T, out)
         result = self.lora.base_layer(x)
         xf = x.to(self.lora.lora_A.weight.dtype)
-        delta = self.lora.lora_B(self.lora.lora_A(self.lora.lora_dropout(xf))) * self.lora.scaling  # (B, T, out)
+        delta = (
+            self.lora.lora_B(self.lora.lora_A(self.lora.lora_dropout(xf))) * self.lora.scaling
+        )  # (B, T, out)
         return (result + torch.sigmoid(self.gate(xf)) * delta).to(result.dtype)
 
 
@@ -118,26 +133,39 @@ def default_lora_targets(model: nn.Module) -> list[str]:
     for group in QUERY_VALUE_NAMES:
         if all(g in names for g in group):
             return list(group)
-    raise RecipeError("method.lora_target_modules", f"cannot find query/value projections in {type(model).__name__}",
-                      "name them, e.g. lora_target_modules: [q_proj, v_proj]")
+    raise RecipeError(
+        "method.lora_target_modules",
+        f"cannot find query/value projections in {type(model).__name__}",
+        "name them, e.g. lora_target_modules: [q_proj, v_proj]",
+    )
 
 
 @register
 class UniPelt(Method):
     name = "unipelt"
-    description = "UniPELT: gated LoRA + gated prefix tuning + gated adapter, trained together (arXiv 2110.07577)"
+    description = (
+        "UniPELT: gated LoRA + gated prefix tuning + gated adapter, trained together (arXiv 2110.07577)"
+    )
     config_cls = UniPeltConfig
     identity_at_init = False  # the prefixes act from step 0
-    trainable_formula = ("LoRA r·(in+out) + gate (in+1) per target; prefix_tuning's count + L gate scalars; "
-                         "per FFN 2·d·m + d + m + gate (d+1); plus a seq_cls head")
+    trainable_formula = (
+        "LoRA r·(in+out) + gate (in+1) per target; prefix_tuning's count + L gate scalars; "
+        "per FFN 2·d·m + d + m + gate (d+1); plus a seq_cls head"
+    )
 
     cfg: UniPeltConfig
 
     def __init__(self, cfg: UniPeltConfig, task: str = "causal_lm"):
         super().__init__(cfg, task)
-        self.prefix = PrefixTuning(PrefixTuningConfig(name="prefix_tuning", num_virtual_tokens=cfg.num_virtual_tokens,
-                                                      prefix_projection=cfg.prefix_projection,
-                                                      encoder_hidden_size=cfg.encoder_hidden_size), task)
+        self.prefix = PrefixTuning(
+            PrefixTuningConfig(
+                name="prefix_tuning",
+                num_virtual_tokens=cfg.num_virtual_tokens,
+                prefix_projection=cfg.prefix_projection,
+                encoder_hidden_size=cfg.encoder_hidden_size,
+            ),
+            task,
+        )
         self.lora: LoRA | None = None
         self.sublayers = []
 
@@ -148,14 +176,19 @@ class UniPelt(Method):
     @classmethod
     def validate_config(cls, cfg: UniPeltConfig, recipe: Recipe) -> None:
         if cfg.reduction_factor is not None and cfg.bottleneck_size is not None:
-            raise RecipeError("method.bottleneck_size", "set either reduction_factor or bottleneck_size, not both",
-                              "remove one of them")
+            raise RecipeError(
+                "method.bottleneck_size",
+                "set either reduction_factor or bottleneck_size, not both",
+                "remove one of them",
+            )
         PrefixTuning.validate_config(cls(cfg, recipe.model.task).prefix.cfg, recipe)
 
     def apply(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
         targets = cfg.lora_target_modules or default_lora_targets(model)
-        self.lora = LoRA(LoraConfig(name="lora", r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=targets), self.task)
+        self.lora = LoRA(
+            LoraConfig(name="lora", r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=targets), self.task
+        )
         model = self.lora.apply(model)  # freezes the base, adds LoRALinear (B = 0) and a seq_cls head copy
         for name in self.lora.targets:
             set_module(model, name, GatedLoRA(model.get_submodule(name)))
@@ -166,7 +199,9 @@ class UniPelt(Method):
             attach(model, sub, GatedAdapter(sub.hidden_size, m, cfg.nonlinearity).to(device))
         trainable = [p for p in model.parameters() if p.requires_grad]
         wrapped = self.prefix.apply(model)  # freezes the base model again and wraps it
-        for p in trainable:  # LoRA, its gates and the adapters (the head was re-copied trainable by the prefix part)
+        for p in (
+            trainable
+        ):  # LoRA, its gates and the adapters (the head was re-copied trainable by the prefix part)
             p.requires_grad_(True)
         wrapped.prefix_gate = PrefixGate(wrapped.config.num_hidden_layers).to(device)
         self._gate_prefix(wrapped)
@@ -179,32 +214,47 @@ class UniPelt(Method):
         return [m for m in model.modules() if isinstance(m, GatedLoRA)]
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
-        lora = sum(g.lora.r * (g.lora.in_features + g.lora.out_features) + g.lora.in_features + 1
-                   for g in self.gated_loras(model))
+        lora = sum(
+            g.lora.r * (g.lora.in_features + g.lora.out_features) + g.lora.in_features + 1
+            for g in self.gated_loras(model)
+        )
         adapters = 0
         for sub in self.sublayers:
             b = block_of(model.base_model, sub).bottleneck
             adapters += Bottleneck.parameter_count(b.hidden_size, b.bottleneck_size) + b.hidden_size + 1
         prefix = self.prefix.prompt_parameter_count(model) + model.config.num_hidden_layers
-        heads = sum(p.numel() for n in self.saved_modules for p in model.base_model.get_submodule(n).parameters())
+        heads = sum(
+            p.numel() for n in self.saved_modules for p in model.base_model.get_submodule(n).parameters()
+        )
         return lora + adapters + prefix + heads
 
     def _base_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {f"{PREFIX}{n}": p.detach() for n, p in model.base_model.named_parameters() if p.requires_grad}
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": self.prefix.stored_rows(model), "prefix_gate.logits": model.prefix_gate.logits.detach(),
-                **self._base_state(model)}
+        return {
+            "prompt_embeddings": self.prefix.stored_rows(model),
+            "prefix_gate.logits": model.prefix_gate.logits.detach(),
+            **self._base_state(model),
+        }
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         state = dict(state)
         rows, gate = state.pop("prompt_embeddings", None), state.pop("prefix_gate.logits", None)
         if rows is None or gate is None:
-            raise RecipeError("adapter", "a unipelt adapter holds prompt_embeddings and prefix_gate.logits",
-                              "load it with the method that wrote it")
-        heads = {k.replace(PREFIX, "base_model.", 1): v for k, v in state.items()
-                 if any(k.startswith(f"{PREFIX}{m}.") for m in self.prefix.saved_modules)}
-        self.prefix.load_adapter_state_dict(model, {"prompt_embeddings": rows, **heads})  # replaces the prefix module
+            raise RecipeError(
+                "adapter",
+                "a unipelt adapter holds prompt_embeddings and prefix_gate.logits",
+                "load it with the method that wrote it",
+            )
+        heads = {
+            k.replace(PREFIX, "base_model.", 1): v
+            for k, v in state.items()
+            if any(k.startswith(f"{PREFIX}{m}.") for m in self.prefix.saved_modules)
+        }
+        self.prefix.load_adapter_state_dict(
+            model, {"prompt_embeddings": rows, **heads}
+        )  # replaces the prefix module
         self._gate_prefix(model)
         with torch.no_grad():
             model.prefix_gate.logits.copy_(gate)
@@ -213,17 +263,33 @@ class UniPelt(Method):
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         cfg = self.cfg
         prefix = self.prefix.adapter_config(model)
-        return {**{k: prefix[k] for k in ("num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads")},
-                "prefix_projection": cfg.prefix_projection, "encoder_hidden_size": cfg.encoder_hidden_size,
-                "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
-                "lora_target_modules": list(self.lora.targets) if self.lora else None,
-                "reduction_factor": cfg.reduction_factor, "bottleneck_size": cfg.bottleneck_size,
-                "nonlinearity": cfg.nonlinearity, "modules_to_save": list(self.saved_modules) or None}
+        return {
+            **{
+                k: prefix[k] for k in ("num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads")
+            },
+            "prefix_projection": cfg.prefix_projection,
+            "encoder_hidden_size": cfg.encoder_hidden_size,
+            "lora_r": cfg.lora_r,
+            "lora_alpha": cfg.lora_alpha,
+            "lora_target_modules": list(self.lora.targets) if self.lora else None,
+            "reduction_factor": cfg.reduction_factor,
+            "bottleneck_size": cfg.bottleneck_size,
+            "nonlinearity": cfg.nonlinearity,
+            "modules_to_save": list(self.saved_modules) or None,
+        }
 
     @classmethod
     def config_from_adapter(cls, adapter_config: dict[str, Any]) -> UniPeltConfig:
-        keys = ("lora_r", "lora_alpha", "num_virtual_tokens", "prefix_projection", "encoder_hidden_size",
-                "reduction_factor", "bottleneck_size", "nonlinearity")
+        keys = (
+            "lora_r",
+            "lora_alpha",
+            "num_virtual_tokens",
+            "prefix_projection",
+            "encoder_hidden_size",
+            "reduction_factor",
+            "bottleneck_size",
+            "nonlinearity",
+        )
         values = {k: adapter_config[k] for k in keys if adapter_config.get(k) is not None}
         return from_dict(UniPeltConfig, {"name": cls.name, **values}, "method")
 

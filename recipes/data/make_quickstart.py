@@ -16,9 +16,9 @@ import random
 import string
 from pathlib import Path
 
-SEED = 1234          # change it and you get another, equally valid, data set
-N_TRAIN = 2000       # enough distinct words that the model generalises instead of memorising
-N_EVAL = 100         # held-out words for the before/after exact-match eval
+SEED = 1234  # change it and you get another, equally valid, data set
+N_TRAIN = 2000  # enough distinct words that the model generalises instead of memorising
+N_EVAL = 100  # held-out words for the before/after exact-match eval
 MIN_LEN, MAX_LEN = 3, 5
 # The answer follows "=\n"; the trainer appends EOS to it. Keep the prompt this short: on the random
 # tiny llama a long constant prefix ("reverse: kqzt\n") made reversal far harder to learn with LoRA

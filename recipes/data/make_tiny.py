@@ -14,8 +14,28 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).parent
-WORDS = ["apple", "river", "stone", "cloud", "green", "light", "table", "music", "ocean", "tiger", "house",
-         "bread", "chair", "dream", "earth", "flame", "grape", "heart", "lemon", "night"]
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "green",
+    "light",
+    "table",
+    "music",
+    "ocean",
+    "tiger",
+    "house",
+    "bread",
+    "chair",
+    "dream",
+    "earth",
+    "flame",
+    "grape",
+    "heart",
+    "lemon",
+    "night",
+]
 POSITIVE = ["good", "great", "lovely", "happy", "bright", "superb", "fine", "nice"]
 NEGATIVE = ["bad", "awful", "sad", "dull", "poor", "grim", "nasty", "ugly"]
 NOUNS = ["movie", "meal", "day", "song", "book", "trip", "game", "show"]

@@ -25,8 +25,28 @@ sys.path.insert(0, str(ROOT))
 from peftcli.api import train
 from peftcli.recipe import recipe_from_dict
 
-WORDS = ["apple", "river", "stone", "cloud", "green", "light", "table", "music", "ocean", "tiger", "house",
-         "bread", "chair", "dream", "earth", "flame", "grape", "heart", "lemon", "night"]
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "green",
+    "light",
+    "table",
+    "music",
+    "ocean",
+    "tiger",
+    "house",
+    "bread",
+    "chair",
+    "dream",
+    "earth",
+    "flame",
+    "grape",
+    "heart",
+    "lemon",
+    "night",
+]
 KEEP = ("adapter_config.json", "adapter_model.safetensors", "peftcli_adapter.json")
 
 
@@ -43,8 +63,15 @@ def source_recipe(train_file: str, output_dir: str) -> dict:
         "model": {"name": "tiny:llama", "task": "causal_lm"},
         "data": {"train": train_file, "format": "completion", "max_length": 64},
         "method": {"name": "houlsby_adapter", "config": "pfeiffer", "bottleneck_size": 16},
-        "train": {"max_steps": 40, "batch_size": 16, "lr": 3.0e-3, "scheduler": "cosine", "warmup_steps": 4,
-                  "log_every": 5, "seed": 0},
+        "train": {
+            "max_steps": 40,
+            "batch_size": 16,
+            "lr": 3.0e-3,
+            "scheduler": "cosine",
+            "warmup_steps": 4,
+            "log_every": 5,
+            "seed": 0,
+        },
         "eval": {"generate": False},
         "output_dir": output_dir,
     }
