@@ -8,13 +8,13 @@ Run it from the shell or from Python::
 It writes, under ``output_dir``::
 
     recipe.yaml             the resolved recipe                       (prepare_run_dir)
-    metrics.jsonl           one JSON object per train/eval event      (log_event)
+    metrics.jsonl           one JSON object per train/eval event      (reset_metrics, log_event)
     checkpoints/step-N/     everything an exact resume needs          (save)
     adapter/                the adapter in peft's format              (finish)
     results.json summary.md the result as JSON and as a table         (finish)
 
 The stages: :func:`prepare_run_dir` (checks, recipe.yaml), :func:`set_up` (model, method, data,
-optimizer, scheduler), :func:`restore` or :func:`start_fresh`, then per optimizer step
+optimizer, scheduler), :func:`restore` (or a fresh :class:`TrainState`), then per optimizer step
 :func:`next_window` (index batches) → :func:`collate_window` → :func:`loss_normaliser` →
 :func:`optimizer_step`, with :func:`log_event`, :func:`run_eval` and :func:`save` on their cadence,
 and :func:`finish` (final eval, export, results). The only callbacks are the method hooks.
@@ -121,7 +121,8 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
     reporter = reporter or Reporter(quiet=True)
     latest = prepare_run_dir(recipe, resume, reporter)
     run = set_up(recipe, reporter)
-    state = restore(run, latest) if latest is not None else start_fresh(run)
+    state = restore(run, latest) if latest is not None else TrainState()
+    reset_metrics(run, state.step)
     report_start(run)
     eval_before = run_eval(run, 0) if latest is None else _first_eval(run.metrics_path)
 
@@ -242,15 +243,8 @@ def report_start(run: Run) -> None:
 # -- restore -----------------------------------------------------------------------------------
 
 
-def start_fresh(run: Run) -> TrainState:
-    if run.metrics_path.exists():
-        run.metrics_path.unlink()
-    return TrainState()
-
-
 def restore(run: Run, checkpoint: Path) -> TrainState:
-    """Trainable weights, optimizer, scheduler, method state and RNG from ``checkpoint``; metrics logged
-    after it are dropped (they will be logged again)."""
+    """Trainable weights, optimizer, scheduler, method state and RNG from ``checkpoint``."""
     saved = ckpt.load_checkpoint(checkpoint)
     with torch.no_grad():
         for name, value in saved["trainable"].items():
@@ -260,7 +254,6 @@ def restore(run: Run, checkpoint: Path) -> TrainState:
     trainer = saved["trainer_state"]
     run.scheduler.load_state_dict(trainer["scheduler"])
     ckpt.set_rng_state(saved["rng"])
-    _truncate_metrics(run.metrics_path, trainer["step"])
     run.reporter.note(f"resuming from {checkpoint} (step {trainer['step']} of {run.steps})")
     return TrainState(
         step=trainer["step"],
@@ -370,6 +363,15 @@ def stop_requests():
 
 
 # -- log, eval, save: every file the loop writes goes through these and finish -----------------
+
+
+def reset_metrics(run: Run, step: int) -> None:
+    """A fresh run starts metrics.jsonl anew; a resumed one drops the events logged after its checkpoint
+    (they will be logged again)."""
+    if step == 0:
+        run.metrics_path.unlink(missing_ok=True)
+    else:
+        _truncate_metrics(run.metrics_path, step)
 
 
 def log_event(run: Run, event: dict[str, Any]) -> None:
