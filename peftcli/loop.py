@@ -32,11 +32,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 import peftcli.checkpoint as ckpt
+from peftcli.batching import (
+    PlannedBatches,
+    collate_packed,
+    packed_steps,
+    padding_fraction,
+    plan_length_grouped,
+    plan_packed,
+)
 from peftcli.checkpoint import atomic_write_text
+from peftcli.loss import choose_loss_path, count_targets, micro_batch_loss_sum, token_loss_sum
 from peftcli.methods import get_method_class
 from peftcli.methods.registry import Method, count_parameters
 from peftcli.optim import build_optimizer, build_scheduler, total_steps
@@ -44,7 +53,15 @@ from peftcli.recipe import Recipe, RecipeError, dump_recipe
 from peftcli.reporting import Reporter
 from peftcli.results import TrainResult
 
-__all__ = ["TrainResult", "TrainState", "TrainingInterrupted", "build_model", "token_loss_sum", "train"]
+__all__ = [
+    "TrainResult",
+    "TrainState",
+    "TrainingInterrupted",
+    "build_model",
+    "count_targets",
+    "token_loss_sum",
+    "train",
+]
 
 
 class TrainingInterrupted(Exception):
@@ -78,6 +95,8 @@ class Run:
     steps_per_epoch: int
     trainable: int
     total: int
+    loss_path: str = "plain"  # peftcli.loss: plain, chunked (torch) or liger fused
+    speed_lines: list[str] = field(default_factory=list)  # loss path, packing, compile: for the summary
 
     @property
     def metrics_path(self) -> Path:
@@ -200,12 +219,20 @@ def set_up(recipe: Recipe, reporter: Reporter) -> Run:
         )
     model, method = build_model(recipe, device, data.label_names, tokenizer, base_path)
     trainable, total = count_parameters(model)
+    sampler, speed_lines = build_sampler(recipe, data.train, BatchSampler)
     steps, batches_per_epoch = total_steps(cfg, len(data.train))
+    if cfg.packing:
+        batches_per_epoch = len(sampler)
+        steps = cfg.max_steps or packed_steps(sampler, cfg.epochs, cfg.grad_accum)
     method.on_train_start(model, steps)
     optimizer = build_optimizer(method.param_groups(model, cfg.lr, cfg.weight_decay), cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
-    sampler = BatchSampler(len(data.train), cfg.batch_size, cfg.seed)
     amp_dtype = autocast_dtype(recipe, device)
+    loss_path, why = choose_loss_path(model, recipe.model.task, cfg.loss, device)
+    speed_lines.insert(0, f"loss: {loss_path} ({why})")
+    if cfg.compile:
+        compile_model(model, loss_path)
+        speed_lines.append("compile: torch.compile (the first steps compile)")
     return Run(
         recipe=recipe,
         reporter=reporter,
@@ -226,7 +253,58 @@ def set_up(recipe: Recipe, reporter: Reporter) -> Run:
         steps_per_epoch=max(1, math.ceil(batches_per_epoch / cfg.grad_accum)),
         trainable=trainable,
         total=total,
+        loss_path=loss_path,
+        speed_lines=speed_lines,
     )
+
+
+def build_sampler(recipe: Recipe, train_rows, plain_sampler_cls) -> tuple[Any, list[str]]:
+    """The micro-batch plan of every epoch: shuffled (the default), length-grouped or packed; and the
+    summary lines saying how much padding that saves against shuffled batches padded to their longest."""
+    cfg = recipe.train
+    lengths = example_lengths(train_rows)
+    plain = plain_sampler_cls(len(lengths), cfg.batch_size, cfg.seed)
+    if not (cfg.packing or cfg.group_by_length):
+        return plain, []
+    before = padding_fraction(lengths, plain.epoch_batches(0), packed=False)
+    if cfg.group_by_length:
+        sampler = PlannedBatches(
+            lambda epoch: plan_length_grouped(lengths, cfg.seed, epoch, cfg.batch_size), len(lengths)
+        )
+        after = padding_fraction(lengths, sampler.epoch_batches(0), packed=False)
+        return sampler, [f"group_by_length: padding {100 * before:.0f}% → {100 * after:.0f}% of tokens"]
+    row_tokens = max(recipe.data.max_length, int(lengths.max()))
+    budget = cfg.batch_tokens or cfg.batch_size * recipe.data.max_length
+    rows = max(1, budget // row_tokens)
+    sampler = PlannedBatches(
+        lambda epoch: plan_packed(lengths, cfg.seed, epoch, row_tokens, rows), len(lengths)
+    )
+    after = padding_fraction(lengths, sampler.epoch_batches(0), packed=True)
+    line = (
+        f"packing: {rows} rows × ≤{row_tokens} tokens per micro-batch, {len(sampler)} micro-batches per epoch; "
+        f"padding {100 * before:.0f}% → {100 * after:.1f}% of tokens"
+    )
+    return sampler, [line]
+
+
+def example_lengths(train_rows) -> np.ndarray:
+    """Tokens per training example: the data stage's lengths array where it has one."""
+    lengths = getattr(train_rows, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths)
+    return np.array([len(example["input_ids"]) for example in train_rows], dtype=np.int64)
+
+
+def compile_model(model: torch.nn.Module, loss_path: str) -> None:
+    """torch.compile in place (parameter names unchanged, so checkpoints and exports are too). The chunked
+    loss calls the body and the head itself, so those are what gets compiled there."""
+    from peftcli.loss import PLAIN, body_and_head
+
+    if loss_path == PLAIN:
+        model.compile()
+        return
+    body, _ = body_and_head(model)
+    body.compile()
 
 
 def report_start(run: Run) -> None:
@@ -236,7 +314,15 @@ def report_start(run: Run) -> None:
 
         base_lines = summary_lines(run.model, run.recipe.model.quantization)
     run.reporter.start_summary(
-        run.recipe, run.method, run.trainable, run.total, run.data.stats, run.steps, run.device, base_lines
+        run.recipe,
+        run.method,
+        run.trainable,
+        run.total,
+        run.data.stats,
+        run.steps,
+        run.device,
+        base_lines,
+        run.speed_lines,
     )
 
 
@@ -277,10 +363,14 @@ def next_window(run: Run, state: TrainState) -> tuple[list[list[int]], tuple[int
 
 
 def collate_window(run: Run, window: list[list[int]]) -> list[dict[str, torch.Tensor]]:
-    """One padded micro-batch per index batch."""
-    from peftcli.data import collate
+    """One padded micro-batch per index batch; with packing, one packed micro-batch per list of rows."""
+    from peftcli.data import collate, pad_token_id
 
-    return [collate([run.data.train[i] for i in idx], run.tokenizer, run.task) for idx in window]
+    rows = run.data.train
+    if run.recipe.train.packing:
+        pad_id = pad_token_id(run.tokenizer)
+        return [collate_packed([[rows[i] for i in row] for row in batch], pad_id) for batch in window]
+    return [collate([rows[i] for i in idx], run.tokenizer, run.task) for idx in window]
 
 
 def loss_normaliser(micro: list[dict[str, torch.Tensor]], task: str) -> int:
@@ -299,12 +389,7 @@ def optimizer_step(
     for batch in micro:
         batch = {k: v.to(run.device) for k, v in batch.items()}
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            out = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                **({"labels": batch["labels"]} if task == "seq2seq" else {}),
-            )
-            loss_sum, _ = token_loss_sum(out.logits, batch["labels"], task)
+            loss_sum = micro_batch_loss_sum(model, batch, task, run.loss_path)
             loss = loss_sum / n_targets  # token-weighted over the whole accumulation window
             extra = method.extra_loss(model)
             if extra is not None:
@@ -470,30 +555,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy and the number of scored targets (tokens, or examples for seq_cls)."""
-    if task == "seq_cls":
-        return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
-    if task == "causal_lm":
-        # Position t predicts token t+1. Shifting the labels (not the logits) keeps the logits a view:
-        # slicing them would copy a (B, T, vocab) tensor every step.
-        labels = F.pad(labels[:, 1:], (0, 1), value=-100)
-    labels = labels.to(logits.device)
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return loss, int((labels != -100).sum())
-
-
-def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
-    labels = batch["labels"]
-    if task == "seq_cls":
-        return labels.numel()
-    if task == "causal_lm":
-        labels = labels[:, 1:]
-    return int((labels != -100).sum())
 
 
 def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:

@@ -240,6 +240,28 @@ class TrainConfig:
         default="auto", metadata=doc("autocast on GPU: auto = bf16 where supported; always off on CPU")
     )
     device: str = field(default="auto", metadata=doc("auto, cpu, cuda or cuda:N"))
+    loss: Literal["auto", "plain", "chunked"] = field(
+        default="auto",
+        metadata=doc(
+            "causal-LM loss: chunked = head + cross-entropy per chunk of hidden states (no tokens × vocab "
+            "logits); auto = Liger's fused kernel on CUDA if installed, else chunked where the model allows"
+        ),
+    )
+    packing: bool = field(
+        default=False,
+        metadata=doc(
+            "pack whole examples into rows of max_length (no padding); position_ids restart per example"
+        ),
+    )
+    batch_tokens: int | None = field(
+        default=None,
+        metadata=doc("with packing: tokens per micro-batch (default batch_size × data.max_length)", min=1),
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata=doc("without packing: batch examples of similar length (less padding; order still seeded)"),
+    )
+    compile: bool = field(default=False, metadata=doc("torch.compile the model (slow first steps)"))
 
 
 @dataclass
@@ -522,6 +544,12 @@ def build_recipe(raw: dict, source: str | None = None) -> Recipe:
             f"method {method_cls.name} cannot train on a quantized base",
             "remove model.quantization, or pick a method that can (lora)",
         )
+    if recipe.train.packing and not method_cls.supports_packing:
+        raise RecipeError(
+            "train.packing",
+            f"method {method_cls.name} prepends virtual tokens per row, so packed examples would see each other",
+            "set train.packing: false (train.group_by_length: true also cuts padding)",
+        )
     method_cls.validate_config(recipe.method, recipe)
     return recipe
 
@@ -542,6 +570,27 @@ def _cross_checks(recipe: Recipe) -> None:
     if recipe.data.eval and recipe.data.eval_fraction:
         raise RecipeError(
             "data.eval_fraction", "set either data.eval or data.eval_fraction, not both", "remove one of them"
+        )
+    train = recipe.train
+    if train.packing and recipe.model.task != "causal_lm":
+        raise RecipeError(
+            "train.packing", f"packing is for causal_lm, not {recipe.model.task}", "set train.packing: false"
+        )
+    if train.packing and train.group_by_length:
+        raise RecipeError(
+            "train.group_by_length",
+            "packing already removes padding",
+            "set only one of packing, group_by_length",
+        )
+    if train.batch_tokens is not None and not train.packing:
+        raise RecipeError(
+            "train.batch_tokens", "only used with train.packing: true", "set train.packing: true"
+        )
+    if train.batch_tokens is not None and train.batch_tokens < recipe.data.max_length:
+        raise RecipeError(
+            "train.batch_tokens",
+            f"{train.batch_tokens} is less than data.max_length ({recipe.data.max_length}): a long example fits no batch",
+            f"set train.batch_tokens >= {recipe.data.max_length}",
         )
     q = recipe.model.quantization
     if q is not None and q.bits == 8 and recipe.model.dtype not in ("auto", "float16", "bfloat16", "float32"):

@@ -51,6 +51,7 @@ class Reporter:
         steps: int,
         device,
         base_lines: list[str] | None = None,
+        speed_lines: list[str] | None = None,
     ) -> None:
         if self.quiet:
             return
@@ -80,6 +81,8 @@ class Reporter:
             f"{steps} (batch {recipe.train.batch_size} × accum {recipe.train.grad_accum}, "
             f"lr {recipe.train.lr:g}, {recipe.train.optimizer}, {recipe.train.scheduler})",
         )
+        for i, line in enumerate(speed_lines or []):
+            table.add_row("speed" if i == 0 else "", line)
         table.add_row("output", recipe.output_dir)
         self.console.print(table)
 

@@ -81,6 +81,7 @@ def adapter_config(cfg: MamConfig) -> ParallelAdapterConfig:
 @register
 class MamAdapter(Method):
     name = "mam_adapter"
+    supports_packing = False  # its prefixes are one KV cache per row, shared by packed examples
     description = (
         "MAM adapter: prefix tuning on attention + scaled parallel adapter on the FFN (arXiv 2110.04366)"
     )

@@ -30,6 +30,9 @@ class Method:
     peft_type: ClassVar[str | None] = None  # "LORA", "IA3", ... when peft loads our adapter
     identity_at_init: ClassVar[bool] = True  # step 0 equals the base model
     supports_quantized_base: ClassVar[bool] = False
+    # train.packing lays several examples in one row; methods that prepend virtual tokens or cache
+    # per-example keys/values would let them attend across examples, so they set this False
+    supports_packing: ClassVar[bool] = True
     trainable_formula: ClassVar[str] = ""  # human-readable count formula, printed by `peftcli methods`
 
     def __init__(self, cfg: MethodConfig, task: str = "causal_lm"):

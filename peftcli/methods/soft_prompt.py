@@ -360,6 +360,7 @@ class SoftPromptMethod(Method):
     """
 
     identity_at_init = False  # prompts change the outputs from the first step
+    supports_packing = False  # one prompt per row, not per example
     config_cls: ClassVar[type[SoftPromptConfig]] = SoftPromptConfig
     prompt_kind: ClassVar[str] = "input"  # "input" or "prefix"
 

@@ -143,6 +143,7 @@ def default_lora_targets(model: nn.Module) -> list[str]:
 @register
 class UniPelt(Method):
     name = "unipelt"
+    supports_packing = False  # its prefixes are one KV cache per row, shared by packed examples
     description = (
         "UniPELT: gated LoRA + gated prefix tuning + gated adapter, trained together (arXiv 2110.07577)"
     )

@@ -1,0 +1,167 @@
+"""The loss of one micro-batch: plain, chunked, or Liger's fused linear cross-entropy.
+
+The plain path runs the model and takes the cross-entropy of its logits, so for a causal LM a
+(tokens × vocabulary) fp32 tensor exists at once: 4 GiB for 8 × 1,024 tokens of a 128k vocabulary.
+The chunked path runs the model's body for the final hidden states, keeps only the positions that
+carry a target, and applies the output head and the cross-entropy one chunk at a time under
+``torch.utils.checkpoint``: backward recomputes a chunk's logits instead of storing them, so at most
+one (chunk × vocabulary) block is alive. The head is called as a module, so it works with any head
+(LoRA on ``lm_head``, ``modules_to_save: [lm_head]``, tied embeddings); its gradients equal the
+plain path's (fp32, ≤ 1e-5; tests/test_loss.py). On CUDA with ``liger-kernel`` installed and a plain
+linear head, Liger's fused linear cross-entropy (a Triton kernel) replaces the chunks.
+
+``train.loss`` picks one: ``auto`` (liger → chunked → plain, whichever applies), ``plain``,
+``chunked``. Methods whose forward wraps the model (soft prompts, prefix tuning) and models whose
+forward post-processes the logits (soft-capping, logit scales) take the plain path;
+:func:`choose_loss_path` says which ran, and the start-up summary prints it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+PLAIN, CHUNKED, LIGER = "plain", "chunked (torch)", "liger fused"
+CHUNK_ELEMENTS = 2**25  # logits per chunk (128 MiB in fp32): 256 tokens of a 128k vocabulary
+# config attributes with which a model's forward changes the logits after the head
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy and the number of scored targets (tokens, or examples for seq_cls)."""
+    if task == "seq_cls":
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
+    if task == "causal_lm":
+        labels = shift_labels(labels)
+    labels = labels.to(logits.device)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Position t predicts token t+1. Shifting the labels (not the logits) keeps the logits a view:
+    slicing them would copy a (B, T, vocab) tensor every step."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+
+
+def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
+    labels = batch["labels"]
+    if task == "seq_cls":
+        return labels.numel()
+    if task == "causal_lm":
+        labels = labels[:, 1:]
+    return int((labels != IGNORE_INDEX).sum())
+
+
+# -- choosing a path ---------------------------------------------------------------------------
+
+
+def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The module that returns the final hidden states and the output head, when the model's forward is
+    exactly ``head(body(...).last_hidden_state)``; None otherwise (wrapped forwards, logit post-processing)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    config = getattr(model, "config", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    if not prefix or config is None or get_head is None or not hasattr(model, "generation_config"):
+        return None  # not a transformers causal LM (e.g. a soft-prompt wrapper)
+    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in _LOGIT_POSTPROCESSING):
+        return None
+    body, head = getattr(model, prefix, None), get_head()
+    if not isinstance(body, nn.Module) or not isinstance(head, nn.Module):
+        return None
+    return body, head
+
+
+def liger_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_loss_path(model: nn.Module, task: str, mode: str, device: torch.device) -> tuple[str, str]:
+    """(path, why) for ``train.loss`` = ``mode``: one of PLAIN, CHUNKED, LIGER."""
+    if mode == "plain":
+        return PLAIN, "train.loss: plain"
+    if task != "causal_lm":
+        return PLAIN, f"{task} has no vocabulary-sized logits"
+    split = body_and_head(model)
+    if split is None:
+        return PLAIN, f"{type(model).__name__}'s forward is not body → head"
+    if mode == "auto" and liger_available(device) and type(split[1]) is nn.Linear:
+        return LIGER, "CUDA, liger-kernel installed, plain linear head"
+    return CHUNKED, "hidden states → head → cross-entropy per chunk"
+
+
+# -- the forward + loss of one micro-batch -----------------------------------------------------
+
+
+def micro_batch_loss_sum(
+    model: nn.Module, batch: dict[str, torch.Tensor], task: str, path: str, chunk_tokens: int | None = None
+) -> torch.Tensor:
+    """Summed loss of one collated micro-batch on ``path``. A batch with ``position_ids`` is packed: its
+    attention mask only marks real tokens, and transformers derives block-diagonal attention from the
+    position ids (each example restarts at 0)."""
+    inputs = {"input_ids": batch["input_ids"]}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
+    if path == PLAIN:
+        if task == "seq2seq":
+            inputs["labels"] = batch["labels"]
+        return token_loss_sum(model(**inputs).logits, batch["labels"], task)[0]
+    body, head = body_and_head(model)
+    hidden = body(**inputs).last_hidden_state  # (B, T, d)
+    labels = shift_labels(batch["labels"]).to(hidden.device)  # (B, T)
+    scored = labels != IGNORE_INDEX
+    hidden, labels = hidden[scored], labels[scored]  # (N, d), (N,): positions with a target only
+    if path == LIGER:
+        return liger_linear_cross_entropy_sum(hidden, head, labels)
+    return chunked_linear_cross_entropy_sum(hidden, head, labels, chunk_tokens)
+
+
+def chunked_linear_cross_entropy_sum(
+    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_tokens: int | None = None
+) -> torch.Tensor:
+    """sum_i CE(head(hidden_i), labels_i) over (N, d) hidden states, ``chunk_tokens`` rows at a time; each
+    chunk's logits are recomputed in backward instead of kept (one (chunk × vocab) block alive at once)."""
+    if chunk_tokens is None:
+        vocab = getattr(head, "out_features", None) or getattr(head, "num_embeddings", None) or 32768
+        chunk_tokens = max(64, CHUNK_ELEMENTS // vocab)
+    total = hidden.sum().float() * 0.0  # keeps the graph when no position has a target
+    for start in range(0, hidden.size(0), chunk_tokens):
+        total = total + checkpoint(
+            _chunk_loss,
+            head,
+            hidden[start : start + chunk_tokens],
+            labels[start : start + chunk_tokens],
+            use_reentrant=False,
+        )
+    return total
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden)  # (chunk, vocab)
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+
+def liger_linear_cross_entropy_sum(
+    hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor
+) -> torch.Tensor:
+    """Liger Kernel's fused linear cross-entropy (CUDA, Triton). Untested here: this machine has no GPU."""
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", ignore_index=IGNORE_INDEX)
+    return loss(head.weight, hidden, labels, head.bias)

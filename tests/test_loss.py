@@ -1,0 +1,124 @@
+"""The chunked linear cross-entropy (peftcli/loss.py) against the plain logits path.
+
+Reference: the plain path (full logits, ``F.cross_entropy`` summed), same model, same batch, fp32 on
+the CPU, seed 0. The chunked path must give the same summed loss and the same gradient on every
+trainable tensor, ≤ 1e-5 (relative to the largest entry), with chunks small enough that a batch
+spans several; and it must never save a (targets × vocabulary) tensor for backward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftcli.loop import build_model
+from peftcli.loss import CHUNKED, PLAIN, choose_loss_path, micro_batch_loss_sum
+from peftcli.models import load_tokenizer, resolve_model_name
+from peftcli.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def build(tmp_path: Path, recipe_name: str, *overrides: str):
+    recipe = load_recipe(
+        ROOT / "recipes" / "tiny" / f"{recipe_name}.yaml", [*overrides, f"output_dir={tmp_path}"]
+    )
+    base_path = resolve_model_name(recipe.model.name)
+    tokenizer = load_tokenizer(base_path, recipe.model)
+    model, _ = build_model(recipe, CPU, None, tokenizer, base_path)
+    return model
+
+
+def causal_batch(vocab_size: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, vocab_size, (3, 12), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 8:] = 0
+    attention_mask[2, 5:] = 0
+    labels = input_ids.clone()
+    labels[attention_mask == 0] = -100
+    labels[:, :3] = -100  # a prompt without loss
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def loss_and_grads(model, batch, path: str, chunk_tokens: int | None = None):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # same dropout masks on both paths
+    loss = micro_batch_loss_sum(model, batch, "causal_lm", path, chunk_tokens=chunk_tokens)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return loss.detach(), grads
+
+
+def assert_same(model, batch):
+    loss_plain, grads_plain = loss_and_grads(model, batch, PLAIN)
+    loss_chunked, grads_chunked = loss_and_grads(model, batch, CHUNKED, chunk_tokens=5)
+    assert torch.allclose(loss_chunked, loss_plain, rtol=1e-6, atol=1e-5), (loss_chunked, loss_plain)
+    assert grads_plain.keys() == grads_chunked.keys() and grads_plain
+    for name, grad in grads_plain.items():
+        scale = grad.abs().max().clamp_min(1e-6)
+        assert (grads_chunked[name] - grad).abs().max() / scale <= 1e-5, name
+
+
+CASES = {
+    "lora": ("lora",),
+    "lora_on_lm_head": ("lora", "method.target_modules=[q_proj,v_proj,lm_head]"),
+    "modules_to_save_lm_head": ("lora", "method.modules_to_save=[lm_head]"),
+    "dora": ("dora",),
+    "ladder_side_tuning": ("ladder_side_tuning",),
+    "houlsby_adapter": ("houlsby_adapter",),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_chunked_loss_and_gradients_equal_plain(tmp_path, case):
+    model = build(tmp_path, *CASES[case])
+    model.train()
+    assert choose_loss_path(model, "causal_lm", "auto", CPU)[0] == CHUNKED
+    assert_same(model, causal_batch(model.config.vocab_size))
+
+
+def test_chunked_with_tied_embeddings(tmp_path):
+    """gpt2 ties lm_head to wte: training the shared weight gets its input- and output-side gradients."""
+    model = build(tmp_path, "lora", "model.name=tiny:gpt2", "method.target_modules=[c_attn]")
+    head = model.get_output_embeddings()
+    assert head.weight is model.get_input_embeddings().weight
+    head.weight.requires_grad_(True)
+    model.train()
+    assert_same(model, causal_batch(model.config.vocab_size))
+
+
+def test_soft_prompts_fall_back_to_plain(tmp_path):
+    model = build(tmp_path, "prompt_tuning")
+    assert choose_loss_path(model, "causal_lm", "auto", CPU)[0] == PLAIN
+    assert choose_loss_path(model, "causal_lm", "plain", CPU)[0] == PLAIN
+    assert choose_loss_path(model, "seq_cls", "auto", CPU)[0] == PLAIN
+
+
+def test_chunked_saves_no_full_logits(tmp_path):
+    """Every tensor autograd keeps for backward is smaller than (targets × vocab); the plain path keeps one."""
+    model = build(tmp_path, "lora")
+    model.train()
+    batch = causal_batch(model.config.vocab_size)
+    n_targets = int((batch["labels"][:, 1:] != -100).sum())
+    full = n_targets * model.config.vocab_size
+
+    vocab = model.config.vocab_size
+
+    def largest_logits_saved(path):
+        sizes = [0]
+
+        def pack(tensor):
+            if tensor.dim() and tensor.shape[-1] == vocab:  # logits or their softmax
+                sizes.append(tensor.numel())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            micro_batch_loss_sum(model, batch, "causal_lm", path, chunk_tokens=4)
+        return max(sizes)
+
+    assert largest_logits_saved(PLAIN) >= full
+    assert largest_logits_saved(CHUNKED) == 0  # backward recomputes each chunk's logits
