@@ -114,8 +114,8 @@ def micro_batch_loss_sum(
     attention mask only marks real tokens, and transformers derives block-diagonal attention from the
     position ids (each example restarts at 0)."""
     inputs = {"input_ids": batch["input_ids"]}
-    if "position_ids" in batch:
-        inputs["position_ids"] = batch["position_ids"]
+    if "position_ids" in batch:  # no KV cache either: transformers only detects packing without one
+        inputs.update(position_ids=batch["position_ids"], use_cache=False)
     else:
         inputs["attention_mask"] = batch["attention_mask"]
     if path == PLAIN:
