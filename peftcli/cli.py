@@ -29,7 +29,10 @@ EXIT_USER_ERROR = 2
 
 
 def fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escape: messages carry brackets ("pip install 'peftcli[wandb]'", "train.loggers[0]") that rich would eat
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_USER_ERROR)
 
 

@@ -18,11 +18,12 @@ from torch import nn
 
 from peftcli import checkpoint as ckpt
 from peftcli.checkpoint import atomic_write_text
+from peftcli.loggers import Loggers, check_installed
 from peftcli.methods import get_method_class
 from peftcli.methods.registry import Method, count_parameters
 from peftcli.optim import build_optimizer, build_scheduler, total_steps
 from peftcli.recipe import Recipe, RecipeError, dump_recipe
-from peftcli.reporting import Reporter
+from peftcli.reporting import Reporter, peak_memory_bytes
 
 
 class TrainingInterrupted(Exception):
@@ -47,6 +48,7 @@ class TrainResult:
     trainable: int
     total: int
     data_stats: dict[str, Any] = field(default_factory=dict)
+    peak_memory_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,6 +63,7 @@ class TrainResult:
             "tokens_per_s": round(self.tokens_per_s, 1),
             "trainable_parameters": self.trainable,
             "total_parameters": self.total,
+            "peak_memory_bytes": self.peak_memory_bytes,
             "data": self.data_stats,
         }
 
@@ -145,6 +148,7 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
     task = recipe.model.task
 
     # -- 1. where we start from ------------------------------------------------------------
+    check_installed(cfg.loggers)
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if resume and latest is None:
         reporter.note(f"--resume: no complete checkpoint in {run_dir}/checkpoints, starting from scratch")
@@ -212,10 +216,12 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
 
         base_lines = summary_lines(model, recipe.model.quantization)
     reporter.start_summary(recipe, method, trainable, total, data.stats, steps, device, base_lines)
+    loggers = Loggers(run_dir, recipe, resumed=latest is not None)
 
     def log(event: dict[str, Any]) -> None:
         with open(metrics_path, "a") as handle:
             handle.write(json.dumps(event) + "\n")
+        loggers.log(event)
 
     def run_eval(at_step: int) -> dict[str, float] | None:
         if not data.eval:
@@ -360,7 +366,9 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
         trainable,
         total,
         data.stats,
+        peak_memory_bytes(device),
     )
+    loggers.close()
     atomic_write_text(run_dir / "results.json", json.dumps(result.to_json(), indent=2) + "\n")
     atomic_write_text(run_dir / "summary.md", reporter.summary_markdown(result))
     return result
@@ -371,7 +379,7 @@ def _training_identity(recipe_yaml: str) -> str:
     import yaml
 
     raw = yaml.safe_load(recipe_yaml)
-    for key in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
+    for key in ("log_every", "eval_every", "save_every", "keep_checkpoints", "loggers"):
         raw.get("train", {}).pop(key, None)
     raw.pop("eval", None)
     return json.dumps(raw, sort_keys=True)

@@ -23,6 +23,20 @@ def human(n: float) -> str:
 METRIC_ORDER = ("eval_loss", "perplexity", "accuracy", "exact_match")
 
 
+def peak_memory_bytes(device) -> int:
+    """Peak memory of this process so far: CUDA's max allocated on a GPU, else the peak RSS."""
+    import sys
+
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
 class _Bar:
     def __init__(self, progress: Progress | None, task_id: Any):
         self.progress, self.task_id = progress, task_id
