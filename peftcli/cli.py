@@ -181,6 +181,29 @@ def validate(
 
 
 @app.command()
+@guarded
+def report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="run directory (a recipe's output_dir); may still be running")
+    ],
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="PNG to write (default RUN_DIR/report.png)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as one JSON object")] = False,
+    no_plot: Annotated[bool, typer.Option("--no-plot", help="summary only (no matplotlib needed)")] = False,
+) -> None:
+    """Plot a run's train loss, eval metrics and learning rate; summarize best and final evals."""
+    from peftcli.report import report as run
+    from peftcli.reporting import report_table
+
+    summary = run(run_dir, output, plot=not no_plot)
+    if as_json:
+        print(json.dumps(summary))
+        return
+    out_console.print(report_table(summary))
+
+
+@app.command()
 def methods() -> None:
     """List the registered PEFT methods."""
     from rich.table import Table
