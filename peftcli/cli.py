@@ -204,6 +204,61 @@ def report(
 
 
 @app.command()
+@guarded
+def compare(
+    targets: Annotated[
+        list[str],
+        typer.Argument(help="a recipe (then key.path=value overrides), or finished run directories"),
+    ],
+    methods: Annotated[
+        Optional[str],
+        typer.Option(help="with a recipe: methods to train, e.g. lora,ia3,prompt_tuning, or all"),
+    ] = None,
+    steps: Annotated[
+        Optional[int], typer.Option(help="with a recipe: train.max_steps for every method")
+    ] = None,
+    sets: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--set", help="METHOD.key=value for one method (repeatable): lora.r=16, ia3.train.lr=3e-2"
+        ),
+    ] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="directory for compare.{md,json,png} and runs")
+    ] = Path("runs/compare"),
+    as_json: Annotated[bool, typer.Option("--json", help="print compare.json instead of the table")] = False,
+) -> None:
+    """Compare PEFT methods: train a recipe with each, or compare finished runs, in one table."""
+    from peftcli.compare import compare_recipe, compare_runs, compare_table
+    from peftcli.recipe import RecipeError
+
+    command = "peftcli compare " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["compare"] else targets)
+    first = Path(targets[0])
+    if first.is_file():
+        if not methods:
+            raise RecipeError(
+                "--methods", "is required with a recipe", "e.g. --methods lora,ia3,prompt_tuning"
+            )
+        result = compare_recipe(
+            first, methods, output, targets[1:], sets or [], steps, command, console=err_console
+        )
+    else:
+        if methods or steps or sets:
+            raise RecipeError(
+                "--methods",
+                "--methods, --steps and --set apply to a recipe, not to run directories",
+                "drop them",
+            )
+        result = compare_runs(targets, output, command, console=err_console)
+    if as_json:
+        print(json.dumps(result))
+        return
+    out_console.print(compare_table(result))
+    for path in result["files"]:
+        out_console.print(f"wrote {path}", highlight=False)
+
+
+@app.command()
 def methods() -> None:
     """List the registered PEFT methods."""
     from rich.table import Table
