@@ -28,6 +28,18 @@ TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
 EVAL = str(ROOT / "recipes" / "data" / "tiny_eval.jsonl")
 
 
+def train_killed_after_checkpoint(step: int, recipe: Path) -> subprocess.CompletedProcess:
+    """`peftcli train RECIPE` in a subprocess that SIGKILLs itself right after checkpoint ``step``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    helper = ROOT / "tests" / "helpers" / "kill_after_checkpoint.py"
+    if helper.exists():
+        cmd = [sys.executable, str(helper), str(step), "--", "train", str(recipe), "-q"]
+    else:  # the loop's own test hook, before tests/helpers existed
+        env["PEFTCLI_TEST_KILL_AFTER_CHECKPOINT"] = str(step)
+        cmd = [sys.executable, "-m", "peftcli", "train", str(recipe), "-q"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
 def write_recipe(tmp_path: Path, loggers: list[str], **train) -> Path:
     recipe = {
         "model": {"name": "tiny:llama"},
@@ -131,9 +143,7 @@ def test_resume_delivers_each_event_once(tmp_path):
     already holds steps 4-6, so it must not get them twice; its values equal the final metrics.jsonl."""
     path = write_recipe(tmp_path, ["tensorboard"], max_steps=8, save_every=3, keep_checkpoints=5)
     run = tmp_path / "run"
-    env = {**os.environ, "PEFTCLI_TEST_KILL_AFTER_CHECKPOINT": "6", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "peftcli", "train", str(path), "-q"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = train_killed_after_checkpoint(6, path)
     assert proc.returncode < 0, proc.stderr
     assert [s for s, _ in tensorboard_scalars(run)["train/loss"]] == [1, 2, 3, 4, 5, 6]
     shutil.rmtree(run / "checkpoints" / "step-6")
