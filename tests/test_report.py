@@ -26,6 +26,18 @@ TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
 EVAL = str(ROOT / "recipes" / "data" / "tiny_eval.jsonl")
 
 
+def train_killed_after_checkpoint(step: int, recipe: Path) -> subprocess.CompletedProcess:
+    """`peftcli train RECIPE` in a subprocess that SIGKILLs itself right after checkpoint ``step``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    helper = ROOT / "tests" / "helpers" / "kill_after_checkpoint.py"
+    if helper.exists():
+        cmd = [sys.executable, str(helper), str(step), "--", "train", str(recipe), "-q"]
+    else:  # the loop's own test hook, before tests/helpers existed
+        env["PEFTCLI_TEST_KILL_AFTER_CHECKPOINT"] = str(step)
+        cmd = [sys.executable, "-m", "peftcli", "train", str(recipe), "-q"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
 def write_recipe(directory: Path, **train) -> Path:
     recipe = {
         "model": {"name": "tiny:llama"},
@@ -134,14 +146,7 @@ def test_run_being_written(finished_run, tmp_path):
 @pytest.mark.slow
 def test_run_killed_with_sigkill(tmp_path):
     path = write_recipe(tmp_path, max_steps=8, save_every=4)
-    env = {**os.environ, "PEFTCLI_TEST_KILL_AFTER_CHECKPOINT": "4", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "peftcli", "train", str(path), "-q"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = train_killed_after_checkpoint(4, path)
     assert proc.returncode < 0, proc.stderr
     run = tmp_path / "run"
     summary = report(run)
