@@ -28,13 +28,9 @@ EVAL = str(ROOT / "recipes" / "data" / "tiny_eval.jsonl")
 
 def train_killed_after_checkpoint(step: int, recipe: Path) -> subprocess.CompletedProcess:
     """`peftcli train RECIPE` in a subprocess that SIGKILLs itself right after checkpoint ``step``."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     helper = ROOT / "tests" / "helpers" / "kill_after_checkpoint.py"
-    if helper.exists():
-        cmd = [sys.executable, str(helper), str(step), "--", "train", str(recipe), "-q"]
-    else:  # the loop's own test hook, before tests/helpers existed
-        env["PEFTCLI_TEST_KILL_AFTER_CHECKPOINT"] = str(step)
-        cmd = [sys.executable, "-m", "peftcli", "train", str(recipe), "-q"]
+    cmd = [sys.executable, str(helper), str(step), "--", "train", str(recipe), "-q"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
