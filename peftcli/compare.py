@@ -9,8 +9,9 @@ The columns, per run (``compare.json`` keeps the raw numbers; a column that does
 string saying why, never a silent 0):
 
 - ``trainable``: parameters with requires_grad during training (results.json), and as % of the base;
-- ``added``: parameters the method adds to the base (after ``apply`` minus the plain base);
-  0 for methods that only train base weights (BitFit);
+- ``added``: parameters the saved adapter adds to the base at inference (the loaded adapter model
+  minus the plain base); 0 for methods that only train base weights (BitFit); training-only parts
+  (prefix projection, P-tuning's encoder) are trainable but not added;
 - ``changed_after_merge``: base weights (scalars) whose value differs after ``merge`` — what a merged
   checkpoint really changes; ``"n/a (not mergeable)"`` for methods that cannot merge;
 - ``adapter_bytes``: size of ``adapter_model.safetensors`` on disk;
