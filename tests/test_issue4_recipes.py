@@ -10,7 +10,7 @@ import pytest
 from peft_oracle import ROOT
 
 from peftcli import api
-from peftcli.recipe import load_recipe, validate_files
+from peftcli.recipe_loader import load_recipe, validate_files
 
 RECIPES = ["lora", "dora", "rslora", "adalora", "ia3", "bitfit"]
 

@@ -95,10 +95,6 @@ class MamAdapter(Method):
         self.prefix = PrefixTuning(prefix_config(cfg), task)
         self.adapter = ParallelAdapter(adapter_config(cfg), task)
 
-    @property
-    def saved_modules(self) -> list[str]:
-        return self.adapter.saved_modules
-
     @classmethod
     def validate_config(cls, cfg: MamConfig, recipe: Recipe) -> None:
         if cfg.reduction_factor is not None and cfg.bottleneck_size is not None:
@@ -111,9 +107,8 @@ class MamAdapter(Method):
 
     def apply(self, model: nn.Module) -> nn.Module:
         wrapped = self.prefix.apply(model)  # PromptedModel: the prefix encoder lives beside base_model
-        self.adapter.apply(
-            wrapped.base_model
-        )  # freezes the base again, adds the FFN adapters and the head copy
+        self.adapter.apply(wrapped.base_model)  # only adds: the FFN adapters and (again) the head copy
+        self.saved_modules = self.adapter.saved_modules  # named inside the base model, as the adapter's
         return wrapped
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
