@@ -23,9 +23,12 @@ Options (each a recipe key of ``method``):
 - ``init: pissa`` — PiSSA (Meng et al., 2024, arXiv 2404.02948): with ``W0 = U S Vᵀ``,
   ``B = U_r √(S_r/s)``, ``A = √(S_r/s) V_rᵀ``, and the frozen base becomes the residual
   ``W_res = W0 − s·B A``, so step 0 equals the base up to rounding. The export is converted to a
-  plain LoRA on the *original* base (see :meth:`LoRA.adapter_state_dict`).
+  plain LoRA on the *original* base (see :class:`Pissa`).
 - ``rank_pattern`` / ``alpha_pattern`` — per-module ``r`` and ``α``; a key matches a module whose
   full name matches ``(.*\.)?(key)$`` (peft's rule), keys tried in sorted order.
+
+Each option that changes a layer (DoRA, PiSSA) is a :class:`LoraVariant`: init, forward, merge and
+export in one small class, as peft's ``LoraVariant``.
 
 Parameter names mirror peft's (``<module>.base_layer``, ``<module>.lora_A``, ``<module>.lora_B``) so
 that our state-dict keys, prefixed with ``base_model.model.``, are peft's on-disk keys.
@@ -485,7 +488,7 @@ class LoRA(Method):
             "rank_pattern": dict(cfg.rank_pattern),
             "alpha_pattern": dict(cfg.alpha_pattern),
         }
-        if cfg.init == "pissa":  # exported as a rank-2r LoRA with the same scale s (see adapter_state_dict)
+        if cfg.init == "pissa":  # exported as a rank-2r LoRA with the same scale s (see Pissa)
             Pissa.export_config(cfg, config)
         return config
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from peftcli.inject import PREFIX
 from peftcli.methods.parallel_adapter import ParallelAdapter, ParallelAdapterConfig
 from peftcli.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from peftcli.methods.registry import Method, register
@@ -133,9 +134,9 @@ class MamAdapter(Method):
                 "load it with the method that wrote it",
             )
         head_state = {
-            key.replace("base_model.model.", "base_model.", 1): value
+            key.replace(PREFIX, "base_model.", 1): value
             for key, value in state.items()
-            if any(key.startswith(f"base_model.model.{m}.") for m in self.prefix.saved_modules)
+            if any(key.startswith(f"{PREFIX}{m}.") for m in self.prefix.saved_modules)
         }
         self.prefix.load_adapter_state_dict(model, {"prompt_embeddings": rows, **head_state})
         self.adapter.load_adapter_state_dict(model.base_model, state)
