@@ -39,7 +39,7 @@ import torch
 import yaml
 from rich.table import Table
 
-from peftcli.methods import get_method_class, list_methods
+from peftcli.methods.catalog import get_method_class, list_methods
 from peftcli.methods.registry import count_parameters
 from peftcli.recipe import RecipeError, apply_overrides, build_recipe, did_you_mean, dump_recipe, read_yaml
 from peftcli.report import PRIMARY_METRICS, SCORE_METRICS, save_png

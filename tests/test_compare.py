@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 import peftcli
 from peftcli.cli import app
 from peftcli.compare import NOT_MERGEABLE, compare_recipe, parse_sets
-from peftcli.methods import get_method_class
+from peftcli.methods.catalog import get_method_class
 from peftcli.models import load_model, load_tokenizer, resolve_model_name
 from peftcli.recipe import RecipeError, load_recipe
 
