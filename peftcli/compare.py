@@ -41,7 +41,8 @@ from rich.table import Table
 
 from peftcli.methods.catalog import get_method_class, list_methods
 from peftcli.methods.registry import count_parameters
-from peftcli.recipe import RecipeError, apply_overrides, build_recipe, did_you_mean, dump_recipe, read_yaml
+from peftcli.recipe import RecipeError, apply_overrides, did_you_mean, dump_recipe, read_yaml
+from peftcli.recipe_loader import build_recipe
 from peftcli.report import PRIMARY_METRICS, SCORE_METRICS, save_png
 
 SECTIONS = ("model", "data", "train", "eval")

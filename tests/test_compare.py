@@ -29,7 +29,8 @@ from peftcli.cli import app
 from peftcli.compare import NOT_MERGEABLE, compare_recipe, parse_sets
 from peftcli.methods.catalog import get_method_class
 from peftcli.models import load_model, load_tokenizer, resolve_model_name
-from peftcli.recipe import RecipeError, load_recipe
+from peftcli.recipe import RecipeError
+from peftcli.recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")

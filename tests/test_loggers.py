@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 import peftcli
 from peftcli.cli import app
 from peftcli.loggers import check_installed, flat_hyperparameters
-from peftcli.recipe import RecipeError, load_recipe
+from peftcli.recipe import RecipeError
+from peftcli.recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
