@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from peftcli.adapter_compat import drop_unmatched_modules_to_save
 from peftcli.checkpoint import AtomicDir
 from peftcli.methods import get_method_class, list_methods
 from peftcli.methods.registry import Method
@@ -127,6 +128,7 @@ def read_adapter_info(path: str | Path) -> dict[str, Any]:
         model_name = config.get("base_model_name_or_path")
         quant, label_names = None, None
     return {
+        "written_by_peft": not sidecar_path.is_file(),
         "config": config,
         "method_cls": method_cls,
         "method_cfg": method_cfg,
@@ -192,6 +194,8 @@ def load_adapter(
         pad_token_id=tokenizer.pad_token_id,
         dtype=dtype,
     )
+    if info["written_by_peft"]:
+        drop_unmatched_modules_to_save(model, info["method_cfg"], str(path))
     method = info["method_cls"](info["method_cfg"], info["task"])
     torch.manual_seed(0)
     model = method.apply(model)
