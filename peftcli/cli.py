@@ -98,6 +98,14 @@ def merge(
         Optional[str], typer.Option(help="base model (default: the one the adapter names)")
     ] = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    dequantize: Annotated[
+        bool,
+        typer.Option(
+            "--dequantize",
+            help="QLoRA: merge into the dequantized 4-bit base the adapter was trained on, not the original "
+            "weights (docs/merging.md)",
+        ),
+    ] = False,
 ) -> None:
     """Fold an adapter into its base and write a plain transformers model directory."""
     from peftcli.recipe import RecipeError, did_you_mean
@@ -110,7 +118,7 @@ def merge(
         )
     from peftcli.api import merge as run
 
-    info = run(adapter_dir, output, base=base, dtype=dtype)
+    info = run(adapter_dir, output, base=base, dtype=dtype, dequantize=dequantize)
     for line in info.get("report_lines", []):
         err_console.print(line, highlight=False)
     out_console.print(
