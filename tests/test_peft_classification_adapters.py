@@ -49,7 +49,8 @@ def batch(vocab_size: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "arch, head, missing", [("bert", "classifier", "score"), ("llama", "score", "classifier")]
+    "arch, head, missing",
+    [("bert", "classifier", "score"), pytest.param("llama", "score", "classifier", marks=pytest.mark.slow)],
 )
 def test_peft_seq_cls_adapter_loads_and_merges(arch, head, missing, tmp_path, caplog):
     peft_model = peft_classifier_adapter(arch, tmp_path / "adapter")

@@ -227,6 +227,7 @@ def lora_delta(adapter_dir: Path, module: str) -> torch.Tensor:
     return (b @ a) * (config["lora_alpha"] / config["r"])
 
 
+@pytest.mark.slow
 def test_merge_dequantize_equals_the_trained_4bit_model(trained, tmp_path):
     """--dequantize: the merged fp32 model is the 4-bit adapter model it was trained as. References:
     peft's LoRA on transformers' own 4-bit base (fp32 compute), 1e-4; the weights against

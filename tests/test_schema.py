@@ -12,7 +12,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from peftcli.cli import app
 from peftcli.methods import list_methods
 from peftcli.recipe import RecipeError, recipe_from_dict
 from peftcli.schema import SCHEMA_FILE, recipe_schema, schema_text
@@ -125,10 +127,14 @@ def run_cli(*args: str, columns: int | None = None) -> subprocess.CompletedProce
     )
 
 
-def test_schema_command_prints_the_schema():
-    assert json.loads(run_cli("schema").stdout) == recipe_schema()
+def test_schema_command_prints_and_writes_the_schema(tmp_path):
+    printed = CliRunner().invoke(app, ["schema"])
+    assert printed.exit_code == 0 and json.loads(printed.stdout) == recipe_schema()
+    written = CliRunner().invoke(app, ["schema", "--output", str(tmp_path / "s.json")])
+    assert written.exit_code == 0 and (tmp_path / "s.json").read_text() == schema_text()
 
 
+@pytest.mark.slow  # a real process: rich sees a pipe and the COLUMNS it was started with
 @pytest.mark.parametrize("columns", [40, None])  # a narrow terminal, and piped with no width set
 def test_methods_never_truncates_names(columns):
     out = run_cli("methods", columns=columns).stdout
@@ -141,7 +147,9 @@ def test_methods_never_truncates_names(columns):
 
 
 def test_methods_json_lists_the_registry():
-    listed = json.loads(run_cli("methods", "--json").stdout)
+    result = CliRunner().invoke(app, ["methods", "--json"])
+    assert result.exit_code == 0
+    listed = json.loads(result.stdout)
     assert [m["name"] for m in listed] == [m.name for m in list_methods()]
     lora = next(m for m in listed if m["name"] == "lora")
     assert lora["mergeable"] is True and lora["peft_type"] == "LORA"
