@@ -18,7 +18,7 @@ the same strictness or messages: it rejects ``bits: "4"`` (Literal), ``max_steps
 name for a list, which the recipe accepts, says "Extra inputs are not permitted" with no did-you-mean,
 and writes ``type: number`` for ``lr`` (so a PyYAML-read ``3e-4`` fails its own schema). Matching ours
 needs before-validators, an error translator to ``RecipeError`` and schema overrides, plus a rewrite of
-~15 config classes and ``peftcli.docs``: more code of ours than this module, for the same behaviour.
+the 21 config classes and ``peftcli.docs``: more code of ours than this module, for the same behaviour.
 """
 
 from __future__ import annotations
