@@ -30,7 +30,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from peftcli.methods import list_methods
+from peftcli.methods.catalog import list_methods
 from peftcli.recipe import REQUIRED, Recipe, _type_name, resolved_types, to_dict
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schema" / "recipe.schema.json"

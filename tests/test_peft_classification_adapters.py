@@ -83,7 +83,7 @@ def test_recipe_typo_in_modules_to_save_is_still_an_error():
     model = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
     method = LoRA(LoraConfig(name="lora", r=4, modules_to_save=["clasifier"]), "seq_cls")
     with pytest.raises(RecipeError, match=r"method.modules_to_save: 'clasifier' matches no module"):
-        method.apply(model)
+        method.attach(model)
 
 
 def test_our_own_adapter_with_a_bad_modules_to_save_is_not_silently_fixed(tmp_path):

@@ -15,8 +15,9 @@ import yaml
 from typer.testing import CliRunner
 
 from peftcli.cli import app
-from peftcli.methods import list_methods
-from peftcli.recipe import RecipeError, recipe_from_dict
+from peftcli.methods.catalog import list_methods
+from peftcli.recipe import RecipeError
+from peftcli.recipe_loader import recipe_from_dict
 from peftcli.schema import SCHEMA_FILE, recipe_schema, schema_text
 
 ROOT = Path(__file__).resolve().parents[1]
