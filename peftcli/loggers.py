@@ -100,7 +100,7 @@ class _TensorBoard:
             self.writer.add_scalar(tag, value, global_step=int(event["step"]))
         self.writer.flush()
 
-    def close(self) -> dict[str, Any]:
+    def close(self, status: str = "FINISHED") -> dict[str, Any]:
         self.writer.close()
         return {}
 
@@ -122,9 +122,9 @@ class _WandB:
     def log(self, event: dict[str, Any]) -> None:
         self.run.log(scalars(event), step=int(event["step"]))
 
-    def close(self) -> dict[str, Any]:
+    def close(self, status: str = "FINISHED") -> dict[str, Any]:
         run_id = self.run.id
-        self.run.finish()
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
         return {"run_id": run_id}
 
     def state(self) -> dict[str, Any]:
@@ -168,8 +168,8 @@ class _MLflow:
         metrics = [Metric(k, v, now, step) for k, v in scalars(event).items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
-    def close(self) -> dict[str, Any]:
-        self.client.set_terminated(self.run_id)
+    def close(self, status: str = "FINISHED") -> dict[str, Any]:
+        self.client.set_terminated(self.run_id, status=status)
         return {"run_id": self.run_id}
 
     def state(self) -> dict[str, Any]:
@@ -211,9 +211,10 @@ class Loggers:
             self.state[name]["last_event"] = position
         self._save_state()
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """End every tracker's run: FINISHED, KILLED (interrupted; resumable) or FAILED (MLflow's names)."""
         for name, tracker in self.trackers.items():
-            self.state[name].update(tracker.close())
+            self.state[name].update(tracker.close(status))
         self.trackers = {}
         self._save_state()
 

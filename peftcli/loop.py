@@ -133,7 +133,11 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
     cfg = recipe.train
     run.model.train()
     state.started = time.perf_counter()
-    with stop_requests() as stop, reporter.progress(run.steps, state.step) as progress:
+    with (
+        stop_requests() as stop,
+        reporter.progress(run.steps, state.step) as progress,
+        trackers_ended_on_error(run),
+    ):
         while state.step < run.steps:
             window, next_position = next_window(run, state)
             micro = collate_window(run, window)
@@ -154,6 +158,18 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
                 raise TrainingInterrupted(state.step, save(run, state), stop[0])
 
     return finish(run, state, eval_before)
+
+
+@contextlib.contextmanager
+def trackers_ended_on_error(run: Run):
+    """If the loop stops early, end the trackers' runs too: KILLED when interrupted (resumable), else FAILED."""
+    try:
+        yield
+    except BaseException as error:
+        if run.loggers is not None:
+            interrupted = isinstance(error, (TrainingInterrupted, KeyboardInterrupt))
+            run.loggers.close("KILLED" if interrupted else "FAILED")
+        raise
 
 
 # -- set up ------------------------------------------------------------------------------------

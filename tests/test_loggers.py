@@ -250,3 +250,31 @@ def test_mlflow_metrics_and_params(tmp_path, monkeypatch, store):
     params = info.data.params
     recipe = load_recipe(run / "recipe.yaml")
     assert params == {k: str(v) for k, v in flat_hyperparameters(recipe).items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("error", "status"), [("interrupt", "KILLED"), ("crash", "FAILED")])
+def test_a_run_that_stops_early_ends_its_mlflow_run(tmp_path, monkeypatch, error, status):
+    """An interrupted run's tracker run is KILLED (resumable), a crashed one FAILED: never left RUNNING."""
+    import peftcli.loop as loop
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    real_step = loop.optimizer_step
+
+    def step_then_stop(run, micro, n_targets, step):
+        if step == 2:
+            if error == "interrupt":
+                raise KeyboardInterrupt
+            raise RuntimeError("boom at step 2")
+        return real_step(run, micro, n_targets, step)
+
+    monkeypatch.setattr(loop, "optimizer_step", step_then_stop)
+    path = write_recipe(tmp_path, ["mlflow"])
+    with pytest.raises(KeyboardInterrupt if error == "interrupt" else RuntimeError):
+        peftcli.train(path)
+    run = tmp_path / "run"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    run_id = json.loads((run / "loggers.json").read_text())["mlflow"]["run_id"]
+    assert client.get_run(run_id).info.status == status
