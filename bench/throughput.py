@@ -148,7 +148,7 @@ def tokenized_examples(recipe_path: Path) -> list[dict]:
     """The token ids and labels peftcli's data stage makes of the recipe's data: every side trains on them."""
     from peftcli.data import load_data
     from peftcli.models import load_tokenizer
-    from peftcli.recipe import load_recipe
+    from peftcli.recipe_loader import load_recipe
 
     recipe = load_recipe(recipe_path)
     tokenizer = load_tokenizer(recipe.model.name, recipe.model)
@@ -165,7 +165,7 @@ def initial_adapter(recipe_path: Path, out: Path) -> None:
 
     from peftcli.loop import build_model
     from peftcli.models import load_tokenizer
-    from peftcli.recipe import load_recipe
+    from peftcli.recipe_loader import load_recipe
 
     recipe = load_recipe(recipe_path)
     tokenizer = load_tokenizer(recipe.model.name, recipe.model)
@@ -242,7 +242,7 @@ def reference_model(recipe_path: Path, adapter: Path, device: str):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from peftcli.recipe import load_recipe
+    from peftcli.recipe_loader import load_recipe
 
     recipe = load_recipe(recipe_path)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

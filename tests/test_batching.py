@@ -20,9 +20,10 @@ from peftcli.batching import collate_packed, padding_fraction, plan_length_group
 from peftcli.data import collate
 from peftcli.loop import build_model, count_targets, train
 from peftcli.loss import CHUNKED, PLAIN, micro_batch_loss_sum
-from peftcli.methods import list_methods
+from peftcli.methods.catalog import list_methods
 from peftcli.models import load_tokenizer, resolve_model_name
-from peftcli.recipe import RecipeError, load_recipe
+from peftcli.recipe import RecipeError
+from peftcli.recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -16,7 +16,7 @@ import torch
 from peftcli.loop import build_model
 from peftcli.loss import CHUNKED, PLAIN, choose_loss_path, micro_batch_loss_sum
 from peftcli.models import load_tokenizer, resolve_model_name
-from peftcli.recipe import load_recipe
+from peftcli.recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -15,7 +15,7 @@ from torch import nn
 
 from peftcli.loop import train
 from peftcli.methods.lora import LoRALinear
-from peftcli.recipe import load_recipe
+from peftcli.recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
