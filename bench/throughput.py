@@ -102,7 +102,9 @@ def recipe_for(args, setup: dict, side: str, run_dir: Path, memory_case: bool) -
     import yaml
 
     batch, accum, steps = (
-        (args.memory_batch, 1, args.memory_steps) if memory_case else (args.batch, args.accum, args.steps)
+        (args.memory_batch, 1, args.memory_steps)
+        if memory_case
+        else (args.batch, args.accum, args.steps if side in SAME_WORK else args.other_steps)
     )
     train = {
         "max_steps": steps,
@@ -523,12 +525,15 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--examples", type=int, default=400, help="training examples")
     parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--length-mu", type=float, default=4.8, help="lognormal mu of lengths (median e^mu)")
-    parser.add_argument("--length-sigma", type=float, default=0.8)
+    parser.add_argument("--length-mu", type=float, default=4.5, help="lognormal mu of lengths (median e^mu)")
+    parser.add_argument("--length-sigma", type=float, default=0.9)
     parser.add_argument("--batch", type=int, default=4, help="micro-batch (examples)")
-    parser.add_argument("--accum", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3, help="optimizer steps not timed")
+    parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument(
+        "--steps", type=int, default=20, help="optimizer steps of peftcli and trainer (20 losses)"
+    )
+    parser.add_argument("--other-steps", type=int, default=10, help="optimizer steps of the other sides")
+    parser.add_argument("--warmup", type=int, default=2, help="optimizer steps not timed")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
@@ -537,7 +542,7 @@ def main() -> None:
     parser.add_argument("--memory-vocab", type=int, default=128000)
     parser.add_argument("--memory-seq", type=int, default=1024)
     parser.add_argument("--memory-batch", type=int, default=8)
-    parser.add_argument("--memory-steps", type=int, default=2)
+    parser.add_argument("--memory-steps", type=int, default=1)
     parser.add_argument("--no-memory-case", action="store_true")
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--work", default=os.environ.get("TMPDIR", "/tmp") + "/peftcli-bench-throughput")
@@ -552,7 +557,8 @@ def main() -> None:
         return
     if args.quick:
         args.hidden, args.layers, args.vocab, args.examples, args.max_length = 64, 2, 2000, 48, 128
-        args.length_mu, args.steps, args.warmup, args.repeats = 3.5, 6, 2, 1
+        args.length_mu, args.steps, args.other_steps, args.warmup, args.repeats = 3.5, 6, 4, 2, 1
+        args.accum = 2  # the quick run checks token weighting over an accumulation window too
         args.memory_vocab, args.memory_seq, args.memory_batch = 8000, 128, 2
     sides = args.sides.split(",")
     notes = []
@@ -646,8 +652,8 @@ def report(args, results: dict, memory: dict, notes: list[str], elapsed: float) 
         "",
         f"{params}; {args.examples} texts, lognormal lengths (median ≈ e^{args.length_mu}) clipped to 16–"
         f"{args.max_length} tokens; micro-batch {args.batch} × accumulation {args.accum}; LoRA r={args.r} on all "
-        f"linear layers; AdamW lr {args.lr}, constant; seed {args.seed}; {args.steps} optimizer steps, the first "
-        f"{args.warmup} untimed; each side {args.repeats}× interleaved in fresh processes, medians.",
+        f"linear layers; AdamW lr {args.lr}, constant; seed {args.seed}; {args.steps} optimizer steps (peftcli, "
+        f"trainer; {args.other_steps} for the others), the first {args.warmup} untimed; each side {args.repeats}× interleaved in fresh processes, medians.",
         "",
         f"| side | non-padding tokens/s | s/step | first step (s, from launch) | {memory_kind} (MiB) |",
         "|---|---|---|---|---|",

@@ -3,11 +3,13 @@
 Both plans are pure functions of ``(lengths, seed, epoch, budget)``, like the plain shuffled sampler,
 so the loop checkpoints only ``(epoch, batch_index)`` and an exact resume replays the same batches.
 
-* :func:`plan_length_grouped` (``train.group_by_length``): a seeded permutation is cut into
+Both start from the epoch's order of the plain shuffled sampler (so data mixtures keep their weights).
+
+* :func:`plan_length_grouped` (``train.group_by_length``): the epoch's permutation is cut into
   mega-batches of ``MEGA_BATCHES × batch_size`` examples, each sorted by length and cut into
   micro-batches, and the micro-batches are shuffled: similar lengths share a batch (little padding)
   and the order stays random across the epoch.
-* :func:`plan_packed` (``train.packing``): a seeded permutation is cut into pools; each pool is
+* :func:`plan_packed` (``train.packing``): the epoch's permutation is cut into pools; each pool is
   packed first-fit-decreasing into rows of at most ``row_tokens`` tokens, whole examples only; the
   rows are shuffled and grouped ``rows_per_batch`` at a time. A packed micro-batch is a list of rows,
   a row a list of example indices; :func:`collate_packed` lays each row out flat with
@@ -29,20 +31,17 @@ MEGA_BATCHES = 50  # micro-batches per length-sorted mega-batch (transformers' L
 POOL_ROWS = 64  # rows per first-fit-decreasing pool: larger packs tighter, smaller keeps more randomness
 
 
-def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    generator = torch.Generator().manual_seed(seed + epoch)
-    return torch.randperm(n, generator=generator).numpy()
-
-
 def _shuffled(items: list, seed: int, epoch: int) -> list:
     """``items`` in an order drawn from a second stream of ``(seed, epoch)`` (not the permutation's)."""
     generator = torch.Generator().manual_seed(seed + epoch + 7_919_000_003)
     return [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]
 
 
-def plan_length_grouped(lengths: np.ndarray, seed: int, epoch: int, batch_size: int) -> list[list[int]]:
-    """Micro-batches of example indices with similar lengths, in a seeded random order."""
-    order = _permutation(len(lengths), seed, epoch)
+def plan_length_grouped(
+    lengths: np.ndarray, order: np.ndarray, seed: int, epoch: int, batch_size: int
+) -> list[list[int]]:
+    """Micro-batches of example indices with similar lengths, in a seeded random order. ``order`` is the
+    epoch's seeded order of example indices (the plain sampler's, so mixtures keep their weights)."""
     mega = batch_size * MEGA_BATCHES
     batches = []
     for start in range(0, len(order), mega):
@@ -53,11 +52,11 @@ def plan_length_grouped(lengths: np.ndarray, seed: int, epoch: int, batch_size: 
 
 
 def plan_packed(
-    lengths: np.ndarray, seed: int, epoch: int, row_tokens: int, rows_per_batch: int
+    lengths: np.ndarray, order: np.ndarray, seed: int, epoch: int, row_tokens: int, rows_per_batch: int
 ) -> list[list[list[int]]]:
-    """Micro-batches of rows of example indices; each row's lengths sum to at most ``row_tokens``."""
+    """Micro-batches of rows of example indices; each row's lengths sum to at most ``row_tokens``.
+    ``order`` is the epoch's seeded order of example indices, as for :func:`plan_length_grouped`."""
     assert int(lengths.max(initial=0)) <= row_tokens, (int(lengths.max()), row_tokens)
-    order = _permutation(len(lengths), seed, epoch)
     pool_tokens = POOL_ROWS * row_tokens
     rows: list[list[int]] = []
     start = 0
@@ -102,11 +101,15 @@ def padding_fraction(lengths: np.ndarray, batches: Sequence[Sequence], packed: b
 
 
 class PlannedBatches:
-    """A sampler over a plan function: the loop's interface (``epoch_batches``, ``window``, ``len``)."""
+    """A sampler over a plan function, with the loop's interface (``window``, ``batches_in``,
+    ``epoch_batches``); a packed epoch's number of micro-batches depends on the epoch."""
 
     def __init__(self, plan, n_examples: int):
         self.plan, self.n_examples = plan, n_examples  # plan: epoch -> list of micro-batches
         self._cached: tuple[int, list] | None = None
+
+    def batches_in(self, epoch: int) -> int:
+        return len(self.epoch_batches(epoch))
 
     def epoch_batches(self, epoch: int) -> list:
         if self._cached is None or self._cached[0] != epoch:

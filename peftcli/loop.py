@@ -288,9 +288,14 @@ def build_sampler(recipe: Recipe, train_rows, plain_sampler_cls) -> tuple[Any, l
     if not (cfg.packing or cfg.group_by_length):
         return plain, []
     before = padding_fraction(lengths, plain.epoch_batches(0), packed=False)
+
+    def order(epoch: int) -> np.ndarray:
+        return np.array([i for batch in plain.epoch_batches(epoch) for i in batch], dtype=np.int64)
+
     if cfg.group_by_length:
         sampler = PlannedBatches(
-            lambda epoch: plan_length_grouped(lengths, cfg.seed, epoch, cfg.batch_size), len(lengths)
+            lambda epoch: plan_length_grouped(lengths, order(epoch), cfg.seed, epoch, cfg.batch_size),
+            len(lengths),
         )
         after = padding_fraction(lengths, sampler.epoch_batches(0), packed=False)
         return sampler, [f"group_by_length: padding {100 * before:.0f}% → {100 * after:.0f}% of tokens"]
@@ -298,7 +303,7 @@ def build_sampler(recipe: Recipe, train_rows, plain_sampler_cls) -> tuple[Any, l
     budget = cfg.batch_tokens or cfg.batch_size * recipe.data.max_length
     rows = max(1, budget // row_tokens)
     sampler = PlannedBatches(
-        lambda epoch: plan_packed(lengths, cfg.seed, epoch, row_tokens, rows), len(lengths)
+        lambda epoch: plan_packed(lengths, order(epoch), cfg.seed, epoch, row_tokens, rows), len(lengths)
     )
     after = padding_fraction(lengths, sampler.epoch_batches(0), packed=True)
     line = (

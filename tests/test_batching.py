@@ -30,11 +30,15 @@ CPU = torch.device("cpu")
 LENGTHS = np.random.default_rng(0).integers(3, 60, size=300)
 
 
+def order(seed: int, epoch: int) -> np.ndarray:
+    return torch.randperm(len(LENGTHS), generator=torch.Generator().manual_seed(seed + epoch)).numpy()
+
+
 # -- planners ------------------------------------------------------------------------------------
 
 
 def test_packed_plan_covers_every_example_once_within_budget():
-    plan = plan_packed(LENGTHS, seed=1, epoch=0, row_tokens=64, rows_per_batch=4)
+    plan = plan_packed(LENGTHS, order(1, 0), seed=1, epoch=0, row_tokens=64, rows_per_batch=4)
     flat = [i for batch in plan for row in batch for i in row]
     assert sorted(flat) == list(range(len(LENGTHS)))
     assert all(len(batch) <= 4 for batch in plan)
@@ -47,8 +51,8 @@ def test_packed_plan_covers_every_example_once_within_budget():
 
 def test_plans_are_pure_functions_of_seed_and_epoch():
     for plan in (
-        lambda seed, epoch: plan_packed(LENGTHS, seed, epoch, 64, 4),
-        lambda seed, epoch: plan_length_grouped(LENGTHS, seed, epoch, 8),
+        lambda seed, epoch: plan_packed(LENGTHS, order(seed, epoch), seed, epoch, 64, 4),
+        lambda seed, epoch: plan_length_grouped(LENGTHS, order(seed, epoch), seed, epoch, 8),
     ):
         assert plan(1, 0) == plan(1, 0)
         assert plan(1, 0) != plan(1, 1)
@@ -56,10 +60,10 @@ def test_plans_are_pure_functions_of_seed_and_epoch():
 
 
 def test_length_grouped_plan_cuts_padding_and_keeps_every_example():
-    plan = plan_length_grouped(LENGTHS, seed=3, epoch=0, batch_size=8)
+    plan = plan_length_grouped(LENGTHS, order(3, 0), seed=3, epoch=0, batch_size=8)
     assert sorted(i for batch in plan for i in batch) == list(range(len(LENGTHS)))
     assert all(len(batch) <= 8 for batch in plan)
-    shuffled = torch.randperm(len(LENGTHS), generator=torch.Generator().manual_seed(3)).tolist()
+    shuffled = order(3, 0).tolist()
     plain = [shuffled[i : i + 8] for i in range(0, len(shuffled), 8)]
     assert padding_fraction(LENGTHS, plan, packed=False) < 0.5 * padding_fraction(
         LENGTHS, plain, packed=False
@@ -199,3 +203,21 @@ def test_resume_is_exact_with_planned_batches(tmp_path, mode):
     assert result.steps == 6
     assert uninterrupted.keys() == resumed.keys() and uninterrupted
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+def test_summary_line_reports_the_padding_saved():
+    """The start-up line's figures are padding_fraction of the plain and the packed plan of epoch 0."""
+    from peftcli.data import BatchSampler
+    from peftcli.loop import build_sampler
+
+    recipe = load_recipe(
+        ROOT / "recipes" / "tiny" / "lora.yaml", ["train.packing=true", "train.batch_size=4"]
+    )
+    rows = [{"input_ids": [1] * int(n), "labels": [1] * int(n)} for n in LENGTHS]
+    sampler, lines = build_sampler(recipe, rows, BatchSampler)
+    plain = BatchSampler(len(LENGTHS), 4, recipe.train.seed).epoch_batches(0)
+    before = padding_fraction(LENGTHS, plain, packed=False)
+    after = padding_fraction(LENGTHS, sampler.epoch_batches(0), packed=True)
+    assert before > 0.3 and after < 0.1
+    assert f"padding {100 * before:.0f}% → {100 * after:.1f}%" in lines[0]
+    assert sorted(i for batch in sampler.epoch_batches(0) for row in batch for i in row) == list(range(300))
