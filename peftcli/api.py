@@ -64,6 +64,8 @@ def detect_format(record: dict[str, Any]) -> str:
     keys = set(record)
     if "messages" in keys:
         return "chat"
+    if "conversations" in keys:
+        return "sharegpt"
     if "instruction" in keys:
         return "instruction"
     if {"prompt", "completion"} <= keys:
@@ -86,13 +88,15 @@ def evaluate_target(
     overrides: list[str] | None = None,
     ensemble: list[str] | None = None,
     vote: bool = False,
+    log=None,
 ) -> dict[str, Any]:
     """Evaluate a recipe (its trained adapter if the run finished, else its base), an adapter
     directory or a model directory on ``data`` (default: the recipe's eval data).
 
     ``ensemble`` names more adapters over the same base: the target and these are evaluated as one
-    model with averaged logits, or by majority vote (``vote``, classification only)."""
-    from peftcli.data import load_data, load_records
+    model with averaged logits, or by majority vote (``vote``, classification only). ``log`` receives
+    the data stage's lines (whether the tokenized cache was reused)."""
+    from peftcli.data import load_data, load_source
     from peftcli.evaluate import evaluate
     from peftcli.export import is_adapter_dir, load_adapter
     from peftcli.models import (
@@ -154,7 +158,7 @@ def evaluate_target(
         )
 
     if data:
-        fmt = detect_format(load_records(data, "train", "--data")[0])
+        fmt = detect_format(load_source(data, "train", "--data", limit=1).dataset[0])
         data_cfg = DataConfig(
             train=data,
             eval=data,
@@ -168,7 +172,7 @@ def evaluate_target(
         raise RecipeError("--data", f"no eval data known for {target}", "pass --data FILE")
     if max_examples:
         data_cfg.max_eval_examples = max_examples
-    bundle = load_data(data_cfg, tokenizer, task, label_names=label_names)
+    bundle = load_data(data_cfg, tokenizer, task, label_names=label_names, log=log)
     if not bundle.eval:
         raise RecipeError(
             "data.eval", "there is no eval data", "set data.eval or data.eval_fraction, or pass --data"

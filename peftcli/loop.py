@@ -134,7 +134,7 @@ def build_model(
 
 
 def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
-    from peftcli.data import BatchSampler, collate, load_data
+    from peftcli.data import BatchSampler, collate_rows, load_data
     from peftcli.evaluate import evaluate
     from peftcli.export import save_adapter
     from peftcli.models import load_tokenizer, resolve_device, resolve_model_name
@@ -172,7 +172,14 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
     device = resolve_device(cfg.device)
     base_path = resolve_model_name(recipe.model.name)
     tokenizer = load_tokenizer(base_path, recipe.model)
-    data = load_data(recipe.data, tokenizer, task)
+    data = load_data(
+        recipe.data,
+        tokenizer,
+        task,
+        log=reporter.note,
+        console=None if reporter.quiet else reporter.console,
+        model_name=recipe.model.name,
+    )
     if not data.train:
         raise RecipeError(
             "data.train", "no training examples left after tokenization", "check the data and max_length"
@@ -183,7 +190,9 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
     method.on_train_start(model, steps)
     optimizer = build_optimizer(method.param_groups(model, cfg.lr, cfg.weight_decay), cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
-    sampler = BatchSampler(len(data.train), cfg.batch_size, cfg.seed)
+    # The sampler plans over the lengths array; each step's window of indices is read from the
+    # memory-mapped table by collate_rows.
+    sampler = BatchSampler(data.train.lengths, cfg.batch_size, cfg.seed, mixture=data.mixture)
     amp_dtype = autocast_dtype(recipe, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     named_trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -259,16 +268,12 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
     elapsed_before = _elapsed_at(metrics_path, step)
     try:
         with reporter.progress(steps, step) as progress:
-            batches_of_epoch: tuple[int, list[list[int]]] = (-1, [])
             while step < steps:
-                if batches_of_epoch[0] != epoch:  # one permutation per epoch, not one per step
-                    batches_of_epoch = (epoch, sampler.epoch_batches(epoch))
-                batches = batches_of_epoch[1]
-                window = batches[batch_index : batch_index + cfg.grad_accum]
+                window = sampler.window(epoch, batch_index, cfg.grad_accum)  # global micro-batches
                 next_epoch, next_batch = epoch, batch_index + len(window)
-                if next_batch >= len(batches):
+                if next_batch >= len(sampler):
                     next_epoch, next_batch = epoch + 1, 0
-                micro = [collate([data.train[i] for i in idx], tokenizer, task) for idx in window]
+                micro = [collate_rows(data.train, indices, tokenizer, task) for indices in window]
                 n_targets = max(1, sum(count_targets(b, task) for b in micro))
 
                 loss_total = 0.0
