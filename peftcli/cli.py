@@ -171,20 +171,13 @@ def validate(
     show: Annotated[bool, typer.Option("--show", help="print the resolved recipe")] = False,
 ) -> None:
     """Check a recipe (keys, types, ranges, method options, local files) without loading weights."""
-    from peftcli.recipe import RecipeError, dump_recipe, load_recipe, validate_files
+    from peftcli.recipe import dump_recipe, load_recipe, validate_files
 
     loaded = load_recipe(recipe, overrides or [])
     validate_files(loaded)
-    from peftcli.data.preprocess import check_data
-    from peftcli.models import load_tokenizer, resolve_model_name
+    from peftcli.data.preprocess import validate_data
 
-    try:  # the tokenizer only (no weights): the data check renders and tokenizes as training will
-        tokenizer = load_tokenizer(resolve_model_name(loaded.model.name), loaded.model)
-    except RecipeError as err:
-        err_console.print(f"[yellow]data not checked[/yellow]: the tokenizer could not be loaded ({err})")
-    else:
-        for line in check_data(loaded, tokenizer):
-            err_console.print(f"[dim]{line}[/dim]", highlight=False)
+    data_lines = validate_data(loaded)  # the first rows of every source through the format code
     if show:
         out_console.print(dump_recipe(loaded), highlight=False)
     out_console.print(
@@ -192,6 +185,8 @@ def validate(
         f"({loaded.model.task}), output_dir {loaded.output_dir}",
         highlight=False,
     )
+    for line in data_lines:
+        err_console.print(f"[dim]{line}[/dim]", highlight=False)
 
 
 @app.command()

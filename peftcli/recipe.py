@@ -151,7 +151,8 @@ class SourceConfig:
     """One entry of a list-valued ``data.train`` (a mixture); unset fields inherit from ``data``."""
 
     path: str = field(
-        default="", metadata=doc("a .jsonl/.json/.csv/.parquet file, a saved datasets dir, or a hub id")
+        default="",
+        metadata=doc("required: a .jsonl/.json/.csv/.parquet file, a saved datasets dir, or a hub id"),
     )
     split: str | None = field(default=None, metadata=doc("hub/saved split; default: data.train_split"))
     format: DataFormat | None = field(

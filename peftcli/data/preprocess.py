@@ -18,7 +18,7 @@ from peftcli.data.formats import (
 )
 from peftcli.data.pipeline import DataBundle, TokenizedRows, load_data
 from peftcli.data.sampler import BatchSampler
-from peftcli.data.sources import load_source
+from peftcli.data.sources import load_source, looks_like_local_path
 from peftcli.recipe import Recipe, RecipeError, SourceConfig
 
 VALIDATE_ROWS = 100  # rows of each source `peftcli validate` renders and tokenizes
@@ -91,6 +91,17 @@ def preprocess(recipe: Recipe, log=None, console=None) -> dict[str, Any]:
     return data_summary(bundle, recipe, time.perf_counter() - start)
 
 
+def validate_data(recipe: Recipe) -> list[str]:
+    """`peftcli validate`'s data check: load the tokenizer (no weights) and run ``check_data``."""
+    from peftcli.models import load_tokenizer, resolve_model_name
+
+    try:
+        tokenizer = load_tokenizer(resolve_model_name(recipe.model.name), recipe.model)
+    except RecipeError as err:
+        return [f"data not checked: the tokenizer could not be loaded ({err})"]
+    return check_data(recipe, tokenizer)
+
+
 def check_data(recipe: Recipe, tokenizer) -> list[str]:
     """Render and tokenize the first rows of every source as training would; raise on the first problem.
 
@@ -109,7 +120,13 @@ def check_data(recipe: Recipe, tokenizer) -> list[str]:
     label_names: list[str] = []
     for source, key in zip(sources, keys, strict=True):
         check_chat_template(tokenizer, source.format, recipe.model.name)
-        loaded = load_source(source.path, source.split, key, data.on_bad_row, limit=VALIDATE_ROWS)
+        try:
+            loaded = load_source(source.path, source.split, key, data.on_bad_row, limit=VALIDATE_ROWS)
+        except RecipeError as err:
+            if looks_like_local_path(source.path) or "hub cannot be reached" not in err.message:
+                raise
+            lines.append(f"{key}: {source.path} not checked (the hub cannot be reached)")
+            continue
         rows = loaded.dataset
         spec = FormatSpec(
             format=source.format,
