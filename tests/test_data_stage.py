@@ -9,7 +9,6 @@ lengths the byte-level tokenizer implies.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -418,9 +417,9 @@ def test_sigkill_then_resume_over_the_cached_mixture_is_exact(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     result = CliRunner().invoke(app, ["train", str(recipe), "--output-dir", str(full), "-q"])
     assert result.exit_code == 0, result.output
-    env = {**os.environ, "PEFTCLI_TEST_KILL_AFTER_CHECKPOINT": "2"}
-    cmd = [sys.executable, "-m", "peftcli", "train", str(recipe), "--output-dir", str(killed)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    kill_after = ROOT / "tests" / "helpers" / "kill_after_checkpoint.py"  # SIGKILL after checkpoint 2
+    cmd = [sys.executable, str(kill_after), "2", "--", "train", str(recipe), "--output-dir", str(killed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert "reusing the tokenized cache" in " ".join(proc.stderr.split())  # the first run built it
     result = CliRunner().invoke(app, ["train", str(recipe), "--output-dir", str(killed), "--resume"])
