@@ -60,6 +60,20 @@ def merge(
     return merge_adapter(adapter_dir, output, base=base, dtype=dtype)
 
 
+def preprocess(recipe: Recipe, log=None, console=None) -> dict[str, Any]:
+    """Tokenize and cache ``recipe``'s data ahead of training; return its statistics (see docs/data.md)."""
+    from peftcli.data.preprocess import preprocess as run
+
+    return run(recipe, log=log, console=console)
+
+
+def validate_data(recipe: Recipe) -> list[str]:
+    """Read the first rows of every data source through the format code; one line per source."""
+    from peftcli.data.preprocess import validate_data as run
+
+    return run(recipe)
+
+
 def detect_format(record: dict[str, Any]) -> str:
     """Guess a data format from the columns of one record (for `peftcli eval --data`)."""
     keys = set(record)

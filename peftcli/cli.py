@@ -175,7 +175,7 @@ def validate(
 
     loaded = load_recipe(recipe, overrides or [])
     validate_files(loaded)
-    from peftcli.data.preprocess import validate_data
+    from peftcli.api import validate_data
 
     data_lines = validate_data(loaded)  # the first rows of every source through the format code
     if show:
@@ -197,7 +197,7 @@ def preprocess(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Tokenize and cache a recipe's data ahead of training (e.g. on a CPU box) and describe it."""
-    from peftcli.data.preprocess import preprocess as run
+    from peftcli.api import preprocess as run
     from peftcli.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides or [])

@@ -428,3 +428,39 @@ def test_sigkill_then_resume_over_the_cached_mixture_is_exact(tmp_path):
     b = load_file(killed / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)
+
+
+def test_preprocess_statistics_match_a_hand_count(tmp_path):
+    from peftcli.api import preprocess
+
+    rng = np.random.default_rng(0)
+    prompts, answers = rng.integers(1, 40, 50), rng.integers(1, 20, 50)
+    rows = [
+        {"prompt": "p" * int(k), "completion": "c" * int(m)} for k, m in zip(prompts, answers, strict=True)
+    ]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    recipe = recipe_from_dict(
+        {
+            "model": {"name": "tiny:llama"},
+            "data": {
+                "train": path,
+                "format": "completion",
+                "max_length": 40,
+                "cache_dir": str(tmp_path / "c"),
+            },
+            "train": {"batch_size": 4, "seed": 1},
+        }
+    )
+    summary = preprocess(recipe)
+    full = 1 + prompts + answers + 1  # BOS + prompt + answer + EOS, one token per byte
+    kept = full - np.maximum(full - 40, 0) > 1 + prompts  # rows whose answer survives the cut at 40
+    lengths = np.minimum(full, 40)[kept]
+    trained = np.minimum(full, 40)[kept] - 1 - prompts[kept]  # answer tokens (+ EOS) left after the cut
+    assert summary["examples"] == kept.sum() and summary["dropped"] == (~kept).sum()
+    assert summary["truncated"] == (full > 40).sum()
+    assert summary["tokens"] == lengths.sum() and summary["trained_tokens"] == trained.sum()
+    assert summary["length_max"] == lengths.max()
+    assert summary["length_p50"] == int(np.percentile(lengths, 50, method="higher"))
+    assert summary["padding_fraction"] == pytest.approx(
+        padding_fraction(lengths.astype(np.int32), 4, 1), abs=1e-4
+    )
