@@ -155,7 +155,8 @@ def test_builtin_llama3_template_and_missing_template_error(llama_tok, tmp_path)
 def test_latin1_byte_names_the_line_and_skip_counts_it(llama_tok, tmp_path):
     path = tmp_path / "latin1.jsonl"
     good = b'{"prompt": "a", "completion": "b"}\n'
-    path.write_bytes(good + b"\n" + b'{"prompt": "caf\xe9", "completion": "d"}\n' + good)
+    missing = b'{"prompt": "x"}\n'
+    path.write_bytes(good + b"\n" + b'{"prompt": "caf\xe9", "completion": "d"}\n' + good + missing)
     cfg = config(tmp_path, train=str(path), format="completion")
     with pytest.raises(RecipeError) as err:
         load_data(cfg, llama_tok, "causal_lm")
@@ -163,8 +164,12 @@ def test_latin1_byte_names_the_line_and_skip_counts_it(llama_tok, tmp_path):
     assert err.value.message == f"{path} line 3 is not UTF-8 (byte 0xe9)"
     assert "iconv" in err.value.hint and "data.on_bad_row: skip" in err.value.hint
     cfg.on_bad_row = "skip"
-    bundle = load_data(cfg, llama_tok, "causal_lm")
-    assert len(bundle.train) == 2 and bundle.stats["skipped_rows"] == {"not UTF-8": 1}
+    logged: list[str] = []
+    bundle = load_data(cfg, llama_tok, "causal_lm", log=logged.append)
+    assert len(bundle.train) == 2
+    assert bundle.stats["skipped_rows"] == {"not UTF-8": 1, "missing 'completion'": 1}
+    # the row after the skipped line is still named by its own line
+    assert any(f"{path} line 5: has no 'completion' value" in line for line in logged)
 
 
 def test_row_missing_a_column_names_its_line_and_the_right_fix(llama_tok, tmp_path):

@@ -36,9 +36,12 @@ class Source:
     path: Path | None  # the local file, when it is one
     kind: str  # jsonl | json | csv | parquet | saved | hub
     skipped: Counter = field(default_factory=Counter)  # unreadable lines left out (on_bad_row: skip)
+    lines: list[int] | None = None  # line of each row, when rows were parsed one line at a time
 
     def where(self, row: int) -> str:
         """``file line N`` (1-based) for the 0-based row ``row``; computed only for errors."""
+        if self.lines is not None:
+            return f"{self.path} line {self.lines[row]}"
         if self.kind == "jsonl" and self.path is not None:
             return f"{self.path} line {_line_of_row(self.path, row)}"
         if self.kind == "csv":
@@ -229,10 +232,10 @@ def _load_file(
     if suffix in (".jsonl", ".json"):
         kind, json_field = _json_layout(path, key)
         if kind == "jsonl" and limit is not None:
-            rows, skipped = _scan_json_lines(path, key, on_bad_row, limit)
+            rows, skipped, lines = _scan_json_lines(path, key, on_bad_row, limit)
             if not rows:
                 raise RecipeError(key, f"no examples in {source}", "check that the file has data")
-            return Source(datasets.Dataset.from_list(rows), source, path, kind, skipped)
+            return Source(datasets.Dataset.from_list(rows), source, path, kind, skipped, lines)
         builder, kwargs = "json", ({"field": json_field} if json_field else {})
     elif suffix == ".csv":
         kind, builder = "csv", "csv"
@@ -274,7 +277,7 @@ def _diagnose(
     import datasets
 
     if kind == "jsonl":
-        rows, skipped = _scan_json_lines(path, key, on_bad_row, None)
+        rows, skipped, lines = _scan_json_lines(path, key, on_bad_row, None)
         if not rows:
             raise RecipeError(key, f"no examples in {source}", "check that the file has data")
         try:
@@ -285,7 +288,7 @@ def _diagnose(
                 f"{path}: the rows do not share one schema ({_first_line(inner)})",
                 "give each column one type in every row",
             ) from None
-        return Source(data, source, path, kind, skipped)
+        return Source(data, source, path, kind, skipped, lines)
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -336,9 +339,13 @@ def _first_line(err: BaseException) -> str:
     return (text[0] if text else type(cause).__name__)[:200]
 
 
-def _scan_json_lines(path: Path, key: str, on_bad_row: str, limit: int | None) -> tuple[list[dict], Counter]:
-    """Parse a JSON-lines file line by line: (rows, skipped by reason); raises on the first bad line."""
+def _scan_json_lines(
+    path: Path, key: str, on_bad_row: str, limit: int | None
+) -> tuple[list[dict], Counter, list[int]]:
+    """Parse a JSON-lines file line by line: (rows, skipped by reason, line of each row); raises on the
+    first bad line unless on_bad_row is skip."""
     rows: list[dict] = []
+    lines: list[int] = []
     skipped: Counter = Counter()
     with path.open("rb") as handle:
         for number, raw_line in enumerate(handle, start=1):
@@ -367,9 +374,10 @@ def _scan_json_lines(path: Path, key: str, on_bad_row: str, limit: int | None) -
                 skipped[reason] += 1
                 continue
             rows.append(record)
+            lines.append(number)
             if limit is not None and len(rows) >= limit:
                 break
-    return rows, skipped
+    return rows, skipped, lines
 
 
 def _line_of_row(path: Path, row: int) -> int:
