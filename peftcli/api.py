@@ -129,7 +129,7 @@ def evaluate_target(
     ``ensemble`` names more adapters over the same base: the target and these are evaluated as one
     model with averaged logits, or by majority vote (``vote``, classification only). ``log`` receives
     the data stage's lines (whether the tokenized cache was reused)."""
-    from peftcli.data import load_data
+    from peftcli.data.pipeline import load_data
     from peftcli.evaluate import evaluate
     from peftcli.models import resolve_device
 
@@ -204,7 +204,7 @@ def resolve_eval_target(
 
 def _eval_data_config(target: EvalTarget, data: str | None) -> DataConfig:
     """``--data FILE`` (its format guessed from its columns), else the recipe's data section."""
-    from peftcli.data import load_source
+    from peftcli.data.sources import load_source
 
     recipe = target.recipe
     if data:

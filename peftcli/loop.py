@@ -172,7 +172,8 @@ def prepare_run_dir(recipe: Recipe, resume: bool, reporter: Reporter) -> Path | 
 def set_up(recipe: Recipe, reporter: Reporter) -> Run:
     """Seed, then build tokenizer, data, model + method, optimizer, scheduler and sampler (in this order:
     the random draws of each depend on those before it)."""
-    from peftcli.data import BatchSampler, load_data
+    from peftcli.data.pipeline import load_data
+    from peftcli.data.sampler import BatchSampler
     from peftcli.models import load_tokenizer, resolve_device, resolve_model_name
 
     cfg = recipe.train
@@ -272,7 +273,7 @@ def next_window(run: Run, state: TrainState) -> tuple[list[list[int]], tuple[int
 
 def collate_window(run: Run, window: list[list[int]]) -> list[dict[str, torch.Tensor]]:
     """One padded micro-batch per index batch, read from the memory-mapped tokenized table."""
-    from peftcli.data import collate_rows
+    from peftcli.data.collate import collate_rows
 
     return [collate_rows(run.data.train, indices, run.tokenizer, run.task) for indices in window]
 

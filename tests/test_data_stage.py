@@ -23,9 +23,10 @@ from typer.testing import CliRunner
 
 from peftcli.chat_templates import CHATML, LLAMA3
 from peftcli.cli import app
-from peftcli.data import BatchSampler, Mixture, load_data
 from peftcli.data.cache import build_entry, open_entry
+from peftcli.data.pipeline import load_data
 from peftcli.data.preprocess import padding_fraction
+from peftcli.data.sampler import BatchSampler, Mixture
 from peftcli.models import load_tokenizer
 from peftcli.recipe import DataConfig, ModelConfig, RecipeError, SourceConfig, recipe_from_dict
 from peftcli.tiny import ensure_tiny
@@ -108,7 +109,7 @@ def test_chat_with_system_and_tool_turns_and_train_false(llama_tok, tmp_path):
 
 
 def test_instruction_from_a_json_list_file(llama_tok, tmp_path):
-    from peftcli.data import ALPACA_PROMPT
+    from peftcli.data.formats import ALPACA_PROMPT
 
     bundle = load_data(
         config(tmp_path, train=str(DATA / "instruction_list.json"), format="instruction"),
