@@ -207,7 +207,7 @@ def preprocess(
 ) -> None:
     """Tokenize and cache a recipe's data ahead of training (e.g. on a CPU box) and describe it."""
     from peftcli.api import preprocess as run
-    from peftcli.recipe import load_recipe
+    from peftcli.recipe_loader import load_recipe
 
     loaded = load_recipe(recipe, overrides or [])
     summary = run(

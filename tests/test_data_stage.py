@@ -28,7 +28,8 @@ from peftcli.data.pipeline import load_data
 from peftcli.data.preprocess import padding_fraction
 from peftcli.data.sampler import BatchSampler, Mixture
 from peftcli.models import load_tokenizer
-from peftcli.recipe import DataConfig, ModelConfig, RecipeError, SourceConfig, recipe_from_dict
+from peftcli.recipe import DataConfig, ModelConfig, RecipeError, SourceConfig
+from peftcli.recipe_loader import recipe_from_dict
 from peftcli.tiny import ensure_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
