@@ -148,7 +148,7 @@ def recipe_for(args, setup: dict, side: str, run_dir: Path, memory_case: bool) -
 
 def tokenized_examples(recipe_path: Path) -> list[dict]:
     """The token ids and labels peftcli's data stage makes of the recipe's data: every side trains on them."""
-    from peftcli.data import load_data
+    from peftcli.data.pipeline import load_data
     from peftcli.models import load_tokenizer
     from peftcli.recipe_loader import load_recipe
 
@@ -274,7 +274,7 @@ def run_trainer(args, recipe_path: Path, adapter: Path, grouped: bool) -> dict:
         TrainingArguments,
     )
 
-    from peftcli.data import BatchSampler
+    from peftcli.data.sampler import BatchSampler
 
     model, recipe = reference_model(recipe_path, adapter, args.device)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.name)

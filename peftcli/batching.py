@@ -134,6 +134,16 @@ def packed_steps(sampler: PlannedBatches, epochs: float, grad_accum: int) -> int
     return max(1, steps)
 
 
+def take_rows(rows, batch: Sequence[Sequence[int]]) -> list[list[dict]]:
+    """Read a packed micro-batch's examples from the tokenized table in one ``take``, split into rows."""
+    examples = rows.take([i for row in batch for i in row])
+    out, start = [], 0
+    for row in batch:
+        out.append(examples[start : start + len(row)])
+        start += len(row)
+    return out
+
+
 def collate_packed(rows: Sequence[Sequence[dict]], pad_id: int) -> dict[str, torch.Tensor]:
     """One packed micro-batch: each row's examples laid end to end, right-padded to the longest row.
 

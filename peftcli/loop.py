@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import peftcli.checkpoint as ckpt
@@ -45,6 +44,7 @@ from peftcli.batching import (
     padding_fraction,
     plan_length_grouped,
     plan_packed,
+    take_rows,
 )
 from peftcli.checkpoint import atomic_write_text
 from peftcli.loggers import Loggers, check_installed
@@ -90,7 +90,7 @@ class Run:
     method: Method
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    batches: EpochBatches
+    sampler: Any  # peftcli.data.BatchSampler: index windows over the lengths array, pure in (seed, epoch)
     amp_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler | None
     trainable_params: dict[str, torch.nn.Parameter]  # what the optimizer, clipping and checkpoints see
@@ -124,19 +124,6 @@ class TrainState:
     tokens_seen: int = 0  # attention-mask tokens in this process's life (for tokens/s)
     elapsed_before: float = 0.0  # seconds spent before the checkpoint we resumed from
     started: float = field(default_factory=time.perf_counter)  # reset when the loop starts
-
-
-class EpochBatches:
-    """Index batches of one epoch at a time (one permutation per epoch, not one per step)."""
-
-    def __init__(self, sampler):
-        self.sampler = sampler
-        self._epoch, self._batches = -1, []
-
-    def of_epoch(self, epoch: int) -> list[list[int]]:
-        if self._epoch != epoch:
-            self._epoch, self._batches = epoch, self.sampler.epoch_batches(epoch)
-        return self._batches
 
 
 def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
@@ -225,7 +212,8 @@ def prepare_run_dir(recipe: Recipe, resume: bool, reporter: Reporter) -> Path | 
 def set_up(recipe: Recipe, reporter: Reporter) -> Run:
     """Seed, then build tokenizer, data, model + method, optimizer, scheduler and sampler (in this order:
     the random draws of each depend on those before it)."""
-    from peftcli.data import BatchSampler, load_data
+    from peftcli.data.pipeline import load_data
+    from peftcli.data.sampler import BatchSampler
     from peftcli.models import load_tokenizer, resolve_device, resolve_model_name
 
     cfg = recipe.train
@@ -233,14 +221,23 @@ def set_up(recipe: Recipe, reporter: Reporter) -> Run:
     device = resolve_device(cfg.device)
     base_path = resolve_model_name(recipe.model.name)
     tokenizer = load_tokenizer(base_path, recipe.model)
-    data = load_data(recipe.data, tokenizer, recipe.model.task)
+    data = load_data(
+        recipe.data,
+        tokenizer,
+        recipe.model.task,
+        log=reporter.note,
+        console=None if reporter.quiet else reporter.console,
+        model_name=recipe.model.name,
+    )
     if not data.train:
         raise RecipeError(
             "data.train", "no training examples left after tokenization", "check the data and max_length"
         )
     model, method = build_model(recipe, device, data.label_names, tokenizer, base_path)
     trainable, total = count_parameters(model)
-    sampler, speed_lines = build_sampler(recipe, data.train, BatchSampler)
+    sampler, speed_lines = build_sampler(
+        recipe, BatchSampler(data.train.lengths, cfg.batch_size, cfg.seed, mixture=data.mixture)
+    )
     steps, batches_per_epoch = total_steps(cfg, len(data.train))
     if cfg.packing:
         batches_per_epoch = len(sampler)
@@ -266,7 +263,7 @@ def set_up(recipe: Recipe, reporter: Reporter) -> Run:
         method=method,
         optimizer=optimizer,
         scheduler=scheduler,
-        batches=EpochBatches(sampler),
+        sampler=sampler,
         amp_dtype=amp_dtype,
         scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
         trainable_params={n: p for n, p in model.named_parameters() if p.requires_grad},
@@ -279,19 +276,15 @@ def set_up(recipe: Recipe, reporter: Reporter) -> Run:
     )
 
 
-def build_sampler(recipe: Recipe, train_rows, plain_sampler_cls) -> tuple[Any, list[str]]:
-    """The micro-batch plan of every epoch: shuffled (the default), length-grouped or packed; and the
-    summary lines saying how much padding that saves against shuffled batches padded to their longest."""
+def build_sampler(recipe: Recipe, plain) -> tuple[Any, list[str]]:
+    """The micro-batch plan of every epoch: ``plain`` (the data stage's shuffled sampler), or length-grouped
+    or packed batches planned over its epoch order and lengths array; and the summary lines saying how much
+    padding that saves against shuffled batches padded to their longest."""
     cfg = recipe.train
-    lengths = example_lengths(train_rows)
-    plain = plain_sampler_cls(len(lengths), cfg.batch_size, cfg.seed)
+    lengths, order = plain.lengths, plain.epoch_order
     if not (cfg.packing or cfg.group_by_length):
         return plain, []
     before = padding_fraction(lengths, plain.epoch_batches(0), packed=False)
-
-    def order(epoch: int) -> np.ndarray:
-        return np.array([i for batch in plain.epoch_batches(epoch) for i in batch], dtype=np.int64)
-
     if cfg.group_by_length:
         sampler = PlannedBatches(
             lambda epoch: plan_length_grouped(lengths, order(epoch), cfg.seed, epoch, cfg.batch_size),
@@ -311,14 +304,6 @@ def build_sampler(recipe: Recipe, train_rows, plain_sampler_cls) -> tuple[Any, l
         f"padding {100 * before:.0f}% → {100 * after:.1f}% of tokens"
     )
     return sampler, [line]
-
-
-def example_lengths(train_rows) -> np.ndarray:
-    """Tokens per training example: the data stage's lengths array where it has one."""
-    lengths = getattr(train_rows, "lengths", None)
-    if lengths is not None:
-        return np.asarray(lengths)
-    return np.array([len(example["input_ids"]) for example in train_rows], dtype=np.int64)
 
 
 def compile_model(model: torch.nn.Module, loss_path: str) -> None:
@@ -379,24 +364,25 @@ def restore(run: Run, checkpoint: Path) -> TrainState:
 
 
 def next_window(run: Run, state: TrainState) -> tuple[list[list[int]], tuple[int, int]]:
-    """The index batches of the next accumulation window, and (epoch, batch_index) after it."""
-    batches = run.batches.of_epoch(state.epoch)
-    window = batches[state.batch_index : state.batch_index + run.recipe.train.grad_accum]
+    """The global index batches of the next accumulation window, and (epoch, batch_index) after it.
+    (The sampler keeps one epoch's order at a time; distributed ranks take their slice of each batch.)"""
+    window = run.sampler.window(state.epoch, state.batch_index, run.recipe.train.grad_accum)
     next_batch = state.batch_index + len(window)
-    if next_batch >= len(batches):
+    if next_batch >= run.sampler.batches_in(state.epoch):
         return window, (state.epoch + 1, 0)
     return window, (state.epoch, next_batch)
 
 
 def collate_window(run: Run, window: list[list[int]]) -> list[dict[str, torch.Tensor]]:
-    """One padded micro-batch per index batch; with packing, one packed micro-batch per list of rows."""
-    from peftcli.data import collate, pad_token_id
+    """One padded micro-batch per index batch, read from the memory-mapped tokenized table; with packing,
+    one packed micro-batch per list of rows."""
+    from peftcli.data.collate import collate_rows, pad_token_id
 
-    rows = run.data.train
     if run.recipe.train.packing:
-        pad_id = pad_token_id(run.tokenizer)
-        return [collate_packed([[rows[i] for i in row] for row in batch], pad_id) for batch in window]
-    return [collate([rows[i] for i in idx], run.tokenizer, run.task) for idx in window]
+        return [
+            collate_packed(take_rows(run.data.train, batch), pad_token_id(run.tokenizer)) for batch in window
+        ]
+    return [collate_rows(run.data.train, indices, run.tokenizer, run.task) for indices in window]
 
 
 def loss_normaliser(micro: list[dict[str, torch.Tensor]], task: str) -> int:

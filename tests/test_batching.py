@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftcli.batching import collate_packed, padding_fraction, plan_length_grouped, plan_packed
-from peftcli.data import collate
+from peftcli.data.collate import collate
 from peftcli.loop import build_model, count_targets, train
 from peftcli.loss import CHUNKED, PLAIN, micro_batch_loss_sum
 from peftcli.methods.catalog import list_methods
@@ -207,14 +207,13 @@ def test_resume_is_exact_with_planned_batches(tmp_path, mode):
 
 def test_summary_line_reports_the_padding_saved():
     """The start-up line's figures are padding_fraction of the plain and the packed plan of epoch 0."""
-    from peftcli.data import BatchSampler
+    from peftcli.data.sampler import BatchSampler
     from peftcli.loop import build_sampler
 
     recipe = load_recipe(
         ROOT / "recipes" / "tiny" / "lora.yaml", ["train.packing=true", "train.batch_size=4"]
     )
-    rows = [{"input_ids": [1] * int(n), "labels": [1] * int(n)} for n in LENGTHS]
-    sampler, lines = build_sampler(recipe, rows, BatchSampler)
+    sampler, lines = build_sampler(recipe, BatchSampler(LENGTHS, 4, recipe.train.seed))
     plain = BatchSampler(len(LENGTHS), 4, recipe.train.seed).epoch_batches(0)
     before = padding_fraction(LENGTHS, plain, packed=False)
     after = padding_fraction(LENGTHS, sampler.epoch_batches(0), packed=True)
