@@ -607,11 +607,12 @@ def build_model(
 
 
 def _training_identity(recipe_yaml: str) -> str:
-    """The parts of a recipe that must not change across --resume (logging cadence may)."""
+    """The parts of a recipe that must not change across --resume (logging cadence may; so may the loss
+    path and compile, which compute the same numbers)."""
     import yaml
 
     raw = yaml.safe_load(recipe_yaml)
-    for key in ("log_every", "eval_every", "save_every", "keep_checkpoints", "loggers"):
+    for key in ("log_every", "eval_every", "save_every", "keep_checkpoints", "loggers", "loss", "compile"):
         raw.get("train", {}).pop(key, None)
     raw.pop("eval", None)
     return json.dumps(raw, sort_keys=True)
