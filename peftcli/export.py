@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from peftcli.checkpoint import AtomicDir
+from peftcli.checkpoint import AtomicDir, check_tensors
 from peftcli.methods import get_method_class, list_methods
 from peftcli.methods.registry import Method
 from peftcli.models import PEFT_TASK_TYPE, TASK_FROM_PEFT, load_model, load_tokenizer, resolve_model_name
@@ -91,8 +91,15 @@ def read_adapter_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise RecipeError(
             "adapter", f"{weights} is missing", "point at a directory written by peftcli train or peft"
         )
-    with safe_open(str(weights), framework="pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except Exception as err:  # SafetensorError, or an OSError from a truncated file
+        raise RecipeError(
+            "adapter",
+            f"{weights} is not a readable safetensors file ({str(err).splitlines()[0][:120]})",
+            "write the adapter again (peftcli train --resume) or copy it again",
+        ) from None
 
 
 def read_adapter_info(path: str | Path) -> dict[str, Any]:
@@ -195,7 +202,10 @@ def load_adapter(
     method = info["method_cls"](info["method_cfg"], info["task"])
     torch.manual_seed(0)
     model = method.apply(model)
-    method.load_adapter_state_dict(model, read_adapter_state(path))
+    state = read_adapter_state(path)
+    # Names, shapes and dtype kinds must be exactly what this method writes for this base (listed if not).
+    check_tensors(state, method.adapter_state_dict(model), f"adapter {path}", exact_dtype=False)
+    method.load_adapter_state_dict(model, state)
     model.to(device)
     model.eval()
     return LoadedAdapter(model, tokenizer, method, info["task"], info["label_names"], base_path)

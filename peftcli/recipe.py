@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -34,6 +35,11 @@ class RecipeError(Exception):
     def __str__(self) -> str:
         text = f"{self.key}: {self.message}" if self.key else self.message
         return f"{text}; {self.hint}" if self.hint else text
+
+
+class RecipeWarning(UserWarning):
+    """Something the user asked for that is allowed but risky (remote code, pickle weights): the CLI
+    prints it as one yellow line."""
 
 
 def doc(help: str, **extra: Any) -> dict[str, Any]:
@@ -129,6 +135,10 @@ class ModelConfig:
     )
     trust_remote_code: bool = field(
         default=False, metadata=doc("run model code shipped with a hub repo; only for repos you trust")
+    )
+    allow_pickle: bool = field(
+        default=False,
+        metadata=doc("load .bin (pickle) weights when a model has no safetensors; pickle can run code"),
     )
     quantization: QuantizationConfig | None = field(
         default=None,
@@ -240,6 +250,13 @@ class TrainConfig:
         default="auto", metadata=doc("autocast on GPU: auto = bf16 where supported; always off on CPU")
     )
     device: str = field(default="auto", metadata=doc("auto, cpu, cuda or cuda:N"))
+    on_nan: Literal["stop", "skip"] = field(
+        default="stop",
+        metadata=doc("a NaN/inf loss or gradient norm: stop (keep the last checkpoint) or skip the update"),
+    )
+    max_skipped_steps: int = field(
+        default=10, metadata=doc("with on_nan: skip, stop once more than this many steps were skipped", min=0)
+    )
 
 
 @dataclass
@@ -360,10 +377,12 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise RecipeError(key, f"expected a number, got {_show(value)}")
-        if isinstance(value, (int, float)):
-            return float(value)
         if isinstance(value, str) and _NUMBER.match(value.strip()):
-            return float(value)  # PyYAML reads 3e-4 as a string (YAML 1.1 wants 3.0e-4)
+            value = float(value)  # PyYAML reads 3e-4 as a string (YAML 1.1 wants 3.0e-4)
+        if isinstance(value, (int, float)):
+            if not math.isfinite(value):
+                raise RecipeError(key, f"expected a finite number, got {_show(value)}")
+            return float(value)
         raise RecipeError(key, f"expected a number, got {_show(value)}")
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
