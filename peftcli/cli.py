@@ -218,7 +218,9 @@ def show_recipe_warnings() -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, RecipeWarning):
-            err_console.print(f"[bold yellow]warning:[/bold yellow] {message}", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold yellow]warning:[/bold yellow] {message}", highlight=False, soft_wrap=True
+            )
         else:
             default(message, category, filename, lineno, file, line)
 

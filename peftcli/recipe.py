@@ -29,7 +29,9 @@ class RecipeError(Exception):
     """A mistake in a recipe or on the command line. The CLI prints it as one line, exit code 2."""
 
     def __init__(self, key: str, message: str, hint: str | None = None):
-        self.key, self.message, self.hint = key, message, hint
+        # One line whatever the user typed: a key or value with a line break is shown escaped.
+        self.key, self.message = _one_line(key), _one_line(message)
+        self.hint = _one_line(hint) if hint else hint
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -40,6 +42,15 @@ class RecipeError(Exception):
 class RecipeWarning(UserWarning):
     """Something the user asked for that is allowed but risky (remote code, pickle weights): the CLI
     prints it as one yellow line."""
+
+
+def _one_line(text: str) -> str:
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def key_name(key: Any) -> str:
+    """A recipe key as the user can read it in an error: odd ones (empty, not text) in quotes."""
+    return key if isinstance(key, str) and key.strip() and key.isprintable() else repr(key)
 
 
 def doc(help: str, **extra: Any) -> dict[str, Any]:
@@ -353,7 +364,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         key_tp, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
             raise RecipeError(key, f"expected a mapping, got {_show(value)}")
-        return {coerce(k, key_tp, key): coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+        return {coerce(k, key_tp, key): coerce(v, val_tp, f"{key}.{key_name(k)}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     if tp is Any:
@@ -420,7 +431,7 @@ def from_dict(cls: type, data: Any, path: str) -> Any:
     hints = resolved_types(cls)
     for k in data:
         if k not in known:
-            full = f"{path}.{k}" if path else str(k)
+            full = f"{path}.{key_name(k)}" if path else key_name(k)
             hint = did_you_mean(k, known) or f"known keys: {', '.join(known)}"
             raise RecipeError(full, "unknown key", hint)
     kwargs = {}
@@ -455,11 +466,15 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
     parsed = []
     for item in overrides:
         if "=" not in item:
-            raise RecipeError(item, "an override must look like key.path=value", "e.g. train.lr=1e-4")
+            raise RecipeError(
+                key_name(item), "an override must look like key.path=value", "e.g. train.lr=1e-4"
+            )
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
-            raise RecipeError(item, "an override must look like key.path=value", "e.g. train.lr=1e-4")
+            raise RecipeError(
+                key_name(item), "an override must look like key.path=value", "e.g. train.lr=1e-4"
+            )
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
