@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from peftcli.recipe import DataConfig, EvalConfig, ModelConfig, Recipe, RecipeError, load_recipe
 
@@ -79,6 +80,19 @@ def detect_format(record: dict[str, Any]) -> str:
     )
 
 
+@dataclass
+class EvalTarget:
+    """What ``peftcli eval TARGET`` evaluates, resolved before any data is read."""
+
+    path: Path  # the adapter dir when a recipe's run has finished, else TARGET itself
+    kind: str  # "adapter", "base" (a recipe's untrained base model) or "model" (a model directory)
+    task: str
+    tokenizer: Any
+    label_names: list[str] | None  # None: taken from the eval data (the untrained base)
+    recipe: Recipe | None  # the recipe, or the run's recipe.yaml beside an adapter
+    build_model: Callable[[list[str] | None], Any]  # label names of the eval data -> model
+
+
 def evaluate_target(
     target: str | Path,
     data: str | None = None,
@@ -92,98 +106,95 @@ def evaluate_target(
 
     ``ensemble`` names more adapters over the same base: the target and these are evaluated as one
     model with averaged logits, or by majority vote (``vote``, classification only)."""
-    from peftcli.data import load_data, load_records
+    from peftcli.data import load_data
     from peftcli.evaluate import evaluate
-    from peftcli.export import is_adapter_dir, load_adapter
-    from peftcli.models import (
-        load_model,
-        load_tokenizer,
-        resolve_device,
-        resolve_model_name,
-        task_of_model_dir,
-    )
+    from peftcli.models import resolve_device
 
-    target = Path(target)
     device = resolve_device("auto")
+    resolved = resolve_eval_target(Path(target), overrides, device, ensemble or [], vote)
+    data_cfg = _eval_data_config(resolved, data)
+    if max_examples:
+        data_cfg.max_eval_examples = max_examples
+    bundle = load_data(data_cfg, resolved.tokenizer, resolved.task, label_names=resolved.label_names)
+    if not bundle.eval:
+        raise RecipeError(
+            "data.eval", "there is no eval data", "set data.eval or data.eval_fraction, or pass --data"
+        )
+    model = resolved.build_model(bundle.label_names)
+    eval_cfg = resolved.recipe.eval if resolved.recipe else EvalConfig()
+    metrics = evaluate(model, resolved.tokenizer, bundle, resolved.task, eval_cfg, device)
+    return {"target": str(resolved.path), "kind": resolved.kind, "task": resolved.task, **metrics}
+
+
+def resolve_eval_target(
+    target: Path, overrides: list[str] | None, device, ensemble: list[str], vote: bool
+) -> EvalTarget:
+    """A recipe, an adapter directory or a model directory as an :class:`EvalTarget`."""
+    from peftcli.export import is_adapter_dir, load_adapter
+    from peftcli.models import load_model, load_tokenizer, resolve_model_name, task_of_model_dir
+
     recipe: Recipe | None = None
     if target.is_file():
         recipe = load_recipe(target, overrides)
-        adapter = Path(recipe.output_dir) / "adapter"
-        if is_adapter_dir(adapter):
-            kind, target = "adapter", adapter
-        else:
-            kind = "base"
+        if is_adapter_dir(Path(recipe.output_dir) / "adapter"):
+            target = Path(recipe.output_dir) / "adapter"
     elif is_adapter_dir(target):
-        kind = "adapter"
         run_recipe = target.parent / "recipe.yaml"
-        if run_recipe.is_file():
-            recipe = load_recipe(run_recipe, overrides)
-    elif (target / "config.json").is_file():
-        kind = "model"
-    else:
+        recipe = load_recipe(run_recipe, overrides) if run_recipe.is_file() else None
+    elif not (target / "config.json").is_file():
         raise RecipeError(
             "TARGET",
             f"{target} is not a recipe, an adapter directory or a model directory",
             "pass recipe.yaml, RUN/adapter or a merged model directory",
         )
-
+    kind = "adapter" if is_adapter_dir(target) else "base" if recipe is not None else "model"
     if (ensemble or vote) and kind != "adapter":
         raise RecipeError(
             "--ensemble",
             f"ensembling needs adapter directories; {target} is a {kind}",
             "pass RUN/adapter as the target and the other adapters with --ensemble",
         )
+
     if kind == "adapter":
         loaded = load_adapter(target, device=device)
-        model, tokenizer, task, label_names = loaded.model, loaded.tokenizer, loaded.task, loaded.label_names
-        if ensemble or vote:
-            model = _ensemble(loaded, ensemble or [], vote, device)
-    elif kind == "base":
-        assert recipe is not None
-        path = resolve_model_name(recipe.model.name)
-        tokenizer = load_tokenizer(path, recipe.model)
-        task, label_names = recipe.model.task, None
-        model = None
-    else:
-        task = task_of_model_dir(str(target))
-        cfg = ModelConfig(name=str(target), task=task)
-        tokenizer = load_tokenizer(str(target), cfg)
-        model = load_model(str(target), cfg, device, pad_token_id=tokenizer.pad_token_id)
-        label_names = (
-            [model.config.id2label[i] for i in range(model.config.num_labels)] if task == "seq_cls" else None
+        model = _ensemble(loaded, ensemble, vote, device) if ensemble or vote else loaded.model
+        return EvalTarget(
+            target, kind, loaded.task, loaded.tokenizer, loaded.label_names, recipe, lambda _labels: model
         )
+    if kind == "base":
+        assert recipe is not None
+        base = recipe.model
+        path = resolve_model_name(base.name)
+        tokenizer = load_tokenizer(path, base)
 
+        def untrained_base(labels: list[str] | None):
+            return load_model(path, base, device, label_names=labels, pad_token_id=tokenizer.pad_token_id)
+
+        return EvalTarget(target, kind, base.task, tokenizer, None, recipe, untrained_base)
+    task = task_of_model_dir(str(target))
+    cfg = ModelConfig(name=str(target), task=task)
+    tokenizer = load_tokenizer(str(target), cfg)
+    model = load_model(str(target), cfg, device, pad_token_id=tokenizer.pad_token_id)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)] if task == "seq_cls" else None
+    return EvalTarget(target, kind, task, tokenizer, labels, None, lambda _labels: model)
+
+
+def _eval_data_config(target: EvalTarget, data: str | None) -> DataConfig:
+    """``--data FILE`` (its format guessed from its columns), else the recipe's data section."""
+    from peftcli.data import load_records
+
+    recipe = target.recipe
     if data:
-        fmt = detect_format(load_records(data, "train", "--data")[0])
-        data_cfg = DataConfig(
+        return DataConfig(
             train=data,
             eval=data,
-            format=fmt,
+            format=detect_format(load_records(data, "train", "--data")[0]),
             max_length=recipe.data.max_length if recipe else 512,
             columns={} if not recipe else recipe.data.columns,
         )
-    elif recipe is not None:
-        data_cfg = recipe.data
-    else:
-        raise RecipeError("--data", f"no eval data known for {target}", "pass --data FILE")
-    if max_examples:
-        data_cfg.max_eval_examples = max_examples
-    bundle = load_data(data_cfg, tokenizer, task, label_names=label_names)
-    if not bundle.eval:
-        raise RecipeError(
-            "data.eval", "there is no eval data", "set data.eval or data.eval_fraction, or pass --data"
-        )
-    if model is None:  # the recipe's base model, untrained
-        model = load_model(
-            resolve_model_name(recipe.model.name),
-            recipe.model,
-            device,
-            label_names=bundle.label_names,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    eval_cfg = recipe.eval if recipe else EvalConfig()
-    metrics = evaluate(model, tokenizer, bundle, task, eval_cfg, device)
-    return {"target": str(target), "kind": kind, "task": task, **metrics}
+    if recipe is None:
+        raise RecipeError("--data", f"no eval data known for {target.path}", "pass --data FILE")
+    return recipe.data
 
 
 def _ensemble(first, others: list[str], vote: bool, device):
@@ -213,9 +224,3 @@ def _ensemble(first, others: list[str], vote: bool, device):
             )
         members.append(loaded.model)
     return EnsembleModel(members, vote=vote)
-
-
-def recipe_yaml(recipe: Recipe) -> str:
-    from peftcli.recipe import to_dict
-
-    return yaml.safe_dump(to_dict(recipe), sort_keys=False)

@@ -172,9 +172,6 @@ def _loss_sums(
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits.float()
-            # Methods that prepend virtual tokens (prompt tuning) return longer logits; the real
-            # positions are the last T.
-            logits = logits[:, -labels.shape[1] :, :]  # (B, T, V)
             logits, targets = logits[:, :-1, :], labels[:, 1:]  # position t predicts token t + 1
         total_loss += F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),

@@ -1,10 +1,30 @@
-"""The training loop: one function, read top to bottom. The only callbacks are the method hooks."""
+"""The training loop: one story read top to bottom (:func:`train`), its stages named functions.
+
+Run it from the shell or from Python::
+
+    peftcli train recipes/tiny/lora.yaml --output-dir runs/demo        # add --resume to continue
+    python -c "import peftcli; print(peftcli.train('recipes/tiny/lora.yaml').to_json())"
+
+It writes, under ``output_dir``::
+
+    recipe.yaml             the resolved recipe                       (prepare_run_dir)
+    metrics.jsonl           one JSON object per train/eval event      (reset_metrics, log_event)
+    checkpoints/step-N/     everything an exact resume needs          (save)
+    adapter/                the adapter in peft's format              (finish)
+    results.json summary.md the result as JSON and as a table         (finish)
+
+The stages: :func:`prepare_run_dir` (checks, recipe.yaml), :func:`set_up` (model, method, data,
+optimizer, scheduler), :func:`restore` (or a fresh :class:`TrainState`), then per optimizer step
+:func:`next_window` (index batches) → :func:`collate_window` → :func:`loss_normaliser` →
+:func:`optimizer_step`, with :func:`log_event`, :func:`run_eval` and :func:`save` on their cadence,
+and :func:`finish` (final eval, export, results). The only callbacks are the method hooks.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import random
 import signal
 import time
@@ -14,15 +34,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from peftcli import checkpoint as ckpt
+import peftcli.checkpoint as ckpt
 from peftcli.checkpoint import atomic_write_text
 from peftcli.methods import get_method_class
 from peftcli.methods.registry import Method, count_parameters
 from peftcli.optim import build_optimizer, build_scheduler, total_steps
 from peftcli.recipe import Recipe, RecipeError, dump_recipe
 from peftcli.reporting import Reporter
+from peftcli.results import TrainResult
+
+__all__ = ["TrainResult", "TrainState", "TrainingInterrupted", "build_model", "token_loss_sum", "train"]
 
 
 class TrainingInterrupted(Exception):
@@ -34,35 +56,413 @@ class TrainingInterrupted(Exception):
 
 
 @dataclass
-class TrainResult:
+class Run:
+    """What :func:`set_up` builds once; fixed for the whole run."""
+
+    recipe: Recipe
+    reporter: Reporter
     run_dir: Path
-    adapter_dir: Path
-    steps: int
-    eval_before: dict[str, float] | None
-    eval_after: dict[str, float] | None
-    first_loss: float | None
-    last_loss: float | None
-    elapsed_s: float
-    tokens_per_s: float
+    device: torch.device
+    base_path: str
+    tokenizer: Any
+    data: Any  # peftcli.data.DataBundle
+    model: torch.nn.Module
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    batches: EpochBatches
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    trainable_params: dict[str, torch.nn.Parameter]  # what the optimizer, clipping and checkpoints see
+    steps: int  # optimizer steps in the whole run
+    steps_per_epoch: int
     trainable: int
     total: int
-    data_stats: dict[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "run_dir": str(self.run_dir),
-            "adapter_dir": str(self.adapter_dir),
-            "steps": self.steps,
-            "eval_before": self.eval_before,
-            "eval_after": self.eval_after,
-            "train_loss_first": self.first_loss,
-            "train_loss_last": self.last_loss,
-            "elapsed_s": round(self.elapsed_s, 3),
-            "tokens_per_s": round(self.tokens_per_s, 1),
-            "trainable_parameters": self.trainable,
-            "total_parameters": self.total,
-            "data": self.data_stats,
-        }
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    @property
+    def task(self) -> str:
+        return self.recipe.model.task
+
+
+@dataclass
+class TrainState:
+    """Where the run stands: saved in every checkpoint (step, epoch, batch_index) or rebuilt on resume."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch the next window comes from
+    batch_index: int = 0  # the first micro-batch of the next window within that epoch
+    first_loss: float | None = None
+    last_loss: float | None = None
+    window_losses: list[float] = field(default_factory=list)  # since the last train event
+    tokens_seen: int = 0  # attention-mask tokens in this process's life (for tokens/s)
+    elapsed_before: float = 0.0  # seconds spent before the checkpoint we resumed from
+    started: float = field(default_factory=time.perf_counter)  # reset when the loop starts
+
+
+class EpochBatches:
+    """Index batches of one epoch at a time (one permutation per epoch, not one per step)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self._epoch, self._batches = -1, []
+
+    def of_epoch(self, epoch: int) -> list[list[int]]:
+        if self._epoch != epoch:
+            self._epoch, self._batches = epoch, self.sampler.epoch_batches(epoch)
+        return self._batches
+
+
+def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
+    """Train ``recipe``'s adapter; with ``resume``, continue from its newest complete checkpoint."""
+    reporter = reporter or Reporter(quiet=True)
+    latest = prepare_run_dir(recipe, resume, reporter)
+    run = set_up(recipe, reporter)
+    state = restore(run, latest) if latest is not None else TrainState()
+    reset_metrics(run, state.step)
+    report_start(run)
+    eval_before = run_eval(run, 0) if latest is None else _first_eval(run.metrics_path)
+
+    cfg = recipe.train
+    run.model.train()
+    state.started = time.perf_counter()
+    with stop_requests() as stop, reporter.progress(run.steps, state.step) as progress:
+        while state.step < run.steps:
+            window, next_position = next_window(run, state)
+            micro = collate_window(run, window)
+            n_targets = loss_normaliser(micro, run.task)
+            loss, tokens, lr = optimizer_step(run, micro, n_targets, state.step)
+            state.step, (state.epoch, state.batch_index) = state.step + 1, next_position
+            record_loss(state, loss, tokens)
+
+            progress.update(state.step, loss, lr, tokens_per_s(state))
+            if state.step % cfg.log_every == 0 or state.step == run.steps:
+                log_train(run, state, lr)
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < run.steps:
+                run_eval(run, state.step)
+                run.model.train()
+            if (cfg.save_every and state.step % cfg.save_every == 0) or state.step == run.steps:
+                save(run, state)
+            if stop:
+                raise TrainingInterrupted(state.step, save(run, state), stop[0])
+
+    return finish(run, state, eval_before)
+
+
+# -- set up ------------------------------------------------------------------------------------
+
+
+def prepare_run_dir(recipe: Recipe, resume: bool, reporter: Reporter) -> Path | None:
+    """Check the run directory against ``resume``, write recipe.yaml; the checkpoint to resume from."""
+    run_dir = Path(recipe.output_dir)
+    latest = ckpt.latest_checkpoint(run_dir) if resume else None
+    if resume and latest is None:
+        reporter.note(f"--resume: no complete checkpoint in {run_dir}/checkpoints, starting from scratch")
+    if not resume and ckpt.list_checkpoints(run_dir):
+        raise RecipeError(
+            "output_dir",
+            f"{run_dir} already holds checkpoints from an earlier run",
+            "pass --resume to continue it, or choose another --output-dir",
+        )
+    if latest is not None:
+        saved = latest.parent.parent / "recipe.yaml"
+        if saved.exists() and _training_identity(saved.read_text()) != _training_identity(
+            dump_recipe(recipe)
+        ):
+            raise RecipeError(
+                "--resume",
+                f"the recipe differs from the one {run_dir} was started with",
+                f"resume with the same recipe (see {saved}) or start a new output_dir",
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    return latest
+
+
+def set_up(recipe: Recipe, reporter: Reporter) -> Run:
+    """Seed, then build tokenizer, data, model + method, optimizer, scheduler and sampler (in this order:
+    the random draws of each depend on those before it)."""
+    from peftcli.data import BatchSampler, load_data
+    from peftcli.models import load_tokenizer, resolve_device, resolve_model_name
+
+    cfg = recipe.train
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    base_path = resolve_model_name(recipe.model.name)
+    tokenizer = load_tokenizer(base_path, recipe.model)
+    data = load_data(recipe.data, tokenizer, recipe.model.task)
+    if not data.train:
+        raise RecipeError(
+            "data.train", "no training examples left after tokenization", "check the data and max_length"
+        )
+    model, method = build_model(recipe, device, data.label_names, tokenizer, base_path)
+    trainable, total = count_parameters(model)
+    steps, batches_per_epoch = total_steps(cfg, len(data.train))
+    method.on_train_start(model, steps)
+    optimizer = build_optimizer(method.param_groups(model, cfg.lr, cfg.weight_decay), cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps)
+    sampler = BatchSampler(len(data.train), cfg.batch_size, cfg.seed)
+    amp_dtype = autocast_dtype(recipe, device)
+    return Run(
+        recipe=recipe,
+        reporter=reporter,
+        run_dir=Path(recipe.output_dir),
+        device=device,
+        base_path=base_path,
+        tokenizer=tokenizer,
+        data=data,
+        model=model,
+        method=method,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        batches=EpochBatches(sampler),
+        amp_dtype=amp_dtype,
+        scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
+        trainable_params={n: p for n, p in model.named_parameters() if p.requires_grad},
+        steps=steps,
+        steps_per_epoch=max(1, math.ceil(batches_per_epoch / cfg.grad_accum)),
+        trainable=trainable,
+        total=total,
+    )
+
+
+def report_start(run: Run) -> None:
+    base_lines = None
+    if run.recipe.model.quantization is not None:
+        from peftcli.quantize import summary_lines
+
+        base_lines = summary_lines(run.model, run.recipe.model.quantization)
+    run.reporter.start_summary(
+        run.recipe, run.method, run.trainable, run.total, run.data.stats, run.steps, run.device, base_lines
+    )
+
+
+# -- restore -----------------------------------------------------------------------------------
+
+
+def restore(run: Run, checkpoint: Path) -> TrainState:
+    """Trainable weights, optimizer, scheduler, method state and RNG from ``checkpoint``."""
+    saved = ckpt.load_checkpoint(checkpoint)
+    with torch.no_grad():
+        for name, value in saved["trainable"].items():
+            run.trainable_params[name].copy_(value)
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.method.load_method_state(saved["method_state"])
+    trainer = saved["trainer_state"]
+    run.scheduler.load_state_dict(trainer["scheduler"])
+    ckpt.set_rng_state(saved["rng"])
+    run.reporter.note(f"resuming from {checkpoint} (step {trainer['step']} of {run.steps})")
+    return TrainState(
+        step=trainer["step"],
+        epoch=trainer["epoch"],
+        batch_index=trainer["batch_index"],
+        elapsed_before=_elapsed_at(run.metrics_path, trainer["step"]),
+    )
+
+
+# -- one optimizer step ------------------------------------------------------------------------
+
+
+def next_window(run: Run, state: TrainState) -> tuple[list[list[int]], tuple[int, int]]:
+    """The index batches of the next accumulation window, and (epoch, batch_index) after it."""
+    batches = run.batches.of_epoch(state.epoch)
+    window = batches[state.batch_index : state.batch_index + run.recipe.train.grad_accum]
+    next_batch = state.batch_index + len(window)
+    if next_batch >= len(batches):
+        return window, (state.epoch + 1, 0)
+    return window, (state.epoch, next_batch)
+
+
+def collate_window(run: Run, window: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+    """One padded micro-batch per index batch."""
+    from peftcli.data import collate
+
+    return [collate([run.data.train[i] for i in idx], run.tokenizer, run.task) for idx in window]
+
+
+def loss_normaliser(micro: list[dict[str, torch.Tensor]], task: str) -> int:
+    """The number of scored targets in the whole accumulation window: every micro-batch's summed loss is
+    divided by it, so the step's loss is token-weighted over the window."""
+    return max(1, sum(count_targets(batch, task) for batch in micro))
+
+
+def optimizer_step(
+    run: Run, micro: list[dict[str, torch.Tensor]], n_targets: int, step: int
+) -> tuple[float, int, float]:
+    """Forward/backward every micro-batch, then the method hooks, clipping and the optimizer and scheduler
+    step. Returns (window loss, tokens seen, the lr this step used)."""
+    model, method, optimizer, scaler, task = run.model, run.method, run.optimizer, run.scaler, run.task
+    loss_total, tokens = 0.0, 0
+    for batch in micro:
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                **({"labels": batch["labels"]} if task == "seq2seq" else {}),
+            )
+            loss_sum, _ = token_loss_sum(out.logits, batch["labels"], task)
+            loss = loss_sum / n_targets  # token-weighted over the whole accumulation window
+            extra = method.extra_loss(model)
+            if extra is not None:
+                loss = loss + extra / len(micro)
+        (scaler.scale(loss) if scaler else loss).backward()
+        loss_total += loss_sum.item() / n_targets
+        tokens += int(batch["attention_mask"].sum())
+
+    if scaler:
+        scaler.unscale_(optimizer)
+    method.after_backward(model, step)
+    if run.recipe.train.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.trainable_params.values(), run.recipe.train.max_grad_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    method.after_step(model, step)
+    lr = optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not math.isfinite(loss_total):
+        raise RecipeError(
+            "train.lr",
+            f"the loss became {loss_total} at step {step + 1}",
+            "lower train.lr or set train.max_grad_norm",
+        )
+    return loss_total, tokens, lr
+
+
+def record_loss(state: TrainState, loss: float, tokens: int) -> None:
+    state.first_loss = loss if state.first_loss is None else state.first_loss
+    state.last_loss = loss
+    state.window_losses.append(loss)
+    state.tokens_seen += tokens
+
+
+def tokens_per_s(state: TrainState) -> float:
+    return state.tokens_seen / max(time.perf_counter() - state.started, 1e-9)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Collect SIGINT/SIGTERM instead of dying mid-step; the loop checkpoints and stops."""
+    received: list[int] = []
+    previous = {
+        s: signal.signal(s, lambda signum, frame: received.append(signum))
+        for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# -- log, eval, save: every file the loop writes goes through these and finish -----------------
+
+
+def reset_metrics(run: Run, step: int) -> None:
+    """A fresh run starts metrics.jsonl anew; a resumed one drops the events logged after its checkpoint
+    (they will be logged again)."""
+    if step == 0:
+        run.metrics_path.unlink(missing_ok=True)
+    else:
+        _truncate_metrics(run.metrics_path, step)
+
+
+def log_event(run: Run, event: dict[str, Any]) -> None:
+    with open(run.metrics_path, "a") as handle:
+        handle.write(json.dumps(event) + "\n")
+
+
+def log_train(run: Run, state: TrainState, lr: float) -> None:
+    log_event(
+        run,
+        {
+            "event": "train",
+            "step": state.step,
+            "epoch": round(state.step / run.steps_per_epoch, 4),
+            "loss": sum(state.window_losses) / len(state.window_losses),
+            "lr": lr,
+            "tokens_per_s": round(tokens_per_s(state), 1),
+            "elapsed_s": round(state.elapsed_before + time.perf_counter() - state.started, 3),
+        },
+    )
+    state.window_losses.clear()
+
+
+def run_eval(run: Run, step: int) -> dict[str, float] | None:
+    from peftcli.evaluate import evaluate
+
+    if not run.data.eval:
+        return None
+    with run.reporter.status("evaluating"):
+        result = evaluate(run.model, run.tokenizer, run.data, run.task, run.recipe.eval, run.device)
+    log_event(run, {"event": "eval", "step": step, **result})
+    return result
+
+
+def save(run: Run, state: TrainState) -> Path:
+    """Write checkpoints/step-N atomically: everything an exact resume needs."""
+    payload = {
+        "trainable": {n: p.detach() for n, p in run.trainable_params.items()},
+        "optimizer": run.optimizer.state_dict(),
+        "method_state": run.method.method_state(),
+        "rng": ckpt.rng_state(),
+        "trainer_state": {
+            "step": state.step,
+            "epoch": state.epoch,
+            "batch_index": state.batch_index,
+            "scheduler": run.scheduler.state_dict(),
+            "total_steps": run.steps,
+        },
+    }
+    return ckpt.save_checkpoint(run.run_dir, state.step, payload, run.recipe.train.keep_checkpoints)
+
+
+# -- finish ------------------------------------------------------------------------------------
+
+
+def finish(run: Run, state: TrainState, eval_before: dict[str, float] | None) -> TrainResult:
+    """Final eval, the adapter in peft's format, results.json and summary.md."""
+    from peftcli.export import save_adapter
+
+    elapsed = state.elapsed_before + (time.perf_counter() - state.started)
+    eval_after = run_eval(run, state.step)
+    adapter_dir = run.run_dir / "adapter"
+    save_adapter(
+        adapter_dir,
+        run.model,
+        run.method,
+        run.tokenizer,
+        run.base_path,
+        run.recipe.model,
+        run.data.label_names,
+    )
+    result = TrainResult(
+        run.run_dir,
+        adapter_dir,
+        state.step,
+        eval_before,
+        eval_after,
+        state.first_loss,
+        state.last_loss,
+        elapsed,
+        tokens_per_s(state),
+        run.trainable,
+        run.total,
+        run.data.stats,
+    )
+    atomic_write_text(run.run_dir / "results.json", json.dumps(result.to_json(), indent=2) + "\n")
+    atomic_write_text(run.run_dir / "summary.md", run.reporter.summary_markdown(result))
+    return result
+
+
+# -- building blocks (also used by tests and benchmarks) ----------------------------------------
 
 
 def seed_everything(seed: int) -> None:
@@ -116,13 +516,9 @@ def build_model(
     model = load_model(
         base_path, recipe.model, device, label_names=label_names, pad_token_id=tokenizer.pad_token_id
     )
-    method_cls = get_method_class(recipe.method.name)
-    if recipe.model.quantization is not None and not method_cls.supports_quantized_base:
-        raise RecipeError(
-            "model.quantization",
-            f"method {method_cls.name} cannot train on a quantized base",
-            "remove model.quantization or pick lora",
-        )
+    method_cls = get_method_class(
+        recipe.method.name
+    )  # recipe validation rejected a quantized base it can't use
     method: Method = method_cls(recipe.method, recipe.model.task)
     torch.manual_seed(recipe.train.seed)  # adapter init depends on the seed only
     model = method.apply(model)
@@ -131,239 +527,6 @@ def build_model(
             p.data = p.data.float()
     model.to(device)
     return model, method
-
-
-def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
-    from peftcli.data import BatchSampler, collate, load_data
-    from peftcli.evaluate import evaluate
-    from peftcli.export import save_adapter
-    from peftcli.models import load_tokenizer, resolve_device, resolve_model_name
-
-    reporter = reporter or Reporter(quiet=True)
-    run_dir = Path(recipe.output_dir)
-    cfg = recipe.train
-    task = recipe.model.task
-
-    # -- 1. where we start from ------------------------------------------------------------
-    latest = ckpt.latest_checkpoint(run_dir) if resume else None
-    if resume and latest is None:
-        reporter.note(f"--resume: no complete checkpoint in {run_dir}/checkpoints, starting from scratch")
-    if not resume and ckpt.list_checkpoints(run_dir):
-        raise RecipeError(
-            "output_dir",
-            f"{run_dir} already holds checkpoints from an earlier run",
-            "pass --resume to continue it, or choose another --output-dir",
-        )
-    if latest is not None:
-        saved = latest.parent.parent / "recipe.yaml"
-        if saved.exists() and _training_identity(saved.read_text()) != _training_identity(
-            dump_recipe(recipe)
-        ):
-            raise RecipeError(
-                "--resume",
-                f"the recipe differs from the one {run_dir} was started with",
-                f"resume with the same recipe (see {saved}) or start a new output_dir",
-            )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
-
-    # -- 2. model, method, data ------------------------------------------------------------
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    base_path = resolve_model_name(recipe.model.name)
-    tokenizer = load_tokenizer(base_path, recipe.model)
-    data = load_data(recipe.data, tokenizer, task)
-    if not data.train:
-        raise RecipeError(
-            "data.train", "no training examples left after tokenization", "check the data and max_length"
-        )
-    model, method = build_model(recipe, device, data.label_names, tokenizer, base_path)
-    trainable, total = count_parameters(model)
-    steps, batches_per_epoch = total_steps(cfg, len(data.train))
-    method.on_train_start(model, steps)
-    optimizer = build_optimizer(method.param_groups(model, cfg.lr, cfg.weight_decay), cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps)
-    sampler = BatchSampler(len(data.train), cfg.batch_size, cfg.seed)
-    amp_dtype = autocast_dtype(recipe, device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    named_trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-    step, epoch, batch_index = 0, 0, 0
-    metrics_path = run_dir / "metrics.jsonl"
-    if latest is not None:
-        state = ckpt.load_checkpoint(latest)
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                named_trainable[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        method.load_method_state(state["method_state"])
-        trainer_state = state["trainer_state"]
-        step, epoch, batch_index = trainer_state["step"], trainer_state["epoch"], trainer_state["batch_index"]
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        _truncate_metrics(metrics_path, step)
-        reporter.note(f"resuming from {latest} (step {step} of {steps})")
-    elif metrics_path.exists():
-        metrics_path.unlink()
-
-    base_lines = None
-    if recipe.model.quantization is not None:
-        from peftcli.quantize import summary_lines
-
-        base_lines = summary_lines(model, recipe.model.quantization)
-    reporter.start_summary(recipe, method, trainable, total, data.stats, steps, device, base_lines)
-
-    def log(event: dict[str, Any]) -> None:
-        with open(metrics_path, "a") as handle:
-            handle.write(json.dumps(event) + "\n")
-
-    def run_eval(at_step: int) -> dict[str, float] | None:
-        if not data.eval:
-            return None
-        with reporter.status("evaluating"):
-            result = evaluate(model, tokenizer, data, task, recipe.eval, device)
-        log({"event": "eval", "step": at_step, **result})
-        return result
-
-    def save(at_step: int, next_epoch: int, next_batch: int) -> Path:
-        payload = {
-            "trainable": {n: p.detach() for n, p in named_trainable.items()},
-            "optimizer": optimizer.state_dict(),
-            "method_state": method.method_state(),
-            "rng": ckpt.rng_state(),
-            "trainer_state": {
-                "step": at_step,
-                "epoch": next_epoch,
-                "batch_index": next_batch,
-                "scheduler": scheduler.state_dict(),
-                "total_steps": steps,
-            },
-        }
-        path = ckpt.save_checkpoint(run_dir, at_step, payload, cfg.keep_checkpoints)
-        if os.environ.get("PEFTCLI_TEST_KILL_AFTER_CHECKPOINT") == str(at_step):
-            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die the hardest way right after a checkpoint
-        return path
-
-    eval_before = run_eval(0) if latest is None else _first_eval(metrics_path)
-
-    # -- 3. the loop -------------------------------------------------------------------------
-    stop_signal: list[int] = []
-    previous_handlers = {
-        s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
-        for s in (signal.SIGINT, signal.SIGTERM)
-    }
-    model.train()
-    first_loss = last_loss = None
-    window_losses: list[float] = []
-    tokens_seen, start = 0, time.perf_counter()
-    elapsed_before = _elapsed_at(metrics_path, step)
-    try:
-        with reporter.progress(steps, step) as progress:
-            batches_of_epoch: tuple[int, list[list[int]]] = (-1, [])
-            while step < steps:
-                if batches_of_epoch[0] != epoch:  # one permutation per epoch, not one per step
-                    batches_of_epoch = (epoch, sampler.epoch_batches(epoch))
-                batches = batches_of_epoch[1]
-                window = batches[batch_index : batch_index + cfg.grad_accum]
-                next_epoch, next_batch = epoch, batch_index + len(window)
-                if next_batch >= len(batches):
-                    next_epoch, next_batch = epoch + 1, 0
-                micro = [collate([data.train[i] for i in idx], tokenizer, task) for idx in window]
-                n_targets = max(1, sum(count_targets(b, task) for b in micro))
-
-                loss_total = 0.0
-                for batch in micro:
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        out = model(
-                            input_ids=batch["input_ids"],
-                            attention_mask=batch["attention_mask"],
-                            **({"labels": batch["labels"]} if task == "seq2seq" else {}),
-                        )
-                        loss_sum, _ = token_loss_sum(out.logits, batch["labels"], task)
-                        loss = loss_sum / n_targets  # token-weighted over the whole accumulation window
-                        extra = method.extra_loss(model)
-                        if extra is not None:
-                            loss = loss + extra / len(micro)
-                    (scaler.scale(loss) if scaler else loss).backward()
-                    loss_total += loss_sum.item() / n_targets
-                    tokens_seen += int(batch["attention_mask"].sum())
-
-                if scaler:
-                    scaler.unscale_(optimizer)
-                method.after_backward(model, step)
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(named_trainable.values(), cfg.max_grad_norm)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                method.after_step(model, step)
-                lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step, epoch, batch_index = step + 1, next_epoch, next_batch
-
-                if not math.isfinite(loss_total):
-                    raise RecipeError(
-                        "train.lr",
-                        f"the loss became {loss_total} at step {step}",
-                        "lower train.lr or set train.max_grad_norm",
-                    )
-                first_loss = loss_total if first_loss is None else first_loss
-                last_loss = loss_total
-                window_losses.append(loss_total)
-                elapsed = time.perf_counter() - start
-                tokens_per_s = tokens_seen / max(elapsed, 1e-9)
-                progress.update(step, loss_total, lr, tokens_per_s)
-                if step % cfg.log_every == 0 or step == steps:
-                    log(
-                        {
-                            "event": "train",
-                            "step": step,
-                            "epoch": round(step / max(1, math.ceil(batches_per_epoch / cfg.grad_accum)), 4),
-                            "loss": sum(window_losses) / len(window_losses),
-                            "lr": lr,
-                            "tokens_per_s": round(tokens_per_s, 1),
-                            "elapsed_s": round(elapsed_before + elapsed, 3),
-                        }
-                    )
-                    window_losses.clear()
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
-                    run_eval(step)
-                    model.train()
-                if (cfg.save_every and step % cfg.save_every == 0) or step == steps:
-                    save(step, epoch, batch_index)
-                if stop_signal:
-                    path = save(step, epoch, batch_index)
-                    raise TrainingInterrupted(step, path, stop_signal[0])
-    finally:
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
-
-    # -- 4. final eval, export, results --------------------------------------------------------
-    elapsed = elapsed_before + (time.perf_counter() - start)
-    eval_after = run_eval(step)
-    adapter_dir = run_dir / "adapter"
-    save_adapter(adapter_dir, model, method, tokenizer, base_path, recipe.model, data.label_names)
-    result = TrainResult(
-        run_dir,
-        adapter_dir,
-        step,
-        eval_before,
-        eval_after,
-        first_loss,
-        last_loss,
-        elapsed,
-        tokens_seen / max(time.perf_counter() - start, 1e-9),
-        trainable,
-        total,
-        data.stats,
-    )
-    atomic_write_text(run_dir / "results.json", json.dumps(result.to_json(), indent=2) + "\n")
-    atomic_write_text(run_dir / "summary.md", reporter.summary_markdown(result))
-    return result
 
 
 def _training_identity(recipe_yaml: str) -> str:
@@ -408,7 +571,3 @@ def _elapsed_at(path: Path, step: int) -> float:
         if event.get("event") == "train" and event.get("step", 0) <= step:
             elapsed = event.get("elapsed_s", elapsed)
     return elapsed
-
-
-def trainable_named(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}

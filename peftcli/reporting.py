@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from peftcli.loop import TrainResult
+    from peftcli.results import TrainResult
 
 
 def human(n: float) -> str:

@@ -180,11 +180,11 @@ def test_resume_is_exact_through_the_cli(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def run(out, *extra, kill=None):
-        run_env = {**env, **({"PEFTCLI_TEST_KILL_AFTER_CHECKPOINT": str(kill)} if kill else {})}
+        # kill: SIGKILL the process right after that checkpoint (a test-side hook; see tests/helpers)
+        launcher = [str(ROOT / "tests" / "helpers" / "kill_after_checkpoint.py"), str(kill), "--"]
         cmd = [
             sys.executable,
-            "-m",
-            "peftcli",
+            *(launcher if kill else ["-m", "peftcli"]),
             "train",
             "recipes/tiny/adalora.yaml",
             *overrides,
@@ -193,7 +193,7 @@ def test_resume_is_exact_through_the_cli(tmp_path):
             *extra,
         ]
         return subprocess.run(
-            cmd, check=False, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600
+            cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
         )
 
     straight = run(tmp_path / "straight")

@@ -9,7 +9,6 @@ References and tolerances (fp32, CPU, fixed seeds):
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from peftcli.cli import app
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
 EVAL = str(ROOT / "recipes" / "data" / "tiny_eval.jsonl")
+KILL_AFTER_CHECKPOINT = ROOT / "tests" / "helpers" / "kill_after_checkpoint.py"  # SIGKILL after checkpoint N
 
 RECIPE = f"""
 model: {{name: "tiny:llama"}}
@@ -155,9 +155,9 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
 
 def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(finished_run, recipe_path, tmp_path):
     run = tmp_path / "killed"
-    env = {**os.environ, "PEFTCLI_TEST_KILL_AFTER_CHECKPOINT": "3"}
-    cmd = [sys.executable, "-m", "peftcli", "train", str(recipe_path), "--output-dir", str(run), "-q"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, str(KILL_AFTER_CHECKPOINT), "3", "--", "train", str(recipe_path)]
+    cmd += ["--output-dir", str(run), "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert (run / "checkpoints" / "step-3" / "complete").exists()
     assert not (run / "adapter").exists()
