@@ -1,9 +1,9 @@
-"""The README's recipe reference, generated from the schema so the two never drift.
+"""The recipe reference (docs/recipe-reference.md), generated from the schema so the two never drift.
 
     python -m peftcli.docs            # print the reference
-    python -m peftcli.docs --write    # rewrite the block between the markers in README.md
+    python -m peftcli.docs --write    # rewrite the block between the markers in docs/recipe-reference.md
 
-``tests/test_docs.py`` fails when README.md's block differs from what this prints.
+``tests/test_docs.py`` fails when the file's block differs from what this prints.
 """
 
 from __future__ import annotations
@@ -83,36 +83,39 @@ def recipe_reference() -> str:
     header = ["| key | type | default | meaning |", "|---|---|---|---|"]
     out = []
     for prefix, cls in SECTIONS:
-        out += [f"#### `{prefix}`", "", *header, *_rows(prefix, cls), ""]
+        out += [f"## `{prefix}`", "", *header, *_rows(prefix, cls), ""]
     out_dir = next(f for f in dataclasses.fields(Recipe) if f.name == "output_dir")
     out += [
-        "#### `output_dir`",
+        "## `output_dir`",
         "",
         *header,
         f"| `output_dir` | string | `runs/<recipe file name>` | {out_dir.metadata['help']} |",
         "",
     ]
-    out += ["#### `method`", "", "`method.name` picks the method; its options sit beside it.", ""]
+    out += ["## `method`", "", "`method.name` picks the method; its options sit beside it.", ""]
     for method in list_methods():
         rows = _rows(
             "method", method.config_cls, skip=("name",) if method.config_cls is not MethodConfig else ()
         )
-        out += [f"##### `method.name: {method.name}`", "", method.description, ""]
+        out += [f"### `method.name: {method.name}`", "", method.description, ""]
         out += [*header, *rows, ""] if rows else ["No options.", ""]
     return "\n".join(out).rstrip() + "\n"
 
 
-def readme_block() -> str:
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "recipe-reference.md"
+
+
+def reference_block() -> str:
     return f"{START}\n\n{recipe_reference()}\n{END}"
 
 
-def rewrite_readme(path: Path) -> bool:
+def rewrite_reference(path: Path = REFERENCE) -> bool:
     text = path.read_text()
     if START not in text or END not in text:
         raise SystemExit(f"{path} has no recipe-reference markers")
     before, rest = text.split(START, 1)
     _, after = rest.split(END, 1)
-    new = before + readme_block() + after
+    new = before + reference_block() + after
     changed = new != text
     if changed:
         path.write_text(new)
@@ -121,8 +124,8 @@ def rewrite_readme(path: Path) -> bool:
 
 def main(argv: list[str]) -> None:
     if "--write" in argv:
-        readme = Path(__file__).resolve().parents[1] / "README.md"
-        print("README.md updated" if rewrite_readme(readme) else "README.md already up to date")
+        name = "docs/recipe-reference.md"
+        print(f"{name} updated" if rewrite_reference() else f"{name} already up to date")
     else:
         print(recipe_reference())
 

@@ -166,6 +166,7 @@ def test_schedule_without_a_pruning_phase_is_refused(tmp_path):
         build("adalora", tmp_path, ["method.init_r=4", "method.target_r=6"])
 
 
+@pytest.mark.slow
 def test_resume_is_exact_through_the_cli(tmp_path):
     """Kill the run right after the step-5 checkpoint, resume, and compare with an uninterrupted run:
     the EMA scores and the rank pattern go through method_state(), so the adapters are identical."""

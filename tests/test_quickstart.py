@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import peftcli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quickstart_learns_to_reverse_unseen_words(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the recipe's data paths are relative to the repository root
     result = peftcli.train("recipes/quickstart.yaml", output_dir=str(tmp_path / "run"))

@@ -22,6 +22,7 @@ minilm = pytest.importorskip(
 MODEL_DIR = Path(minilm.__file__).parent / "model"
 
 
+@pytest.mark.slow
 def test_lora_on_minilm_learns_and_loads_in_peft(tmp_path):
     recipe = tmp_path / "minilm.yaml"
     recipe.write_text(f"""

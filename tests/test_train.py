@@ -23,6 +23,8 @@ from typer.testing import CliRunner
 import peftcli
 from peftcli.cli import app
 
+pytestmark = pytest.mark.slow  # every test here rides on a real training run (~30 s each)
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
 EVAL = str(ROOT / "recipes" / "data" / "tiny_eval.jsonl")
