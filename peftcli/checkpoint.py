@@ -303,17 +303,22 @@ def resume_checkpoint(run_dir: Path, warn=print) -> Path | None:
 
 
 def check_tensors(
-    found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str, exact_dtype: bool = True
+    found: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    source: str,
+    exact_dtype: bool = True,
+    shapes: bool = True,
 ) -> None:
     """Refuse tensors whose names, shapes or dtypes differ from ``expected``, listing the names.
 
-    ``exact_dtype=False`` accepts any floating dtype for a floating tensor (an adapter saved in bf16)."""
+    ``exact_dtype=False`` accepts any floating dtype for a floating tensor (an adapter saved in bf16);
+    ``shapes=False`` leaves shapes out (a method that resizes itself to what it loads, e.g. AdaLoRA)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong_shape = sorted(
         f"{k} {tuple(found[k].shape)} (expected {tuple(expected[k].shape)})"
         for k in set(found) & set(expected)
-        if found[k].shape != expected[k].shape
+        if shapes and found[k].shape != expected[k].shape
     )
 
     def dtype_fits(k: str) -> bool:
