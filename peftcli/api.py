@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from peftcli.recipe import DataConfig, EvalConfig, ModelConfig, Recipe, RecipeError, load_recipe
+from peftcli.recipe import DataConfig, EvalConfig, ModelConfig, Recipe, RecipeError
+from peftcli.recipe_loader import load_recipe
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", base: str | None = None):

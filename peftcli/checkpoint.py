@@ -12,6 +12,8 @@ the one before, with a warning naming what was wrong, when a file is missing, sh
 (:func:`resume_checkpoint`). A write that fails (a full disk, an I/O error) removes its partial files,
 leaves the previous checkpoint as it was and stops with one line saying how much space is needed
 (:func:`save_checkpoint`).
+Adapter weight files are read here too (:func:`read_adapter_state`), for export and for the methods
+that start from another adapter.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from peftcli.recipe import RecipeError
@@ -53,6 +56,27 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name, in every adapter directory
+
+
+def read_adapter_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``path/adapter_model.safetensors`` (ours or peft's), or a RecipeError."""
+    weights = Path(path) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise RecipeError(
+            "adapter", f"{weights} is missing", "point at a directory written by peftcli train or peft"
+        )
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except Exception as err:  # SafetensorError, or an OSError from a truncated file
+        raise RecipeError(
+            "adapter",
+            f"{weights} is not a readable safetensors file ({str(err).splitlines()[0][:120]})",
+            "write the adapter again (peftcli train --resume) or copy it again",
+        ) from None
+
+
 # --------------------------------------------------------------------------------------------
 # Atomic writes
 # --------------------------------------------------------------------------------------------
@@ -67,22 +91,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_safetensors(
-    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None
-) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(contiguous, tmp, metadata={"format": "pt", **(metadata or {})})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -77,7 +77,7 @@ def train(
     """Fine-tune a model as a recipe says; write the run directory (adapter, metrics, checkpoints)."""
     from peftcli.loop import TrainingInterrupted
     from peftcli.loop import train as run
-    from peftcli.recipe import load_recipe
+    from peftcli.recipe_loader import load_recipe
     from peftcli.reporting import Reporter
 
     loaded = load_recipe(recipe, overrides or [], output_dir)
@@ -171,7 +171,8 @@ def validate(
     show: Annotated[bool, typer.Option("--show", help="print the resolved recipe")] = False,
 ) -> None:
     """Check a recipe (keys, types, ranges, method options, local files) without loading weights."""
-    from peftcli.recipe import dump_recipe, load_recipe, validate_files
+    from peftcli.recipe import dump_recipe
+    from peftcli.recipe_loader import load_recipe, validate_files
 
     loaded = load_recipe(recipe, overrides or [])
     validate_files(loaded)
@@ -189,7 +190,7 @@ def methods() -> None:
     """List the registered PEFT methods."""
     from rich.table import Table
 
-    from peftcli.methods import list_methods
+    from peftcli.methods.catalog import list_methods
 
     table = Table(title="methods", title_justify="left")
     table.add_column("name", style="bold")

@@ -19,26 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from peftcli.checkpoint import AtomicDir, check_tensors
-from peftcli.methods import get_method_class, list_methods
+from peftcli.checkpoint import ADAPTER_WEIGHTS, AtomicDir, check_tensors, read_adapter_state
+from peftcli.methods.catalog import get_method_class, list_methods
 from peftcli.methods.registry import Method
 from peftcli.models import PEFT_TASK_TYPE, TASK_FROM_PEFT, load_model, load_tokenizer, resolve_model_name
 from peftcli.recipe import ModelConfig, QuantizationConfig, RecipeError, coerce, from_dict, to_dict
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SIDECAR = "peftcli_adapter.json"
 
 
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
-def is_model_dir(path: str | Path) -> bool:
-    return (Path(path) / "config.json").is_file() and not is_adapter_dir(path)
 
 
 def save_adapter(
@@ -83,23 +77,6 @@ def save_adapter(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
-
-
-def read_adapter_state(path: str | Path) -> dict[str, torch.Tensor]:
-    weights = Path(path) / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise RecipeError(
-            "adapter", f"{weights} is missing", "point at a directory written by peftcli train or peft"
-        )
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except Exception as err:  # SafetensorError, or an OSError from a truncated file
-        raise RecipeError(
-            "adapter",
-            f"{weights} is not a readable safetensors file ({str(err).splitlines()[0][:120]})",
-            "write the adapter again (peftcli train --resume) or copy it again",
-        ) from None
 
 
 def read_adapter_info(path: str | Path) -> dict[str, Any]:
@@ -201,7 +178,7 @@ def load_adapter(
     )
     method = info["method_cls"](info["method_cfg"], info["task"])
     torch.manual_seed(0)
-    model = method.apply(model)
+    model = method.attach(model)
     state = read_adapter_state(path)
     # Names and dtype kinds must be what this method writes for this base, listed if not. Shapes are
     # checked once loaded (a pruned AdaLoRA adapter resizes the model to its ranks): a file tensor whose

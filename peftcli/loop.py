@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import peftcli.checkpoint as ckpt
 from peftcli import faults, rundir
 from peftcli.checkpoint import atomic_write_text
-from peftcli.methods import get_method_class
+from peftcli.methods.catalog import get_method_class
 from peftcli.methods.registry import Method, count_parameters
 from peftcli.optim import build_optimizer, build_scheduler, total_steps
 from peftcli.recipe import Recipe, RecipeError, dump_recipe
@@ -616,7 +616,7 @@ def build_model(
     )  # recipe validation rejected a quantized base it can't use
     method: Method = method_cls(recipe.method, recipe.model.task)
     torch.manual_seed(recipe.train.seed)  # adapter init depends on the seed only
-    model = method.apply(model)
+    model = method.attach(model)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

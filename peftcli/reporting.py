@@ -69,7 +69,7 @@ class Reporter:
             "trainable",
             f"{human(trainable)} of {human(total)} parameters ({100 * trainable / max(total, 1):.3f}%)",
         )
-        for line in getattr(method, "summary_lines", list)():
+        for line in method.summary_lines():
             table.add_row("", line)
         data = (
             f"{stats.get('train_examples', '?')} train / {stats.get('eval_examples', 0)} eval examples, "

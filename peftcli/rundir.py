@@ -308,8 +308,9 @@ def estimate_trainable(recipe: Recipe, base_path: str) -> int | None:
     import torch
     import transformers
 
-    from peftcli.methods import get_method_class
-    from peftcli.models import TASK_AUTO, quiet_transformers
+    from peftcli.methods.catalog import get_method_class
+    from peftcli.models import TASK_AUTO
+    from peftcli.tiny import quiet_transformers
 
     quiet_transformers()
     try:
@@ -321,10 +322,8 @@ def estimate_trainable(recipe: Recipe, base_path: str) -> int | None:
         auto = getattr(transformers, TASK_AUTO[recipe.model.task])
         with torch.device("meta"):
             model = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-            for p in model.parameters():
-                p.requires_grad_(False)
             method = get_method_class(recipe.method.name)(recipe.method, recipe.model.task)
-            model = method.apply(model)
+            model = method.attach(model)
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
     except Exception:  # any model or method that cannot live on the meta device
         return None

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from peftcli.cli import app
-from peftcli.methods import list_methods
+from peftcli.methods.catalog import list_methods
 from peftcli.recipe import Recipe, RecipeError, build_recipe, load_recipe, read_yaml
 
 CI_EXAMPLES = int(os.environ.get("PEFTCLI_FUZZ_EXAMPLES", "200"))

@@ -23,7 +23,8 @@ from peftcli import api
 from peftcli.export import load_adapter, merge_adapter
 from peftcli.models import load_model, resolve_model_name
 from peftcli.quantize import probe_batch, storage_report
-from peftcli.recipe import ModelConfig, QuantizationConfig, RecipeError, load_recipe
+from peftcli.recipe import ModelConfig, QuantizationConfig, RecipeError
+from peftcli.recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny" / "qlora.yaml"
