@@ -7,17 +7,22 @@ Run it from the shell or from Python::
 
 It writes, under ``output_dir``::
 
+    .peftcli.lock           pid, host, start time of the running run  (claim_run_dir)
     recipe.yaml             the resolved recipe                       (prepare_run_dir)
     metrics.jsonl           one JSON object per train/eval event      (reset_metrics, log_event)
     checkpoints/step-N/     everything an exact resume needs          (save)
     adapter/                the adapter in peft's format              (finish)
     results.json summary.md the result as JSON and as a table         (finish)
 
-The stages: :func:`prepare_run_dir` (checks, recipe.yaml), :func:`set_up` (model, method, data,
-optimizer, scheduler), :func:`restore` (or a fresh :class:`TrainState`), then per optimizer step
-:func:`next_window` (index batches) → :func:`collate_window` → :func:`loss_normaliser` →
-:func:`optimizer_step`, with :func:`log_event`, :func:`run_eval` and :func:`save` on their cadence,
-and :func:`finish` (final eval, export, results). The only callbacks are the method hooks.
+The stages: :func:`claim_run_dir` (the lock, a finished run, --overwrite), :func:`prepare_run_dir`
+(the checkpoint to resume from, checks before loading weights, recipe.yaml), :func:`set_up` (model,
+method, data, optimizer, scheduler) and :func:`check_space`, :func:`restore` (or a fresh
+:class:`TrainState`), then per optimizer step :func:`next_window` (index batches) →
+:func:`collate_window` → :func:`loss_normaliser` → :func:`optimizer_step` (→ :func:`skip_or_stop` when
+the loss or gradient is not finite), with :func:`log_event`, :func:`run_eval` and :func:`save` on their
+cadence, and :func:`finish` (final eval, export, results); :func:`answer_faults` turns CUDA OOM and a
+full disk into advice. The only callbacks are the method hooks. What goes wrong and what users see:
+docs/troubleshooting.md.
 """
 
 from __future__ import annotations

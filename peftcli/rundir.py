@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from peftcli.checkpoint import human_bytes
-from peftcli.recipe import Recipe, RecipeError, TrainConfig, expand_path, validate_files
+from peftcli.recipe import Recipe, RecipeError, TrainConfig, expand_path
+from peftcli.recipe_loader import validate_files
 
 LOCK_NAME = ".peftcli.lock"
 RUN_FILES = ("checkpoints", "adapter", "results.json", "summary.md", "metrics.jsonl", "recipe.yaml")

@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 
 from peftcli.cli import app
 from peftcli.methods.catalog import list_methods
-from peftcli.recipe import Recipe, RecipeError, build_recipe, load_recipe, read_yaml
+from peftcli.recipe import Recipe, RecipeError, read_yaml
+from peftcli.recipe_loader import build_recipe, load_recipe
 
 CI_EXAMPLES = int(os.environ.get("PEFTCLI_FUZZ_EXAMPLES", "200"))
 SLOW_EXAMPLES = max(1000, CI_EXAMPLES)

@@ -34,8 +34,11 @@ import peftcli.checkpoint as ckpt
 import peftcli.loop as loop
 from peftcli.cli import app
 from peftcli.data import BatchSampler
-from peftcli.recipe import RecipeError, load_recipe
+from peftcli.recipe import RecipeError
+from peftcli.recipe_loader import load_recipe
 from peftcli.reporting import Reporter
+
+pytestmark = pytest.mark.slow  # every test here trains (seconds each)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")

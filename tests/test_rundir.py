@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from peftcli import rundir
-from peftcli.recipe import RecipeError, TrainConfig, load_recipe
+from peftcli.recipe import RecipeError, TrainConfig
+from peftcli.recipe_loader import load_recipe
 
 HOLD_LOCK = textwrap.dedent(
     """

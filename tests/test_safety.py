@@ -141,13 +141,14 @@ def test_tensor_check_lists_names_shapes_and_dtypes():
 @pytest.fixture(scope="module")
 def trained_adapter(tmp_path_factory):
     from peftcli.loop import train
-    from peftcli.recipe import load_recipe
+    from peftcli.recipe_loader import load_recipe
 
     run = tmp_path_factory.mktemp("run")
     recipe = load_recipe("recipes/tiny/lora.yaml", ["train.max_steps=1"], str(run))
     return train(recipe).adapter_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "edit, listed",
     [
@@ -188,6 +189,7 @@ def test_adapter_with_unexpected_tensors_is_refused(trained_adapter, tmp_path, e
     assert str(err.value).startswith("adapter") and listed(first) in str(err.value), str(err.value)
 
 
+@pytest.mark.slow
 def test_truncated_adapter_file_is_one_line(trained_adapter, tmp_path):
     from peftcli.export import load_adapter
 
