@@ -55,11 +55,15 @@ def train(
 
 
 def merge(
-    adapter_dir: str | Path, output: str | Path, base: str | None = None, dtype: str = "float32"
+    adapter_dir: str | Path,
+    output: str | Path,
+    base: str | None = None,
+    dtype: str = "float32",
+    dequantize: bool = False,
 ) -> dict:
     from peftcli.export import merge_adapter
 
-    return merge_adapter(adapter_dir, output, base=base, dtype=dtype)
+    return merge_adapter(adapter_dir, output, base=base, dtype=dtype, dequantize=dequantize)
 
 
 def detect_format(record: dict[str, Any]) -> str:

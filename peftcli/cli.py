@@ -105,6 +105,14 @@ def merge(
         Optional[str], typer.Option(help="base model (default: the one the adapter names)")
     ] = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    dequantize: Annotated[
+        bool,
+        typer.Option(
+            "--dequantize",
+            help="QLoRA: merge into the dequantized 4-bit base the adapter was trained on, not the original "
+            "weights (docs/merging.md)",
+        ),
+    ] = False,
 ) -> None:
     """Fold an adapter into its base and write a plain transformers model directory."""
     from peftcli.recipe import RecipeError, did_you_mean
@@ -117,7 +125,7 @@ def merge(
         )
     from peftcli.api import merge as run
 
-    info = run(adapter_dir, output, base=base, dtype=dtype)
+    info = run(adapter_dir, output, base=base, dtype=dtype, dequantize=dequantize)
     for line in info.get("report_lines", []):
         err_console.print(line, highlight=False)
     out_console.print(
@@ -186,27 +194,59 @@ def validate(
 
 
 @app.command()
-def methods() -> None:
+def methods(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the registry as JSON (options with types and defaults)")
+    ] = False,
+) -> None:
     """List the registered PEFT methods."""
     from rich.table import Table
 
     from peftcli.methods.catalog import list_methods
 
-    table = Table(title="methods", title_justify="left")
-    table.add_column("name", style="bold")
-    table.add_column("description")
-    table.add_column("merges")
-    table.add_column("peft type")
-    table.add_column("trainable parameters")
-    for cls in list_methods():
-        table.add_row(
-            cls.name,
-            cls.description,
-            "yes" if cls.mergeable else "no",
-            cls.peft_type or "-",
-            cls.trainable_formula,
-        )
-    out_console.print(table)
+    if as_json:
+        from peftcli.schema import methods_as_json
+
+        print(json.dumps(methods_as_json(), indent=2))
+        return
+    registered = list_methods()
+    console = out_console
+    if not console.is_terminal and "COLUMNS" not in os.environ:  # piped: one line per method, for grep
+        console = Console(width=250)
+    wide = console.width >= 100  # below that, five columns squeeze into unreadable slivers
+    table = Table(
+        title="methods", title_justify="left", caption=None if wide else "details: peftcli methods --json"
+    )
+    # the name never wraps or shortens, so `peftcli methods | grep parallel_adapter` finds it
+    table.add_column("name", style="bold", no_wrap=True, min_width=max(len(c.name) for c in registered))
+    table.add_column("description", overflow="fold")
+    if wide:
+        table.add_column("merges")
+        table.add_column("peft type", overflow="fold")
+        table.add_column("trainable parameters", overflow="fold")
+    for cls in registered:
+        details = ["yes" if cls.mergeable else "no", cls.peft_type or "-", cls.trainable_formula]
+        table.add_row(cls.name, cls.description, *(details if wide else []))
+    console.print(table)
+
+
+@app.command()
+@guarded
+def schema(
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="write to this file instead of printing")
+    ] = None,
+) -> None:
+    """Print the recipe's JSON Schema (draft 2020-12) for editors (YAML language server)."""
+    from peftcli.schema import schema_text
+
+    text = schema_text()
+    if output is None:
+        sys.stdout.write(text)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    out_console.print(f"schema written to {output}", highlight=False)
 
 
 def show_recipe_warnings() -> None:
