@@ -29,7 +29,10 @@ EXIT_USER_ERROR = 2
 
 
 def fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escape: messages carry brackets ("pip install 'peftcli[wandb]'", "train.loggers[0]") that rich would eat
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_USER_ERROR)
 
 
@@ -191,6 +194,84 @@ def validate(
         f"({loaded.model.task}), output_dir {loaded.output_dir}",
         highlight=False,
     )
+
+
+@app.command()
+@guarded
+def report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="run directory (a recipe's output_dir); may still be running")
+    ],
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="PNG to write (default RUN_DIR/report.png)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as one JSON object")] = False,
+    no_plot: Annotated[bool, typer.Option("--no-plot", help="summary only (no matplotlib needed)")] = False,
+) -> None:
+    """Plot a run's train loss, eval metrics and learning rate; summarize best and final evals."""
+    from peftcli.report import report as run
+    from peftcli.reporting import report_table
+
+    summary = run(run_dir, output, plot=not no_plot)
+    if as_json:
+        print(json.dumps(summary))
+        return
+    out_console.print(report_table(summary))
+
+
+@app.command()
+@guarded
+def compare(
+    targets: Annotated[
+        list[str],
+        typer.Argument(help="a recipe (then key.path=value overrides), or finished run directories"),
+    ],
+    methods: Annotated[
+        Optional[str],
+        typer.Option(help="with a recipe: methods to train, e.g. lora,ia3,prompt_tuning, or all"),
+    ] = None,
+    steps: Annotated[
+        Optional[int], typer.Option(help="with a recipe: train.max_steps for every method")
+    ] = None,
+    sets: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--set", help="METHOD.key=value for one method (repeatable): lora.r=16, ia3.train.lr=3e-2"
+        ),
+    ] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="directory for compare.{md,json,png} and runs")
+    ] = Path("runs/compare"),
+    as_json: Annotated[bool, typer.Option("--json", help="print compare.json instead of the table")] = False,
+) -> None:
+    """Compare PEFT methods: train a recipe with each, or compare finished runs, in one table."""
+    from peftcli.compare import compare_recipe, compare_runs, compare_table
+    from peftcli.recipe import RecipeError
+
+    command = "peftcli compare " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["compare"] else targets)
+    first = Path(targets[0])
+    if first.is_file():
+        if not methods:
+            raise RecipeError(
+                "--methods", "is required with a recipe", "e.g. --methods lora,ia3,prompt_tuning"
+            )
+        result = compare_recipe(
+            first, methods, output, targets[1:], sets or [], steps, command, console=err_console
+        )
+    else:
+        if methods or steps or sets:
+            raise RecipeError(
+                "--methods",
+                "--methods, --steps and --set apply to a recipe, not to run directories",
+                "drop them",
+            )
+        result = compare_runs(targets, output, command, console=err_console)
+    if as_json:
+        print(json.dumps(result))
+        return
+    out_console.print(compare_table(result))
+    for path in result["files"]:
+        out_console.print(f"wrote {path}", highlight=False)
 
 
 @app.command()

@@ -10,6 +10,8 @@ It writes, under ``output_dir``::
     .peftcli.lock           pid, host, start time of the running run  (claim_run_dir)
     recipe.yaml             the resolved recipe                       (prepare_run_dir)
     metrics.jsonl           one JSON object per train/eval event      (reset_metrics, log_event)
+    loggers.json            train.loggers' runs (TensorBoard, W&B,    (reset_metrics, log_event)
+                            MLflow get metrics.jsonl's events too)
     checkpoints/step-N/     everything an exact resume needs          (save)
     adapter/                the adapter in peft's format              (finish)
     results.json summary.md the result as JSON and as a table         (finish)
@@ -44,11 +46,12 @@ import torch.nn.functional as F
 import peftcli.checkpoint as ckpt
 from peftcli import faults, rundir
 from peftcli.checkpoint import atomic_write_text
+from peftcli.loggers import Loggers, check_installed
 from peftcli.methods.catalog import get_method_class
 from peftcli.methods.registry import Method, count_parameters
 from peftcli.optim import build_optimizer, build_scheduler, total_steps
 from peftcli.recipe import Recipe, RecipeError, dump_recipe
-from peftcli.reporting import Reporter
+from peftcli.reporting import Reporter, peak_memory_bytes
 from peftcli.results import TrainResult
 
 __all__ = ["TrainResult", "TrainState", "TrainingInterrupted", "build_model", "token_loss_sum", "train"]
@@ -85,6 +88,7 @@ class Run:
     steps_per_epoch: int
     trainable: int
     total: int
+    loggers: Loggers | None = None  # train.loggers, opened with metrics.jsonl by reset_metrics
 
     @property
     def metrics_path(self) -> Path:
@@ -143,7 +147,11 @@ def train(
         run.model.train()
         state.started = time.perf_counter()
         with answer_faults(run, state):
-            with stop_requests() as stop, reporter.progress(run.steps, state.step) as progress:
+            with (
+                stop_requests() as stop,
+                reporter.progress(run.steps, state.step) as progress,
+                trackers_ended_on_error(run),
+            ):
                 while state.step < run.steps:
                     window, next_position = next_window(run, state)
                     micro = collate_window(run, window)
@@ -167,6 +175,18 @@ def train(
                         raise TrainingInterrupted(state.step, save(run, state), stop[0])
 
             return finish(run, state, eval_before)
+
+
+@contextlib.contextmanager
+def trackers_ended_on_error(run: Run):
+    """If the loop stops early, end the trackers' runs too: KILLED when interrupted (resumable), else FAILED."""
+    try:
+        yield
+    except BaseException as error:
+        if run.loggers is not None:
+            interrupted = isinstance(error, (TrainingInterrupted, KeyboardInterrupt))
+            run.loggers.close("KILLED" if interrupted else "FAILED")
+        raise
 
 
 # -- set up ------------------------------------------------------------------------------------
@@ -201,6 +221,7 @@ def prepare_run_dir(recipe: Recipe, resume: bool, reporter: Reporter) -> Path | 
     from peftcli.models import resolve_model_name
 
     run_dir = Path(recipe.output_dir)
+    check_installed(recipe.train.loggers)  # a missing tracker fails here, before any weights load
     latest = ckpt.resume_checkpoint(run_dir, warn=reporter.warn) if resume else None
     if resume and latest is None:
         reporter.note(f"--resume: no complete checkpoint in {run_dir}/checkpoints, starting from scratch")
@@ -471,11 +492,13 @@ def reset_metrics(run: Run, step: int) -> None:
         run.metrics_path.unlink(missing_ok=True)
     else:
         _truncate_metrics(run.metrics_path, step)
+    run.loggers = Loggers(run.run_dir, run.recipe, resumed=step > 0)
 
 
 def log_event(run: Run, event: dict[str, Any]) -> None:
     with open(run.metrics_path, "a") as handle:
         handle.write(json.dumps(event) + "\n")
+    run.loggers.log(event)  # the same event to TensorBoard / W&B / MLflow, where train.loggers names them
 
 
 def log_train(run: Run, state: TrainState, lr: float) -> None:
@@ -556,7 +579,9 @@ def finish(run: Run, state: TrainState, eval_before: dict[str, float] | None) ->
         run.trainable,
         run.total,
         run.data.stats,
+        peak_memory_bytes(run.device),
     )
+    run.loggers.close()
     atomic_write_text(run.run_dir / "results.json", json.dumps(result.to_json(), indent=2) + "\n")
     atomic_write_text(run.run_dir / "summary.md", run.reporter.summary_markdown(result))
     return result
@@ -634,7 +659,7 @@ def _training_identity(recipe_yaml: str) -> str:
     import yaml
 
     raw = yaml.safe_load(recipe_yaml)
-    for key in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
+    for key in ("log_every", "eval_every", "save_every", "keep_checkpoints", "loggers"):
         raw.get("train", {}).pop(key, None)
     raw.pop("eval", None)
     # Recomputing activations changes memory, not the numbers: the advice after CUDA OOM relies on it.

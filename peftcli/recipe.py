@@ -251,6 +251,10 @@ class TrainConfig:
     momentum: float = field(default=0.0, metadata=doc("SGD momentum", min=0.0, max=1.0))
     seed: int = field(default=42, metadata=doc("seed for init, dropout and data order"))
     log_every: int = field(default=10, metadata=doc("optimizer steps between train log lines", min=1))
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(
+        default_factory=list,
+        metadata=doc("trackers that also get metrics.jsonl's events: tensorboard, wandb, mlflow (extras)"),
+    )
     eval_every: int = field(
         default=0, metadata=doc("steps between evals; 0 = only before and after training", min=0)
     )

@@ -30,7 +30,15 @@ from peftcli.recipe import Recipe, RecipeError, TrainConfig, expand_path
 from peftcli.recipe_loader import validate_files
 
 LOCK_NAME = ".peftcli.lock"
-RUN_FILES = ("checkpoints", "adapter", "results.json", "summary.md", "metrics.jsonl", "recipe.yaml")
+RUN_FILES = (
+    "checkpoints",
+    "adapter",
+    "results.json",
+    "summary.md",
+    "metrics.jsonl",
+    "loggers.json",
+    "recipe.yaml",
+)
 
 
 # --------------------------------------------------------------------------------------------
