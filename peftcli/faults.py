@@ -11,7 +11,7 @@ run's numbers and exit code 3.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,7 +27,15 @@ class NonFinite:
 
     step: int  # 1-based: the step that would have been taken
     what: str  # "loss nan", "gradient norm inf"
-    examples: list[int]  # positions in the loaded training set of the offending micro-batch
+    micro_batch: int | None  # which micro-batch of the window; None: the gradient of the whole window
+    examples: list[int] = field(default_factory=list)  # positions in the loaded training set
+
+    def name_examples(self, window: list[list[int]]) -> None:
+        """Fill :attr:`examples` from the step's index batches."""
+        if self.micro_batch is None:
+            self.examples = [i for batch in window for i in batch]
+        else:
+            self.examples = list(window[self.micro_batch])
 
     def describe(self) -> str:
         shown = ", ".join(str(i) for i in self.examples[:16]) + (" ..." if len(self.examples) > 16 else "")
@@ -51,18 +59,13 @@ def gradient_norm(parameters) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads, 2.0)
 
 
-def find_non_finite(
-    step: int,
-    micro_losses: list[float],
-    windows: list[list[int]],
-    grad_norm: float | None,
-) -> NonFinite | None:
+def find_non_finite(step: int, micro_losses: list[float], grad_norm: float | None) -> NonFinite | None:
     """The first micro-batch whose loss is not finite, else the whole window when the gradient norm is not."""
-    for loss, examples in zip(micro_losses, windows, strict=True):
+    for index, loss in enumerate(micro_losses):
         if not math.isfinite(loss):
-            return NonFinite(step, f"loss {loss}", list(examples))
+            return NonFinite(step, f"loss {loss}", index)
     if grad_norm is not None and not math.isfinite(grad_norm):
-        return NonFinite(step, f"gradient norm {grad_norm}", [i for w in windows for i in w])
+        return NonFinite(step, f"gradient norm {grad_norm}", None)
     return None
 
 

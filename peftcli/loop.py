@@ -156,9 +156,9 @@ def train(
                     window, next_position = next_window(run, state)
                     micro = collate_window(run, window)
                     n_targets = loss_normaliser(micro, run.task)
-                    loss, tokens, lr, fault = optimizer_step(run, micro, window, n_targets, state.step)
+                    loss, tokens, lr, fault = optimizer_step(run, micro, n_targets, state.step)
                     if fault is not None:
-                        skip_or_stop(run, state, fault)  # raises unless train.on_nan lets it skip
+                        skip_or_stop(run, state, fault, window)  # raises unless train.on_nan lets it skip
                     state.step, (state.epoch, state.batch_index) = state.step + 1, next_position
                     if fault is None:
                         record_loss(state, loss, tokens)
@@ -200,6 +200,7 @@ def claim_run_dir(recipe: Recipe, resume: bool, overwrite: bool, reporter: Repor
     run_dir = Path(recipe.output_dir)
     if resume and overwrite:
         raise RecipeError("--overwrite", "cannot be combined with --resume", "pass one of them")
+    created = not run_dir.exists()
     lock = rundir.acquire_lock(run_dir, note=reporter.warn)
     try:
         rundir.remove_partial_files(run_dir)
@@ -213,6 +214,8 @@ def claim_run_dir(recipe: Recipe, resume: bool, overwrite: bool, reporter: Repor
         yield lock
     finally:
         lock.release()
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run that failed its checks leaves no empty directory behind
 
 
 def prepare_run_dir(recipe: Recipe, resume: bool, reporter: Reporter) -> Path | None:
@@ -363,7 +366,7 @@ def loss_normaliser(micro: list[dict[str, torch.Tensor]], task: str) -> int:
 
 
 def optimizer_step(
-    run: Run, micro: list[dict[str, torch.Tensor]], window: list[list[int]], n_targets: int, step: int
+    run: Run, micro: list[dict[str, torch.Tensor]], n_targets: int, step: int
 ) -> tuple[float, int, float, faults.NonFinite | None]:
     """Forward/backward every micro-batch, then the method hooks, clipping and the optimizer and scheduler
     step. Returns (window loss, tokens seen, the lr this step used, the fault if the loss or gradient norm
@@ -393,7 +396,7 @@ def optimizer_step(
     # Checked before the method hooks read the gradients. With fp16 loss scaling, inf gradients are the
     # scaler's business (it skips the step and lowers the scale); only the loss is ours to check then.
     grad_norm = None if scaler else float(faults.gradient_norm(run.trainable_params.values()))
-    fault = faults.find_non_finite(step + 1, micro_losses, window, grad_norm)
+    fault = faults.find_non_finite(step + 1, micro_losses, grad_norm)
     if fault is not None:
         optimizer.zero_grad(set_to_none=True)
         if scaler:
@@ -418,9 +421,11 @@ def optimizer_step(
     return loss_total, tokens, lr, None
 
 
-def skip_or_stop(run: Run, state: TrainState, fault: faults.NonFinite) -> None:
+def skip_or_stop(run: Run, state: TrainState, fault: faults.NonFinite, window: list[list[int]]) -> None:
     """train.on_nan: stop here (the last good checkpoint stays), or count the skipped step, log it to
-    metrics.jsonl and go on, until more than train.max_skipped_steps were skipped."""
+    metrics.jsonl and go on, until more than train.max_skipped_steps were skipped. ``window``: the
+    step's index batches, so the message names the examples."""
+    fault.name_examples(window)
     cfg = run.recipe.train
     last_good = ckpt.latest_checkpoint(run.run_dir)
     if cfg.on_nan == "stop":
