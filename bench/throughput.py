@@ -218,15 +218,15 @@ def run_peftcli(args, recipe_path: Path) -> dict:
     log, step = StepLog(), loop.optimizer_step
 
     def timed_step(run, micro, n_targets, at_step):
-        loss, tokens, lr = step(run, micro, n_targets, at_step)
+        returned = step(run, micro, n_targets, at_step)  # (loss, tokens, lr, ...)
         if run.device.type == "cuda":
             import torch
 
             torch.cuda.synchronize()
         log.times.append(time.time())
-        log.losses.append(loss)
+        log.losses.append(returned[0])
         log.tokens.append(sum(int(batch["attention_mask"].sum()) for batch in micro))
-        return loss, tokens, lr
+        return returned
 
     loop.optimizer_step = timed_step
     sys.argv = ["peftcli", "train", str(recipe_path), "--quiet"]

@@ -7,6 +7,7 @@ Run it from the shell or from Python::
 
 It writes, under ``output_dir``::
 
+    .peftcli.lock           pid, host, start time of the running run  (claim_run_dir)
     recipe.yaml             the resolved recipe                       (prepare_run_dir)
     metrics.jsonl           one JSON object per train/eval event      (reset_metrics, log_event)
     loggers.json            train.loggers' runs (TensorBoard, W&B,    (reset_metrics, log_event)
@@ -15,11 +16,15 @@ It writes, under ``output_dir``::
     adapter/                the adapter in peft's format              (finish)
     results.json summary.md the result as JSON and as a table         (finish)
 
-The stages: :func:`prepare_run_dir` (checks, recipe.yaml), :func:`set_up` (model, method, data,
-optimizer, scheduler), :func:`restore` (or a fresh :class:`TrainState`), then per optimizer step
-:func:`next_window` (index batches) → :func:`collate_window` → :func:`loss_normaliser` →
-:func:`optimizer_step`, with :func:`log_event`, :func:`run_eval` and :func:`save` on their cadence,
-and :func:`finish` (final eval, export, results). The only callbacks are the method hooks.
+The stages: :func:`claim_run_dir` (the lock, a finished run, --overwrite), :func:`prepare_run_dir`
+(the checkpoint to resume from, checks before loading weights, recipe.yaml), :func:`set_up` (model,
+method, data, optimizer, scheduler) and :func:`check_space`, :func:`restore` (or a fresh
+:class:`TrainState`), then per optimizer step :func:`next_window` (index batches) →
+:func:`collate_window` → :func:`loss_normaliser` → :func:`optimizer_step` (→ :func:`skip_or_stop` when
+the loss or gradient is not finite), with :func:`log_event`, :func:`run_eval` and :func:`save` on their
+cadence, and :func:`finish` (final eval, export, results); :func:`answer_faults` turns CUDA OOM and a
+full disk into advice. The only callbacks are the method hooks. What goes wrong and what users see:
+docs/troubleshooting.md.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import math
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,7 @@ from typing import Any
 import torch
 
 import peftcli.checkpoint as ckpt
+from peftcli import faults, rundir
 from peftcli.batching import (
     PlannedBatches,
     collate_packed,
@@ -122,48 +129,58 @@ class TrainState:
     last_loss: float | None = None
     window_losses: list[float] = field(default_factory=list)  # since the last train event
     tokens_seen: int = 0  # attention-mask tokens in this process's life (for tokens/s)
+    skipped_steps: int = 0  # steps dropped for a non-finite loss or gradient (train.on_nan: skip)
     elapsed_before: float = 0.0  # seconds spent before the checkpoint we resumed from
     started: float = field(default_factory=time.perf_counter)  # reset when the loop starts
 
 
-def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
-    """Train ``recipe``'s adapter; with ``resume``, continue from its newest complete checkpoint."""
+def train(
+    recipe: Recipe, resume: bool = False, reporter: Reporter | None = None, overwrite: bool = False
+) -> TrainResult:
+    """Train ``recipe``'s adapter; with ``resume``, continue from its newest intact checkpoint;
+    with ``overwrite``, discard the run already in its output directory first."""
     reporter = reporter or Reporter(quiet=True)
-    latest = prepare_run_dir(recipe, resume, reporter)
-    run = set_up(recipe, reporter)
-    state = restore(run, latest) if latest is not None else TrainState()
-    reset_metrics(run, state.step)
-    report_start(run)
-    eval_before = run_eval(run, 0) if latest is None else _first_eval(run.metrics_path)
+    with claim_run_dir(recipe, resume, overwrite, reporter):
+        latest = prepare_run_dir(recipe, resume, reporter)
+        run = set_up(recipe, reporter)
+        check_space(run, latest)
+        state = restore(run, latest) if latest is not None else TrainState()
+        reset_metrics(run, state.step)
+        report_start(run)
+        eval_before = run_eval(run, 0) if latest is None else _first_eval(run.metrics_path)
 
-    cfg = recipe.train
-    run.model.train()
-    state.started = time.perf_counter()
-    with (
-        stop_requests() as stop,
-        reporter.progress(run.steps, state.step) as progress,
-        trackers_ended_on_error(run),
-    ):
-        while state.step < run.steps:
-            window, next_position = next_window(run, state)
-            micro = collate_window(run, window)
-            n_targets = loss_normaliser(micro, run.task)
-            loss, tokens, lr = optimizer_step(run, micro, n_targets, state.step)
-            state.step, (state.epoch, state.batch_index) = state.step + 1, next_position
-            record_loss(state, loss, tokens)
+        cfg = recipe.train
+        run.model.train()
+        state.started = time.perf_counter()
+        with answer_faults(run, state):
+            with (
+                stop_requests() as stop,
+                reporter.progress(run.steps, state.step) as progress,
+                trackers_ended_on_error(run),
+            ):
+                while state.step < run.steps:
+                    window, next_position = next_window(run, state)
+                    micro = collate_window(run, window)
+                    n_targets = loss_normaliser(micro, run.task)
+                    loss, tokens, lr, fault = optimizer_step(run, micro, n_targets, state.step)
+                    if fault is not None:
+                        skip_or_stop(run, state, fault, window)  # raises unless train.on_nan lets it skip
+                    state.step, (state.epoch, state.batch_index) = state.step + 1, next_position
+                    if fault is None:
+                        record_loss(state, loss, tokens)
 
-            progress.update(state.step, loss, lr, tokens_per_s(state))
-            if state.step % cfg.log_every == 0 or state.step == run.steps:
-                log_train(run, state, lr)
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < run.steps:
-                run_eval(run, state.step)
-                run.model.train()
-            if (cfg.save_every and state.step % cfg.save_every == 0) or state.step == run.steps:
-                save(run, state)
-            if stop:
-                raise TrainingInterrupted(state.step, save(run, state), stop[0])
+                    progress.update(state.step, loss, lr, tokens_per_s(state))
+                    if state.step % cfg.log_every == 0 or state.step == run.steps:
+                        log_train(run, state, lr)
+                    if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < run.steps:
+                        run_eval(run, state.step)
+                        run.model.train()
+                    if (cfg.save_every and state.step % cfg.save_every == 0) or state.step == run.steps:
+                        save(run, state)
+                    if stop:
+                        raise TrainingInterrupted(state.step, save(run, state), stop[0])
 
-    return finish(run, state, eval_before)
+            return finish(run, state, eval_before)
 
 
 @contextlib.contextmanager
@@ -181,19 +198,50 @@ def trackers_ended_on_error(run: Run):
 # -- set up ------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def claim_run_dir(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter):
+    """Hold the run directory's lock for the whole run: no second train (a racing --resume included)
+    writes into it. Inside: what a killed run left half-written is removed, a finished run is refused
+    unless resumed, and --overwrite discards the earlier run."""
+    run_dir = Path(recipe.output_dir)
+    if resume and overwrite:
+        raise RecipeError("--overwrite", "cannot be combined with --resume", "pass one of them")
+    created = not run_dir.exists()
+    lock = rundir.acquire_lock(run_dir, note=reporter.warn)
+    try:
+        rundir.remove_partial_files(run_dir)
+        finished = rundir.finished_run(run_dir)
+        if finished is not None and not resume and not overwrite:
+            raise rundir.refuse_finished(run_dir, finished)
+        if overwrite:
+            removed = rundir.discard_run(run_dir)
+            if removed:
+                reporter.note(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
+        yield lock
+    finally:
+        lock.release()
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run that failed its checks leaves no empty directory behind
+
+
 def prepare_run_dir(recipe: Recipe, resume: bool, reporter: Reporter) -> Path | None:
-    """Check the run directory against ``resume``, write recipe.yaml; the checkpoint to resume from."""
+    """Check the run directory against ``resume`` and everything that can fail before the weights are
+    loaded (rundir.preflight), write recipe.yaml; the checkpoint to resume from."""
+    from peftcli.models import resolve_model_name
+
     run_dir = Path(recipe.output_dir)
     check_installed(recipe.train.loggers)  # a missing tracker fails here, before any weights load
-    latest = ckpt.latest_checkpoint(run_dir) if resume else None
+    latest = ckpt.resume_checkpoint(run_dir, warn=reporter.warn) if resume else None
     if resume and latest is None:
         reporter.note(f"--resume: no complete checkpoint in {run_dir}/checkpoints, starting from scratch")
     if not resume and ckpt.list_checkpoints(run_dir):
         raise RecipeError(
             "output_dir",
             f"{run_dir} already holds checkpoints from an earlier run",
-            "pass --resume to continue it, or choose another --output-dir",
+            "pass --resume to continue it, choose another --output-dir, or pass --overwrite to discard it",
         )
+    on_disk = len(ckpt.list_checkpoints(run_dir)) if resume else 0
+    rundir.preflight(recipe, resolve_model_name(recipe.model.name), on_disk)
     if latest is not None:
         saved = latest.parent.parent / "recipe.yaml"
         if saved.exists() and _training_identity(saved.read_text()) != _training_identity(
@@ -318,6 +366,12 @@ def compile_model(model: torch.nn.Module, loss_path: str) -> None:
     body.compile()
 
 
+def check_space(run: Run, latest: Path | None) -> None:
+    """The free-space check again with the exact trainable count (preflight could only estimate it)."""
+    on_disk = len(ckpt.list_checkpoints(run.run_dir)) if latest is not None else 0
+    rundir.check_free_space(run.run_dir, *rundir.space_needed(run.trainable, run.recipe.train, on_disk))
+
+
 def report_start(run: Run) -> None:
     base_lines = None
     if run.recipe.model.quantization is not None:
@@ -342,7 +396,7 @@ def report_start(run: Run) -> None:
 
 def restore(run: Run, checkpoint: Path) -> TrainState:
     """Trainable weights, optimizer, scheduler, method state and RNG from ``checkpoint``."""
-    saved = ckpt.load_checkpoint(checkpoint)
+    saved = ckpt.load_checkpoint(checkpoint, expected_trainable=run.trainable_params)
     with torch.no_grad():
         for name, value in saved["trainable"].items():
             run.trainable_params[name].copy_(value)
@@ -357,6 +411,7 @@ def restore(run: Run, checkpoint: Path) -> TrainState:
         epoch=trainer["epoch"],
         batch_index=trainer["batch_index"],
         elapsed_before=_elapsed_at(run.metrics_path, trainer["step"]),
+        skipped_steps=trainer.get("skipped_steps", 0),
     )
 
 
@@ -393,11 +448,12 @@ def loss_normaliser(micro: list[dict[str, torch.Tensor]], task: str) -> int:
 
 def optimizer_step(
     run: Run, micro: list[dict[str, torch.Tensor]], n_targets: int, step: int
-) -> tuple[float, int, float]:
+) -> tuple[float, int, float, faults.NonFinite | None]:
     """Forward/backward every micro-batch, then the method hooks, clipping and the optimizer and scheduler
-    step. Returns (window loss, tokens seen, the lr this step used)."""
+    step. Returns (window loss, tokens seen, the lr this step used, the fault if the loss or gradient norm
+    was not finite: then the update is dropped, the optimizer's state untouched)."""
     model, method, optimizer, scaler, task = run.model, run.method, run.optimizer, run.scaler, run.task
-    loss_total, tokens = 0.0, 0
+    loss_total, tokens, micro_losses = 0.0, 0, []
     for batch in micro:
         batch = {k: v.to(run.device) for k, v in batch.items()}
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
@@ -407,11 +463,25 @@ def optimizer_step(
             if extra is not None:
                 loss = loss + extra / len(micro)
         (scaler.scale(loss) if scaler else loss).backward()
-        loss_total += loss_sum.item() / n_targets
+        micro_losses.append(loss_sum.item() / n_targets)
+        loss_total += micro_losses[-1]
         tokens += int(batch["attention_mask"].sum())
 
     if scaler:
         scaler.unscale_(optimizer)
+    # Checked before the method hooks read the gradients. With fp16 loss scaling, inf gradients are the
+    # scaler's business (it skips the step and lowers the scale); only the loss is ours to check then.
+    grad_norm = None if scaler else float(faults.gradient_norm(run.trainable_params.values()))
+    fault = faults.find_non_finite(step + 1, micro_losses, grad_norm)
+    if fault is not None:
+        optimizer.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
+        with warnings.catch_warnings():  # the schedule keeps time although this step took no update
+            warnings.simplefilter("ignore", UserWarning)
+            run.scheduler.step()
+        return loss_total, tokens, lr, fault
     method.after_backward(model, step)
     if run.recipe.train.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(run.trainable_params.values(), run.recipe.train.max_grad_norm)
@@ -424,13 +494,49 @@ def optimizer_step(
     lr = optimizer.param_groups[0]["lr"]
     run.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    if not math.isfinite(loss_total):
-        raise RecipeError(
-            "train.lr",
-            f"the loss became {loss_total} at step {step + 1}",
-            "lower train.lr or set train.max_grad_norm",
-        )
-    return loss_total, tokens, lr
+    return loss_total, tokens, lr, None
+
+
+def skip_or_stop(run: Run, state: TrainState, fault: faults.NonFinite, window: list[list[int]]) -> None:
+    """train.on_nan: stop here (the last good checkpoint stays), or count the skipped step, log it to
+    metrics.jsonl and go on, until more than train.max_skipped_steps were skipped. ``window``: the
+    step's index batches, so the message names the examples."""
+    if run.recipe.train.packing:  # a packed micro-batch is a list of rows of example indices
+        window = [[i for row in batch for i in row] for batch in window]
+    fault.name_examples(window)
+    cfg = run.recipe.train
+    last_good = ckpt.latest_checkpoint(run.run_dir)
+    if cfg.on_nan == "stop":
+        raise faults.stop_error(fault, last_good, 0, cfg.max_skipped_steps)
+    state.skipped_steps += 1
+    if state.skipped_steps > cfg.max_skipped_steps:
+        raise faults.stop_error(fault, last_good, state.skipped_steps, cfg.max_skipped_steps)
+    log_event(run, fault.event(state.skipped_steps))
+    run.reporter.warn(
+        f"skipped {fault.describe()} ({state.skipped_steps} of at most {cfg.max_skipped_steps})"
+    )
+
+
+@contextlib.contextmanager
+def answer_faults(run: Run, state: TrainState):
+    """CUDA out of memory becomes advice with this run's numbers (exit code 3); a full disk while
+    writing metrics or the adapter becomes one line saying how much space is needed."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise faults.out_of_memory(
+            run.recipe,
+            state.step + 1,
+            "training" if state.step < run.steps else "the final eval",
+            ckpt.latest_checkpoint(run.run_dir),
+            type(run.method).supports_quantized_base,
+        ) from None
+    except OSError as err:
+        if err.errno not in ckpt.DISK_ERRORS:
+            raise
+        what = Path(err.filename).name if err.filename else "a file"
+        needed = rundir.adapter_bytes(run.trainable)
+        raise ckpt.disk_error(err, what, run.run_dir, needed, ckpt.latest_checkpoint(run.run_dir)) from None
 
 
 def record_loss(state: TrainState, loss: float, tokens: int) -> None:
@@ -485,7 +591,7 @@ def log_train(run: Run, state: TrainState, lr: float) -> None:
             "event": "train",
             "step": state.step,
             "epoch": round(state.step / run.steps_per_epoch, 4),
-            "loss": sum(state.window_losses) / len(state.window_losses),
+            "loss": sum(state.window_losses) / len(state.window_losses) if state.window_losses else None,
             "lr": lr,
             "tokens_per_s": round(tokens_per_s(state), 1),
             "elapsed_s": round(state.elapsed_before + time.perf_counter() - state.started, 3),
@@ -518,6 +624,7 @@ def save(run: Run, state: TrainState) -> Path:
             "batch_index": state.batch_index,
             "scheduler": run.scheduler.state_dict(),
             "total_steps": run.steps,
+            "skipped_steps": state.skipped_steps,
         },
     }
     return ckpt.save_checkpoint(run.run_dir, state.step, payload, run.recipe.train.keep_checkpoints)
@@ -615,26 +722,36 @@ def _training_identity(recipe_yaml: str) -> str:
     for key in ("log_every", "eval_every", "save_every", "keep_checkpoints", "loggers", "loss", "compile"):
         raw.get("train", {}).pop(key, None)
     raw.pop("eval", None)
+    # Recomputing activations changes memory, not the numbers: the advice after CUDA OOM relies on it.
+    raw.get("model", {}).pop("gradient_checkpointing", None)
     return json.dumps(raw, sort_keys=True)
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's events; a line torn by a kill mid-write is dropped, not an error."""
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop events logged after the checkpoint we resume from (they will be logged again)."""
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    kept = [event for event in _events(path) if event.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(event) + "\n" for event in kept))
 
 
 def _first_eval(path: Path) -> dict[str, float] | None:
     if not path.exists():
         return None
-    for line in path.read_text().splitlines():
-        event = json.loads(line)
+    for event in _events(path):
         if event.get("event") == "eval" and event.get("step") == 0:
             return {k: v for k, v in event.items() if k not in ("event", "step")}
     return None
@@ -644,8 +761,7 @@ def _elapsed_at(path: Path, step: int) -> float:
     if not path.exists() or step == 0:
         return 0.0
     elapsed = 0.0
-    for line in path.read_text().splitlines():
-        event = json.loads(line)
+    for event in _events(path):
         if event.get("event") == "train" and event.get("step", 0) <= step:
             elapsed = event.get("elapsed_s", elapsed)
     return elapsed
