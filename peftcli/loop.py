@@ -23,6 +23,7 @@ and :func:`finish` (final eval, export, results). The only callbacks are the met
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -36,7 +37,9 @@ import torch
 import torch.nn.functional as F
 
 import peftcli.checkpoint as ckpt
+import peftcli.distributed as distributed
 from peftcli.checkpoint import atomic_write_text
+from peftcli.distributed import Dist
 from peftcli.methods import get_method_class
 from peftcli.methods.registry import Method, count_parameters
 from peftcli.optim import build_optimizer, build_scheduler, total_steps
@@ -61,6 +64,8 @@ class Run:
 
     recipe: Recipe
     reporter: Reporter
+    dist: Dist  # this process's rank and world (world size 1 in a single-process run)
+    wrapped: torch.nn.Module  # what forward runs through: the model, or its DDP wrapper
     run_dir: Path
     device: torch.device
     base_path: str
@@ -117,10 +122,22 @@ class EpochBatches:
 
 
 def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
-    """Train ``recipe``'s adapter; with ``resume``, continue from its newest complete checkpoint."""
+    """Train ``recipe``'s adapter; with ``resume``, continue from its newest complete checkpoint.
+    Under torchrun every rank calls this; rank 0 alone writes files and reports."""
+    dist, device = distributed.init(recipe.train.distributed, recipe.train.device)
+    ok = False
+    try:
+        result = _train(recipe, resume, reporter if dist.is_main else None, dist, device)
+        ok = True
+        return result
+    finally:
+        dist.shutdown(ok)
+
+
+def _train(recipe: Recipe, resume: bool, reporter: Reporter | None, dist: Dist, device: str) -> TrainResult:
     reporter = reporter or Reporter(quiet=True)
-    latest = prepare_run_dir(recipe, resume, reporter)
-    run = set_up(recipe, reporter)
+    latest = prepare_run_dir(recipe, resume, reporter, dist.is_main)
+    run = set_up(recipe, reporter, dist, device)
     state = restore(run, latest) if latest is not None else TrainState()
     reset_metrics(run, state.step)
     report_start(run)
@@ -132,9 +149,12 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
     with stop_requests() as stop, reporter.progress(run.steps, state.step) as progress:
         while state.step < run.steps:
             window, next_position = next_window(run, state)
-            micro = collate_window(run, window)
-            n_targets = loss_normaliser(micro, run.task)
+            mine = run.dist.rank_slice(window)  # this rank's slice of the global window
+            micro = collate_window(run, mine)
+            run.dist.mask_padding(micro, run.dist.padding_flags(window))
+            n_targets = loss_normaliser(micro, run.task, run.dist)
             loss, tokens, lr = optimizer_step(run, micro, n_targets, state.step)
+            loss, tokens, stopping = run.dist.reduce_step(loss, tokens, bool(stop))
             state.step, (state.epoch, state.batch_index) = state.step + 1, next_position
             record_loss(state, loss, tokens)
 
@@ -146,8 +166,8 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
                 run.model.train()
             if (cfg.save_every and state.step % cfg.save_every == 0) or state.step == run.steps:
                 save(run, state)
-            if stop:
-                raise TrainingInterrupted(state.step, save(run, state), stop[0])
+            if stopping:  # any rank got a signal: all checkpoint at this same step and stop
+                raise TrainingInterrupted(state.step, save(run, state), stop[0] if stop else signal.SIGTERM)
 
     return finish(run, state, eval_before)
 
@@ -155,8 +175,9 @@ def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None
 # -- set up ------------------------------------------------------------------------------------
 
 
-def prepare_run_dir(recipe: Recipe, resume: bool, reporter: Reporter) -> Path | None:
-    """Check the run directory against ``resume``, write recipe.yaml; the checkpoint to resume from."""
+def prepare_run_dir(recipe: Recipe, resume: bool, reporter: Reporter, is_main: bool = True) -> Path | None:
+    """Check the run directory against ``resume``, write recipe.yaml (rank 0); the checkpoint to resume
+    from."""
     run_dir = Path(recipe.output_dir)
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if resume and latest is None:
@@ -177,38 +198,48 @@ def prepare_run_dir(recipe: Recipe, resume: bool, reporter: Reporter) -> Path | 
                 f"the recipe differs from the one {run_dir} was started with",
                 f"resume with the same recipe (see {saved}) or start a new output_dir",
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
     return latest
 
 
-def set_up(recipe: Recipe, reporter: Reporter) -> Run:
-    """Seed, then build tokenizer, data, model + method, optimizer, scheduler and sampler (in this order:
-    the random draws of each depend on those before it)."""
+def set_up(
+    recipe: Recipe, reporter: Reporter, dist: Dist | None = None, device_spec: str | None = None
+) -> Run:
+    """Seed, then build tokenizer, data, model + method (wrapped for DDP/FSDP), optimizer, scheduler and
+    sampler (in this order: the random draws of each depend on those before it)."""
     from peftcli.data import BatchSampler, load_data
     from peftcli.models import load_tokenizer, resolve_device, resolve_model_name
 
     cfg = recipe.train
+    dist = dist or Dist()
+    distributed.check_method(dist, get_method_class(recipe.method.name))
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    base_path = resolve_model_name(recipe.model.name)
-    tokenizer = load_tokenizer(base_path, recipe.model)
-    data = load_data(recipe.data, tokenizer, recipe.model.task)
+    device = resolve_device(device_spec or cfg.device)
+    with dist.main_first():  # rank 0 fills the caches (tiny model, tokenizer) before the others read them
+        base_path = resolve_model_name(recipe.model.name)
+        tokenizer = load_tokenizer(base_path, recipe.model)
+        data = load_data(recipe.data, tokenizer, recipe.model.task)
     if not data.train:
         raise RecipeError(
             "data.train", "no training examples left after tokenization", "check the data and max_length"
         )
     model, method = build_model(recipe, device, data.label_names, tokenizer, base_path)
+    wrapped = distributed.wrap(dist, model)  # FSDP2 shards in place: parameters are DTensors after this
     trainable, total = count_parameters(model)
-    steps, batches_per_epoch = total_steps(cfg, len(data.train))
+    global_cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size * dist.world_size)
+    steps, batches_per_epoch = total_steps(global_cfg, len(data.train))
     method.on_train_start(model, steps)
     optimizer = build_optimizer(method.param_groups(model, cfg.lr, cfg.weight_decay), cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
-    sampler = BatchSampler(len(data.train), cfg.batch_size, cfg.seed)
+    sampler = BatchSampler(len(data.train), global_cfg.batch_size, cfg.seed)  # global batches
     amp_dtype = autocast_dtype(recipe, device)
     return Run(
         recipe=recipe,
         reporter=reporter,
+        dist=dist,
+        wrapped=wrapped,
         run_dir=Path(recipe.output_dir),
         device=device,
         base_path=base_path,
@@ -238,22 +269,39 @@ def report_start(run: Run) -> None:
     run.reporter.start_summary(
         run.recipe, run.method, run.trainable, run.total, run.data.stats, run.steps, run.device, base_lines
     )
+    if run.dist.enabled:
+        cfg = run.recipe.train
+        run.reporter.note(
+            f"distributed: {run.dist.mode} on {run.dist.world_size} processes ({run.dist.backend}); "
+            f"global batch {cfg.batch_size} × accum {cfg.grad_accum} × {run.dist.world_size} processes "
+            f"= {cfg.batch_size * cfg.grad_accum * run.dist.world_size} examples"
+        )
 
 
 # -- restore -----------------------------------------------------------------------------------
 
 
 def restore(run: Run, checkpoint: Path) -> TrainState:
-    """Trainable weights, optimizer, scheduler, method state and RNG from ``checkpoint``."""
+    """Trainable weights, optimizer, scheduler, method state and RNG (this rank's) from ``checkpoint``."""
     saved = ckpt.load_checkpoint(checkpoint)
+    trainer = saved["trainer_state"]
+    saved_world = trainer.get("world_size", 1)
+    if saved_world != run.dist.world_size:
+        raise RecipeError(
+            "--resume",
+            f"{checkpoint} was written by a run on {saved_world} process(es); this run has {run.dist.world_size}",
+            f"resume with the same world size (--nproc-per-node × --nnodes = {saved_world}) "
+            "or start a new output_dir",
+        )
     with torch.no_grad():
         for name, value in saved["trainable"].items():
-            run.trainable_params[name].copy_(value)
+            param = run.trainable_params[name]
+            param.copy_(distributed.like(param, value))
     run.optimizer.load_state_dict(saved["optimizer"])
+    distributed.shard_optimizer_state(run.optimizer)
     run.method.load_method_state(saved["method_state"])
-    trainer = saved["trainer_state"]
     run.scheduler.load_state_dict(trainer["scheduler"])
-    ckpt.set_rng_state(saved["rng"])
+    ckpt.set_rng_state(saved["rng"].get("per_rank", [saved["rng"]])[run.dist.rank])
     run.reporter.note(f"resuming from {checkpoint} (step {trainer['step']} of {run.steps})")
     return TrainState(
         step=trainer["step"],
@@ -283,10 +331,11 @@ def collate_window(run: Run, window: list[list[int]]) -> list[dict[str, torch.Te
     return [collate([run.data.train[i] for i in idx], run.tokenizer, run.task) for idx in window]
 
 
-def loss_normaliser(micro: list[dict[str, torch.Tensor]], task: str) -> int:
-    """The number of scored targets in the whole accumulation window: every micro-batch's summed loss is
-    divided by it, so the step's loss is token-weighted over the window."""
-    return max(1, sum(count_targets(batch, task) for batch in micro))
+def loss_normaliser(micro: list[dict[str, torch.Tensor]], task: str, dist: Dist | None = None) -> int:
+    """The number of scored targets in the whole global accumulation window (summed over ranks): every
+    micro-batch's summed loss is divided by it, so the step's loss is token-weighted over the window."""
+    local = sum(count_targets(batch, task) for batch in micro)
+    return max(1, dist.sum_int(local) if dist is not None else local)
 
 
 def optimizer_step(
@@ -295,21 +344,27 @@ def optimizer_step(
     """Forward/backward every micro-batch, then the method hooks, clipping and the optimizer and scheduler
     step. Returns (window loss, tokens seen, the lr this step used)."""
     model, method, optimizer, scaler, task = run.model, run.method, run.optimizer, run.scaler, run.task
+    world = run.dist.grad_scale  # DDP/FSDP average gradients over ranks: scaled by world, that is the sum
     loss_total, tokens = 0.0, 0
-    for batch in micro:
+    for i, batch in enumerate(micro):
         batch = {k: v.to(run.device) for k, v in batch.items()}
-        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            out = model(
+        sync = i == len(micro) - 1  # gradients are reduced across ranks once per window
+        with (
+            run.dist.grad_sync(run.wrapped, sync),
+            torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None),
+        ):
+            out = run.wrapped(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 **({"labels": batch["labels"]} if task == "seq2seq" else {}),
             )
             loss_sum, _ = token_loss_sum(out.logits, batch["labels"], task)
-            loss = loss_sum / n_targets  # token-weighted over the whole accumulation window
+            loss = loss_sum / n_targets  # token-weighted over the whole (global) accumulation window
             extra = method.extra_loss(model)
             if extra is not None:
-                loss = loss + extra / len(micro)
-        (scaler.scale(loss) if scaler else loss).backward()
+                loss = loss + extra / (len(micro) * world)
+            loss = loss * world
+            (scaler.scale(loss) if scaler else loss).backward()
         loss_total += loss_sum.item() / n_targets
         tokens += int(batch["attention_mask"].sum())
 
@@ -368,6 +423,8 @@ def stop_requests():
 def reset_metrics(run: Run, step: int) -> None:
     """A fresh run starts metrics.jsonl anew; a resumed one drops the events logged after its checkpoint
     (they will be logged again)."""
+    if not run.dist.is_main:
+        return
     if step == 0:
         run.metrics_path.unlink(missing_ok=True)
     else:
@@ -375,6 +432,8 @@ def reset_metrics(run: Run, step: int) -> None:
 
 
 def log_event(run: Run, event: dict[str, Any]) -> None:
+    if not run.dist.is_main:
+        return
     with open(run.metrics_path, "a") as handle:
         handle.write(json.dumps(event) + "\n")
 
@@ -407,13 +466,18 @@ def run_eval(run: Run, step: int) -> dict[str, float] | None:
 
 
 def save(run: Run, state: TrainState) -> Path:
-    """Write checkpoints/step-N atomically: everything an exact resume needs."""
+    """Write checkpoints/step-N atomically: everything an exact resume needs. Every rank calls it (FSDP
+    gathers full tensors, and every rank's RNG state is kept); rank 0 writes."""
+    rng = ckpt.rng_state()
+    if run.dist.enabled:  # dropout draws differ per rank: keep each rank's generator
+        rng = {**rng, "per_rank": run.dist.gather_objects(rng)}
     payload = {
-        "trainable": {n: p.detach() for n, p in run.trainable_params.items()},
-        "optimizer": run.optimizer.state_dict(),
+        "trainable": distributed.full_tree({n: p.detach() for n, p in run.trainable_params.items()}),
+        "optimizer": distributed.full_tree(run.optimizer.state_dict()),
         "method_state": run.method.method_state(),
-        "rng": ckpt.rng_state(),
+        "rng": rng,
         "trainer_state": {
+            "world_size": run.dist.world_size,
             "step": state.step,
             "epoch": state.epoch,
             "batch_index": state.batch_index,
@@ -421,6 +485,8 @@ def save(run: Run, state: TrainState) -> Path:
             "total_steps": run.steps,
         },
     }
+    if not run.dist.is_main:
+        return ckpt.checkpoints_dir(run.run_dir) / f"step-{state.step}"
     return ckpt.save_checkpoint(run.run_dir, state.step, payload, run.recipe.train.keep_checkpoints)
 
 
@@ -434,15 +500,17 @@ def finish(run: Run, state: TrainState, eval_before: dict[str, float] | None) ->
     elapsed = state.elapsed_before + (time.perf_counter() - state.started)
     eval_after = run_eval(run, state.step)
     adapter_dir = run.run_dir / "adapter"
-    save_adapter(
-        adapter_dir,
-        run.model,
-        run.method,
-        run.tokenizer,
-        run.base_path,
-        run.recipe.model,
-        run.data.label_names,
-    )
+    with distributed.unsharded(run.model) if run.dist.mode == "fsdp" else contextlib.nullcontext():
+        if run.dist.is_main:
+            save_adapter(
+                adapter_dir,
+                run.model,
+                run.method,
+                run.tokenizer,
+                run.base_path,
+                run.recipe.model,
+                run.data.label_names,
+            )
     result = TrainResult(
         run.run_dir,
         adapter_dir,
@@ -457,8 +525,9 @@ def finish(run: Run, state: TrainState, eval_before: dict[str, float] | None) ->
         run.total,
         run.data.stats,
     )
-    atomic_write_text(run.run_dir / "results.json", json.dumps(result.to_json(), indent=2) + "\n")
-    atomic_write_text(run.run_dir / "summary.md", run.reporter.summary_markdown(result))
+    if run.dist.is_main:
+        atomic_write_text(run.run_dir / "results.json", json.dumps(result.to_json(), indent=2) + "\n")
+        atomic_write_text(run.run_dir / "summary.md", run.reporter.summary_markdown(result))
     return result
 
 
@@ -490,7 +559,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tup
 def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
     labels = batch["labels"]
     if task == "seq_cls":
-        return labels.numel()
+        return int((labels != -100).sum())  # -100: a distributed stand-in (see Dist.rank_slice)
     if task == "causal_lm":
         labels = labels[:, 1:]
     return int((labels != -100).sum())

@@ -240,6 +240,13 @@ class TrainConfig:
         default="auto", metadata=doc("autocast on GPU: auto = bf16 where supported; always off on CPU")
     )
     device: str = field(default="auto", metadata=doc("auto, cpu, cuda or cuda:N"))
+    distributed: Literal["auto", "ddp", "fsdp"] = field(
+        default="auto",
+        metadata=doc(
+            "under torchrun / --nproc-per-node: auto = ddp when there are several processes; "
+            "ddp (adapter gradients all-reduced) or fsdp (FSDP2: base and adapter sharded per layer)"
+        ),
+    )
 
 
 @dataclass

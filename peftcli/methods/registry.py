@@ -30,6 +30,7 @@ class Method:
     peft_type: ClassVar[str | None] = None  # "LORA", "IA3", ... when peft loads our adapter
     identity_at_init: ClassVar[bool] = True  # step 0 equals the base model
     supports_quantized_base: ClassVar[bool] = False
+    supports_fsdp: ClassVar[bool] = False  # can train with the base sharded by FSDP2 (train.distributed)
     trainable_formula: ClassVar[str] = ""  # human-readable count formula, printed by `peftcli methods`
 
     def __init__(self, cfg: MethodConfig, task: str = "causal_lm"):
