@@ -227,7 +227,12 @@ def methods() -> None:
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app()
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:  # a torchrun worker: report a crash to the launcher
+            from peftcli.distributed import run_recording_errors
+
+            run_recording_errors(app)
+        else:
+            app()
     except SystemExit:
         raise
     except BrokenPipeError:

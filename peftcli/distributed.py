@@ -375,14 +375,29 @@ def launch(options: LaunchOptions, peftcli_args: list[str]) -> int:
     except SignalException as err:  # SIGTERM/SIGINT: torchrun passed it on; the ranks checkpointed
         return 128 + int(err.sigval)
     except ChildFailedError as err:
-        failures = err.failures
-        first = min(failures.values(), key=lambda f: f.timestamp) if failures else None
-        if first is not None:
-            print(
-                f"error: rank {first.global_rank} failed (exit code {first.exitcode}); "
-                "its output above shows why",
-                file=sys.stderr,
-            )
-            return first.exitcode if first.exitcode > 0 else 1
-        return 1
+        failures = sorted(err.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+        for rank, failure in failures:
+            print(f"error: rank {rank} failed: {failure_line(failure)}", file=sys.stderr)
+        codes = [f.exitcode for _, f in failures if f.exitcode > 0]
+        return codes[0] if codes else 1
     return 0
+
+
+def failure_line(failure: Any) -> str:
+    """The last line of a failed rank's recorded error (its exception), or its exit code."""
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    lines = [line for line in str(message).splitlines() if line.strip()]
+    if not lines or "errors.html" in lines[-1]:
+        return f"exit code {failure.exitcode} (see its output above)"
+    return lines[-1].strip()
+
+
+def run_recording_errors(main: Any) -> None:
+    """Run ``main`` so that under torchrun an exception is recorded for the launcher's failure report
+    (torchelastic's error file); it still propagates, so the rank exits non-zero and torchrun stops
+    the other ranks."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(main)()
