@@ -212,8 +212,11 @@ def test_two_nodes_on_localhost_write_one_adapter_equal_to_one_process(tmp_path)
 
 
 @pytest.mark.slow
-def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted(tmp_path):
-    text = recipe_text("lora", 2, ", save_every: 2").replace("dropout: 0.0", "dropout: 0.1")
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted(tmp_path, mode):
+    text = recipe_text("lora", 2, f", save_every: 2, distributed: {mode}").replace(
+        "dropout: 0.0", "dropout: 0.1"
+    )
     full = two_process_run(tmp_path, "lora", name="full", text=text)
     recipe = tmp_path / "killed.yaml"
     recipe.write_text(text)
@@ -227,9 +230,11 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted(tmp_path):
     state = json.loads((run / "checkpoints" / "step-2" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
 
-    with pytest.raises(RecipeError, match="2 process") as err:  # another world size is refused
+    with pytest.raises(RecipeError) as err:  # another world size is refused (fsdp refuses 1 process first)
         peftcli.train(recipe, output_dir=str(run), resume=True)
-    assert err.value.key == "--resume"
+    assert (err.value.key, "2 process(es); this run has 1" in str(err.value)) == (
+        ("--resume", True) if mode == "ddp" else ("train.distributed", False)
+    )
 
     cmd = peftcli_cmd("train", str(recipe), "-o", str(run), "-q", "--resume", "--nproc-per-node", "2")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
