@@ -60,7 +60,7 @@ def measure(method_name: str, quick: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from peftcli.loop import token_loss_sum
-    from peftcli.methods import get_method_class
+    from peftcli.methods.catalog import get_method_class
     from peftcli.methods.registry import count_parameters
     from peftcli.recipe import from_dict
 
@@ -69,7 +69,7 @@ def measure(method_name: str, quick: bool) -> dict:
     model = LlamaForCausalLM(LlamaConfig(**(QUICK_MODEL if quick else MODEL))).to(device)
     method_cls = get_method_class(method_name)
     method = method_cls(from_dict(method_cls.config_cls, METHODS[method_name], "method"), "causal_lm")
-    model = method.apply(model).to(device)
+    model = method.attach(model).to(device)
     model.train()
     trainable, total = count_parameters(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

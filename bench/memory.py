@@ -180,7 +180,7 @@ def worker(args) -> dict:
         from peftcli.loop import build_model, token_loss_sum
         from peftcli.models import load_tokenizer
         from peftcli.optim import build_optimizer
-        from peftcli.recipe import recipe_from_dict
+        from peftcli.recipe_loader import recipe_from_dict
 
         raw = {
             "model": {"name": path, "dtype": dtype_name, "gradient_checkpointing": args.grad_ckpt},

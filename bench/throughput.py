@@ -68,7 +68,7 @@ def run_peftcli(args) -> dict:
     model = build_model(args)
     method = LoRA(LoraConfig(r=args.r, alpha=2 * args.r, target_modules="all-linear"))
     torch.manual_seed(0)
-    model = method.apply(model)
+    model = method.attach(model)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()

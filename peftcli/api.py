@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from peftcli.recipe import DataConfig, EvalConfig, ModelConfig, Recipe, RecipeError, load_recipe
+from peftcli.recipe import DataConfig, EvalConfig, ModelConfig, Recipe, RecipeError
+from peftcli.recipe_loader import load_recipe
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", base: str | None = None):
@@ -53,11 +54,15 @@ def train(
 
 
 def merge(
-    adapter_dir: str | Path, output: str | Path, base: str | None = None, dtype: str = "float32"
+    adapter_dir: str | Path,
+    output: str | Path,
+    base: str | None = None,
+    dtype: str = "float32",
+    dequantize: bool = False,
 ) -> dict:
     from peftcli.export import merge_adapter
 
-    return merge_adapter(adapter_dir, output, base=base, dtype=dtype)
+    return merge_adapter(adapter_dir, output, base=base, dtype=dtype, dequantize=dequantize)
 
 
 def detect_format(record: dict[str, Any]) -> str:

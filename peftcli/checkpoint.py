@@ -6,7 +6,8 @@ every RNG state, and the position in the data. Nothing is pickled: tensors go to
 the structure around them to JSON, so a checkpoint can never run code when it is loaded.
 
 A checkpoint is written into a temporary directory, marked complete, then renamed into place, so a
-run killed at any moment leaves only complete checkpoints behind.
+run killed at any moment leaves only complete checkpoints behind. Adapter weight files are read here
+too (:func:`read_adapter_state`), for export and for the methods that start from another adapter.
 """
 
 from __future__ import annotations
@@ -20,9 +21,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from peftcli.recipe import RecipeError
+
 COMPLETE_MARKER = "complete"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name, in every adapter directory
+
+
+def read_adapter_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``path/adapter_model.safetensors`` (ours or peft's), or a RecipeError."""
+    weights = Path(path) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise RecipeError(
+            "adapter", f"{weights} is missing", "point at a directory written by peftcli train or peft"
+        )
+    with safe_open(str(weights), framework="pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,22 +55,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_safetensors(
-    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None
-) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(contiguous, tmp, metadata={"format": "pt", **(metadata or {})})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -29,7 +29,10 @@ EXIT_USER_ERROR = 2
 
 
 def fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escape: messages carry brackets ("pip install 'peftcli[wandb]'", "train.loggers[0]") that rich would eat
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_USER_ERROR)
 
 
@@ -90,7 +93,7 @@ def train(
         raise typer.Exit(distributed.launch(options, distributed.worker_args(sys.argv[1:])))
     from peftcli.loop import TrainingInterrupted
     from peftcli.loop import train as run
-    from peftcli.recipe import load_recipe
+    from peftcli.recipe_loader import load_recipe
     from peftcli.reporting import Reporter
 
     loaded = load_recipe(recipe, overrides or [], output_dir)
@@ -121,6 +124,14 @@ def merge(
         Optional[str], typer.Option(help="base model (default: the one the adapter names)")
     ] = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    dequantize: Annotated[
+        bool,
+        typer.Option(
+            "--dequantize",
+            help="QLoRA: merge into the dequantized 4-bit base the adapter was trained on, not the original "
+            "weights (docs/merging.md)",
+        ),
+    ] = False,
 ) -> None:
     """Fold an adapter into its base and write a plain transformers model directory."""
     from peftcli.recipe import RecipeError, did_you_mean
@@ -133,7 +144,7 @@ def merge(
         )
     from peftcli.api import merge as run
 
-    info = run(adapter_dir, output, base=base, dtype=dtype)
+    info = run(adapter_dir, output, base=base, dtype=dtype, dequantize=dequantize)
     for line in info.get("report_lines", []):
         err_console.print(line, highlight=False)
     out_console.print(
@@ -187,7 +198,8 @@ def validate(
     show: Annotated[bool, typer.Option("--show", help="print the resolved recipe")] = False,
 ) -> None:
     """Check a recipe (keys, types, ranges, method options, local files) without loading weights."""
-    from peftcli.recipe import dump_recipe, load_recipe, validate_files
+    from peftcli.recipe import dump_recipe
+    from peftcli.recipe_loader import load_recipe, validate_files
 
     loaded = load_recipe(recipe, overrides or [])
     validate_files(loaded)
@@ -201,27 +213,137 @@ def validate(
 
 
 @app.command()
-def methods() -> None:
+@guarded
+def report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="run directory (a recipe's output_dir); may still be running")
+    ],
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="PNG to write (default RUN_DIR/report.png)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as one JSON object")] = False,
+    no_plot: Annotated[bool, typer.Option("--no-plot", help="summary only (no matplotlib needed)")] = False,
+) -> None:
+    """Plot a run's train loss, eval metrics and learning rate; summarize best and final evals."""
+    from peftcli.report import report as run
+    from peftcli.reporting import report_table
+
+    summary = run(run_dir, output, plot=not no_plot)
+    if as_json:
+        print(json.dumps(summary))
+        return
+    out_console.print(report_table(summary))
+
+
+@app.command()
+@guarded
+def compare(
+    targets: Annotated[
+        list[str],
+        typer.Argument(help="a recipe (then key.path=value overrides), or finished run directories"),
+    ],
+    methods: Annotated[
+        Optional[str],
+        typer.Option(help="with a recipe: methods to train, e.g. lora,ia3,prompt_tuning, or all"),
+    ] = None,
+    steps: Annotated[
+        Optional[int], typer.Option(help="with a recipe: train.max_steps for every method")
+    ] = None,
+    sets: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--set", help="METHOD.key=value for one method (repeatable): lora.r=16, ia3.train.lr=3e-2"
+        ),
+    ] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="directory for compare.{md,json,png} and runs")
+    ] = Path("runs/compare"),
+    as_json: Annotated[bool, typer.Option("--json", help="print compare.json instead of the table")] = False,
+) -> None:
+    """Compare PEFT methods: train a recipe with each, or compare finished runs, in one table."""
+    from peftcli.compare import compare_recipe, compare_runs, compare_table
+    from peftcli.recipe import RecipeError
+
+    command = "peftcli compare " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["compare"] else targets)
+    first = Path(targets[0])
+    if first.is_file():
+        if not methods:
+            raise RecipeError(
+                "--methods", "is required with a recipe", "e.g. --methods lora,ia3,prompt_tuning"
+            )
+        result = compare_recipe(
+            first, methods, output, targets[1:], sets or [], steps, command, console=err_console
+        )
+    else:
+        if methods or steps or sets:
+            raise RecipeError(
+                "--methods",
+                "--methods, --steps and --set apply to a recipe, not to run directories",
+                "drop them",
+            )
+        result = compare_runs(targets, output, command, console=err_console)
+    if as_json:
+        print(json.dumps(result))
+        return
+    out_console.print(compare_table(result))
+    for path in result["files"]:
+        out_console.print(f"wrote {path}", highlight=False)
+
+
+@app.command()
+def methods(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the registry as JSON (options with types and defaults)")
+    ] = False,
+) -> None:
     """List the registered PEFT methods."""
     from rich.table import Table
 
-    from peftcli.methods import list_methods
+    from peftcli.methods.catalog import list_methods
 
-    table = Table(title="methods", title_justify="left")
-    table.add_column("name", style="bold")
-    table.add_column("description")
-    table.add_column("merges")
-    table.add_column("peft type")
-    table.add_column("trainable parameters")
-    for cls in list_methods():
-        table.add_row(
-            cls.name,
-            cls.description,
-            "yes" if cls.mergeable else "no",
-            cls.peft_type or "-",
-            cls.trainable_formula,
-        )
-    out_console.print(table)
+    if as_json:
+        from peftcli.schema import methods_as_json
+
+        print(json.dumps(methods_as_json(), indent=2))
+        return
+    registered = list_methods()
+    console = out_console
+    if not console.is_terminal and "COLUMNS" not in os.environ:  # piped: one line per method, for grep
+        console = Console(width=250)
+    wide = console.width >= 100  # below that, five columns squeeze into unreadable slivers
+    table = Table(
+        title="methods", title_justify="left", caption=None if wide else "details: peftcli methods --json"
+    )
+    # the name never wraps or shortens, so `peftcli methods | grep parallel_adapter` finds it
+    table.add_column("name", style="bold", no_wrap=True, min_width=max(len(c.name) for c in registered))
+    table.add_column("description", overflow="fold")
+    if wide:
+        table.add_column("merges")
+        table.add_column("peft type", overflow="fold")
+        table.add_column("trainable parameters", overflow="fold")
+    for cls in registered:
+        details = ["yes" if cls.mergeable else "no", cls.peft_type or "-", cls.trainable_formula]
+        table.add_row(cls.name, cls.description, *(details if wide else []))
+    console.print(table)
+
+
+@app.command()
+@guarded
+def schema(
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="write to this file instead of printing")
+    ] = None,
+) -> None:
+    """Print the recipe's JSON Schema (draft 2020-12) for editors (YAML language server)."""
+    from peftcli.schema import schema_text
+
+    text = schema_text()
+    if output is None:
+        sys.stdout.write(text)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    out_console.print(f"schema written to {output}", highlight=False)
 
 
 def main() -> None:

@@ -77,7 +77,7 @@ def _rows(prefix: str, cls: type, skip: tuple[str, ...] = ()) -> list[str]:
 
 
 def recipe_reference() -> str:
-    from peftcli.methods import list_methods
+    from peftcli.methods.catalog import list_methods
     from peftcli.recipe import Recipe
 
     header = ["| key | type | default | meaning |", "|---|---|---|---|"]

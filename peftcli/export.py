@@ -19,26 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from peftcli.checkpoint import AtomicDir
-from peftcli.methods import get_method_class, list_methods
+from peftcli.adapter_compat import drop_unmatched_modules_to_save
+from peftcli.checkpoint import ADAPTER_WEIGHTS, AtomicDir, read_adapter_state
+from peftcli.dequantize import load_dequantized_weights, quantized_layers
+from peftcli.methods.catalog import get_method_class, list_methods
 from peftcli.methods.registry import Method
 from peftcli.models import PEFT_TASK_TYPE, TASK_FROM_PEFT, load_model, load_tokenizer, resolve_model_name
 from peftcli.recipe import ModelConfig, QuantizationConfig, RecipeError, coerce, from_dict, to_dict
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SIDECAR = "peftcli_adapter.json"
 
 
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
-def is_model_dir(path: str | Path) -> bool:
-    return (Path(path) / "config.json").is_file() and not is_adapter_dir(path)
 
 
 def save_adapter(
@@ -85,16 +81,6 @@ def save_adapter(
     return Path(out_dir)
 
 
-def read_adapter_state(path: str | Path) -> dict[str, torch.Tensor]:
-    weights = Path(path) / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise RecipeError(
-            "adapter", f"{weights} is missing", "point at a directory written by peftcli train or peft"
-        )
-    with safe_open(str(weights), framework="pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
-
-
 def read_adapter_info(path: str | Path) -> dict[str, Any]:
     """Method class, its config, task and base from an adapter dir (ours, or one peft wrote)."""
     path = Path(path)
@@ -127,6 +113,7 @@ def read_adapter_info(path: str | Path) -> dict[str, Any]:
         model_name = config.get("base_model_name_or_path")
         quant, label_names = None, None
     return {
+        "written_by_peft": not sidecar_path.is_file(),
         "config": config,
         "method_cls": method_cls,
         "method_cfg": method_cfg,
@@ -192,9 +179,11 @@ def load_adapter(
         pad_token_id=tokenizer.pad_token_id,
         dtype=dtype,
     )
+    if info["written_by_peft"]:
+        drop_unmatched_modules_to_save(model, info["method_cfg"], str(path))
     method = info["method_cls"](info["method_cfg"], info["task"])
     torch.manual_seed(0)
-    model = method.apply(model)
+    model = method.attach(model)
     method.load_adapter_state_dict(model, read_adapter_state(path))
     model.to(device)
     model.eval()
@@ -202,7 +191,11 @@ def load_adapter(
 
 
 def merge_adapter(
-    adapter_dir: str | Path, output: str | Path, base: str | None = None, dtype: str = "float32"
+    adapter_dir: str | Path,
+    output: str | Path,
+    base: str | None = None,
+    dtype: str = "float32",
+    dequantize: bool = False,
 ) -> dict[str, Any]:
     """Fold an adapter into its base and write a plain transformers model directory.
 
@@ -215,6 +208,9 @@ def merge_adapter(
     that was trained: for a quantized adapter we also run the 4-bit (or 8-bit) adapter model on a
     fixed probe batch and report the max and mean logit difference (``report_lines``, ``probe``,
     and ``OUTPUT/merge_report.json``) instead of hiding it.
+
+    ``dequantize=True`` merges into the dequantized 4-bit (8-bit) weights instead (``peftcli.dequantize``):
+    the merged model is then the trained quantized adapter model up to rounding (docs/merging.md).
     """
     info = read_adapter_info(adapter_dir)
     if not info["method_cls"].mergeable:
@@ -223,7 +219,13 @@ def merge_adapter(
             f"method {info['method_cls'].name} cannot be merged into the base",
             "load the adapter directory directly (peftcli eval / peftcli.load)",
         )
-    probe, reference = None, None
+    if dequantize and not info["quantization"]:
+        raise RecipeError(
+            "--dequantize",
+            f"{adapter_dir} was not trained on a quantized base, so there is nothing to dequantize",
+            "drop --dequantize",
+        )
+    probe, reference, trained_layers = None, None, {}
     if info["quantization"]:
         from peftcli.quantize import probe_batch, probe_logits
 
@@ -231,8 +233,12 @@ def merge_adapter(
         quantized = load_adapter(adapter_dir, base=base, dtype=torch.float32, quantized=True)
         probe = probe_batch(quantized.tokenizer)
         reference = probe_logits(quantized.model, probe, quantized.task)
+        if dequantize:
+            trained_layers = quantized_layers(quantized.model)
         del quantized
     loaded = load_adapter(adapter_dir, base=base, dtype=torch.float32, quantized=False)
+    load_dequantized_weights(loaded.model, trained_layers)
+    del trained_layers
     merged = loaded.method.merge(loaded.model)
     target = getattr(torch, dtype)
     merged.to(target)
@@ -242,17 +248,20 @@ def merge_adapter(
         "method": loaded.method.name,
         "base": loaded.base_path,
         "task": loaded.task,
+        "dequantized": dequantize,
         "report_lines": [],
     }
     if probe is not None:
         result.update(
-            _quantization_report(merged, probe, reference, info["quantization"], dtype, loaded.task)
+            _quantization_report(
+                merged, probe, reference, info["quantization"], dtype, loaded.task, dequantize
+            )
         )
     with AtomicDir(output) as tmp:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         if probe is not None:
-            report = {"probe": result["probe"], "report_lines": result["report_lines"]}
+            report = {k: result[k] for k in ("dequantized", "probe", "report_lines")}
             (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return result
 
@@ -264,6 +273,7 @@ def _quantization_report(
     quant: dict[str, Any],
     dtype: str,
     task: str,
+    dequantize: bool = False,
 ) -> dict[str, Any]:
     from peftcli.quantize import PROBE_TEXTS, describe, logit_difference, probe_logits
 
@@ -276,6 +286,7 @@ def _quantization_report(
         "attention_mask": probe["attention_mask"].tolist(),
         "positions": positions,
         "merged_dtype": dtype,
+        "dequantized": dequantize,
         "reference": f"the {q.bits}-bit adapter model ({describe(q)})",
         "quantization": quant,
         **diff,
@@ -289,5 +300,14 @@ def _quantization_report(
         f"the merge used the {dtype} base weights, not the {q.bits}-bit ones: the difference is the base's "
         "quantization error, which the adapter was trained around; nothing was re-quantized"
     )
+    if dequantize:
+        why = (
+            f"merged into the dequantized {q.bits}-bit weights the adapter was trained with; what is left is "
+            + (
+                f"rounding (and the {dtype} cast)"
+                if q.bits == 4
+                else "LLM.int8's rounding of the activations inside every matmul, which no weights reproduce"
+            )
+        )
     lines = [gap, why]
     return {"probe": probe_info, "report_lines": lines}

@@ -9,6 +9,8 @@ It writes, under ``output_dir``::
 
     recipe.yaml             the resolved recipe                       (prepare_run_dir)
     metrics.jsonl           one JSON object per train/eval event      (reset_metrics, log_event)
+    loggers.json            train.loggers' runs (TensorBoard, W&B,    (reset_metrics, log_event)
+                            MLflow get metrics.jsonl's events too)
     checkpoints/step-N/     everything an exact resume needs          (save)
     adapter/                the adapter in peft's format              (finish)
     results.json summary.md the result as JSON and as a table         (finish)
@@ -40,11 +42,12 @@ import peftcli.checkpoint as ckpt
 import peftcli.distributed as distributed
 from peftcli.checkpoint import atomic_write_text
 from peftcli.distributed import Dist
-from peftcli.methods import get_method_class
+from peftcli.loggers import Loggers, check_installed
+from peftcli.methods.catalog import get_method_class
 from peftcli.methods.registry import Method, count_parameters
 from peftcli.optim import build_optimizer, build_scheduler, total_steps
 from peftcli.recipe import Recipe, RecipeError, dump_recipe
-from peftcli.reporting import Reporter
+from peftcli.reporting import Reporter, peak_memory_bytes
 from peftcli.results import TrainResult
 
 __all__ = ["TrainResult", "TrainState", "TrainingInterrupted", "build_model", "token_loss_sum", "train"]
@@ -83,6 +86,7 @@ class Run:
     steps_per_epoch: int
     trainable: int
     total: int
+    loggers: Loggers | None = None  # train.loggers, opened with metrics.jsonl by reset_metrics
 
     @property
     def metrics_path(self) -> Path:
@@ -146,7 +150,11 @@ def _train(recipe: Recipe, resume: bool, reporter: Reporter | None, dist: Dist, 
     cfg = recipe.train
     run.model.train()
     state.started = time.perf_counter()
-    with stop_requests() as stop, reporter.progress(run.steps, state.step) as progress:
+    with (
+        stop_requests() as stop,
+        reporter.progress(run.steps, state.step) as progress,
+        trackers_ended_on_error(run),
+    ):
         while state.step < run.steps:
             window, next_position = next_window(run, state)
             mine = run.dist.rank_slice(window)  # this rank's slice of the global window
@@ -172,6 +180,18 @@ def _train(recipe: Recipe, resume: bool, reporter: Reporter | None, dist: Dist, 
     return finish(run, state, eval_before)
 
 
+@contextlib.contextmanager
+def trackers_ended_on_error(run: Run):
+    """If the loop stops early, end the trackers' runs too: KILLED when interrupted (resumable), else FAILED."""
+    try:
+        yield
+    except BaseException as error:
+        if run.loggers is not None:
+            interrupted = isinstance(error, (TrainingInterrupted, KeyboardInterrupt))
+            run.loggers.close("KILLED" if interrupted else "FAILED")
+        raise
+
+
 # -- set up ------------------------------------------------------------------------------------
 
 
@@ -179,6 +199,7 @@ def prepare_run_dir(recipe: Recipe, resume: bool, reporter: Reporter, is_main: b
     """Check the run directory against ``resume``, write recipe.yaml (rank 0); the checkpoint to resume
     from."""
     run_dir = Path(recipe.output_dir)
+    check_installed(recipe.train.loggers)  # a missing tracker fails here, before any weights load
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if resume and latest is None:
         reporter.note(f"--resume: no complete checkpoint in {run_dir}/checkpoints, starting from scratch")
@@ -429,6 +450,7 @@ def reset_metrics(run: Run, step: int) -> None:
         run.metrics_path.unlink(missing_ok=True)
     else:
         _truncate_metrics(run.metrics_path, step)
+    run.loggers = Loggers(run.run_dir, run.recipe, resumed=step > 0)
 
 
 def log_event(run: Run, event: dict[str, Any]) -> None:
@@ -436,6 +458,7 @@ def log_event(run: Run, event: dict[str, Any]) -> None:
         return
     with open(run.metrics_path, "a") as handle:
         handle.write(json.dumps(event) + "\n")
+    run.loggers.log(event)  # the same event to TensorBoard / W&B / MLflow, where train.loggers names them
 
 
 def log_train(run: Run, state: TrainState, lr: float) -> None:
@@ -524,8 +547,10 @@ def finish(run: Run, state: TrainState, eval_before: dict[str, float] | None) ->
         run.trainable,
         run.total,
         run.data.stats,
+        peak_memory_bytes(run.device),
     )
     if run.dist.is_main:
+        run.loggers.close()
         atomic_write_text(run.run_dir / "results.json", json.dumps(result.to_json(), indent=2) + "\n")
         atomic_write_text(run.run_dir / "summary.md", run.reporter.summary_markdown(result))
     return result
@@ -590,7 +615,7 @@ def build_model(
     )  # recipe validation rejected a quantized base it can't use
     method: Method = method_cls(recipe.method, recipe.model.task)
     torch.manual_seed(recipe.train.seed)  # adapter init depends on the seed only
-    model = method.apply(model)
+    model = method.attach(model)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -603,7 +628,7 @@ def _training_identity(recipe_yaml: str) -> str:
     import yaml
 
     raw = yaml.safe_load(recipe_yaml)
-    for key in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
+    for key in ("log_every", "eval_every", "save_every", "keep_checkpoints", "loggers"):
         raw.get("train", {}).pop(key, None)
     raw.pop("eval", None)
     return json.dumps(raw, sort_keys=True)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from peftcli.recipe import ModelConfig, RecipeError
-from peftcli.tiny import ensure_tiny, parse_tiny
+from peftcli.tiny import ensure_tiny, parse_tiny, quiet_transformers
 
 TASK_AUTO = {
     "causal_lm": "AutoModelForCausalLM",
@@ -19,15 +19,6 @@ TASK_AUTO = {
 }
 PEFT_TASK_TYPE = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
 TASK_FROM_PEFT = {v: k for k, v in PEFT_TASK_TYPE.items()}
-
-
-def quiet_transformers() -> None:
-    """Silence transformers' progress bars and info logs: our own progress display is the one users read."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
 
 
 def resolve_model_name(name: str) -> str:

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from peftcli.recipe import RecipeError, TrainConfig
+from peftcli.quantize import import_bitsandbytes
+from peftcli.recipe import TrainConfig
 
 BNB_OPTIMIZERS = {
     "adamw_8bit": "AdamW8bit",
@@ -16,21 +17,6 @@ BNB_OPTIMIZERS = {
     "paged_adamw_32bit": "PagedAdamW32bit",
     "paged_lion_8bit": "PagedLion8bit",
 }
-
-
-def import_bitsandbytes(key: str):
-    """Import bitsandbytes lazily and quietly (it warns about missing GPUs at import)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import bitsandbytes
-    except Exception as err:  # ImportError, or a broken native library
-        raise RecipeError(
-            key,
-            f"bitsandbytes is not usable here ({str(err).splitlines()[0][:120]})",
-            "pip install bitsandbytes, or pick optimizer: adamw",
-        ) from None
-    return bitsandbytes
 
 
 def build_optimizer(param_groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -41,7 +27,7 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: TrainConfig) -> tor
         )
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    bnb = import_bitsandbytes("train.optimizer")
+    bnb = import_bitsandbytes("train.optimizer", "or pick optimizer: adamw")
     if cfg.optimizer.startswith("paged_"):
         # On a CPU bitsandbytes keeps paged state in ordinary memory (paging is a CUDA unified-memory
         # feature) and warns at the first step; that is expected, documented, and not worth a warning.

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftcli.methods.inject import HEAD_NAMES, output_head_names
+from peftcli.inject import HEAD_NAMES, output_head_names
 from peftcli.recipe import RecipeError
 
 if TYPE_CHECKING:
@@ -36,8 +36,9 @@ QUANTIZED_CLASS_NAMES = ("Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4")
 KEY = "model.quantization"
 
 
-def import_bitsandbytes(key: str = KEY):
-    """Import bitsandbytes quietly, or raise a RecipeError naming ``key`` if it cannot be imported."""
+def import_bitsandbytes(key: str = KEY, hint: str = "or remove model.quantization"):
+    """Import bitsandbytes lazily and quietly (it warns about missing GPUs at import), or raise a
+    RecipeError naming ``key``; ``hint`` is the alternative offered after the install command."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -47,7 +48,7 @@ def import_bitsandbytes(key: str = KEY):
         raise RecipeError(
             key,
             f"bitsandbytes is not usable here ({first})",
-            "pip install 'bitsandbytes>=0.45' (CPU and CUDA), or remove model.quantization",
+            f"pip install 'bitsandbytes>=0.45' (CPU and CUDA), {hint}",
         ) from None
     # "MatMul8bitLt: inputs will be cast ... to float16" is logged on every 8-bit matmul on the CPU.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

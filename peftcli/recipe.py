@@ -1,10 +1,11 @@
-"""The recipe: schema, loading, overrides and validation.
+"""The recipe: schema, YAML reading, overrides and validation of every section but the method's.
 
 A recipe is YAML with five sections (``model``, ``data``, ``method``, ``train``, ``eval``) and
 ``output_dir``. Every section is a dataclass below; every field carries a one-line ``help`` in its
 metadata, which feeds ``peftcli validate`` errors and the README's recipe reference
 (``peftcli.docs``). The method section is declared by the method itself (``Method.config_cls``)
-and picked by ``method.name``.
+and picked by ``method.name``; :mod:`peftcli.recipe_loader` resolves it, so that this module, the
+bottom of the import stack, imports no other peftcli module.
 
 Every user mistake raises :class:`RecipeError` with the dotted key, what is wrong and what to do.
 """
@@ -229,6 +230,10 @@ class TrainConfig:
     momentum: float = field(default=0.0, metadata=doc("SGD momentum", min=0.0, max=1.0))
     seed: int = field(default=42, metadata=doc("seed for init, dropout and data order"))
     log_every: int = field(default=10, metadata=doc("optimizer steps between train log lines", min=1))
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(
+        default_factory=list,
+        metadata=doc("trackers that also get metrics.jsonl's events: tensorboard, wandb, mlflow (extras)"),
+    )
     eval_every: int = field(
         default=0, metadata=doc("steps between evals; 0 = only before and after training", min=0)
     )
@@ -300,7 +305,7 @@ def _type_name(tp: Any) -> str:
     )
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
     text = repr(value)
     return text if len(text) < 60 else text[:57] + "..."
 
@@ -322,7 +327,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(err)
         if len(errors) == 1:
             raise errors[0]
-        raise RecipeError(key, f"expected {_type_name(tp)}, got {_show(value)}")
+        raise RecipeError(key, f"expected {_type_name(tp)}, got {show(value)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         for choice in choices:
@@ -331,18 +336,18 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             ):
                 return choice
         hint = did_you_mean(value, choices) or "choose one of: " + ", ".join(str(c) for c in choices)
-        raise RecipeError(key, f"{_show(value)} is not one of {', '.join(str(c) for c in choices)}", hint)
+        raise RecipeError(key, f"{show(value)} is not one of {', '.join(str(c) for c in choices)}", hint)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item_tp in (str,):
             value = [value]  # a single name is a list of one
         if not isinstance(value, (list, tuple)):
-            raise RecipeError(key, f"expected {_type_name(tp)}, got {_show(value)}")
+            raise RecipeError(key, f"expected {_type_name(tp)}, got {show(value)}")
         return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         key_tp, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise RecipeError(key, f"expected a mapping, got {_show(value)}")
+            raise RecipeError(key, f"expected a mapping, got {show(value)}")
         return {coerce(k, key_tp, key): coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
@@ -353,28 +358,28 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
             return value.lower() in ("true", "yes", "on")
-        raise RecipeError(key, f"expected true or false, got {_show(value)}")
+        raise RecipeError(key, f"expected true or false, got {show(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise RecipeError(key, f"expected an integer, got {_show(value)}")
+            raise RecipeError(key, f"expected an integer, got {show(value)}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str) and _NUMBER.match(value.strip()) and float(value).is_integer():
             return int(float(value))
-        raise RecipeError(key, f"expected an integer, got {_show(value)}")
+        raise RecipeError(key, f"expected an integer, got {show(value)}")
     if tp is float:
         if isinstance(value, bool):
-            raise RecipeError(key, f"expected a number, got {_show(value)}")
+            raise RecipeError(key, f"expected a number, got {show(value)}")
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str) and _NUMBER.match(value.strip()):
             return float(value)  # PyYAML reads 3e-4 as a string (YAML 1.1 wants 3.0e-4)
-        raise RecipeError(key, f"expected a number, got {_show(value)}")
+        raise RecipeError(key, f"expected a number, got {show(value)}")
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
-            raise RecipeError(key, f"expected a string, got {_show(value)}")
+            raise RecipeError(key, f"expected a string, got {show(value)}")
         return str(value)
     raise TypeError(f"unsupported annotation {tp!r} at {key}")  # a schema bug, not a user mistake
 
@@ -403,7 +408,7 @@ def from_dict(cls: type, data: Any, path: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError(path, f"expected a mapping of keys, got {_show(data)}")
+        raise RecipeError(path, f"expected a mapping of keys, got {show(data)}")
     known = fields_of(cls)
     hints = resolved_types(cls)
     for k in data:
@@ -496,44 +501,7 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def build_recipe(raw: dict, source: str | None = None) -> Recipe:
-    """Validate a raw mapping into a :class:`Recipe` (the method section by its own schema)."""
-    from peftcli.methods import get_method_class
-
-    raw = dict(raw)
-    method_raw = raw.pop("method", None)
-    if method_raw is None:
-        method_raw = {}
-    if not isinstance(method_raw, dict):
-        raise RecipeError(
-            "method", f"expected a mapping, got {_show(method_raw)}", "e.g. method: {name: lora, r: 8}"
-        )
-    recipe = from_dict(Recipe, raw, "")
-    name = method_raw.get("name", "lora")
-    method_cls = get_method_class(str(name))  # RecipeError with did-you-mean on a typo
-    recipe.method = from_dict(method_cls.config_cls, method_raw, "method")
-    recipe.method.name = method_cls.name
-    for key in sorted(REQUIRED):
-        section, name_ = key.split(".")
-        if not getattr(getattr(recipe, section), name_):
-            raise RecipeError(
-                key, "is required", f"set {key} in the recipe or as {key}=... on the command line"
-            )
-    if not recipe.output_dir:
-        stem = Path(source).stem if source else "run"
-        recipe.output_dir = str(Path("runs") / stem)
-    _cross_checks(recipe)
-    if recipe.model.quantization is not None and not method_cls.supports_quantized_base:
-        raise RecipeError(
-            "model.quantization",
-            f"method {method_cls.name} cannot train on a quantized base",
-            "remove model.quantization, or pick a method that can (lora)",
-        )
-    method_cls.validate_config(recipe.method, recipe)
-    return recipe
-
-
-def _cross_checks(recipe: Recipe) -> None:
+def cross_checks(recipe: Recipe) -> None:
     if recipe.data.format == "classification" and recipe.model.task != "seq_cls":
         raise RecipeError(
             "data.format",
@@ -555,21 +523,6 @@ def _cross_checks(recipe: Recipe) -> None:
         raise RecipeError("model.dtype", "not supported with 8-bit quantization")
 
 
-def load_recipe(
-    path: str | Path, overrides: list[str] | None = None, output_dir: str | None = None
-) -> Recipe:
-    raw = read_yaml(path)
-    raw = apply_overrides(raw, overrides or [])
-    if output_dir:
-        raw["output_dir"] = output_dir
-    return build_recipe(raw, source=str(path))
-
-
-def recipe_from_dict(raw: dict, overrides: list[str] | None = None) -> Recipe:
-    raw = apply_overrides(dict(raw), overrides or [])
-    return build_recipe(raw)
-
-
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(to_dict(recipe), sort_keys=False)
 
@@ -578,29 +531,10 @@ def expand_path(value: str) -> str:
     return os.path.expanduser(os.path.expandvars(value))
 
 
-def _looks_local(value: str) -> bool:
+def looks_local(value: str) -> bool:
     return value.startswith((".", "/", "~")) or Path(value).suffix.lower() in (
         ".jsonl",
         ".json",
         ".csv",
         ".parquet",
     )
-
-
-def validate_files(recipe: Recipe) -> None:
-    """Check that local paths the recipe names exist (hub ids are left for load time)."""
-    from peftcli.tiny import parse_tiny
-
-    name = recipe.model.name
-    if parse_tiny(name) is None and _looks_local(name) and not Path(expand_path(name)).is_dir():
-        raise RecipeError(
-            "model.name", f"model directory not found: {name}", "check the path or use a hub id"
-        )
-    for key in ("train", "eval"):
-        value = getattr(recipe.data, key)
-        if value and _looks_local(value) and not Path(expand_path(value)).exists():
-            raise RecipeError(
-                f"data.{key}",
-                f"file not found: {value}",
-                "check the path (relative paths are relative to where you run peftcli)",
-            )

@@ -23,6 +23,20 @@ def human(n: float) -> str:
 METRIC_ORDER = ("eval_loss", "perplexity", "accuracy", "exact_match")
 
 
+def peak_memory_bytes(device) -> int:
+    """Peak memory of this process so far: CUDA's max allocated on a GPU, else the peak RSS."""
+    import sys
+
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
 class _Bar:
     def __init__(self, progress: Progress | None, task_id: Any):
         self.progress, self.task_id = progress, task_id
@@ -65,7 +79,7 @@ class Reporter:
             "trainable",
             f"{human(trainable)} of {human(total)} parameters ({100 * trainable / max(total, 1):.3f}%)",
         )
-        for line in getattr(method, "summary_lines", list)():
+        for line in method.summary_lines():
             table.add_row("", line)
         data = (
             f"{stats.get('train_examples', '?')} train / {stats.get('eval_examples', 0)} eval examples, "
@@ -155,3 +169,35 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
+
+
+def report_table(summary: dict[str, Any]) -> Table:
+    """`peftcli report`'s summary: metrics before training, at the best eval and at the end."""
+    steps = f"{summary['last_step']}" + (
+        f" of {summary['planned_steps']}" if summary["planned_steps"] else ""
+    )
+    table = Table(
+        title=f"report {summary['run_dir']} ({summary['status']}, step {steps})", title_justify="left"
+    )
+    best = summary["best_eval"]
+    before, final = summary["before"] or {}, summary["final"] or {}
+    table.add_column("metric")
+    table.add_column("before (step 0)", justify="right")
+    table.add_column(
+        f"final (step {summary['final_step']})" if summary["final_step"] else "final", justify="right"
+    )
+    for key in METRIC_ORDER:
+        if key in before or key in final:
+            table.add_row(key, _fmt(before.get(key)), _fmt(final.get(key)))
+    table.add_row(
+        "train loss (first → last event)", _fmt(summary["train_loss_first"]), _fmt(summary["train_loss_last"])
+    )
+    if best is not None:
+        table.add_row("best eval", "", f"{best['metric']} {_fmt(best['value'])} at step {best['step']}")
+    tokens = summary["tokens_per_s"]
+    table.add_row("tokens/s", "", "-" if tokens is None else f"{tokens:,.0f}")
+    elapsed = summary["training_time_s"]
+    table.add_row("training time", "", "-" if elapsed is None else f"{elapsed:.1f}s")
+    if summary.get("plot"):
+        table.add_row("plot", "", summary["plot"])
+    return table

@@ -21,6 +21,7 @@ class TrainResult:
     trainable: int
     total: int
     data_stats: dict[str, Any] = field(default_factory=dict)
+    peak_memory_bytes: int | None = None  # peak RSS (CPU) or CUDA max allocated of the training process
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -35,5 +36,6 @@ class TrainResult:
             "tokens_per_s": round(self.tokens_per_s, 1),
             "trainable_parameters": self.trainable,
             "total_parameters": self.total,
+            "peak_memory_bytes": self.peak_memory_bytes,
             "data": self.data_stats,
         }

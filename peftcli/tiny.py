@@ -154,6 +154,15 @@ def _byte_tokenizer(arch: str):
     return tok, vocab, family
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' progress bars and info logs: our own progress display is the one users read."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def build_tiny(arch: str, path: Path) -> None:
     """Build ``tiny:<arch>`` into ``path`` (deterministic: fixed seed, fixed configs)."""
     import torch
@@ -164,8 +173,6 @@ def build_tiny(arch: str, path: Path) -> None:
         AutoModelForSequenceClassification,
         PreTrainedTokenizerFast,
     )
-
-    from peftcli.models import quiet_transformers
 
     quiet_transformers()
     spec = TINY_ARCHS[arch]

@@ -9,7 +9,7 @@ import torch
 from peftcli.export import save_adapter
 from peftcli.loop import build_model, token_loss_sum
 from peftcli.models import load_model, load_tokenizer, resolve_model_name
-from peftcli.recipe import load_recipe
+from peftcli.recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

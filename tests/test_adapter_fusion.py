@@ -15,11 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftcli.export import load_adapter, read_adapter_state, save_adapter
+from peftcli.checkpoint import read_adapter_state
+from peftcli.export import load_adapter, save_adapter
 from peftcli.loop import build_model
 from peftcli.methods.bottleneck import block_of
 from peftcli.models import load_tokenizer, resolve_model_name
-from peftcli.recipe import RecipeError, load_recipe
+from peftcli.recipe import RecipeError
+from peftcli.recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "recipes/tiny/fusion_sources/reverse", ROOT / "recipes/tiny/fusion_sources/upper"]

@@ -63,7 +63,7 @@ def test_forward_equals_adapterhub(kind, tmp_path):
     model = BertModel.from_pretrained(tmp_path / "base")
     model.eval()
     method = CASES[kind]()
-    model = method.apply(model)
+    model = method.attach(model)
     ours = {}
     for (
         sub

@@ -18,7 +18,8 @@ from peftcli.methods.bottleneck import find_sublayers
 from peftcli.methods.houlsby_adapter import HoulsbyAdapter, HoulsbyConfig
 from peftcli.methods.parallel_adapter import ParallelAdapter, ParallelAdapterConfig
 from peftcli.models import load_model, resolve_model_name
-from peftcli.recipe import ModelConfig, RecipeError, recipe_from_dict
+from peftcli.recipe import ModelConfig, RecipeError
+from peftcli.recipe_loader import recipe_from_dict
 
 TOL = 1e-6
 
@@ -71,7 +72,7 @@ def test_identity_at_init_across_families(arch, task, method):
         m = ParallelAdapter(ParallelAdapterConfig(name="parallel_adapter", positions=["attn", "ffn"]), task)
     else:
         m = HoulsbyAdapter(HoulsbyConfig(name="houlsby_adapter", config=method), task)
-    model = m.apply(model)
+    model = m.attach(model)
     b = batch(base.config.vocab_size)
     with torch.no_grad():
         diff = (model(**b).logits - base(**b).logits).abs().max().item()
@@ -105,7 +106,7 @@ def adapter_of(model, name):
 def test_houlsby_llama_ffn_equals_equation():
     model = tiny("llama", "causal_lm")
     method = HoulsbyAdapter(HoulsbyConfig(name="houlsby_adapter", bottleneck_size=8), "causal_lm")
-    model = method.apply(model)
+    model = method.attach(model)
     randomize(model)
     mlp = model.model.layers[1].mlp
     seen, handle = capture(mlp)
@@ -123,7 +124,7 @@ def test_houlsby_llama_ffn_equals_equation():
 def test_houlsby_llama_attention_output_equals_equation():
     model = tiny("llama", "causal_lm")
     method = HoulsbyAdapter(HoulsbyConfig(name="houlsby_adapter", bottleneck_size=8), "causal_lm")
-    model = method.apply(model)
+    model = method.attach(model)
     randomize(model)
     attn = model.model.layers[0].self_attn
     a = adapter_of(model, "model.layers.0.self_attn")
@@ -144,7 +145,7 @@ def test_houlsby_bert_inside_output_sublayer_before_layernorm():
     method = HoulsbyAdapter(
         HoulsbyConfig(name="houlsby_adapter", bottleneck_size=8, nonlinearity="relu"), "seq_cls"
     )
-    model = method.apply(model)
+    model = method.attach(model)
     randomize(model)
     out_layer = model.bert.encoder.layer[0].attention.output  # BertSelfOutput(hidden_states, input_tensor)
     seen, handle = capture(out_layer)
@@ -166,7 +167,7 @@ def test_parallel_llama_and_gpt2_ffn_equal_equation():
         method = ParallelAdapter(
             ParallelAdapterConfig(name="parallel_adapter", bottleneck_size=8, scaling=4.0), "causal_lm"
         )
-        model = method.apply(model)
+        model = method.attach(model)
         randomize(model)
         name = method.sublayers[0].output_module
         mlp = model.get_submodule(name)
@@ -192,7 +193,7 @@ def test_parallel_bert_reads_ffn_input_and_adds_before_layernorm():
     method = ParallelAdapter(
         ParallelAdapterConfig(name="parallel_adapter", bottleneck_size=8, scaling=2.0), "seq_cls"
     )
-    model = method.apply(model)
+    model = method.attach(model)
     randomize(model)
     layer = model.bert.encoder.layer[1]
     seen, handle = capture(layer.output)  # BertOutput(intermediate_output, attention_output)
@@ -214,19 +215,19 @@ def test_trainable_counts_equal_formula():
     adapter = 2 * d * m + m + d
     model = tiny("llama", "causal_lm")
     method = HoulsbyAdapter(HoulsbyConfig(name="houlsby_adapter", bottleneck_size=m), "causal_lm")
-    model = method.apply(model)
+    model = method.attach(model)
     rms_norms = 2 * L * d  # input_layernorm + post_attention_layernorm weights
     assert (
         sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * L * adapter + rms_norms == 8768
     )
     model = tiny("llama", "causal_lm")
     method = HoulsbyAdapter(HoulsbyConfig(name="houlsby_adapter", config="pfeiffer"), "causal_lm")
-    model = method.apply(model)
+    model = method.attach(model)
     m16 = d // 16
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == L * (2 * d * m16 + m16 + d)
     bert = tiny("bert", "seq_cls")
     method = ParallelAdapter(ParallelAdapterConfig(name="parallel_adapter", bottleneck_size=m), "seq_cls")
-    bert = method.apply(bert)
+    bert = method.attach(bert)
     head = d * 2 + 2  # the new classifier: d -> 2 labels
     trainable = {n for n, p in bert.named_parameters() if p.requires_grad}
     assert all(".adapter." in n or n.startswith("classifier.") for n in trainable)

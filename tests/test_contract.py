@@ -20,9 +20,9 @@ import torch
 
 from peftcli.export import load_adapter, save_adapter
 from peftcli.loop import build_model, token_loss_sum
-from peftcli.methods import list_methods
+from peftcli.methods.catalog import list_methods
 from peftcli.models import load_model, load_tokenizer, resolve_model_name
-from peftcli.recipe import load_recipe
+from peftcli.recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = [cls.name for cls in list_methods()]
@@ -126,7 +126,7 @@ def test_trainable_parameters_match_formula_and_no_base_weight_trains(name, tmp_
     base_weight_names = {n for n, _ in base.named_parameters() if not n.endswith("bias")}
     assert base_weight_names
     # Base weights may train only as whole-module copies the method declares (modules_to_save).
-    saved = tuple(f"{m}." for m in getattr(method, "saved_modules", []))
+    saved = tuple(f"{m}." for m in method.saved_modules)
     for n in trainable:
         # Methods that wrap the model (soft prompts) hold it as `base_model`: compare in base naming.
         plain = n.replace(".base_layer.", ".")

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 import peftcli
 from peftcli.distributed import Dist, LaunchOptions, check_method, init, launch, worker_args
-from peftcli.methods import get_method_class
+from peftcli.methods.catalog import get_method_class
 from peftcli.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]

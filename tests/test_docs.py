@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from peftcli.cli import app
 from peftcli.docs import reference_block
-from peftcli.methods import list_methods
+from peftcli.methods.catalog import list_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

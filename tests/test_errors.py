@@ -102,7 +102,7 @@ def test_bad_override(tmp_path):
 
 
 def test_numbers_written_the_way_people_write_them(tmp_path):
-    from peftcli.recipe import load_recipe
+    from peftcli.recipe_loader import load_recipe
 
     recipe = load_recipe(write_recipe(tmp_path, BASE + "\n"), ["train.lr=3e-4", "train.weight_decay=1e-2"])
     assert recipe.train.lr == pytest.approx(3e-4)

@@ -41,7 +41,7 @@ def prefix_only(rows: torch.Tensor, n: int):
         PrefixTuningConfig(name="prefix_tuning", num_virtual_tokens=n, prefix_projection=False)
     )
     torch.manual_seed(0)
-    model = method.apply(tiny())
+    model = method.attach(tiny())
     model.prefix.start_from(rows)
     model.eval()
     return model
@@ -54,7 +54,7 @@ def mam(**options):
             name="mam_adapter", num_virtual_tokens=4, encoder_hidden_size=32, bottleneck_size=8, **options
         )
     )
-    model = method.apply(tiny())
+    model = method.attach(tiny())
     model.eval()
     return model, method
 
@@ -64,7 +64,7 @@ def unipelt(arch: str = "llama", task: str = "causal_lm"):
     method = UniPelt(
         UniPeltConfig(name="unipelt", num_virtual_tokens=4, encoder_hidden_size=32, bottleneck_size=8), task
     )
-    model = method.apply(tiny(arch, task))
+    model = method.attach(tiny(arch, task))
     model.eval()
     return model, method
 
@@ -159,7 +159,7 @@ def test_bert_classifier_trains_saves_and_reloads(name, tmp_path):
     if name == "mam_adapter":
         torch.manual_seed(0)
         method = MamAdapter(MamConfig(name=name, num_virtual_tokens=4, bottleneck_size=8), "seq_cls")
-        model = method.apply(tiny("bert", "seq_cls"))
+        model = method.attach(tiny("bert", "seq_cls"))
     else:
         model, method = unipelt("bert", "seq_cls")
     b = batch(model.config.vocab_size)

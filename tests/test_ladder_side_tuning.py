@@ -40,7 +40,7 @@ def applied(arch: str, task: str, **options):
     model = tiny(arch, task)
     method = LadderSideTuning(LadderConfig(name="ladder_side_tuning", **options), task)
     torch.manual_seed(0)
-    return method.apply(model), method
+    return method.attach(model), method
 
 
 def randomize_upsample(method, model) -> None:

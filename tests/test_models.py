@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from peftcli.loop import build_model, token_loss_sum
 from peftcli.models import load_tokenizer, resolve_model_name
-from peftcli.recipe import recipe_from_dict
+from peftcli.recipe_loader import recipe_from_dict
 from peftcli.tiny import build_tiny, ensure_tiny
 
 

@@ -23,7 +23,8 @@ from peftcli import api
 from peftcli.export import load_adapter, merge_adapter
 from peftcli.models import load_model, resolve_model_name
 from peftcli.quantize import probe_batch, storage_report
-from peftcli.recipe import ModelConfig, QuantizationConfig, RecipeError, load_recipe
+from peftcli.recipe import ModelConfig, QuantizationConfig, RecipeError
+from peftcli.recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny" / "qlora.yaml"
@@ -216,6 +217,78 @@ def test_merge_is_exact_against_the_fp32_base_plus_adapter_and_reports_the_4bit_
     assert on_disk["probe"]["max_abs_logit_diff"] == info["probe"]["max_abs_logit_diff"]
 
 
+def lora_delta(adapter_dir: Path, module: str) -> torch.Tensor:
+    """s·B·A of one layer, read straight from the adapter's safetensors (peft's key names)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    prefix = f"base_model.model.{module}"
+    a, b = state[f"{prefix}.lora_A.weight"], state[f"{prefix}.lora_B.weight"]
+    return (b @ a) * (config["lora_alpha"] / config["r"])
+
+
+@pytest.mark.slow
+def test_merge_dequantize_equals_the_trained_4bit_model(trained, tmp_path):
+    """--dequantize: the merged fp32 model is the 4-bit adapter model it was trained as. References:
+    peft's LoRA on transformers' own 4-bit base (fp32 compute), 1e-4; the weights against
+    bitsandbytes' quantize/dequantize of the fp32 base weight done here, 1e-6."""
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged-dequantized"
+    info = merge_adapter(trained.adapter_dir, out, dequantize=True)
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert not hasattr(merged.config, "quantization_config")
+    assert all(type(m).__name__ != "Linear4bit" for m in merged.modules())
+
+    base_path = str(resolve_model_name("tiny:llama"))
+    peft_model = PeftModel.from_pretrained(hf_quantized_base(base_path), str(trained.adapter_dir))
+    batch = fixed_batch()
+    assert (real_logits(merged, batch) - real_logits(peft_model, batch)).abs().max() <= 1e-4
+    ours_4bit = load_adapter(trained.adapter_dir).model
+    assert (real_logits(merged, batch) - real_logits(ours_4bit, batch)).abs().max() <= 1e-4
+
+    # One weight, rebuilt independently: dequant(quant(W0)) as the recipe quantizes (nf4, double quant,
+    # bitsandbytes' default block of 64), plus the adapter's s·B·A.
+    module = "model.layers.1.mlp.down_proj"
+    fp32_base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    w0 = fp32_base.get_submodule(module).weight.detach()
+    packed, state = bnb.functional.quantize_4bit(w0, quant_type="nf4", compress_statistics=True)
+    expected = bnb.functional.dequantize_4bit(packed, state).float() + lora_delta(trained.adapter_dir, module)
+    torch.testing.assert_close(merged.get_submodule(module).weight, expected, atol=1e-6, rtol=0)
+    assert (expected - w0).abs().max() > 1e-3  # and that is not the original weight plus the update
+
+    # The report: ≈ 0 here, recomputed from peft's 4-bit model on the probe texts.
+    probe = {k: torch.tensor(info["probe"][k]) for k in ("input_ids", "attention_mask")}
+    gap = (real_logits(merged, probe) - real_logits(peft_model, probe)).abs()
+    assert info["dequantized"] is True and info["probe"]["dequantized"] is True
+    assert info["probe"]["max_abs_logit_diff"] <= 1e-4
+    assert info["probe"]["max_abs_logit_diff"] == pytest.approx(float(gap.max()), abs=1e-5)
+    assert "dequantized 4-bit weights" in info["report_lines"][1]
+    on_disk = json.loads((out / "merge_report.json").read_text())
+    assert on_disk["dequantized"] is True
+    assert on_disk["probe"]["max_abs_logit_diff"] == info["probe"]["max_abs_logit_diff"]
+
+
+def test_merge_dequantize_of_an_unquantized_adapter_is_a_user_error(tmp_path):
+    import peft
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from peftcli.cli import app
+
+    base = AutoModelForCausalLM.from_pretrained(str(resolve_model_name("tiny:llama")))
+    peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
+    result = CliRunner().invoke(
+        app, ["merge", str(tmp_path / "a"), "-o", str(tmp_path / "m"), "--dequantize"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "--dequantize" in result.output and "not trained on a quantized base" in result.output
+    assert not (tmp_path / "m").exists()
+
+
 def test_8bit_base_trains_and_loads_in_peft(tmp_path):
     from peft import PeftModel
 
@@ -236,6 +309,20 @@ def test_8bit_base_trains_and_loads_in_peft(tmp_path):
     peft_model = PeftModel.from_pretrained(base, str(result.adapter_dir))
     batch = fixed_batch()
     assert (real_logits(ours, batch) - real_logits(peft_model, batch)).abs().max() <= 1e-4
+
+    # merge --dequantize: each weight is LLM.int8's row-wise dequantization, int8 · absmax / 127 (computed
+    # here from the quantized layer), plus s·B·A; the activations' int8 rounding stays in the report.
+    from transformers import AutoModelForCausalLM
+
+    info = merge_adapter(result.adapter_dir, tmp_path / "merged8", dequantize=True)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged8", dtype=torch.float32)
+    module = "model.layers.0.self_attn.q_proj"
+    layer = ours.get_submodule(module).base_layer
+    scales = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+    int8_weight = layer.weight.data.float() * scales.float()[:, None] / 127
+    expected = int8_weight + lora_delta(result.adapter_dir, module)
+    torch.testing.assert_close(merged.get_submodule(module).weight, expected, atol=1e-6, rtol=0)
+    assert "activations" in info["report_lines"][1]
 
 
 def test_bf16_base_and_compute_train_on_cpu_and_the_head_stays_bf16(tmp_path):

@@ -22,7 +22,8 @@ from peftcli.export import load_adapter, save_adapter
 from peftcli.loop import build_model, token_loss_sum
 from peftcli.methods.soft_prompt import repeat_to
 from peftcli.models import load_model, load_tokenizer, resolve_model_name
-from peftcli.recipe import RecipeError, recipe_from_dict
+from peftcli.recipe import RecipeError
+from peftcli.recipe_loader import recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = {"causal_lm": "tiny:llama", "seq_cls": "tiny:bert", "seq2seq": "tiny:t5"}

@@ -20,7 +20,7 @@ import pytest
 from peft_oracle import ROOT
 
 from peftcli import api
-from peftcli.recipe import load_recipe, validate_files
+from peftcli.recipe_loader import load_recipe, validate_files
 
 RECIPES = sorted((ROOT / "recipes" / "tiny").glob("*.yaml"))
 MIN_DROP = 0.05

@@ -39,15 +39,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftcli.methods.inject import (
-    freeze,
+from peftcli.inject import (
+    PREFIX,
+    classifier_heads,
     linear_dims,
     make_trainable_copies,
     match_targets,
-    modules_to_save_state,
     set_module,
 )
-from peftcli.methods.lora import PREFIX, _has_module, load_prefixed
 from peftcli.methods.registry import Method, register
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
@@ -142,13 +141,13 @@ class AdaLoRA(Method):
     mergeable = True
     peft_type = "ADALORA"
     trainable_formula = "sum over adapted layers of init_r·(in + out + 1), plus modules_to_save"
+    parameter_prefix = "lora_"  # P, λ, Q saved as <module>.lora_B / lora_E / lora_A, peft's keys
 
     cfg: AdaLoraConfig
 
     def __init__(self, cfg: AdaLoraConfig, task: str = "causal_lm"):
         super().__init__(cfg, task)
         self.targets: list[str] = []
-        self.saved_modules: list[str] = []
         self.total_step: int | None = cfg.total_step
         self.exp_avg_ipt: dict[str, torch.Tensor] = {}  # Ī per trainable tensor, by parameter name
         self.exp_avg_unc: dict[str, torch.Tensor] = {}  # Ū
@@ -195,13 +194,11 @@ class AdaLoRA(Method):
     # -- building ------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
-        freeze(model)
         self.targets = match_targets(model, cfg.target_modules)
         for name in self.targets:
             set_module(model, name, SVDLinear(model.get_submodule(name), cfg.init_r, cfg.alpha, cfg.dropout))
         to_save = list(cfg.modules_to_save)
-        if self.task == "seq_cls":
-            to_save += [h for h in ("classifier", "score") if _has_module(model, h) and h not in to_save]
+        to_save += [h for h in classifier_heads(model, self.task) if h not in to_save]
         self.saved_modules = make_trainable_copies(model, to_save)
         return model
 
@@ -210,8 +207,7 @@ class AdaLoRA(Method):
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
         count = sum(m.r * (m.in_features + m.out_features + 1) for _, m in self.svd_layers(model))
-        count += sum(p.numel() for name in self.saved_modules for p in model.get_submodule(name).parameters())
-        return count
+        return count + self.saved_modules_count(model)
 
     # -- training hooks ------------------------------------------------------------------
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
@@ -323,16 +319,8 @@ class AdaLoRA(Method):
         self.total_step = state.get("total_step") or self.total_step
 
     # -- saving --------------------------------------------------------------------------
-    def _live_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state = {}
-        for name, layer in self.svd_layers(model):
-            for param in ("lora_A", "lora_B", "lora_E"):
-                state[f"{PREFIX}{name}.{param}"] = getattr(layer, param)
-        state.update(modules_to_save_state(model, self.saved_modules, PREFIX))
-        return state
-
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state = {k: v.detach() for k, v in self._live_state(model).items()}
+        state = super().adapter_state_dict(model)
         if self.rank_pattern is None:
             return state
         for name, layer in self.svd_layers(model):
@@ -359,7 +347,7 @@ class AdaLoRA(Method):
             pattern[f"{name}.lora_E"] = [True] * layer.r + [False] * (self.cfg.init_r - layer.r)
         if any(not all(keep) for keep in pattern.values()):
             self.rank_pattern = pattern  # positions do not matter for the forward, only the counts
-        load_prefixed(model, state, {k: v.detach() for k, v in self._live_state(model).items()})
+        super().load_adapter_state_dict(model, state)
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         cfg = self.cfg

@@ -34,7 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftcli.checkpoint import read_adapter_state
+from peftcli.inject import PREFIX, classifier_heads, make_trainable_copies
 from peftcli.methods.bottleneck import (
+    ADAPTER_ATTR,
     POSITIONS,
     Bottleneck,
     Sublayer,
@@ -42,15 +45,11 @@ from peftcli.methods.bottleneck import (
     block_of,
     bottleneck_width,
     find_sublayers,
-    head_modules,
 )
 from peftcli.methods.houlsby_adapter import HoulsbyConfig, resolved
-from peftcli.methods.inject import freeze, make_trainable_copies, modules_to_save_state
-from peftcli.methods.lora import load_prefixed
 from peftcli.methods.registry import Method, register
 from peftcli.recipe import MethodConfig, Recipe, RecipeError, doc, from_dict
 
-PREFIX = "base_model.model."
 SOURCE_METHOD = "houlsby_adapter"
 
 
@@ -131,12 +130,15 @@ class AdapterFusion(Method):
         "per fused sublayer 3·(d² + d) for query/key/value, plus a seq_cls head (sources frozen)"
     )
 
+    # the fusion blocks (frozen sources included, so a reload needs no source directory) are children
+    # named "adapter": saved as base_model.model.<module>.adapter.{sources.<n>,query,key,value}.*
+    parameter_prefix = ADAPTER_ATTR
+
     cfg: FusionConfig
 
     def __init__(self, cfg: FusionConfig, task: str = "causal_lm"):
         super().__init__(cfg, task)
         self.sublayers: list[Sublayer] = []
-        self.saved_modules: list[str] = []
 
     @classmethod
     def validate_config(cls, cfg: FusionConfig, recipe: Recipe) -> None:
@@ -193,9 +195,6 @@ class AdapterFusion(Method):
         ]
 
     def apply(self, model: nn.Module) -> nn.Module:
-        from peftcli.export import read_adapter_state
-
-        freeze(model)
         options = self.source_options()
         positions = tuple(p for p in POSITIONS if p in options[0].positions)
         self.sublayers = find_sublayers(model, positions)
@@ -228,7 +227,7 @@ class AdapterFusion(Method):
                                 "it was trained on another model or with other positions",
                             )
                         param.copy_(state[key].to(param.dtype))
-        self.saved_modules = make_trainable_copies(model, head_modules(model, self.task))
+        self.saved_modules = make_trainable_copies(model, classifier_heads(model, self.task))
         return model
 
     def blocks(self, model: nn.Module) -> list[tuple[str, FusionBlock]]:
@@ -236,18 +235,7 @@ class AdapterFusion(Method):
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
         count = sum(3 * (b.query.in_features**2 + b.query.in_features) for _, b in self.blocks(model))
-        return count + sum(p.numel() for n in self.saved_modules for p in model.get_submodule(n).parameters())
-
-    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state = {}
-        for name, block in self.blocks(model):
-            for pname, param in block.named_parameters():
-                state[f"{PREFIX}{name}.adapter.{pname}"] = param.detach()
-        state.update(modules_to_save_state(model, self.saved_modules, PREFIX))
-        return state
-
-    def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_prefixed(model, state, self.adapter_state_dict(model))
+        return count + self.saved_modules_count(model)
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         return {

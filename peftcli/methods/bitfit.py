@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftcli.methods.inject import freeze, make_trainable_copies, match_targets, modules_to_save_state
-from peftcli.methods.lora import PREFIX, _has_module, load_prefixed
+from peftcli.inject import PREFIX, classifier_heads, load_prefixed, make_trainable_copies, match_targets
 from peftcli.methods.registry import Method, register
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
@@ -54,10 +53,8 @@ class BitFit(Method):
         super().__init__(cfg, task)
         self.bias_names: list[str] = []  # parameter names, e.g. model.layers.0.self_attn.q_proj.bias
         self.original: dict[str, torch.Tensor] = {}  # b0, to save Δb = b − b0
-        self.saved_modules: list[str] = []
 
     def apply(self, model: nn.Module) -> nn.Module:
-        freeze(model)
         targets = self.cfg.target_modules
         model_type = type(model).__name__
         if targets in ("all", ["all"]):
@@ -71,8 +68,9 @@ class BitFit(Method):
         else:
             modules = match_targets(model, targets, accept=has_bias, what="module with a bias")
         to_save = list(self.cfg.modules_to_save)
-        if self.task == "seq_cls":  # the new head must train (the paper trains it too)
-            to_save += [h for h in ("classifier", "score") if _has_module(model, h) and h not in to_save]
+        to_save += [
+            h for h in classifier_heads(model, self.task) if h not in to_save
+        ]  # the paper trains it too
         saved = tuple(f"{m}." for m in to_save)
         self.bias_names = [f"{n}.bias" for n in modules if not f"{n}.".startswith(saved)]
         params = dict(model.named_parameters())
@@ -84,29 +82,23 @@ class BitFit(Method):
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
         params = dict(model.named_parameters())
-        count = sum(params[n].numel() for n in self.bias_names)
-        count += sum(p.numel() for name in self.saved_modules for p in model.get_submodule(name).parameters())
-        return count
+        return sum(params[n].numel() for n in self.bias_names) + self.saved_modules_count(model)
 
     # -- saving --------------------------------------------------------------------------
+    def owns(self, parameter_name: str) -> bool:
+        return parameter_name in self.bias_names
+
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The trained biases as deltas Δb = b − b0, and the modules trained whole."""
         params = dict(model.named_parameters())
-        state = {
-            f"{PREFIX}{n}": (params[n].detach() - self.original[n].to(params[n].device))
-            for n in self.bias_names
-        }
-        state.update(
-            {k: v.detach() for k, v in modules_to_save_state(model, self.saved_modules, PREFIX).items()}
-        )
+        state = super().adapter_state_dict(model)
+        for n in self.bias_names:
+            state[f"{PREFIX}{n}"] = params[n].detach() - self.original[n].to(params[n].device)
         return state
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """``state`` holds Δb: the bias becomes b0 + Δb (the base's own bias plus the delta)."""
-        params = dict(model.named_parameters())
-        expected = {f"{PREFIX}{n}": params[n].detach() for n in self.bias_names}
-        expected.update(
-            {k: v.detach() for k, v in modules_to_save_state(model, self.saved_modules, PREFIX).items()}
-        )
+        expected = {k: v.detach() for k, v in self.live_state_dict(model).items()}
         state = dict(state)
         for n in self.bias_names:
             key = f"{PREFIX}{n}"

@@ -241,18 +241,7 @@ def block_of(model: nn.Module, sublayer: Sublayer) -> nn.Module:
     return getattr(model.get_submodule(sublayer.output_module), ADAPTER_ATTR)
 
 
-def has_module(model: nn.Module, name: str) -> bool:
-    return any(n == name or n.endswith("." + name) for n, _ in model.named_modules())
-
-
-def head_modules(model: nn.Module, task: str) -> list[str]:
-    """A new classification head must train (as peft's modules_to_save)."""
-    if task != "seq_cls":
-        return []
-    return [h for h in ("classifier", "score") if has_module(model, h)]
-
-
-# -- what Houlsby and parallel adapters share: counting and saving the attached blocks ----------
+# -- what Houlsby and parallel adapters share: the attached blocks and their count ----------------
 
 
 def attached_blocks(model: nn.Module, sublayers: list[Sublayer]) -> list[tuple[str, nn.Module]]:
@@ -260,24 +249,15 @@ def attached_blocks(model: nn.Module, sublayers: list[Sublayer]) -> list[tuple[s
     return [(sub.output_module, block_of(model, sub)) for sub in sublayers]
 
 
-def blocks_trainable_count(model: nn.Module, sublayers: list[Sublayer], saved_modules: list[str]) -> int:
-    """2·d·m + d + m per block (the formula, from each block's dims), plus whole saved modules."""
-    count = sum(
+def blocks_parameter_count(model: nn.Module, sublayers: list[Sublayer]) -> int:
+    """2·d·m + d + m per block (the formula, from each block's dims)."""
+    return sum(
         Bottleneck.parameter_count(b.bottleneck.hidden_size, b.bottleneck.bottleneck_size)
         for _, b in attached_blocks(model, sublayers)
     )
-    return count + sum(p.numel() for n in saved_modules for p in model.get_submodule(n).parameters())
 
 
-def blocks_state_dict(
-    model: nn.Module, sublayers: list[Sublayer], saved_modules: list[str], prefix: str
-) -> dict[str, torch.Tensor]:
-    """``<prefix><output module>.adapter.{down,up}.{weight,bias}`` plus the saved modules."""
-    from peftcli.methods.inject import modules_to_save_state
-
-    state = {}
-    for name, block in attached_blocks(model, sublayers):
-        for pname, param in block.named_parameters():
-            state[f"{prefix}{name}.{ADAPTER_ATTR}.{pname.removeprefix('bottleneck.')}"] = param.detach()
-    state.update(modules_to_save_state(model, saved_modules, prefix))
-    return state
+def serial_block_key(parameter_name: str) -> str:
+    """On-disk key of a Houlsby/parallel block parameter: ``<output module>.adapter.{down,up}.*`` (the
+    ``bottleneck`` level of the module tree is not part of the file format)."""
+    return parameter_name.replace(f".{ADAPTER_ATTR}.bottleneck.", f".{ADAPTER_ATTR}.")

@@ -32,23 +32,21 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from peftcli.inject import PREFIX, classifier_heads, make_trainable_copies
 from peftcli.methods.bottleneck import (
+    ADAPTER_ATTR,
     POSITIONS,
     Bottleneck,
     Sublayer,
     attach,
-    blocks_state_dict,
-    blocks_trainable_count,
+    blocks_parameter_count,
     bottleneck_width,
     find_sublayers,
-    head_modules,
+    serial_block_key,
 )
-from peftcli.methods.inject import freeze, make_trainable_copies
-from peftcli.methods.lora import load_prefixed
 from peftcli.methods.registry import Method, register
 from peftcli.recipe import MethodConfig, Recipe, RecipeError, doc, from_dict, to_dict
 
-PREFIX = "base_model.model."
 Nonlinearity = Literal["relu", "gelu", "swish", "tanh"]
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -123,6 +121,7 @@ class HoulsbyAdapter(Method):
     name = "houlsby_adapter"
     description = "Houlsby/Pfeiffer bottleneck adapters after attention and FFN sublayers (arXiv 1902.00751)"
     config_cls = HoulsbyConfig
+    parameter_prefix = ADAPTER_ATTR  # the blocks are children named "adapter"
     trainable_formula = (
         "per adapted sublayer 2·d·m + d + m (m = d / reduction_factor), plus the layer norms "
         "when train_layer_norms and a seq_cls head"
@@ -134,7 +133,6 @@ class HoulsbyAdapter(Method):
         super().__init__(cfg, task)
         self.options = resolved(cfg)
         self.sublayers: list[Sublayer] = []
-        self.saved_modules: list[str] = []
 
     @classmethod
     def validate_config(cls, cfg: HoulsbyConfig, recipe: Recipe) -> None:
@@ -151,7 +149,6 @@ class HoulsbyAdapter(Method):
 
     def apply(self, model: nn.Module) -> nn.Module:
         opts = self.options
-        freeze(model)
         self.sublayers = find_sublayers(model, tuple(p for p in POSITIONS if p in opts.positions))
         for sub in self.sublayers:
             m = bottleneck_width(sub.hidden_size, opts.reduction_factor, opts.bottleneck_size)
@@ -163,17 +160,15 @@ class HoulsbyAdapter(Method):
             if opts.train_layer_norms
             else []
         )
-        self.saved_modules = make_trainable_copies(model, norms + head_modules(model, self.task))
+        self.saved_modules = make_trainable_copies(model, norms + classifier_heads(model, self.task))
         return model
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
-        return blocks_trainable_count(model, self.sublayers, self.saved_modules)
+        return blocks_parameter_count(model, self.sublayers) + self.saved_modules_count(model)
 
-    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return blocks_state_dict(model, self.sublayers, self.saved_modules, PREFIX)
-
-    def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_prefixed(model, state, self.adapter_state_dict(model))
+    # -- saving: the blocks under ADAPTER_ATTR and the modules trained whole (Method's default) -----
+    def stored_key(self, parameter_name: str) -> str:
+        return PREFIX + serial_block_key(parameter_name)
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         opts = self.options

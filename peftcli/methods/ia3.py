@@ -19,16 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftcli.methods.inject import (
-    freeze,
+from peftcli.inject import (
+    classifier_heads,
     linear_dims,
     make_trainable_copies,
     match_targets,
-    modules_to_save_state,
     name_matches,
     set_module,
 )
-from peftcli.methods.lora import PREFIX, _has_module, load_prefixed
 from peftcli.methods.registry import Method, register
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
@@ -92,6 +90,7 @@ class IA3(Method):
     mergeable = True
     peft_type = "IA3"
     trainable_formula = "out per adapted attention layer + in per feed-forward layer, plus modules_to_save"
+    parameter_prefix = "ia3_"  # saved as base_model.model.<module>.ia3_l, peft's key
 
     cfg: IA3Config
 
@@ -99,7 +98,6 @@ class IA3(Method):
         super().__init__(cfg, task)
         self.targets: list[str] = []
         self.feedforward: list[str] = []
-        self.saved_modules: list[str] = []
 
     def _resolve_defaults(self, model: nn.Module) -> tuple[str | list[str], list[str]]:
         cfg = self.cfg
@@ -117,7 +115,6 @@ class IA3(Method):
         return targets, feedforward
 
     def apply(self, model: nn.Module) -> nn.Module:
-        freeze(model)
         targets, feedforward = self._resolve_defaults(model)
         self.targets = match_targets(model, targets)
         self.feedforward = [n for n in self.targets if any(name_matches(n, f) for f in feedforward)]
@@ -131,8 +128,7 @@ class IA3(Method):
         for name in self.targets:
             set_module(model, name, IA3Linear(model.get_submodule(name), name in self.feedforward))
         to_save = list(self.cfg.modules_to_save)
-        if self.task == "seq_cls":
-            to_save += [h for h in ("classifier", "score") if _has_module(model, h) and h not in to_save]
+        to_save += [h for h in classifier_heads(model, self.task) if h not in to_save]
         self.saved_modules = make_trainable_copies(model, to_save)
         return model
 
@@ -141,21 +137,9 @@ class IA3(Method):
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
         count = sum(m.in_features if m.is_feedforward else m.out_features for _, m in self.ia3_layers(model))
-        count += sum(p.numel() for name in self.saved_modules for p in model.get_submodule(name).parameters())
-        return count
+        return count + self.saved_modules_count(model)
 
-    # -- saving --------------------------------------------------------------------------
-    def _live_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state = {f"{PREFIX}{name}.ia3_l": layer.ia3_l for name, layer in self.ia3_layers(model)}
-        state.update(modules_to_save_state(model, self.saved_modules, PREFIX))
-        return state
-
-    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self._live_state(model).items()}
-
-    def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_prefixed(model, state, self.adapter_state_dict(model))
-
+    # -- saving (the ia3_l vectors and the modules trained whole: Method's default) -------------
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         return {
             "target_modules": list(self.targets),

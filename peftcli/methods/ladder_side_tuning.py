@@ -36,13 +36,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from peftcli.methods.bottleneck import NONLINEARITIES, head_modules, hidden_size_of
-from peftcli.methods.inject import freeze, make_trainable_copies, modules_to_save_state, set_module
-from peftcli.methods.lora import load_prefixed
+from peftcli.inject import classifier_heads, make_trainable_copies, set_module
+from peftcli.methods.bottleneck import NONLINEARITIES, hidden_size_of
 from peftcli.methods.registry import Method, register
 from peftcli.recipe import MethodConfig, RecipeError, doc, from_dict
-
-PREFIX = "base_model.model."
 
 
 @dataclass
@@ -150,15 +147,15 @@ class LadderSideTuning(Method):
         "+ 2·d_s + d_s·d + d upsample (d_s = d / reduction_factor, f = ffn_multiplier·d_s), plus a seq_cls head"
     )
 
+    parameter_prefix = "side"  # the side network: saved as base_model.model.<body>.side.*
+
     cfg: LadderConfig
 
     def __init__(self, cfg: LadderConfig, task: str = "causal_lm"):
         super().__init__(cfg, task)
         self.body_name = ""
-        self.saved_modules: list[str] = []
 
     def apply(self, model: nn.Module) -> nn.Module:
-        freeze(model)
         self.body_name = getattr(model, "base_model_prefix", "")
         body = getattr(model, self.body_name, None) if self.body_name else None
         if body is None or body is model:
@@ -177,26 +174,17 @@ class LadderSideTuning(Method):
         device = next(model.parameters()).device
         side = SideNetwork(hidden_size_of(model), int(num_layers), self.cfg).to(device)
         set_module(model, self.body_name, LadderSideBody(body, side))
-        self.saved_modules = make_trainable_copies(model, head_modules(model, self.task))
+        self.saved_modules = make_trainable_copies(model, classifier_heads(model, self.task))
         return model
 
     def side_network(self, model: nn.Module) -> SideNetwork:
         return model.get_submodule(self.body_name).side
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
-        count = self.side_network(model).parameter_count()
-        return count + sum(p.numel() for n in self.saved_modules for p in model.get_submodule(n).parameters())
+        return self.side_network(model).parameter_count() + self.saved_modules_count(model)
 
-    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state = {
-            f"{PREFIX}{self.body_name}.side.{n}": p.detach()
-            for n, p in self.side_network(model).named_parameters()
-        }
-        state.update(modules_to_save_state(model, self.saved_modules, PREFIX))
-        return state
-
-    def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_prefixed(model, state, self.adapter_state_dict(model))
+    def owns(self, parameter_name: str) -> bool:
+        return parameter_name.startswith(f"{self.body_name}.side.")
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         cfg = self.cfg

@@ -23,9 +23,12 @@ Options (each a recipe key of ``method``):
 - ``init: pissa`` — PiSSA (Meng et al., 2024, arXiv 2404.02948): with ``W0 = U S Vᵀ``,
   ``B = U_r √(S_r/s)``, ``A = √(S_r/s) V_rᵀ``, and the frozen base becomes the residual
   ``W_res = W0 − s·B A``, so step 0 equals the base up to rounding. The export is converted to a
-  plain LoRA on the *original* base (see :meth:`LoRA.adapter_state_dict`).
+  plain LoRA on the *original* base (see :class:`Pissa`).
 - ``rank_pattern`` / ``alpha_pattern`` — per-module ``r`` and ``α``; a key matches a module whose
   full name matches ``(.*\.)?(key)$`` (peft's rule), keys tried in sorted order.
+
+Each option that changes a layer (DoRA, PiSSA) is a :class:`LoraVariant`: init, forward, merge and
+export in one small class, as peft's ``LoraVariant``.
 
 Parameter names mirror peft's (``<module>.base_layer``, ``<module>.lora_A``, ``<module>.lora_B``) so
 that our state-dict keys, prefixed with ``base_model.model.``, are peft's on-disk keys.
@@ -36,24 +39,22 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from peftcli.methods.inject import (
-    freeze,
+from peftcli.inject import (
+    PREFIX,
+    classifier_heads,
     is_linear,
     linear_dims,
     make_trainable_copies,
     match_targets,
-    modules_to_save_state,
     set_module,
 )
 from peftcli.methods.registry import Method, register
 from peftcli.recipe import MethodConfig, RecipeError, doc
-
-PREFIX = "base_model.model."
 
 
 @dataclass
@@ -107,8 +108,128 @@ class LoraConfig(MethodConfig):
     )
 
 
+class LoraVariant:
+    """One departure from plain LoRA behind one small interface, as peft's ``LoraVariant``: a new variant
+    (OLoRA, EVA or LoftQ init, VeRA-style sharing) is one subclass and one line in :func:`lora_variants`.
+
+    Stateless: the tensors live on the :class:`LoRALinear`. Every hook defaults to plain LoRA.
+    """
+
+    replaces_init: ClassVar[bool] = False  # True: :meth:`init` sets A and B itself (no random draw first)
+
+    def create(self, layer: LoRALinear) -> None:
+        """Add the variant's own tensors to a new layer (before any init)."""
+
+    def init(self, layer: LoRALinear) -> None:
+        """Runs after A (random) and B (zero) have their plain-LoRA init."""
+
+    def forward(
+        self, layer: LoRALinear, dropped: torch.Tensor, result: torch.Tensor, lora: torch.Tensor
+    ) -> torch.Tensor:
+        """The layer's output from the base output ``result`` and the update ``lora = B A dropout(x)``."""
+        return result + lora * layer.scaling
+
+    def merged_weight(self, layer: LoRALinear, weight: torch.Tensor) -> torch.Tensor:
+        """The fp32 (out, in) weight after merging, given ``W0 + s·B A``."""
+        return weight
+
+    def parameter_count(self, layer: LoRALinear) -> int:
+        """Trainable parameters the variant adds to the layer's r·(in + out)."""
+        return 0
+
+    def export_state(self, layer: LoRALinear, a_key: str, b_key: str, state: dict) -> None:
+        """Rewrite the layer's saved A and B (in ``state``) into what other tools load."""
+
+    def import_state(self, layer: LoRALinear, a_key: str, b_key: str, state: dict) -> None:
+        """Undo :meth:`export_state` on a loaded ``state``."""
+
+
+class Dora(LoraVariant):
+    """DoRA: ``W' = m ⊙ (W0 + s·B A) / ‖W0 + s·B A‖_c``, the norm detached (the paper's §4.3, as peft)."""
+
+    def create(self, layer: LoRALinear) -> None:
+        weight = layer.lora_A.weight  # set to ‖W0 + s·B A‖_c by init, once B and A hold their init
+        layer.lora_magnitude_vector = nn.Parameter(
+            torch.ones(layer.out_features, device=weight.device, dtype=weight.dtype)
+        )
+
+    def init(self, layer: LoRALinear) -> None:
+        with torch.no_grad():  # m = ‖W0 + s·B A‖_c: the direction has unit rows, so step 0 equals the base
+            layer.lora_magnitude_vector.copy_(layer.weight_norm())
+
+    def forward(
+        self, layer: LoRALinear, dropped: torch.Tensor, result: torch.Tensor, lora: torch.Tensor
+    ) -> torch.Tensor:
+        # W'x = (m/‖W0+ΔW‖)·(W0 x + s·B A x); written as a correction on top of the base output.
+        scale = layer.lora_magnitude_vector / layer.weight_norm().to(dropped.dtype)  # (out,)
+        if isinstance(layer.lora_dropout, nn.Identity) or not layer.training:
+            bias = getattr(layer.base_layer, "bias", None)
+            base_no_bias = result.to(dropped.dtype) - (bias.to(dropped.dtype) if bias is not None else 0)
+        else:  # the direction must see the same dropped input as the LoRA path (as peft)
+            weight = layer.dense_weight().to(dropped.dtype)
+            base_no_bias = torch.nn.functional.linear(dropped, weight)
+        return result + (scale - 1) * base_no_bias + scale * lora * layer.scaling
+
+    def merged_weight(self, layer: LoRALinear, weight: torch.Tensor) -> torch.Tensor:
+        return (layer.lora_magnitude_vector.float() / layer.weight_norm())[:, None] * weight  # row by row
+
+    def parameter_count(self, layer: LoRALinear) -> int:
+        return layer.out_features
+
+
+class Pissa(LoraVariant):
+    """PiSSA: B, A start as W0's top-r singular triplets and the base keeps the residual. Exported as a
+    plain LoRA on the *original* W0 (peft's ``path_initial_model_for_weight_conversion``):
+    ``W_res + s·B A = W0 + s·(B A − B0 A0) = W0 + s·[B | −B0]·[A ; A0]``, a rank-2r LoRA, same scale."""
+
+    replaces_init = True
+
+    def init(self, layer: LoRALinear) -> None:
+        base = layer.base_layer
+        if not base.weight.is_floating_point():
+            raise RecipeError(
+                "method.init",
+                "PiSSA needs the base weights in floating point, not quantized",
+                "use init: kaiming with a quantized base, or drop model.quantization",
+            )
+        with torch.no_grad():
+            weight = layer.dense_weight()  # (out, in), fp32
+            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+            root = torch.sqrt(S[: layer.r] / layer.scaling)  # s·B·A = U_r S_r V_rᵀ
+            layer.lora_A.weight.copy_(root[:, None] * Vh[: layer.r])
+            layer.lora_B.weight.copy_(U[:, : layer.r] * root[None, :])
+            residual = weight - layer.scaling * (layer.lora_B.weight.float() @ layer.lora_A.weight.float())
+            base.weight.copy_((residual.T if layer.fan_in_fan_out else residual).to(base.weight.dtype))
+        # kept (not saved, not trained) to export ΔW relative to the original W0
+        layer.register_buffer("pissa_A0", layer.lora_A.weight.detach().clone(), persistent=False)
+        layer.register_buffer("pissa_B0", layer.lora_B.weight.detach().clone(), persistent=False)
+
+    def export_state(self, layer: LoRALinear, a_key: str, b_key: str, state: dict) -> None:
+        state[a_key] = torch.cat([state[a_key], layer.pissa_A0], dim=0)  # (2r, in)
+        state[b_key] = torch.cat([state[b_key], -layer.pissa_B0], dim=1)  # (out, 2r)
+
+    def import_state(self, layer: LoRALinear, a_key: str, b_key: str, state: dict) -> None:
+        if a_key in state and state[a_key].shape[0] == 2 * layer.r:  # the first r rows: the trained A, B
+            state[a_key], state[b_key] = state[a_key][: layer.r], state[b_key][:, : layer.r]
+
+    @staticmethod
+    def export_config(cfg: LoraConfig, config: dict[str, Any]) -> None:
+        """The rank-2r export keeps the scale s: α' = grow·α keeps α'/(2r) (or α'/√(2r)) equal to s."""
+        grow = math.sqrt(2) if cfg.use_rslora else 2.0
+        config["r"], config["lora_alpha"] = 2 * cfg.r, grow * cfg.alpha
+        config["rank_pattern"] = {k: 2 * v for k, v in cfg.rank_pattern.items()}
+        config["alpha_pattern"] = {k: grow * v for k, v in cfg.alpha_pattern.items()}
+
+
+def lora_variants(init: str, use_dora: bool) -> tuple[LoraVariant, ...]:
+    """The variants a layer runs, in init order: PiSSA moves W0's principal part into B A first, DoRA
+    then measures ‖W0 + s·B A‖. At most one variant changes the forward (DoRA), and it comes last."""
+    return tuple(v for v, on in ((Pissa(), init == "pissa"), (Dora(), use_dora)) if on)
+
+
 class LoRALinear(nn.Module):
-    """``base_layer(x) + scaling · lora_B(lora_A(dropout(x)))`` around a frozen linear-like layer."""
+    """``base_layer(x) + scaling · lora_B(lora_A(dropout(x)))`` around a frozen linear-like layer, changed
+    by its :class:`LoraVariant` s (DoRA, PiSSA)."""
 
     def __init__(
         self,
@@ -118,6 +239,7 @@ class LoRALinear(nn.Module):
         dropout: float,
         use_rslora: bool,
         use_dora: bool = False,
+        init: str = "kaiming",
     ):
         super().__init__()
         self.base_layer = base_layer
@@ -132,50 +254,32 @@ class LoRALinear(nn.Module):
         dtype = torch.float32 if not weight.is_floating_point() else weight.dtype
         self.lora_A.to(device=weight.device, dtype=dtype)
         self.lora_B.to(device=weight.device, dtype=dtype)
-        self.use_dora = use_dora
-        if use_dora:  # set to ‖W0 + s·B A‖_c by reset_parameters, once B and A hold their init
-            self.lora_magnitude_vector = nn.Parameter(
-                torch.ones(self.out_features, device=weight.device, dtype=dtype)
-            )
+        self.init = init
+        self.variants = lora_variants(init, use_dora)
+        for variant in self.variants:
+            variant.create(self)
 
-    def reset_parameters(self, init: str) -> None:
-        if init == "pissa":
-            self.pissa_init()
-        else:
-            if init == "gaussian":
+    @property
+    def use_dora(self) -> bool:
+        return any(isinstance(v, Dora) for v in self.variants)
+
+    def reset_parameters(self, init: str | None = None) -> None:
+        if not any(v.replaces_init for v in self.variants):
+            if (init or self.init) == "gaussian":
                 nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
             else:  # kaiming-uniform, as nn.Linear and peft's default
                 nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)  # B = 0: step 0 equals the base
-        if self.use_dora:  # m = ‖W0 + s·B A‖_c: the direction has unit rows, so step 0 equals the base
-            with torch.no_grad():
-                self.lora_magnitude_vector.copy_(self.weight_norm())
-
-    def pissa_init(self) -> None:
-        """Put the top-r singular triplets of W0 into B, A and leave the residual in the base layer."""
-        base = self.base_layer
-        if not base.weight.is_floating_point():
-            raise RecipeError(
-                "method.init",
-                "PiSSA needs the base weights in floating point, not quantized",
-                "use init: kaiming with a quantized base, or drop model.quantization",
-            )
-        with torch.no_grad():
-            weight = self.dense_weight()  # (out, in), fp32
-            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-            root = torch.sqrt(S[: self.r] / self.scaling)  # s·B·A = U_r S_r V_rᵀ
-            self.lora_A.weight.copy_(root[:, None] * Vh[: self.r])
-            self.lora_B.weight.copy_(U[:, : self.r] * root[None, :])
-            residual = weight - self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
-            base.weight.copy_((residual.T if self.fan_in_fan_out else residual).to(base.weight.dtype))
+        for variant in self.variants:
+            variant.init(self)
 
     def dense_weight(self) -> torch.Tensor:
         """The frozen base weight as an fp32 (out, in) matrix (dequantized for 4-bit layers)."""
         weight = self.base_layer.weight
         if type(self.base_layer).__name__ == "Linear4bit":
-            from peftcli.optim import import_bitsandbytes
+            from peftcli.quantize import import_bitsandbytes
 
-            bnb = import_bitsandbytes("model.quantization")
+            bnb = import_bitsandbytes()
             weight = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
         weight = weight.detach().float()
         return weight.T if self.fan_in_fan_out else weight
@@ -194,8 +298,8 @@ class LoRALinear(nn.Module):
         """The fp32 weight that replaces ``base_layer.weight`` on merge, in its layout."""
         delta = (self.lora_B.weight @ self.lora_A.weight).float() * self.scaling  # (out, in)
         weight = self.dense_weight() + delta
-        if self.use_dora:  # m ⊙ (W0 + ΔW) / ‖W0 + ΔW‖_c, row by row
-            weight = (self.lora_magnitude_vector.float() / self.weight_norm())[:, None] * weight
+        for variant in self.variants:
+            weight = variant.merged_weight(self, weight)
         return weight.T if self.fan_in_fan_out else weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,18 +309,11 @@ class LoRALinear(nn.Module):
         x = x.to(self.lora_A.weight.dtype)
         dropped = self.lora_dropout(x)
         lora = self.lora_B(self.lora_A(dropped))  # (B, T, out)
-        if not self.use_dora:
-            return (result + lora * self.scaling).to(result_dtype)
-        # DoRA: W'x = (m/‖W0+ΔW‖)·(W0 x + s·B A x); written as a correction on top of the base output.
-        scale = self.lora_magnitude_vector / self.weight_norm().to(x.dtype)  # (out,)
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-            bias = getattr(self.base_layer, "bias", None)
-            base_no_bias = result.to(x.dtype) - (bias.to(x.dtype) if bias is not None else 0)
-        else:  # the direction must see the same dropped input as the LoRA path (as peft)
-            weight = self.dense_weight().to(x.dtype)
-            base_no_bias = torch.nn.functional.linear(dropped, weight)
-        result = result + (scale - 1) * base_no_bias + scale * lora * self.scaling
-        return result.to(result_dtype)
+        variant = self.variants[-1] if self.variants else PLAIN
+        return variant.forward(self, dropped, result, lora).to(result_dtype)
+
+
+PLAIN = LoraVariant()
 
 
 @register
@@ -232,12 +329,13 @@ class LoRA(Method):
         "sum over adapted layers of r·(in + out) (+ out with DoRA), plus modules_to_save and trained biases"
     )
 
+    parameter_prefix = "lora_"
+
     cfg: LoraConfig
 
     def __init__(self, cfg: LoraConfig, task: str = "causal_lm"):
         super().__init__(cfg, task)
         self.targets: list[str] = []
-        self.saved_modules: list[str] = []
 
     @classmethod
     def validate_config(cls, cfg: LoraConfig, recipe) -> None:
@@ -267,7 +365,6 @@ class LoRA(Method):
     # -- building ------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
-        freeze(model)
         self.targets = match_targets(model, cfg.target_modules)
         for key in ("rank_pattern", "alpha_pattern"):  # peft ignores a key that matches nothing; we say so
             for pattern in getattr(cfg, key):
@@ -279,15 +376,12 @@ class LoRA(Method):
                     )
         for name in self.targets:
             r, alpha = self.rank_and_alpha(name)
-            layer = LoRALinear(model.get_submodule(name), r, alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora)
-            layer.reset_parameters(cfg.init)
-            if cfg.init == "pissa":  # kept (not saved, not trained) to export ΔW relative to the original W0
-                layer.register_buffer("pissa_A0", layer.lora_A.weight.detach().clone(), persistent=False)
-                layer.register_buffer("pissa_B0", layer.lora_B.weight.detach().clone(), persistent=False)
+            base = model.get_submodule(name)
+            layer = LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora, cfg.init)
+            layer.reset_parameters()
             set_module(model, name, layer)
         to_save = list(cfg.modules_to_save)
-        if self.task == "seq_cls":  # a new classification head must train (peft adds it too)
-            to_save += [h for h in ("classifier", "score") if _has_module(model, h) and h not in to_save]
+        to_save += [h for h in classifier_heads(model, self.task) if h not in to_save]  # peft adds it too
         self.saved_modules = make_trainable_copies(model, to_save)
         self._enable_biases(model)
         return model
@@ -337,12 +431,10 @@ class LoRA(Method):
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
         count = sum(
-            m.r * (m.in_features + m.out_features) + (m.out_features if m.use_dora else 0)
+            m.r * (m.in_features + m.out_features) + sum(v.parameter_count(m) for v in m.variants)
             for _, m in self.lora_layers(model)
         )
-        count += sum(p.numel() for name in self.saved_modules for p in model.get_submodule(name).parameters())
-        count += sum(p.numel() for n, p in self._bias_params(model))
-        return count
+        return count + self.saved_modules_count(model) + sum(p.numel() for n, p in self._bias_params(model))
 
     def _bias_params(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         saved = tuple(f"{m}." for m in self.saved_modules)
@@ -354,54 +446,37 @@ class LoRA(Method):
 
     # -- saving --------------------------------------------------------------------------
     def live_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The trained tensors themselves (not detached), keyed as on disk."""
-        state = {}
-        for name, layer in self.lora_layers(model):
-            state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
-            state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
-            if layer.use_dora:  # peft's on-disk name (no ".weight")
-                state[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
-        for name, param in self._bias_params(model):
-            state[f"{PREFIX}{name}"] = param
-        state.update(modules_to_save_state(model, self.saved_modules, PREFIX))
+        """A, B (and DoRA's ``lora_magnitude_vector``, peft's name, no ".weight"), the trained biases and
+        the modules trained whole, keyed as on disk."""
+        state = super().live_state_dict(model)
+        state.update({PREFIX + n: p for n, p in self._bias_params(model)})
         return state
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The export. With PiSSA the frozen base holds the residual ``W0 − s·B0 A0``, which no other tool
-        has; so the adapter is written as a plain LoRA on the *original* ``W0`` (peft's
-        ``path_initial_model_for_weight_conversion``): ``W_res + s·B A = W0 + s·(B A − B0 A0)
-        = W0 + s·[B | −B0]·[A ; A0]``, a rank-2r LoRA with the same scale (see :meth:`adapter_config`).
-        ``base_model_name_or_path`` then stays the original model, and peft and merge tools load it."""
-        state = {k: v.detach() for k, v in self.live_state_dict(model).items()}
-        if self.cfg.init == "pissa":
-            for name, layer in self.lora_layers(model):
-                a_key, b_key = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
-                state[a_key] = torch.cat([state[a_key], layer.pissa_A0], dim=0)  # (2r, in)
-                state[b_key] = torch.cat([state[b_key], -layer.pissa_B0], dim=1)  # (out, 2r)
+        """The export, each layer's A and B rewritten by its variants into what peft loads (PiSSA: a plain
+        LoRA on the original W0, so ``base_model_name_or_path`` stays the original model)."""
+        state = super().adapter_state_dict(model)
+        for name, layer in self.lora_layers(model):
+            for variant in layer.variants:
+                variant.export_state(
+                    layer, f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight", state
+                )
         return state
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        expected = self.live_state_dict(model)
-        if self.cfg.init == "pissa":  # apply() redid the SVD; the first r rows are the trained A, B
-            state = dict(state)
-            for name, layer in self.lora_layers(model):
-                a_key, b_key = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
-                if a_key in state and state[a_key].shape[0] == 2 * layer.r:
-                    state[a_key], state[b_key] = state[a_key][: layer.r], state[b_key][:, : layer.r]
-        load_prefixed(model, state, {k: v.detach() for k, v in expected.items()})
+        state = dict(state)
+        for name, layer in self.lora_layers(model):
+            for variant in layer.variants:
+                variant.import_state(
+                    layer, f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight", state
+                )
+        super().load_adapter_state_dict(model, state)
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         cfg = self.cfg
-        r, alpha = cfg.r, cfg.alpha
-        rank_pattern, alpha_pattern = dict(cfg.rank_pattern), dict(cfg.alpha_pattern)
-        if cfg.init == "pissa":  # exported as a rank-2r LoRA with the same scale s (see adapter_state_dict)
-            grow = math.sqrt(2) if cfg.use_rslora else 2.0  # α' = grow·α keeps α'/(2r) or α'/√(2r) equal to s
-            r, alpha = 2 * r, grow * alpha
-            rank_pattern = {k: 2 * v for k, v in rank_pattern.items()}
-            alpha_pattern = {k: grow * v for k, v in alpha_pattern.items()}
-        return {
-            "r": r,
-            "lora_alpha": alpha,
+        config = {
+            "r": cfg.r,
+            "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout,
             "target_modules": list(self.targets),
             "modules_to_save": list(self.saved_modules) or None,
@@ -411,9 +486,12 @@ class LoRA(Method):
             # a PiSSA export is a plain LoRA on W0: peft must not redo the SVD when it loads it
             "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
             "fan_in_fan_out": any(m.fan_in_fan_out for _, m in self.lora_layers(model)),
-            "rank_pattern": rank_pattern,
-            "alpha_pattern": alpha_pattern,
+            "rank_pattern": dict(cfg.rank_pattern),
+            "alpha_pattern": dict(cfg.alpha_pattern),
         }
+        if cfg.init == "pissa":  # exported as a rank-2r LoRA with the same scale s (see Pissa)
+            Pissa.export_config(cfg, config)
+        return config
 
     @classmethod
     def config_from_adapter(cls, adapter_config: dict[str, Any]) -> LoraConfig:
@@ -462,41 +540,4 @@ def pattern_key(patterns: dict[str, Any] | list[str], name: str) -> str | None:
     return None
 
 
-def _has_module(model: nn.Module, name: str) -> bool:
-    return any(n == name or n.endswith("." + name) for n, _ in model.named_modules())
-
-
-def load_prefixed(
-    model: nn.Module, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
-) -> None:
-    """Copy ``state`` into the tensors that ``expected`` (our own adapter_state_dict) names.
-
-    Keys must match exactly: a missing or unexpected key is an error, never a silent no-op (peft only
-    warns, and the adapter then stays at its init).
-    """
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise RecipeError(
-            "adapter",
-            f"adapter weights do not fit this model ({detail})",
-            "load it on the base model it was trained on, with the same method options",
-        )
-    with torch.no_grad():
-        for key, target in expected.items():
-            value = state[key]
-            if value.shape != target.shape:
-                raise RecipeError(
-                    "adapter",
-                    f"{key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}",
-                    "load it on the base model it was trained on",
-                )
-            target.copy_(value.to(target.dtype))
-
-
-def lora_layers_of(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
-__all__ = ["LoRA", "LoRALinear", "LoraConfig", "is_linear", "load_prefixed"]
+__all__ = ["Dora", "LoRA", "LoRALinear", "LoraConfig", "LoraVariant", "Pissa", "is_linear"]

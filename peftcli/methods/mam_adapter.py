@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from peftcli.inject import PREFIX
 from peftcli.methods.parallel_adapter import ParallelAdapter, ParallelAdapterConfig
 from peftcli.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from peftcli.methods.registry import Method, register
@@ -95,10 +96,6 @@ class MamAdapter(Method):
         self.prefix = PrefixTuning(prefix_config(cfg), task)
         self.adapter = ParallelAdapter(adapter_config(cfg), task)
 
-    @property
-    def saved_modules(self) -> list[str]:
-        return self.adapter.saved_modules
-
     @classmethod
     def validate_config(cls, cfg: MamConfig, recipe: Recipe) -> None:
         if cfg.reduction_factor is not None and cfg.bottleneck_size is not None:
@@ -111,9 +108,8 @@ class MamAdapter(Method):
 
     def apply(self, model: nn.Module) -> nn.Module:
         wrapped = self.prefix.apply(model)  # PromptedModel: the prefix encoder lives beside base_model
-        self.adapter.apply(
-            wrapped.base_model
-        )  # freezes the base again, adds the FFN adapters and the head copy
+        self.adapter.apply(wrapped.base_model)  # only adds: the FFN adapters and (again) the head copy
+        self.saved_modules = self.adapter.saved_modules  # named inside the base model, as the adapter's
         return wrapped
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
@@ -138,9 +134,9 @@ class MamAdapter(Method):
                 "load it with the method that wrote it",
             )
         head_state = {
-            key.replace("base_model.model.", "base_model.", 1): value
+            key.replace(PREFIX, "base_model.", 1): value
             for key, value in state.items()
-            if any(key.startswith(f"base_model.model.{m}.") for m in self.prefix.saved_modules)
+            if any(key.startswith(f"{PREFIX}{m}.") for m in self.prefix.saved_modules)
         }
         self.prefix.load_adapter_state_dict(model, {"prompt_embeddings": rows, **head_state})
         self.adapter.load_adapter_state_dict(model.base_model, state)

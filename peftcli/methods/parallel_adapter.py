@@ -25,23 +25,20 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from peftcli.inject import PREFIX, classifier_heads, make_trainable_copies
 from peftcli.methods.bottleneck import (
+    ADAPTER_ATTR,
     POSITIONS,
     Bottleneck,
     Sublayer,
     attach,
-    blocks_state_dict,
-    blocks_trainable_count,
+    blocks_parameter_count,
     bottleneck_width,
     find_sublayers,
-    head_modules,
+    serial_block_key,
 )
-from peftcli.methods.inject import freeze, make_trainable_copies
-from peftcli.methods.lora import load_prefixed
 from peftcli.methods.registry import Method, register
 from peftcli.recipe import MethodConfig, Recipe, RecipeError, doc, from_dict
-
-PREFIX = "base_model.model."
 
 
 @dataclass
@@ -84,6 +81,7 @@ class ParallelAdapter(Method):
     name = "parallel_adapter"
     description = "Parallel bottleneck adapter beside the FFN (or attention), scaled by s (arXiv 2110.04366)"
     config_cls = ParallelAdapterConfig
+    parameter_prefix = ADAPTER_ATTR  # the blocks are children named "adapter"
     trainable_formula = "per adapted sublayer 2·d·m + d + m (m = d / reduction_factor), plus a seq_cls head"
 
     cfg: ParallelAdapterConfig
@@ -91,7 +89,6 @@ class ParallelAdapter(Method):
     def __init__(self, cfg: ParallelAdapterConfig, task: str = "causal_lm"):
         super().__init__(cfg, task)
         self.sublayers: list[Sublayer] = []
-        self.saved_modules: list[str] = []
 
     @classmethod
     def validate_config(cls, cfg: ParallelAdapterConfig, recipe: Recipe) -> None:
@@ -106,7 +103,6 @@ class ParallelAdapter(Method):
 
     def apply(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
-        freeze(model)
         device = next(model.parameters()).device
         self.sublayers = find_sublayers(model, tuple(p for p in POSITIONS if p in cfg.positions))
         for sub in self.sublayers:
@@ -114,17 +110,15 @@ class ParallelAdapter(Method):
             attach(
                 model, sub, ParallelAdapterBlock(sub.hidden_size, m, cfg.nonlinearity, cfg.scaling).to(device)
             )
-        self.saved_modules = make_trainable_copies(model, head_modules(model, self.task))
+        self.saved_modules = make_trainable_copies(model, classifier_heads(model, self.task))
         return model
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
-        return blocks_trainable_count(model, self.sublayers, self.saved_modules)
+        return blocks_parameter_count(model, self.sublayers) + self.saved_modules_count(model)
 
-    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return blocks_state_dict(model, self.sublayers, self.saved_modules, PREFIX)
-
-    def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_prefixed(model, state, self.adapter_state_dict(model))
+    # -- saving: the blocks under ADAPTER_ATTR and the modules trained whole (Method's default) -----
+    def stored_key(self, parameter_name: str) -> str:
+        return PREFIX + serial_block_key(parameter_name)
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         cfg = self.cfg

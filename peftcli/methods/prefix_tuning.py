@@ -49,6 +49,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from peftcli.checkpoint import read_adapter_state
 from peftcli.methods.registry import register
 from peftcli.methods.soft_prompt import (
     PrefixGeometry,
@@ -409,8 +410,6 @@ class PTuningV2(SoftPromptMethod):
 
     def transfer_encoder_rows(self, model: PromptedModel, source: str) -> None:
         """SPoT with encoder prefixes: start from the source's encoder rows when it has them."""
-        from peftcli.export import read_adapter_state
-
         state = read_adapter_state(Path(source).expanduser())
         if ENCODER_KEY in state:  # a decoder-only source leaves the encoder prefix at its init
             model.encoder_prefix.start_from(

@@ -1,8 +1,12 @@
-"""The method registry: one ``Method`` base class with no-op hooks, one decorator, one file per method.
+"""The method contract: one ``Method`` base class with no-op hooks and one decorator.
 
-A method turns a frozen transformers model into a tuned one (``apply``), names its trainable
-parameters, saves and loads them (in peft's format where ``peft_type`` is set), and optionally
-merges itself away. The training loop only ever talks to this interface.
+A method turns a frozen transformers model into a tuned one (:meth:`Method.attach`, which freezes and
+then calls the method's :meth:`Method.apply`), names its trainable parameters, saves and loads them (in
+peft's format where ``peft_type`` is set), and optionally merges itself away. The training loop,
+export, reporting and the contract test only ever talk to this interface.
+
+The list of methods lives in :mod:`peftcli.methods.catalog`; this module imports no method, so that a
+module needing only the contract (or ``count_parameters``) loads none of them.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from peftcli.recipe import MethodConfig, RecipeError, did_you_mean
+from peftcli.inject import PREFIX, freeze, load_prefixed, modules_to_save_state, saved_modules_count
+from peftcli.recipe import MethodConfig, RecipeError
 
 if TYPE_CHECKING:
     from peftcli.recipe import Recipe
@@ -32,10 +37,16 @@ class Method:
     supports_quantized_base: ClassVar[bool] = False
     supports_fsdp: ClassVar[bool] = False  # can train with the base sharded by FSDP2 (train.distributed)
     trainable_formula: ClassVar[str] = ""  # human-readable count formula, printed by `peftcli methods`
+    # peft's idea (``prefix = "lora_"``): a parameter is the method's own when a component of its dotted
+    # name starts with this. It drives the default saving (``adapter_state_dict``) and loading.
+    parameter_prefix: ClassVar[str | None] = None
 
     def __init__(self, cfg: MethodConfig, task: str = "causal_lm"):
         self.cfg = cfg
         self.task = task
+        # Modules trained whole (peft's modules_to_save, e.g. a seq_cls head), by their full names in the
+        # model ``apply`` received; ``apply`` fills it (via ``inject.make_trainable_copies``).
+        self.saved_modules: list[str] = []
 
     # -- recipe --------------------------------------------------------------------------
     @classmethod
@@ -43,21 +54,53 @@ class Method:
         """Cross-field checks that need the whole recipe; raise RecipeError."""
 
     # -- building ------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Freeze every parameter of ``model``, then :meth:`apply` the method: the one way a method gets
+        onto a model (training, loading an adapter for eval or merge, tests). Not overridden."""
+        freeze(model)
+        return self.apply(model)
+
     def apply(self, model: nn.Module) -> nn.Module:
-        """Inject the method into ``model`` (frozen beforehand) and return the model to train."""
+        """Add the method to the frozen ``model`` and return the model to train. Only adds: the base
+        arrives frozen (see :meth:`attach`); what ``apply`` creates or copies is what trains."""
         raise NotImplementedError
 
     def expected_trainable_parameters(self, model: nn.Module) -> int | None:
         """The method's formula for its trainable-parameter count, computed on the applied model."""
         return None
 
+    def saved_modules_count(self, model: nn.Module) -> int:
+        """Parameters of the modules trained whole (:attr:`saved_modules`)."""
+        return saved_modules_count(model, self.saved_modules)
+
+    def summary_lines(self) -> list[str]:
+        """Extra lines for the start-of-training summary table (none by default)."""
+        return []
+
     # -- saving --------------------------------------------------------------------------
+    def owns(self, parameter_name: str) -> bool:
+        """Whether a parameter of the applied model is the method's own (see ``parameter_prefix``)."""
+        prefix = self.parameter_prefix
+        return prefix is not None and any(part.startswith(prefix) for part in parameter_name.split("."))
+
+    def stored_key(self, parameter_name: str) -> str:
+        """The on-disk key of one of the method's parameters: peft's naming by default."""
+        return PREFIX + parameter_name
+
+    def live_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The method's own parameters and the modules trained whole, keyed as on disk. The default
+        selects by ``parameter_prefix``; a method whose file holds more (LoRA's biases) extends it."""
+        state = {self.stored_key(n): p for n, p in model.named_parameters() if self.owns(n)}
+        state.update(modules_to_save_state(model, self.saved_modules, PREFIX))
+        return state
+
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The trainable state to save, keyed in peft's naming where ``peft_type`` is set."""
-        raise NotImplementedError
+        return {k: v.detach() for k, v in self.live_state_dict(model).items()}
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+        """Copy a saved state into the model; every key must match (``inject.load_prefixed``)."""
+        load_prefixed(model, state, {k: v.detach() for k, v in self.live_state_dict(model).items()})
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         """Method fields of ``adapter_config.json`` (peft's names where peft has the method)."""
@@ -105,27 +148,16 @@ class Method:
 
 
 def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a method to the registry (``peftcli.methods.catalog`` imports every file)."""
     if cls.name in _REGISTRY:
         raise ValueError(f"method {cls.name!r} registered twice")
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def get_method_class(name: str) -> type[Method]:
-    if name not in _REGISTRY:
-        hint = (
-            did_you_mean(name, _REGISTRY) or f"run `peftcli methods`; known: {', '.join(sorted(_REGISTRY))}"
-        )
-        raise RecipeError("method.name", f"unknown method {name!r}", hint)
-    return _REGISTRY[name]
-
-
-def list_methods() -> list[type[Method]]:
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
-
-
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def registered() -> dict[str, type[Method]]:
+    """The methods registered so far, by name (complete once ``peftcli.methods.catalog`` is imported)."""
+    return dict(_REGISTRY)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

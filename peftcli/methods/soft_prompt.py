@@ -28,7 +28,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from peftcli.methods.inject import freeze, make_trainable_copies, modules_to_save_state
+from peftcli.checkpoint import read_adapter_state
+from peftcli.inject import classifier_heads, make_trainable_copies, modules_to_save_state
 from peftcli.methods.registry import Method
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
@@ -346,10 +347,6 @@ class PromptedModel(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def _has_module(model: nn.Module, name: str) -> bool:
-    return any(n == name or n.endswith("." + name) for n, _ in model.named_modules())
-
-
 class SoftPromptMethod(Method):
     """Base of the four soft-prompt methods. Subclasses build the prompt module and say how it is
     stored; wrapping, peft-format export, reload and SPoT live here once.
@@ -365,10 +362,6 @@ class SoftPromptMethod(Method):
 
     cfg: SoftPromptConfig
 
-    def __init__(self, cfg: SoftPromptConfig, task: str = "causal_lm"):
-        super().__init__(cfg, task)
-        self.saved_modules: list[str] = []  # trained whole (seq_cls heads), named inside the base model
-
     # -- subclass hooks ------------------------------------------------------------------
     def build_prompt(self, model: nn.Module) -> nn.Module:
         """The trainable prompt module for the frozen ``model`` (initialised)."""
@@ -383,7 +376,6 @@ class SoftPromptMethod(Method):
 
     # -- building ------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> PromptedModel:
-        freeze(model)
         checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
         if checkpointed and self.prompt_kind == "prefix":
             raise RecipeError(
@@ -393,8 +385,8 @@ class SoftPromptMethod(Method):
                 "set model.gradient_checkpointing: false, or use prompt_tuning / p_tuning",
             )
         # A classifier head is new and random: it trains with the prompt and is saved whole (peft does the same).
-        heads = [h for h in ("classifier", "score") if self.task == "seq_cls" and _has_module(model, h)]
-        self.saved_modules = make_trainable_copies(model, heads)
+        # (saved_modules are named inside the base model, PromptedModel.base_model)
+        self.saved_modules = make_trainable_copies(model, classifier_heads(model, self.task))
         prompt = self.build_prompt(model)
         wrapped = PromptedModel(model, self.task)
         self.set_prompt_module(wrapped, prompt)
@@ -413,12 +405,7 @@ class SoftPromptMethod(Method):
         raise NotImplementedError
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
-        heads = sum(
-            p.numel()
-            for name in self.saved_modules
-            for p in model.base_model.get_submodule(name).parameters()
-        )
-        return self.prompt_parameter_count(model) + heads
+        return self.prompt_parameter_count(model) + self.saved_modules_count(model.base_model)
 
     # -- saving --------------------------------------------------------------------------
     @property
@@ -508,8 +495,6 @@ class SoftPromptMethod(Method):
     # -- prompt transfer (SPoT, Vu et al., arXiv 2110.07904) -------------------------------
     def transfer_prompt(self, model: PromptedModel, source: str) -> None:
         """Start from the prompt another run saved: step 0 consumes exactly the source's rows."""
-        from peftcli.export import read_adapter_state
-
         key = "method.init_from"
         path = Path(source).expanduser()
         if not (path / "adapter_model.safetensors").is_file():

@@ -33,14 +33,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from peftcli.inject import PREFIX, load_prefixed, set_module
 from peftcli.methods.bottleneck import Bottleneck, attach, block_of, bottleneck_width, find_sublayers
-from peftcli.methods.inject import set_module
-from peftcli.methods.lora import LoRA, LoraConfig, LoRALinear, load_prefixed
+from peftcli.methods.lora import LoRA, LoraConfig, LoRALinear
 from peftcli.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from peftcli.methods.registry import Method, register
 from peftcli.recipe import MethodConfig, Recipe, RecipeError, doc, from_dict
 
-PREFIX = "base_model.model."
 QUERY_VALUE_NAMES = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",))
 
 
@@ -169,10 +168,6 @@ class UniPelt(Method):
         self.lora: LoRA | None = None
         self.sublayers = []
 
-    @property
-    def saved_modules(self) -> list[str]:
-        return self.lora.saved_modules if self.lora else []
-
     @classmethod
     def validate_config(cls, cfg: UniPeltConfig, recipe: Recipe) -> None:
         if cfg.reduction_factor is not None and cfg.bottleneck_size is not None:
@@ -189,7 +184,7 @@ class UniPelt(Method):
         self.lora = LoRA(
             LoraConfig(name="lora", r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=targets), self.task
         )
-        model = self.lora.apply(model)  # freezes the base, adds LoRALinear (B = 0) and a seq_cls head copy
+        model = self.lora.apply(model)  # adds LoRALinear (B = 0) and a seq_cls head copy
         for name in self.lora.targets:
             set_module(model, name, GatedLoRA(model.get_submodule(name)))
         device = next(model.parameters()).device
@@ -197,12 +192,8 @@ class UniPelt(Method):
         for sub in self.sublayers:
             m = bottleneck_width(sub.hidden_size, cfg.reduction_factor, cfg.bottleneck_size)
             attach(model, sub, GatedAdapter(sub.hidden_size, m, cfg.nonlinearity).to(device))
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        wrapped = self.prefix.apply(model)  # freezes the base model again and wraps it
-        for p in (
-            trainable
-        ):  # LoRA, its gates and the adapters (the head was re-copied trainable by the prefix part)
-            p.requires_grad_(True)
+        wrapped = self.prefix.apply(model)  # wraps the model; the head is copied (trainable) once more
+        self.saved_modules = self.prefix.saved_modules  # the seq_cls head, named inside the base model
         wrapped.prefix_gate = PrefixGate(wrapped.config.num_hidden_layers).to(device)
         self._gate_prefix(wrapped)
         return wrapped
@@ -223,10 +214,7 @@ class UniPelt(Method):
             b = block_of(model.base_model, sub).bottleneck
             adapters += Bottleneck.parameter_count(b.hidden_size, b.bottleneck_size) + b.hidden_size + 1
         prefix = self.prefix.prompt_parameter_count(model) + model.config.num_hidden_layers
-        heads = sum(
-            p.numel() for n in self.saved_modules for p in model.base_model.get_submodule(n).parameters()
-        )
-        return lora + adapters + prefix + heads
+        return lora + adapters + prefix + self.saved_modules_count(model.base_model)
 
     def _base_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {f"{PREFIX}{n}": p.detach() for n, p in model.base_model.named_parameters() if p.requires_grad}

@@ -23,7 +23,7 @@ ROOT = HERE.parents[2]
 sys.path.insert(0, str(ROOT))
 
 from peftcli.api import train
-from peftcli.recipe import recipe_from_dict
+from peftcli.recipe_loader import recipe_from_dict
 
 WORDS = [
     "apple",

@@ -1,21 +1,43 @@
-"""Target matching, module replacement and freezing: written once, used by every method."""
+"""Target matching, module surgery and the bookkeeping every method shares: written once.
+
+Used by the methods and by quantization (which needs the head names), so it lives outside
+``peftcli.methods`` and imports nothing of peftcli but the recipe's error type.
+"""
 
 from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 from peftcli.recipe import RecipeError
+
+# Every adapter key on disk starts with this (peft's naming: PeftModel.base_model.model is the base).
+PREFIX = "base_model.model."
 
 # Class names of layers that compute x @ W^T (+ b), including bitsandbytes' 4/8-bit layers and
 # GPT-2's transposed Conv1D, checked by name so that bitsandbytes is never imported here.
 LINEAR_CLASS_NAMES = {"Linear", "Conv1D", "Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4"}
 
+# Heads a seq_cls model adds on top of its body: new and random, so every method trains them whole.
+CLASSIFIER_HEAD_NAMES = ("classifier", "score")
 # Heads that produce the output: `all-linear` never adapts them (peft does the same).
-HEAD_NAMES = {"lm_head", "score", "classifier", "qa_outputs", "cls", "pooler"}
+HEAD_NAMES = {"lm_head", "qa_outputs", "cls", "pooler", *CLASSIFIER_HEAD_NAMES}
 
 _REGEX_CHARS = set("^$*+?()[]{}|\\")
+
+
+def has_module(model: nn.Module, name: str) -> bool:
+    """Whether some module's full name is ``name`` or ends with ``.name``."""
+    return any(n == name or n.endswith("." + name) for n, _ in model.named_modules())
+
+
+def classifier_heads(model: nn.Module, task: str) -> list[str]:
+    """The new classification head of a seq_cls model, which must train (as peft's modules_to_save)."""
+    if task != "seq_cls":
+        return []
+    return [h for h in CLASSIFIER_HEAD_NAMES if has_module(model, h)]
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -147,9 +169,43 @@ def make_trainable_copies(
     return resolved
 
 
-def modules_to_save_state(model: nn.Module, names: list[str], prefix: str = "base_model.model.") -> dict:
+def modules_to_save_state(model: nn.Module, names: list[str], prefix: str = PREFIX) -> dict:
     state = {}
     for name in names:
         for pname, param in model.get_submodule(name).named_parameters():
             state[f"{prefix}{name}.{pname}"] = param.detach()
     return state
+
+
+def saved_modules_count(model: nn.Module, names: list[str]) -> int:
+    """Parameters of the modules trained whole."""
+    return sum(p.numel() for name in names for p in model.get_submodule(name).parameters())
+
+
+def load_prefixed(
+    model: nn.Module, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> None:
+    """Copy ``state`` into the tensors that ``expected`` (our own adapter_state_dict) names.
+
+    Keys must match exactly: a missing or unexpected key is an error, never a silent no-op (peft only
+    warns, and the adapter then stays at its init).
+    """
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise RecipeError(
+            "adapter",
+            f"adapter weights do not fit this model ({detail})",
+            "load it on the base model it was trained on, with the same method options",
+        )
+    with torch.no_grad():
+        for key, target in expected.items():
+            value = state[key]
+            if value.shape != target.shape:
+                raise RecipeError(
+                    "adapter",
+                    f"{key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}",
+                    "load it on the base model it was trained on",
+                )
+            target.copy_(value.to(target.dtype))

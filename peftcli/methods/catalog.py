@@ -1,0 +1,41 @@
+"""Every method peftcli ships: importing this module registers them all (one line per method).
+
+Adding a method: its file in ``peftcli/methods/``, whose class carries ``@register``, and one import
+line below. Code that needs a method by name (the recipe loader, the loop, export, the CLI) imports
+this module; code that needs only the contract imports :mod:`peftcli.methods.registry`.
+"""
+
+from __future__ import annotations
+
+from peftcli.methods import (  # noqa: F401  (imported to register)
+    adalora,
+    adapter_fusion,
+    bitfit,
+    houlsby_adapter,
+    ia3,
+    ladder_side_tuning,
+    lora,
+    mam_adapter,
+    p_tuning,
+    parallel_adapter,
+    prefix_tuning,
+    prompt_tuning,
+    unipelt,
+)
+from peftcli.methods.registry import Method, registered
+from peftcli.recipe import RecipeError, did_you_mean
+
+
+def get_method_class(name: str) -> type[Method]:
+    """The method registered as ``name``, or a RecipeError with a did-you-mean."""
+    methods = registered()
+    if name not in methods:
+        hint = did_you_mean(name, methods) or f"run `peftcli methods`; known: {', '.join(sorted(methods))}"
+        raise RecipeError("method.name", f"unknown method {name!r}", hint)
+    return methods[name]
+
+
+def list_methods() -> list[type[Method]]:
+    """Every method, sorted by name."""
+    methods = registered()
+    return [methods[k] for k in sorted(methods)]
