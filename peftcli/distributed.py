@@ -39,8 +39,6 @@ from torch import nn
 
 from peftcli.recipe import RecipeError
 
-MODES = ("auto", "ddp", "fsdp")
-
 
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -203,8 +201,14 @@ def init(mode: str, device_spec: str) -> tuple[Dist, str]:
     return Dist("fsdp" if mode == "fsdp" else "ddp", rank, world, local_rank, owns), device_spec
 
 
-def check_method(dist_: Dist, method_cls: type) -> None:
-    """A method that cannot run sharded says so before any weights are loaded."""
+def check_method(dist_: Dist, method_cls: type, quantized: bool = False) -> None:
+    """A method (or base) that cannot run sharded says so before any weights are loaded."""
+    if dist_.mode == "fsdp" and quantized:
+        raise RecipeError(
+            "train.distributed",
+            "fsdp cannot shard a quantized (bitsandbytes) base yet",
+            "use train.distributed: ddp (every GPU then holds the whole quantized base)",
+        )
     if dist_.mode == "fsdp" and not method_cls.supports_fsdp:
         raise RecipeError(
             "train.distributed",

@@ -235,7 +235,9 @@ def set_up(
 
     cfg = recipe.train
     dist = dist or Dist()
-    distributed.check_method(dist, get_method_class(recipe.method.name))
+    distributed.check_method(
+        dist, get_method_class(recipe.method.name), recipe.model.quantization is not None
+    )
     seed_everything(cfg.seed)
     device = resolve_device(device_spec or cfg.device)
     with dist.main_first():  # rank 0 fills the caches (tiny model, tokenizer) before the others read them

@@ -162,6 +162,9 @@ def test_fsdp_needs_several_processes_and_a_method_that_supports_it(monkeypatch)
     with pytest.raises(RecipeError, match="adalora cannot run under fsdp") as err:
         check_method(Dist("fsdp", 0, 2), get_method_class("adalora"))
     assert err.value.key == "train.distributed"
+    with pytest.raises(RecipeError, match="quantized"):
+        check_method(Dist("fsdp", 0, 2), get_method_class("lora"), quantized=True)
+    check_method(Dist("ddp", 0, 2), get_method_class("lora"), quantized=True)
 
 
 # -- slow: real torchrun jobs ------------------------------------------------------------------
