@@ -223,8 +223,14 @@ def wrap(dist_: Dist, model: nn.Module) -> nn.Module:
     if dist_.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        # The frozen base (and the buffers) are the same on every rank by construction: DDP neither
+        # broadcasts them at start nor buckets them; only the adapter's gradients are all-reduced.
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, frozen + [n for n, _ in model.named_buffers()]
+        )
         device_ids = [dist_.local_rank] if dist_.backend == "nccl" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
     if dist_.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

@@ -20,6 +20,10 @@ optimizer, scheduler), :func:`restore` (or a fresh :class:`TrainState`), then pe
 :func:`next_window` (index batches) → :func:`collate_window` → :func:`loss_normaliser` →
 :func:`optimizer_step`, with :func:`log_event`, :func:`run_eval` and :func:`save` on their cadence,
 and :func:`finish` (final eval, export, results). The only callbacks are the method hooks.
+
+Under torchrun (``--nproc-per-node N``) every rank runs this same story with a
+:class:`peftcli.distributed.Dist`: it takes its slice of each global window, the loss normaliser is
+summed over ranks, DDP/FSDP reduce the gradients, and only rank 0 writes files (docs/distributed.md).
 """
 
 from __future__ import annotations

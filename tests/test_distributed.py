@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftcli
-from peftcli.distributed import Dist, LaunchOptions, check_method, init, launch, worker_args
+from peftcli.distributed import Dist, LaunchOptions, check_method, init, launch, worker_args, wrap
 from peftcli.methods.catalog import get_method_class
 from peftcli.recipe import RecipeError
 
@@ -165,6 +165,22 @@ def test_fsdp_needs_several_processes_and_a_method_that_supports_it(monkeypatch)
     with pytest.raises(RecipeError, match="quantized"):
         check_method(Dist("fsdp", 0, 2), get_method_class("lora"), quantized=True)
     check_method(Dist("ddp", 0, 2), get_method_class("lora"), quantized=True)
+
+
+def test_ddp_leaves_the_frozen_base_alone(tmp_path):
+    import torch.distributed as dist
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    model.register_buffer("scale", torch.ones(1))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = wrap(Dist("ddp", 0, 1), model)
+        assert wrapped.module is model
+        assert wrapped.parameters_to_ignore == {"0.weight", "0.bias", "scale"}
+        assert {id(p) for p in wrapped._module_parameters} == {id(model[1].weight), id(model[1].bias)}
+    finally:
+        dist.destroy_process_group()
 
 
 # -- slow: real torchrun jobs ------------------------------------------------------------------
