@@ -88,7 +88,7 @@ class Dist:
             base, extra = divmod(len(batch), self.world_size)
             start = self.rank * base + min(self.rank, extra)
             part = batch[start : start + base + (1 if self.rank < extra else 0)]
-            mine.append(part or batch[:1])
+            mine.append(part if len(part) else batch[:1])
         return mine
 
     def padding_flags(self, window: list[list[int]]) -> list[bool]:
