@@ -65,11 +65,27 @@ def merge(
     return merge_adapter(adapter_dir, output, base=base, dtype=dtype, dequantize=dequantize)
 
 
+def preprocess(recipe: Recipe, log=None, console=None) -> dict[str, Any]:
+    """Tokenize and cache ``recipe``'s data ahead of training; return its statistics (see docs/data.md)."""
+    from peftcli.data.preprocess import preprocess as run
+
+    return run(recipe, log=log, console=console)
+
+
+def validate_data(recipe: Recipe) -> list[str]:
+    """Read the first rows of every data source through the format code; one line per source."""
+    from peftcli.data.preprocess import validate_data as run
+
+    return run(recipe)
+
+
 def detect_format(record: dict[str, Any]) -> str:
     """Guess a data format from the columns of one record (for `peftcli eval --data`)."""
     keys = set(record)
     if "messages" in keys:
         return "chat"
+    if "conversations" in keys:
+        return "sharegpt"
     if "instruction" in keys:
         return "instruction"
     if {"prompt", "completion"} <= keys:
@@ -105,13 +121,15 @@ def evaluate_target(
     overrides: list[str] | None = None,
     ensemble: list[str] | None = None,
     vote: bool = False,
+    log=None,
 ) -> dict[str, Any]:
     """Evaluate a recipe (its trained adapter if the run finished, else its base), an adapter
     directory or a model directory on ``data`` (default: the recipe's eval data).
 
     ``ensemble`` names more adapters over the same base: the target and these are evaluated as one
-    model with averaged logits, or by majority vote (``vote``, classification only)."""
-    from peftcli.data import load_data
+    model with averaged logits, or by majority vote (``vote``, classification only). ``log`` receives
+    the data stage's lines (whether the tokenized cache was reused)."""
+    from peftcli.data.pipeline import load_data
     from peftcli.evaluate import evaluate
     from peftcli.models import resolve_device
 
@@ -120,7 +138,7 @@ def evaluate_target(
     data_cfg = _eval_data_config(resolved, data)
     if max_examples:
         data_cfg.max_eval_examples = max_examples
-    bundle = load_data(data_cfg, resolved.tokenizer, resolved.task, label_names=resolved.label_names)
+    bundle = load_data(data_cfg, resolved.tokenizer, resolved.task, label_names=resolved.label_names, log=log)
     if not bundle.eval:
         raise RecipeError(
             "data.eval", "there is no eval data", "set data.eval or data.eval_fraction, or pass --data"
@@ -186,14 +204,14 @@ def resolve_eval_target(
 
 def _eval_data_config(target: EvalTarget, data: str | None) -> DataConfig:
     """``--data FILE`` (its format guessed from its columns), else the recipe's data section."""
-    from peftcli.data import load_records
+    from peftcli.data.sources import load_source
 
     recipe = target.recipe
     if data:
         return DataConfig(
             train=data,
             eval=data,
-            format=detect_format(load_records(data, "train", "--data")[0]),
+            format=detect_format(load_source(data, "train", "--data", limit=1).dataset[0]),
             max_length=recipe.data.max_length if recipe else 512,
             columns={} if not recipe else recipe.data.columns,
         )

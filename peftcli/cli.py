@@ -175,7 +175,14 @@ def eval_(
     """Measure eval loss, perplexity and accuracy / exact match of a base, adapter or merged model."""
     from peftcli.api import evaluate_target
 
-    result = evaluate_target(target, data=data, max_examples=max_examples, ensemble=ensemble, vote=vote)
+    result = evaluate_target(
+        target,
+        data=data,
+        max_examples=max_examples,
+        ensemble=ensemble,
+        vote=vote,
+        log=None if as_json else lambda line: err_console.print(f"[dim]{line}[/dim]", highlight=False),
+    )
     if as_json:
         print(json.dumps(result))
         return
@@ -203,6 +210,9 @@ def validate(
 
     loaded = load_recipe(recipe, overrides or [])
     validate_files(loaded)
+    from peftcli.api import validate_data
+
+    data_lines = validate_data(loaded)  # the first rows of every source through the format code
     if show:
         out_console.print(dump_recipe(loaded), highlight=False)
     out_console.print(
@@ -210,6 +220,59 @@ def validate(
         f"({loaded.model.task}), output_dir {loaded.output_dir}",
         highlight=False,
     )
+    for line in data_lines:
+        err_console.print(f"[dim]{line}[/dim]", highlight=False)
+
+
+@app.command()
+@guarded
+def preprocess(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Tokenize and cache a recipe's data ahead of training (e.g. on a CPU box) and describe it."""
+    from peftcli.api import preprocess as run
+    from peftcli.recipe_loader import load_recipe
+
+    loaded = load_recipe(recipe, overrides or [])
+    summary = run(
+        loaded,
+        log=lambda line: err_console.print(f"[dim]{line}[/dim]", highlight=False),
+        console=err_console,
+    )
+    if as_json:
+        print(json.dumps(summary))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"preprocess {recipe}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("examples", f"{summary['examples']} train, {summary['eval_examples']} eval")
+    table.add_row("tokens", f"{summary['tokens']} ({summary['trained_tokens']} trained)")
+    table.add_row(
+        "length",
+        f"p50 {summary['length_p50']}, p90 {summary['length_p90']}, p99 {summary['length_p99']}, "
+        f"max {summary['length_max']} (max_length {summary['max_length']})",
+    )
+    table.add_row("truncated", str(summary["truncated"]))
+    table.add_row("dropped", f"{summary['dropped']} (no answer token left after truncation)")
+    if summary["skipped"]:
+        table.add_row("skipped", ", ".join(f"{n} {reason}" for reason, n in summary["skipped"].items()))
+    table.add_row(
+        "padding",
+        f"{100 * summary['padding_fraction']:.1f}% of a padded batch of {summary['batch_size']}",
+    )
+    if len(summary["sources"]) > 1:
+        for source in summary["sources"]:
+            table.add_row(
+                "source",
+                f"{source['source']} ({source['format']}): {source['rows']} rows, "
+                f"{100 * source['token_share']:.1f}% of the tokens",
+            )
+    table.add_row("time", f"{summary['seconds']:.1f} s")
+    out_console.print(table)
 
 
 @app.command()

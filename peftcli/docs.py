@@ -19,6 +19,7 @@ from peftcli.recipe import (
     MethodConfig,
     ModelConfig,
     QuantizationConfig,
+    SourceConfig,
     TrainConfig,
     _type_name,
     resolved_types,
@@ -31,6 +32,7 @@ SECTIONS: list[tuple[str, type]] = [
     ("model", ModelConfig),
     ("model.quantization", QuantizationConfig),
     ("data", DataConfig),
+    ("data.train[]", SourceConfig),
     ("train", TrainConfig),
     ("eval", EvalConfig),
 ]

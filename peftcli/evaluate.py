@@ -18,7 +18,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from peftcli.data import IGNORE_INDEX, DataBundle, collate, encode_prompt, pad_token_id
+from peftcli.data.collate import collate, pad_token_id
+from peftcli.data.formats import IGNORE_INDEX, encode_prompt
+from peftcli.data.pipeline import DataBundle
 from peftcli.recipe import EvalConfig
 
 GenerateFn = Callable[[torch.nn.Module, list[list[int]], int], list[list[int]]]

@@ -82,7 +82,7 @@ class Run:
     method: Method
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    batches: EpochBatches
+    sampler: Any  # peftcli.data.BatchSampler: index windows over the lengths array, pure in (seed, epoch)
     amp_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler | None
     trainable_params: dict[str, torch.nn.Parameter]  # what the optimizer, clipping and checkpoints see
@@ -114,19 +114,6 @@ class TrainState:
     tokens_seen: int = 0  # attention-mask tokens in this process's life (for tokens/s)
     elapsed_before: float = 0.0  # seconds spent before the checkpoint we resumed from
     started: float = field(default_factory=time.perf_counter)  # reset when the loop starts
-
-
-class EpochBatches:
-    """Index batches of one epoch at a time (one permutation per epoch, not one per step)."""
-
-    def __init__(self, sampler):
-        self.sampler = sampler
-        self._epoch, self._batches = -1, []
-
-    def of_epoch(self, epoch: int) -> list[list[int]]:
-        if self._epoch != epoch:
-            self._epoch, self._batches = epoch, self.sampler.epoch_batches(epoch)
-        return self._batches
 
 
 def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
@@ -234,7 +221,8 @@ def set_up(
 ) -> Run:
     """Seed, then build tokenizer, data, model + method (wrapped for DDP/FSDP), optimizer, scheduler and
     sampler (in this order: the random draws of each depend on those before it)."""
-    from peftcli.data import BatchSampler, load_data
+    from peftcli.data.pipeline import load_data
+    from peftcli.data.sampler import BatchSampler
     from peftcli.models import load_tokenizer, resolve_device, resolve_model_name
 
     cfg = recipe.train
@@ -244,10 +232,17 @@ def set_up(
     )
     seed_everything(cfg.seed)
     device = resolve_device(device_spec or cfg.device)
-    with dist.main_first():  # rank 0 fills the caches (tiny model, tokenizer) before the others read them
+    with dist.main_first():  # rank 0 fills the caches (tiny model, tokenized data) before the others read
         base_path = resolve_model_name(recipe.model.name)
         tokenizer = load_tokenizer(base_path, recipe.model)
-        data = load_data(recipe.data, tokenizer, recipe.model.task)
+        data = load_data(
+            recipe.data,
+            tokenizer,
+            recipe.model.task,
+            log=reporter.note,
+            console=None if reporter.quiet else reporter.console,
+            model_name=recipe.model.name,
+        )
     if not data.train:
         raise RecipeError(
             "data.train", "no training examples left after tokenization", "check the data and max_length"
@@ -260,7 +255,8 @@ def set_up(
     method.on_train_start(model, steps)
     optimizer = build_optimizer(method.param_groups(model, cfg.lr, cfg.weight_decay), cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
-    sampler = BatchSampler(len(data.train), global_cfg.batch_size, cfg.seed)  # global batches
+    # global micro-batches (batch_size × world): each rank takes its slice (Dist.rank_slice)
+    sampler = BatchSampler(data.train.lengths, global_cfg.batch_size, cfg.seed, mixture=data.mixture)
     amp_dtype = autocast_dtype(recipe, device)
     return Run(
         recipe=recipe,
@@ -276,7 +272,7 @@ def set_up(
         method=method,
         optimizer=optimizer,
         scheduler=scheduler,
-        batches=EpochBatches(sampler),
+        sampler=sampler,
         amp_dtype=amp_dtype,
         scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
         trainable_params={n: p for n, p in model.named_parameters() if p.requires_grad},
@@ -342,20 +338,20 @@ def restore(run: Run, checkpoint: Path) -> TrainState:
 
 
 def next_window(run: Run, state: TrainState) -> tuple[list[list[int]], tuple[int, int]]:
-    """The index batches of the next accumulation window, and (epoch, batch_index) after it."""
-    batches = run.batches.of_epoch(state.epoch)
-    window = batches[state.batch_index : state.batch_index + run.recipe.train.grad_accum]
+    """The global index batches of the next accumulation window, and (epoch, batch_index) after it.
+    (The sampler keeps one epoch's order at a time; distributed ranks take their slice of each batch.)"""
+    window = run.sampler.window(state.epoch, state.batch_index, run.recipe.train.grad_accum)
     next_batch = state.batch_index + len(window)
-    if next_batch >= len(batches):
+    if next_batch >= len(run.sampler):
         return window, (state.epoch + 1, 0)
     return window, (state.epoch, next_batch)
 
 
 def collate_window(run: Run, window: list[list[int]]) -> list[dict[str, torch.Tensor]]:
-    """One padded micro-batch per index batch."""
-    from peftcli.data import collate
+    """One padded micro-batch per index batch, read from the memory-mapped tokenized table."""
+    from peftcli.data.collate import collate_rows
 
-    return [collate([run.data.train[i] for i in idx], run.tokenizer, run.task) for idx in window]
+    return [collate_rows(run.data.train, indices, run.tokenizer, run.task) for indices in window]
 
 
 def loss_normaliser(micro: list[dict[str, torch.Tensor]], task: str, dist: Dist | None = None) -> int:

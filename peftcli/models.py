@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftcli.chat_templates import resolve_chat_template
 from peftcli.recipe import ModelConfig, RecipeError
 from peftcli.tiny import ensure_tiny, parse_tiny, quiet_transformers
 
@@ -99,6 +100,9 @@ def load_tokenizer(path: str, cfg: ModelConfig):
         # Decoder-only models often ship no pad token; EOS is safe because padded labels are -100.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
+    if cfg.chat_template:
+        # Set on the tokenizer, so the adapter directory saves it and eval renders prompts the same way.
+        tokenizer.chat_template = resolve_chat_template(cfg.chat_template)
     return tokenizer
 
 

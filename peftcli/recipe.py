@@ -135,14 +135,46 @@ class ModelConfig:
         default=None,
         metadata=doc("load the base in 4/8 bits with bitsandbytes (QLoRA); see model.quantization.*"),
     )
+    chat_template: str | None = field(
+        default=None,
+        metadata=doc(
+            "chat template for chat/sharegpt data: a built-in name (chatml, llama3) or a Jinja string; "
+            "default: the tokenizer's own"
+        ),
+    )
+
+
+DataFormat = Literal["text", "completion", "instruction", "chat", "sharegpt", "classification"]
+
+
+@dataclass
+class SourceConfig:
+    """One entry of a list-valued ``data.train`` (a mixture); unset fields inherit from ``data``."""
+
+    path: str = field(
+        default="",
+        metadata=doc("required: a .jsonl/.json/.csv/.parquet file, a saved datasets dir, or a hub id"),
+    )
+    split: str | None = field(default=None, metadata=doc("hub/saved split; default: data.train_split"))
+    format: DataFormat | None = field(
+        default=None, metadata=doc("this source's format; default: data.format")
+    )
+    columns: dict[str, str] | None = field(
+        default=None, metadata=doc("this source's column mapping; default: data.columns")
+    )
+    weight: float | None = field(
+        default=None,
+        metadata=doc("sampling share per epoch (weights are normalised); default: concatenate", min=0.0),
+    )
 
 
 @dataclass
 class DataConfig:
-    train: str = field(
+    train: str | list[SourceConfig] = field(
         default="",
         metadata=doc(
-            "training data: a .jsonl/.json/.csv/.parquet file, a saved datasets dir, or a hub dataset id"
+            "training data: a .jsonl/.json/.csv/.parquet file, a saved datasets dir, a hub dataset id, "
+            "or a list of sources {path, format, columns, weight} (a mixture)"
         ),
     )
     train_split: str = field(default="train", metadata=doc("split to read when data.train is a hub dataset"))
@@ -154,10 +186,11 @@ class DataConfig:
         default=0.0,
         metadata=doc("hold out this fraction of train for eval when data.eval is not set", min=0.0, max=0.5),
     )
-    format: Literal["text", "completion", "instruction", "chat", "classification"] = field(
+    format: DataFormat = field(
         default="text",
         metadata=doc(
-            "text | completion (prompt/completion) | instruction (alpaca) | chat (messages) | classification"
+            "text | completion (prompt/completion) | instruction (alpaca) | chat (messages) "
+            "| sharegpt (conversations) | classification"
         ),
     )
     columns: dict[str, str] = field(
@@ -180,6 +213,36 @@ class DataConfig:
         default=None, metadata=doc("use only the first N eval examples", min=1)
     )
     shuffle_seed: int = field(default=0, metadata=doc("seed of the eval_fraction split"))
+    roles: dict[str, str] = field(
+        default_factory=dict,
+        metadata=doc(
+            "sharegpt: map `from` values to chat roles, e.g. {bot: assistant} (adds to the defaults)"
+        ),
+    )
+    num_proc: int = field(
+        default=1, metadata=doc("processes that tokenize in parallel (datasets.map)", min=1)
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata=doc("tokenized-data cache; default $PEFTCLI_CACHE/data, else ~/.cache/peftcli/data"),
+    )
+    on_bad_row: Literal["error", "skip"] = field(
+        default="error", metadata=doc("a malformed row: error stops with its file and line; skip counts it")
+    )
+
+    def sources(self) -> list[SourceConfig]:
+        """data.train as a list of sources with every field resolved (a plain path is one source)."""
+        entries = [SourceConfig(path=self.train)] if isinstance(self.train, str) else self.train
+        return [
+            SourceConfig(
+                path=entry.path,
+                split=entry.split or self.train_split,
+                format=entry.format or self.format,
+                columns=self.columns if entry.columns is None else entry.columns,
+                weight=entry.weight,
+            )
+            for entry in entries
+        ]
 
 
 @dataclass
@@ -327,6 +390,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(err)
         if len(errors) == 1:
             raise errors[0]
+        if isinstance(value, list) and any(typing.get_origin(a) is list for a in args):
+            raise errors[[typing.get_origin(a) is list for a in args if a is not type(None)].index(True)]
         raise RecipeError(key, f"expected {_type_name(tp)}, got {show(value)}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -502,6 +567,12 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def cross_checks(recipe: Recipe) -> None:
+    if isinstance(recipe.data.train, list):
+        if not recipe.data.train:
+            raise RecipeError("data.train", "is an empty list", "name at least one source: [{path: FILE}]")
+        for i, source in enumerate(recipe.data.train):
+            if not source.path:
+                raise RecipeError(f"data.train[{i}].path", "is required", "each source needs a path")
     if recipe.data.format == "classification" and recipe.model.task != "seq_cls":
         raise RecipeError(
             "data.format",

@@ -82,11 +82,13 @@ def validate_files(recipe: Recipe) -> None:
         raise RecipeError(
             "model.name", f"model directory not found: {name}", "check the path or use a hub id"
         )
-    for key in ("train", "eval"):
-        value = getattr(recipe.data, key)
+    paths = [(f"data.train[{i}].path", source.path) for i, source in enumerate(recipe.data.sources())]
+    if isinstance(recipe.data.train, str):
+        paths = [("data.train", recipe.data.train)]
+    for key, value in [*paths, ("data.eval", recipe.data.eval)]:
         if value and looks_local(value) and not Path(expand_path(value)).exists():
             raise RecipeError(
-                f"data.{key}",
+                key,
                 f"file not found: {value}",
                 "check the path (relative paths are relative to where you run peftcli)",
             )

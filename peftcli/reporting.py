@@ -88,7 +88,17 @@ class Reporter:
         truncated = stats.get("train_truncated", 0)
         if truncated:
             data += f", {truncated} truncated at {stats.get('max_length')} tokens"
+        skipped = stats.get("skipped_rows")
+        if skipped:
+            data += ", skipped " + ", ".join(f"{n} {reason}" for reason, n in skipped.items())
         table.add_row("data", data)
+        for source in stats.get("sources", []):  # a mixture: each source's rows and share of the tokens
+            weight = "" if source["weight"] is None else f", weight {source['weight']:g}"
+            table.add_row(
+                "",
+                f"{source['source']} ({source['format']}): {source['rows']} rows{weight}, "
+                f"{100 * source['token_share']:.1f}% of the tokens per epoch",
+            )
         table.add_row(
             "steps",
             f"{steps} (batch {recipe.train.batch_size} × accum {recipe.train.grad_accum}, "

@@ -13,16 +13,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from peftcli.data import (
-    ALPACA_PROMPT,
-    ALPACA_PROMPT_NO_INPUT,
-    BatchSampler,
-    collate,
-    infer_label_names,
-    load_data,
-    load_records,
-    split_eval,
-)
+from peftcli.data.collate import collate
+from peftcli.data.formats import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, infer_label_names
+from peftcli.data.pipeline import load_data, split_eval
+from peftcli.data.sampler import BatchSampler
+from peftcli.data.sources import load_records
 from peftcli.recipe import DataConfig, RecipeError
 from peftcli.tiny import ensure_tiny
 

@@ -17,7 +17,8 @@ from transformers import (
     AutoTokenizer,
 )
 
-from peftcli.data import DataBundle, encode_prompt
+from peftcli.data.formats import encode_prompt
+from peftcli.data.pipeline import DataBundle
 from peftcli.evaluate import evaluate, greedy_generate
 from peftcli.recipe import EvalConfig
 from peftcli.tiny import ensure_tiny

@@ -388,7 +388,8 @@ def test_cli_eval_ensemble_of_classifiers(tmp_path):
     mean = evaluate_target(adapters[0], data=data, ensemble=adapters[1:])
     assert voted["eval_examples"] == mean["eval_examples"] == alone[0]["eval_examples"] == 64
     # Reference: the same vote computed by hand from the three loaded adapters.
-    from peftcli.data import collate, load_data
+    from peftcli.data.collate import collate
+    from peftcli.data.pipeline import load_data
     from peftcli.recipe import DataConfig
 
     loaded = [load_adapter(a) for a in adapters]

@@ -1,0 +1,49 @@
+"""Collation: right-pad tokenized examples into long tensors.
+
+The training loop collates each micro-batch from the memory-mapped dataset by index
+(``collate_rows``), so only the rows of the current step are ever Python lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from peftcli.data.formats import IGNORE_INDEX
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with: the pad token, else EOS, else 0."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0  # any id works: padded positions are masked out and carry no loss
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(row) for row in rows)
+    return torch.tensor([list(row) + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
+def collate(examples: Sequence[dict], tokenizer, task: str) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenized examples into long tensors.
+
+    Returns ``input_ids`` and ``attention_mask`` (B, T) and ``labels``: (B, T') padded with -100 for
+    causal_lm (T' = T) and seq2seq (T' = longest target), or (B,) class indices for seq_cls.
+    """
+    input_rows = [example["input_ids"] for example in examples]
+    batch = {
+        "input_ids": _pad(input_rows, pad_token_id(tokenizer)),  # (B, T)
+        "attention_mask": _pad([[1] * len(row) for row in input_rows], 0),  # (B, T)
+    }
+    if task == "seq_cls":
+        batch["labels"] = torch.tensor([example["label"] for example in examples], dtype=torch.long)  # (B,)
+    else:
+        batch["labels"] = _pad([example["labels"] for example in examples], IGNORE_INDEX)  # (B, T')
+    return batch
+
+
+def collate_rows(rows, indices: list[int], tokenizer, task: str) -> dict[str, torch.Tensor]:
+    """Read ``indices`` from a memory-mapped ``TokenizedRows`` and collate them (one micro-batch)."""
+    return collate(rows.take(indices), tokenizer, task)

@@ -1,0 +1,472 @@
+"""The data stage: sources -> (cached) tokenized Arrow datasets -> what the loop and evaluation read.
+
+    data.train (one source or a list) ──► cache key ──hit──► memory-mapped Arrow ──► TokenizedRows
+        load_dataset / load_from_disk      │                                       (+ lengths array)
+        split (eval_fraction), limit       └─miss─► datasets.map(tokenize_batch, num_proc) ─► cache
+
+Nothing here holds Python lists of all token ids: a split keeps an index array, the lengths array is
+numpy, and rows become lists only when a batch is collated.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftcli.data.cache import build_entry, cache_key, default_cache_dir, open_entry, tokenizer_fingerprint
+from peftcli.data.formats import (
+    IGNORE_INDEX,
+    TASK_FORMATS,
+    FormatSpec,
+    check_chat_template,
+    infer_label_names,
+    map_columns,
+    output_columns,
+    tokenize_batch,
+)
+from peftcli.data.progress import datasets_progress
+from peftcli.data.sampler import Mixture
+from peftcli.data.sources import Source, load_source, quiet_datasets, source_fingerprint
+from peftcli.recipe import DataConfig, RecipeError, SourceConfig
+
+Log = Callable[[str], None]
+
+
+class TokenizedRows(Sequence):
+    """A read-only sequence view of a tokenized, memory-mapped dataset.
+
+    ``rows[i]`` is ``{"input_ids", "labels"}`` (causal_lm, seq2seq) or ``{"input_ids", "label"}``
+    (seq_cls) as Python lists; ``rows.take(indices)`` reads a batch of them in one Arrow gather;
+    ``rows.lengths`` is the lengths array (int32, one per example).
+    """
+
+    def __init__(self, dataset, task: str):
+        self.dataset, self.task = dataset, task
+        self.lengths: np.ndarray = dataset.data.column("length").to_numpy().astype(np.int32, copy=False)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def take(self, indices: Sequence[int]) -> list[dict]:
+        indices = [int(i) for i in indices]
+        if not indices:
+            return []
+        columns = self.dataset.select_columns(_row_columns(self.task))[indices]
+        examples = []
+        for i in range(len(indices)):
+            input_ids = columns["input_ids"][i]
+            if self.task == "causal_lm":
+                mask = columns["loss_mask"][i]
+                labels = [t if m else IGNORE_INDEX for t, m in zip(input_ids, mask, strict=True)]
+                examples.append({"input_ids": input_ids, "labels": labels})
+            elif self.task == "seq2seq":
+                examples.append({"input_ids": input_ids, "labels": columns["labels"][i]})
+            else:
+                examples.append({"input_ids": input_ids, "label": columns["label"][i]})
+        return examples
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.take(range(len(self))[index])
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.take([index])[0]
+
+    def __iter__(self):
+        for start in range(0, len(self), 1024):
+            yield from self.take(range(start, min(start + 1024, len(self))))
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == list(other) if isinstance(other, (list, TokenizedRows)) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _row_columns(task: str) -> list[str]:
+    return ["input_ids", {"causal_lm": "loss_mask", "seq2seq": "labels"}.get(task, "label")]
+
+
+@dataclass
+class DataBundle:
+    """Everything the training loop and evaluation need from the data stage."""
+
+    train: Sequence[dict]  # TokenizedRows (memory-mapped) or a list of examples
+    eval: Sequence[dict] | None
+    # Per eval example, for generation metrics: {"prompt", "answer"} (completion, instruction, chat)
+    # or {"text", "label"} (classification); None for the text format, which has no answers.
+    eval_examples: list[dict] | None
+    label_names: list[str] | None  # classification: class index -> name
+    stats: dict = field(default_factory=dict)
+    sources: list[dict] = field(default_factory=list)  # per training source: rows, tokens, share, cache
+    mixture: Mixture | None = None  # set when data.train has weighted sources
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------
+
+
+def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, eval indices), both in file order; the held-out set depends only on n, fraction, seed."""
+    train, held_out = _split_arrays(n, fraction, seed)
+    return train.tolist(), held_out.tolist()
+
+
+def _split_arrays(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    n_eval = max(1, round(n * fraction))
+    if n_eval >= n:
+        raise RecipeError(
+            "data.eval_fraction",
+            f"holding out {n_eval} of {n} examples leaves none to train on",
+            "lower data.eval_fraction or add data",
+        )
+    generator = torch.Generator().manual_seed(seed)
+    held_out = np.sort(torch.randperm(n, generator=generator)[:n_eval].numpy())
+    keep = np.ones(n, dtype=bool)
+    keep[held_out] = False
+    return np.flatnonzero(keep), held_out
+
+
+# --------------------------------------------------------------------------------------------
+# One source, one part (train or eval): cached tokenization
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Part:
+    """A source and which of its rows to use: ``select`` is "all", "train" or "eval" (eval_fraction)."""
+
+    source: SourceConfig
+    key: str  # data.train, data.train[1], data.eval: names it in errors
+    select: str = "all"
+    fraction: float = 0.0
+    split_seed: int = 0
+    limit: int | None = None
+
+
+def tokenized_part(
+    part: Part,
+    spec: FormatSpec,
+    tokenizer,
+    cfg: DataConfig,
+    log: Log,
+    console,
+    label_names_given: bool,
+) -> tuple[Any, dict]:
+    """The tokenized dataset of one part, from the cache or built (and cached) now."""
+    root = default_cache_dir(cfg.cache_dir)
+    fingerprint = source_fingerprint(part.source.path, part.source.split, part.key)
+    loaded: Source | None = None
+    if fingerprint is None:  # a hub dataset: datasets' own cache fingerprints it
+        loaded = load_source(part.source.path, part.source.split, part.key, cfg.on_bad_row, root)
+        fingerprint = loaded.dataset._fingerprint
+    identity = spec.identity()
+    if not label_names_given:
+        identity["label_names"] = "inferred"  # a function of the data, which the key covers
+    key = cache_key(
+        {
+            "source": fingerprint,
+            "split": part.source.split,
+            "select": [part.select, part.fraction, part.split_seed, part.limit],
+            "spec": identity,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "on_bad_row": cfg.on_bad_row,
+        }
+    )
+    opened = open_entry(root, key)
+    if opened is not None:
+        dataset, meta = opened
+        log(
+            f"data: {part.key} ({part.source.path}): reusing the tokenized cache {root / key} ({len(dataset)} rows)"
+        )
+        meta["cache"] = "reused"
+        return dataset, meta
+
+    def build(tmp):
+        nonlocal loaded
+        start = time.perf_counter()
+        with datasets_progress(console):
+            if loaded is None:
+                loaded = load_source(part.source.path, part.source.split, part.key, cfg.on_bad_row, root)
+            raw = _select_rows(loaded.dataset, part)
+            spec.columns = map_columns(
+                list(raw.column_names), spec.format, part.source.columns or {}, part.key
+            )
+            if spec.format == "classification" and spec.label_names is None:
+                spec.label_names = infer_label_names(raw.unique(spec.columns["label"]))
+            mapped = raw.map(
+                tokenize_batch,
+                fn_kwargs={"tokenizer": tokenizer, "spec": spec},
+                batched=True,
+                batch_size=256,
+                num_proc=cfg.num_proc if cfg.num_proc > 1 and len(raw) >= 2 * cfg.num_proc else None,
+                remove_columns=list(raw.column_names),
+                features=output_columns(spec, len(tokenizer)),
+                cache_file_name=str(tmp / "rows.arrow"),
+                load_from_cache_file=False,
+                desc=f"tokenizing {part.key}",
+            )
+            dataset, meta = _drop_rows(mapped, loaded, part, raw, cfg, tmp)
+        meta |= {
+            "source": part.source.path,
+            "format": spec.format,
+            "label_names": spec.label_names,
+            "build_seconds": round(time.perf_counter() - start, 3),
+            "num_proc": cfg.num_proc,
+        }
+        return dataset, meta
+
+    dataset, meta = build_entry(root, key, build)
+    log(
+        f"data: {part.key} ({part.source.path}): tokenized {meta['rows']} rows in {meta['build_seconds']:.1f} s "
+        f"with num_proc {cfg.num_proc}, cached at {root / key}"
+    )
+    meta["cache"] = "built"
+    return dataset, meta
+
+
+def _select_rows(raw, part: Part):
+    if part.select != "all":
+        train_rows, eval_rows = _split_arrays(len(raw), part.fraction, part.split_seed)
+        raw = raw.select(train_rows if part.select == "train" else eval_rows)
+    if part.limit is not None and len(raw) > part.limit:
+        raw = raw.select(range(part.limit))
+    return raw
+
+
+def _drop_rows(mapped, loaded: Source, part: Part, raw, cfg: DataConfig, tmp) -> tuple[Any, dict]:
+    """Raise on the first bad row (on_bad_row: error) or leave bad and answerless rows out, counted."""
+    import pyarrow.compute as pc
+
+    truncated = int(pc.sum(mapped.data.column("truncated")).as_py() or 0)  # counted before dropping
+    status = mapped.data.column("status")
+    keep = pc.equal(status, "").to_numpy(zero_copy_only=False)
+    skipped: Counter = Counter(loaded.skipped)
+    dropped = 0
+    examples: list[str] = []
+    if not keep.all():
+        for row in np.flatnonzero(~keep):
+            value = status[int(row)].as_py()
+            if value == "dropped":
+                dropped += 1
+                continue
+            reason, detail, hint = value.removeprefix("bad:").split("\t", 2)
+            where = loaded.where(_source_row(raw, int(row)))
+            if cfg.on_bad_row != "skip":
+                hint = (
+                    f"{hint}, or set data.on_bad_row: skip"
+                    if hint
+                    else "fix it, or set data.on_bad_row: skip"
+                )
+                raise RecipeError(part.key, f"{where}: {detail}", hint)
+            skipped[reason] += 1
+            if len(examples) < 5:
+                examples.append(f"{where}: {detail}")
+        mapped = mapped.select(np.flatnonzero(keep)).flatten_indices(cache_file_name=str(tmp / "kept.arrow"))
+    lengths = mapped.data.column("length").to_numpy()
+    meta = {
+        "rows": len(mapped),
+        "tokens": int(lengths.sum()),
+        "truncated": truncated,
+        "dropped": dropped,
+        "skipped": dict(skipped),
+        "skipped_examples": examples,
+    }
+    return mapped, meta
+
+
+def _source_row(raw, row: int) -> int:
+    """The row of the source file that row ``row`` of the (split, limited) selection came from."""
+    if raw._indices is None:
+        return row
+    return int(raw._indices.column(0)[row].as_py())
+
+
+# --------------------------------------------------------------------------------------------
+# The data stage
+# --------------------------------------------------------------------------------------------
+
+
+def load_data(
+    cfg: DataConfig,
+    tokenizer,
+    task: str,
+    label_names: list[str] | None = None,
+    log: Log | None = None,
+    console=None,
+    model_name: str = "the model",
+) -> DataBundle:
+    """Load, split, format, tokenize and cache the data of a recipe.
+
+    ``label_names`` fixes the class order for classification (e.g. from a model being resumed);
+    by default it is inferred from the training labels. ``log`` receives one line per source saying
+    whether its tokenized cache was reused or built; ``console`` shows rich progress bars.
+    """
+    log = log or (lambda line: None)
+    quiet_datasets()
+    sources = cfg.sources()
+    keys = ["data.train"] if isinstance(cfg.train, str) else [f"data.train[{i}]" for i in range(len(sources))]
+    for source, key in zip(sources, keys, strict=True):
+        if source.format not in TASK_FORMATS.get(task, ()):
+            formats = ", ".join(TASK_FORMATS.get(task, ()))
+            where = "data.format" if key == "data.train" else f"{key}.format"
+            raise RecipeError(
+                where, f"model.task {task} cannot train on {source.format} data", f"use one of: {formats}"
+            )
+        check_chat_template(tokenizer, source.format, model_name)
+
+    train_parts, eval_parts = [], []
+    for source, key in zip(sources, keys, strict=True):
+        if cfg.eval_fraction > 0 and not cfg.eval:
+            train_parts.append(
+                Part(source, key, "train", cfg.eval_fraction, cfg.shuffle_seed, cfg.max_train_examples)
+            )
+            eval_parts.append(
+                Part(source, key, "eval", cfg.eval_fraction, cfg.shuffle_seed, cfg.max_eval_examples)
+            )
+        else:
+            train_parts.append(Part(source, key, limit=cfg.max_train_examples))
+    if cfg.eval:
+        first = sources[0]
+        eval_source = SourceConfig(cfg.eval, cfg.eval_split, first.format, first.columns)
+        eval_parts.append(Part(eval_source, "data.eval", limit=cfg.max_eval_examples))
+
+    def spec_of(part: Part, keep_examples: bool, labels: list[str] | None) -> FormatSpec:
+        return FormatSpec(
+            format=part.source.format,
+            task=task,
+            columns=dict(part.source.columns or {}),
+            max_length=cfg.max_length,
+            train_on_prompt=cfg.train_on_prompt,
+            add_eos=cfg.add_eos,
+            roles=dict(cfg.roles) if part.source.format == "sharegpt" else {},
+            label_names=labels,
+            keep_examples=keep_examples,
+        )
+
+    import datasets
+
+    train_sets, train_metas = [], []
+    for part in train_parts:
+        given = label_names is not None
+        dataset, meta = tokenized_part(
+            part, spec_of(part, False, label_names), tokenizer, cfg, log, console, given
+        )
+        if task == "seq_cls":
+            label_names = label_names or meta["label_names"]
+            if meta["label_names"] != label_names:  # a mixture whose sources disagree on the classes
+                raise RecipeError(
+                    part.key,
+                    f"labels {meta['label_names']} differ from the first source's {label_names}",
+                    "give every source the same label set",
+                )
+        train_sets.append(dataset)
+        train_metas.append(meta)
+    train_rows = sum(meta["rows"] for meta in train_metas)
+    if train_rows == 0:
+        dropped = sum(meta["dropped"] for meta in train_metas)
+        raise RecipeError(
+            "data.train",
+            f"all {dropped} examples lost their answer to truncation",
+            "raise data.max_length or shorten the prompts",
+        )
+    train_dataset = train_sets[0] if len(train_sets) == 1 else datasets.concatenate_datasets(train_sets)
+    train = TokenizedRows(train_dataset, task)
+
+    evaluation = eval_examples = None
+    eval_metas: list[dict] = []
+    if eval_parts:
+        eval_sets = []
+        for part in eval_parts:
+            spec = spec_of(part, True, label_names if task == "seq_cls" else None)
+            dataset, meta = tokenized_part(part, spec, tokenizer, cfg, log, console, True)
+            eval_sets.append(dataset)
+            eval_metas.append(meta)
+        eval_dataset = eval_sets[0] if len(eval_sets) == 1 else datasets.concatenate_datasets(eval_sets)
+        evaluation = TokenizedRows(eval_dataset, task)
+        if all(part.source.format != "text" for part in eval_parts):
+            eval_examples = [json.loads(text) for text in eval_dataset["example"] if text]
+
+    stats = {
+        "train_examples": len(train),
+        "eval_examples": len(evaluation) if evaluation is not None else 0,
+        "train_tokens": int(train.lengths.sum()),
+        "train_truncated": sum(meta["truncated"] for meta in train_metas),
+        "eval_truncated": sum(meta["truncated"] for meta in eval_metas),
+        "train_dropped": sum(meta["dropped"] for meta in train_metas),
+        "eval_dropped": sum(meta["dropped"] for meta in eval_metas),
+        "max_length": cfg.max_length,
+    }
+    skipped = Counter()
+    for meta in train_metas + eval_metas:
+        skipped.update(meta["skipped"])
+    if skipped:
+        stats["skipped_rows"] = dict(skipped)  # on_bad_row: skip, by reason
+        for meta in train_metas + eval_metas:
+            for line in meta["skipped_examples"][:3]:
+                log(f"data: skipped {line}")
+    summaries, mixture = _source_summaries(sources, keys, train_metas)
+    if len(sources) > 1:
+        stats["sources"] = summaries
+    return DataBundle(
+        train=train,
+        eval=evaluation,
+        eval_examples=eval_examples,
+        label_names=label_names if task == "seq_cls" else None,
+        stats=stats,
+        sources=summaries,
+        mixture=mixture,
+    )
+
+
+def _source_summaries(
+    sources: list[SourceConfig], keys: list[str], metas: list[dict]
+) -> tuple[list[dict], Mixture | None]:
+    """Per source: rows, tokens, share of the tokens an epoch trains on; and the Mixture if weighted."""
+    rows = [meta["rows"] for meta in metas]
+    weighted = any(source.weight is not None for source in sources)
+    mixture = None
+    if weighted:
+        raw = [1.0 if source.weight is None else source.weight for source in sources]
+        if sum(raw) <= 0:
+            raise RecipeError(
+                "data.train", "the source weights sum to 0", "give at least one source a weight > 0"
+            )
+        offsets = [int(x) for x in np.cumsum([0, *rows[:-1]])]
+        for key, n, weight in zip(keys, rows, raw, strict=True):
+            if n == 0 and weight > 0:
+                raise RecipeError(
+                    key, "has no examples left to draw from", "check the source or set its weight to 0"
+                )
+        mixture = Mixture(offsets, rows, [w / sum(raw) for w in raw])
+        counts = mixture.counts(sum(rows))
+        epoch_tokens = [
+            meta["tokens"] / max(1, meta["rows"]) * c for meta, c in zip(metas, counts, strict=True)
+        ]
+    else:
+        counts = rows
+        epoch_tokens = [meta["tokens"] for meta in metas]
+    total = sum(epoch_tokens) or 1
+    summaries = [
+        {
+            "source": source.path,
+            "format": source.format,
+            "rows": meta["rows"],
+            "tokens": meta["tokens"],
+            "weight": source.weight,
+            "examples_per_epoch": count,
+            "token_share": round(share / total, 4),
+            "cache": meta.get("cache"),
+        }
+        for source, meta, count, share in zip(sources, metas, counts, epoch_tokens, strict=True)
+    ]
+    return summaries, mixture
