@@ -45,12 +45,13 @@ def train(
     output_dir: str | None = None,
     resume: bool = False,
     reporter=None,
+    overwrite: bool = False,
 ):
     from peftcli.loop import train as run
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides, output_dir)
-    return run(recipe, resume=resume, reporter=reporter)
+    return run(recipe, resume=resume, reporter=reporter, overwrite=overwrite)
 
 
 def merge(

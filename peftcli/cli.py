@@ -48,6 +48,10 @@ def guarded(func):
             return func(*args, **kwargs)
         except RecipeError as err:
             fail(str(err))
+        except MemoryError as err:  # faults.OutOfMemory is one: CUDA OOM with advice for this run
+            exit_code = getattr(err, "exit_code", 1)
+            err_console.print(f"[bold red]out of memory:[/bold red] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/yellow]")
             raise typer.Exit(130) from None
@@ -67,6 +71,9 @@ def train(
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="continue from the newest complete checkpoint")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="discard the earlier run in the output directory first")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or tables")] = False,
     nproc_per_node: Annotated[
@@ -99,7 +106,7 @@ def train(
     loaded = load_recipe(recipe, overrides or [], output_dir)
     reporter = Reporter(err_console, quiet=quiet)
     try:
-        result = run(loaded, resume=resume, reporter=reporter)
+        result = run(loaded, resume=resume, reporter=reporter, overwrite=overwrite)
     except TrainingInterrupted as stop:
         if distributed.is_main_process():
             err_console.print(
@@ -409,8 +416,28 @@ def schema(
     out_console.print(f"schema written to {output}", highlight=False)
 
 
+def show_recipe_warnings() -> None:
+    """Print RecipeWarnings (remote code, pickle weights) as one yellow line each; leave others alone."""
+    import warnings
+
+    from peftcli.recipe import RecipeWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, RecipeWarning):
+            err_console.print(
+                f"[bold yellow]warning:[/bold yellow] {message}", highlight=False, soft_wrap=True
+            )
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    show_recipe_warnings()
     try:
         if "TORCHELASTIC_ERROR_FILE" in os.environ:  # a torchrun worker: report a crash to the launcher
             from peftcli.distributed import run_recording_errors

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from peftcli.adapter_compat import drop_unmatched_modules_to_save
-from peftcli.checkpoint import ADAPTER_WEIGHTS, AtomicDir, read_adapter_state
+from peftcli.checkpoint import ADAPTER_WEIGHTS, AtomicDir, check_tensors, read_adapter_state
 from peftcli.dequantize import load_dequantized_weights, quantized_layers
 from peftcli.methods.catalog import get_method_class, list_methods
 from peftcli.methods.registry import Method
@@ -184,7 +184,14 @@ def load_adapter(
     method = info["method_cls"](info["method_cfg"], info["task"])
     torch.manual_seed(0)
     model = method.attach(model)
-    method.load_adapter_state_dict(model, read_adapter_state(path))
+    state = read_adapter_state(path)
+    # Names and dtype kinds must be what this method writes for this base, listed if not. Shapes are
+    # checked once loaded (a pruned AdaLoRA adapter resizes the model to its ranks): a file tensor whose
+    # shape differs from what the model now holds was broadcast or cut, never loaded as written.
+    source = f"adapter {path}"
+    check_tensors(state, method.adapter_state_dict(model), source, exact_dtype=False, shapes=False)
+    method.load_adapter_state_dict(model, state)
+    check_tensors(state, method.adapter_state_dict(model), source, exact_dtype=False)
     model.to(device)
     model.eval()
     return LoadedAdapter(model, tokenizer, method, info["task"], info["label_names"], base_path)

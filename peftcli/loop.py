@@ -7,6 +7,7 @@ Run it from the shell or from Python::
 
 It writes, under ``output_dir``::
 
+    .peftcli.lock           pid, host, start time of the running run  (claim_run_dir)
     recipe.yaml             the resolved recipe                       (prepare_run_dir)
     metrics.jsonl           one JSON object per train/eval event      (reset_metrics, log_event)
     loggers.json            train.loggers' runs (TensorBoard, W&B,    (reset_metrics, log_event)
@@ -15,11 +16,15 @@ It writes, under ``output_dir``::
     adapter/                the adapter in peft's format              (finish)
     results.json summary.md the result as JSON and as a table         (finish)
 
-The stages: :func:`prepare_run_dir` (checks, recipe.yaml), :func:`set_up` (model, method, data,
-optimizer, scheduler), :func:`restore` (or a fresh :class:`TrainState`), then per optimizer step
-:func:`next_window` (index batches) → :func:`collate_window` → :func:`loss_normaliser` →
-:func:`optimizer_step`, with :func:`log_event`, :func:`run_eval` and :func:`save` on their cadence,
-and :func:`finish` (final eval, export, results). The only callbacks are the method hooks.
+The stages: :func:`claim_run_dir` (the lock, a finished run, --overwrite), :func:`prepare_run_dir`
+(the checkpoint to resume from, checks before loading weights, recipe.yaml), :func:`set_up` (model,
+method, data, optimizer, scheduler) and :func:`check_space`, :func:`restore` (or a fresh
+:class:`TrainState`), then per optimizer step :func:`next_window` (index batches) →
+:func:`collate_window` → :func:`loss_normaliser` → :func:`optimizer_step` (→ :func:`skip_or_stop` when
+the loss or gradient is not finite), with :func:`log_event`, :func:`run_eval` and :func:`save` on their
+cadence, and :func:`finish` (final eval, export, results); :func:`answer_faults` turns CUDA OOM and a
+full disk into advice. The only callbacks are the method hooks. What goes wrong and what users see:
+docs/troubleshooting.md.
 
 Under torchrun (``--nproc-per-node N``) every rank runs this same story with a
 :class:`peftcli.distributed.Dist`: it takes its slice of each global window, the loss normaliser is
@@ -35,6 +40,7 @@ import math
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,7 @@ import torch.nn.functional as F
 
 import peftcli.checkpoint as ckpt
 import peftcli.distributed as distributed
+from peftcli import faults, rundir
 from peftcli.checkpoint import atomic_write_text
 from peftcli.distributed import Dist
 from peftcli.loggers import Loggers, check_installed
@@ -112,63 +119,78 @@ class TrainState:
     last_loss: float | None = None
     window_losses: list[float] = field(default_factory=list)  # since the last train event
     tokens_seen: int = 0  # attention-mask tokens in this process's life (for tokens/s)
+    skipped_steps: int = 0  # steps dropped for a non-finite loss or gradient (train.on_nan: skip)
     elapsed_before: float = 0.0  # seconds spent before the checkpoint we resumed from
     started: float = field(default_factory=time.perf_counter)  # reset when the loop starts
 
 
-def train(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
-    """Train ``recipe``'s adapter; with ``resume``, continue from its newest complete checkpoint.
-    Under torchrun every rank calls this; rank 0 alone writes files and reports."""
+def train(
+    recipe: Recipe, resume: bool = False, reporter: Reporter | None = None, overwrite: bool = False
+) -> TrainResult:
+    """Train ``recipe``'s adapter; with ``resume``, continue from its newest intact checkpoint;
+    with ``overwrite``, discard the run already in its output directory first.
+    Under torchrun every rank calls this; rank 0 alone holds the run directory, writes and reports."""
     dist, device = distributed.init(recipe.train.distributed, recipe.train.device)
     ok = False
     try:
-        result = _train(recipe, resume, reporter if dist.is_main else None, dist, device)
+        result = _train(recipe, resume, reporter if dist.is_main else None, overwrite, dist, device)
         ok = True
         return result
     finally:
         dist.shutdown(ok)
 
 
-def _train(recipe: Recipe, resume: bool, reporter: Reporter | None, dist: Dist, device: str) -> TrainResult:
+def _train(
+    recipe: Recipe, resume: bool, reporter: Reporter | None, overwrite: bool, dist: Dist, device: str
+) -> TrainResult:
     reporter = reporter or Reporter(quiet=True)
-    latest = prepare_run_dir(recipe, resume, reporter, dist.is_main)
-    run = set_up(recipe, reporter, dist, device)
-    state = restore(run, latest) if latest is not None else TrainState()
-    reset_metrics(run, state.step)
-    report_start(run)
-    eval_before = run_eval(run, 0) if latest is None else _first_eval(run.metrics_path)
+    claim = claim_run_dir(recipe, resume, overwrite, reporter) if dist.is_main else contextlib.nullcontext()
+    with claim:
+        with dist.main_first():  # rank 0 claims and cleans the run directory and fills the caches first
+            latest = prepare_run_dir(recipe, resume, reporter, dist.is_main)
+        run = set_up(recipe, reporter, dist, device)
+        check_space(run, latest)
+        state = restore(run, latest) if latest is not None else TrainState()
+        reset_metrics(run, state.step)
+        report_start(run)
+        eval_before = run_eval(run, 0) if latest is None else _first_eval(run.metrics_path)
 
-    cfg = recipe.train
-    run.model.train()
-    state.started = time.perf_counter()
-    with (
-        stop_requests() as stop,
-        reporter.progress(run.steps, state.step) as progress,
-        trackers_ended_on_error(run),
-    ):
-        while state.step < run.steps:
-            window, next_position = next_window(run, state)
-            mine = run.dist.rank_slice(window)  # this rank's slice of the global window
-            micro = collate_window(run, mine)
-            run.dist.mask_padding(micro, run.dist.padding_flags(window))
-            n_targets = loss_normaliser(micro, run.task, run.dist)
-            loss, tokens, lr = optimizer_step(run, micro, n_targets, state.step)
-            loss, tokens, stopping = run.dist.reduce_step(loss, tokens, bool(stop))
-            state.step, (state.epoch, state.batch_index) = state.step + 1, next_position
-            record_loss(state, loss, tokens)
+        cfg = recipe.train
+        run.model.train()
+        state.started = time.perf_counter()
+        with answer_faults(run, state):
+            with (
+                stop_requests() as stop,
+                reporter.progress(run.steps, state.step) as progress,
+                trackers_ended_on_error(run),
+            ):
+                while state.step < run.steps:
+                    window, next_position = next_window(run, state)
+                    mine = run.dist.rank_slice(window)  # this rank's slice of the global window
+                    micro = collate_window(run, mine)
+                    run.dist.mask_padding(micro, run.dist.padding_flags(window))
+                    n_targets = loss_normaliser(micro, run.task, run.dist)
+                    loss, tokens, lr, fault = optimizer_step(run, micro, n_targets, state.step)
+                    loss, tokens, stopping = run.dist.reduce_step(loss, tokens, bool(stop))
+                    if fault is not None:
+                        skip_or_stop(run, state, fault, window)  # raises unless train.on_nan lets it skip
+                    state.step, (state.epoch, state.batch_index) = state.step + 1, next_position
+                    if fault is None:
+                        record_loss(state, loss, tokens)
 
-            progress.update(state.step, loss, lr, tokens_per_s(state))
-            if state.step % cfg.log_every == 0 or state.step == run.steps:
-                log_train(run, state, lr)
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < run.steps:
-                run_eval(run, state.step)
-                run.model.train()
-            if (cfg.save_every and state.step % cfg.save_every == 0) or state.step == run.steps:
-                save(run, state)
-            if stopping:  # any rank got a signal: all checkpoint at this same step and stop
-                raise TrainingInterrupted(state.step, save(run, state), stop[0] if stop else signal.SIGTERM)
+                    progress.update(state.step, loss, lr, tokens_per_s(state))
+                    if state.step % cfg.log_every == 0 or state.step == run.steps:
+                        log_train(run, state, lr)
+                    if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < run.steps:
+                        run_eval(run, state.step)
+                        run.model.train()
+                    if (cfg.save_every and state.step % cfg.save_every == 0) or state.step == run.steps:
+                        save(run, state)
+                    if stopping:  # any rank got a signal: all checkpoint at this same step and stop
+                        signum = stop[0] if stop else signal.SIGTERM
+                        raise TrainingInterrupted(state.step, save(run, state), signum)
 
-    return finish(run, state, eval_before)
+            return finish(run, state, eval_before)
 
 
 @contextlib.contextmanager
@@ -186,20 +208,50 @@ def trackers_ended_on_error(run: Run):
 # -- set up ------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def claim_run_dir(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter):
+    """Hold the run directory's lock for the whole run: no second train (a racing --resume included)
+    writes into it. Inside: what a killed run left half-written is removed, a finished run is refused
+    unless resumed, and --overwrite discards the earlier run."""
+    run_dir = Path(recipe.output_dir)
+    if resume and overwrite:
+        raise RecipeError("--overwrite", "cannot be combined with --resume", "pass one of them")
+    created = not run_dir.exists()
+    lock = rundir.acquire_lock(run_dir, note=reporter.warn)
+    try:
+        rundir.remove_partial_files(run_dir)
+        finished = rundir.finished_run(run_dir)
+        if finished is not None and not resume and not overwrite:
+            raise rundir.refuse_finished(run_dir, finished)
+        if overwrite:
+            removed = rundir.discard_run(run_dir)
+            if removed:
+                reporter.note(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
+        yield lock
+    finally:
+        lock.release()
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run that failed its checks leaves no empty directory behind
+
+
 def prepare_run_dir(recipe: Recipe, resume: bool, reporter: Reporter, is_main: bool = True) -> Path | None:
-    """Check the run directory against ``resume``, write recipe.yaml (rank 0); the checkpoint to resume
-    from."""
+    """Check the run directory against ``resume`` and everything that can fail before the weights are
+    loaded (rundir.preflight), write recipe.yaml (rank 0); the checkpoint to resume from."""
+    from peftcli.models import resolve_model_name
+
     run_dir = Path(recipe.output_dir)
     check_installed(recipe.train.loggers)  # a missing tracker fails here, before any weights load
-    latest = ckpt.latest_checkpoint(run_dir) if resume else None
+    latest = ckpt.resume_checkpoint(run_dir, warn=reporter.warn) if resume else None
     if resume and latest is None:
         reporter.note(f"--resume: no complete checkpoint in {run_dir}/checkpoints, starting from scratch")
     if not resume and ckpt.list_checkpoints(run_dir):
         raise RecipeError(
             "output_dir",
             f"{run_dir} already holds checkpoints from an earlier run",
-            "pass --resume to continue it, or choose another --output-dir",
+            "pass --resume to continue it, choose another --output-dir, or pass --overwrite to discard it",
         )
+    on_disk = len(ckpt.list_checkpoints(run_dir)) if resume else 0
+    rundir.preflight(recipe, resolve_model_name(recipe.model.name), on_disk)
     if latest is not None:
         saved = latest.parent.parent / "recipe.yaml"
         if saved.exists() and _training_identity(saved.read_text()) != _training_identity(
@@ -283,6 +335,12 @@ def set_up(
     )
 
 
+def check_space(run: Run, latest: Path | None) -> None:
+    """The free-space check again with the exact trainable count (preflight could only estimate it)."""
+    on_disk = len(ckpt.list_checkpoints(run.run_dir)) if latest is not None else 0
+    rundir.check_free_space(run.run_dir, *rundir.space_needed(run.trainable, run.recipe.train, on_disk))
+
+
 def report_start(run: Run) -> None:
     base_lines = None
     if run.recipe.model.quantization is not None:
@@ -306,13 +364,14 @@ def report_start(run: Run) -> None:
 
 def restore(run: Run, checkpoint: Path) -> TrainState:
     """Trainable weights, optimizer, scheduler, method state and RNG (this rank's) from ``checkpoint``."""
-    saved = ckpt.load_checkpoint(checkpoint)
+    saved = ckpt.load_checkpoint(checkpoint, expected_trainable=run.trainable_params)
     trainer = saved["trainer_state"]
     saved_world = trainer.get("world_size", 1)
     if saved_world != run.dist.world_size:
         raise RecipeError(
             "--resume",
-            f"{checkpoint} was written by a run on {saved_world} process(es); this run has {run.dist.world_size}",
+            f"{checkpoint} was written by a run on {saved_world} process(es); "
+            f"this run has {run.dist.world_size}",
             f"resume with the same world size (--nproc-per-node × --nnodes = {saved_world}) "
             "or start a new output_dir",
         )
@@ -331,6 +390,7 @@ def restore(run: Run, checkpoint: Path) -> TrainState:
         epoch=trainer["epoch"],
         batch_index=trainer["batch_index"],
         elapsed_before=_elapsed_at(run.metrics_path, trainer["step"]),
+        skipped_steps=trainer.get("skipped_steps", 0),
     )
 
 
@@ -363,12 +423,13 @@ def loss_normaliser(micro: list[dict[str, torch.Tensor]], task: str, dist: Dist 
 
 def optimizer_step(
     run: Run, micro: list[dict[str, torch.Tensor]], n_targets: int, step: int
-) -> tuple[float, int, float]:
+) -> tuple[float, int, float, faults.NonFinite | None]:
     """Forward/backward every micro-batch, then the method hooks, clipping and the optimizer and scheduler
-    step. Returns (window loss, tokens seen, the lr this step used)."""
+    step. Returns (window loss, tokens seen, the lr this step used, the fault if the loss or gradient norm
+    was not finite: then the update is dropped, the optimizer's state untouched)."""
     model, method, optimizer, scaler, task = run.model, run.method, run.optimizer, run.scaler, run.task
     world = run.dist.grad_scale  # DDP/FSDP average gradients over ranks: scaled by world, that is the sum
-    loss_total, tokens = 0.0, 0
+    loss_total, tokens, micro_losses = 0.0, 0, []
     for i, batch in enumerate(micro):
         batch = {k: v.to(run.device) for k, v in batch.items()}
         sync = i == len(micro) - 1  # gradients are reduced across ranks once per window
@@ -388,11 +449,25 @@ def optimizer_step(
                 loss = loss + extra / (len(micro) * world)
             loss = loss * world
             (scaler.scale(loss) if scaler else loss).backward()
-        loss_total += loss_sum.item() / n_targets
+        micro_losses.append(loss_sum.item() / n_targets)
+        loss_total += micro_losses[-1]
         tokens += int(batch["attention_mask"].sum())
 
     if scaler:
         scaler.unscale_(optimizer)
+    # Checked before the method hooks read the gradients. With fp16 loss scaling, inf gradients are the
+    # scaler's business (it skips the step and lowers the scale); only the loss is ours to check then.
+    grad_norm = None if scaler else float(faults.gradient_norm(run.trainable_params.values()))
+    fault = faults.find_non_finite(step + 1, micro_losses, grad_norm)
+    if fault is not None:
+        optimizer.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
+        with warnings.catch_warnings():  # the schedule keeps time although this step took no update
+            warnings.simplefilter("ignore", UserWarning)
+            run.scheduler.step()
+        return loss_total, tokens, lr, fault
     method.after_backward(model, step)
     if run.recipe.train.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(run.trainable_params.values(), run.recipe.train.max_grad_norm)
@@ -405,13 +480,47 @@ def optimizer_step(
     lr = optimizer.param_groups[0]["lr"]
     run.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    if not math.isfinite(loss_total):
-        raise RecipeError(
-            "train.lr",
-            f"the loss became {loss_total} at step {step + 1}",
-            "lower train.lr or set train.max_grad_norm",
-        )
-    return loss_total, tokens, lr
+    return loss_total, tokens, lr, None
+
+
+def skip_or_stop(run: Run, state: TrainState, fault: faults.NonFinite, window: list[list[int]]) -> None:
+    """train.on_nan: stop here (the last good checkpoint stays), or count the skipped step, log it to
+    metrics.jsonl and go on, until more than train.max_skipped_steps were skipped. ``window``: the
+    step's index batches, so the message names the examples."""
+    fault.name_examples(window)
+    cfg = run.recipe.train
+    last_good = ckpt.latest_checkpoint(run.run_dir)
+    if cfg.on_nan == "stop":
+        raise faults.stop_error(fault, last_good, 0, cfg.max_skipped_steps)
+    state.skipped_steps += 1
+    if state.skipped_steps > cfg.max_skipped_steps:
+        raise faults.stop_error(fault, last_good, state.skipped_steps, cfg.max_skipped_steps)
+    log_event(run, fault.event(state.skipped_steps))
+    run.reporter.warn(
+        f"skipped {fault.describe()} ({state.skipped_steps} of at most {cfg.max_skipped_steps})"
+    )
+
+
+@contextlib.contextmanager
+def answer_faults(run: Run, state: TrainState):
+    """CUDA out of memory becomes advice with this run's numbers (exit code 3); a full disk while
+    writing metrics or the adapter becomes one line saying how much space is needed."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise faults.out_of_memory(
+            run.recipe,
+            state.step + 1,
+            "training" if state.step < run.steps else "the final eval",
+            ckpt.latest_checkpoint(run.run_dir),
+            type(run.method).supports_quantized_base,
+        ) from None
+    except OSError as err:
+        if err.errno not in ckpt.DISK_ERRORS:
+            raise
+        what = Path(err.filename).name if err.filename else "a file"
+        needed = rundir.adapter_bytes(run.trainable)
+        raise ckpt.disk_error(err, what, run.run_dir, needed, ckpt.latest_checkpoint(run.run_dir)) from None
 
 
 def record_loss(state: TrainState, loss: float, tokens: int) -> None:
@@ -470,7 +579,7 @@ def log_train(run: Run, state: TrainState, lr: float) -> None:
             "event": "train",
             "step": state.step,
             "epoch": round(state.step / run.steps_per_epoch, 4),
-            "loss": sum(state.window_losses) / len(state.window_losses),
+            "loss": sum(state.window_losses) / len(state.window_losses) if state.window_losses else None,
             "lr": lr,
             "tokens_per_s": round(tokens_per_s(state), 1),
             "elapsed_s": round(state.elapsed_before + time.perf_counter() - state.started, 3),
@@ -508,6 +617,7 @@ def save(run: Run, state: TrainState) -> Path:
             "batch_index": state.batch_index,
             "scheduler": run.scheduler.state_dict(),
             "total_steps": run.steps,
+            "skipped_steps": state.skipped_steps,
         },
     }
     if not run.dist.is_main:
@@ -633,26 +743,36 @@ def _training_identity(recipe_yaml: str) -> str:
     for key in ("log_every", "eval_every", "save_every", "keep_checkpoints", "loggers"):
         raw.get("train", {}).pop(key, None)
     raw.pop("eval", None)
+    # Recomputing activations changes memory, not the numbers: the advice after CUDA OOM relies on it.
+    raw.get("model", {}).pop("gradient_checkpointing", None)
     return json.dumps(raw, sort_keys=True)
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's events; a line torn by a kill mid-write is dropped, not an error."""
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop events logged after the checkpoint we resume from (they will be logged again)."""
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    kept = [event for event in _events(path) if event.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(event) + "\n" for event in kept))
 
 
 def _first_eval(path: Path) -> dict[str, float] | None:
     if not path.exists():
         return None
-    for line in path.read_text().splitlines():
-        event = json.loads(line)
+    for event in _events(path):
         if event.get("event") == "eval" and event.get("step") == 0:
             return {k: v for k, v in event.items() if k not in ("event", "step")}
     return None
@@ -662,8 +782,7 @@ def _elapsed_at(path: Path, step: int) -> float:
     if not path.exists() or step == 0:
         return 0.0
     elapsed = 0.0
-    for line in path.read_text().splitlines():
-        event = json.loads(line)
+    for event in _events(path):
         if event.get("event") == "train" and event.get("step", 0) <= step:
             elapsed = event.get("elapsed_s", elapsed)
     return elapsed

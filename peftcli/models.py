@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from peftcli.chat_templates import resolve_chat_template
-from peftcli.recipe import ModelConfig, RecipeError
+from peftcli.recipe import ModelConfig, RecipeError, RecipeWarning
 from peftcli.tiny import ensure_tiny, parse_tiny, quiet_transformers
 
 TASK_AUTO = {
@@ -86,6 +87,42 @@ def _hub_error(name: str, err: Exception) -> RecipeError:
     )
 
 
+# Weight files that are pickles: loading one can run arbitrary code.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def weights_policy(path: str, cfg: ModelConfig) -> dict[str, Any]:
+    """from_pretrained kwargs that load safetensors only, unless ``model.allow_pickle`` says otherwise.
+
+    A local directory with only pickle weights is refused here with a clear error (transformers' own
+    message talks about missing files); with ``allow_pickle`` it loads after a warning naming it."""
+    if cfg.trust_remote_code:
+        warnings.warn(
+            f"model.trust_remote_code is set: {cfg.name} may run code from its repository",
+            RecipeWarning,
+            stacklevel=2,
+        )
+    directory = Path(path)
+    if directory.is_dir():
+        has_safetensors = any(directory.glob("*.safetensors"))
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in directory.glob(pattern))
+        if not has_safetensors and pickles:
+            if not cfg.allow_pickle:
+                raise RecipeError(
+                    "model.name",
+                    f"{cfg.name} has only pickle weights ({pickles[0]}), which can run code when loaded",
+                    "convert them to safetensors (save_pretrained(..., safe_serialization=True)), or set "
+                    "model.allow_pickle: true if you trust where they came from",
+                )
+            warnings.warn(
+                f"model.allow_pickle is set: loading pickle weights {pickles[0]} of {cfg.name}",
+                RecipeWarning,
+                stacklevel=2,
+            )
+            return {"use_safetensors": False}
+    return {} if cfg.allow_pickle else {"use_safetensors": True}
+
+
 def load_tokenizer(path: str, cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -122,6 +159,7 @@ def load_model(
     auto = getattr(transformers, TASK_AUTO[cfg.task])
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     kwargs: dict[str, Any] = dict(dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    kwargs.update(weights_policy(path, cfg))
     if cfg.task == "seq_cls":
         labels = label_names or [str(i) for i in range(num_labels or 2)]
         kwargs.update(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -29,12 +30,28 @@ class RecipeError(Exception):
     """A mistake in a recipe or on the command line. The CLI prints it as one line, exit code 2."""
 
     def __init__(self, key: str, message: str, hint: str | None = None):
-        self.key, self.message, self.hint = key, message, hint
+        # One line whatever the user typed: a key or value with a line break is shown escaped.
+        self.key, self.message = _one_line(key), _one_line(message)
+        self.hint = _one_line(hint) if hint else hint
         super().__init__(str(self))
 
     def __str__(self) -> str:
         text = f"{self.key}: {self.message}" if self.key else self.message
         return f"{text}; {self.hint}" if self.hint else text
+
+
+class RecipeWarning(UserWarning):
+    """Something the user asked for that is allowed but risky (remote code, pickle weights): the CLI
+    prints it as one yellow line."""
+
+
+def _one_line(text: str) -> str:
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def key_name(key: Any) -> str:
+    """A recipe key as the user can read it in an error: odd ones (empty, not text) in quotes."""
+    return key if isinstance(key, str) and key.strip() and key.isprintable() else repr(key)
 
 
 def doc(help: str, **extra: Any) -> dict[str, Any]:
@@ -130,6 +147,10 @@ class ModelConfig:
     )
     trust_remote_code: bool = field(
         default=False, metadata=doc("run model code shipped with a hub repo; only for repos you trust")
+    )
+    allow_pickle: bool = field(
+        default=False,
+        metadata=doc("load .bin (pickle) weights when a model has no safetensors; pickle can run code"),
     )
     quantization: QuantizationConfig | None = field(
         default=None,
@@ -315,6 +336,13 @@ class TrainConfig:
             "ddp (adapter gradients all-reduced) or fsdp (FSDP2: base and adapter sharded per layer)"
         ),
     )
+    on_nan: Literal["stop", "skip"] = field(
+        default="stop",
+        metadata=doc("a NaN/inf loss or gradient norm: stop (keep the last checkpoint) or skip the update"),
+    )
+    max_skipped_steps: int = field(
+        default=10, metadata=doc("with on_nan: skip, stop once more than this many steps were skipped", min=0)
+    )
 
 
 @dataclass
@@ -413,7 +441,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         key_tp, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
             raise RecipeError(key, f"expected a mapping, got {show(value)}")
-        return {coerce(k, key_tp, key): coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+        return {coerce(k, key_tp, key): coerce(v, val_tp, f"{key}.{key_name(k)}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     if tp is Any:
@@ -437,10 +465,12 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise RecipeError(key, f"expected a number, got {show(value)}")
-        if isinstance(value, (int, float)):
-            return float(value)
         if isinstance(value, str) and _NUMBER.match(value.strip()):
-            return float(value)  # PyYAML reads 3e-4 as a string (YAML 1.1 wants 3.0e-4)
+            value = float(value)  # PyYAML reads 3e-4 as a string (YAML 1.1 wants 3.0e-4)
+        if isinstance(value, (int, float)):
+            if not math.isfinite(value):
+                raise RecipeError(key, f"expected a finite number, got {show(value)}")
+            return float(value)
         raise RecipeError(key, f"expected a number, got {show(value)}")
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
@@ -478,7 +508,7 @@ def from_dict(cls: type, data: Any, path: str) -> Any:
     hints = resolved_types(cls)
     for k in data:
         if k not in known:
-            full = f"{path}.{k}" if path else str(k)
+            full = f"{path}.{key_name(k)}" if path else key_name(k)
             hint = did_you_mean(k, known) or f"known keys: {', '.join(known)}"
             raise RecipeError(full, "unknown key", hint)
     kwargs = {}
@@ -513,11 +543,15 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
     parsed = []
     for item in overrides:
         if "=" not in item:
-            raise RecipeError(item, "an override must look like key.path=value", "e.g. train.lr=1e-4")
+            raise RecipeError(
+                key_name(item), "an override must look like key.path=value", "e.g. train.lr=1e-4"
+            )
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
-            raise RecipeError(item, "an override must look like key.path=value", "e.g. train.lr=1e-4")
+            raise RecipeError(
+                key_name(item), "an override must look like key.path=value", "e.g. train.lr=1e-4"
+            )
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:

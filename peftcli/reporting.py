@@ -55,6 +55,10 @@ class Reporter:
         if not self.quiet:
             self.console.print(f"[dim]{text}[/dim]")
 
+    def warn(self, text: str) -> None:
+        """Something the user must see even with --quiet (a damaged checkpoint, a skipped step)."""
+        self.console.print(f"[bold yellow]warning:[/bold yellow] {text}", highlight=False, soft_wrap=True)
+
     def start_summary(
         self,
         recipe,
