@@ -76,8 +76,28 @@ def train(
         bool, typer.Option("--overwrite", help="discard the earlier run in the output directory first")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or tables")] = False,
+    nproc_per_node: Annotated[
+        Optional[int],
+        typer.Option("--nproc-per-node", help="start this many processes through torchrun (one per GPU)"),
+    ] = None,
+    nnodes: Annotated[int, typer.Option("--nnodes", help="machines in the job (with --nproc-per-node)")] = 1,
+    node_rank: Annotated[int, typer.Option("--node-rank", help="this machine's index, 0..nnodes-1")] = 0,
+    master_addr: Annotated[Optional[str], typer.Option("--master-addr", help="node 0's address")] = None,
+    master_port: Annotated[Optional[int], typer.Option("--master-port", help="node 0's free port")] = None,
+    rdzv_endpoint: Annotated[
+        Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT rendezvous instead of a master")
+    ] = None,
+    rdzv_id: Annotated[Optional[str], typer.Option("--rdzv-id", help="job id for --rdzv-endpoint")] = None,
 ) -> None:
-    """Fine-tune a model as a recipe says; write the run directory (adapter, metrics, checkpoints)."""
+    """Fine-tune a model as a recipe says; write the run directory (adapter, metrics, checkpoints).
+    With --nproc-per-node N, train on N processes (DDP or FSDP, see docs/distributed.md)."""
+    from peftcli import distributed
+
+    if nproc_per_node is not None:
+        options = distributed.LaunchOptions(
+            nproc_per_node, nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_id
+        )
+        raise typer.Exit(distributed.launch(options, distributed.worker_args(sys.argv[1:])))
     from peftcli.loop import TrainingInterrupted
     from peftcli.loop import train as run
     from peftcli.recipe_loader import load_recipe
@@ -88,12 +108,15 @@ def train(
     try:
         result = run(loaded, resume=resume, reporter=reporter, overwrite=overwrite)
     except TrainingInterrupted as stop:
-        err_console.print(
-            f"[yellow]stopped at step {stop.step}[/yellow]; checkpoint written to {stop.checkpoint}. "
-            f"Continue with: peftcli train {recipe} --resume"
-            + (f" --output-dir {output_dir}" if output_dir else "")
-        )
+        if distributed.is_main_process():
+            err_console.print(
+                f"[yellow]stopped at step {stop.step}[/yellow]; checkpoint written to {stop.checkpoint}. "
+                f"Continue with: peftcli train {recipe} --resume"
+                + (f" --output-dir {output_dir}" if output_dir else "")
+            )
         raise typer.Exit(130 if stop.signum == 2 else 143) from None
+    if not distributed.is_main_process():
+        return
     if not quiet:
         err_console.print(reporter.result_table(result))
     out_console.print(f"adapter written to {result.adapter_dir}", highlight=False)
@@ -416,7 +439,12 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     show_recipe_warnings()
     try:
-        app()
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:  # a torchrun worker: report a crash to the launcher
+            from peftcli.distributed import run_recording_errors
+
+            run_recording_errors(app)
+        else:
+            app()
     except SystemExit:
         raise
     except BrokenPipeError:

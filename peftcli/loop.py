@@ -25,11 +25,16 @@ the loss or gradient is not finite), with :func:`log_event`, :func:`run_eval` an
 cadence, and :func:`finish` (final eval, export, results); :func:`answer_faults` turns CUDA OOM and a
 full disk into advice. The only callbacks are the method hooks. What goes wrong and what users see:
 docs/troubleshooting.md.
+
+Under torchrun (``--nproc-per-node N``) every rank runs this same story with a
+:class:`peftcli.distributed.Dist`: it takes its slice of each global window, the loss normaliser is
+summed over ranks, DDP/FSDP reduce the gradients, and only rank 0 writes files (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -43,6 +48,7 @@ from typing import Any
 import torch
 
 import peftcli.checkpoint as ckpt
+import peftcli.distributed as distributed
 from peftcli import faults, rundir
 from peftcli.batching import (
     PlannedBatches,
@@ -54,6 +60,7 @@ from peftcli.batching import (
     take_rows,
 )
 from peftcli.checkpoint import atomic_write_text
+from peftcli.distributed import Dist
 from peftcli.loggers import Loggers, check_installed
 from peftcli.loss import choose_loss_path, count_targets, micro_batch_loss_sum, token_loss_sum
 from peftcli.methods.catalog import get_method_class
@@ -88,6 +95,8 @@ class Run:
 
     recipe: Recipe
     reporter: Reporter
+    dist: Dist  # this process's rank and world (world size 1 in a single-process run)
+    wrapped: torch.nn.Module  # what forward runs through: the model, or its DDP wrapper
     run_dir: Path
     device: torch.device
     base_path: str
@@ -138,11 +147,27 @@ def train(
     recipe: Recipe, resume: bool = False, reporter: Reporter | None = None, overwrite: bool = False
 ) -> TrainResult:
     """Train ``recipe``'s adapter; with ``resume``, continue from its newest intact checkpoint;
-    with ``overwrite``, discard the run already in its output directory first."""
+    with ``overwrite``, discard the run already in its output directory first.
+    Under torchrun every rank calls this; rank 0 alone holds the run directory, writes and reports."""
+    dist, device = distributed.init(recipe.train.distributed, recipe.train.device)
+    ok = False
+    try:
+        result = _train(recipe, resume, reporter if dist.is_main else None, overwrite, dist, device)
+        ok = True
+        return result
+    finally:
+        dist.shutdown(ok)
+
+
+def _train(
+    recipe: Recipe, resume: bool, reporter: Reporter | None, overwrite: bool, dist: Dist, device: str
+) -> TrainResult:
     reporter = reporter or Reporter(quiet=True)
-    with claim_run_dir(recipe, resume, overwrite, reporter):
-        latest = prepare_run_dir(recipe, resume, reporter)
-        run = set_up(recipe, reporter)
+    claim = claim_run_dir(recipe, resume, overwrite, reporter) if dist.is_main else contextlib.nullcontext()
+    with claim:
+        with dist.main_first():  # rank 0 claims and cleans the run directory and fills the caches first
+            latest = prepare_run_dir(recipe, resume, reporter, dist.is_main)
+        run = set_up(recipe, reporter, dist, device)
         check_space(run, latest)
         state = restore(run, latest) if latest is not None else TrainState()
         reset_metrics(run, state.step)
@@ -160,9 +185,12 @@ def train(
             ):
                 while state.step < run.steps:
                     window, next_position = next_window(run, state)
-                    micro = collate_window(run, window)
-                    n_targets = loss_normaliser(micro, run.task)
+                    mine = run.dist.rank_slice(window)  # this rank's slice of the global window
+                    micro = collate_window(run, mine)
+                    run.dist.mask_padding(micro, run.dist.padding_flags(window))
+                    n_targets = loss_normaliser(micro, run.task, run.dist)
                     loss, tokens, lr, fault = optimizer_step(run, micro, n_targets, state.step)
+                    loss, tokens, stopping = run.dist.reduce_step(loss, tokens, bool(stop))
                     if fault is not None:
                         skip_or_stop(run, state, fault, window)  # raises unless train.on_nan lets it skip
                     state.step, (state.epoch, state.batch_index) = state.step + 1, next_position
@@ -177,8 +205,9 @@ def train(
                         run.model.train()
                     if (cfg.save_every and state.step % cfg.save_every == 0) or state.step == run.steps:
                         save(run, state)
-                    if stop:
-                        raise TrainingInterrupted(state.step, save(run, state), stop[0])
+                    if stopping:  # any rank got a signal: all checkpoint at this same step and stop
+                        signum = stop[0] if stop else signal.SIGTERM
+                        raise TrainingInterrupted(state.step, save(run, state), signum)
 
             return finish(run, state, eval_before)
 
@@ -224,9 +253,9 @@ def claim_run_dir(recipe: Recipe, resume: bool, overwrite: bool, reporter: Repor
             run_dir.rmdir()  # a run that failed its checks leaves no empty directory behind
 
 
-def prepare_run_dir(recipe: Recipe, resume: bool, reporter: Reporter) -> Path | None:
+def prepare_run_dir(recipe: Recipe, resume: bool, reporter: Reporter, is_main: bool = True) -> Path | None:
     """Check the run directory against ``resume`` and everything that can fail before the weights are
-    loaded (rundir.preflight), write recipe.yaml; the checkpoint to resume from."""
+    loaded (rundir.preflight), write recipe.yaml (rank 0); the checkpoint to resume from."""
     from peftcli.models import resolve_model_name
 
     run_dir = Path(recipe.output_dir)
@@ -252,41 +281,54 @@ def prepare_run_dir(recipe: Recipe, resume: bool, reporter: Reporter) -> Path | 
                 f"the recipe differs from the one {run_dir} was started with",
                 f"resume with the same recipe (see {saved}) or start a new output_dir",
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
     return latest
 
 
-def set_up(recipe: Recipe, reporter: Reporter) -> Run:
-    """Seed, then build tokenizer, data, model + method, optimizer, scheduler and sampler (in this order:
-    the random draws of each depend on those before it)."""
+def set_up(
+    recipe: Recipe, reporter: Reporter, dist: Dist | None = None, device_spec: str | None = None
+) -> Run:
+    """Seed, then build tokenizer, data, model + method (wrapped for DDP/FSDP), optimizer, scheduler and
+    sampler (in this order: the random draws of each depend on those before it)."""
     from peftcli.data.pipeline import load_data
     from peftcli.data.sampler import BatchSampler
     from peftcli.models import load_tokenizer, resolve_device, resolve_model_name
 
     cfg = recipe.train
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    base_path = resolve_model_name(recipe.model.name)
-    tokenizer = load_tokenizer(base_path, recipe.model)
-    data = load_data(
-        recipe.data,
-        tokenizer,
-        recipe.model.task,
-        log=reporter.note,
-        console=None if reporter.quiet else reporter.console,
-        model_name=recipe.model.name,
+    dist = dist or Dist()
+    distributed.check_method(
+        dist, get_method_class(recipe.method.name), recipe.model.quantization is not None
     )
+    seed_everything(cfg.seed)
+    device = resolve_device(device_spec or cfg.device)
+    with dist.main_first():  # rank 0 fills the caches (tiny model, tokenized data) before the others read
+        base_path = resolve_model_name(recipe.model.name)
+        tokenizer = load_tokenizer(base_path, recipe.model)
+        data = load_data(
+            recipe.data,
+            tokenizer,
+            recipe.model.task,
+            log=reporter.note,
+            console=None if reporter.quiet else reporter.console,
+            model_name=recipe.model.name,
+        )
     if not data.train:
         raise RecipeError(
             "data.train", "no training examples left after tokenization", "check the data and max_length"
         )
     model, method = build_model(recipe, device, data.label_names, tokenizer, base_path)
+    wrapped = distributed.wrap(dist, model)  # FSDP2 shards in place: parameters are DTensors after this
     trainable, total = count_parameters(model)
+    global_cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size * dist.world_size)
+    # global micro-batches (batch_size × world): each rank takes its slice (Dist.rank_slice)
     sampler, speed_lines = build_sampler(
-        recipe, BatchSampler(data.train.lengths, cfg.batch_size, cfg.seed, mixture=data.mixture)
+        recipe,
+        BatchSampler(data.train.lengths, global_cfg.batch_size, cfg.seed, mixture=data.mixture),
+        dist.world_size,
     )
-    steps, batches_per_epoch = total_steps(cfg, len(data.train))
+    steps, batches_per_epoch = total_steps(global_cfg, len(data.train))
     if cfg.packing:
         batches_per_epoch = len(sampler)
         steps = cfg.max_steps or packed_steps(sampler, cfg.epochs, cfg.grad_accum)
@@ -295,6 +337,8 @@ def set_up(recipe: Recipe, reporter: Reporter) -> Run:
     scheduler = build_scheduler(optimizer, cfg, steps)
     amp_dtype = autocast_dtype(recipe, device)
     loss_path, why = choose_loss_path(model, recipe.model.task, cfg.loss, device)
+    if dist.enabled and loss_path != "plain":  # DDP/FSDP hook the wrapped forward: run through it
+        loss_path, why = "plain", f"distributed ({dist.mode}) runs the wrapped model's forward"
     speed_lines.insert(0, f"loss: {loss_path} ({why})")
     if cfg.compile:
         compile_model(model, loss_path)
@@ -302,6 +346,8 @@ def set_up(recipe: Recipe, reporter: Reporter) -> Run:
     return Run(
         recipe=recipe,
         reporter=reporter,
+        dist=dist,
+        wrapped=wrapped,
         run_dir=Path(recipe.output_dir),
         device=device,
         base_path=base_path,
@@ -324,7 +370,7 @@ def set_up(recipe: Recipe, reporter: Reporter) -> Run:
     )
 
 
-def build_sampler(recipe: Recipe, plain) -> tuple[Any, list[str]]:
+def build_sampler(recipe: Recipe, plain, world_size: int = 1) -> tuple[Any, list[str]]:
     """The micro-batch plan of every epoch: ``plain`` (the data stage's shuffled sampler), or length-grouped
     or packed batches planned over its epoch order and lengths array; and the summary lines saying how much
     padding that saves against shuffled batches padded to their longest."""
@@ -335,14 +381,16 @@ def build_sampler(recipe: Recipe, plain) -> tuple[Any, list[str]]:
     before = padding_fraction(lengths, plain.epoch_batches(0), packed=False)
     if cfg.group_by_length:
         sampler = PlannedBatches(
-            lambda epoch: plan_length_grouped(lengths, order(epoch), cfg.seed, epoch, cfg.batch_size),
+            lambda epoch: plan_length_grouped(
+                lengths, order(epoch), cfg.seed, epoch, cfg.batch_size * world_size
+            ),
             len(lengths),
         )
         after = padding_fraction(lengths, sampler.epoch_batches(0), packed=False)
         return sampler, [f"group_by_length: padding {100 * before:.0f}% → {100 * after:.0f}% of tokens"]
     row_tokens = max(recipe.data.max_length, int(lengths.max()))
     budget = cfg.batch_tokens or cfg.batch_size * recipe.data.max_length
-    rows = max(1, budget // row_tokens)
+    rows = max(1, budget // row_tokens) * world_size  # global micro-batches: each rank takes its rows
     sampler = PlannedBatches(
         lambda epoch: plan_packed(lengths, order(epoch), cfg.seed, epoch, row_tokens, rows), len(lengths)
     )
@@ -389,22 +437,40 @@ def report_start(run: Run) -> None:
         base_lines,
         run.speed_lines,
     )
+    if run.dist.enabled:
+        cfg = run.recipe.train
+        run.reporter.note(
+            f"distributed: {run.dist.mode} on {run.dist.world_size} processes ({run.dist.backend}); "
+            f"global batch {cfg.batch_size} × accum {cfg.grad_accum} × {run.dist.world_size} processes "
+            f"= {cfg.batch_size * cfg.grad_accum * run.dist.world_size} examples"
+        )
 
 
 # -- restore -----------------------------------------------------------------------------------
 
 
 def restore(run: Run, checkpoint: Path) -> TrainState:
-    """Trainable weights, optimizer, scheduler, method state and RNG from ``checkpoint``."""
+    """Trainable weights, optimizer, scheduler, method state and RNG (this rank's) from ``checkpoint``."""
     saved = ckpt.load_checkpoint(checkpoint, expected_trainable=run.trainable_params)
+    trainer = saved["trainer_state"]
+    saved_world = trainer.get("world_size", 1)
+    if saved_world != run.dist.world_size:
+        raise RecipeError(
+            "--resume",
+            f"{checkpoint} was written by a run on {saved_world} process(es); "
+            f"this run has {run.dist.world_size}",
+            f"resume with the same world size (--nproc-per-node × --nnodes = {saved_world}) "
+            "or start a new output_dir",
+        )
     with torch.no_grad():
         for name, value in saved["trainable"].items():
-            run.trainable_params[name].copy_(value)
+            param = run.trainable_params[name]
+            param.copy_(distributed.like(param, value))
     run.optimizer.load_state_dict(saved["optimizer"])
+    distributed.shard_optimizer_state(run.optimizer)
     run.method.load_method_state(saved["method_state"])
-    trainer = saved["trainer_state"]
     run.scheduler.load_state_dict(trainer["scheduler"])
-    ckpt.set_rng_state(saved["rng"])
+    ckpt.set_rng_state(saved["rng"].get("per_rank", [saved["rng"]])[run.dist.rank])
     run.reporter.note(f"resuming from {checkpoint} (step {trainer['step']} of {run.steps})")
     return TrainState(
         step=trainer["step"],
@@ -440,10 +506,11 @@ def collate_window(run: Run, window: list[list[int]]) -> list[dict[str, torch.Te
     return [collate_rows(run.data.train, indices, run.tokenizer, run.task) for indices in window]
 
 
-def loss_normaliser(micro: list[dict[str, torch.Tensor]], task: str) -> int:
-    """The number of scored targets in the whole accumulation window: every micro-batch's summed loss is
-    divided by it, so the step's loss is token-weighted over the window."""
-    return max(1, sum(count_targets(batch, task) for batch in micro))
+def loss_normaliser(micro: list[dict[str, torch.Tensor]], task: str, dist: Dist | None = None) -> int:
+    """The number of scored targets in the whole global accumulation window (summed over ranks): every
+    micro-batch's summed loss is divided by it, so the step's loss is token-weighted over the window."""
+    local = sum(count_targets(batch, task) for batch in micro)
+    return max(1, dist.sum_int(local) if dist is not None else local)
 
 
 def optimizer_step(
@@ -453,16 +520,22 @@ def optimizer_step(
     step. Returns (window loss, tokens seen, the lr this step used, the fault if the loss or gradient norm
     was not finite: then the update is dropped, the optimizer's state untouched)."""
     model, method, optimizer, scaler, task = run.model, run.method, run.optimizer, run.scaler, run.task
+    world = run.dist.grad_scale  # DDP/FSDP average gradients over ranks: scaled by world, that is the sum
     loss_total, tokens, micro_losses = 0.0, 0, []
-    for batch in micro:
+    for i, batch in enumerate(micro):
         batch = {k: v.to(run.device) for k, v in batch.items()}
-        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            loss_sum = micro_batch_loss_sum(model, batch, task, run.loss_path)
-            loss = loss_sum / n_targets  # token-weighted over the whole accumulation window
+        sync = i == len(micro) - 1  # gradients are reduced across ranks once per window
+        with (
+            run.dist.grad_sync(run.wrapped, sync),
+            torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None),
+        ):
+            loss_sum = micro_batch_loss_sum(run.wrapped, batch, task, run.loss_path)
+            loss = loss_sum / n_targets  # token-weighted over the whole (global) accumulation window
             extra = method.extra_loss(model)
             if extra is not None:
-                loss = loss + extra / len(micro)
-        (scaler.scale(loss) if scaler else loss).backward()
+                loss = loss + extra / (len(micro) * world)
+            loss = loss * world
+            (scaler.scale(loss) if scaler else loss).backward()
         micro_losses.append(loss_sum.item() / n_targets)
         loss_total += micro_losses[-1]
         tokens += int(batch["attention_mask"].sum())
@@ -571,6 +644,8 @@ def stop_requests():
 def reset_metrics(run: Run, step: int) -> None:
     """A fresh run starts metrics.jsonl anew; a resumed one drops the events logged after its checkpoint
     (they will be logged again)."""
+    if not run.dist.is_main:
+        return
     if step == 0:
         run.metrics_path.unlink(missing_ok=True)
     else:
@@ -579,6 +654,8 @@ def reset_metrics(run: Run, step: int) -> None:
 
 
 def log_event(run: Run, event: dict[str, Any]) -> None:
+    if not run.dist.is_main:
+        return
     with open(run.metrics_path, "a") as handle:
         handle.write(json.dumps(event) + "\n")
     run.loggers.log(event)  # the same event to TensorBoard / W&B / MLflow, where train.loggers names them
@@ -612,13 +689,18 @@ def run_eval(run: Run, step: int) -> dict[str, float] | None:
 
 
 def save(run: Run, state: TrainState) -> Path:
-    """Write checkpoints/step-N atomically: everything an exact resume needs."""
+    """Write checkpoints/step-N atomically: everything an exact resume needs. Every rank calls it (FSDP
+    gathers full tensors, and every rank's RNG state is kept); rank 0 writes."""
+    rng = ckpt.rng_state()
+    if run.dist.enabled:  # dropout draws differ per rank: keep each rank's generator
+        rng = {**rng, "per_rank": run.dist.gather_objects(rng)}
     payload = {
-        "trainable": {n: p.detach() for n, p in run.trainable_params.items()},
-        "optimizer": run.optimizer.state_dict(),
+        "trainable": distributed.full_tree({n: p.detach() for n, p in run.trainable_params.items()}),
+        "optimizer": distributed.full_tree(run.optimizer.state_dict()),
         "method_state": run.method.method_state(),
-        "rng": ckpt.rng_state(),
+        "rng": rng,
         "trainer_state": {
+            "world_size": run.dist.world_size,
             "step": state.step,
             "epoch": state.epoch,
             "batch_index": state.batch_index,
@@ -627,6 +709,8 @@ def save(run: Run, state: TrainState) -> Path:
             "skipped_steps": state.skipped_steps,
         },
     }
+    if not run.dist.is_main:
+        return ckpt.checkpoints_dir(run.run_dir) / f"step-{state.step}"
     return ckpt.save_checkpoint(run.run_dir, state.step, payload, run.recipe.train.keep_checkpoints)
 
 
@@ -640,15 +724,17 @@ def finish(run: Run, state: TrainState, eval_before: dict[str, float] | None) ->
     elapsed = state.elapsed_before + (time.perf_counter() - state.started)
     eval_after = run_eval(run, state.step)
     adapter_dir = run.run_dir / "adapter"
-    save_adapter(
-        adapter_dir,
-        run.model,
-        run.method,
-        run.tokenizer,
-        run.base_path,
-        run.recipe.model,
-        run.data.label_names,
-    )
+    with distributed.unsharded(run.model) if run.dist.mode == "fsdp" else contextlib.nullcontext():
+        if run.dist.is_main:
+            save_adapter(
+                adapter_dir,
+                run.model,
+                run.method,
+                run.tokenizer,
+                run.base_path,
+                run.recipe.model,
+                run.data.label_names,
+            )
     result = TrainResult(
         run.run_dir,
         adapter_dir,
@@ -664,9 +750,10 @@ def finish(run: Run, state: TrainState, eval_before: dict[str, float] | None) ->
         run.data.stats,
         peak_memory_bytes(run.device),
     )
-    run.loggers.close()
-    atomic_write_text(run.run_dir / "results.json", json.dumps(result.to_json(), indent=2) + "\n")
-    atomic_write_text(run.run_dir / "summary.md", run.reporter.summary_markdown(result))
+    if run.dist.is_main:
+        run.loggers.close()
+        atomic_write_text(run.run_dir / "results.json", json.dumps(result.to_json(), indent=2) + "\n")
+        atomic_write_text(run.run_dir / "summary.md", run.reporter.summary_markdown(result))
     return result
 
 

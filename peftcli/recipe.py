@@ -329,6 +329,13 @@ class TrainConfig:
         default="auto", metadata=doc("autocast on GPU: auto = bf16 where supported; always off on CPU")
     )
     device: str = field(default="auto", metadata=doc("auto, cpu, cuda or cuda:N"))
+    distributed: Literal["auto", "ddp", "fsdp"] = field(
+        default="auto",
+        metadata=doc(
+            "under torchrun / --nproc-per-node: auto = ddp when there are several processes; "
+            "ddp (adapter gradients all-reduced) or fsdp (FSDP2: base and adapter sharded per layer)"
+        ),
+    )
     on_nan: Literal["stop", "skip"] = field(
         default="stop",
         metadata=doc("a NaN/inf loss or gradient norm: stop (keep the last checkpoint) or skip the update"),

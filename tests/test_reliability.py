@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 import peftcli.checkpoint as ckpt
 import peftcli.loop as loop
 from peftcli.cli import app
-from peftcli.data import BatchSampler
+from peftcli.data.sampler import BatchSampler
 from peftcli.recipe import RecipeError
 from peftcli.recipe_loader import load_recipe
 from peftcli.reporting import Reporter

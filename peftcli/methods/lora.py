@@ -324,6 +324,7 @@ class LoRA(Method):
     mergeable = True
     peft_type = "LORA"
     supports_quantized_base = True
+    supports_fsdp = True  # its modules hold plain parameters, which FSDP2 shards like the base
     trainable_formula = (
         "sum over adapted layers of r·(in + out) (+ out with DoRA), plus modules_to_save and trained biases"
     )

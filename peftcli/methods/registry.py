@@ -38,6 +38,7 @@ class Method:
     # train.packing lays several examples in one row; methods that prepend virtual tokens or cache
     # per-example keys/values would let them attend across examples, so they set this False
     supports_packing: ClassVar[bool] = True
+    supports_fsdp: ClassVar[bool] = False  # can train with the base sharded by FSDP2 (train.distributed)
     trainable_formula: ClassVar[str] = ""  # human-readable count formula, printed by `peftcli methods`
     # peft's idea (``prefix = "lora_"``): a parameter is the method's own when a component of its dotted
     # name starts with this. It drives the default saving (``adapter_state_dict``) and loading.

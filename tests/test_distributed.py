@@ -1,0 +1,300 @@
+"""Distributed training under torchrun (gloo on the CPU): N ranks compute what one process computes.
+
+References and tolerances (fp32, CPU, fixed seeds, OMP_NUM_THREADS=1 per rank):
+- 2 processes with micro-batch b vs 1 process with micro-batch 2b (the same global batch): every
+  step's logged loss and every adapter tensor within 1e-5, for ddp and fsdp with LoRA and for AdaLoRA,
+  IA3 and prompt tuning under ddp. The data (13 examples, global batch 4, accumulation 2) makes the
+  last micro-batch of each epoch a single example, so one rank runs a stand-in that scores nothing;
+- a two-"node" localhost job (two launches, --nnodes 2) writes one adapter equal to the reference;
+- a 2-process run SIGKILLed after a checkpoint and resumed ends with the uninterrupted 2-process
+  run's adapter (≤ 1e-6; LoRA dropout 0.1, so every rank's RNG state must be restored);
+- resuming it with another world size is refused; a rank that raises fails the whole job within 60 s
+  with its error in the output; SIGTERM to the launcher writes one checkpoint and exits 143.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peftcli
+from peftcli.distributed import Dist, LaunchOptions, check_method, init, launch, worker_args, wrap
+from peftcli.methods.catalog import get_method_class
+from peftcli.recipe import RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
+EVAL = str(ROOT / "recipes" / "data" / "tiny_eval.jsonl")
+HELPERS = ROOT / "tests" / "helpers"
+
+METHODS = {
+    "lora": "{name: lora, r: 4, alpha: 8, dropout: 0.0}",
+    "adalora": "{name: adalora, init_r: 4, target_r: 2, alpha: 8, tinit: 1, tfinal: 1, deltaT: 1}",
+    "ia3": "{name: ia3}",
+    "prompt_tuning": "{name: prompt_tuning, num_virtual_tokens: 4}",
+}
+
+
+def recipe_text(method: str, batch_size: int, extra: str = "") -> str:
+    return f"""
+model: {{name: "tiny:llama"}}
+data: {{train: {TRAIN}, eval: {EVAL}, format: completion, max_train_examples: 13}}
+method: {METHODS[method]}
+train: {{max_steps: 4, batch_size: {batch_size}, grad_accum: 2, lr: 1.0e-2, log_every: 1, seed: 5,
+         scheduler: cosine, warmup_steps: 1{extra}}}
+eval: {{generate: false}}
+"""
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def peftcli_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "peftcli", *args]
+
+
+def torchrun_cmd(nproc: int, script: Path, *args: str | Path) -> list[str]:
+    """Plain torchrun around a test-side helper script (the helpers patch the library, then run the CLI)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [*cmd, str(script), *map(str, args)]
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def train_losses(run: Path) -> list[float]:
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [e["loss"] for e in events if e["event"] == "train"]
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    assert all(a[k].shape == b[k].shape for k in a)  # AdaLoRA may prune a layer to rank 0
+    return max((a[k] - b[k]).abs().max().item() if a[k].numel() else 0.0 for k in a)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def single_process_run(tmp_path: Path, method: str, extra: str = "") -> Path:
+    """The reference: one process, micro-batch 4 (= 2 ranks × 2)."""
+    recipe = tmp_path / f"{method}-1.yaml"
+    recipe.write_text(recipe_text(method, 4, extra))
+    peftcli.train(recipe, output_dir=str(tmp_path / "one"))
+    return tmp_path / "one"
+
+
+def two_process_run(tmp_path: Path, method: str, extra: str = "", name: str = "two", text: str = "") -> Path:
+    """``peftcli train --nproc-per-node 2`` with micro-batch 2."""
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(text or recipe_text(method, 2, extra))
+    run = tmp_path / name
+    cmd = peftcli_cmd("train", str(recipe), "-o", str(run), "-q", "--nproc-per-node", "2")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return run
+
+
+# -- fast: the pieces --------------------------------------------------------------------------
+
+
+def test_rank_slices_put_the_global_window_back_in_order():
+    window = [[7, 3, 9, 1], [4, 0, 8], [5]]
+    ranks = [Dist("ddp", rank, 2) for rank in range(2)]
+    slices = [d.rank_slice(window) for d in ranks]
+    assert slices[0] == [[7, 3], [4, 0], [5]] and slices[1] == [[9, 1], [8], [5]]
+    flags = [d.padding_flags(window) for d in ranks]
+    assert flags == [[False, False, False], [False, False, True]]  # rank 1's copy of [5] is a stand-in
+    for i, batch in enumerate(window):  # the real slices, concatenated in rank order, are the batch
+        assert [x for d, s, f in zip(ranks, slices, flags, strict=True) if not f[i] for x in s[i]] == batch
+    three = [Dist("ddp", rank, 3).rank_slice([[1, 2, 3, 4, 5, 6, 7]]) for rank in range(3)]
+    assert three == [[[1, 2, 3]], [[4, 5]], [[6, 7]]]
+    assert Dist().rank_slice(window) is window
+
+
+def test_stand_in_batches_score_nothing():
+    micro = [{"labels": torch.tensor([[1, 2, -100]])}, {"labels": torch.tensor([[3, 4, 5]])}]
+    Dist("ddp", 1, 2).mask_padding(micro, [False, True])
+    assert micro[0]["labels"].tolist() == [[1, 2, -100]] and micro[1]["labels"].tolist() == [[-100] * 3]
+
+
+def test_worker_args_drop_the_launcher_flags():
+    argv = ["train", "r.yaml", "--nproc-per-node", "2", "--nnodes=2", "-o", "out", "--master-port", "29500"]
+    assert worker_args(argv) == ["train", "r.yaml", "-o", "out"]
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        (LaunchOptions(0), "--nproc-per-node"),
+        (LaunchOptions(2, nnodes=2), "--nnodes"),
+        (LaunchOptions(2, nnodes=2, node_rank=2, master_addr="h"), "--node-rank"),
+        (LaunchOptions(2, master_addr="h", rdzv_endpoint="h:1"), "--rdzv-endpoint"),
+    ],
+)
+def test_launcher_refuses_bad_flags(options, key):
+    with pytest.raises(RecipeError) as err:
+        launch(options, ["train", "r.yaml"])
+    assert err.value.key == key
+
+
+def test_fsdp_needs_several_processes_and_a_method_that_supports_it(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(RecipeError, match="more than one process"):
+        init("fsdp", "cpu")
+    assert init("auto", "cpu") == (Dist(), "cpu")
+    check_method(Dist("fsdp", 0, 2), get_method_class("lora"))
+    with pytest.raises(RecipeError, match="adalora cannot run under fsdp") as err:
+        check_method(Dist("fsdp", 0, 2), get_method_class("adalora"))
+    assert err.value.key == "train.distributed"
+    with pytest.raises(RecipeError, match="quantized"):
+        check_method(Dist("fsdp", 0, 2), get_method_class("lora"), quantized=True)
+    check_method(Dist("ddp", 0, 2), get_method_class("lora"), quantized=True)
+
+
+def test_ddp_leaves_the_frozen_base_alone(tmp_path):
+    import torch.distributed as dist
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    model.register_buffer("scale", torch.ones(1))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = wrap(Dist("ddp", 0, 1), model)
+        assert wrapped.module is model
+        assert wrapped.parameters_to_ignore == {"0.weight", "0.bias", "scale"}
+        assert {id(p) for p in wrapped._module_parameters} == {id(model[1].weight), id(model[1].bias)}
+    finally:
+        dist.destroy_process_group()
+
+
+# -- slow: real torchrun jobs ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "mode"),
+    [("lora", "ddp"), ("lora", "fsdp"), ("adalora", "ddp"), ("ia3", "ddp"), ("prompt_tuning", "ddp")],
+)
+def test_two_processes_compute_what_one_process_computes(tmp_path, method, mode):
+    one = single_process_run(tmp_path, method)
+    two = two_process_run(tmp_path, method, f", distributed: {mode}")
+    assert len(train_losses(one)) == 4
+    assert max(abs(a - b) for a, b in zip(train_losses(one), train_losses(two), strict=True)) <= 1e-5
+    assert max_diff(adapter(one), adapter(two)) <= 1e-5
+    assert not any(p.name.startswith(".") for p in (two / "checkpoints").iterdir())  # rank 0 wrote once
+    if method == "adalora":  # the rank allocation (from the all-reduced gradients) is the same
+        config = json.loads((one / "adapter" / "adapter_config.json").read_text())
+        assert config == json.loads((two / "adapter" / "adapter_config.json").read_text())
+        assert config["rank_pattern"]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_write_one_adapter_equal_to_one_process(tmp_path):
+    one = single_process_run(tmp_path, "lora")
+    recipe = tmp_path / "two-nodes.yaml"
+    recipe.write_text(recipe_text("lora", 2))
+    run, port = tmp_path / "nodes", str(free_port())
+    procs = [
+        subprocess.Popen(
+            peftcli_cmd(
+                *("train", str(recipe), "-o", str(run), "-q", "--nproc-per-node", "1", "--nnodes", "2"),
+                *("--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", port),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env(),
+            cwd=ROOT,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    assert max_diff(adapter(one), adapter(run)) <= 1e-5
+    assert sum("adapter written to" in out for out in outputs) == 1  # only global rank 0 reports
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted(tmp_path, mode):
+    text = recipe_text("lora", 2, f", save_every: 2, distributed: {mode}").replace(
+        "dropout: 0.0", "dropout: 0.1"
+    )
+    full = two_process_run(tmp_path, "lora", name="full", text=text)
+    recipe = tmp_path / "killed.yaml"
+    recipe.write_text(text)
+    run = tmp_path / "killed"
+    killer = torchrun_cmd(
+        2, HELPERS / "kill_after_checkpoint.py", "2", "--", "train", recipe, "-o", run, "-q"
+    )
+    proc = subprocess.run(killer, capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
+    assert proc.returncode != 0
+    assert (run / "checkpoints" / "step-2" / "complete").exists() and not (run / "adapter").exists()
+    state = json.loads((run / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+
+    with pytest.raises(RecipeError) as err:  # another world size is refused (fsdp refuses 1 process first)
+        peftcli.train(recipe, output_dir=str(run), resume=True)
+    assert (err.value.key, "2 process(es); this run has 1" in str(err.value)) == (
+        ("--resume", True) if mode == "ddp" else ("train.distributed", False)
+    )
+
+    cmd = peftcli_cmd("train", str(recipe), "-o", str(run), "-q", "--resume", "--nproc-per-node", "2")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert max_diff(adapter(full), adapter(run)) <= 1e-6
+    assert train_losses(run) == pytest.approx(train_losses(full), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_fails_the_whole_job_quickly_with_its_error(tmp_path):
+    recipe = tmp_path / "raise.yaml"
+    recipe.write_text(recipe_text("lora", 2, "").replace("max_steps: 4", "max_steps: 50"))
+    cmd = torchrun_cmd(
+        2, HELPERS / "raise_on_rank.py", "1", "2", "--", "train", recipe, "-o", tmp_path / "r", "-q"
+    )
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
+    assert proc.returncode != 0
+    assert time.monotonic() - started < 60 + 30  # + ~30 s of start-up on a loaded 2-core CI box
+    assert "injected failure on rank 1 at step 2" in proc.stdout + proc.stderr
+    assert not (tmp_path / "r" / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_checkpoints_once_and_exits(tmp_path):
+    recipe = tmp_path / "term.yaml"
+    recipe.write_text(recipe_text("lora", 2, "").replace("max_steps: 4", "max_steps: 2000"))
+    run = tmp_path / "term"
+    cmd = peftcli_cmd("train", str(recipe), "-o", str(run), "-q", "--nproc-per-node", "2")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    saved = [p for p in (run / "checkpoints").iterdir() if (p / "complete").exists()]
+    assert len(saved) == 1, out
+    state = json.loads((saved[0] / "trainer_state.json").read_text())
+    assert 1 <= state["step"] < 2000 and state["world_size"] == 2
+    assert out.count("--resume") == 1  # rank 0 alone says how to continue
