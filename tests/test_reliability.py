@@ -32,6 +32,7 @@ from typer.testing import CliRunner
 
 import peftcli.checkpoint as ckpt
 import peftcli.loop as loop
+import peftcli.loss as loss_module
 from peftcli.cli import app
 from peftcli.data.sampler import BatchSampler
 from peftcli.recipe import RecipeError
@@ -49,7 +50,7 @@ model: {{name: "tiny:llama"}}
 data: {{train: {TRAIN}, format: completion, max_train_examples: 48}}
 method: {{name: lora, r: 4, alpha: 8, dropout: 0.1}}
 train: {{max_steps: {STEPS}, batch_size: 4, lr: 5.0e-3, log_every: 1, save_every: 2, keep_checkpoints: 3,
-         seed: 5, scheduler: cosine}}
+         seed: 5, scheduler: cosine, loss: plain}}
 eval: {{generate: false}}
 """
 
@@ -236,8 +237,9 @@ def test_stale_lock_from_a_killed_run_is_cleared_with_a_note(recipe_path, refere
 
 
 def patch_loss(monkeypatch, poison, at_calls):
-    """Make token_loss_sum's result non-finite (``poison``) on the given 1-based calls (one per step here)."""
-    real = loop.token_loss_sum
+    """Make token_loss_sum's result non-finite (``poison``) on the given 1-based calls (one per step here).
+    The recipe sets ``train.loss: plain``, so every micro-batch's loss goes through this function."""
+    real = loss_module.token_loss_sum
     calls = []
 
     def patched(logits, labels, task):
@@ -247,7 +249,7 @@ def patch_loss(monkeypatch, poison, at_calls):
             loss = poison(loss, logits)
         return loss, n
 
-    monkeypatch.setattr(loop, "token_loss_sum", patched)
+    monkeypatch.setattr(loss_module, "token_loss_sum", patched)
 
 
 def nan_loss(loss, logits):
@@ -331,7 +333,7 @@ def test_max_skipped_steps_stops_the_run(recipe_path, tmp_path, monkeypatch):
 
 def test_cuda_out_of_memory_gives_advice_and_exit_code_3(recipe_path, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real = loop.token_loss_sum
+    real = loss_module.token_loss_sum
     calls = []
 
     def out_of_memory_at_step_3(logits, labels, task):
@@ -340,7 +342,7 @@ def test_cuda_out_of_memory_gives_advice_and_exit_code_3(recipe_path, tmp_path, 
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(logits, labels, task)
 
-    monkeypatch.setattr(loop, "token_loss_sum", out_of_memory_at_step_3)
+    monkeypatch.setattr(loss_module, "token_loss_sum", out_of_memory_at_step_3)
     result = CliRunner().invoke(app, ["train", str(recipe_path), "-o", str(run), "-q", "data.max_length=256"])
     assert result.exit_code == 3, result.output
     text = " ".join(result.output.split())
