@@ -3,7 +3,7 @@
 Every generated file goes through the real data stage (``load_data``: datasets reading, formats,
 tokenization, the cache). The only acceptable outcomes are a loaded dataset or a ``RecipeError``
 whose message is one line and names the file or a ``data.*`` key; any other exception is a defect.
-Case counts: ``PEFTCLI_FUZZ_DATA_EXAMPLES`` (default 50 per target: each case runs the whole data stage, derandomized so CI is repeatable);
+Case counts: ``PEFTCLI_FUZZ_DATA_EXAMPLES`` (default 200 per target: each case runs the whole data stage, derandomized so CI is repeatable);
 ``-m slow`` runs 1,000 per target. Fixed cases: empty files of every suffix, a truncated parquet file,
 a ragged CSV, labels of mixed types and a 50 MB single line.
 """
@@ -24,7 +24,7 @@ from peftcli.data.pipeline import load_data
 from peftcli.recipe import DataConfig, RecipeError
 from peftcli.tiny import ensure_tiny
 
-CI_EXAMPLES = int(os.environ.get("PEFTCLI_FUZZ_DATA_EXAMPLES", "50"))
+CI_EXAMPLES = int(os.environ.get("PEFTCLI_FUZZ_DATA_EXAMPLES", "200"))
 COMMON = {"deadline": None, "suppress_health_check": list(HealthCheck)}
 ci = settings(max_examples=CI_EXAMPLES, derandomize=True, **COMMON)
 slow = settings(max_examples=max(1000, CI_EXAMPLES), **COMMON)
