@@ -8,14 +8,12 @@ others) and the resolved recipe (the hyperparameters).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers.kill_after_checkpoint import run_killed_after_checkpoint
 from typer.testing import CliRunner
 
 import peftcli
@@ -27,14 +25,6 @@ from peftcli.recipe_loader import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
 EVAL = str(ROOT / "recipes" / "data" / "tiny_eval.jsonl")
-
-
-def train_killed_after_checkpoint(step: int, recipe: Path) -> subprocess.CompletedProcess:
-    """`peftcli train RECIPE` in a subprocess that SIGKILLs itself right after checkpoint ``step``."""
-    helper = ROOT / "tests" / "helpers" / "kill_after_checkpoint.py"
-    cmd = [sys.executable, str(helper), str(step), "--", "train", str(recipe), "-q"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def write_recipe(tmp_path: Path, loggers: list[str], **train) -> Path:
@@ -140,7 +130,7 @@ def test_resume_delivers_each_event_once(tmp_path):
     already holds steps 4-6, so it must not get them twice; its values equal the final metrics.jsonl."""
     path = write_recipe(tmp_path, ["tensorboard"], max_steps=8, save_every=3, keep_checkpoints=5)
     run = tmp_path / "run"
-    proc = train_killed_after_checkpoint(6, path)
+    proc = run_killed_after_checkpoint(6, path)
     assert proc.returncode < 0, proc.stderr
     assert [s for s, _ in tensorboard_scalars(run)["train/loss"]] == [1, 2, 3, 4, 5, 6]
     shutil.rmtree(run / "checkpoints" / "step-6")

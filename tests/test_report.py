@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers.kill_after_checkpoint import run_killed_after_checkpoint
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -24,14 +22,6 @@ from peftcli.report import best_eval, report
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
 EVAL = str(ROOT / "recipes" / "data" / "tiny_eval.jsonl")
-
-
-def train_killed_after_checkpoint(step: int, recipe: Path) -> subprocess.CompletedProcess:
-    """`peftcli train RECIPE` in a subprocess that SIGKILLs itself right after checkpoint ``step``."""
-    helper = ROOT / "tests" / "helpers" / "kill_after_checkpoint.py"
-    cmd = [sys.executable, str(helper), str(step), "--", "train", str(recipe), "-q"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def write_recipe(directory: Path, **train) -> Path:
@@ -142,7 +132,7 @@ def test_run_being_written(finished_run, tmp_path):
 @pytest.mark.slow
 def test_run_killed_with_sigkill(tmp_path):
     path = write_recipe(tmp_path, max_steps=8, save_every=4)
-    proc = train_killed_after_checkpoint(4, path)
+    proc = run_killed_after_checkpoint(4, path)
     assert proc.returncode < 0, proc.stderr
     run = tmp_path / "run"
     summary = report(run)

@@ -11,7 +11,17 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
+
+
+def run_killed_after_checkpoint(step: int, recipe: Path) -> subprocess.CompletedProcess:
+    """`peftcli train RECIPE` in a subprocess that SIGKILLs itself right after checkpoint ``step``."""
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, __file__, str(step), "--", "train", str(recipe), "-q"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def main() -> None:
