@@ -18,8 +18,11 @@ Sides, each a fresh subprocess per run (so peak memory is its own), interleaved,
     trl-packed           TRL SFTTrainer, packing (bfd) + padding_free, when trl is installed
 
 Data: ``--examples`` texts of lognormal length (16 to ``--max-length`` tokens) over a word-level
-vocabulary, so every side trains on exactly the token ids peftcli's data stage produces. Per side:
-non-padding tokens/s and s/step over the steps after ``--warmup``, peak RSS (CPU) or
+vocabulary, so every side trains on exactly the token ids peftcli's data stage produces. Every side
+but TRL trains one full epoch, so each sees every example once and the sides differ only in how they
+batch them (a fixed number of steps would favour a sampler that happens to put its longest batches
+first, as Trainer's group_by_length does). Per side: non-padding tokens/s and s/step over the steps
+after ``--warmup``, peak RSS (CPU) or
 max_memory_allocated (CUDA), time from process launch to the end of the first optimizer step, and
 the first 20 losses. Then the memory case: a ``--memory-vocab`` vocabulary, ``--memory-seq`` tokens ×
 ``--memory-batch`` rows (peftcli's chunked loss against Trainer's full logits), peak memory only.
@@ -42,6 +45,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SIDES = ["peftcli", "trainer", "peftcli-grouped", "trainer-grouped", "peftcli-packed", "trl-packed"]
 SAME_WORK = ("peftcli", "trainer")  # identical batches, init and optimizer: losses must match
+FIXED_STEPS = ("trl-packed",)  # context only (no goal against it), and slow: --other-steps, not an epoch
 LOSS_TOLERANCE = 1e-4
 
 
@@ -104,10 +108,11 @@ def recipe_for(args, setup: dict, side: str, run_dir: Path, memory_case: bool) -
     batch, accum, steps = (
         (args.memory_batch, 1, args.memory_steps)
         if memory_case
-        else (args.batch, args.accum, args.steps if side in SAME_WORK else args.other_steps)
+        else (args.batch, args.accum, args.other_steps if side in FIXED_STEPS else None)
     )
     train = {
-        "max_steps": steps,
+        "max_steps": steps,  # None: one epoch, every example once (the same tokens on every side)
+        "epochs": 1,
         "batch_size": batch,
         "grad_accum": accum,
         "lr": args.lr,
@@ -316,7 +321,8 @@ def run_trainer(args, recipe_path: Path, adapter: Path, grouped: bool) -> dict:
         output_dir=str(Path(recipe.output_dir) / "trainer"),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
-        max_steps=cfg.max_steps,
+        max_steps=cfg.max_steps or -1,
+        num_train_epochs=1,
         learning_rate=cfg.lr,
         lr_scheduler_type="constant",
         warmup_steps=0,
@@ -489,6 +495,8 @@ def summarise(found: list[dict]) -> dict:
         "first_step_s": med("first_step_s"),
         "peak_mb": med("peak_mb"),
         "losses": ok[0]["losses"],
+        "steps": ok[0]["steps"],
+        "real_tokens": ok[0]["real_tokens"],
         "runs": len(ok),
     }
 
@@ -523,16 +531,13 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--examples", type=int, default=400, help="training examples")
+    parser.add_argument("--examples", type=int, default=240, help="training examples (one epoch per side)")
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--length-mu", type=float, default=4.5, help="lognormal mu of lengths (median e^mu)")
     parser.add_argument("--length-sigma", type=float, default=0.9)
     parser.add_argument("--batch", type=int, default=4, help="micro-batch (examples)")
     parser.add_argument("--accum", type=int, default=1)
-    parser.add_argument(
-        "--steps", type=int, default=20, help="optimizer steps of peftcli and trainer (20 losses)"
-    )
-    parser.add_argument("--other-steps", type=int, default=10, help="optimizer steps of the other sides")
+    parser.add_argument("--other-steps", type=int, default=10, help="optimizer steps of the TRL side")
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps not timed")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-4)
@@ -557,7 +562,7 @@ def main() -> None:
         return
     if args.quick:
         args.hidden, args.layers, args.vocab, args.examples, args.max_length = 64, 2, 2000, 48, 128
-        args.length_mu, args.steps, args.other_steps, args.warmup, args.repeats = 3.5, 6, 4, 2, 1
+        args.length_mu, args.other_steps, args.warmup, args.repeats = 3.5, 4, 2, 1
         args.accum = 2  # the quick run checks token weighting over an accumulation window too
         args.memory_vocab, args.memory_seq, args.memory_batch = 8000, 128, 2
     sides = args.sides.split(",")
@@ -652,18 +657,19 @@ def report(args, results: dict, memory: dict, notes: list[str], elapsed: float) 
         "",
         f"{params}; {args.examples} texts, lognormal lengths (median ≈ e^{args.length_mu}) clipped to 16–"
         f"{args.max_length} tokens; micro-batch {args.batch} × accumulation {args.accum}; LoRA r={args.r} on all "
-        f"linear layers; AdamW lr {args.lr}, constant; seed {args.seed}; {args.steps} optimizer steps (peftcli, "
-        f"trainer; {args.other_steps} for the others), the first {args.warmup} untimed; each side {args.repeats}× interleaved in fresh processes, medians.",
+        f"linear layers; AdamW lr {args.lr}, constant; seed {args.seed}; one epoch per side (every example once; "
+        f"TRL: {args.other_steps} optimizer steps), the first {args.warmup} steps untimed; each side {args.repeats}× interleaved in fresh processes, medians.",
         "",
-        f"| side | non-padding tokens/s | s/step | first step (s, from launch) | {memory_kind} (MiB) |",
-        "|---|---|---|---|---|",
+        f"| side | non-padding tokens/s | steps | tokens trained | s/step | first step (s, from launch) | {memory_kind} (MiB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for side, r in results.items():
         if "error" in r:
-            md.append(f"| {side} | failed: {r['error']} | | | |")
+            md.append(f"| {side} | failed: {r['error']} | | | | | |")
         else:
             md.append(
-                f"| {side} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['first_step_s']:.1f} | {r['peak_mb']:,.0f} |"
+                f"| {side} | {r['tokens_per_s']:,.0f} | {r['steps']} | {r['real_tokens']:,} | {r['step_s']:.3f} | "
+                f"{r['first_step_s']:.1f} | {r['peak_mb']:,.0f} |"
             )
     md.append("")
     for key, value in ratios.items():

@@ -50,6 +50,7 @@ import torch
 import peftcli.checkpoint as ckpt
 import peftcli.distributed as distributed
 from peftcli import faults, rundir
+from peftcli.attention import use_packed_attention
 from peftcli.batching import (
     PlannedBatches,
     collate_packed,
@@ -340,6 +341,9 @@ def set_up(
     if dist.enabled and loss_path != "plain":  # DDP/FSDP hook the wrapped forward: run through it
         loss_path, why = "plain", f"distributed ({dist.mode}) runs the wrapped model's forward"
     speed_lines.insert(0, f"loss: {loss_path} ({why})")
+    if cfg.packing and device.type == "cpu":
+        switched, why = use_packed_attention(model)
+        speed_lines.append(f"attention: {'per example' if switched else 'block-diagonal mask'} ({why})")
     if cfg.compile:
         compile_model(model, loss_path)
         speed_lines.append("compile: torch.compile (the first steps compile)")

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from peftcli.batching import collate_packed, padding_fraction, plan_length_grouped, plan_packed
 from peftcli.data.collate import collate
 from peftcli.loop import build_model, count_targets, train
-from peftcli.loss import CHUNKED, PLAIN, micro_batch_loss_sum
+from peftcli.attention import ATTENTION_NAME, use_packed_attention
+from peftcli.loss import CHUNKED, FUSED, PLAIN, micro_batch_loss_sum
 from peftcli.methods.catalog import list_methods
 from peftcli.models import load_tokenizer, resolve_model_name
 from peftcli.recipe import RecipeError
@@ -122,7 +123,8 @@ def window_loss_and_grads(model, micro: list[dict], path: str):
 @pytest.mark.parametrize("name", PACKABLE)
 def test_packed_window_equals_unpacked(tmp_path, name):
     """Two packed micro-batches (rows of several examples) against the same examples in two padded
-    micro-batches: same window loss, same target count, same gradients."""
+    micro-batches: same window loss, same target count, same gradients; on every loss path, with
+    transformers' block-diagonal mask and with peftcli's per-example attention."""
     model, tokenizer = build(tmp_path, name)
     rows = examples(model.config.vocab_size)
     unpacked = [collate(rows[:4], tokenizer, "causal_lm"), collate(rows[4:], tokenizer, "causal_lm")]
@@ -132,15 +134,20 @@ def test_packed_window_equals_unpacked(tmp_path, name):
         collate_packed([[rows[4], rows[5], rows[6]]], pad_id),
     ]
     assert packed[0]["input_ids"].shape[0] == 2 and packed[1]["input_ids"].shape[0] == 1
-    for path in (PLAIN, CHUNKED):
-        loss_u, n_u, grads_u = window_loss_and_grads(model, unpacked, path)
-        loss_p, n_p, grads_p = window_loss_and_grads(model, packed, path)
-        assert n_p == n_u
-        assert abs(loss_p - loss_u) <= 1e-5, (path, loss_p, loss_u)
-        assert grads_u.keys() == grads_p.keys() and grads_u
-        for key, grad in grads_u.items():
-            scale = grad.abs().max().clamp_min(1e-6)
-            assert (grads_p[key] - grad).abs().max() / scale <= 1e-5, (path, key)
+    for attention in ("mask", "per_example"):
+        if attention == "per_example":
+            switched, why = use_packed_attention(model)
+            assert switched, why
+            assert model.config._attn_implementation == ATTENTION_NAME
+        for path in (PLAIN, CHUNKED, FUSED):
+            loss_u, n_u, grads_u = window_loss_and_grads(model, unpacked, path)
+            loss_p, n_p, grads_p = window_loss_and_grads(model, packed, path)
+            assert n_p == n_u
+            assert abs(loss_p - loss_u) <= 1e-5, (attention, path, loss_p, loss_u)
+            assert grads_u.keys() == grads_p.keys() and grads_u
+            for key, grad in grads_u.items():
+                scale = grad.abs().max().clamp_min(1e-6)
+                assert (grads_p[key] - grad).abs().max() / scale <= 1e-5, (attention, path, key)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
@@ -152,6 +159,27 @@ def test_packed_equals_unpacked_on_other_architectures(tmp_path, arch):
     packed = collate_packed([rows[:3], rows[3:]], tokenizer.pad_token_id or 0)
     loss_p, _, _ = window_loss_and_grads(model, [packed], PLAIN)
     assert abs(loss_p - loss_u) <= 1e-5, (loss_p, loss_u)
+    # per-example attention (both families hand position_ids to their attention)
+    switched, why = use_packed_attention(model)
+    assert switched, why
+    loss_switched, _, _ = window_loss_and_grads(model, [packed], PLAIN)
+    assert abs(loss_switched - loss_u) <= 1e-5, (loss_switched, loss_u)
+    # evaluation in the same run (padding mask, no position ids) still takes the ordinary path
+    loss_padded, _, _ = window_loss_and_grads(model, [collate(rows, tokenizer, "causal_lm")], PLAIN)
+    assert abs(loss_padded - loss_u) <= 1e-6, (loss_padded, loss_u)
+
+
+def test_packed_attention_keeps_transformers_path_when_the_probe_fails(tmp_path, monkeypatch):
+    """A model whose attention never sees the position ids would attend across examples with no mask:
+    the probe catches that and the model keeps its own attention."""
+    import peftcli.attention
+
+    model, _ = build(tmp_path, "lora")
+    before = model.config._attn_implementation
+    monkeypatch.setattr(peftcli.attention, "_record_probe", lambda position_ids: None)
+    switched, why = use_packed_attention(model)
+    assert not switched and "position_ids" in why
+    assert model.config._attn_implementation == before
 
 
 def test_collate_packed_layout():

