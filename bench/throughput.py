@@ -95,10 +95,16 @@ def prepare(args, work: Path, vocab: int, lengths_seed: int) -> dict:
         lengths = np.full(args.memory_batch * 4, args.memory_seq - 2)
         n_examples, max_length = len(lengths), args.memory_seq
     data = work / f"train-{vocab}.jsonl"
+    completion = args.format == "completion" and vocab == args.vocab
     with data.open("w") as handle:
         for n in lengths.astype(int):
-            ids = rng.integers(len(specials), vocab, size=n)
-            handle.write(json.dumps({"text": " ".join(words[i] for i in ids)}) + "\n")
+            text = [words[i] for i in rng.integers(len(specials), vocab, size=n)]
+            if completion:  # an instruction: the first prompt_share of the words carry no loss
+                cut = max(1, round(n * args.prompt_share))
+                row = {"prompt": " ".join(text[:cut]), "completion": " ".join(text[cut:])}
+            else:
+                row = {"text": " ".join(text)}
+            handle.write(json.dumps(row) + "\n")
     return {"model": str(model_dir), "data": str(data), "n_examples": n_examples, "max_length": max_length}
 
 
@@ -134,7 +140,11 @@ def recipe_for(args, setup: dict, side: str, run_dir: Path, memory_case: bool) -
             "task": "causal_lm",
             "dtype": "bfloat16" if args.device == "cuda" else "float32",
         },
-        "data": {"train": setup["data"], "format": "text", "max_length": setup["max_length"]},
+        "data": {
+            "train": setup["data"],
+            "format": "text" if memory_case else args.format,
+            "max_length": setup["max_length"],
+        },
         "method": {
             "name": "lora",
             "r": args.r,
@@ -274,6 +284,7 @@ def run_trainer(args, recipe_path: Path, adapter: Path, grouped: bool) -> dict:
     from transformers import (
         AutoTokenizer,
         DataCollatorForLanguageModeling,
+        DataCollatorForSeq2Seq,
         Trainer,
         TrainerCallback,
         TrainingArguments,
@@ -283,7 +294,9 @@ def run_trainer(args, recipe_path: Path, adapter: Path, grouped: bool) -> dict:
 
     model, recipe = reference_model(recipe_path, adapter, args.device)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.name)
-    examples = [{"input_ids": e["input_ids"]} for e in tokenized_examples(recipe_path)]
+    prompt_masked = recipe.data.format == "completion"
+    keep = ("input_ids", "labels") if prompt_masked else ("input_ids",)
+    examples = [{k: e[k] for k in keep} for e in tokenized_examples(recipe_path)]
     cfg = recipe.train
     if not grouped:
         order = [
@@ -293,7 +306,13 @@ def run_trainer(args, recipe_path: Path, adapter: Path, grouped: bool) -> dict:
         ]
         examples = [examples[i] for i in order]
     log = StepLog()
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    # Text: labels are the input ids (the LM collator). Instructions: peftcli's labels (prompt = -100),
+    # padded with -100 by the seq2seq collator, as users of Trainer do for prompt-masked SFT.
+    collator = (
+        DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        if prompt_masked
+        else DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    )
     batch_tokens: list[int] = []
 
     def collate(features):
@@ -356,7 +375,15 @@ def run_trl(args, recipe_path: Path, adapter: Path) -> dict:
 
     model, recipe = reference_model(recipe_path, adapter, args.device)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.name)
-    dataset = Dataset.from_list([{"input_ids": e["input_ids"]} for e in tokenized_examples(recipe_path)])
+    rows = tokenized_examples(recipe_path)
+    if recipe.data.format == "completion":  # completion_only_loss: the prompt carries no loss
+        rows = [
+            {"input_ids": e["input_ids"], "completion_mask": [int(t != -100) for t in e["labels"]]}
+            for e in rows
+        ]
+    else:
+        rows = [{"input_ids": e["input_ids"]} for e in rows]
+    dataset = Dataset.from_list(rows)
     cfg = recipe.train
     log = StepLog()
 
@@ -535,6 +562,13 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--length-mu", type=float, default=4.5, help="lognormal mu of lengths (median e^mu)")
     parser.add_argument("--length-sigma", type=float, default=0.9)
+    parser.add_argument(
+        "--format",
+        choices=["completion", "text"],
+        default="completion",
+        help="completion: instruction-like rows whose prompt carries no loss; text: every token trained",
+    )
+    parser.add_argument("--prompt-share", type=float, default=0.35, help="completion: prompt share of a row")
     parser.add_argument("--batch", type=int, default=4, help="micro-batch (examples)")
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument("--other-steps", type=int, default=10, help="optimizer steps of the TRL side")
@@ -655,12 +689,18 @@ def report(args, results: dict, memory: dict, notes: list[str], elapsed: float) 
         "Versions: " + ", ".join(f"{k} {v}" for k, v in payload["versions"].items() if v) + "  ",
         f"Total time: {elapsed:.0f} s",
         "",
-        f"{params}; {args.examples} texts, lognormal lengths (median ≈ e^{args.length_mu}) clipped to 16–"
+        f"{params}; {args.examples} "
+        + (
+            f"instruction rows (prompt {args.prompt_share:.0%} of each row, no loss on it; `completion` format)"
+            if args.format == "completion"
+            else "texts (every token trained; `text` format)"
+        )
+        + f", lognormal lengths (median ≈ e^{args.length_mu}) clipped to 16–"
         f"{args.max_length} tokens; micro-batch {args.batch} × accumulation {args.accum}; LoRA r={args.r} on all "
         f"linear layers; AdamW lr {args.lr}, constant; seed {args.seed}; one epoch per side (every example once; "
         f"TRL: {args.other_steps} optimizer steps), the first {args.warmup} steps untimed; each side {args.repeats}× interleaved in fresh processes, medians.",
         "",
-        f"| side | non-padding tokens/s | steps | tokens trained | s/step | first step (s, from launch) | {memory_kind} (MiB) |",
+        f"| side | non-padding tokens/s | steps | tokens (non-padding) | s/step | first step (s, from launch) | {memory_kind} (MiB) |",
         "|---|---|---|---|---|---|---|",
     ]
     for side, r in results.items():

@@ -152,4 +152,4 @@ def use_packed_attention(model: nn.Module, body: nn.Module | None = None) -> tup
     if not reached:
         setter(before)
         return False, f"{type(model).__name__} does not pass position_ids to its attention"
-    return True, "one causal SDPA call per example (no T × T mask)"
+    return True, "per example (one causal SDPA call each, no T × T mask)"

@@ -343,7 +343,7 @@ def set_up(
     speed_lines.insert(0, f"loss: {loss_path} ({why})")
     if cfg.packing and device.type == "cpu":
         switched, why = use_packed_attention(model)
-        speed_lines.append(f"attention: {'per example' if switched else 'block-diagonal mask'} ({why})")
+        speed_lines.append(f"attention: {why}" if switched else f"attention: block-diagonal mask ({why})")
     if cfg.compile:
         compile_model(model, loss_path)
         speed_lines.append("compile: torch.compile (the first steps compile)")

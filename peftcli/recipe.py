@@ -346,8 +346,9 @@ class TrainConfig:
     loss: Literal["auto", "plain", "chunked"] = field(
         default="auto",
         metadata=doc(
-            "causal-LM loss: chunked = head + cross-entropy per chunk of hidden states (no tokens × vocab "
-            "logits); auto = Liger's fused kernel on CUDA if installed, else chunked where the model allows"
+            "causal-LM loss: chunked = head + cross-entropy per chunk of hidden states, fused with its "
+            "gradients for a linear head (no tokens × vocab logits); auto = Liger's fused kernel on CUDA if "
+            "installed, else chunked where the model allows"
         ),
     )
     packing: bool = field(

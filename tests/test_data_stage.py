@@ -9,6 +9,7 @@ lengths the byte-level tokenizer implies.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -510,3 +511,42 @@ def test_batch_encoding_gives_the_ids_of_one_row_at_a_time(fmt, monkeypatch):
     assert together == alone
     assert together["status"][3].startswith("bad:") and any(together["truncated"])
     assert max(together["length"]) == 64 and min(n for n in together["length"] if n) >= 2
+
+
+RSS_PROBE = """
+import json, resource, sys
+from transformers import AutoTokenizer
+from peftcli.data.pipeline import load_data
+from peftcli.data.sampler import BatchSampler
+from peftcli.recipe import DataConfig
+
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+cfg = DataConfig(train=sys.argv[2], format="text", cache_dir=sys.argv[3], max_length=64)
+train = load_data(cfg, tokenizer, "causal_lm").train
+for n, batch in enumerate(BatchSampler(train.lengths, 8, 0).epoch_batches(0)):
+    train.take(batch)  # what the loop does: gather a batch from the memory-mapped table
+    if n == 200:
+        break
+print(json.dumps({"rows": len(train), "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+@pytest.mark.slow
+def test_peak_rss_does_not_grow_with_the_number_of_rows(tmp_path):
+    """A warm data stage (cached, memory-mapped) plus 200 gathered batches, in a fresh process, at 10k and
+    150k rows: peak RSS may grow by the lengths array (0.6 MB), not by the token ids (Python lists of
+    150k × ~30 ids would be ~150 MB)."""
+    tokenizer_dir = ensure_tiny("llama")
+    peaks = {}
+    for rows in (10_000, 150_000):
+        path = write_jsonl(
+            tmp_path / f"rows{rows}.jsonl", [{"text": f"row {i} " * (i % 6 + 2)} for i in range(rows)]
+        )
+        command = [sys.executable, "-c", RSS_PROBE, str(tokenizer_dir), path, str(tmp_path / "cache")]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        for _ in range(2):  # the first run builds the cache; the second is the warm start measured
+            out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["rows"] == rows
+        peaks[rows] = result["rss_mib"]
+    assert peaks[150_000] - peaks[10_000] <= 25, peaks
