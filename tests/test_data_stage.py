@@ -514,7 +514,7 @@ def test_batch_encoding_gives_the_ids_of_one_row_at_a_time(fmt, monkeypatch):
 
 
 RSS_PROBE = """
-import json, resource, sys
+import json, sys
 from transformers import AutoTokenizer
 from peftcli.data.pipeline import load_data
 from peftcli.data.sampler import BatchSampler
@@ -527,15 +527,19 @@ for n, batch in enumerate(BatchSampler(train.lengths, 8, 0).epoch_batches(0)):
     train.take(batch)  # what the loop does: gather a batch from the memory-mapped table
     if n == 200:
         break
-print(json.dumps({"rows": len(train), "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps({"rows": len(train), "anon_mib": int(status["RssAnon"].split()[0]) / 1024}))
 """
 
 
 @pytest.mark.slow
-def test_peak_rss_does_not_grow_with_the_number_of_rows(tmp_path):
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from Linux's /proc")
+def test_memory_does_not_grow_with_the_number_of_rows(tmp_path):
     """A warm data stage (cached, memory-mapped) plus 200 gathered batches, in a fresh process, at 10k and
-    150k rows: peak RSS may grow by the lengths array (0.6 MB), not by the token ids (Python lists of
-    150k × ~30 ids would be ~150 MB)."""
+    150k rows: the process's own (anonymous) memory may grow by the lengths array and the epoch order
+    (~2 MB), not by the token ids (Python lists of 150k × ~25 ids would be ~40 MB). Pages of the
+    memory-mapped cache that a run reads are the kernel's page cache (RssFile), shared and reclaimable;
+    bench/data_scale.py measures the whole peak RSS at 100k and 1M rows."""
     tokenizer_dir = ensure_tiny("llama")
     peaks = {}
     for rows in (10_000, 150_000):
@@ -548,5 +552,5 @@ def test_peak_rss_does_not_grow_with_the_number_of_rows(tmp_path):
             out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
         assert result["rows"] == rows
-        peaks[rows] = result["rss_mib"]
-    assert peaks[150_000] - peaks[10_000] <= 25, peaks
+        peaks[rows] = result["anon_mib"]
+    assert peaks[150_000] - peaks[10_000] <= 12, peaks
