@@ -1,15 +1,18 @@
 """Which attention path should packed rows take on this device? Three correct ways, timed.
 
     python bench/packed_attention.py --quick   # tiny sizes: proves the script works
-    python bench/packed_attention.py           # llama hidden 256 × 4 layers, 32k vocab, 2 rows × 1,024
+    python bench/packed_attention.py           # llama hidden 256 × 4 layers, 32k vocab, 4 rows × 1,024
 
 For one packed micro-batch of lognormal-length examples, forward + backward (LoRA-free: the base
-weights train, which costs the same attention work) through:
+weights train, which costs the same attention work; the loss is peftcli's fused linear
+cross-entropy, as in the training loop) through:
 
     position_ids   attention_mask=None, position_ids restarting per example: transformers builds the
                    block-diagonal causal mask itself (what peftcli's packing uses)
     mask_4d        an explicit (R, 1, T, T) block-diagonal causal additive mask + position_ids
     per_example    one forward per example (batch 1, no mask, no padding)
+    peftcli_sdpa   the packed rows through peftcli's attention (peftcli/attention.py): one causal
+                   SDPA call per example inside each layer, no mask (what ``train.packing`` uses on the CPU)
 
 Checks that the three losses agree (fp32, 1e-5), then reports the median seconds of ``--repeats``
 interleaved runs. Writes bench/results/packed_attention.{md,json}.
@@ -30,6 +33,12 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from peftcli.attention import ATTENTION_NAME, register  # noqa: E402
+from peftcli.loss import fused_linear_cross_entropy_sum  # noqa: E402
+
+register()
+base_attention = "sdpa"
 
 
 def build(args):
@@ -78,20 +87,26 @@ def flat(rows):
     return ids, pos, seg, labels
 
 
-def loss_of(logits, labels):
+def loss_of(model, ids, labels, **kwargs):
+    """Summed loss as peftcli's loop computes it: the body's hidden states, then the fused linear
+    cross-entropy over the positions with a target (no full logits), so the timing is the attention's
+    and the body's, not that of materializing (tokens × vocab) logits."""
+    hidden = model.model(input_ids=ids, **kwargs).last_hidden_state
     shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-    return F.cross_entropy(logits.flatten(0, 1), shifted.flatten(), ignore_index=-100, reduction="sum")
+    scored = shifted != -100
+    return fused_linear_cross_entropy_sum(hidden[scored], model.lm_head, shifted[scored])
 
 
 def run(model, rows, path: str) -> tuple[float, float]:
     model.zero_grad(set_to_none=True)
+    model.set_attn_implementation(ATTENTION_NAME if path == "peftcli_sdpa" else base_attention)
     start = time.perf_counter()
     if path == "per_example":
         total = 0.0
         for row in rows:
             for example in row:
                 ids = example[None]
-                loss = loss_of(model(input_ids=ids, use_cache=False).logits, ids.clone())
+                loss = loss_of(model, ids, ids.clone(), use_cache=False)
                 loss.backward()
                 total += loss.item()
     else:
@@ -105,7 +120,7 @@ def run(model, rows, path: str) -> tuple[float, float]:
             kwargs["attention_mask"] = torch.zeros(allowed.shape).masked_fill(
                 ~allowed, torch.finfo(torch.float32).min
             )
-        loss = loss_of(model(input_ids=ids, **kwargs).logits, labels)
+        loss = loss_of(model, ids, labels, **kwargs)
         loss.backward()
         total = loss.item()
     return time.perf_counter() - start, total
@@ -119,7 +134,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--rows", type=int, default=2)
+    parser.add_argument(
+        "--rows", type=int, default=4, help="packed rows (4 × 1,024 = a batch_tokens of 4,096)"
+    )
     parser.add_argument("--row-tokens", type=int, default=1024)
     parser.add_argument("--length-mu", type=float, default=4.5)
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
@@ -135,8 +152,10 @@ def main() -> None:
             3.5,
             2,
         )
+    global base_attention
+    base_attention = args.attn
     model, rows = build(args), packed_rows(args)
-    paths = ["position_ids", "mask_4d", "per_example"]
+    paths = ["position_ids", "mask_4d", "per_example", "peftcli_sdpa"]
     times: dict[str, list[float]] = {p: [] for p in paths}
     losses: dict[str, float] = {}
     for _ in range(args.repeats):

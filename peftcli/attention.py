@@ -54,6 +54,8 @@ def packed_sdpa(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        raise RuntimeError("peftcli's per-example attention was given a sliding window or soft-capping")
     _record_probe(position_ids)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention; SDPA's enable_gqa would take the slow math kernel on the CPU
@@ -119,6 +121,18 @@ def _record_probe(position_ids: torch.Tensor) -> None:
         _probe_seen[0] = True
 
 
+def _unsupported_attention(config) -> str | None:
+    """What plain causal SDPA per example would get wrong for this model, if anything."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        return "attention logit soft-capping"
+    if "sliding_attention" in (getattr(text, "layer_types", None) or []):
+        return "sliding-window layers"
+    if getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True):
+        return "a sliding attention window"
+    return None
+
+
 def use_packed_attention(model: nn.Module, body: nn.Module | None = None) -> tuple[bool, str]:
     """Switch ``model`` to per-example attention for packed rows; (switched, why). A tiny packed forward
     (two examples of two tokens) must reach packed_sdpa with the position ids, else nothing changes."""
@@ -129,6 +143,9 @@ def use_packed_attention(model: nn.Module, body: nn.Module | None = None) -> tup
     before = getattr(config, "_attn_implementation", None)
     if before not in ("sdpa", "eager"):
         return False, f"attention is {before} (its own packed path)"
+    unsupported = _unsupported_attention(config)
+    if unsupported:
+        return False, f"{unsupported}: transformers' mask handles it"
     register()
     try:
         setter(ATTENTION_NAME)

@@ -107,14 +107,17 @@ def choose_loss_path(model: nn.Module, task: str, mode: str, device: torch.devic
     split = body_and_head(model)
     if split is None:
         return PLAIN, f"{type(model).__name__}'s forward is not body → head"
-    linear_head = type(split[1]) is nn.Linear
+    head = split[1]
+    # The fused path reads the head's weight directly, so the head must be exactly a linear layer with
+    # no hooks (QLoRA's bf16 head casts its fp32 input in a pre-hook): anything else is called as a module.
+    linear_head = type(head) is nn.Linear and not head._forward_pre_hooks and not head._forward_hooks
     if mode == "auto" and liger_available(device) and linear_head:
         return LIGER, "CUDA, liger-kernel installed, plain linear head"
     if linear_head:
         return FUSED, "linear head: loss and gradients per chunk of hidden states, no logits kept"
     return (
         CHUNKED,
-        f"{type(split[1]).__name__} head: per chunk of hidden states, logits recomputed in backward",
+        f"{type(head).__name__} head: per chunk of hidden states, logits recomputed in backward",
     )
 
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from peftcli.attention import ATTENTION_NAME, use_packed_attention
 from peftcli.batching import collate_packed, padding_fraction, plan_length_grouped, plan_packed
 from peftcli.data.collate import collate
 from peftcli.loop import build_model, count_targets, train
-from peftcli.attention import ATTENTION_NAME, use_packed_attention
 from peftcli.loss import CHUNKED, FUSED, PLAIN, micro_batch_loss_sum
 from peftcli.methods.catalog import list_methods
 from peftcli.models import load_tokenizer, resolve_model_name
@@ -180,6 +180,31 @@ def test_packed_attention_keeps_transformers_path_when_the_probe_fails(tmp_path,
     switched, why = use_packed_attention(model)
     assert not switched and "position_ids" in why
     assert model.config._attn_implementation == before
+
+
+def test_packed_attention_leaves_sliding_windows_and_softcapping_to_transformers():
+    """Plain causal SDPA per example would ignore a sliding window or attention soft-capping, so those
+    models keep transformers' packed mask (which applies both)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
+
+    small = dict(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
+    for model_class, config, reason in (
+        (MistralForCausalLM, MistralConfig(**small, sliding_window=8), "sliding attention window"),
+        (Gemma2ForCausalLM, Gemma2Config(**small, attn_implementation="eager"), "soft-capping"),
+    ):
+        model = model_class(config)
+        before = model.config._attn_implementation
+        switched, why = use_packed_attention(model)
+        assert not switched and reason in why, why
+        assert model.config._attn_implementation == before
 
 
 def test_collate_packed_layout():
