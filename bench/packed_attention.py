@@ -1,4 +1,4 @@
-"""Which attention path should packed rows take on this device? Three correct ways, timed.
+"""Which attention path should packed rows take on this device? Four correct ways, timed.
 
     python bench/packed_attention.py --quick   # tiny sizes: proves the script works
     python bench/packed_attention.py           # llama hidden 256 × 4 layers, 32k vocab, 4 rows × 1,024
@@ -14,7 +14,7 @@ cross-entropy, as in the training loop) through:
     peftcli_sdpa   the packed rows through peftcli's attention (peftcli/attention.py): one causal
                    SDPA call per example inside each layer, no mask (what ``train.packing`` uses on the CPU)
 
-Checks that the three losses agree (fp32, 1e-5), then reports the median seconds of ``--repeats``
+Checks that the four losses agree (fp32, 1e-5), then reports the median seconds of ``--repeats``
 interleaved runs. Writes bench/results/packed_attention.{md,json}.
 """
 
@@ -38,7 +38,6 @@ from peftcli.attention import ATTENTION_NAME, register  # noqa: E402
 from peftcli.loss import fused_linear_cross_entropy_sum  # noqa: E402
 
 register()
-base_attention = "sdpa"
 
 
 def build(args):
@@ -97,9 +96,10 @@ def loss_of(model, ids, labels, **kwargs):
     return fused_linear_cross_entropy_sum(hidden[scored], model.lm_head, shifted[scored])
 
 
-def run(model, rows, path: str) -> tuple[float, float]:
+def run(model, rows, path: str, attention: str) -> tuple[float, float]:
+    """(seconds, summed loss) of one forward + backward on ``path``; ``attention`` is --attn."""
     model.zero_grad(set_to_none=True)
-    model.set_attn_implementation(ATTENTION_NAME if path == "peftcli_sdpa" else base_attention)
+    model.set_attn_implementation(ATTENTION_NAME if path == "peftcli_sdpa" else attention)
     start = time.perf_counter()
     if path == "per_example":
         total = 0.0
@@ -152,15 +152,13 @@ def main() -> None:
             3.5,
             2,
         )
-    global base_attention
-    base_attention = args.attn
     model, rows = build(args), packed_rows(args)
     paths = ["position_ids", "mask_4d", "per_example", "peftcli_sdpa"]
     times: dict[str, list[float]] = {p: [] for p in paths}
     losses: dict[str, float] = {}
     for _ in range(args.repeats):
         for path in paths:
-            seconds, losses[path] = run(model, rows, path)
+            seconds, losses[path] = run(model, rows, path, args.attn)
             times[path].append(seconds)
     agree = max(abs(losses[p] - losses["per_example"]) / abs(losses["per_example"]) for p in paths)
     results = {

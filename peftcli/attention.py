@@ -56,7 +56,7 @@ def packed_sdpa(
         )
     if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
         raise RuntimeError("peftcli's per-example attention was given a sliding window or soft-capping")
-    _record_probe(position_ids)
+    _record_probe()
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention; SDPA's enable_gqa would take the slow math kernel on the CPU
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -116,8 +116,8 @@ def register() -> None:
 _probe_seen: list[bool] = []
 
 
-def _record_probe(position_ids: torch.Tensor) -> None:
-    if _probe_seen:
+def _record_probe() -> None:
+    if _probe_seen:  # only while use_packed_attention's probe forward runs
         _probe_seen[0] = True
 
 
@@ -133,7 +133,7 @@ def _unsupported_attention(config) -> str | None:
     return None
 
 
-def use_packed_attention(model: nn.Module, body: nn.Module | None = None) -> tuple[bool, str]:
+def use_packed_attention(model: nn.Module) -> tuple[bool, str]:
     """Switch ``model`` to per-example attention for packed rows; (switched, why). A tiny packed forward
     (two examples of two tokens) must reach packed_sdpa with the position ids, else nothing changes."""
     config = getattr(model, "config", None)
@@ -159,7 +159,7 @@ def use_packed_attention(model: nn.Module, body: nn.Module | None = None) -> tup
     model.eval()  # no dropout draws: the run's random stream is untouched
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            (body or model)(input_ids=ids, position_ids=positions, use_cache=False)
+            model(input_ids=ids, position_ids=positions, use_cache=False)
         reached = _probe_seen[0]
     except Exception:
         reached = False

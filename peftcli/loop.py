@@ -341,18 +341,15 @@ def set_up(
     if dist.enabled and loss_path != "plain":  # DDP/FSDP hook the wrapped forward: run through it
         loss_path, why = "plain", f"distributed ({dist.mode}) runs the wrapped model's forward"
     speed_lines.insert(0, f"loss: {loss_path} ({why})")
-    if cfg.packing and device.type == "cpu":
+    packed_on_cpu = cfg.packing and device.type == "cpu"
+    if packed_on_cpu:
         switched, why = use_packed_attention(model)
         speed_lines.append(f"attention: {why}" if switched else f"attention: block-diagonal mask ({why})")
     if cfg.compile:
         compile_model(model, loss_path)
+        warning = "; warning: with packing every step recompiles on the CPU (measured 33× slower)"
         speed_lines.append(
-            "compile: torch.compile (the first steps compile)"
-            + (
-                "; warning: with packing every step recompiles on the CPU (measured 33× slower)"
-                if cfg.packing and device.type == "cpu"
-                else ""
-            )
+            "compile: torch.compile (the first steps compile)" + (warning if packed_on_cpu else "")
         )
     return Run(
         recipe=recipe,

@@ -176,7 +176,7 @@ def test_packed_attention_keeps_transformers_path_when_the_probe_fails(tmp_path,
 
     model, _ = build(tmp_path, "lora")
     before = model.config._attn_implementation
-    monkeypatch.setattr(peftcli.attention, "_record_probe", lambda position_ids: None)
+    monkeypatch.setattr(peftcli.attention, "_record_probe", lambda: None)
     switched, why = use_packed_attention(model)
     assert not switched and "position_ids" in why
     assert model.config._attn_implementation == before
