@@ -208,6 +208,55 @@ def test_invalid_json_line_and_wrong_message_shape(llama_tok, tmp_path):
     assert err.value.message == f"{chat} line 2: 'messages' is a str, not a list of turns"
 
 
+DEEP = "[" * 100_000 + "]" * 100_000  # past Python's recursion limit: json.loads raises RecursionError
+DEEP_FILES = {
+    # name: (file contents, format, the line the error must name)
+    "deep.jsonl": (
+        '{"prompt": "a", "completion": "b"}\n{"prompt": ' + DEEP + ', "completion": "c"}\n',
+        "completion",
+        2,
+    ),
+    # the first line deep: pyarrow's reader, which datasets uses, would segfault on it
+    "deep_first.jsonl": (
+        '{"prompt": ' + DEEP + ', "completion": "c"}\n{"prompt": "a", "completion": "b"}\n',
+        "completion",
+        1,
+    ),
+    "deep_list.json": ('[{"prompt": "a", "completion": "b"},\n {"prompt": ' + DEEP + "}]", "completion", 2),
+    "deep_object.json": ('{"data": ' + DEEP + "}", "completion", 1),
+}
+
+
+@pytest.mark.parametrize("name", list(DEEP_FILES))
+def test_deeply_nested_json_is_a_line_error_not_a_recursion_error(llama_tok, tmp_path, name):
+    text, data_format, line = DEEP_FILES[name]
+    path = tmp_path / name
+    path.write_text(text)
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "completion": "b"}])
+    for key, paths in {"train": {"train": str(path)}, "eval": {"train": good, "eval": str(path)}}.items():
+        cfg = config(tmp_path, **paths, format=data_format)
+        with pytest.raises(RecipeError) as err:
+            load_data(cfg, llama_tok, "causal_lm")
+        assert err.value.key == f"data.{key}"
+        assert err.value.message.startswith(f"{path} line {line} is not valid JSON: arrays or objects nested")
+
+
+def test_deeply_nested_line_is_skipped_with_on_bad_row_skip(llama_tok, tmp_path):
+    path = tmp_path / "deep_first.jsonl"
+    path.write_text(DEEP_FILES["deep_first.jsonl"][0])
+    cfg = config(tmp_path, train=str(path), format="completion", on_bad_row="skip")
+    bundle = load_data(cfg, llama_tok, "causal_lm", log=lambda _: None)
+    assert len(bundle.train) == 1 and bundle.stats["skipped_rows"] == {"invalid JSON": 1}
+
+
+def test_deeply_nested_json_string_in_a_csv_cell_is_a_row_error(llama_tok, tmp_path):
+    path = tmp_path / "deep.csv"
+    path.write_text('messages\n"' + DEEP + '"\n')
+    with pytest.raises(RecipeError) as err:
+        load_data(config(tmp_path, train=str(path), format="chat"), llama_tok, "causal_lm")
+    assert "'messages' is a str, not a list of turns" in err.value.message
+
+
 # --------------------------------------------------------------------------------------------
 # The cache
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from peftcli.compat import cache_argument, output_cache
 from peftcli.loop import token_loss_sum
 from peftcli.methods.ladder_side_tuning import LadderConfig, LadderSideTuning
 from peftcli.models import load_model, resolve_model_name
@@ -175,7 +176,7 @@ def test_greedy_generation_with_cache_matches_full_recompute():
     ids = torch.randint(5, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         cached = model(input_ids=ids[:, :4], use_cache=True)
-        step = model(input_ids=ids[:, 4:], past_key_values=cached.past_key_values, use_cache=True).logits[
+        step = model(input_ids=ids[:, 4:], **{cache_argument(): output_cache(cached)}, use_cache=True).logits[
             :, -1
         ]
         full = model(input_ids=ids).logits[:, -1]

@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from peftcli.data.sources import parse_json
 from peftcli.recipe import RecipeError, did_you_mean
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: positions that carry no loss
@@ -146,7 +147,7 @@ def check_chat_template(tokenizer, fmt: str, model_name: str = "the model") -> N
 def _as_list(value: Any, column: str) -> list:
     if isinstance(value, str):  # CSV and some exports store the conversation as a JSON string
         with contextlib.suppress(json.JSONDecodeError):
-            value = json.loads(value)
+            value = parse_json(value)
     if not isinstance(value, list):
         raise BadRow("not a list", f"'{column}' is a {type(value).__name__}, not a list of turns", "")
     return value

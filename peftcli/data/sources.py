@@ -193,6 +193,65 @@ def _pick_split(data: Any, source: str, split: str, key: str) -> Any:
     return data
 
 
+TOO_DEEP = "arrays or objects nested too deeply to read"
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads`` whose every failure is a ``JSONDecodeError``: arrays or objects nested past
+    Python's recursion limit raise RecursionError in the stdlib parser, which would escape as a
+    traceback instead of a line number."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        document = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+        raise json.JSONDecodeError(TOO_DEEP, document, _too_deep_at(document)) from None
+
+
+def _nested_too_deep(path: Path, kind: str) -> bool:
+    """Whether some JSON value in ``path`` nests deeper than Python's parser goes (~1,000 levels).
+
+    A line (or document) with fewer opening brackets than that cannot be that deep, so only the rare
+    bracket-heavy ones are parsed. JSON documents over 256 MiB are not checked (use JSON lines)."""
+    threshold = 900
+    if kind == "jsonl":
+        with path.open("rb") as handle:
+            chunks = (line for line in handle if line.count(b"[") + line.count(b"{") > threshold)
+            return any(_too_deep(line) for line in chunks)
+    if path.stat().st_size > 256 * _MIB:
+        return False
+    document = path.read_bytes()
+    return document.count(b"[") + document.count(b"{") > threshold and _too_deep(document)
+
+
+def _too_deep(text: bytes) -> bool:
+    try:
+        parse_json(text)
+    except json.JSONDecodeError as error:
+        return error.msg == TOO_DEEP
+    except UnicodeDecodeError:
+        return False
+    return False
+
+
+def _too_deep_at(document: str, depth_limit: int = 500) -> int:
+    """The offset where nesting (outside strings) first passes ``depth_limit``: where the parser gave up."""
+    depth, in_string, escaped = 0, False, False
+    for offset, char in enumerate(document):
+        if escaped:
+            escaped = False
+        elif in_string:
+            escaped, in_string = char == "\\", char != '"'
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > depth_limit:
+                return offset
+        elif char in "]}":
+            depth -= 1
+    return 0
+
+
 def _json_layout(path: Path, key: str) -> tuple[str, str | None]:
     """("json", field) for a JSON document (a list, or an object with a "data" list); ("jsonl", None)."""
     with path.open("rb") as handle:
@@ -203,7 +262,7 @@ def _json_layout(path: Path, key: str) -> tuple[str, str | None]:
         return "json", None
     if head[:1] == b"{" and path.stat().st_size <= 256 * _MIB:
         try:
-            document = json.loads(path.read_bytes())
+            document = parse_json(path.read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError):
             return "jsonl", None  # one object per line (or broken: the line scan will say where)
         if isinstance(document, dict):
@@ -242,6 +301,10 @@ def _load_file(
         kwargs = {"keep_default_na": False, "features": _csv_string_features(path)}  # cells as written
     else:
         kind, builder, kwargs = "parquet", "parquet", {}
+    if kind in ("json", "jsonl") and _nested_too_deep(path, kind):
+        # pyarrow's JSON reader recurses on the C stack and segfaults past a few thousand levels:
+        # the line-by-line reader names the line (or skips it with on_bad_row: skip).
+        return _diagnose(path, source, key, kind, on_bad_row, raw_cache, ValueError("nested too deeply"))
     try:
         data = datasets.load_dataset(
             builder, data_files=str(path), split="train", cache_dir=raw_cache, **kwargs
@@ -301,7 +364,7 @@ def _diagnose(
         ) from None
     if kind == "json":
         try:
-            json.loads(text)
+            parse_json(text)
         except json.JSONDecodeError as json_error:
             raise RecipeError(
                 key,
@@ -353,7 +416,7 @@ def _scan_json_lines(
                 continue
             problem = hint = reason = None
             try:
-                record = json.loads(raw_line.decode("utf-8"))
+                record = parse_json(raw_line.decode("utf-8"))
             except UnicodeDecodeError as err:
                 reason = "not UTF-8"
                 problem = f"is not UTF-8 (byte 0x{raw_line[err.start]:02x})"
