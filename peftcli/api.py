@@ -13,21 +13,26 @@ from peftcli.recipe import DataConfig, EvalConfig, ModelConfig, Recipe, RecipeEr
 from peftcli.recipe_loader import load_recipe
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", base: str | None = None):
+def load(
+    path: str | Path, device: str | torch.device = "cpu", base: str | None = None, allow_pickle: bool = False
+):
     """Load an adapter directory (its base resolved from its config) or a model directory.
 
     Returns ``(model, tokenizer)``; the model answers ``model(input_ids=..., attention_mask=...)``
-    with ``.logits``.
+    with ``.logits``. Weights load from safetensors only; ``allow_pickle=True`` (the recipe's
+    ``model.allow_pickle``, the CLI's ``--allow-pickle``) also loads .bin pickle weights, with a warning.
     """
     from peftcli.export import is_adapter_dir, load_adapter
     from peftcli.models import load_model, load_tokenizer, task_of_model_dir
 
     path = Path(path)
     if is_adapter_dir(path):
-        loaded = load_adapter(path, base=base, device=device)
+        loaded = load_adapter(path, base=base, device=device, allow_pickle=allow_pickle)
         return loaded.model, loaded.tokenizer
     if (path / "config.json").is_file():
-        cfg = ModelConfig(name=str(path), task=task_of_model_dir(str(path)), dtype="float32")
+        cfg = ModelConfig(
+            name=str(path), task=task_of_model_dir(str(path)), dtype="float32", allow_pickle=allow_pickle
+        )
         tokenizer = load_tokenizer(str(path), cfg)
         model = load_model(str(path), cfg, torch.device(device), pad_token_id=tokenizer.pad_token_id)
         model.eval()
@@ -60,10 +65,13 @@ def merge(
     base: str | None = None,
     dtype: str = "float32",
     dequantize: bool = False,
+    allow_pickle: bool = False,
 ) -> dict:
     from peftcli.export import merge_adapter
 
-    return merge_adapter(adapter_dir, output, base=base, dtype=dtype, dequantize=dequantize)
+    return merge_adapter(
+        adapter_dir, output, base=base, dtype=dtype, dequantize=dequantize, allow_pickle=allow_pickle
+    )
 
 
 def preprocess(recipe: Recipe, log=None, console=None) -> dict[str, Any]:
@@ -123,19 +131,21 @@ def evaluate_target(
     ensemble: list[str] | None = None,
     vote: bool = False,
     log=None,
+    allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a recipe (its trained adapter if the run finished, else its base), an adapter
     directory or a model directory on ``data`` (default: the recipe's eval data).
 
     ``ensemble`` names more adapters over the same base: the target and these are evaluated as one
     model with averaged logits, or by majority vote (``vote``, classification only). ``log`` receives
-    the data stage's lines (whether the tokenized cache was reused)."""
+    the data stage's lines (whether the tokenized cache was reused). ``allow_pickle`` lets an adapter's
+    base or a model directory load from .bin pickle weights (a recipe says so with model.allow_pickle)."""
     from peftcli.data.pipeline import load_data
     from peftcli.evaluate import evaluate
     from peftcli.models import resolve_device
 
     device = resolve_device("auto")
-    resolved = resolve_eval_target(Path(target), overrides, device, ensemble or [], vote)
+    resolved = resolve_eval_target(Path(target), overrides, device, ensemble or [], vote, allow_pickle)
     data_cfg = _eval_data_config(resolved, data)
     if max_examples:
         data_cfg.max_eval_examples = max_examples
@@ -151,7 +161,12 @@ def evaluate_target(
 
 
 def resolve_eval_target(
-    target: Path, overrides: list[str] | None, device, ensemble: list[str], vote: bool
+    target: Path,
+    overrides: list[str] | None,
+    device,
+    ensemble: list[str],
+    vote: bool,
+    allow_pickle: bool = False,
 ) -> EvalTarget:
     """A recipe, an adapter directory or a model directory as an :class:`EvalTarget`."""
     from peftcli.export import is_adapter_dir, load_adapter
@@ -179,8 +194,10 @@ def resolve_eval_target(
             "pass RUN/adapter as the target and the other adapters with --ensemble",
         )
 
+    if recipe is not None:
+        allow_pickle = allow_pickle or recipe.model.allow_pickle
     if kind == "adapter":
-        loaded = load_adapter(target, device=device)
+        loaded = load_adapter(target, device=device, allow_pickle=allow_pickle)
         model = _ensemble(loaded, ensemble, vote, device) if ensemble or vote else loaded.model
         return EvalTarget(
             target, kind, loaded.task, loaded.tokenizer, loaded.label_names, recipe, lambda _labels: model
@@ -196,7 +213,7 @@ def resolve_eval_target(
 
         return EvalTarget(target, kind, base.task, tokenizer, None, recipe, untrained_base)
     task = task_of_model_dir(str(target))
-    cfg = ModelConfig(name=str(target), task=task)
+    cfg = ModelConfig(name=str(target), task=task, allow_pickle=allow_pickle)
     tokenizer = load_tokenizer(str(target), cfg)
     model = load_model(str(target), cfg, device, pad_token_id=tokenizer.pad_token_id)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)] if task == "seq_cls" else None

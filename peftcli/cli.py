@@ -139,6 +139,13 @@ def merge(
             "weights (docs/merging.md)",
         ),
     ] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="load .bin (pickle) weights when the base has no safetensors; pickle can run code",
+        ),
+    ] = False,
 ) -> None:
     """Fold an adapter into its base and write a plain transformers model directory."""
     from peftcli.recipe import RecipeError, did_you_mean
@@ -151,7 +158,7 @@ def merge(
         )
     from peftcli.api import merge as run
 
-    info = run(adapter_dir, output, base=base, dtype=dtype, dequantize=dequantize)
+    info = run(adapter_dir, output, base=base, dtype=dtype, dequantize=dequantize, allow_pickle=allow_pickle)
     for line in info.get("report_lines", []):
         err_console.print(line, highlight=False)
     out_console.print(
@@ -178,6 +185,13 @@ def eval_(
     vote: Annotated[
         bool, typer.Option("--vote", help="ensemble by majority vote instead of averaged logits (seq_cls)")
     ] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="load .bin (pickle) weights when the base has no safetensors; pickle can run code",
+        ),
+    ] = False,
 ) -> None:
     """Measure eval loss, perplexity and accuracy / exact match of a base, adapter or merged model."""
     from peftcli.api import evaluate_target
@@ -188,6 +202,7 @@ def eval_(
         max_examples=max_examples,
         ensemble=ensemble,
         vote=vote,
+        allow_pickle=allow_pickle,
         log=None if as_json else lambda line: err_console.print(f"[dim]{line}[/dim]", highlight=False),
     )
     if as_json:

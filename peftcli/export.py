@@ -154,10 +154,12 @@ def load_adapter(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     quantized: bool = True,
+    allow_pickle: bool = False,
 ) -> LoadedAdapter:
     """Rebuild the tuned model: load the base, apply the method, load the trained tensors.
 
     ``quantized=False`` loads a QLoRA adapter's base in full precision (what merge does).
+    ``allow_pickle`` lets a base with only .bin (pickle) weights load, as ``model.allow_pickle`` does.
     """
     path = Path(path)
     info = read_adapter_info(path)
@@ -167,6 +169,7 @@ def load_adapter(
         name=base_path,
         task=info["task"],
         quantization=coerce(quant, QuantizationConfig, "quantization") if quant else None,
+        allow_pickle=allow_pickle,
     )
     tokenizer_src = str(path) if (path / "tokenizer_config.json").exists() else base_path
     tokenizer = load_tokenizer(tokenizer_src, model_cfg)
@@ -203,6 +206,7 @@ def merge_adapter(
     base: str | None = None,
     dtype: str = "float32",
     dequantize: bool = False,
+    allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Fold an adapter into its base and write a plain transformers model directory.
 
@@ -237,13 +241,17 @@ def merge_adapter(
         from peftcli.quantize import probe_batch, probe_logits
 
         # The quantized model first and then freed, so that both models never sit in memory at once.
-        quantized = load_adapter(adapter_dir, base=base, dtype=torch.float32, quantized=True)
+        quantized = load_adapter(
+            adapter_dir, base=base, dtype=torch.float32, quantized=True, allow_pickle=allow_pickle
+        )
         probe = probe_batch(quantized.tokenizer)
         reference = probe_logits(quantized.model, probe, quantized.task)
         if dequantize:
             trained_layers = quantized_layers(quantized.model)
         del quantized
-    loaded = load_adapter(adapter_dir, base=base, dtype=torch.float32, quantized=False)
+    loaded = load_adapter(
+        adapter_dir, base=base, dtype=torch.float32, quantized=False, allow_pickle=allow_pickle
+    )
     load_dequantized_weights(loaded.model, trained_layers)
     del trained_layers
     merged = loaded.method.merge(loaded.model)

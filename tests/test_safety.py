@@ -56,6 +56,29 @@ def test_allow_pickle_loads_the_same_weights_with_a_warning(bin_only_model):
         assert torch.equal(a, b), name
 
 
+def test_python_api_and_cli_honour_allow_pickle(bin_only_model):
+    """peftcli.load and `peftcli eval` refuse a pickle-only model dir unless asked by name, as recipes do."""
+    from typer.testing import CliRunner
+
+    from peftcli.cli import app
+
+    with pytest.raises(RecipeError, match="model.allow_pickle: true"):
+        peftcli.load(bin_only_model)
+    with pytest.warns(RecipeWarning, match="pickle weights pytorch_model.bin"):
+        model, _ = peftcli.load(bin_only_model, allow_pickle=True)
+    reference, _ = peftcli.load(resolve_model_name("tiny:llama"))
+    ids = torch.tensor([[5, 9, 13, 21]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    data = str(Path(__file__).resolve().parents[1] / "recipes" / "data" / "tiny_eval.jsonl")
+    refused = CliRunner().invoke(app, ["eval", str(bin_only_model), "--data", data, "--max-examples", "2"])
+    assert refused.exit_code == 2 and "only pickle weights" in refused.output
+    allowed = CliRunner().invoke(
+        app, ["eval", str(bin_only_model), "--data", data, "--max-examples", "2", "--allow-pickle", "--json"]
+    )
+    assert allowed.exit_code == 0, allowed.output
+
+
 def test_safetensors_model_loads_without_warning_and_asks_transformers_for_safetensors_only():
     path = resolve_model_name("tiny:llama")
     with warnings.catch_warnings():
