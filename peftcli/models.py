@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import warnings
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +89,36 @@ def _hub_error(name: str, err: Exception) -> RecipeError:
     )
 
 
+def hub_kwargs(path: str, cfg: ModelConfig) -> dict[str, Any]:
+    """from_pretrained kwargs for a hub id when the hub cannot be reached: cached files only, or a
+    one-line error. Without this, huggingface_hub retries each file for ~45 s and logs every retry."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if os.path.isdir(path) or constants.HF_HUB_OFFLINE or _hub_reachable(constants.ENDPOINT):
+        return {}
+    cached = try_to_load_from_cache(path, "config.json", revision=cfg.revision)
+    if isinstance(cached, str):
+        return {"local_files_only": True}
+    raise RecipeError(
+        "model.name",
+        f"cannot reach the Hugging Face Hub to download {cfg.name!r}, and no copy of it is cached",
+        "connect to the network, or pass a local model directory",
+    )
+
+
+@cache
+def _hub_reachable(endpoint: str, timeout_s: float = 3.0) -> bool:
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
 # Weight files that are pickles: loading one can run arbitrary code.
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
@@ -129,7 +161,7 @@ def load_tokenizer(path: str, cfg: ModelConfig):
     quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **hub_kwargs(path, cfg)
         )
     except (OSError, ValueError) as err:
         raise _hub_error(cfg.name, err) from None
@@ -160,6 +192,7 @@ def load_model(
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     kwargs: dict[str, Any] = dict(dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     kwargs.update(weights_policy(path, cfg))
+    kwargs.update(hub_kwargs(path, cfg))
     if cfg.task == "seq_cls":
         labels = label_names or [str(i) for i in range(num_labels or 2)]
         kwargs.update(

@@ -320,13 +320,17 @@ def estimate_trainable(recipe: Recipe, base_path: str) -> int | None:
     import transformers
 
     from peftcli.methods.catalog import get_method_class
-    from peftcli.models import TASK_AUTO
+    from peftcli.models import TASK_AUTO, hub_kwargs
     from peftcli.tiny import quiet_transformers
 
     quiet_transformers()
+    offline = hub_kwargs(base_path, recipe.model)  # no network and nothing cached: one line, now
     try:
         config = transformers.AutoConfig.from_pretrained(
-            base_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+            base_path,
+            revision=recipe.model.revision,
+            trust_remote_code=recipe.model.trust_remote_code,
+            **offline,
         )
         if recipe.model.task == "seq_cls":
             config.num_labels = recipe.model.num_labels or 2

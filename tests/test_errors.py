@@ -167,3 +167,22 @@ def test_real_console_script_prints_no_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "adapter_config.json" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_hub_model_without_network_is_one_line_and_quick(tmp_path, monkeypatch):
+    """No HF_HUB_OFFLINE, no network, nothing cached: one line naming model.name, no retry noise
+    (huggingface_hub would otherwise retry each file for ~45 s, logging every attempt)."""
+    from huggingface_hub import constants
+
+    import peftcli.models
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(peftcli.models, "_hub_reachable", lambda endpoint: False)
+    recipe = write_recipe(tmp_path, BASE.replace('"tiny:llama"', "nobody-here/no-such-model"))
+    result = CliRunner().invoke(app, ["train", str(recipe), "--output-dir", str(tmp_path / "run")])
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert_one_line_error(result, lines, "model.name", "cannot reach the Hugging Face Hub", "nobody-here")
+    validated = CliRunner().invoke(app, ["validate", str(recipe)])
+    assert validated.exit_code == 0 and "Retry" not in validated.output
+    notes = [line for line in validated.output.splitlines() if "cannot reach" in line]
+    assert len(notes) == 1 and notes[0].startswith("data not checked: "), validated.output
