@@ -70,20 +70,27 @@ def prepare(args, work: Path, vocab: int, lengths_seed: int) -> dict:
     )
     tokenizer.save_pretrained(model_dir)
     torch.manual_seed(0)
+    # bench/gpu.py names every shape (a 1B-class llama); this script derives them from --hidden
     config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=args.hidden,
-        intermediate_size=args.hidden * 8 // 3,
+        intermediate_size=getattr(args, "intermediate", None) or args.hidden * 8 // 3,
         num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        num_key_value_heads=max(1, args.hidden // 128),
+        num_attention_heads=getattr(args, "heads", None) or max(1, args.hidden // 64),
+        num_key_value_heads=getattr(args, "kv_heads", None) or max(1, args.hidden // 128),
         max_position_embeddings=max(args.max_length, args.memory_seq) + 8,
-        tie_word_embeddings=False,
+        tie_word_embeddings=getattr(args, "tie", False),
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
     )
-    LlamaForCausalLM(config).save_pretrained(model_dir)
+    if args.device == "cuda":  # built in bf16 on the GPU: a 1B model in fp32 on the CPU takes minutes
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
+    else:
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(model_dir)
+    del model
 
     rng = np.random.default_rng(lengths_seed)
     if vocab == args.vocab:  # instruction-like: lognormal lengths, median ~exp(mu)
@@ -116,6 +123,7 @@ def recipe_for(args, setup: dict, side: str, run_dir: Path, memory_case: bool) -
         if memory_case
         else (args.batch, args.accum, args.other_steps if side in FIXED_STEPS else None)
     )
+    steps = getattr(args, "steps", None) or steps  # bench/gpu.py: a fixed number of steps on every side
     train = {
         "max_steps": steps,  # None: one epoch, every example once (the same tokens on every side)
         "epochs": 1,
@@ -156,6 +164,13 @@ def recipe_for(args, setup: dict, side: str, run_dir: Path, memory_case: bool) -
         "eval": {"generate": False},
         "output_dir": str(run_dir),
     }
+    if getattr(args, "quantize", False):  # QLoRA, as the paper trains it: NF4, double quant, bf16 compute
+        recipe["model"]["quantization"] = {
+            "bits": 4,
+            "quant_type": "nf4",
+            "double_quant": True,
+            "compute_dtype": "bfloat16" if args.device == "cuda" else "float32",
+        }
     path = run_dir.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
@@ -175,7 +190,7 @@ def tokenized_examples(recipe_path: Path) -> list[dict]:
     return [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in rows]
 
 
-def initial_adapter(recipe_path: Path, out: Path) -> None:
+def initial_adapter(recipe_path: Path, out: Path, device: str = "cpu") -> None:
     """peftcli's LoRA init (seeded) in peft's key names, for the reference stacks to start from."""
     import torch
     from safetensors.torch import save_file
@@ -186,8 +201,10 @@ def initial_adapter(recipe_path: Path, out: Path) -> None:
 
     recipe = load_recipe(recipe_path)
     tokenizer = load_tokenizer(recipe.model.name, recipe.model)
-    model, method = build_model(recipe, torch.device("cpu"), None, tokenizer, recipe.model.name)
-    save_file({k: v.contiguous() for k, v in method.adapter_state_dict(model).items()}, str(out))
+    model, method = build_model(recipe, torch.device(device), None, tokenizer, recipe.model.name)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in method.adapter_state_dict(model).items()}, str(out)
+    )
 
 
 # -- the sides ----------------------------------------------------------------------------------------
@@ -263,7 +280,26 @@ def reference_model(recipe_path: Path, adapter: Path, device: str):
 
     recipe = load_recipe(recipe_path)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(recipe.model.name, dtype=dtype).to(device)
+    q = recipe.model.quantization
+    if q is None:
+        model = AutoModelForCausalLM.from_pretrained(recipe.model.name, dtype=dtype).to(device)
+    else:  # QLoRA as peft's users load it: transformers' BitsAndBytesConfig, prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            recipe.model.name,
+            dtype=dtype,
+            quantization_config=quantization,
+            device_map={"": 0 if device == "cuda" else "cpu"},
+        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(
         r=recipe.method.r, lora_alpha=recipe.method.alpha, lora_dropout=0.0, target_modules="all-linear"
     )

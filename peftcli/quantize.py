@@ -132,6 +132,10 @@ def prepare_for_kbit_training(model: nn.Module, cfg: ModelConfig) -> None:
       4 bytes/param on a 128k vocabulary).
     - Unquantized bf16/fp16 linear layers (the heads) cast their fp32 input to their own dtype.
     - Input gradients with gradient checkpointing are switched on in ``models.load_model``.
+    - 4-bit layers compute in eval as they do in training. On a CPU with AVX512-BF16, bitsandbytes'
+      eval-only kernel repacks a 4-bit weight in place at its first no-grad forward and multiplies in
+      bf16: eval logits would then differ (~1e-3) from the trained model's, and ``merge --dequantize``
+      would dequantize the repacked layout (garbage). Its ``support_avx512bf16_for_cpu`` is turned off.
     - The output heads and every ``skip_modules`` entry must really be unquantized.
     """
     q = cfg.quantization
@@ -141,6 +145,8 @@ def prepare_for_kbit_training(model: nn.Module, cfg: ModelConfig) -> None:
             param.data = param.data.float()
     names = dict(model.named_modules())
     for module in names.values():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
         weight = getattr(module, "weight", None)
         if type(module).__name__ == "Linear" and weight is not None and weight.dtype != torch.float32:
             # After the first fp32 norm the hidden states are fp32; an unquantized bf16/fp16 layer (the LM

@@ -45,9 +45,13 @@ def hf_quantized_base(path: str, bits: int = 4, compute_dtype: torch.dtype = tor
         )
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         path, quantization_config=config, device_map={"": "cpu"}, dtype=torch.float32
     )
+    for module in model.modules():  # bitsandbytes' bf16 eval kernel on AVX512-BF16 CPUs: the fp32 path
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # the adapter trained with (see prepare_for_kbit)
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def fixed_batch(vocab: int = 260) -> dict[str, torch.Tensor]:
@@ -392,3 +396,21 @@ def test_shipped_qlora_recipes_validate(path, monkeypatch):
     q = recipe.model.quantization
     assert q is not None and (q.bits, q.quant_type, q.double_quant) == (4, "nf4", True)
     assert recipe.train.optimizer.startswith("paged_")
+
+
+def test_4bit_layers_compute_in_eval_as_in_training_on_the_cpu():
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight at its first eval forward and
+    multiplies in bf16. Our loaded bases never do: eval logits are the trained model's, and merge
+    --dequantize reads the layout it expects. Reference: the fp32 dequantize path (train mode), 1e-6."""
+    from peftcli.dequantize import dequantized_weight, quantized_layers
+
+    cfg = load_recipe(RECIPE).model
+    model = load_model(str(resolve_model_name("tiny:llama")), cfg, torch.device("cpu"))
+    layers = quantized_layers(model)
+    before = {name: dequantized_weight(layer) for name, layer in layers.items()}
+    batch = fixed_batch()
+    trained_path = real_logits(model.train(), batch)  # no dropout in tiny:llama
+    eval_path = real_logits(model.eval(), batch)
+    assert (eval_path - trained_path).abs().max() <= 1e-6
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers.values())
+    assert all(torch.equal(dequantized_weight(layer), before[name]) for name, layer in layers.items())
