@@ -1,0 +1,148 @@
+"""The architecture matrix: every model family × LoRA, (IA)3 and prefix tuning, with their defaults.
+
+Each family is built tiny from its transformers config (``tiny:<family>``: 64 wide, 2 layers, byte
+tokenizer; causal LM for decoders, seq2seq for T5/BART, sequence classification for the encoders). Each
+case trains 3 steps through the CLI (``peftcli train``, run in-process by Typer's runner) on 10 rows,
+then checks the adapter against two references on the real (unpadded) tokens of a fixed batch:
+
+- peft 0.21.2 loads it (``PeftModel.from_pretrained`` on the original base) and gives our logits,
+  fp32 on the CPU, to 1e-5;
+- ``peftcli merge`` writes a plain transformers model that gives our logits to 1e-4 (mergeable
+  methods: LoRA and (IA)3; prefix tuning has nothing to fold).
+
+A method that cannot serve a family must refuse it at start: one line, exit code 2. The test asserts
+the exact set of refusals in :data:`REFUSALS`, so a new refusal and a silent pass both fail it; the
+family table of docs/methods.md is rendered from the same set (``test_docs_family_table``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft_oracle import ROOT
+
+from peftcli.tiny import TINY_ARCHS
+
+FAMILIES = list(TINY_ARCHS)
+METHODS = ["lora", "ia3", "prefix_tuning"]
+
+# (family, method) -> the reason the method refuses the family at start (a fragment of its one line).
+REFUSALS: dict[tuple[str, str], str] = {}
+
+PEFT_TOLERANCE = 1e-5
+MERGE_TOLERANCE = 1e-4
+TEXTS = ["reverse apple =", "reverse a ="]  # different lengths: the second row is padded
+
+
+def case_recipe(family: str, method: str, tmp_path: Path) -> Path:
+    """A recipe that trains ``tiny:<family>`` with ``method``'s defaults for 3 steps on 10 rows."""
+    task = TINY_ARCHS[family]["task"]
+    if task == "seq_cls":
+        data = f"{{train: {ROOT}/recipes/data/tiny_cls_train.jsonl, format: classification"
+    else:
+        data = f"{{train: {ROOT}/recipes/data/tiny_train.jsonl, format: completion"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        f"model: {{name: 'tiny:{family}', task: {task}}}\n"
+        f"data: {data}, max_length: 32, max_train_examples: 10}}\n"
+        f"method: {{name: {method}}}\n"
+        "train: {max_steps: 3, batch_size: 4, lr: 1.0e-2, scheduler: constant, seed: 0}\n"
+        "eval: {generate: false}\n"
+        f"output_dir: {tmp_path / 'run'}\n"
+    )
+    return path
+
+
+def train_through_cli(recipe: Path):
+    from typer.testing import CliRunner
+
+    from peftcli.cli import app
+
+    return CliRunner().invoke(app, ["train", str(recipe), "-q"])
+
+
+def probe_logits(model, tokenizer, task: str) -> torch.Tensor:
+    """Logits on the real tokens of :data:`TEXTS` (right-padded): (real tokens, V) or (B, labels)."""
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if task == "seq2seq":  # the decoder reads the first few target tokens of each row
+        decoder = tokenizer([" elppa", " a"], return_tensors="pt", padding=True)
+        inputs["decoder_input_ids"] = decoder["input_ids"]
+        inputs["decoder_attention_mask"] = decoder["attention_mask"]
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    if task == "seq_cls":
+        return logits
+    mask = inputs.get("decoder_attention_mask", inputs["attention_mask"])
+    return logits[mask.bool()]
+
+
+def auto_class(task: str):
+    import transformers
+
+    from peftcli.models import TASK_AUTO
+
+    return getattr(transformers, TASK_AUTO[task])
+
+
+def run_case(family: str, method: str, tmp_path: Path) -> dict:
+    """Train one case through the CLI; return its outcome ("refused" with the line, or the logit gaps)."""
+    import peftcli
+    from peftcli.methods.catalog import get_method_class
+
+    task = TINY_ARCHS[family]["task"]
+    result = train_through_cli(case_recipe(family, method, tmp_path))
+    if result.exit_code == 2:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        return {"outcome": "refused", "lines": lines}
+    if result.exit_code != 0:
+        return {"outcome": "crashed", "error": repr(result.exception), "output": result.output[-2000:]}
+    adapter = tmp_path / "run" / "adapter"
+    ours, tokenizer = peftcli.load(adapter)
+    reference = probe_logits(ours.eval(), tokenizer, task)
+
+    from peft import PeftModel
+
+    base_dir = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    theirs = PeftModel.from_pretrained(auto_class(task).from_pretrained(base_dir, dtype=torch.float32), adapter)
+    outcome = {"outcome": "ok", "peft": (probe_logits(theirs.eval(), tokenizer, task) - reference).abs().max().item()}
+    if get_method_class(method).mergeable:
+        merged_dir = tmp_path / "merged"
+        peftcli.merge(adapter, merged_dir)
+        merged = auto_class(task).from_pretrained(merged_dir, dtype=torch.float32).eval()
+        outcome["merge"] = (probe_logits(merged, tokenizer, task) - reference).abs().max().item()
+    return outcome
+
+
+CASES = [(f, m) for f in FAMILIES for m in METHODS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "method"), CASES, ids=[f"{f}-{m}" for f, m in CASES])
+def test_family_method(family, method, tmp_path):
+    outcome = run_case(family, method, tmp_path)
+    expected = REFUSALS.get((family, method))
+    if expected is not None:
+        assert outcome["outcome"] == "refused", f"{family} × {method} should refuse ({expected}): {outcome}"
+        assert len(outcome["lines"]) == 1 and expected in outcome["lines"][0], outcome["lines"]
+        return
+    assert outcome["outcome"] == "ok", outcome
+    assert outcome["peft"] <= PEFT_TOLERANCE, outcome
+    assert outcome.get("merge", 0.0) <= MERGE_TOLERANCE, outcome
+
+
+if __name__ == "__main__":  # the reproduction table: python tests/test_model_families.py [family ...]
+    import sys
+    import tempfile
+
+    for family in sys.argv[1:] or FAMILIES:
+        for method in METHODS:
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    outcome = run_case(family, method, Path(tmp))
+                except Exception as err:  # the table records crashes outside training too
+                    outcome = {"outcome": "crashed", "error": f"{type(err).__name__}: {str(err)[:200]}"}
+            print(family, method, json.dumps(outcome)[:400], flush=True)
