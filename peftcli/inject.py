@@ -41,15 +41,57 @@ def classifier_heads(model: nn.Module, task: str) -> list[str]:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return type(module).__name__ in LINEAR_CLASS_NAMES and hasattr(module, "weight")
+    """A layer computing x @ W^T (+ b): nn.Linear and its subclasses (Falcon's FalconLinear, bitsandbytes'
+    layers), or one of :data:`LINEAR_CLASS_NAMES` (GPT-2's Conv1D), as peft's ``all-linear`` admits them."""
+    named = isinstance(module, nn.Linear) or type(module).__name__ in LINEAR_CLASS_NAMES
+    return named and hasattr(module, "weight")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D, which stores W as (in, out): peft's ``fan_in_fan_out``."""
+    return type(module).__name__ == "Conv1D"
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear-like layer."""
-    if type(module).__name__ == "Conv1D":
+    if is_conv1d(module):
         in_features, out_features = module.weight.shape  # Conv1D stores W as (in, out)
         return in_features, out_features
     return module.in_features, module.out_features
+
+
+class WrappedLayer(nn.Module):
+    """The base of every layer a method puts around a frozen linear-like layer (LoRA and its variants,
+    AdaLoRA, (IA)3, UniPELT's gated LoRA): it looks like the layer it wraps, as peft's layers do, because
+    model code reads attributes of its own layers (T5 casts to ``self.wo.weight.dtype``).
+
+    A subclass stores the wrapped layer as ``self.base_layer`` (peft's name, so base weights keep peft's
+    keys) or overrides :meth:`get_base_layer`; ``weight``, ``bias``, ``in_features``, ``out_features``
+    and ``fan_in_fan_out`` then read through to it.
+    """
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    @property
+    def in_features(self) -> int:
+        return linear_dims(self.get_base_layer())[0]
+
+    @property
+    def out_features(self) -> int:
+        return linear_dims(self.get_base_layer())[1]
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return is_conv1d(self.get_base_layer())
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -63,6 +105,62 @@ def output_head_names(model: nn.Module) -> set[str]:
         if name.split(".")[0] in HEAD_NAMES:
             names.add(name)
     return names
+
+
+# Last name components of attention projections, across the transformers families: separate key and
+# value projections, else one fused query-key-value layer (scaling it scales q, k and v, as peft does).
+KEY_VALUE_NAMES = ("k_proj", "v_proj", "key", "value", "k", "v", "key_proj", "value_proj")
+FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack", "in_proj")
+
+
+def hidden_size(model: nn.Module) -> int | None:
+    """The width of the residual stream: the text config's hidden size, else the input embeddings'."""
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text(decoder=True) if callable(get_text) else config
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(text, key, None), int):
+            return getattr(text, key)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(embeddings, "embedding_dim", None)
+
+
+def _body_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    heads = output_head_names(model)
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if n and is_linear(m) and not any(n == h or n.startswith(h + ".") for h in heads)
+    ]
+
+
+def key_value_projections(model: nn.Module) -> list[str]:
+    """Full names of the attention layers' key and value projections, found from the module structure:
+    linear layers inside an attention module (a path component containing "att") named as a key or
+    value (``KEY_VALUE_NAMES``), else the fused query-key-value layers. Cross-attention counts too."""
+    in_attention = [
+        (n, n.split(".")[-1])
+        for n, _ in _body_linears(model)
+        if any("att" in part.lower() for part in n.split(".")[:-1])
+    ]
+    for names in (KEY_VALUE_NAMES, FUSED_QKV_NAMES):
+        found = [n for n, last in in_attention if last in names]
+        if found:
+            return found
+    return []
+
+
+def down_projections(model: nn.Module) -> list[str]:
+    """Full names of the feed-forward output ("down") projections, found from the layer shapes: the
+    linear layers that map a wider input back to the hidden size (``in > hidden = out``). Experts held
+    as 3-D parameters (MoE models in transformers 5) are not layers, so they are not listed."""
+    hidden = hidden_size(model)
+    found = []
+    for name, module in _body_linears(model):
+        in_features, out_features = linear_dims(module)
+        if out_features == hidden and in_features > hidden:
+            found.append(name)
+    return found
 
 
 def name_matches(name: str, target: str) -> bool:

@@ -284,7 +284,9 @@ def build_tiny(arch: str, path: Path) -> None:
             pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"], decoder_start_token_id=vocab["<pad>"]
         )
         if spec["model_type"] == "bart":  # BART starts decoding from </s> and has no separate bos here
-            ids.update(bos_token_id=vocab["</s>"], decoder_start_token_id=vocab["</s>"], forced_eos_token_id=None)
+            ids.update(
+                bos_token_id=vocab["</s>"], decoder_start_token_id=vocab["</s>"], forced_eos_token_id=None
+            )
         tok_kwargs = dict(pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     else:
         ids = dict(pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"])

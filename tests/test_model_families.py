@@ -107,8 +107,13 @@ def run_case(family: str, method: str, tmp_path: Path) -> dict:
     from peft import PeftModel
 
     base_dir = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    theirs = PeftModel.from_pretrained(auto_class(task).from_pretrained(base_dir, dtype=torch.float32), adapter)
-    outcome = {"outcome": "ok", "peft": (probe_logits(theirs.eval(), tokenizer, task) - reference).abs().max().item()}
+    theirs = PeftModel.from_pretrained(
+        auto_class(task).from_pretrained(base_dir, dtype=torch.float32), adapter
+    )
+    outcome = {
+        "outcome": "ok",
+        "peft": (probe_logits(theirs.eval(), tokenizer, task) - reference).abs().max().item(),
+    }
     if get_method_class(method).mergeable:
         merged_dir = tmp_path / "merged"
         peftcli.merge(adapter, merged_dir)

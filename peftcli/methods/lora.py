@@ -46,9 +46,9 @@ from torch import nn
 
 from peftcli.inject import (
     PREFIX,
+    WrappedLayer,
     classifier_heads,
     is_linear,
-    linear_dims,
     make_trainable_copies,
     match_targets,
     set_module,
@@ -227,7 +227,7 @@ def lora_variants(init: str, use_dora: bool) -> tuple[LoraVariant, ...]:
     return tuple(v for v, on in ((Pissa(), init == "pissa"), (Dora(), use_dora)) if on)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(WrappedLayer):
     """``base_layer(x) + scaling · lora_B(lora_A(dropout(x)))`` around a frozen linear-like layer, changed
     by its :class:`LoraVariant` s (DoRA, PiSSA)."""
 
@@ -243,8 +243,6 @@ class LoRALinear(nn.Module):
     ):
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = linear_dims(base_layer)
-        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
         self.r = r
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

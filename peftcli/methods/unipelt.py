@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from peftcli.inject import PREFIX, load_prefixed, set_module
+from peftcli.inject import PREFIX, WrappedLayer, load_prefixed, set_module
 from peftcli.methods.bottleneck import Bottleneck, attach, block_of, bottleneck_width, find_sublayers
 from peftcli.methods.lora import LoRA, LoraConfig, LoRALinear
 from peftcli.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
@@ -73,7 +73,7 @@ class UniPeltConfig(MethodConfig):
     )
 
 
-class GatedLoRA(nn.Module):
+class GatedLoRA(WrappedLayer):
     """``W0 x + σ(w·x + b) · (α/r) B A x`` around a :class:`LoRALinear` (whose weights and init it uses)."""
 
     def __init__(self, lora: LoRALinear):
@@ -83,6 +83,9 @@ class GatedLoRA(nn.Module):
         nn.init.zeros_(self.gate.weight)  # σ(0) = 0.5 for every token at step 0
         nn.init.zeros_(self.gate.bias)
         self.gate.to(lora.lora_A.weight)
+
+    def get_base_layer(self) -> nn.Module:
+        return self.lora.base_layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, in) -> (B, T, out)
