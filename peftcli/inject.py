@@ -219,6 +219,42 @@ def match_targets(
     return found
 
 
+def match_parameters(
+    model: nn.Module, targets: list[str], key: str = "method.target_parameters"
+) -> list[tuple[str, str]]:
+    """Resolve peft's ``target_parameters`` (``<module path>.<parameter>``, full or a suffix after a dot)
+    to (module name, parameter name) pairs, in peft's order: modules in model order, and a module's
+    parameters in the order the module registered them (that order nests the wrappers, see LoRA)."""
+    found: list[tuple[str, str]] = []
+    hit: set[str] = set()
+    for module_name, module in model.named_modules():
+        for parameter_name, parameter in module.named_parameters(recurse=False):
+            full = f"{module_name}.{parameter_name}" if module_name else parameter_name
+            matched = [t for t in targets if name_matches(full, t)]
+            if not matched:
+                continue
+            if not module_name or parameter.ndim not in (2, 3):
+                raise RecipeError(
+                    key,
+                    f"{matched[0]!r} matches {full} ({parameter.ndim}-D, on the model itself)"
+                    if not module_name
+                    else f"{matched[0]!r} matches {full}, a {parameter.ndim}-D tensor",
+                    "target 2-D weights or 3-D expert stacks held by a submodule",
+                )
+            found.append((module_name, parameter_name))
+            hit.update(matched)
+    missing = [t for t in targets if t not in hit]
+    if missing:
+        stacks = [n for n, p in model.named_parameters() if p.ndim == 3]
+        hint = ", ".join(dict.fromkeys(".".join(n.split(".")[-3:]) for n in stacks))
+        raise RecipeError(
+            key,
+            f"{missing[0]!r} matches no parameter in {type(model).__name__}",
+            f"its 3-D parameters (MoE experts): {hint}" if hint else "name a parameter as <module>.<name>",
+        )
+    return found
+
+
 def available_names(model: nn.Module, accept=is_linear) -> list[str]:
     """Short names (last component) of the modules ``accept`` admits, for error messages."""
     seen: dict[str, None] = {}
