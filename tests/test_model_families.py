@@ -23,8 +23,18 @@ from pathlib import Path
 import pytest
 import torch
 from peft_oracle import ROOT
+from torch import nn
 
-from peftcli.tiny import TINY_ARCHS
+from peftcli.inject import is_linear, match_targets, name_matches
+from peftcli.methods.adalora import SVDLinear
+from peftcli.methods.ia3 import IA3, IA3Config, IA3Linear, default_targets
+from peftcli.methods.lora import LoRALinear
+from peftcli.methods.unipelt import GatedLoRA
+from peftcli.tiny import TINY_ARCHS, ensure_tiny
+
+peft = pytest.importorskip("peft", reason="peft is the oracle of the matrix (pip install -e '.[dev]')")
+IA3_TARGETS = peft.utils.constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
+IA3_FEEDFORWARD = peft.utils.constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 
 FAMILIES = list(TINY_ARCHS)
 METHODS = ["lora", "ia3", "prefix_tuning"]
@@ -153,6 +163,115 @@ def test_family_method(family, method, tmp_path):
     else:
         assert outcome["peft"] <= PEFT_TOLERANCE, outcome
     assert outcome.get("merge", 0.0) <= MERGE_TOLERANCE, outcome
+
+
+# -- (IA)3's structural defaults against peft's per-family tables ------------------------------------
+
+# Where our defaults depart from peft's IA3 tables, and why: {peft's name suffix: ours instead (None: not
+# targeted)}. Every other family peft lists must match it exactly, targets and feed-forward set alike.
+QUERIES_FOR_KEYS = {"q_proj": "k_proj"}  # peft scales the queries; the paper (and we) the keys
+IA3_DEPARTURES: dict[str, dict[str, str | None]] = {
+    "qwen2": QUERIES_FOR_KEYS,
+    "qwen3": QUERIES_FOR_KEYS,
+    "gemma": QUERIES_FOR_KEYS,
+    "gemma2": QUERIES_FOR_KEYS,
+    "gemma3": QUERIES_FOR_KEYS,
+    "phi": QUERIES_FOR_KEYS,
+    "bart": QUERIES_FOR_KEYS,
+    "opt": {"q_proj": "v_proj"},  # peft: queries and keys; we: keys and values
+    # peft's suffix "output.dense" also catches attention.output.dense (and scales its input as if it
+    # were the FFN's); we scale the FFN's output.dense only
+    "bert": {"attention.output.dense": None},
+    "roberta": {"attention.output.dense": None},
+    "deberta-v2": {"attention.output.dense": None},
+}
+
+
+def load_tiny(family: str):
+    return auto_class(TINY_ARCHS[family]["task"]).from_pretrained(ensure_tiny(family), dtype=torch.float32)
+
+
+def peft_names_as_ours(names: set[str], departures: dict[str, str | None]) -> set[str]:
+    out = set()
+    for name in names:
+        suffix = next((s for s in departures if name_matches(name, s)), None)
+        if suffix is None:
+            out.add(name)
+        elif departures[suffix] is not None:
+            out.add(name[: -len(suffix)] + departures[suffix])
+    return out
+
+
+PEFT_LISTED = [f for f in FAMILIES if TINY_ARCHS[f]["model_type"] in IA3_TARGETS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", PEFT_LISTED)
+def test_ia3_defaults_match_peft_tables(family):
+    model = load_tiny(family)
+    model_type = TINY_ARCHS[family]["model_type"]
+    names = [n for n, _ in model.named_modules() if n]
+    departures = IA3_DEPARTURES.get(family, {})
+    peft_targets = {n for n in names if any(name_matches(n, t) for t in IA3_TARGETS[model_type])}
+    peft_feedforward = {n for n in names if any(name_matches(n, t) for t in IA3_FEEDFORWARD[model_type])}
+    targets, feedforward = default_targets(model)
+    assert set(targets) == peft_names_as_ours(peft_targets, departures)
+    assert set(feedforward) == peft_names_as_ours(peft_feedforward, departures)
+    if departures:  # a departure that no longer departs must leave the table
+        assert set(targets) != peft_targets
+
+
+def test_ia3_defaults_fall_back_to_the_table_for_unread_structures():
+    """DistilBERT names its projections k_lin/v_lin, which the structural reading does not know."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=1, n_heads=2)
+    model = DistilBertForSequenceClassification(config)
+    assert default_targets(model) is None
+    method = IA3(IA3Config(name="ia3"), "seq_cls")
+    method.attach(model)
+    short = {n.split("layer.0.")[-1] for n in method.targets}
+    assert short == {"attention.k_lin", "attention.v_lin", "ffn.lin2"}
+    assert [n.split("layer.0.")[-1] for n in method.feedforward] == ["ffn.lin2"]
+
+
+# -- wrapped layers look like their base (T5 reads self.wo.weight.dtype); Falcon's Linear subclass -----
+
+
+def wrappers_of(base: nn.Module) -> list[nn.Module]:
+    return [
+        LoRALinear(base, r=2, alpha=2.0, dropout=0.0, use_rslora=False),
+        LoRALinear(base, r=2, alpha=2.0, dropout=0.0, use_rslora=False, use_dora=True),
+        SVDLinear(base, r=2, alpha=2.0, dropout=0.0),
+        IA3Linear(base, is_feedforward=True),
+        GatedLoRA(LoRALinear(base, r=2, alpha=2.0, dropout=0.0, use_rslora=False)),
+    ]
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+def test_wrapped_layers_look_like_their_base(conv1d):
+    from transformers.pytorch_utils import Conv1D
+
+    base = Conv1D(3, 5) if conv1d else nn.Linear(5, 3)
+    for wrapper in wrappers_of(base):
+        assert wrapper.weight is base.weight and wrapper.bias is base.bias, type(wrapper).__name__
+        assert (wrapper.in_features, wrapper.out_features) == (5, 3)
+        assert wrapper.fan_in_fan_out == conv1d
+        assert not is_linear(wrapper)  # a wrapped layer is never wrapped again by all-linear
+
+
+def test_all_linear_admits_linear_subclasses_but_not_the_head():
+    class FalconLike(nn.Linear):  # FalconLinear subclasses nn.Linear
+        pass
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = FalconLike(4, 4)
+            self.lm_head = FalconLike(4, 8)
+
+    assert match_targets(Tiny(), "all-linear") == ["body"]
 
 
 if __name__ == "__main__":  # the reproduction table: python tests/test_model_families.py [family ...]
