@@ -274,10 +274,52 @@ def test_all_linear_admits_linear_subclasses_but_not_the_head():
     assert match_targets(Tiny(), "all-linear") == ["body"]
 
 
-if __name__ == "__main__":  # the reproduction table: python tests/test_model_families.py [family ...]
+# -- docs/methods.md's family table, rendered from the matrix's expectations --------------------------
+
+NOTES: dict[tuple[str, str], str] = {
+    ("mixtral", "lora"): "`all-linear` adapts attention; the experts through `target_parameters`",
+    ("qwen3_moe", "lora"): "`all-linear` adapts attention; the experts through `target_parameters`",
+    ("mixtral", "ia3"): "keys and values only: the experts are 3-D parameters, not layers",
+    ("qwen3_moe", "ia3"): "keys and values only: the experts are 3-D parameters, not layers",
+    ("falcon", "prefix_tuning"): "one key/value head (multi-query)",
+}
+REFUSAL_REASONS = {"prefix_tuning": "its attention reads no KV cache; use prompt_tuning or p_tuning"}
+
+
+def family_table() -> str:
+    """The family × method table of docs/methods.md (## Model families)."""
+    lines = [
+        "| family | built as | " + " | ".join(f"`{m}`" for m in METHODS) + " |",
+        "|---|---|" + "---|" * len(METHODS),
+    ]
+    for family in FAMILIES:
+        spec = TINY_ARCHS[family]
+        cells = []
+        for method in METHODS:
+            if (family, method) in REFUSALS:
+                cells.append(f"refused: {REFUSAL_REASONS[method]}")
+            elif (family, method) in PEFT_REFUSES:
+                cells.append("yes; peft 0.21.2 refuses to load it under transformers 5.24")
+            else:
+                note = NOTES.get((family, method))
+                cells.append(f"yes ({note})" if note else "yes")
+        built = f"`{spec['model_type']}`, {spec['task']}"
+        lines.append(f"| `tiny:{family}` | {built} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def test_docs_family_table():
+    """docs/methods.md shows exactly what the matrix asserts (regenerate: python tests/test_model_families.py --table)."""
+    assert family_table() in (ROOT / "docs" / "methods.md").read_text()
+
+
+if __name__ == "__main__":  # the outcomes: python tests/test_model_families.py [family ... | --table]
     import sys
     import tempfile
 
+    if sys.argv[1:] == ["--table"]:
+        print(family_table(), end="")
+        sys.exit()
     for family in sys.argv[1:] or FAMILIES:
         for method in METHODS:
             with tempfile.TemporaryDirectory() as tmp:
