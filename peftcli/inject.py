@@ -107,9 +107,10 @@ def output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
-# Last name components of attention projections, across the transformers families: separate key and
-# value projections, else one fused query-key-value layer (scaling it scales q, k and v, as peft does).
+# Last name components of attention projections across the transformers families: separate key/value
+# ((IA)3) or query/value (LoRA's classic pair) projections, else one fused query-key-value layer.
 KEY_VALUE_NAMES = ("k_proj", "v_proj", "key", "value", "k", "v", "key_proj", "value_proj")
+QUERY_VALUE_NAMES = ("q_proj", "v_proj", "query", "value", "q", "v", "query_proj", "value_proj")
 FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack", "in_proj")
 
 
@@ -134,17 +135,17 @@ def _body_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def key_value_projections(model: nn.Module) -> list[str]:
-    """Full names of the attention layers' key and value projections, found from the module structure:
-    linear layers inside an attention module (a path component containing "att") named as a key or
-    value (``KEY_VALUE_NAMES``), else the fused query-key-value layers. Cross-attention counts too."""
+def attention_projections(model: nn.Module, names: tuple[str, ...] = KEY_VALUE_NAMES) -> list[str]:
+    """Full names of attention projections, found from the module structure: linear layers inside an
+    attention module (a path component containing "att") whose last name is one of ``names`` (the key
+    and value projections by default), else the fused query-key-value layers. Cross-attention counts."""
     in_attention = [
         (n, n.split(".")[-1])
         for n, _ in _body_linears(model)
         if any("att" in part.lower() for part in n.split(".")[:-1])
     ]
-    for names in (KEY_VALUE_NAMES, FUSED_QKV_NAMES):
-        found = [n for n, last in in_attention if last in names]
+    for wanted in (names, FUSED_QKV_NAMES):
+        found = [n for n, last in in_attention if last in wanted]
         if found:
             return found
     return []

@@ -21,9 +21,9 @@ from torch import nn
 
 from peftcli.inject import (
     WrappedLayer,
+    attention_projections,
     classifier_heads,
     down_projections,
-    key_value_projections,
     make_trainable_copies,
     match_targets,
     name_matches,
@@ -46,7 +46,7 @@ def default_targets(model: nn.Module) -> tuple[list[str], list[str]] | None:
     attention's key and value projections (a fused query-key-value layer where there is one) and the
     feed-forward down projections, which scale their input. ``None`` when no key/value projection is
     found. MoE experts held as 3-D parameters are not layers, so there only keys and values are scaled."""
-    keys_values = key_value_projections(model)
+    keys_values = attention_projections(model)
     if not keys_values:
         return None
     down = down_projections(model)
