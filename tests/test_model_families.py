@@ -235,6 +235,18 @@ def test_ia3_defaults_fall_back_to_the_table_for_unread_structures():
     assert [n.split("layer.0.")[-1] for n in method.feedforward] == ["ffn.lin2"]
 
 
+@pytest.mark.parametrize(
+    ("targets", "feedforward"),
+    [(["k_proj", "v_proj"], []), (["k_proj", "down_proj"], ["down_proj"])],
+    ids=["attention-only", "with-down"],
+)
+def test_ia3_named_targets_take_the_down_projections_among_them_as_feedforward(targets, feedforward):
+    method = IA3(IA3Config(name="ia3", target_modules=targets), "causal_lm")
+    method.attach(load_tiny("llama"))
+    assert {n.split(".")[-1] for n in method.targets} == set(targets)
+    assert sorted({n.split(".")[-1] for n in method.feedforward}) == feedforward
+
+
 # -- wrapped layers look like their base (T5 reads self.wo.weight.dtype); Falcon's Linear subclass -----
 
 

@@ -114,24 +114,23 @@ class IA3(Method):
         cfg = self.cfg
         if cfg.target_modules is not None and cfg.feedforward_modules is not None:
             return cfg.target_modules, cfg.feedforward_modules
-        defaults = default_targets(model)
-        if defaults is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", "")
-            defaults = FALLBACK_TARGETS.get(model_type)
-        if defaults is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", "")
+        defaults = default_targets(model) or FALLBACK_TARGETS.get(model_type)
+        if cfg.target_modules is not None:
+            targets = cfg.target_modules
+        elif defaults is not None:
+            targets = defaults[0]
+        else:
             raise RecipeError(
                 "method.target_modules",
                 f"found no key/value projections in {type(model).__name__}",
                 "set method.target_modules (keys, values, FFN down projection) and "
                 "method.feedforward_modules",
             )
-        if cfg.target_modules is None:
-            targets = defaults[0]
-        else:
-            targets = match_targets(model, cfg.target_modules)
         if cfg.feedforward_modules is not None:
             return targets, cfg.feedforward_modules
-        down = set(match_targets(model, defaults[1])) if defaults[1] else set()
+        down_names = defaults[1] if defaults is not None else down_projections(model)
+        down = set(match_targets(model, down_names)) if down_names else set()
         return targets, [n for n in match_targets(model, targets) if n in down]
 
     def apply(self, model: nn.Module) -> nn.Module:

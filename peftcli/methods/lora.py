@@ -419,7 +419,7 @@ class LoRA(Method):
     @classmethod
     def validate_config(cls, cfg: LoraConfig, recipe) -> None:
         if cfg.target_parameters is not None:
-            cls._validate_target_parameters(cfg)
+            cls._validate_target_parameters(cfg, recipe)
         elif cfg.target_modules == []:
             raise RecipeError(
                 "method.target_modules",
@@ -450,7 +450,7 @@ class LoRA(Method):
             )
 
     @staticmethod
-    def _validate_target_parameters(cfg: LoraConfig) -> None:
+    def _validate_target_parameters(cfg: LoraConfig, recipe) -> None:
         """peft's ``ParamWrapper`` limits: the update is folded into the parameter before the module runs,
         so there is no input to drop out and no per-layer output for DoRA to rescale."""
         if not cfg.target_parameters or any(not isinstance(t, str) or not t for t in cfg.target_parameters):
@@ -458,6 +458,12 @@ class LoRA(Method):
                 "method.target_parameters",
                 "must be a non-empty list of parameter names",
                 "e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj], or remove the key",
+            )
+        if recipe.train.distributed == "fsdp":
+            raise RecipeError(
+                "train.distributed",
+                "LoRA on parameters (method.target_parameters) is not tested with FSDP",
+                "use train.distributed: ddp, or adapt linear layers only",
             )
         for key, bad, why in (
             ("dropout", cfg.dropout > 0, "dropout cannot act on an update folded into the weight"),
