@@ -349,7 +349,7 @@ class PTuningV2(SoftPromptMethod):
         if not {"cache", "past_key_values"} & set(accepted):
             raise RecipeError(
                 "method.name",
-                f"{self.name} passes its prefixes as a KV cache, and {type(backbone).__name__} reads none",
+                f"the prefixes of this method travel in a KV cache, and {type(backbone).__name__} reads none",
                 "use prompt_tuning or p_tuning (prompts on the input embeddings), lora or ia3",
             )
 
