@@ -41,15 +41,57 @@ def classifier_heads(model: nn.Module, task: str) -> list[str]:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return type(module).__name__ in LINEAR_CLASS_NAMES and hasattr(module, "weight")
+    """A layer computing x @ W^T (+ b): nn.Linear and its subclasses (Falcon's FalconLinear, bitsandbytes'
+    layers), or one of :data:`LINEAR_CLASS_NAMES` (GPT-2's Conv1D), as peft's ``all-linear`` admits them."""
+    named = isinstance(module, nn.Linear) or type(module).__name__ in LINEAR_CLASS_NAMES
+    return named and hasattr(module, "weight")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D, which stores W as (in, out): peft's ``fan_in_fan_out``."""
+    return type(module).__name__ == "Conv1D"
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear-like layer."""
-    if type(module).__name__ == "Conv1D":
+    if is_conv1d(module):
         in_features, out_features = module.weight.shape  # Conv1D stores W as (in, out)
         return in_features, out_features
     return module.in_features, module.out_features
+
+
+class WrappedLayer(nn.Module):
+    """The base of every layer a method puts around a frozen linear-like layer (LoRA and its variants,
+    AdaLoRA, (IA)3, UniPELT's gated LoRA): it looks like the layer it wraps, as peft's layers do, because
+    model code reads attributes of its own layers (T5 casts to ``self.wo.weight.dtype``).
+
+    A subclass stores the wrapped layer as ``self.base_layer`` (peft's name, so base weights keep peft's
+    keys) or overrides :meth:`get_base_layer`; ``weight``, ``bias``, ``in_features``, ``out_features``
+    and ``fan_in_fan_out`` then read through to it.
+    """
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    @property
+    def in_features(self) -> int:
+        return linear_dims(self.get_base_layer())[0]
+
+    @property
+    def out_features(self) -> int:
+        return linear_dims(self.get_base_layer())[1]
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return is_conv1d(self.get_base_layer())
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -63,6 +105,63 @@ def output_head_names(model: nn.Module) -> set[str]:
         if name.split(".")[0] in HEAD_NAMES:
             names.add(name)
     return names
+
+
+# Last name components of attention projections across the transformers families: separate key/value
+# ((IA)3) or query/value (LoRA's classic pair) projections, else one fused query-key-value layer.
+KEY_VALUE_NAMES = ("k_proj", "v_proj", "key", "value", "k", "v", "key_proj", "value_proj")
+QUERY_VALUE_NAMES = ("q_proj", "v_proj", "query", "value", "q", "v", "query_proj", "value_proj")
+FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack", "in_proj")
+
+
+def hidden_size(model: nn.Module) -> int | None:
+    """The width of the residual stream: the text config's hidden size, else the input embeddings'."""
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text(decoder=True) if callable(get_text) else config
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(text, key, None), int):
+            return getattr(text, key)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(embeddings, "embedding_dim", None)
+
+
+def _body_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    heads = output_head_names(model)
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if n and is_linear(m) and not any(n == h or n.startswith(h + ".") for h in heads)
+    ]
+
+
+def attention_projections(model: nn.Module, names: tuple[str, ...] = KEY_VALUE_NAMES) -> list[str]:
+    """Full names of attention projections, found from the module structure: linear layers inside an
+    attention module (a path component containing "att") whose last name is one of ``names`` (the key
+    and value projections by default), else the fused query-key-value layers. Cross-attention counts."""
+    in_attention = [
+        (n, n.split(".")[-1])
+        for n, _ in _body_linears(model)
+        if any("att" in part.lower() for part in n.split(".")[:-1])
+    ]
+    for wanted in (names, FUSED_QKV_NAMES):
+        found = [n for n, last in in_attention if last in wanted]
+        if found:
+            return found
+    return []
+
+
+def down_projections(model: nn.Module) -> list[str]:
+    """Full names of the feed-forward output ("down") projections, found from the layer shapes: the
+    linear layers that map a wider input back to the hidden size (``in > hidden = out``). Experts held
+    as 3-D parameters (MoE models in transformers 5) are not layers, so they are not listed."""
+    hidden = hidden_size(model)
+    found = []
+    for name, module in _body_linears(model):
+        in_features, out_features = linear_dims(module)
+        if out_features == hidden and in_features > hidden:
+            found.append(name)
+    return found
 
 
 def name_matches(name: str, target: str) -> bool:
@@ -117,6 +216,42 @@ def match_targets(
             key,
             f"{targets!r} matches no {what} in {type(model).__name__}",
             f"names of its {what}s: {', '.join(available_names(model, accept)) or 'none'}",
+        )
+    return found
+
+
+def match_parameters(
+    model: nn.Module, targets: list[str], key: str = "method.target_parameters"
+) -> list[tuple[str, str]]:
+    """Resolve peft's ``target_parameters`` (``<module path>.<parameter>``, full or a suffix after a dot)
+    to (module name, parameter name) pairs, in peft's order: modules in model order, and a module's
+    parameters in the order the module registered them (that order nests the wrappers, see LoRA)."""
+    found: list[tuple[str, str]] = []
+    hit: set[str] = set()
+    for module_name, module in model.named_modules():
+        for parameter_name, parameter in module.named_parameters(recurse=False):
+            full = f"{module_name}.{parameter_name}" if module_name else parameter_name
+            matched = [t for t in targets if name_matches(full, t)]
+            if not matched:
+                continue
+            if not module_name or parameter.ndim not in (2, 3):
+                raise RecipeError(
+                    key,
+                    f"{matched[0]!r} matches {full} ({parameter.ndim}-D, on the model itself)"
+                    if not module_name
+                    else f"{matched[0]!r} matches {full}, a {parameter.ndim}-D tensor",
+                    "target 2-D weights or 3-D expert stacks held by a submodule",
+                )
+            found.append((module_name, parameter_name))
+            hit.update(matched)
+    missing = [t for t in targets if t not in hit]
+    if missing:
+        stacks = [n for n, p in model.named_parameters() if p.ndim == 3]
+        hint = ", ".join(dict.fromkeys(".".join(n.split(".")[-3:]) for n in stacks))
+        raise RecipeError(
+            key,
+            f"{missing[0]!r} matches no parameter in {type(model).__name__}",
+            f"its 3-D parameters (MoE experts): {hint}" if hint else "name a parameter as <module>.<name>",
         )
     return found
 

@@ -128,7 +128,9 @@ class QuantizationConfig:
 class ModelConfig:
     name: str = field(
         default="",
-        metadata=doc("hub id, local model directory, or tiny:<arch> (llama, qwen2, gpt2, bert, t5)"),
+        metadata=doc(
+            "hub id, local model directory, or tiny:<family> (llama, qwen3, mixtral, gpt2, bert, t5, ...)"
+        ),
     )
     task: Literal["causal_lm", "seq_cls", "seq2seq"] = field(
         default="causal_lm", metadata=doc("head to load: causal_lm, seq_cls (classification) or seq2seq")

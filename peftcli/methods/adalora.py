@@ -41,8 +41,8 @@ from torch import nn
 
 from peftcli.inject import (
     PREFIX,
+    WrappedLayer,
     classifier_heads,
-    linear_dims,
     make_trainable_copies,
     match_targets,
     set_module,
@@ -91,14 +91,12 @@ class AdaLoraConfig(MethodConfig):
     )
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(WrappedLayer):
     """``base_layer(x) + (α/r0) · ((dropout(x) Qᵀ ⊙ λ) Pᵀ)`` around a frozen linear-like layer."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float):
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = linear_dims(base_layer)
-        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
         self.r = r
         self.ranknum = float(r)  # peft keeps the scale at α / r0 after pruning
         self.scaling = alpha

@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from peftcli.inject import (
+    WrappedLayer,
+    attention_projections,
     classifier_heads,
-    linear_dims,
+    down_projections,
     make_trainable_copies,
     match_targets,
     name_matches,
@@ -30,16 +32,25 @@ from peftcli.inject import (
 from peftcli.methods.registry import Method, register
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
-# peft's defaults per architecture: (targets, feed-forward targets).
-DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
-    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gemma": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "bert": (["key", "value", "output.dense"], ["output.dense"]),
-    "t5": (["k", "v", "wo"], ["wo"]),
+# Defaults for model types whose attention names ``default_targets`` does not know (``k_lin`` is not in
+# ``inject.KEY_VALUE_NAMES``): (targets, feed-forward targets), as peft's per-family tables give them.
+FALLBACK_TARGETS: dict[str, tuple[list[str], list[str]]] = {
+    "distilbert": (["k_lin", "v_lin", "ffn.lin2"], ["ffn.lin2"]),
+    "xlm": (["k_lin", "v_lin", "lin2"], ["lin2"]),
+    "flaubert": (["k_lin", "v_lin", "lin2"], ["lin2"]),
 }
+
+
+def default_targets(model: nn.Module) -> tuple[list[str], list[str]] | None:
+    """(targets, feed-forward targets) as the paper places (IA)3, read from the model's structure: the
+    attention's key and value projections (a fused query-key-value layer where there is one) and the
+    feed-forward down projections, which scale their input. ``None`` when no key/value projection is
+    found. MoE experts held as 3-D parameters are not layers, so there only keys and values are scaled."""
+    keys_values = attention_projections(model)
+    if not keys_values:
+        return None
+    down = down_projections(model)
+    return keys_values + down, down
 
 
 @dataclass
@@ -47,27 +58,25 @@ class IA3Config(MethodConfig):
     target_modules: str | list[str] | None = field(
         default=None,
         metadata=doc(
-            "modules whose activations are rescaled (names or a regex); default: keys, values and the "
-            "FFN output projection for llama/qwen2/mistral/gemma/gpt2/bert/t5"
+            "modules whose activations are rescaled (names or a regex); default: the attention's key and "
+            "value projections and the FFN down projection, found from the model's structure"
         ),
     )
     feedforward_modules: list[str] | None = field(
         default=None,
-        metadata=doc("targets whose INPUT is scaled (the FFN down projection); default: per architecture"),
+        metadata=doc("targets whose INPUT is scaled; default: the FFN down projections among the targets"),
     )
     modules_to_save: list[str] = field(
         default_factory=list, metadata=doc("modules trained in full and saved whole; seq_cls heads are added")
     )
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(WrappedLayer):
     """``base_layer(x ⊙ l)`` (feed-forward) or ``base_layer(x) ⊙ l`` around a frozen linear-like layer."""
 
     def __init__(self, base_layer: nn.Module, is_feedforward: bool):
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = linear_dims(base_layer)
-        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
         self.is_feedforward = is_feedforward
         shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)
         # l = 1: step 0 equals the base
@@ -100,19 +109,29 @@ class IA3(Method):
         self.feedforward: list[str] = []
 
     def _resolve_defaults(self, model: nn.Module) -> tuple[str | list[str], list[str]]:
+        """The recipe's targets, else the structural defaults (else the fallback table); the feed-forward
+        set defaults to the down projections among the targets."""
         cfg = self.cfg
+        if cfg.target_modules is not None and cfg.feedforward_modules is not None:
+            return cfg.target_modules, cfg.feedforward_modules
         model_type = getattr(getattr(model, "config", None), "model_type", "")
-        defaults = DEFAULT_TARGETS.get(model_type)
-        if defaults is None and (cfg.target_modules is None or cfg.feedforward_modules is None):
+        defaults = default_targets(model) or FALLBACK_TARGETS.get(model_type)
+        if cfg.target_modules is not None:
+            targets = cfg.target_modules
+        elif defaults is not None:
+            targets = defaults[0]
+        else:
             raise RecipeError(
                 "method.target_modules",
-                f"no (IA)3 defaults for model type {model_type!r}",
+                f"found no key/value projections in {type(model).__name__}",
                 "set method.target_modules (keys, values, FFN down projection) and "
                 "method.feedforward_modules",
             )
-        targets = cfg.target_modules if cfg.target_modules is not None else defaults[0]
-        feedforward = cfg.feedforward_modules if cfg.feedforward_modules is not None else defaults[1]
-        return targets, feedforward
+        if cfg.feedforward_modules is not None:
+            return targets, cfg.feedforward_modules
+        down_names = defaults[1] if defaults is not None else down_projections(model)
+        down = set(match_targets(model, down_names)) if down_names else set()
+        return targets, [n for n in match_targets(model, targets) if n in down]
 
     def apply(self, model: nn.Module) -> nn.Module:
         targets, feedforward = self._resolve_defaults(model)

@@ -46,10 +46,11 @@ from torch import nn
 
 from peftcli.inject import (
     PREFIX,
+    WrappedLayer,
     classifier_heads,
     is_linear,
-    linear_dims,
     make_trainable_copies,
+    match_parameters,
     match_targets,
     set_module,
 )
@@ -68,6 +69,14 @@ class LoraConfig(MethodConfig):
         default="all-linear",
         metadata=doc(
             "module names (list), a regex on full names, or all-linear (every linear layer but the head)"
+        ),
+    )
+    target_parameters: list[str] | None = field(
+        default=None,
+        metadata=doc(
+            "parameters adapted directly (peft's target_parameters), e.g. [mlp.experts.gate_up_proj, "
+            "mlp.experts.down_proj]: the 3-D expert stacks of MoE models; set target_modules: [] for "
+            "only these"
         ),
     )
     modules_to_save: list[str] = field(
@@ -227,7 +236,7 @@ def lora_variants(init: str, use_dora: bool) -> tuple[LoraVariant, ...]:
     return tuple(v for v, on in ((Pissa(), init == "pissa"), (Dora(), use_dora)) if on)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(WrappedLayer):
     """``base_layer(x) + scaling · lora_B(lora_A(dropout(x)))`` around a frozen linear-like layer, changed
     by its :class:`LoraVariant` s (DoRA, PiSSA)."""
 
@@ -243,8 +252,6 @@ class LoRALinear(nn.Module):
     ):
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = linear_dims(base_layer)
-        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
         self.r = r
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -316,6 +323,77 @@ class LoRALinear(nn.Module):
 PLAIN = LoraVariant()
 
 
+class LoRAParameter(nn.Module):
+    """LoRA on one parameter of a module, as peft's ``ParamWrapper``: ``W' = W + s · B_e A_e`` for every
+    expert ``e`` of a 3-D stack (MoE experts in transformers 5, laid out (experts, out, in)), or for the
+    one matrix of a 2-D weight. The module runs with ``W'`` in place of ``W`` (``torch.func.functional_call``),
+    so any forward that reads the parameter (grouped matmuls, per-expert loops) sees the update.
+
+    Stored as peft stores it: ``lora_A`` [r·E, in] (expert ``e``'s A is rows ``e·r … e·r + r − 1``) and
+    ``lora_B`` [out, r·E] (expert ``e``'s B is columns ``e, e + E, …``). Two parameters of one module nest
+    (the wrapper of the first-registered one innermost), so their keys are peft's:
+    ``<module>.base_layer.lora_A.weight`` and ``<module>.lora_A.weight``.
+    """
+
+    def __init__(self, base_layer: nn.Module, parameter_name: str, r: int, alpha: float, use_rslora: bool):
+        super().__init__()
+        self.base_layer = base_layer
+        self.parameter_name = parameter_name
+        self.r = r
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        weight = self.parameter()
+        # a module that sets is_transposed stores its stack as (experts, in, out), as peft reads it
+        self.transposed = weight.ndim == 3 and bool(getattr(self.innermost(), "is_transposed", False))
+        if weight.ndim == 3:
+            self.num_experts, out_features, in_features = weight.shape
+            if self.transposed:
+                in_features, out_features = out_features, in_features
+        else:
+            self.num_experts, (out_features, in_features) = 1, weight.shape
+        self.in_features, self.out_features = in_features, out_features
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        self.lora_A = nn.Linear(
+            in_features, r * self.num_experts, bias=False, device=weight.device, dtype=dtype
+        )
+        self.lora_B = nn.Linear(
+            r * self.num_experts, out_features, bias=False, device=weight.device, dtype=dtype
+        )
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's default init
+        nn.init.zeros_(self.lora_B.weight)  # B = 0: step 0 equals the base
+
+    def innermost(self) -> nn.Module:
+        """The module that holds the parameter (under any other parameter's wrapper)."""
+        module = self.base_layer
+        while isinstance(module, LoRAParameter):
+            module = module.base_layer
+        return module
+
+    def parameter(self) -> torch.Tensor:
+        return getattr(self.innermost(), self.parameter_name)
+
+    def parameter_path(self) -> str:
+        """The parameter's dotted name relative to ``base_layer`` (through nested wrappers)."""
+        path, module = self.parameter_name, self.base_layer
+        while isinstance(module, LoRAParameter):
+            path, module = f"base_layer.{path}", module.base_layer
+        return path
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s · B_e A_e`` for every expert, in the parameter's own layout and shape."""
+        experts, r = self.num_experts, self.r
+        a = self.lora_A.weight.view(experts, r, self.in_features)  # (E, r, in)
+        b = self.lora_B.weight.view(self.out_features, r, experts).permute(2, 0, 1)  # (E, out, r)
+        delta = (b @ a) * self.scaling  # (E, out, in)
+        if self.transposed:
+            delta = delta.transpose(1, 2)  # (E, in, out)
+        return delta if self.parameter().ndim == 3 else delta[0]
+
+    def forward(self, *args, **kwargs):
+        weight = self.parameter()
+        updated = weight + self.delta_weight().to(weight.dtype)
+        return torch.func.functional_call(self.base_layer, {self.parameter_path(): updated}, args, kwargs)
+
+
 @register
 class LoRA(Method):
     name = "lora"
@@ -336,9 +414,18 @@ class LoRA(Method):
     def __init__(self, cfg: LoraConfig, task: str = "causal_lm"):
         super().__init__(cfg, task)
         self.targets: list[str] = []
+        self.parameter_targets: list[tuple[str, str]] = []
 
     @classmethod
     def validate_config(cls, cfg: LoraConfig, recipe) -> None:
+        if cfg.target_parameters is not None:
+            cls._validate_target_parameters(cfg, recipe)
+        elif cfg.target_modules == []:
+            raise RecipeError(
+                "method.target_modules",
+                "is empty and no target_parameters are set, so nothing would train",
+                "name modules, use all-linear, or set method.target_parameters",
+            )
         for key in ("rank_pattern", "alpha_pattern"):
             for pattern in getattr(cfg, key):
                 try:
@@ -362,17 +449,56 @@ class LoRA(Method):
                 "use init: kaiming with model.quantization, or drop model.quantization",
             )
 
+    @staticmethod
+    def _validate_target_parameters(cfg: LoraConfig, recipe) -> None:
+        """peft's ``ParamWrapper`` limits: the update is folded into the parameter before the module runs,
+        so there is no input to drop out and no per-layer output for DoRA to rescale."""
+        if not cfg.target_parameters or any(not isinstance(t, str) or not t for t in cfg.target_parameters):
+            raise RecipeError(
+                "method.target_parameters",
+                "must be a non-empty list of parameter names",
+                "e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj], or remove the key",
+            )
+        if recipe.train.distributed == "fsdp":
+            raise RecipeError(
+                "train.distributed",
+                "LoRA on parameters (method.target_parameters) is not tested with FSDP",
+                "use train.distributed: ddp, or adapt linear layers only",
+            )
+        for key, bad, why in (
+            ("dropout", cfg.dropout > 0, "dropout cannot act on an update folded into the weight"),
+            ("use_dora", cfg.use_dora, "DoRA is not defined for parameters (peft refuses it too)"),
+            ("init", cfg.init == "pissa", "PiSSA is for linear layers"),
+        ):
+            if bad:
+                raise RecipeError(
+                    f"method.{key}",
+                    f"{why}, and method.target_parameters is set",
+                    f"drop method.{key} or method.target_parameters",
+                )
+
     # -- building ------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
-        self.targets = match_targets(model, cfg.target_modules)
+        only_parameters = cfg.target_modules == [] and bool(cfg.target_parameters)
+        self.targets = [] if only_parameters else match_targets(model, cfg.target_modules)
+        # (module, parameter) pairs; every pair is also addressed by "<module>.<parameter>" below
+        self.parameter_targets = match_parameters(model, cfg.target_parameters or [])
+        clash = set(self.targets) & {m for m, _ in self.parameter_targets}
+        if clash:
+            raise RecipeError(
+                "method.target_parameters",
+                f"{sorted(clash)[0]} is adapted through target_modules and target_parameters at once",
+                "drop it from one of the two",
+            )
+        adapted = self.targets + [f"{m}.{p}" for m, p in self.parameter_targets]
         for key in ("rank_pattern", "alpha_pattern"):  # peft ignores a key that matches nothing; we say so
             for pattern in getattr(cfg, key):
-                if not any(pattern_key([pattern], name) for name in self.targets):
+                if not any(pattern_key([pattern], name) for name in adapted):
                     raise RecipeError(
                         f"method.{key}.{pattern}",
                         "matches none of the adapted modules",
-                        f"adapted: {', '.join(dict.fromkeys(n.split('.')[-1] for n in self.targets))}",
+                        f"adapted: {', '.join(dict.fromkeys(n.split('.')[-1] for n in adapted))}",
                     )
         for name in self.targets:
             r, alpha = self.rank_and_alpha(name)
@@ -380,6 +506,12 @@ class LoRA(Method):
             layer = LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora, cfg.init)
             layer.reset_parameters()
             set_module(model, name, layer)
+        for module_name, parameter_name in self.parameter_targets:  # a second one on a module nests
+            r, alpha = self.rank_and_alpha(f"{module_name}.{parameter_name}")
+            wrapped = LoRAParameter(
+                model.get_submodule(module_name), parameter_name, r, alpha, cfg.use_rslora
+            )
+            set_module(model, module_name, wrapped)
         to_save = list(cfg.modules_to_save)
         to_save += [h for h in classifier_heads(model, self.task) if h not in to_save]  # peft adds it too
         self.saved_modules = make_trainable_copies(model, to_save)
@@ -415,6 +547,9 @@ class LoRA(Method):
     def lora_layers(self, model: nn.Module) -> list[tuple[str, LoRALinear]]:
         return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
+    def parameter_layers(self, model: nn.Module) -> list[tuple[str, LoRAParameter]]:
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRAParameter)]
+
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """LoRA+: ``B`` and 1-D tensors (DoRA magnitudes, biases) at ratio × lr, as peft groups them."""
         ratio = self.cfg.lora_plus_ratio
@@ -433,6 +568,9 @@ class LoRA(Method):
         count = sum(
             m.r * (m.in_features + m.out_features) + sum(v.parameter_count(m) for v in m.variants)
             for _, m in self.lora_layers(model)
+        )
+        count += sum(
+            m.r * m.num_experts * (m.in_features + m.out_features) for _, m in self.parameter_layers(model)
         )
         return count + self.saved_modules_count(model) + sum(p.numel() for n, p in self._bias_params(model))
 
@@ -479,6 +617,7 @@ class LoRA(Method):
             "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout,
             "target_modules": list(self.targets),
+            "target_parameters": list(self.cfg.target_parameters) if self.cfg.target_parameters else None,
             "modules_to_save": list(self.saved_modules) or None,
             "use_rslora": cfg.use_rslora,
             "use_dora": cfg.use_dora,
@@ -498,12 +637,16 @@ class LoRA(Method):
         init = adapter_config.get("init_lora_weights", True)
         if isinstance(init, str) and init.startswith("pissa"):
             init = "pissa"  # peft's own PiSSA save: W_res is recomputed from the base, as peft does
+        target_modules = adapter_config.get("target_modules") or "all-linear"
+        if adapter_config.get("target_parameters") and not adapter_config.get("target_modules"):
+            target_modules = []  # peft's way of adapting the parameters alone
         return LoraConfig(
             name=cls.name,
             r=int(adapter_config.get("r", 8)),
             alpha=float(adapter_config.get("lora_alpha", 8)),
             dropout=float(adapter_config.get("lora_dropout", 0.0)),
-            target_modules=adapter_config.get("target_modules") or "all-linear",
+            target_modules=target_modules,
+            target_parameters=list(adapter_config.get("target_parameters") or []) or None,
             modules_to_save=list(adapter_config.get("modules_to_save") or []),
             use_rslora=bool(adapter_config.get("use_rslora", False)),
             use_dora=bool(adapter_config.get("use_dora", False)),
@@ -515,6 +658,18 @@ class LoRA(Method):
 
     # -- merging -------------------------------------------------------------------------
     def merge(self, model: nn.Module) -> nn.Module:
+        # each outermost wrapper folds its own delta and those of the wrappers nested under it
+        nested = {f"{name}.base_layer" for name, _ in self.parameter_layers(model)}
+        for name, wrapper in self.parameter_layers(model):
+            if name in nested:
+                continue
+            module = wrapper
+            while isinstance(module, LoRAParameter):
+                with torch.no_grad():
+                    weight = module.parameter()
+                    weight.copy_((weight.float() + module.delta_weight().float()).to(weight.dtype))
+                module = module.base_layer
+            set_module(model, name, module)
         for name, layer in self.lora_layers(model):
             base = layer.base_layer
             if not base.weight.is_floating_point() or type(base).__name__ in ("Linear4bit", "Linear8bitLt"):
@@ -540,4 +695,4 @@ def pattern_key(patterns: dict[str, Any] | list[str], name: str) -> str | None:
     return None
 
 
-__all__ = ["Dora", "LoRA", "LoRALinear", "LoraConfig", "LoraVariant", "Pissa", "is_linear"]
+__all__ = ["Dora", "LoRA", "LoRALinear", "LoRAParameter", "LoraConfig", "LoraVariant", "Pissa", "is_linear"]

@@ -40,6 +40,7 @@ turns them into the KV cache the base model reads (``prefix_cache``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -338,8 +339,23 @@ class PTuningV2(SoftPromptMethod):
                 "remove method.encoder_prefix",
             )
 
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse, at start and in one line, a model whose attention reads no KV cache (DeBERTa-v2,
+        ModernBERT): the prefixes travel in the cache, so such a model would drop them while the attention
+        mask grows by ``n``. The backbone's forward names the cache (``cache``, ``past_key_values`` before
+        transformers 5.24) when its layers read one."""
+        backbone = getattr(model, "base_model", model)
+        accepted = inspect.signature(backbone.forward).parameters
+        if not {"cache", "past_key_values"} & set(accepted):
+            raise RecipeError(
+                "method.name",
+                f"the prefixes of this method travel in a KV cache, and {type(backbone).__name__} reads none",
+                "use prompt_tuning or p_tuning (prompts on the input embeddings), lora or ia3",
+            )
+
     def build_prompt(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
+        self.check_model(model)
         geometry = prefix_geometry(model.config, self.task)
         encoder = PrefixEncoder(
             cfg.num_virtual_tokens,

@@ -108,7 +108,9 @@ def prefix_geometry(config, task: str) -> PrefixGeometry:
             f"cannot read the attention layout of {type(config).__name__} ({err})",
             "use prompt_tuning or p_tuning, which only need the input embeddings",
         ) from None
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_kv_heads", None) or heads
+    if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False):
+        kv_heads = 1  # Falcon-7B (and GPT-BigCode) share one key/value head among all query heads
     head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "d_kv", None) or cfg.hidden_size // heads
     return PrefixGeometry(layers, kv_heads, head_dim, encoder_decoder=task == "seq2seq")
 

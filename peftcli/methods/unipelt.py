@@ -33,14 +33,19 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from peftcli.inject import PREFIX, load_prefixed, set_module
+from peftcli.inject import (
+    PREFIX,
+    QUERY_VALUE_NAMES,
+    WrappedLayer,
+    attention_projections,
+    load_prefixed,
+    set_module,
+)
 from peftcli.methods.bottleneck import Bottleneck, attach, block_of, bottleneck_width, find_sublayers
 from peftcli.methods.lora import LoRA, LoraConfig, LoRALinear
 from peftcli.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from peftcli.methods.registry import Method, register
 from peftcli.recipe import MethodConfig, Recipe, RecipeError, doc, from_dict
-
-QUERY_VALUE_NAMES = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",))
 
 
 @dataclass
@@ -52,7 +57,7 @@ class UniPeltConfig(MethodConfig):
     lora_target_modules: list[str] | None = field(
         default=None,
         metadata=doc(
-            "LoRA targets; default the query and value projections (q_proj/v_proj, query/value, c_attn)"
+            "LoRA targets; default the attention's query and value projections (or its fused qkv layer), read from the model"
         ),
     )
     num_virtual_tokens: int = field(
@@ -73,7 +78,7 @@ class UniPeltConfig(MethodConfig):
     )
 
 
-class GatedLoRA(nn.Module):
+class GatedLoRA(WrappedLayer):
     """``W0 x + σ(w·x + b) · (α/r) B A x`` around a :class:`LoRALinear` (whose weights and init it uses)."""
 
     def __init__(self, lora: LoRALinear):
@@ -83,6 +88,9 @@ class GatedLoRA(nn.Module):
         nn.init.zeros_(self.gate.weight)  # σ(0) = 0.5 for every token at step 0
         nn.init.zeros_(self.gate.bias)
         self.gate.to(lora.lora_A.weight)
+
+    def get_base_layer(self) -> nn.Module:
+        return self.lora.base_layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, in) -> (B, T, out)
@@ -128,10 +136,11 @@ def _gate_of(gate: PrefixGate, layer: int) -> torch.Tensor:
 
 
 def default_lora_targets(model: nn.Module) -> list[str]:
-    names = {n.split(".")[-1] for n, _ in model.named_modules()}
-    for group in QUERY_VALUE_NAMES:
-        if all(g in names for g in group):
-            return list(group)
+    """The attention's query and value projections (the paper's LoRA placement), read from the model's
+    structure; a fused query-key-value layer where there is one."""
+    found = attention_projections(model, QUERY_VALUE_NAMES)
+    if found:
+        return found
     raise RecipeError(
         "method.lora_target_modules",
         f"cannot find query/value projections in {type(model).__name__}",
