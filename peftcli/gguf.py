@@ -181,6 +181,8 @@ def write_hyperparameters(writer, config, family: Family) -> list[str]:
         gguf = import_gguf()
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope_type == "llama3" and family.arch == "llama":
+        pass  # per-frequency factors, written as the rope_freqs tensor (rope_frequency_factors)
     elif rope_type != "default":
         raise RecipeError(
             "export",
@@ -223,6 +225,21 @@ def write_hyperparameters(writer, config, family: Family) -> list[str]:
             f"llama.cpp's {family.arch} has no sliding window: beyond {window} tokens its outputs differ"
         )
     return notes
+
+
+def rope_frequency_factors(config) -> torch.Tensor | None:
+    """Llama 3.1's rope: llama.cpp divides each rotary frequency by a factor it reads from a
+    ``rope_freqs`` tensor. The factors are transformers' own frequencies against the plain ones, so they
+    are exactly what transformers computes."""
+    rope = _rope(config)
+    if rope.get("rope_type") != "llama3":
+        return None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    return (plain / scaled).float()  # (head_dim / 2,)
 
 
 def _check_layer_pattern(config, period: int) -> None:
@@ -658,6 +675,12 @@ def model_tensors(model: nn.Module, config, family: Family, quant: str) -> list[
         shape = tuple(tensor.shape)
         load = lambda n=hf_name, t=tensor: transform(n, t, config, family)  # noqa: E731
         planned.append(PlannedTensor(name, tensor_type(name, shape, quant), shape, load))
+    factors = rope_frequency_factors(config)
+    if factors is not None:
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        planned.append(
+            PlannedTensor(name, tensor_type(name, (len(factors),), quant), (len(factors),), lambda: factors)
+        )
     return planned
 
 

@@ -51,9 +51,13 @@ GEMMA_TEMPLATE = (
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>",
             "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>", "<end_of_turn>"]  # fmt: skip
 
+# Llama 3.1's rope scaling, with a short original context so all three frequency bands occur at head_dim 16
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
 # family -> (model_type, config changes, pre-tokenizer, ignore_merges, adds BOS, chat template)
 FAMILIES = {
     "llama": ("llama", {}, "llama3", True, True, LLAMA3),
+    "llama3.1": ("llama", {"head_dim": 16, "rope_parameters": LLAMA31_ROPE}, "llama3", True, True, LLAMA3),
     "mistral": ("mistral", {"sliding_window": None, "head_dim": 16}, "gpt2", False, True, CHATML),
     "qwen2": ("qwen2", {}, "qwen2", False, False, CHATML),
     "qwen3": ("qwen3", {"head_dim": 16}, "qwen2", False, False, CHATML),
