@@ -197,15 +197,25 @@ def export(
 
     from peftcli.api import export as run
 
-    with Progress(
+    bar = Progress(
         TextColumn("writing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-        console=err_console, disable=as_json, transient=True,
-    ) as bar:  # fmt: skip
-        task = bar.add_task("", total=None)
+        console=err_console, transient=True,
+    )  # fmt: skip
+    tasks: list = []
+
+    def show(done: int, total: int, what: str) -> None:
+        if not tasks:  # started by the first tensor, so a refusal before it prints one line only
+            bar.start()
+            tasks.append(bar.add_task("", total=total))
+        bar.update(tasks[0], completed=done, description=what)
+
+    try:
         result = run(
-            target, output, format, quant=quant, base=base, system=system,
-            progress=lambda done, total, what: bar.update(task, completed=done, total=total, description=what),
-        )  # fmt: skip
+            target, output, format, quant=quant, base=base, system=system, progress=None if as_json else show
+        )
+    finally:
+        if tasks:
+            bar.stop()
     if as_json:
         print(json.dumps(result))
         return
