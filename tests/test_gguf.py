@@ -429,7 +429,7 @@ def test_llama_cpp_tokenizes_and_predicts_as_transformers(family, family_dir, tm
         del llm
 
 
-def make_lora_adapter(model_dir: Path, out: Path, rank_pattern: dict[str, int]) -> Path:
+def make_lora_adapter(model_dir: Path, out: Path, rank_pattern: dict[str, int], **options) -> Path:
     from transformers import AutoModelForCausalLM
 
     from peftcli.export import save_adapter
@@ -437,7 +437,7 @@ def make_lora_adapter(model_dir: Path, out: Path, rank_pattern: dict[str, int]) 
     from peftcli.recipe import ModelConfig
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=4, alpha=8, target_modules="all-linear", rank_pattern=rank_pattern)
+    cfg = LoraConfig(r=4, alpha=8, target_modules="all-linear", rank_pattern=rank_pattern, **options)
     method = LoRA(cfg, "causal_lm")
     torch.manual_seed(1)
     model = method.attach(model)
@@ -447,6 +447,15 @@ def make_lora_adapter(model_dir: Path, out: Path, rank_pattern: dict[str, int]) 
                 param.add_(torch.randn_like(param) * 0.2)
     tokenizer = hf_tokenizer(model_dir)
     return save_adapter(out, model, method, tokenizer, str(model_dir), ModelConfig(name=str(model_dir)))
+
+
+def test_gguf_lora_refuses_what_llama_cpp_adapters_cannot_hold(family_dir, tmp_path):
+    adapter = make_lora_adapter(family_dir("qwen2"), tmp_path / "dora", {}, use_dora=True)
+    with pytest.raises(RecipeError, match="Dora, not plain LoRA.*--format gguf"):
+        export_gguf_lora(adapter, tmp_path / "x.gguf")
+    with pytest.raises(RecipeError, match="not an adapter directory"):
+        export_gguf_lora(family_dir("qwen2"), tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
 
 
 @pytest.mark.slow
