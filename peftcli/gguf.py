@@ -490,10 +490,13 @@ def leading_special(text: str, specials: list[str]) -> str | None:
 
 @dataclass
 class Vocabulary:
+    model: str  # "gpt2" (byte-level BPE) or "llama" (SentencePiece-style, scored)
     pre: str
     tokens: list[str]
     types: list[int]
     merges: list[str]
+    scores: list[float] | None
+    space_prefix: bool  # "llama" only: a ▁ before the text (and after each special token)
     special_ids: dict[str, int]  # bos, eos, unk, pad, eot
     add_bos: bool
     add_eos: bool
@@ -551,6 +554,73 @@ def _pre_tokenizer_name(spec: dict[str, Any], merges: list[str]) -> str:
     return name
 
 
+def _sentencepiece_space_prefix(spec: dict[str, Any]) -> bool:
+    """A SentencePiece-style tokenizer writes spaces as ▁ and may put one before the text; llama.cpp's
+    "llama" vocabulary does the same (add_space_prefix: before the text and after each special token)."""
+    steps = []
+    for part in (spec.get("normalizer"), spec.get("pre_tokenizer")):
+        part = part or {}
+        steps += (
+            part.get("normalizers", part.get("pretokenizers", [part]))
+            if part.get("type") == "Sequence"
+            else [part]
+        )
+    kinds = [s.get("type") for s in steps if s]
+    metaspace = [s for s in steps if s and s.get("type") == "Metaspace"]
+    if metaspace and not metaspace[0].get("split", True) and len(kinds) == 1:
+        return metaspace[0].get("prepend_scheme", "always") != "never"
+    replaces_space = any(
+        s.get("type") == "Replace" and s.get("pattern", {}).get("String") == " " and s.get("content") == "▁"
+        for s in steps
+        if s
+    )
+    prepend = [s for s in steps if s and s.get("type") == "Prepend"]
+    if (
+        replaces_space
+        and set(kinds) <= {"Replace", "Prepend"}
+        and all(p.get("prepend") == "▁" for p in prepend)
+    ):
+        return bool(prepend)
+    _refuse_tokenizer(
+        f"its byte-fallback BPE splits or normalizes text ({', '.join(map(str, kinds)) or 'nothing'}) in a way "
+        "llama.cpp's SentencePiece tokenizer does not (it only writes spaces as ▁)",
+        "llama.cpp tokenizes such vocabularies as SentencePiece does",
+    )
+
+
+def _sentencepiece_scores(vocab: dict[str, int], merges: list[str], added, size: int) -> list[float]:
+    """Scores that make llama.cpp's SentencePiece merging (the best-scored adjacent pair whose text is a
+    token, left first) pick what transformers' BPE (the lowest-ranked merge) picks: a token scores minus
+    the rank of its first merge. That is the same only when every way of cutting a token into two tokens
+    is a merge, as in tokenizers converted from SentencePiece; anything else is refused."""
+    scores = [-1e9] * size
+    first_rank: dict[str, int] = {}
+    pairs = set()
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ")
+        pairs.add((left, right))
+        first_rank.setdefault(left + right, rank)
+    for text, token_id in vocab.items():
+        if token_id in added or len(text) == 1 or re.fullmatch(r"<0x[0-9A-F]{2}>", text):
+            scores[token_id] = 0.0
+            continue
+        if text not in first_rank:
+            _refuse_tokenizer(
+                f"its token {text!r} is made by no merge, which llama.cpp's SentencePiece merging cannot honour"
+            )
+        missing = [
+            (text[:i], text[i:]) for i in range(1, len(text)) if text[:i] in vocab and text[i:] in vocab
+        ]
+        missing = [pair for pair in missing if pair not in pairs]
+        if missing:
+            _refuse_tokenizer(
+                f"its token {text!r} can be cut into {missing[0]} with no merge for it, so llama.cpp's "
+                "SentencePiece merging would make it where transformers' BPE does not"
+            )
+        scores[token_id] = -float(first_rank[text])
+    return scores
+
+
 def read_vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
     """Everything llama.cpp needs to tokenize as ``tokenizer`` does, or a one-line refusal saying why."""
     gguf = import_gguf()
@@ -560,17 +630,13 @@ def read_vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
     model = spec["model"]
     if model.get("type") != "BPE":
         _refuse_tokenizer(f"its model is {model.get('type')}, not BPE")
-    if model.get("byte_fallback"):
-        _refuse_tokenizer(
-            "it is SentencePiece-style BPE (byte fallback), which llama.cpp reads from a sentencepiece "
-            "tokenizer.model with scores; this exporter does not write that vocabulary yet"
-        )
-    decoder = json.dumps(spec.get("decoder") or {})
-    if '"ByteLevel"' not in decoder:
-        _refuse_tokenizer("its decoder is not ByteLevel")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    pre = _pre_tokenizer_name(spec, merges)
-
+    if model.get("byte_fallback"):
+        kind, pre, space_prefix = "llama", "default", _sentencepiece_space_prefix(spec)
+    else:
+        if '"ByteLevel"' not in json.dumps(spec.get("decoder") or {}):
+            _refuse_tokenizer("its decoder is not ByteLevel")
+        kind, pre, space_prefix = "gpt2", _pre_tokenizer_name(spec, merges), False
     vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
     size = max(vocab.values()) + 1
     if size > vocab_size:
@@ -586,8 +652,13 @@ def read_vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
             types[token_id] = int(
                 gguf.TokenType.CONTROL if added[token_id].special else gguf.TokenType.USER_DEFINED
             )
+        elif kind == "llama" and re.fullmatch(r"<0x[0-9A-F]{2}>", text):
+            types[token_id] = int(gguf.TokenType.BYTE)
+        elif text == tokenizer.unk_token:
+            types[token_id] = int(gguf.TokenType.UNKNOWN)
         else:
             types[token_id] = int(gguf.TokenType.NORMAL)
+    scores = _sentencepiece_scores(vocab, merges, added, vocab_size) if kind == "llama" else None
 
     with_specials = tokenizer("a")["input_ids"]
     bare = tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -610,14 +681,20 @@ def read_vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
             special_ids["eot"] = vocab[end_of_turn]
             stops += [end_of_turn] if end_of_turn not in stops else []
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    return Vocabulary(pre, tokens, types, merges, special_ids, add_bos, add_eos, template, chat, stops)
+    return Vocabulary(
+        kind, pre, tokens, types, [] if kind == "llama" else merges, scores, space_prefix,
+        special_ids, add_bos, add_eos, template, chat, stops,
+    )  # fmt: skip
 
 
 def write_vocabulary(writer, vocabulary: Vocabulary) -> None:
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(vocabulary.model)
     writer.add_tokenizer_pre(vocabulary.pre)
     writer.add_token_list(vocabulary.tokens)
     writer.add_token_types(vocabulary.types)
+    if vocabulary.scores is not None:
+        writer.add_token_scores(vocabulary.scores)
+        writer.add_add_space_prefix(vocabulary.space_prefix)
     if vocabulary.merges:
         writer.add_token_merges(vocabulary.merges)
     ids = vocabulary.special_ids

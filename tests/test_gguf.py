@@ -54,14 +54,16 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "<|st
 # Llama 3.1's rope scaling, with a short original context so all three frequency bands occur at head_dim 16
 LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
-# family -> (model_type, config changes, pre-tokenizer, ignore_merges, adds BOS, chat template)
+# family -> (model_type, config changes, pre-tokenizer (or sentencepiece[-prefix]), ignore_merges, adds BOS, chat template)
 FAMILIES = {
     "llama": ("llama", {}, "llama3", True, True, LLAMA3),
     "llama3.1": ("llama", {"head_dim": 16, "rope_parameters": LLAMA31_ROPE}, "llama3", True, True, LLAMA3),
     "mistral": ("mistral", {"sliding_window": None, "head_dim": 16}, "gpt2", False, True, CHATML),
+    "mistral-spm": ("mistral", {"sliding_window": None}, "sentencepiece-prefix", False, True, CHATML),
     "qwen2": ("qwen2", {}, "qwen2", False, False, CHATML),
     "qwen3": ("qwen3", {"head_dim": 16}, "qwen2", False, False, CHATML),
     "gemma": ("gemma", {"head_dim": 16}, "llama3", False, True, GEMMA_TEMPLATE),
+    "gemma-spm": ("gemma", {"head_dim": 16}, "sentencepiece", False, True, GEMMA_TEMPLATE),
     "gemma2": ("gemma2", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16}, "gpt2", False,
                True, GEMMA_TEMPLATE),
     "gemma3": ("gemma3_text", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16}, "qwen2",
@@ -72,7 +74,7 @@ FAMILIES = {
 PROMPTS = [
     "Hello world! I'm sure they'll say it's 12345 or 3.14159, aren't they?",
     "  leading spaces,\ttabs\n\nand   runs of   spaces \n",
-    "naïve café — 中文字符 and emoji 🦙🚀 ... ?!",
+    "naïve café — 中文字符 and emoji 🦙🚀 ... ?! Straße 5€",  # ß and € are in no vocabulary: bytes
     "<|im_start|>user\nReverse 'abc'.<|im_end|>\n<|im_start|>assistant\n",
 ]
 
@@ -114,11 +116,50 @@ def build_tokenizer(pre: str, ignore_merges: bool, add_bos: bool):
     )  # fmt: skip
 
 
+def build_sentencepiece_tokenizer(prefix: bool, add_bos: bool):
+    """A SentencePiece-style BPE as transformers converts one (Llama 2, Mistral, Gemma): spaces written as
+    ▁ (and one put before the text when ``prefix``), byte fallback to <0xXX> tokens, and a merge for every
+    way of cutting a token in two, ranked by the token's rank."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    space = [normalizers.Replace(" ", "▁")]
+    normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if prefix else []) + space)
+    trained = Tokenizer(models.BPE())
+    trained.normalizer = normalizer
+    trained.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=600, show_progress=False))
+    learnt = sorted(trained.get_vocab().items(), key=lambda item: item[1])
+    vocab = {text: i for i, text in enumerate(SPECIALS + [f"<0x{b:02X}>" for b in range(256)])}
+    for text, _ in learnt:
+        vocab.setdefault(text, len(vocab))
+    merges = [
+        (text[:i], text[i:])
+        for text, _ in learnt
+        for i in range(1, len(text))
+        if text[:i] in vocab and text[i:] in vocab
+    ]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizer
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if prefix else [])
+    )
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=SPECIALS[4:],
+    )  # fmt: skip
+
+
 def build_family(family: str, path: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, changes, pre, ignore_merges, add_bos, template = FAMILIES[family]
-    tokenizer = build_tokenizer(pre, ignore_merges, add_bos)
+    if pre.startswith("sentencepiece"):
+        tokenizer = build_sentencepiece_tokenizer(pre.endswith("prefix"), add_bos)
+    else:
+        tokenizer = build_tokenizer(pre, ignore_merges, add_bos)
     tokenizer.chat_template = template
     size = len(tokenizer)
     config = AutoConfig.for_model(
@@ -229,7 +270,7 @@ def test_unknown_family_is_one_line_naming_the_supported(tmp_path):
     [
         ("regex", "none of llama.cpp's named ones"),
         ("prefix_space", "adds a space before the text"),
-        ("byte_fallback", "SentencePiece-style BPE"),
+        ("byte_fallback", "byte-fallback BPE splits or normalizes text"),
     ],
 )
 def test_unrepresentable_tokenizers_are_refused_with_the_reason(change, why):
@@ -410,6 +451,8 @@ def llama_logits(llm, ids: list[int]) -> torch.Tensor:
 def test_llama_cpp_tokenizes_and_predicts_as_transformers(family, family_dir, tmp_path):
     model_dir = family_dir(family)
     tokenizer = hf_tokenizer(model_dir)
+    ids = tokenizer(PROMPTS[0] + PROMPTS[2])["input_ids"]  # longer than Gemma's 8-token window
+    reference = hf_logits(model_dir, ids)
     for quant in ("f32", "f16", "q8_0"):
         out = tmp_path / f"{quant}.gguf"
         export_gguf(model_dir, out, quant)
@@ -417,8 +460,6 @@ def test_llama_cpp_tokenizes_and_predicts_as_transformers(family, family_dir, tm
         for prompt in PROMPTS:
             ours = llm.tokenize(prompt.encode(), add_bos=True, special=True)
             assert ours == tokenizer(prompt)["input_ids"], (family, quant, prompt)
-        ids = tokenizer(PROMPTS[0] + PROMPTS[2])["input_ids"]  # longer than Gemma's 8-token window
-        reference = hf_logits(model_dir, ids)
         got = llama_logits(llm, ids)[:, : reference.shape[1]]
         if quant == "q8_0":
             agree = (got.argmax(-1) == reference.argmax(-1)).float().mean().item()
