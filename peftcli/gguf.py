@@ -687,6 +687,23 @@ def read_vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
     )  # fmt: skip
 
 
+def gguf_model_name(name: str, tokenizer) -> str:
+    """``general.name``, which llama.cpp reads as more than a label: when it contains "phi3" or "phi-3",
+    llama.cpp makes special tokens swallow the whitespace after them (llama-vocab.cpp), as Phi-3's
+    tokenizer does. Name the model so that llama.cpp does that exactly when ours does."""
+    specials = [t for t in tokenizer.added_tokens_decoder.values() if t.special]
+    rstrip = bool(specials) and all(
+        t.rstrip for t in specials if t.content not in ("<unk>", "<s>", "<|endoftext|>")
+    )
+    named = re.search(r"phi-?3", name, re.IGNORECASE) is not None
+    vocab = tokenizer.get_vocab()
+    if named and not rstrip:
+        return re.sub(r"(phi)(-?)(3)", r"\1_\3", name, flags=re.IGNORECASE)
+    if rstrip and not named and all(t in vocab for t in ("</s>", "<unk>", "<s>", "<|endoftext|>")):
+        return f"{name} (phi3 special tokens)"
+    return name
+
+
 def write_vocabulary(writer, vocabulary: Vocabulary) -> None:
     writer.add_tokenizer_model(vocabulary.model)
     writer.add_tokenizer_pre(vocabulary.pre)
@@ -781,7 +798,7 @@ def export_gguf(
 
     def metadata(writer) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(source.name)
+        writer.add_name(gguf_model_name(source.name, source.tokenizer))
         writer.add_file_type(_file_type(quant))
         notes.extend(write_hyperparameters(writer, config, family))
         write_vocabulary(writer, vocabulary)
@@ -868,7 +885,7 @@ def export_gguf_lora(
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
-        writer.add_name(source.name)
+        writer.add_name(gguf_model_name(source.name, source.tokenizer))
 
     size = write_gguf_file(Path(output), family.arch, metadata, planned, progress)
     return {
