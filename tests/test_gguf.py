@@ -289,6 +289,7 @@ def test_unknown_family_is_one_line_naming_the_supported(tmp_path):
         ("regex", "none of llama.cpp's named ones"),
         ("prefix_space", "adds a space before the text"),
         ("byte_fallback", "byte-fallback BPE splits or normalizes text"),
+        ("sentencepiece_merge", "with no merge for it"),
     ],
 )
 def test_unrepresentable_tokenizers_are_refused_with_the_reason(change, why):
@@ -296,7 +297,18 @@ def test_unrepresentable_tokenizers_are_refused_with_the_reason(change, why):
 
     tokenizer = build_tokenizer("qwen2", False, False)
     backend = tokenizer.backend_tokenizer
-    if change == "regex":  # Qwen's regex with digits in pairs: a split llama.cpp has no name for
+    if change == "sentencepiece_merge":  # one way of cutting a token is no merge: llama.cpp would use it
+        from tokenizers import Tokenizer
+
+        tokenizer = build_sentencepiece_tokenizer(prefix=False, add_bos=False)
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        merges = spec["model"]["merges"]
+        cut = next(
+            i for i, m in enumerate(merges) if any(n[0] + n[1] == m[0] + m[1] for n in merges[i + 1 :])
+        )
+        del merges[cut]
+        tokenizer._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    elif change == "regex":  # Qwen's regex with digits in pairs: a split llama.cpp has no name for
         regex = _QWEN2_REGEX.replace(r"\p{N}|", r"\p{N}{1,2}|", 1)
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             [
@@ -481,8 +493,8 @@ def test_llama_cpp_tokenizes_and_predicts_as_transformers(family, family_dir, tm
             assert ours == tokenizer(prompt)["input_ids"], (family, quant, prompt)
         got = llama_logits(llm, ids)[:, : reference.shape[1]]
         if quant == "q8_0":
-            agree = (got.argmax(-1) == reference.argmax(-1)).float().mean().item()
-            assert agree >= 0.9, (family, quant, agree)
+            agree = int((got.argmax(-1) == reference.argmax(-1)).sum())
+            assert 10 * agree >= 9 * len(ids), (family, quant, f"{agree}/{len(ids)}")  # counts: 36/40 is 90%
         else:
             worst = (got - reference).abs().max().item()
             assert worst <= 0.02 * reference.abs().max().item(), (family, quant, worst)
