@@ -265,3 +265,23 @@ def _ensemble(first, others: list[str], vote: bool, device):
             )
         members.append(loaded.model)
     return EnsembleModel(members, vote=vote)
+
+
+def export(
+    target: str | Path,
+    output: str | Path,
+    format: str = "gguf",
+    quant: str | None = None,
+    base: str | None = None,
+    system: str | None = None,
+    progress=None,
+) -> dict[str, Any]:
+    """Export for llama.cpp / Ollama (docs/export.md): ``gguf`` (the merged model), ``gguf-lora`` (the
+    adapter alone) or ``ollama`` (a directory with the GGUF and a Modelfile)."""
+    from peftcli import gguf
+
+    if format == "gguf":
+        return gguf.export_gguf(target, output, quant or "f16", base, progress)
+    if format == "gguf-lora":
+        return gguf.export_gguf_lora(target, output, quant or "f32", base, progress)
+    return gguf.export_ollama(target, output, quant or "q8_0", base, system, progress)

@@ -166,6 +166,74 @@ def merge(
     )
 
 
+@app.command()
+@guarded
+def export(
+    target: Annotated[
+        str, typer.Argument(help="adapter directory (RUN/adapter), model directory or model name")
+    ],
+    format: Annotated[str, typer.Option("--format", "-f", help="gguf | gguf-lora | ollama")] = "gguf",
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="the .gguf file (gguf, gguf-lora) or a directory (ollama)")
+    ] = ...,
+    quant: Annotated[
+        Optional[str],
+        typer.Option(
+            help="f32 | f16 | bf16 | q8_0 (default: f16 for gguf, q8_0 for ollama, f32 for gguf-lora)"
+        ),
+    ] = None,
+    base: Annotated[
+        Optional[str], typer.Option(help="base model (default: the one the adapter names)")
+    ] = None,
+    system: Annotated[Optional[str], typer.Option(help="ollama: the Modelfile's SYSTEM prompt")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Write a model or adapter for llama.cpp / Ollama: merged GGUF, LoRA-only GGUF, or an Ollama directory."""
+    from peftcli.recipe import RecipeError, did_you_mean
+
+    formats = ("gguf", "gguf-lora", "ollama")
+    if format not in formats:
+        raise RecipeError(
+            "--format",
+            f"{format!r} is not a format",
+            did_you_mean(format, formats) or "use gguf, gguf-lora or ollama",
+        )
+    if system is not None and format != "ollama":
+        raise RecipeError("--system", "only the ollama format has a system prompt", "drop --system")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from peftcli.api import export as run
+
+    bar = Progress(
+        TextColumn("writing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+        console=err_console, transient=True,
+    )  # fmt: skip
+    tasks: list = []
+
+    def show(done: int, total: int, what: str) -> None:
+        if not tasks:  # started by the first tensor, so a refusal before it prints one line only
+            bar.start()
+            tasks.append(bar.add_task("", total=total))
+        bar.update(tasks[0], completed=done, description=what)
+
+    try:
+        result = run(
+            target, output, format, quant=quant, base=base, system=system, progress=None if as_json else show
+        )
+    finally:
+        if tasks:
+            bar.stop()
+    if as_json:
+        print(json.dumps(result))
+        return
+    for note in result.get("notes", []):
+        err_console.print(f"[dim]{note}[/dim]", highlight=False)
+    what = f"{result['format']} ({result['quant']}, {result['arch']}, {result['bytes'] / 2**20:.1f} MiB)"
+    out_console.print(f"{what} -> {result['output']}", highlight=False)
+    if result["format"] == "ollama":
+        out_console.print(f"import it: ollama create NAME -f {result['modelfile']}", highlight=False)
+
+
 @app.command("eval")
 @guarded
 def eval_(
