@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from peftcli.compat import cache_argument, output_cache, pop_cache
 from peftcli.data.collate import collate, pad_token_id
 from peftcli.data.formats import IGNORE_INDEX, encode_prompt
 from peftcli.data.pipeline import DataBundle
@@ -32,7 +33,7 @@ class EnsembleModel(torch.nn.Module):
 
     Vote logits are ``log`` of the vote shares, plus 1e-3 × the mean probability to break ties, so the
     argmax is the majority class and eval_loss is the NLL of the vote distribution. KV caches are kept
-    per member (``past_key_values`` is the list of the members' caches), so ``greedy_generate`` decodes
+    per member (the cache argument is the list of the members' caches), so ``greedy_generate`` decodes
     from the averaged next-token logits.
     """
 
@@ -49,10 +50,11 @@ class EnsembleModel(torch.nn.Module):
     def generation_config(self):
         return getattr(self.members[0], "generation_config", None)
 
-    def forward(self, past_key_values=None, **kwargs):
-        pasts = past_key_values if past_key_values is not None else [None] * len(self.members)
+    def forward(self, **kwargs):
+        cache = pop_cache(kwargs)
+        pasts = cache if cache is not None else [None] * len(self.members)
         outs = [
-            member(**kwargs, **({"past_key_values": past} if past is not None else {}))
+            member(**kwargs, **({cache_argument(): past} if past is not None else {}))
             for member, past in zip(self.members, pasts, strict=False)
         ]
         logits = torch.stack([out.logits.float() for out in outs])  # (K, B, ..., V)
@@ -64,7 +66,7 @@ class EnsembleModel(torch.nn.Module):
         out = outs[0]
         out["logits"] = mean
         if kwargs.get("use_cache"):
-            out["past_key_values"] = [o.past_key_values for o in outs]
+            out[cache_argument()] = [output_cache(o) for o in outs]
         return out
 
     def generate(self, *args, **kwargs):
@@ -110,10 +112,10 @@ def greedy_generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past,
             use_cache=True,
+            **{cache_argument(): past},
         )
-        past = out.past_key_values
+        past = output_cache(out)
         next_token = out.logits[:, -1, :].argmax(dim=-1)  # (B,)
         next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
         generated.append(next_token)

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from peftcli.checkpoint import read_adapter_state
+from peftcli.compat import cache_argument, output_cache, pop_cache
 from peftcli.methods.registry import register
 from peftcli.methods.soft_prompt import (
     PrefixGeometry,
@@ -168,7 +169,7 @@ def real_word_rows(model: nn.Module, n: int, text: str, geometry: PrefixGeometry
         )
     device = model.get_input_embeddings().weight.device
     with torch.no_grad():
-        cache = model(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=torch.tensor([ids], device=device), use_cache=True))
     blocks = []
     for layer in range(geometry.num_layers):
         cached = cache.layers[layer]
@@ -245,7 +246,9 @@ def _prefixed_self_attention(
     batch, length = hidden.shape[:2]
     key, value = (t.to(hidden.dtype).expand(batch, -1, -1, -1) for t in key_values[layer])
     n = key.shape[-2]
-    kwargs = dict(kwargs, past_key_values=PrefixKeyValues(key, value))
+    kwargs = dict(kwargs)
+    pop_cache(kwargs)  # an encoder runs without a cache; the prefix is the only one
+    kwargs[cache_argument()] = PrefixKeyValues(key, value)
     mask = kwargs.get("mask")
     if mask is not None:  # bool (True = attend) or additive float (0 = attend): the prefix is always seen
         attend = torch.ones if mask.dtype == torch.bool else torch.zeros

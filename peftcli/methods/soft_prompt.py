@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from peftcli.checkpoint import read_adapter_state
+from peftcli.compat import cache_argument, output_cache, pop_cache
 from peftcli.inject import classifier_heads, make_trainable_copies, modules_to_save_state
 from peftcli.methods.registry import Method
 from peftcli.recipe import MethodConfig, RecipeError, doc
@@ -211,23 +212,19 @@ class PromptedModel(nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values=None,
         inputs_embeds=None,
         **kwargs,
     ):
+        cache = pop_cache(kwargs)
         if self.task == "seq2seq":
-            return self._forward_seq2seq(input_ids, attention_mask, inputs_embeds, past_key_values, **kwargs)
+            return self._forward_seq2seq(input_ids, attention_mask, inputs_embeds, cache, **kwargs)
         reference = input_ids if input_ids is not None else inputs_embeds
         batch, length = reference.shape[:2]
         device = reference.device
         if attention_mask is None:  # covers every real token, cached ones included
-            past = (
-                0
-                if past_key_values is None
-                else past_key_values.get_seq_length() - self.n_prefix - self.n_input
-            )
+            past = 0 if cache is None else cache.get_seq_length() - self.n_prefix - self.n_input
             attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=device)
-        first = past_key_values is None or past_key_values.get_seq_length() == 0
+        first = cache is None or cache.get_seq_length() == 0
         n_virtual = self.n_prefix + self.n_input
         full_mask = torch.cat([attention_mask.new_ones(batch, n_virtual), attention_mask], dim=1)
         args: dict[str, Any] = dict(attention_mask=full_mask, **kwargs)
@@ -248,17 +245,17 @@ class PromptedModel(nn.Module):
         else:
             args["input_ids"] = input_ids
         if first and self.prefix is not None:
-            past_key_values = self._prefix_cache(batch, self._dtype())
+            cache = self._prefix_cache(batch, self._dtype())
         if position_ids is not None:
             args["position_ids"] = position_ids
-        if past_key_values is not None:
-            args["past_key_values"] = past_key_values
+        if cache is not None:
+            args[cache_argument()] = cache
         out = self.base_model(**args)
         if self.task == "causal_lm":
             out["logits"] = out.logits[:, -length:, :]  # (B, T, V): the real positions only
         return out
 
-    def _forward_seq2seq(self, input_ids, attention_mask, inputs_embeds, past_key_values, **kwargs):
+    def _forward_seq2seq(self, input_ids, attention_mask, inputs_embeds, cache, **kwargs):
         reference = input_ids if input_ids is not None else inputs_embeds
         batch = reference.shape[0]
         if attention_mask is None:
@@ -274,13 +271,13 @@ class PromptedModel(nn.Module):
         elif self.input_prompt is not None:  # the encoder already ran on [P; x]
             attention_mask = torch.cat([attention_mask.new_ones(batch, self.n_input), attention_mask], dim=1)
         args["attention_mask"] = attention_mask
-        if self.prefix is not None and (past_key_values is None or past_key_values.get_seq_length() == 0):
-            past_key_values = self._prefix_cache(batch, self._dtype())
+        if self.prefix is not None and (cache is None or cache.get_seq_length() == 0):
+            cache = self._prefix_cache(batch, self._dtype())
             mask = kwargs.get("decoder_attention_mask")
             if mask is not None:
                 args["decoder_attention_mask"] = torch.cat([mask.new_ones(batch, self.n_prefix), mask], dim=1)
-        if past_key_values is not None:
-            args["past_key_values"] = past_key_values
+        if cache is not None:
+            args[cache_argument()] = cache
         return self.base_model(**args)
 
     @torch.no_grad()
@@ -329,10 +326,10 @@ class PromptedModel(nn.Module):
                 encoder_outputs=encoder_outputs,
                 attention_mask=encoder_mask,
                 decoder_input_ids=tokens[:, -1:],
-                past_key_values=past,
                 use_cache=True,
+                **{cache_argument(): past},
             )
-            past = out.past_key_values
+            past = output_cache(out)
             next_token = out.logits[:, -1, :].argmax(-1)
             next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
