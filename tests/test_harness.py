@@ -113,3 +113,35 @@ def test_recipe_eval_tasks_land_in_results_json(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["train", "recipes/tiny/lora.yaml", *typo, "-o", str(tmp_path / "r2")])
     assert result.exit_code == 2 and "did you mean 'tiny_reverse_choice'" in result.output, result.output
     assert not (tmp_path / "r2" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_generation_requests_equal_hflm_on_the_merged_model(tmp_path):
+    """lm-eval's generate_until through our decoding loop on the unmerged LoRA adapter gives the text
+    lm-eval's own HFLM generates (transformers' generate) on the merged model."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from peft_oracle import build, perturb, save
+
+    from peftcli.api import merge
+    from peftcli.harness import make_lm
+    from peftcli.use.load import load_model_or_adapter
+
+    recipe, base_path, tokenizer, model, method = build("lora", tmp_path)
+    perturb(model, scale=0.2)
+    adapter = save(tmp_path, model, method, tokenizer, base_path, recipe)
+    merge(adapter, tmp_path / "merged")
+    contexts = ["reverse apple =", "hi", "a longer context, so the batch is ragged", "reverse stone ="]
+    until = [tokenizer.decode([c]) for c in b"eao"]  # common letters: some rows stop early
+    requests = [
+        Instance("generate_until", {}, (context, {"until": until, "max_gen_toks": 10}), i)
+        for i, context in enumerate(contexts)
+    ]
+    loaded = load_model_or_adapter(adapter)
+    ours = make_lm(loaded.model, loaded.tokenizer, "causal_lm", loaded.model.device, 4).generate_until(
+        requests
+    )
+    theirs = HFLM(pretrained=str(tmp_path / "merged"), dtype="float32", device="cpu", batch_size=4)
+    assert ours == theirs.generate_until(requests)
+    assert any(len(text) < 10 for text in ours)  # a stop string cut at least one row

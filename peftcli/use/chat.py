@@ -79,7 +79,7 @@ def chat(
     """Answer each user line of ``lines`` (commands aside), streaming replies through ``write``;
     ``note`` gets what is not a reply (command acknowledgements). Returns the turns."""
     from peftcli.data.collate import pad_token_id
-    from peftcli.data.formats import encode_prompt, render_chat
+    from peftcli.data.formats import BadRow, encode_prompt, render_chat
     from peftcli.decoding import Sampling, decode, eos_token_ids
     from peftcli.models import resolve_device
     from peftcli.use.load import load_model_or_adapter, require_causal_lm
@@ -117,8 +117,13 @@ def chat(
             else:
                 note(f"unknown command {command}; commands: {COMMANDS}")
             continue
-        messages = conversation.with_user(line)
-        prompt = encode_prompt(tokenizer, render_chat(tokenizer, messages, True), "causal_lm")
+        try:
+            text = render_chat(tokenizer, conversation.with_user(line), add_generation_prompt=True)
+        except BadRow as bad:  # e.g. a template that insists on alternating roles
+            raise RecipeError(
+                "MODEL_OR_ADAPTER", bad.detail, "/reset and start the conversation again"
+            ) from None
+        prompt = encode_prompt(tokenizer, text, "causal_lm")
         stream = TextStream(tokenizer, write, eos)
         (reply_ids,) = decode(
             loaded.model,
