@@ -37,6 +37,11 @@ def test_tasks_without_lm_eval_name_the_extra(monkeypatch, tmp_path):
     assert "lm-evaluation-harness is not installed" in line and "pip install 'peftcli[eval]'" in line
 
 
+def test_tasks_do_not_mix_with_the_data_options(tmp_path):
+    line = one_line_error(["eval", str(tmp_path), "--tasks", TASK, "--data", "x.jsonl"])
+    assert "--tasks" in line and "--data" in line
+
+
 def test_task_yaml_that_runs_code_is_refused_unless_allowed(tmp_path):
     pytest.importorskip("lm_eval")
     (tmp_path / "t.yaml").write_text(

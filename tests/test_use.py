@@ -179,7 +179,11 @@ def test_greedy_is_the_zero_temperature_and_ignores_the_seed(base_dir, tmp_path)
     outputs = []
     for seed in (0, 1):
         path = tmp_path / f"greedy{seed}.jsonl"
-        generate_file(base_dir, inputs, path, GenerateOptions(max_new_tokens=4, batch_size=4, seed=seed))
+        args = ["generate", base_dir, "-i", str(inputs), "-o", str(path), "--max-new-tokens", "4", "--json"]
+        result = CliRunner().invoke(app, [*args, "--seed", str(seed)])
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout)
+        assert summary["generated"] == summary["rows"] == len(ROWS) and summary["already_written"] == 0
         outputs.append(path.read_bytes())
     assert outputs[0] == outputs[1]
     loaded = load_model_or_adapter(base_dir)
