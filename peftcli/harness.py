@@ -114,6 +114,9 @@ class HarnessModel(torch.nn.Module):
     def tie_weights(self, *args: Any, **kwargs: Any) -> None:
         pass
 
+    def generate(self, *args: Any, **kwargs: Any):  # seq2seq generation tasks (causal ones use decode)
+        return self.inner.generate(*args, **kwargs)
+
     def forward(self, input_ids: torch.Tensor, attention_mask=None, labels=None):
         if labels is not None:  # seq2seq: HFLM scores the decoder's logits for the labels
             return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels)

@@ -169,7 +169,7 @@ def generate_file(
     sampling = Sampling(options.temperature, options.top_p, options.seed)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with _progress(console, len(inputs), done) as advance, output_path.open("a", encoding="utf-8") as out:
+    with RowProgress(console, len(inputs), done) as advance, output_path.open("a", encoding="utf-8") as out:
         for start in range(done, len(inputs), options.batch_size):
             rows = list(range(start, min(start + options.batch_size, len(inputs))))
             batch = [prompts[i] for i in rows]
@@ -194,7 +194,7 @@ def generate_file(
     return summary
 
 
-class _progress:
+class RowProgress:
     """A rich bar over the rows (nothing when ``console`` is None); yields ``advance(n)``."""
 
     def __init__(self, console, total: int, done: int):
