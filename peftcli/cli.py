@@ -279,6 +279,7 @@ def generate(
         f"({summary['completion_tokens']} tokens, {summary['seconds']:.1f} s), "
         f"{summary['already_written']} already there",
         highlight=False,
+        soft_wrap=True,
     )
 
 
