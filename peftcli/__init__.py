@@ -4,11 +4,21 @@
 """
 
 __version__ = "0.1.0"
-__all__ = ["RecipeError", "__version__", "evaluate_target", "load", "merge", "train"]
+__all__ = [
+    "RecipeError",
+    "__version__",
+    "chat",
+    "evaluate_target",
+    "evaluate_tasks",
+    "generate",
+    "load",
+    "merge",
+    "train",
+]
 
 
 def __getattr__(name: str):
-    if name in ("load", "train", "merge", "evaluate_target"):
+    if name in ("load", "train", "merge", "evaluate_target", "evaluate_tasks", "generate", "chat"):
         from peftcli import api
 
         return getattr(api, name)

@@ -1,4 +1,4 @@
-"""The public Python API: load, train, merge, evaluate."""
+"""The public Python API: load, train, merge, evaluate, generate, chat."""
 
 from __future__ import annotations
 
@@ -22,26 +22,10 @@ def load(
     with ``.logits``. Weights load from safetensors only; ``allow_pickle=True`` (the recipe's
     ``model.allow_pickle``, the CLI's ``--allow-pickle``) also loads .bin pickle weights, with a warning.
     """
-    from peftcli.export import is_adapter_dir, load_adapter
-    from peftcli.models import load_model, load_tokenizer, task_of_model_dir
+    from peftcli.use.load import load_model_or_adapter
 
-    path = Path(path)
-    if is_adapter_dir(path):
-        loaded = load_adapter(path, base=base, device=device, allow_pickle=allow_pickle)
-        return loaded.model, loaded.tokenizer
-    if (path / "config.json").is_file():
-        cfg = ModelConfig(
-            name=str(path), task=task_of_model_dir(str(path)), dtype="float32", allow_pickle=allow_pickle
-        )
-        tokenizer = load_tokenizer(str(path), cfg)
-        model = load_model(str(path), cfg, torch.device(device), pad_token_id=tokenizer.pad_token_id)
-        model.eval()
-        return model, tokenizer
-    raise RecipeError(
-        "path",
-        f"{path} is neither an adapter directory nor a model directory",
-        "pass RUN/adapter, a merged model directory, or a saved transformers model",
-    )
+    loaded = load_model_or_adapter(path, device, base, allow_pickle)
+    return loaded.model, loaded.tokenizer
 
 
 def train(
@@ -72,6 +56,64 @@ def merge(
     return merge_adapter(
         adapter_dir, output, base=base, dtype=dtype, dequantize=dequantize, allow_pickle=allow_pickle
     )
+
+
+def generate(
+    target: str | Path,
+    input_path: str | Path,
+    output_path: str | Path,
+    options=None,
+    console=None,
+    log=None,
+) -> dict[str, Any]:
+    """Complete every row of a JSON-lines file (``{"prompt"}`` or ``{"messages"}``) into ``output_path``;
+    a rerun continues after the rows already written (see docs/use.md)."""
+    from peftcli.use.generate import GenerateOptions, generate_file
+
+    return generate_file(target, input_path, output_path, options or GenerateOptions(), console, log)
+
+
+def chat(target: str | Path, lines, write, note=None, system: str | None = None, options=None):
+    """Answer each user line of ``lines`` through the chat template, streaming replies to ``write``."""
+    from peftcli.use.chat import chat as run
+    from peftcli.use.generate import GenerateOptions
+
+    return run(
+        target,
+        lines,
+        write,
+        note or (lambda text: None),
+        system,
+        options or GenerateOptions(max_new_tokens=256),
+    )
+
+
+def evaluate_tasks(
+    target: str | Path,
+    tasks: list[str],
+    include_path: str | None = None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    allow_code: bool = False,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """lm-evaluation-harness tasks on a recipe's adapter, an adapter directory or a model directory,
+    as peftcli loads it (unmerged). Needs ``pip install 'peftcli[eval]'``."""
+    from peftcli.harness import TaskOptions, check_tasks, run_tasks
+    from peftcli.models import resolve_device
+
+    batch_size = EvalConfig().batch_size
+    options = TaskOptions(tasks, include_path, num_fewshot, limit, batch_size, allow_code)
+    check_tasks(options)  # before any weights load
+    device = resolve_device("auto")
+    resolved = resolve_eval_target(Path(target), overrides, device, [], False)
+    if resolved.recipe is not None:
+        options = TaskOptions(
+            tasks, include_path, num_fewshot, limit, resolved.recipe.eval.batch_size, allow_code
+        )
+    model = resolved.build_model(resolved.label_names)
+    result = run_tasks(model, resolved.tokenizer, resolved.task, device, options)
+    return {"target": str(resolved.path), "kind": resolved.kind, "task": resolved.task, **result}
 
 
 def preprocess(recipe: Recipe, log=None, console=None) -> dict[str, Any]:

@@ -83,12 +83,20 @@ def read_adapter_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    _atomic_write(path, text, "w")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic_write(path, data, "wb")
+
+
+def _atomic_write(path: str | Path, content: str | bytes, mode: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, mode) as handle:
+            handle.write(content)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -260,8 +260,45 @@ def eval_(
             help="load .bin (pickle) weights when the base has no safetensors; pickle can run code",
         ),
     ] = False,
+    tasks: Annotated[
+        Optional[str],
+        typer.Option(help="lm-evaluation-harness tasks instead, e.g. hellaswag,arc_easy (peftcli[eval])"),
+    ] = None,
+    include_path: Annotated[
+        Optional[str], typer.Option("--include-path", help="with --tasks: a directory of task YAML files")
+    ] = None,
+    num_fewshot: Annotated[
+        Optional[int], typer.Option("--num-fewshot", help="with --tasks: examples in each prompt")
+    ] = None,
+    limit: Annotated[
+        Optional[int], typer.Option(help="with --tasks: score at most this many documents per task")
+    ] = None,
+    allow_task_code: Annotated[
+        bool,
+        typer.Option("--allow-task-code", help="with --tasks: let task YAML run its !function Python"),
+    ] = False,
 ) -> None:
-    """Measure eval loss, perplexity and accuracy / exact match of a base, adapter or merged model."""
+    """Measure eval loss, perplexity and accuracy / exact match of a base, adapter or merged model,
+    or with --tasks score it on lm-evaluation-harness tasks (docs/use.md)."""
+    if tasks is not None:
+        from peftcli.recipe import RecipeError
+
+        if data or max_examples or ensemble or vote:
+            raise RecipeError(
+                "--tasks",
+                "runs lm-eval tasks; --data, --max-examples, --ensemble and --vote do not apply",
+                "run them as two commands",
+            )
+        from peftcli.api import evaluate_tasks
+        from peftcli.reporting import task_table
+
+        names = [name.strip() for name in tasks.split(",") if name.strip()]
+        result = evaluate_tasks(target, names, include_path, num_fewshot, limit, allow_task_code)
+        if as_json:
+            print(json.dumps(result))
+        else:
+            out_console.print(task_table(result))
+        return
     from peftcli.api import evaluate_target
 
     result = evaluate_target(
@@ -285,6 +322,91 @@ def eval_(
         if key not in ("target", "kind"):
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     out_console.print(table)
+
+
+@app.command()
+@guarded
+def generate(
+    target: Annotated[str, typer.Argument(metavar="MODEL_OR_ADAPTER", help="adapter or model directory")],
+    input: Annotated[
+        Path, typer.Option("--input", "-i", help='JSON lines: {"prompt": ...} or {"messages": [...]}')
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="JSON lines out; a rerun continues after its rows")
+    ],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens per completion")] = 128,
+    temperature: Annotated[float, typer.Option(help="0: greedy; else sample at this temperature")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="sampling: nucleus probability mass")] = 1.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="rows decoded together")] = 8,
+    seed: Annotated[int, typer.Option(help="sampling seed (same seed, same output)")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as one JSON object")] = False,
+) -> None:
+    """Complete every row of a JSON-lines file with a model or adapter (batched, resumable)."""
+    from peftcli.api import generate as run
+    from peftcli.use.generate import GenerateOptions
+
+    options = GenerateOptions(max_new_tokens, temperature, top_p, batch_size, seed)
+    summary = run(
+        target,
+        input,
+        output,
+        options,
+        console=None if as_json else err_console,
+        log=lambda line: err_console.print(f"[dim]{line}[/dim]", highlight=False),
+    )
+    if as_json:
+        print(json.dumps(summary))
+        return
+    out_console.print(
+        f"{summary['rows']} rows in {summary['output']}: {summary['generated']} generated now "
+        f"({summary['completion_tokens']} tokens, {summary['seconds']:.1f} s), "
+        f"{summary['already_written']} already there",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+@guarded
+def chat(
+    target: Annotated[str, typer.Argument(metavar="MODEL_OR_ADAPTER", help="adapter or model directory")],
+    system: Annotated[Optional[str], typer.Option(help="system prompt")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens per reply")] = 256,
+    temperature: Annotated[float, typer.Option(help="0: greedy; else sample at this temperature")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="sampling: nucleus probability mass")] = 1.0,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+) -> None:
+    """Talk to a model or adapter through its chat template (/reset, /system TEXT, /exit).
+    Piped stdin is answered one turn per line."""
+    from peftcli.api import chat as run
+    from peftcli.use.chat import COMMANDS
+    from peftcli.use.generate import GenerateOptions
+
+    interactive = sys.stdin.isatty()
+
+    def lines():
+        if not interactive:
+            yield from sys.stdin
+            return
+        err_console.print(f"[dim]commands: {COMMANDS}; Ctrl-D ends[/dim]", highlight=False)
+        while True:
+            try:
+                yield err_console.input("[bold green]you>[/bold green] ")
+            except EOFError:
+                return
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    run(
+        target,
+        lines(),
+        write,
+        note=lambda text: err_console.print(f"[dim]{text}[/dim]", highlight=False),
+        system=system,
+        options=GenerateOptions(max_new_tokens, temperature, top_p, 1, seed),
+    )
 
 
 @app.command()

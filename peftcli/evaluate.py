@@ -4,10 +4,9 @@
 the number of label tokens, computed here from the logits. Averaging per-batch means instead would
 weight a short batch as much as a long one and make the number depend on the batch size.
 
-Generation for causal LMs is our own greedy loop over a KV cache on left-padded prompts (position
-ids follow the attention mask, as in ``transformers``' ``generate``). Owning the loop keeps it working
-for models whose wrappers ``generate`` does not know; ``test_evaluate`` checks it gives the same
-tokens as ``model.generate(do_sample=False)``.
+Generation for causal LMs is the greedy loop of :mod:`peftcli.decoding` over a KV cache on
+left-padded prompts. Owning the loop keeps it working for models whose wrappers ``generate`` does not
+know; ``test_evaluate`` checks it gives the same tokens as ``model.generate(do_sample=False)``.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from peftcli.compat import cache_argument, output_cache, pop_cache
 from peftcli.data.collate import collate, pad_token_id
 from peftcli.data.formats import IGNORE_INDEX, encode_prompt
 from peftcli.data.pipeline import DataBundle
+from peftcli.decoding import decode, eos_token_ids
 from peftcli.recipe import EvalConfig
 
 GenerateFn = Callable[[torch.nn.Module, list[list[int]], int], list[list[int]]]
@@ -79,58 +79,12 @@ class EnsembleModel(torch.nn.Module):
         )
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = set()
-    config = getattr(model, "generation_config", None)
-    configured = getattr(config, "eos_token_id", None)
-    if configured is not None:
-        ids.update(configured if isinstance(configured, list) else [configured])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
-@torch.no_grad()
 def greedy_generate(
     model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad_id: int, device: torch.device
 ) -> list[list[int]]:
-    """Greedy continuations of ``prompts`` (new tokens only, cut before the first EOS).
-
-    Prompts are left-padded so every row's next token sits in the last column; positions come from
-    the attention mask so padding does not shift them.
-    """
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)  # (B, L)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
-    eos = torch.tensor(sorted(eos_ids) or [-1], device=device)
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # (B,)
-    generated: list[torch.Tensor] = []
-    past = None
-    for _ in range(max_new_tokens):
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{cache_argument(): past},
-        )
-        past = output_cache(out)
-        next_token = out.logits[:, -1, :].argmax(dim=-1)  # (B,)
-        next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
-        generated.append(next_token)
-        finished |= torch.isin(next_token, eos)
-        if bool(finished.all()):
-            break
-        input_ids = next_token[:, None]  # (B, 1)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)
-        position_ids = position_ids[:, -1:] + 1  # (B, 1)
-    tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in prompts]  # (B, N)
-    results = []
-    for row in tokens:
-        cut = next((i for i, token in enumerate(row) if token in eos_ids), len(row))
-        results.append(row[:cut])
-    return results
+    """Greedy continuations of ``prompts`` (new tokens only, cut before the first EOS): the shared
+    loop of :mod:`peftcli.decoding`, the one ``peftcli generate`` and ``chat`` use."""
+    return decode(model, prompts, max_new_tokens, eos_ids, pad_id, device)
 
 
 def _seq2seq_generate(
@@ -238,7 +192,7 @@ def _exact_match(
     examples = bundle.eval_examples[: cfg.max_generate_examples]
     max_length = bundle.stats.get("max_length")
     prompts = [encode_prompt(tokenizer, example["prompt"], task, max_length) for example in examples]
-    eos_ids, pad_id = _eos_ids(model, tokenizer), pad_token_id(tokenizer)
+    eos_ids, pad_id = eos_token_ids(model, tokenizer), pad_token_id(tokenizer)
     outputs: list[list[int]] = []
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]

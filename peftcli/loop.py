@@ -302,6 +302,8 @@ def set_up(
     distributed.check_method(
         dist, get_method_class(recipe.method.name), recipe.model.quantization is not None
     )
+    if recipe.eval.tasks:
+        check_eval_tasks(recipe, dist)
     seed_everything(cfg.seed)
     device = resolve_device(device_spec or cfg.device)
     with dist.main_first():  # rank 0 fills the caches (tiny model, tokenized data) before the others read
@@ -696,6 +698,30 @@ def run_eval(run: Run, step: int) -> dict[str, float] | None:
     return result
 
 
+def check_eval_tasks(recipe: Recipe, dist: Dist) -> None:
+    """eval.tasks: lm-eval installed, the include path safe, the task names known, before training."""
+    from peftcli.harness import check_tasks, recipe_task_options
+
+    if dist.enabled:
+        raise RecipeError(
+            "eval.tasks",
+            f"lm-eval tasks run in one process; this run has {dist.world_size}",
+            "drop eval.tasks and run `peftcli eval RUN/adapter --tasks ...` after training",
+        )
+    check_tasks(recipe_task_options(recipe.eval), names=True)
+
+
+def run_eval_tasks(run: Run) -> dict[str, dict[str, Any]]:
+    """lm-eval's per-task metrics for the trained model, unmerged (results.json's ``tasks``)."""
+    from peftcli.harness import recipe_task_options, run_tasks
+
+    with run.reporter.status(f"lm-eval: {', '.join(run.recipe.eval.tasks)}"):
+        result = run_tasks(
+            run.model, run.tokenizer, run.task, run.device, recipe_task_options(run.recipe.eval)
+        )
+    return result["tasks"]
+
+
 def save(run: Run, state: TrainState) -> Path:
     """Write checkpoints/step-N atomically: everything an exact resume needs. Every rank calls it (FSDP
     gathers full tensors, and every rank's RNG state is kept); rank 0 writes."""
@@ -731,6 +757,7 @@ def finish(run: Run, state: TrainState, eval_before: dict[str, float] | None) ->
 
     elapsed = state.elapsed_before + (time.perf_counter() - state.started)
     eval_after = run_eval(run, state.step)
+    tasks = run_eval_tasks(run) if run.recipe.eval.tasks else None
     adapter_dir = run.run_dir / "adapter"
     with distributed.unsharded(run.model) if run.dist.mode == "fsdp" else contextlib.nullcontext():
         if run.dist.is_main:
@@ -757,6 +784,7 @@ def finish(run: Run, state: TrainState, eval_before: dict[str, float] | None) ->
         run.total,
         run.data.stats,
         peak_memory_bytes(run.device),
+        tasks,
     )
     if run.dist.is_main:
         run.loggers.close()

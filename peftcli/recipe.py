@@ -380,6 +380,24 @@ class EvalConfig:
     max_generate_examples: int = field(
         default=200, metadata=doc("generate for at most this many eval examples", min=1)
     )
+    tasks: list[str] = field(
+        default_factory=list,
+        metadata=doc(
+            "lm-evaluation-harness tasks scored after training, into results.json (needs peftcli[eval])"
+        ),
+    )
+    task_include_path: str | None = field(
+        default=None, metadata=doc("a directory of lm-eval task YAML files (local tasks, offline)")
+    )
+    task_num_fewshot: int | None = field(
+        default=None, metadata=doc("few-shot examples per lm-eval prompt; default: each task's own", min=0)
+    )
+    task_limit: int | None = field(
+        default=None, metadata=doc("score at most this many documents per lm-eval task", min=1)
+    )
+    task_allow_code: bool = field(
+        default=False, metadata=doc("let task YAML in task_include_path run Python (!function)")
+    )
 
 
 @dataclass

@@ -154,6 +154,10 @@ class Reporter:
             if key in before or key in after:
                 table.add_row(key, _fmt(before.get(key)), _fmt(after.get(key)))
         table.add_row("train loss (first → last step)", _fmt(result.first_loss), _fmt(result.last_loss))
+        for task, metric, value, stderr in task_rows(result.tasks):
+            table.add_row(
+                f"{task} {metric} (lm-eval)", "", _fmt(value) + (f" ± {stderr:.4f}" if stderr else "")
+            )
         table.add_row("steps / time", "", f"{result.steps} / {result.elapsed_s:.1f}s")
         table.add_row("tokens/s", "", f"{result.tokens_per_s:,.0f}")
         table.add_row("adapter", "", str(result.adapter_dir))
@@ -169,6 +173,9 @@ class Reporter:
         lines.append(
             f"| train loss (first → last step) | {_fmt(result.first_loss)} | {_fmt(result.last_loss)} |"
         )
+        for task, metric, value, stderr in task_rows(result.tasks):
+            stderr_text = f" ± {stderr:.4f}" if stderr else ""
+            lines.append(f"| {task} {metric} (lm-eval) | | {_fmt(value)}{stderr_text} |")
         lines += [
             "",
             f"- steps: {result.steps}, time: {result.elapsed_s:.1f}s, tokens/s: {result.tokens_per_s:,.0f}",
@@ -178,6 +185,37 @@ class Reporter:
             "",
         ]
         return "\n".join(lines)
+
+
+def task_rows(tasks: dict[str, dict[str, Any]] | None) -> list[tuple[str, str, Any, float | None]]:
+    """(task, metric, value, stderr) for each lm-eval metric, stderr folded into its metric's row."""
+    rows = []
+    for task, metrics in (tasks or {}).items():
+        for metric, value in metrics.items():
+            if metric == "samples" or "_stderr" in metric:
+                continue
+            stderr_key = metric.replace("/", "_stderr/", 1) if "/" in metric else f"{metric}_stderr"
+            stderr = metrics.get(stderr_key)
+            rows.append((task, metric, value, stderr if isinstance(stderr, float) else None))
+    return rows
+
+
+def task_table(result: dict[str, Any]) -> Table:
+    """`peftcli eval --tasks`: one row per task and metric, with lm-eval's standard error."""
+    fewshot = result.get("num_fewshot")
+    table = Table(
+        title=f"lm-eval {result['target']} ({result['kind']}"
+        + (f", {fewshot}-shot" if fewshot is not None else "")
+        + ")",
+        title_justify="left",
+    )
+    for name, justify in (("task", "left"), ("metric", "left"), ("value", "right"), ("stderr", "right")):
+        table.add_column(name, justify=justify)
+    table.add_column("samples", justify="right")
+    for task, metric, value, stderr in task_rows(result["tasks"]):
+        samples = result["tasks"][task].get("samples")
+        table.add_row(task, metric, _fmt(value), _fmt(stderr), "-" if samples is None else str(samples))
+    return table
 
 
 def _fmt(value: Any) -> str:

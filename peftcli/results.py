@@ -22,6 +22,7 @@ class TrainResult:
     total: int
     data_stats: dict[str, Any] = field(default_factory=dict)
     peak_memory_bytes: int | None = None  # peak RSS (CPU) or CUDA max allocated of the training process
+    tasks: dict[str, dict[str, Any]] | None = None  # eval.tasks: lm-eval's metrics per task, after training
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -38,4 +39,5 @@ class TrainResult:
             "total_parameters": self.total,
             "peak_memory_bytes": self.peak_memory_bytes,
             "data": self.data_stats,
+            **({"tasks": self.tasks} if self.tasks is not None else {}),
         }

@@ -21,7 +21,8 @@ from peftcli.recipe_loader import recipe_from_dict
 from peftcli.schema import SCHEMA_FILE, recipe_schema, schema_text
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+# recipes/data/ holds data, among it lm-eval task YAML (recipes/data/tasks), not recipes
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "data" not in p.parent.parts[-2:])
 BASE = {"model": {"name": "tiny:llama"}, "data": {"train": "recipes/data/tiny_train.jsonl"}}
 
 

@@ -431,9 +431,8 @@ def _scan_json_lines(
                     hint = "each line must be one object with named columns"
             if problem is not None:
                 if on_bad_row != "skip":
-                    raise RecipeError(
-                        key, f"{path} line {number} {problem}", f"{hint}, or set data.on_bad_row: skip"
-                    )
+                    skip = ", or set data.on_bad_row: skip" if key.startswith("data.") else ""
+                    raise RecipeError(key, f"{path} line {number} {problem}", hint + skip)
                 skipped[reason] += 1
                 continue
             rows.append(record)
@@ -453,6 +452,16 @@ def _line_of_row(path: Path, row: int) -> int:
                 if seen == row:
                     return number
     return row + 1
+
+
+def read_json_lines(path: str | Path, key: str) -> tuple[list[dict], list[int]]:
+    """Every object of a JSON-lines file exactly as written, with its 1-based line; the first bad line
+    raises naming ``key``, the file and the line (``peftcli generate --input``)."""
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        raise RecipeError(key, f"file not found: {path}", "check the path")
+    rows, _, lines = _scan_json_lines(path, key, "error", None)
+    return rows, lines
 
 
 def load_records(source: str, split: str, key: str) -> list[dict]:

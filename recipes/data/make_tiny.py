@@ -7,6 +7,8 @@
   not generalisation).
 - tiny_cls_train.jsonl / tiny_cls_eval.jsonl: two-class "sentiment" sentences built from
   positive/negative word lists, for seq_cls recipes.
+- tasks/tiny_reverse_choice.jsonl: a four-way multiple-choice version of the reversal task for
+  lm-evaluation-harness (tasks/tiny_reverse_choice.yaml; `peftcli eval --tasks`, docs/use.md).
 """
 
 import json
@@ -57,6 +59,20 @@ def main() -> None:
         rows.append({"text": f"the {rng.choice(NOUNS)} was {word}", "label": label})
     write(HERE / "tiny_cls_train.jsonl", rows[:256])
     write(HERE / "tiny_cls_eval.jsonl", rows[256:])
+    write(HERE / "tasks" / "tiny_reverse_choice.jsonl", reverse_choices(random.Random(1)))
+
+
+def reverse_choices(rng: random.Random) -> list[dict]:
+    """Each word's reversal among three distractors: the word itself, another word reversed, a rotation."""
+    rows = []
+    for i, word in enumerate(WORDS):
+        other = WORDS[(i + 7) % len(WORDS)]
+        choices = [f" {word[::-1]}", f" {word}", f" {other[::-1]}", f" {word[2:] + word[:2]}"]
+        rng.shuffle(choices)
+        rows.append(
+            {"question": f"reverse {word} =", "choices": choices, "answer": choices.index(f" {word[::-1]}")}
+        )
+    return rows
 
 
 if __name__ == "__main__":
