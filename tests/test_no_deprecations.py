@@ -1,6 +1,6 @@
 """Nothing we call warns the user about deprecations.
 
-The CLI's user paths (the quickstart's train, eval of an adapter, merge, eval of the merged model) run in
+The CLI's user paths (the quickstart's train, eval and generate with the adapter, merge, eval of the merged model) run in
 a subprocess with ``-W error::FutureWarning -W error::DeprecationWarning``, so a deprecated call of ours
 fails the command, and transformers' logged deprecations ("... is deprecated ...", which it emits with
 ``logger.warning_once`` rather than ``warnings.warn``) fail the test from stderr. Covered for LoRA (the
@@ -43,6 +43,20 @@ def test_train_eval_merge_emit_no_deprecation(name, tmp_path):
     run = tmp_path / "run"
     run_strict("train", *RECIPES[name], "--output-dir", str(run), "-q")
     run_strict("eval", str(run / "adapter"), "--max-examples", "8")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "abc=\\n"}\n{"prompt": "hello=\\n"}\n')
+    out = tmp_path / "out.jsonl"
+    run_strict(
+        "generate",
+        str(run / "adapter"),
+        "--input",
+        str(prompts),
+        "--output",
+        str(out),
+        "--max-new-tokens",
+        "4",
+    )
+    assert len(out.read_text().splitlines()) == 2
     if name == "lora":  # prefixes do not merge
         run_strict("merge", str(run / "adapter"), "--output", str(tmp_path / "merged"))
         run_strict("eval", str(tmp_path / "merged"), "--data", "recipes/data/quickstart_eval.jsonl")
