@@ -122,6 +122,16 @@ def train(
     out_console.print(f"adapter written to {result.adapter_dir}", highlight=False)
 
 
+# merge and eval: the one way a command-line user asks for pickle weights by name
+AllowPickle = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="load .bin (pickle) weights when the base has no safetensors; pickle can run code",
+    ),
+]
+
+
 @app.command()
 @guarded
 def merge(
@@ -139,13 +149,7 @@ def merge(
             "weights (docs/merging.md)",
         ),
     ] = False,
-    allow_pickle: Annotated[
-        bool,
-        typer.Option(
-            "--allow-pickle",
-            help="load .bin (pickle) weights when the base has no safetensors; pickle can run code",
-        ),
-    ] = False,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Fold an adapter into its base and write a plain transformers model directory."""
     from peftcli.recipe import RecipeError, did_you_mean
@@ -253,13 +257,7 @@ def eval_(
     vote: Annotated[
         bool, typer.Option("--vote", help="ensemble by majority vote instead of averaged logits (seq_cls)")
     ] = False,
-    allow_pickle: Annotated[
-        bool,
-        typer.Option(
-            "--allow-pickle",
-            help="load .bin (pickle) weights when the base has no safetensors; pickle can run code",
-        ),
-    ] = False,
+    allow_pickle: AllowPickle = False,
     tasks: Annotated[
         Optional[str],
         typer.Option(help="lm-evaluation-harness tasks instead, e.g. hellaswag,arc_easy (peftcli[eval])"),
