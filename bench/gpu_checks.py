@@ -247,15 +247,24 @@ def loop_pieces(ctx: Context, name: str):
     import torch
 
     from peftcli.data.pipeline import load_data
-    from peftcli.loop import build_model, seed_everything
-    from peftcli.models import load_tokenizer
+    from peftcli.methods.catalog import method_for
+    from peftcli.models import build_model, load_tokenizer
     from peftcli.recipe_loader import load_recipe
+    from peftcli.training.loop import seed_everything
 
     recipe = load_recipe(write_recipe(ctx, name, 1))
     tokenizer = load_tokenizer(recipe.model.name, recipe.model)
     rows = load_data(recipe.data, tokenizer, "causal_lm").train
     seed_everything(0)
-    model, _ = build_model(recipe, torch.device(ctx.device), None, tokenizer, recipe.model.name)
+    method = method_for(recipe)
+    model = build_model(
+        recipe.model.name,
+        recipe.model,
+        method,
+        torch.device(ctx.device),
+        seed=recipe.train.seed,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return model, tokenizer, rows
 
 
@@ -269,7 +278,7 @@ def trainable_grads(model) -> dict[str, Any]:
 def check_bf16_autocast(ctx: Context) -> Result:
     import torch
 
-    import peftcli.loop as loop
+    import peftcli.training.loop as loop
 
     steps = 50
     fp32 = losses(train(ctx, "fp32", steps, set_train(lr=1e-2)))
@@ -467,7 +476,7 @@ def _memory_pressure(ctx: Context) -> Iterator[dict[str, float]]:
 def _state_sent_to_host_each_step(ctx: Context) -> Iterator[dict[str, float]]:
     """Before every optimizer step, prefetch each paged state tensor to host memory: the step must page
     it back in (bitsandbytes prefetches it to the device inside ``step``)."""
-    import peftcli.loop as loop
+    import peftcli.training.loop as loop
 
     found = {"tensors": 0, "mib": 0.0, "evictions": 0}
     if not ctx.cuda:
@@ -492,7 +501,7 @@ def _state_sent_to_host_each_step(ctx: Context) -> Iterator[dict[str, float]]:
 
 
 def _loss_and_grads(model, batch: dict[str, Any], path: str) -> tuple[float, dict[str, Any]]:
-    from peftcli.loss import micro_batch_loss_sum
+    from peftcli.training.loss import micro_batch_loss_sum
 
     model.zero_grad(set_to_none=True)
     loss = micro_batch_loss_sum(model, batch, "causal_lm", path)
@@ -502,7 +511,7 @@ def _loss_and_grads(model, batch: dict[str, Any], path: str) -> tuple[float, dic
 
 def _compare_loss_paths(ctx: Context, path: str, loss_tol: float, grad_tol: float) -> Result:
     from peftcli.data.collate import collate_rows
-    from peftcli.loss import PLAIN
+    from peftcli.training.loss import PLAIN
 
     model, tokenizer, rows = loop_pieces(ctx, "loss-path")
     batch = collate_rows(rows, list(range(ctx.size.batch)), tokenizer, "causal_lm")
@@ -520,13 +529,13 @@ def _compare_loss_paths(ctx: Context, path: str, loss_tol: float, grad_tol: floa
 
 
 def check_fused_loss(ctx: Context) -> Result:
-    from peftcli.loss import FUSED
+    from peftcli.training.loss import FUSED
 
     return _compare_loss_paths(ctx, FUSED, LOSS_REL_TOL, GRAD_REL_TOL)
 
 
 def check_liger_loss(ctx: Context) -> Result:
-    from peftcli.loss import LIGER
+    from peftcli.training.loss import LIGER
 
     need_cuda(ctx, "Liger's Triton kernel")
     _require("liger_kernel", "liger-kernel")
@@ -540,10 +549,10 @@ def check_packed_attention(ctx: Context) -> Result:
     token attends across examples) must move the loss by at least LEAK_MARGIN × each tolerance."""
     import torch
 
-    from peftcli.attention import use_packed_attention
-    from peftcli.batching import collate_packed
+    from peftcli.data.batching import collate_packed
     from peftcli.data.collate import collate_rows, pad_token_id
-    from peftcli.loss import PLAIN, count_targets, micro_batch_loss_sum
+    from peftcli.training.attention import use_packed_attention
+    from peftcli.training.loss import PLAIN, count_targets, micro_batch_loss_sum
 
     model, tokenizer, rows = loop_pieces(ctx, "packed")
     model.eval()
@@ -657,9 +666,9 @@ def check_fsdp2_one_rank(ctx: Context) -> Result:
     import torch
     import torch.distributed as torch_dist
 
-    import peftcli.loop as loop
-    from peftcli.distributed import Dist
+    import peftcli.training.loop as loop
     from peftcli.recipe_loader import load_recipe
+    from peftcli.training.distributed import Dist
 
     steps = 4
     # the fused loss would call the body and the head directly, past FSDP's root hooks: plain on both

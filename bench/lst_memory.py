@@ -59,10 +59,10 @@ def measure(method_name: str, quick: bool) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peftcli.loop import token_loss_sum
     from peftcli.methods.catalog import get_method_class
     from peftcli.methods.registry import count_parameters
     from peftcli.recipe import from_dict
+    from peftcli.training.loop import token_loss_sum
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)

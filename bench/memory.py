@@ -169,7 +169,7 @@ def worker(args) -> dict:
     import transformers
     from transformers.models.llama import modeling_llama  # noqa: F401
 
-    import peftcli.loop  # noqa: F401
+    import peftcli.training.loop  # noqa: F401
 
     transformers.AutoTokenizer.from_pretrained(path)
     trim_heap()
@@ -177,10 +177,11 @@ def worker(args) -> dict:
     t0 = time.perf_counter()
 
     if args.stack == "peftcli":
-        from peftcli.loop import build_model, token_loss_sum
-        from peftcli.models import load_tokenizer
-        from peftcli.optim import build_optimizer
+        from peftcli.methods.catalog import method_for
+        from peftcli.models import build_model, load_tokenizer
         from peftcli.recipe_loader import recipe_from_dict
+        from peftcli.training.loop import token_loss_sum
+        from peftcli.training.optim import build_optimizer
 
         raw = {
             "model": {"name": path, "dtype": dtype_name, "gradient_checkpointing": args.grad_ckpt},
@@ -198,7 +199,10 @@ def worker(args) -> dict:
             raw["model"]["quantization"] = dict(quant)
         recipe = recipe_from_dict(raw)
         tokenizer = load_tokenizer(path, recipe.model)
-        model, method = build_model(recipe, device, None, tokenizer, path)
+        method = method_for(recipe)
+        model = build_model(
+            path, recipe.model, method, device, seed=recipe.train.seed, pad_token_id=tokenizer.pad_token_id
+        )
         optimizer = build_optimizer(method.param_groups(model, 1e-4, 0.0), recipe.train)
 
         def loss_of(input_ids):

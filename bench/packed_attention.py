@@ -11,7 +11,7 @@ cross-entropy, as in the training loop) through:
                    block-diagonal causal mask itself (what peftcli's packing uses)
     mask_4d        an explicit (R, 1, T, T) block-diagonal causal additive mask + position_ids
     per_example    one forward per example (batch 1, no mask, no padding)
-    peftcli_sdpa   the packed rows through peftcli's attention (peftcli/attention.py): one causal
+    peftcli_sdpa   the packed rows through peftcli's attention (peftcli/training/attention.py): one causal
                    SDPA call per example inside each layer, no mask (what ``train.packing`` uses on the CPU)
 
 Checks that the four losses agree (fp32, 1e-5), then reports the median seconds of ``--repeats``
@@ -34,8 +34,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from peftcli.attention import ATTENTION_NAME, register  # noqa: E402
-from peftcli.loss import fused_linear_cross_entropy_sum  # noqa: E402
+from peftcli.training.attention import ATTENTION_NAME, register  # noqa: E402
+from peftcli.training.loss import fused_linear_cross_entropy_sum  # noqa: E402
 
 register()
 

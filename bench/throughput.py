@@ -195,13 +195,21 @@ def initial_adapter(recipe_path: Path, out: Path, device: str = "cpu") -> None:
     import torch
     from safetensors.torch import save_file
 
-    from peftcli.loop import build_model
-    from peftcli.models import load_tokenizer
+    from peftcli.methods.catalog import method_for
+    from peftcli.models import build_model, load_tokenizer
     from peftcli.recipe_loader import load_recipe
 
     recipe = load_recipe(recipe_path)
     tokenizer = load_tokenizer(recipe.model.name, recipe.model)
-    model, method = build_model(recipe, torch.device(device), None, tokenizer, recipe.model.name)
+    method = method_for(recipe)
+    model = build_model(
+        recipe.model.name,
+        recipe.model,
+        method,
+        torch.device(device),
+        seed=recipe.train.seed,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in method.adapter_state_dict(model).items()}, str(out)
     )
@@ -244,7 +252,7 @@ def peak_memory_mb(device: str) -> float:
 
 def run_peftcli(args, recipe_path: Path) -> dict:
     """The real CLI (data stage, collation, loop), with optimizer_step wrapped to time each step."""
-    import peftcli.loop as loop
+    import peftcli.training.loop as loop
     from peftcli.cli import main as cli_main
 
     log, step = StepLog(), loop.optimizer_step

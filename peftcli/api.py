@@ -36,7 +36,7 @@ def train(
     reporter=None,
     overwrite: bool = False,
 ):
-    from peftcli.loop import train as run
+    from peftcli.training.loop import train as run
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides, output_dir)

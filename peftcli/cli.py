@@ -91,17 +91,17 @@ def train(
 ) -> None:
     """Fine-tune a model as a recipe says; write the run directory (adapter, metrics, checkpoints).
     With --nproc-per-node N, train on N processes (DDP or FSDP, see docs/distributed.md)."""
-    from peftcli import distributed
+    from peftcli.training import distributed
 
     if nproc_per_node is not None:
         options = distributed.LaunchOptions(
             nproc_per_node, nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_id
         )
         raise typer.Exit(distributed.launch(options, distributed.worker_args(sys.argv[1:])))
-    from peftcli.loop import TrainingInterrupted
-    from peftcli.loop import train as run
     from peftcli.recipe_loader import load_recipe
-    from peftcli.reporting import Reporter
+    from peftcli.training.console import Reporter
+    from peftcli.training.loop import TrainingInterrupted
+    from peftcli.training.loop import train as run
 
     loaded = load_recipe(recipe, overrides or [], output_dir)
     reporter = Reporter(err_console, quiet=quiet)
@@ -288,7 +288,7 @@ def eval_(
                 "run them as two commands",
             )
         from peftcli.api import evaluate_tasks
-        from peftcli.reporting import task_table
+        from peftcli.training.console import task_table
 
         names = [name.strip() for name in tasks.split(",") if name.strip()]
         result = evaluate_tasks(target, names, include_path, num_fewshot, limit, allow_task_code)
@@ -498,8 +498,8 @@ def report(
     no_plot: Annotated[bool, typer.Option("--no-plot", help="summary only (no matplotlib needed)")] = False,
 ) -> None:
     """Plot a run's train loss, eval metrics and learning rate; summarize best and final evals."""
-    from peftcli.report import report as run
-    from peftcli.reporting import report_table
+    from peftcli.tools.report import report as run
+    from peftcli.tools.report import report_table
 
     summary = run(run_dir, output, plot=not no_plot)
     if as_json:
@@ -534,8 +534,8 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="print compare.json instead of the table")] = False,
 ) -> None:
     """Compare PEFT methods: train a recipe with each, or compare finished runs, in one table."""
-    from peftcli.compare import compare_recipe, compare_runs, compare_table
     from peftcli.recipe import RecipeError
+    from peftcli.tools.compare import compare_recipe, compare_runs, compare_table
 
     command = "peftcli compare " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["compare"] else targets)
     first = Path(targets[0])
@@ -643,7 +643,7 @@ def main() -> None:
     show_recipe_warnings()
     try:
         if "TORCHELASTIC_ERROR_FILE" in os.environ:  # a torchrun worker: report a crash to the launcher
-            from peftcli.distributed import run_recording_errors
+            from peftcli.training.distributed import run_recording_errors
 
             run_recording_errors(app)
         else:

@@ -26,7 +26,13 @@ from peftcli.checkpoint import ADAPTER_WEIGHTS, AtomicDir, check_tensors, read_a
 from peftcli.dequantize import load_dequantized_weights, quantized_layers
 from peftcli.methods.catalog import get_method_class, list_methods
 from peftcli.methods.registry import Method
-from peftcli.models import PEFT_TASK_TYPE, TASK_FROM_PEFT, load_model, load_tokenizer, resolve_model_name
+from peftcli.models import (
+    PEFT_TASK_TYPE,
+    TASK_FROM_PEFT,
+    build_model,
+    load_tokenizer,
+    resolve_model_name,
+)
 from peftcli.recipe import ModelConfig, QuantizationConfig, RecipeError, coerce, from_dict, to_dict
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -46,6 +52,7 @@ def save_adapter(
     model_cfg: ModelConfig,
     label_names: list[str] | None = None,
     extra: dict[str, Any] | None = None,
+    seed: int = 0,
 ) -> Path:
     """Write the adapter directory atomically (a crash leaves the previous one intact)."""
     method.on_save(model)
@@ -67,6 +74,7 @@ def save_adapter(
         "model_name": model_cfg.name,
         "quantization": to_dict(model_cfg.quantization) if model_cfg.quantization else None,
         "label_names": label_names,
+        "seed": seed,  # the adapter's init seed: load_adapter rebuilds the model with it
         **(extra or {}),
     }
     state = {k: v.detach().contiguous().cpu() for k, v in method.adapter_state_dict(model).items()}
@@ -98,6 +106,7 @@ def read_adapter_info(path: str | Path) -> dict[str, Any]:
         model_name = sidecar.get("model_name") or config.get("base_model_name_or_path")
         quant = sidecar.get("quantization")
         label_names = sidecar.get("label_names")
+        seed = sidecar.get("seed", 0)
     else:  # an adapter written by peft itself
         peft_type = config.get("peft_type")
         candidates = [m for m in list_methods() if m.peft_type == peft_type]
@@ -111,7 +120,7 @@ def read_adapter_info(path: str | Path) -> dict[str, Any]:
         method_cfg = method_cls.config_from_adapter(config)
         task = TASK_FROM_PEFT.get(config.get("task_type") or "CAUSAL_LM", "causal_lm")
         model_name = config.get("base_model_name_or_path")
-        quant, label_names = None, None
+        quant, label_names, seed = None, None, 0
     return {
         "written_by_peft": not sidecar_path.is_file(),
         "config": config,
@@ -122,6 +131,7 @@ def read_adapter_info(path: str | Path) -> dict[str, Any]:
         "model_name": model_name,
         "quantization": quant,
         "label_names": label_names,
+        "seed": seed,
     }
 
 
@@ -174,19 +184,23 @@ def load_adapter(
     tokenizer_src = str(path) if (path / "tokenizer_config.json").exists() else base_path
     tokenizer = load_tokenizer(tokenizer_src, model_cfg)
     device = torch.device(device)
-    model = load_model(
+    method = info["method_cls"](info["method_cfg"], info["task"])
+    model = build_model(
         base_path,
         model_cfg,
+        method,
         device,
+        seed=info["seed"],
         label_names=info["label_names"],
         pad_token_id=tokenizer.pad_token_id,
         dtype=dtype,
+        trainable_fp32=False,
+        before_attach=(
+            (lambda base: drop_unmatched_modules_to_save(base, info["method_cfg"], str(path)))
+            if info["written_by_peft"]
+            else None
+        ),
     )
-    if info["written_by_peft"]:
-        drop_unmatched_modules_to_save(model, info["method_cfg"], str(path))
-    method = info["method_cls"](info["method_cfg"], info["task"])
-    torch.manual_seed(0)
-    model = method.attach(model)
     state = read_adapter_state(path)
     # Names and dtype kinds must be what this method writes for this base, listed if not. Shapes are
     # checked once loaded (a pruned AdaLoRA adapter resizes the model to its ranks): a file tensor whose

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,39 @@ def load_model(
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     return model
+
+
+def build_model(
+    path: str,
+    cfg: ModelConfig,
+    method: Any,
+    device: torch.device,
+    *,
+    seed: int,
+    label_names: list[str] | None = None,
+    pad_token_id: int | None = None,
+    dtype: torch.dtype | None = None,
+    trainable_fp32: bool = True,
+    before_attach: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
+    """The tuned model, built one way for training, loading an adapter, benchmarks and tests.
+
+    Loads the base (:func:`load_model`), lets ``before_attach`` adjust it (an adapter peft wrote), then
+    ``method.attach``es the method (a ``peftcli.methods.registry.Method``; passed in, since models sit
+    below methods) with the adapter's random init seeded by ``seed`` alone, so the same recipe seed
+    gives the same initial adapter wherever it is built. ``trainable_fp32`` keeps what trains in fp32
+    (adapters train in full precision); a loaded adapter keeps the base's dtype instead.
+    """
+    model = load_model(path, cfg, device, label_names=label_names, pad_token_id=pad_token_id, dtype=dtype)
+    if before_attach is not None:
+        before_attach(model)
+    torch.manual_seed(seed)
+    model = method.attach(model)
+    if trainable_fp32:
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    return model.to(device)
 
 
 def task_of_model_dir(path: str) -> str:

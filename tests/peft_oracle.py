@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 
 from peftcli.export import save_adapter
-from peftcli.loop import build_model, token_loss_sum
-from peftcli.models import load_model, load_tokenizer, resolve_model_name
+from peftcli.methods.catalog import method_for
+from peftcli.models import build_model, load_model, load_tokenizer, resolve_model_name
 from peftcli.recipe_loader import load_recipe
+from peftcli.training.loop import token_loss_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +23,15 @@ def build(recipe_name: str, tmp_path: Path, overrides: list[str] | None = None):
     )
     base_path = resolve_model_name(recipe.model.name)
     tokenizer = load_tokenizer(base_path, recipe.model)
-    model, method = build_model(recipe, torch.device("cpu"), None, tokenizer, base_path)
+    method = method_for(recipe)
+    model = build_model(
+        base_path,
+        recipe.model,
+        method,
+        torch.device("cpu"),
+        seed=recipe.train.seed,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model.eval()
     return recipe, base_path, tokenizer, model, method
 

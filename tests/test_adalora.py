@@ -23,8 +23,8 @@ from peft_oracle import (
     train_steps,
 )
 
-from peftcli.loop import token_loss_sum
 from peftcli.recipe import RecipeError
+from peftcli.training.loop import token_loss_sum
 
 peft = pytest.importorskip("peft")
 

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from peftcli.checkpoint import read_adapter_state
 from peftcli.export import load_adapter, save_adapter
-from peftcli.loop import build_model
 from peftcli.methods.bottleneck import block_of
-from peftcli.models import load_tokenizer, resolve_model_name
+from peftcli.methods.catalog import method_for
+from peftcli.models import build_model, load_tokenizer, resolve_model_name
 from peftcli.recipe import RecipeError
 from peftcli.recipe_loader import load_recipe
 
@@ -35,7 +35,15 @@ def build(tmp_path: Path, sources: list[Path] | None = None):
     )
     base_path = resolve_model_name(recipe.model.name)
     tokenizer = load_tokenizer(base_path, recipe.model)
-    model, method = build_model(recipe, torch.device("cpu"), None, tokenizer, base_path)
+    method = method_for(recipe)
+    model = build_model(
+        base_path,
+        recipe.model,
+        method,
+        torch.device("cpu"),
+        seed=recipe.train.seed,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model.eval()
     return recipe, base_path, tokenizer, model, method
 

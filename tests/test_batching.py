@@ -1,4 +1,4 @@
-"""Padding-free packing and length-grouped batching (peftcli/batching.py).
+"""Padding-free packing and length-grouped batching (peftcli/data/batching.py).
 
 References: the unpacked path (each example right-padded in an ordinary batch, attention mask given)
 for the loss and gradients of a packed batch, fp32 on the CPU, ≤ 1e-5; the plan's own definition for
@@ -16,15 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftcli.attention import ATTENTION_NAME, use_packed_attention
-from peftcli.batching import collate_packed, padding_fraction, plan_length_grouped, plan_packed
+from peftcli.data.batching import collate_packed, padding_fraction, plan_length_grouped, plan_packed
 from peftcli.data.collate import collate
-from peftcli.loop import build_model, count_targets, train
-from peftcli.loss import CHUNKED, FUSED, PLAIN, micro_batch_loss_sum
-from peftcli.methods.catalog import list_methods
-from peftcli.models import load_tokenizer, resolve_model_name
+from peftcli.methods.catalog import list_methods, method_for
+from peftcli.models import build_model, load_tokenizer, resolve_model_name
 from peftcli.recipe import RecipeError
 from peftcli.recipe_loader import load_recipe
+from peftcli.training.attention import ATTENTION_NAME, use_packed_attention
+from peftcli.training.loop import count_targets, train
+from peftcli.training.loss import CHUNKED, FUSED, PLAIN, micro_batch_loss_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -100,7 +100,10 @@ def build(tmp_path: Path, recipe_name: str, *overrides: str):
     recipe = load_recipe(path, [*overrides, f"output_dir={tmp_path / 'run'}"])
     base_path = resolve_model_name(recipe.model.name)
     tokenizer = load_tokenizer(base_path, recipe.model)
-    model, _ = build_model(recipe, CPU, None, tokenizer, base_path)
+    method = method_for(recipe)
+    model = build_model(
+        base_path, recipe.model, method, CPU, seed=recipe.train.seed, pad_token_id=tokenizer.pad_token_id
+    )
     model.train()
     if any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout)):
         model.eval()  # dropout draws differ by layout (gpt2's resid/attn dropout); eval keeps it exact
@@ -172,11 +175,11 @@ def test_packed_equals_unpacked_on_other_architectures(tmp_path, arch):
 def test_packed_attention_keeps_transformers_path_when_the_probe_fails(tmp_path, monkeypatch):
     """A model whose attention never sees the position ids would attend across examples with no mask:
     the probe catches that and the model keeps its own attention."""
-    import peftcli.attention
+    import peftcli.training.attention
 
     model, _ = build(tmp_path, "lora")
     before = model.config._attn_implementation
-    monkeypatch.setattr(peftcli.attention, "_record_probe", lambda: None)
+    monkeypatch.setattr(peftcli.training.attention, "_record_probe", lambda: None)
     switched, why = use_packed_attention(model)
     assert not switched and "position_ids" in why
     assert model.config._attn_implementation == before
@@ -261,7 +264,7 @@ def test_resume_is_exact_with_planned_batches(tmp_path, mode):
 def test_summary_line_reports_the_padding_saved():
     """The start-up line's figures are padding_fraction of the plain and the packed plan of epoch 0."""
     from peftcli.data.sampler import BatchSampler
-    from peftcli.loop import build_sampler
+    from peftcli.training.loop import build_sampler
 
     recipe = load_recipe(
         ROOT / "recipes" / "tiny" / "lora.yaml", ["train.packing=true", "train.batch_size=4"]

@@ -26,11 +26,11 @@ from typer.testing import CliRunner
 
 import peftcli
 from peftcli.cli import app
-from peftcli.compare import NOT_MERGEABLE, compare_recipe, parse_sets
 from peftcli.methods.catalog import get_method_class
 from peftcli.models import load_model, load_tokenizer, resolve_model_name
 from peftcli.recipe import RecipeError
 from peftcli.recipe_loader import load_recipe
+from peftcli.tools.compare import NOT_MERGEABLE, compare_recipe, parse_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from peftcli.export import load_adapter, save_adapter
-from peftcli.loop import build_model, token_loss_sum
-from peftcli.methods.catalog import list_methods
-from peftcli.models import load_model, load_tokenizer, resolve_model_name
+from peftcli.methods.catalog import list_methods, method_for
+from peftcli.models import build_model, load_model, load_tokenizer, resolve_model_name
 from peftcli.recipe_loader import load_recipe
+from peftcli.training.loop import token_loss_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = [cls.name for cls in list_methods()]
@@ -67,7 +67,16 @@ def build(name: str, tmp_path: Path):
     base_path = resolve_model_name(recipe.model.name)
     tokenizer = load_tokenizer(base_path, recipe.model)
     labels = LABELS if recipe.model.task == "seq_cls" else None
-    model, method = build_model(recipe, torch.device("cpu"), labels, tokenizer, base_path)
+    method = method_for(recipe)
+    model = build_model(
+        base_path,
+        recipe.model,
+        method,
+        torch.device("cpu"),
+        seed=recipe.train.seed,
+        label_names=labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model.eval()
     return recipe, base_path, tokenizer, model, method, labels
 

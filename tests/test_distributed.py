@@ -28,9 +28,9 @@ import torch
 from safetensors.torch import load_file
 
 import peftcli
-from peftcli.distributed import Dist, LaunchOptions, check_method, init, launch, worker_args, wrap
 from peftcli.methods.catalog import get_method_class
 from peftcli.recipe import RecipeError
+from peftcli.training.distributed import Dist, LaunchOptions, check_method, init, launch, worker_args, wrap
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")

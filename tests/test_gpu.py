@@ -54,13 +54,22 @@ def test_flops_per_token_is_what_torch_counts_for_lora_training():
     halving (the counter counts every score)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from peftcli.loop import build_model
-    from peftcli.models import load_tokenizer, resolve_model_name
+    from peftcli.methods.catalog import method_for
+    from peftcli.models import build_model, load_tokenizer, resolve_model_name
     from peftcli.recipe_loader import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "tiny" / "lora.yaml", ["method.r=4"])
     base = resolve_model_name(recipe.model.name)
-    model, _ = build_model(recipe, torch.device("cpu"), None, load_tokenizer(base, recipe.model), base)
+    tokenizer = load_tokenizer(base, recipe.model)
+    method = method_for(recipe)
+    model = build_model(
+        base,
+        recipe.model,
+        method,
+        torch.device("cpu"),
+        seed=recipe.train.seed,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model.set_attn_implementation("eager")
     c = model.config
     shape = dict(

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from peftcli.export import load_adapter, save_adapter
-from peftcli.loop import token_loss_sum
 from peftcli.methods.mam_adapter import MamAdapter, MamConfig
 from peftcli.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from peftcli.methods.unipelt import GatedLoRA, UniPelt, UniPeltConfig
 from peftcli.models import load_model, load_tokenizer, resolve_model_name
 from peftcli.recipe import ModelConfig
+from peftcli.training.loop import token_loss_sum
 
 
 def tiny(arch: str = "llama", task: str = "causal_lm"):

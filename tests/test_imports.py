@@ -144,3 +144,15 @@ def test_importing_quantize_loads_no_method():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
     assert int(out.strip()) <= 2, f"import peftcli.quantize loaded {out.strip()} peftcli.methods.* modules"
+
+
+def test_the_training_package_never_shadows_the_public_train_function():
+    """``peftcli.train(recipe)`` is the public API; a subpackage named ``train`` would replace it with a
+    module as soon as anything imported it, so the loop lives in ``peftcli.training``."""
+    code = (
+        "import peftcli, peftcli.training.loop, peftcli.training.metrics\n"
+        "from peftcli.api import train\n"
+        "assert peftcli.train is train, peftcli.train\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

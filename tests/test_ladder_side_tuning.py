@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from peftcli.compat import cache_argument, output_cache
-from peftcli.loop import token_loss_sum
 from peftcli.methods.ladder_side_tuning import LadderConfig, LadderSideTuning
 from peftcli.models import load_model, resolve_model_name
 from peftcli.recipe import ModelConfig
+from peftcli.training.loop import token_loss_sum
 
 ARCHS = [("llama", "causal_lm"), ("qwen2", "causal_lm"), ("gpt2", "causal_lm"), ("bert", "seq_cls")]
 

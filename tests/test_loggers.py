@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 import peftcli
 from peftcli.cli import app
-from peftcli.loggers import check_installed, flat_hyperparameters
 from peftcli.recipe import RecipeError
 from peftcli.recipe_loader import load_recipe
+from peftcli.training.loggers import check_installed, flat_hyperparameters
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
@@ -248,7 +248,7 @@ def test_mlflow_metrics_and_params(tmp_path, monkeypatch, store):
 @pytest.mark.parametrize(("error", "status"), [("interrupt", "KILLED"), ("crash", "FAILED")])
 def test_a_run_that_stops_early_ends_its_mlflow_run(tmp_path, monkeypatch, error, status):
     """An interrupted run's tracker run is KILLED (resumable), a crashed one FAILED: never left RUNNING."""
-    import peftcli.loop as loop
+    import peftcli.training.loop as loop
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     real_step = loop.optimizer_step

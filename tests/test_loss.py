@@ -1,4 +1,4 @@
-"""The fused and chunked linear cross-entropy (peftcli/loss.py) against the plain logits path.
+"""The fused and chunked linear cross-entropy (peftcli/training/loss.py) against the plain logits path.
 
 Reference: the plain path (full logits, ``F.cross_entropy`` summed), same model, same batch, fp32 on
 the CPU, seed 0. The fused path (plain linear heads) and the chunked path (any head) must give the
@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftcli.loop import build_model
-from peftcli.loss import (
+from peftcli.methods.catalog import method_for
+from peftcli.models import build_model, load_tokenizer, resolve_model_name
+from peftcli.recipe_loader import load_recipe
+from peftcli.training.loss import (
     CHUNKED,
     FUSED,
     PLAIN,
@@ -23,8 +25,6 @@ from peftcli.loss import (
     choose_loss_path,
     micro_batch_loss_sum,
 )
-from peftcli.models import load_tokenizer, resolve_model_name
-from peftcli.recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -36,7 +36,10 @@ def build(tmp_path: Path, recipe_name: str, *overrides: str):
     )
     base_path = resolve_model_name(recipe.model.name)
     tokenizer = load_tokenizer(base_path, recipe.model)
-    model, _ = build_model(recipe, CPU, None, tokenizer, base_path)
+    method = method_for(recipe)
+    model = build_model(
+        base_path, recipe.model, method, CPU, seed=recipe.train.seed, pad_token_id=tokenizer.pad_token_id
+    )
     return model
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from peftcli.loop import build_model, token_loss_sum
-from peftcli.models import load_tokenizer, resolve_model_name
+from peftcli.methods.catalog import method_for
+from peftcli.models import build_model, load_tokenizer, resolve_model_name
 from peftcli.recipe_loader import recipe_from_dict
 from peftcli.tiny import build_tiny, ensure_tiny
+from peftcli.training.loop import token_loss_sum
 
 
 def test_tiny_models_are_deterministic(tmp_path):
@@ -41,7 +42,15 @@ def _loss_and_grads(checkpointing: bool, dtype: str = "float32"):
     )
     path = resolve_model_name(recipe.model.name)
     tokenizer = load_tokenizer(path, recipe.model)
-    model, _ = build_model(recipe, torch.device("cpu"), None, tokenizer, path)
+    method = method_for(recipe)
+    model = build_model(
+        path,
+        recipe.model,
+        method,
+        torch.device("cpu"),
+        seed=recipe.train.seed,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model.train()
     for name, p in model.named_parameters():  # B = 0 gives A no gradient: move B off zero
         if "lora_B" in name:

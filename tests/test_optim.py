@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from peftcli.checkpoint import load_tree, save_tree
-from peftcli.optim import BNB_OPTIMIZERS, build_optimizer
 from peftcli.recipe import RecipeError, TrainConfig
+from peftcli.training.optim import BNB_OPTIMIZERS, build_optimizer
 
 warnings.filterwarnings("ignore", module="bitsandbytes")
 

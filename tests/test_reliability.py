@@ -31,13 +31,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import peftcli.checkpoint as ckpt
-import peftcli.loop as loop
-import peftcli.loss as loss_module
+import peftcli.training.loop as loop
+import peftcli.training.loss as loss_module
 from peftcli.cli import app
 from peftcli.data.sampler import BatchSampler
 from peftcli.recipe import RecipeError
 from peftcli.recipe_loader import load_recipe
-from peftcli.reporting import Reporter
+from peftcli.training.console import Reporter
 
 pytestmark = pytest.mark.slow  # every test here trains (seconds each)
 

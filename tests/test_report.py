@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import peftcli
 from peftcli.cli import app
-from peftcli.report import best_eval, report
+from peftcli.tools.report import best_eval, report
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
@@ -162,4 +162,4 @@ def test_bad_run_dir_is_one_line_exit_2(tmp_path):
         '{"event": "eval", "step": 0}\nnot json\n{"event": "eval", "step": 1}\n'
     )
     result = CliRunner().invoke(app, ["report", str(tmp_path), "--no-plot"])
-    assert result.exit_code == 2 and "metrics.jsonl:2: is not a JSON object" in result.output
+    assert result.exit_code == 2 and "metrics.jsonl:2: is not a metrics event" in result.output

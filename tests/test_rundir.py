@@ -1,4 +1,4 @@
-"""One run per directory and the checks before loading weights (peftcli.rundir), without training.
+"""One run per directory and the checks before loading weights (peftcli.training.rundir), without training.
 
 - the lock names the holder (pid, host, start time) and refuses a second owner while the first lives,
   also from another process; a lock left by a dead process is taken over with a note;
@@ -21,14 +21,14 @@ from collections import namedtuple
 import pytest
 import torch
 
-from peftcli import rundir
 from peftcli.recipe import RecipeError, TrainConfig
 from peftcli.recipe_loader import load_recipe
+from peftcli.training import rundir
 
 HOLD_LOCK = textwrap.dedent(
     """
     import sys, time
-    from peftcli.rundir import acquire_lock
+    from peftcli.training.rundir import acquire_lock
     lock = acquire_lock(sys.argv[1], note=lambda text: None)
     print("locked", flush=True)
     time.sleep(60)
@@ -151,12 +151,20 @@ def test_missing_data_file_is_refused_before_loading(tmp_path):
 
 @pytest.mark.parametrize("name", ["lora", "ia3", "prefix_tuning_t5", "adalora", "bitfit"])
 def test_meta_estimate_equals_the_built_models_trainable_count(name):
-    from peftcli.loop import build_model
+    from peftcli.methods.catalog import method_for
     from peftcli.methods.registry import count_parameters
-    from peftcli.models import load_tokenizer, resolve_model_name
+    from peftcli.models import build_model, load_tokenizer, resolve_model_name
 
     recipe = load_recipe(f"recipes/tiny/{name}.yaml")
     base = resolve_model_name(recipe.model.name)
     tokenizer = load_tokenizer(base, recipe.model)
-    model, _ = build_model(recipe, torch.device("cpu"), None, tokenizer, base)
+    method = method_for(recipe)
+    model = build_model(
+        base,
+        recipe.model,
+        method,
+        torch.device("cpu"),
+        seed=recipe.train.seed,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     assert rundir.estimate_trainable(recipe, base) == count_parameters(model)[0]

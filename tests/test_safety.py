@@ -163,8 +163,8 @@ def test_tensor_check_lists_names_shapes_and_dtypes():
 
 @pytest.fixture(scope="module")
 def trained_adapter(tmp_path_factory):
-    from peftcli.loop import train
     from peftcli.recipe_loader import load_recipe
+    from peftcli.training.loop import train
 
     run = tmp_path_factory.mktemp("run")
     recipe = load_recipe("recipes/tiny/lora.yaml", ["train.max_steps=1"], str(run))

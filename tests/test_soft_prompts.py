@@ -19,11 +19,12 @@ import torch
 
 from peftcli.evaluate import EnsembleModel, greedy_generate
 from peftcli.export import load_adapter, save_adapter
-from peftcli.loop import build_model, token_loss_sum
+from peftcli.methods.catalog import method_for
 from peftcli.methods.soft_prompt import repeat_to
-from peftcli.models import load_model, load_tokenizer, resolve_model_name
+from peftcli.models import build_model, load_model, load_tokenizer, resolve_model_name
 from peftcli.recipe import RecipeError
 from peftcli.recipe_loader import recipe_from_dict
+from peftcli.training.loop import token_loss_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = {"causal_lm": "tiny:llama", "seq_cls": "tiny:bert", "seq2seq": "tiny:t5"}
@@ -42,7 +43,16 @@ def build(task: str, method: dict, model_extra: dict | None = None, seed: int = 
     base_path = resolve_model_name(recipe.model.name)
     tokenizer = load_tokenizer(base_path, recipe.model)
     labels = LABELS if task == "seq_cls" else None
-    model, m = build_model(recipe, torch.device("cpu"), labels, tokenizer, base_path)
+    m = method_for(recipe)
+    model = build_model(
+        base_path,
+        recipe.model,
+        m,
+        torch.device("cpu"),
+        seed=recipe.train.seed,
+        label_names=labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return recipe, base_path, tokenizer, model, m, labels
 
 

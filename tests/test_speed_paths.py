@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from peftcli.loop import train
 from peftcli.methods.lora import LoRALinear
 from peftcli.recipe_loader import load_recipe
+from peftcli.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

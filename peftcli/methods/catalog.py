@@ -23,7 +23,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     unipelt,
 )
 from peftcli.methods.registry import Method, registered
-from peftcli.recipe import RecipeError, did_you_mean
+from peftcli.recipe import Recipe, RecipeError, did_you_mean
 
 
 def get_method_class(name: str) -> type[Method]:
@@ -33,6 +33,11 @@ def get_method_class(name: str) -> type[Method]:
         hint = did_you_mean(name, methods) or f"run `peftcli methods`; known: {', '.join(sorted(methods))}"
         raise RecipeError("method.name", f"unknown method {name!r}", hint)
     return methods[name]
+
+
+def method_for(recipe: Recipe) -> Method:
+    """The recipe's method, configured and ready to ``attach`` (``peftcli.models.build_model``)."""
+    return get_method_class(recipe.method.name)(recipe.method, recipe.model.task)
 
 
 def list_methods() -> list[type[Method]]:

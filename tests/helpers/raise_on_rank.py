@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 tests/helpers/raise_on_rank.py RANK STEP -- train RECIPE ...
 
 A real failure in one rank, caused from the test side (the library has no test hook): it wraps
-``peftcli.loop.optimizer_step`` (which the loop looks up at every step) so that the rank whose ``RANK``
+``peftcli.training.loop.optimizer_step`` (which the loop looks up at every step) so that the rank whose ``RANK``
 is RANK raises ``RuntimeError("injected failure on rank R at step S")`` before its step S (1-based).
 """
 
@@ -19,7 +19,7 @@ def main() -> None:
         raise SystemExit("usage: raise_on_rank.py RANK STEP -- peftcli-args...")
     rank, at_step = int(argv[0]), int(argv[1])
 
-    import peftcli.loop as loop
+    import peftcli.training.loop as loop
     from peftcli.cli import main as cli_main
 
     optimizer_step = loop.optimizer_step

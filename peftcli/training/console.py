@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from peftcli.results import TrainResult
+    from peftcli.training.results import TrainResult
 
 
 def human(n: float) -> str:
@@ -152,11 +152,11 @@ class Reporter:
         before, after = result.eval_before or {}, result.eval_after or {}
         for key in METRIC_ORDER:
             if key in before or key in after:
-                table.add_row(key, _fmt(before.get(key)), _fmt(after.get(key)))
-        table.add_row("train loss (first → last step)", _fmt(result.first_loss), _fmt(result.last_loss))
+                table.add_row(key, fmt(before.get(key)), fmt(after.get(key)))
+        table.add_row("train loss (first → last step)", fmt(result.first_loss), fmt(result.last_loss))
         for task, metric, value, stderr in task_rows(result.tasks):
             table.add_row(
-                f"{task} {metric} (lm-eval)", "", _fmt(value) + (f" ± {stderr:.4f}" if stderr else "")
+                f"{task} {metric} (lm-eval)", "", fmt(value) + (f" ± {stderr:.4f}" if stderr else "")
             )
         table.add_row("steps / time", "", f"{result.steps} / {result.elapsed_s:.1f}s")
         table.add_row("tokens/s", "", f"{result.tokens_per_s:,.0f}")
@@ -169,13 +169,13 @@ class Reporter:
         lines = [f"# Run {result.run_dir}", "", "| metric | before | after |", "|---|---|---|"]
         for key in METRIC_ORDER:
             if key in before or key in after:
-                lines.append(f"| {key} | {_fmt(before.get(key))} | {_fmt(after.get(key))} |")
+                lines.append(f"| {key} | {fmt(before.get(key))} | {fmt(after.get(key))} |")
         lines.append(
-            f"| train loss (first → last step) | {_fmt(result.first_loss)} | {_fmt(result.last_loss)} |"
+            f"| train loss (first → last step) | {fmt(result.first_loss)} | {fmt(result.last_loss)} |"
         )
         for task, metric, value, stderr in task_rows(result.tasks):
             stderr_text = f" ± {stderr:.4f}" if stderr else ""
-            lines.append(f"| {task} {metric} (lm-eval) | | {_fmt(value)}{stderr_text} |")
+            lines.append(f"| {task} {metric} (lm-eval) | | {fmt(value)}{stderr_text} |")
         lines += [
             "",
             f"- steps: {result.steps}, time: {result.elapsed_s:.1f}s, tokens/s: {result.tokens_per_s:,.0f}",
@@ -214,45 +214,13 @@ def task_table(result: dict[str, Any]) -> Table:
     table.add_column("samples", justify="right")
     for task, metric, value, stderr in task_rows(result["tasks"]):
         samples = result["tasks"][task].get("samples")
-        table.add_row(task, metric, _fmt(value), _fmt(stderr), "-" if samples is None else str(samples))
+        table.add_row(task, metric, fmt(value), fmt(stderr), "-" if samples is None else str(samples))
     return table
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
-
-
-def report_table(summary: dict[str, Any]) -> Table:
-    """`peftcli report`'s summary: metrics before training, at the best eval and at the end."""
-    steps = f"{summary['last_step']}" + (
-        f" of {summary['planned_steps']}" if summary["planned_steps"] else ""
-    )
-    table = Table(
-        title=f"report {summary['run_dir']} ({summary['status']}, step {steps})", title_justify="left"
-    )
-    best = summary["best_eval"]
-    before, final = summary["before"] or {}, summary["final"] or {}
-    table.add_column("metric")
-    table.add_column("before (step 0)", justify="right")
-    table.add_column(
-        f"final (step {summary['final_step']})" if summary["final_step"] else "final", justify="right"
-    )
-    for key in METRIC_ORDER:
-        if key in before or key in final:
-            table.add_row(key, _fmt(before.get(key)), _fmt(final.get(key)))
-    table.add_row(
-        "train loss (first → last event)", _fmt(summary["train_loss_first"]), _fmt(summary["train_loss_last"])
-    )
-    if best is not None:
-        table.add_row("best eval", "", f"{best['metric']} {_fmt(best['value'])} at step {best['step']}")
-    tokens = summary["tokens_per_s"]
-    table.add_row("tokens/s", "", "-" if tokens is None else f"{tokens:,.0f}")
-    elapsed = summary["training_time_s"]
-    table.add_row("training time", "", "-" if elapsed is None else f"{elapsed:.1f}s")
-    if summary.get("plot"):
-        table.add_row("plot", "", summary["plot"])
-    return table

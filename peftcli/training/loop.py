@@ -27,7 +27,7 @@ full disk into advice. The only callbacks are the method hooks. What goes wrong 
 docs/troubleshooting.md.
 
 Under torchrun (``--nproc-per-node N``) every rank runs this same story with a
-:class:`peftcli.distributed.Dist`: it takes its slice of each global window, the loss normaliser is
+:class:`peftcli.training.distributed.Dist`: it takes its slice of each global window, the loss normaliser is
 summed over ranks, DDP/FSDP reduce the gradients, and only rank 0 writes files (docs/distributed.md).
 """
 
@@ -48,10 +48,9 @@ from typing import Any
 import torch
 
 import peftcli.checkpoint as ckpt
-import peftcli.distributed as distributed
-from peftcli import faults, rundir
-from peftcli.attention import use_packed_attention
-from peftcli.batching import (
+import peftcli.training.distributed as distributed
+from peftcli.checkpoint import atomic_write_text
+from peftcli.data.batching import (
     PlannedBatches,
     collate_packed,
     packed_steps,
@@ -60,22 +59,23 @@ from peftcli.batching import (
     plan_packed,
     take_rows,
 )
-from peftcli.checkpoint import atomic_write_text
-from peftcli.distributed import Dist
-from peftcli.loggers import Loggers, check_installed
-from peftcli.loss import choose_loss_path, count_targets, micro_batch_loss_sum, token_loss_sum
-from peftcli.methods.catalog import get_method_class
+from peftcli.methods.catalog import get_method_class, method_for
 from peftcli.methods.registry import Method, count_parameters
-from peftcli.optim import build_optimizer, build_scheduler, total_steps
+from peftcli.models import build_model
 from peftcli.recipe import Recipe, RecipeError, dump_recipe
-from peftcli.reporting import Reporter, peak_memory_bytes
-from peftcli.results import TrainResult
+from peftcli.training import faults, metrics, rundir
+from peftcli.training.attention import use_packed_attention
+from peftcli.training.console import Reporter, peak_memory_bytes
+from peftcli.training.distributed import Dist
+from peftcli.training.loggers import Loggers, check_installed
+from peftcli.training.loss import choose_loss_path, count_targets, micro_batch_loss_sum, token_loss_sum
+from peftcli.training.optim import build_optimizer, build_scheduler, total_steps
+from peftcli.training.results import TrainResult
 
 __all__ = [
     "TrainResult",
     "TrainState",
     "TrainingInterrupted",
-    "build_model",
     "count_targets",
     "token_loss_sum",
     "train",
@@ -115,13 +115,13 @@ class Run:
     steps_per_epoch: int
     trainable: int
     total: int
-    loss_path: str = "plain"  # peftcli.loss: plain, chunked (torch) or liger fused
+    loss_path: str = "plain"  # peftcli.training.loss: plain, chunked (torch) or liger fused
     speed_lines: list[str] = field(default_factory=list)  # loss path, packing, compile: for the summary
     loggers: Loggers | None = None  # train.loggers, opened with metrics.jsonl by reset_metrics
 
     @property
     def metrics_path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+        return metrics.metrics_path(self.run_dir)
 
     @property
     def task(self) -> str:
@@ -173,7 +173,7 @@ def _train(
         state = restore(run, latest) if latest is not None else TrainState()
         reset_metrics(run, state.step)
         report_start(run)
-        eval_before = run_eval(run, 0) if latest is None else _first_eval(run.metrics_path)
+        eval_before = run_eval(run, 0) if latest is None else metrics.first_eval(run.metrics_path)
 
         cfg = recipe.train
         run.model.train()
@@ -321,7 +321,16 @@ def set_up(
         raise RecipeError(
             "data.train", "no training examples left after tokenization", "check the data and max_length"
         )
-    model, method = build_model(recipe, device, data.label_names, tokenizer, base_path)
+    method = method_for(recipe)
+    model = build_model(
+        base_path,
+        recipe.model,
+        method,
+        device,
+        seed=cfg.seed,
+        label_names=data.label_names,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     wrapped = distributed.wrap(dist, model)  # FSDP2 shards in place: parameters are DTensors after this
     trainable, total = count_parameters(model)
     global_cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size * dist.world_size)
@@ -415,7 +424,7 @@ def build_sampler(recipe: Recipe, plain, world_size: int = 1) -> tuple[Any, list
 def compile_model(model: torch.nn.Module, loss_path: str) -> None:
     """torch.compile in place (parameter names unchanged, so checkpoints and exports are too). The chunked
     loss calls the body and the head itself, so those are what gets compiled there."""
-    from peftcli.loss import PLAIN, body_and_head
+    from peftcli.training.loss import PLAIN, body_and_head
 
     if loss_path == PLAIN:
         model.compile()
@@ -486,7 +495,7 @@ def restore(run: Run, checkpoint: Path) -> TrainState:
         step=trainer["step"],
         epoch=trainer["epoch"],
         batch_index=trainer["batch_index"],
-        elapsed_before=_elapsed_at(run.metrics_path, trainer["step"]),
+        elapsed_before=metrics.elapsed_at(run.metrics_path, trainer["step"]),
         skipped_steps=trainer.get("skipped_steps", 0),
     )
 
@@ -656,18 +665,14 @@ def reset_metrics(run: Run, step: int) -> None:
     (they will be logged again)."""
     if not run.dist.is_main:
         return
-    if step == 0:
-        run.metrics_path.unlink(missing_ok=True)
-    else:
-        _truncate_metrics(run.metrics_path, step)
+    metrics.start(run.metrics_path, step)
     run.loggers = Loggers(run.run_dir, run.recipe, resumed=step > 0)
 
 
 def log_event(run: Run, event: dict[str, Any]) -> None:
     if not run.dist.is_main:
         return
-    with open(run.metrics_path, "a") as handle:
-        handle.write(json.dumps(event) + "\n")
+    metrics.append(run.metrics_path, event)
     run.loggers.log(event)  # the same event to TensorBoard / W&B / MLflow, where train.loggers names them
 
 
@@ -769,6 +774,7 @@ def finish(run: Run, state: TrainState, eval_before: dict[str, float] | None) ->
                 run.base_path,
                 run.recipe.model,
                 run.data.label_names,
+                seed=run.recipe.train.seed,
             )
     result = TrainResult(
         run.run_dir,
@@ -814,28 +820,6 @@ def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
-def build_model(
-    recipe: Recipe, device: torch.device, label_names: list[str] | None, tokenizer, base_path: str
-):
-    """Base model + method, with the trainable parameters in fp32 (adapters train in full precision)."""
-    from peftcli.models import load_model
-
-    model = load_model(
-        base_path, recipe.model, device, label_names=label_names, pad_token_id=tokenizer.pad_token_id
-    )
-    method_cls = get_method_class(
-        recipe.method.name
-    )  # recipe validation rejected a quantized base it can't use
-    method: Method = method_cls(recipe.method, recipe.model.task)
-    torch.manual_seed(recipe.train.seed)  # adapter init depends on the seed only
-    model = method.attach(model)
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
-    model.to(device)
-    return model, method
-
-
 def _training_identity(recipe_yaml: str) -> str:
     """The parts of a recipe that must not change across --resume (logging cadence may; so may the loss
     path and compile, which compute the same numbers)."""
@@ -848,43 +832,3 @@ def _training_identity(recipe_yaml: str) -> str:
     # Recomputing activations changes memory, not the numbers: the advice after CUDA OOM relies on it.
     raw.get("model", {}).pop("gradient_checkpointing", None)
     return json.dumps(raw, sort_keys=True)
-
-
-def _events(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's events; a line torn by a kill mid-write is dropped, not an error."""
-    events = []
-    for line in path.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            events.append(event)
-    return events
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop events logged after the checkpoint we resume from (they will be logged again)."""
-    if not path.exists():
-        return
-    kept = [event for event in _events(path) if event.get("step", 0) <= step]
-    atomic_write_text(path, "".join(json.dumps(event) + "\n" for event in kept))
-
-
-def _first_eval(path: Path) -> dict[str, float] | None:
-    if not path.exists():
-        return None
-    for event in _events(path):
-        if event.get("event") == "eval" and event.get("step") == 0:
-            return {k: v for k, v in event.items() if k not in ("event", "step")}
-    return None
-
-
-def _elapsed_at(path: Path, step: int) -> float:
-    if not path.exists() or step == 0:
-        return 0.0
-    elapsed = 0.0
-    for event in _events(path):
-        if event.get("event") == "train" and event.get("step", 0) <= step:
-            elapsed = event.get("elapsed_s", elapsed)
-    return elapsed

@@ -43,7 +43,7 @@ from peftcli.methods.catalog import get_method_class, list_methods
 from peftcli.methods.registry import count_parameters
 from peftcli.recipe import RecipeError, apply_overrides, did_you_mean, dump_recipe, read_yaml
 from peftcli.recipe_loader import build_recipe
-from peftcli.report import PRIMARY_METRICS, SCORE_METRICS, save_png
+from peftcli.tools.report import PRIMARY_METRICS, SCORE_METRICS, save_png
 
 SECTIONS = ("model", "data", "train", "eval")
 NOT_MERGEABLE = "n/a (not mergeable)"
@@ -294,7 +294,7 @@ def compare_recipe(
     repeats: int = TIMING_REPEATS,
 ) -> dict[str, Any]:
     """Train ``recipe_path`` once per method (subprocesses), then :func:`compare_runs` the runs."""
-    from peftcli.report import require_matplotlib
+    from peftcli.tools.report import require_matplotlib
 
     require_matplotlib()
     output = Path(output)

@@ -13,46 +13,31 @@ as well as a finished one (``results.json`` only says which it is). The summary'
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.table import Table
 
 from peftcli.recipe import RecipeError
+from peftcli.training import metrics
+from peftcli.training.console import METRIC_ORDER, fmt
+from peftcli.training.metrics import metrics_path
 
 PRIMARY_METRICS = (("exact_match", True), ("accuracy", True), ("eval_loss", False))
 SCORE_METRICS = ("exact_match", "accuracy")
 
 
 def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The events of ``RUN/metrics.jsonl``; a torn last line (a run being written) is left out."""
-    path = Path(run_dir) / "metrics.jsonl"
+    """The events of ``RUN/metrics.jsonl`` (read by :mod:`peftcli.training.metrics`'s one rule)."""
+    path = metrics_path(run_dir)
     if not Path(run_dir).is_dir():
         raise RecipeError("RUN_DIR", f"{run_dir} is not a directory", "pass a run directory (output_dir)")
     if not path.is_file():
         raise RecipeError(
             "RUN_DIR", f"{path} does not exist", "pass a directory written by peftcli train (its output_dir)"
         )
-    lines = path.read_text().splitlines()
-    events = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break  # the line being written when we read
-            raise RecipeError(
-                f"{path}:{number}", "is not a JSON object", "metrics.jsonl holds one JSON event per line"
-            ) from None
-        if not isinstance(event, dict) or "event" not in event or "step" not in event:
-            raise RecipeError(
-                f"{path}:{number}", "is not a metrics event", "expected {'event': ..., 'step': ...}"
-            )
-        events.append(event)
-    return events
+    return metrics.read_events(path)
 
 
 def eval_metrics(event: dict[str, Any]) -> dict[str, float]:
@@ -211,3 +196,35 @@ def report(run_dir: str | Path, output: str | Path | None = None, plot: bool = T
         title = f"{run_dir.name}: {summary['method'] or 'run'}, {steps}, {summary['status']}"
         summary["plot"] = str(plot_run(events, target, title))
     return summary
+
+
+def report_table(summary: dict[str, Any]) -> Table:
+    """`peftcli report`'s summary: metrics before training, at the best eval and at the end."""
+    steps = f"{summary['last_step']}" + (
+        f" of {summary['planned_steps']}" if summary["planned_steps"] else ""
+    )
+    table = Table(
+        title=f"report {summary['run_dir']} ({summary['status']}, step {steps})", title_justify="left"
+    )
+    best = summary["best_eval"]
+    before, final = summary["before"] or {}, summary["final"] or {}
+    table.add_column("metric")
+    table.add_column("before (step 0)", justify="right")
+    table.add_column(
+        f"final (step {summary['final_step']})" if summary["final_step"] else "final", justify="right"
+    )
+    for key in METRIC_ORDER:
+        if key in before or key in final:
+            table.add_row(key, fmt(before.get(key)), fmt(final.get(key)))
+    table.add_row(
+        "train loss (first → last event)", fmt(summary["train_loss_first"]), fmt(summary["train_loss_last"])
+    )
+    if best is not None:
+        table.add_row("best eval", "", f"{best['metric']} {fmt(best['value'])} at step {best['step']}")
+    tokens = summary["tokens_per_s"]
+    table.add_row("tokens/s", "", "-" if tokens is None else f"{tokens:,.0f}")
+    elapsed = summary["training_time_s"]
+    table.add_row("training time", "", "-" if elapsed is None else f"{elapsed:.1f}s")
+    if summary.get("plot"):
+        table.add_row("plot", "", summary["plot"])
+    return table
