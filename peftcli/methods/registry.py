@@ -11,13 +11,14 @@ module needing only the contract (or ``count_parameters``) loads none of them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from peftcli.inject import PREFIX, freeze, load_prefixed, modules_to_save_state, saved_modules_count
-from peftcli.recipe import MethodConfig, RecipeError
+from peftcli.recipe import MethodConfig, RecipeError, from_dict, to_dict
 
 if TYPE_CHECKING:
     from peftcli.recipe import Recipe
@@ -105,14 +106,38 @@ class Method:
         """Copy a saved state into the model; every key must match (``inject.load_prefixed``)."""
         load_prefixed(model, state, {k: v.detach() for k, v in self.live_state_dict(model).items()})
 
+    # peft's names for the config's fields in ``adapter_config.json`` ({our field: peft's key}), and the
+    # fields that stay out of it (options peft has no key for); see :meth:`adapter_config`.
+    adapter_renames: ClassVar[dict[str, str]] = {}
+    adapter_omits: ClassVar[tuple[str, ...]] = ()
+
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
-        """Method fields of ``adapter_config.json`` (peft's names where peft has the method)."""
-        raise NotImplementedError
+        """Method fields of ``adapter_config.json`` (peft's names where peft has the method): by default
+        every field of the config dataclass (renamed by ``adapter_renames``, less ``adapter_omits``) and
+        the modules trained whole. A method adds or rewrites what it resolves on the model (targets)."""
+        return {**self.config_fields(self.cfg), "modules_to_save": list(self.saved_modules) or None}
+
+    @classmethod
+    def config_fields(cls, cfg: MethodConfig) -> dict[str, Any]:
+        """The fields of ``cfg`` keyed as in ``adapter_config.json``."""
+        values = to_dict(cfg)
+        return {cls.adapter_renames.get(k, k): v for k, v in values.items() if k in cls._round_trip_fields()}
+
+    @classmethod
+    def _round_trip_fields(cls) -> list[str]:
+        omitted = {"name", *cls.adapter_omits}
+        return [f.name for f in dataclasses.fields(cls.config_cls) if f.name not in omitted]
 
     @classmethod
     def config_from_adapter(cls, adapter_config: dict[str, Any]) -> MethodConfig:
-        """Rebuild the recipe section from a saved ``adapter_config.json``."""
-        raise NotImplementedError
+        """Rebuild the recipe section from a saved ``adapter_config.json``: each field from its key (the
+        dataclass default where the key is missing or null), checked as a recipe's would be."""
+        values = {}
+        for field_name in cls._round_trip_fields():
+            value = adapter_config.get(cls.adapter_renames.get(field_name, field_name))
+            if value is not None:
+                values[field_name] = value
+        return from_dict(cls.config_cls, {"name": cls.name, **values}, "method")
 
     # -- optional hooks ------------------------------------------------------------------
     def merge(self, model: nn.Module) -> nn.Module:
