@@ -89,26 +89,29 @@ class LayerMethod(Method):
     def __init__(self, cfg, task: str = "causal_lm"):
         super().__init__(cfg, task)
         self.targets: list[str] = []
+        # the model's shared state while apply runs, for create_layer to hand its layers (as a reference)
+        self.shared_state: SharedState | None = None
 
     # -- building ------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:
         shared = self.build_shared(model)
         if shared:
-            holder = SharedState()
+            self.shared_state = SharedState()
             for name, value in shared.items():
-                holder.add(name, value)
-            model.add_module(SHARED_ATTR, holder)
+                self.shared_state.add(name, value)
+            model.add_module(SHARED_ATTR, self.shared_state)
         self.targets = self.resolve_targets(model)
         self.wrap(model)
         self.saved_modules = self.train_whole(model)
         return model
 
     def build_shared(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Model-level tensors every layer uses, by their peft names (none by default)."""
+        """Model-level tensors every layer uses, by their peft names (none by default). They are set on
+        the model before any layer is created; :meth:`create_layer` finds them in :attr:`shared_state`."""
         return {}
 
     def shared(self, model: nn.Module) -> SharedState | None:
-        """The model's shared state, for :meth:`create_layer` to hand to its layers (as a reference)."""
+        """The model's shared state (none when the method builds none)."""
         return getattr(model, SHARED_ATTR, None)
 
     def resolve_targets(self, model: nn.Module) -> list[str]:

@@ -463,10 +463,6 @@ class PTuningV2(SoftPromptMethod):
             fixed.start_from(rows.to(self.encoder_rows(model).dtype))
             model.encoder_prefix = fixed.to(next(model.encoder_prefix.parameters()).device)
 
-    @classmethod
-    def config_from_adapter(cls, adapter_config: dict[str, Any]) -> PTuningV2Config:
-        return cls.config_cls(name=cls.name, num_virtual_tokens=int(adapter_config["num_virtual_tokens"]))
-
 
 @register
 class PrefixTuning(PTuningV2):
