@@ -82,9 +82,12 @@ class LayerMethod(Method):
     """A method that replaces matched layers by its :attr:`layer_types` (the first one is what
     :meth:`create_layer` returns). Subclasses set ``layer_types`` and write :meth:`create_layer`; they
     override :meth:`resolve_targets` when their targets need more than ``cfg.target_modules``, and
-    :meth:`build_shared` when their layers share model-level tensors."""
+    :meth:`build_shared` when their layers share model-level tensors. Kit layers fold (``merge``), so a
+    layer method is ``mergeable``; one whose layers cannot sets ``mergeable = False`` and
+    ``merge = Method.merge`` (``register`` checks the two agree)."""
 
     layer_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    mergeable: ClassVar[bool] = True
 
     def __init__(self, cfg, task: str = "causal_lm"):
         super().__init__(cfg, task)

@@ -12,6 +12,7 @@ module needing only the contract (or ``count_parameters``) loads none of them.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -186,10 +187,13 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def overrides(cls: type, attribute: str, base: type | None = None) -> bool:
-    """Whether ``cls`` defines ``attribute`` itself or below ``base`` (default :class:`Method`)."""
-    base = base or Method
-    owner = next(k for k in cls.__mro__ if attribute in vars(k))
-    return owner is not base and not issubclass(base, owner)
+    """Whether ``cls`` has its own ``attribute``, not the one of ``base`` (default :class:`Method`)."""
+
+    def function(owner: type) -> Any:
+        found = inspect.getattr_static(owner, attribute, None)
+        return getattr(found, "__func__", found)  # a classmethod or staticmethod: its function
+
+    return function(cls) is not function(base or Method)
 
 
 def contract_problems(cls: type[Method]) -> list[str]:
