@@ -147,11 +147,16 @@ class LayerMethod(Method):
         """The layers' own tensors (by ``parameter_prefix``), the shared state once as
         ``base_model.<name>``, and the modules trained whole."""
         state = {self.stored_key(n): p for n, p in model.named_parameters() if self.owns(n)}
-        shared = self.shared(model)
-        if shared is not None:
-            state.update({SHARED_PREFIX + n: t for n, t in shared.tensors().items()})
+        state.update(self.shared_state_dict(model))
         state.update(modules_to_save_state(model, self.saved_modules, PREFIX))
         return state
+
+    def shared_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The shared tensors as saved and loaded: each once, as ``base_model.<name>`` (peft's key for a
+        tensor its tuner holds). A method that rebuilds them from a seed instead (VeRA's
+        ``save_projection: false``) returns none."""
+        shared = self.shared(model)
+        return {} if shared is None else {SHARED_PREFIX + n: t for n, t in shared.tensors().items()}
 
     # -- merging -------------------------------------------------------------------------
     def merge_adapter(self, model: nn.Module) -> nn.Module:

@@ -27,8 +27,14 @@ Options (each a recipe key of ``method``):
 - ``rank_pattern`` / ``alpha_pattern`` — per-module ``r`` and ``α``; a key matches a module whose
   full name matches ``(.*\.)?(key)$`` (peft's rule), keys tried in sorted order.
 
-Each option that changes a layer (DoRA, PiSSA) is a :class:`LoraVariant`: init, forward, merge and
-export in one small class, as peft's ``LoraVariant``.
+- ``init: olora`` — OLoRA (Büyükakyüz, 2024, arXiv 2406.01775): with ``W0 = Q R``, ``B = Q_r`` and
+  ``A = R_r``; the base keeps the residual and the export is converted as PiSSA's (see :class:`Olora`).
+
+Each option that changes a layer (DoRA, PiSSA, OLoRA) is a :class:`LoraVariant`: init, forward, merge,
+unmerge and export in one small class, as peft's ``LoraVariant``, declared by the option that switches it
+on and listed once in :data:`VARIANTS`. A layer runs every enabled one in that order, so they compose
+(``init: pissa`` with ``use_dora``). The layers, the matching, merge and unmerge come from the
+wrapped-layer kit (:mod:`peftcli.methods.kit`).
 
 Parameter names mirror peft's (``<module>.base_layer``, ``<module>.lora_A``, ``<module>.lora_B``) so
 that our state-dict keys, prefixed with ``base_model.model.``, are peft's on-disk keys.
@@ -51,66 +57,6 @@ from peftcli.methods.registry import register
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
 
-@dataclass
-class LoraConfig(MethodConfig):
-    r: int = field(default=8, metadata=doc("rank of the update B·A (typical 8–64)", min=1))
-    alpha: float = field(
-        default=16.0, metadata=doc("scale numerator: the update is multiplied by alpha/r", min_exclusive=0.0)
-    )
-    dropout: float = field(default=0.0, metadata=doc("dropout on the LoRA input path", min=0.0, max=0.99))
-    target_modules: str | list[str] = field(
-        default="all-linear",
-        metadata=doc(
-            "module names (list), a regex on full names, or all-linear (every linear layer but the head)"
-        ),
-    )
-    target_parameters: list[str] | None = field(
-        default=None,
-        metadata=doc(
-            "parameters adapted directly (peft's target_parameters), e.g. [mlp.experts.gate_up_proj, "
-            "mlp.experts.down_proj]: the 3-D expert stacks of MoE models; set target_modules: [] for "
-            "only these"
-        ),
-    )
-    modules_to_save: list[str] = field(
-        default_factory=list,
-        metadata=doc(
-            "modules trained in full and saved whole (e.g. [embed_tokens]); seq_cls heads are added"
-        ),
-    )
-    use_rslora: bool = field(
-        default=False, metadata=doc("rank-stabilised scale alpha/sqrt(r) instead of alpha/r")
-    )
-    use_dora: bool = field(
-        default=False,
-        metadata=doc("DoRA: learn a per-output magnitude and adapt the direction (≈ +out params/layer)"),
-    )
-    lora_plus_ratio: float | None = field(
-        default=None,
-        metadata=doc(
-            "LoRA+: lr of B (and 1-D params) = ratio × train.lr; the paper suggests 16", min_exclusive=0.0
-        ),
-    )
-    init: Literal["kaiming", "gaussian", "pissa", "olora"] = field(
-        default="kaiming",
-        metadata=doc(
-            "kaiming (A uniform, B = 0; peft's default), gaussian (A ~ N(0, 1/r²)), pissa (top-r SVD of W), "
-            "or olora (QR of W)"
-        ),
-    )
-    rank_pattern: dict[str, int] = field(
-        default_factory=dict,
-        metadata=doc("per-module r: {regex or name suffix: r}, e.g. {down_proj: 16}", min=1),
-    )
-    alpha_pattern: dict[str, float] = field(
-        default_factory=dict,
-        metadata=doc("per-module alpha: {regex or name suffix: alpha}", min_exclusive=0.0),
-    )
-    bias: Literal["none", "all", "lora_only"] = field(
-        default="none", metadata=doc("also train biases: none, all, or lora_only (those of adapted layers)")
-    )
-
-
 class LoraVariant:
     """One departure from plain LoRA behind one small interface, as peft's ``LoraVariant``. A variant is
     declared on the config (:attr:`enabled_by`: the recipe field and value that switch it on) and listed
@@ -122,6 +68,7 @@ class LoraVariant:
 
     enabled_by: ClassVar[tuple[str, Any]]  # (LoraConfig field, value), e.g. ("init", "pissa")
     title: ClassVar[str]  # the name in messages
+    help: ClassVar[str] = ""  # an init variant: its choice of the ``init`` option, explained
     replaces_init: ClassVar[bool] = False  # True: :meth:`init` sets A and B itself (no random draw first)
     for_parameters: ClassVar[bool] = True  # can run on target_parameters (no layer input, no layer output)
     for_quantized_base: ClassVar[bool] = True  # can start from a quantized base weight
@@ -267,6 +214,7 @@ class Pissa(ResidualInit):
 
     enabled_by = ("init", "pissa")
     title = "PiSSA"
+    help = "pissa (top-r SVD of W)"
 
     def decompose(self, weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
@@ -280,6 +228,7 @@ class Olora(ResidualInit):
 
     enabled_by = ("init", "olora")
     title = "OLoRA"
+    help = "olora (QR of W)"
 
     def decompose(self, weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         Q, R = torch.linalg.qr(weight)  # (out, k), (k, in)
@@ -290,6 +239,67 @@ class Olora(ResidualInit):
 # which measures ‖W0 + s·B A‖ on what the init left.
 VARIANTS: tuple[type[LoraVariant], ...] = (Pissa, Olora, Dora)
 INITS = {v.enabled_by[1]: v for v in VARIANTS if v.enabled_by[0] == "init"}
+
+
+# The ``init`` option's choices: the two plain draws, then every init variant (a new one adds itself).
+INIT_CHOICES = ("kaiming", "gaussian", *INITS)
+_INIT_HELPS = ["kaiming (A uniform, B = 0; peft's default)", "gaussian (A ~ N(0, 1/r²))"]
+_INIT_HELPS += [v.help for v in INITS.values()]
+INIT_HELP = ", ".join(_INIT_HELPS[:-1]) + ", or " + _INIT_HELPS[-1]
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    r: int = field(default=8, metadata=doc("rank of the update B·A (typical 8–64)", min=1))
+    alpha: float = field(
+        default=16.0, metadata=doc("scale numerator: the update is multiplied by alpha/r", min_exclusive=0.0)
+    )
+    dropout: float = field(default=0.0, metadata=doc("dropout on the LoRA input path", min=0.0, max=0.99))
+    target_modules: str | list[str] = field(
+        default="all-linear",
+        metadata=doc(
+            "module names (list), a regex on full names, or all-linear (every linear layer but the head)"
+        ),
+    )
+    target_parameters: list[str] | None = field(
+        default=None,
+        metadata=doc(
+            "parameters adapted directly (peft's target_parameters), e.g. [mlp.experts.gate_up_proj, "
+            "mlp.experts.down_proj]: the 3-D expert stacks of MoE models; set target_modules: [] for "
+            "only these"
+        ),
+    )
+    modules_to_save: list[str] = field(
+        default_factory=list,
+        metadata=doc(
+            "modules trained in full and saved whole (e.g. [embed_tokens]); seq_cls heads are added"
+        ),
+    )
+    use_rslora: bool = field(
+        default=False, metadata=doc("rank-stabilised scale alpha/sqrt(r) instead of alpha/r")
+    )
+    use_dora: bool = field(
+        default=False,
+        metadata=doc("DoRA: learn a per-output magnitude and adapt the direction (≈ +out params/layer)"),
+    )
+    lora_plus_ratio: float | None = field(
+        default=None,
+        metadata=doc(
+            "LoRA+: lr of B (and 1-D params) = ratio × train.lr; the paper suggests 16", min_exclusive=0.0
+        ),
+    )
+    init: Literal[INIT_CHOICES] = field(default="kaiming", metadata=doc(INIT_HELP))
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata=doc("per-module r: {regex or name suffix: r}, e.g. {down_proj: 16}", min=1),
+    )
+    alpha_pattern: dict[str, float] = field(
+        default_factory=dict,
+        metadata=doc("per-module alpha: {regex or name suffix: alpha}", min_exclusive=0.0),
+    )
+    bias: Literal["none", "all", "lora_only"] = field(
+        default="none", metadata=doc("also train biases: none, all, or lora_only (those of adapted layers)")
+    )
 
 
 def variants_for(options: Any) -> tuple[LoraVariant, ...]:
