@@ -102,7 +102,8 @@ class LayerMethod(Method):
             self.shared_state = SharedState()
             for name, value in shared.items():
                 self.shared_state.add(name, value)
-            model.add_module(SHARED_ATTR, self.shared_state)
+            device = next(model.parameters()).device  # where the layers that read it run
+            model.add_module(SHARED_ATTR, self.shared_state.to(device))
         self.targets = self.resolve_targets(model)
         self.wrap(model)
         self.saved_modules = self.train_whole(model)
