@@ -1,9 +1,12 @@
 """The recipe reference (docs/recipe-reference.md), generated from the schema so the two never drift.
 
     python -m peftcli.docs            # print the reference
-    python -m peftcli.docs --write    # rewrite the block between the markers in docs/recipe-reference.md
+    python -m peftcli.docs --write    # regenerate every file generated from the recipe's dataclasses:
+                                      # the block between the markers in docs/recipe-reference.md and
+                                      # schema/recipe.schema.json (what `peftcli schema` prints)
 
-``tests/test_docs.py`` fails when the file's block differs from what this prints.
+One command, so that adding a method or an option never needs a second one. ``tests/test_docs.py`` and
+``tests/test_schema.py`` fail when either file differs from what this writes.
 """
 
 from __future__ import annotations
@@ -124,10 +127,27 @@ def rewrite_reference(path: Path = REFERENCE) -> bool:
     return changed
 
 
+def write_schema() -> bool:
+    """Rewrite ``schema/recipe.schema.json`` (the committed copy the shipped recipes point at)."""
+    from peftcli.schema import SCHEMA_FILE, schema_text  # imports the method catalog
+
+    text = schema_text()
+    changed = not SCHEMA_FILE.is_file() or SCHEMA_FILE.read_text() != text
+    if changed:
+        SCHEMA_FILE.parent.mkdir(parents=True, exist_ok=True)
+        SCHEMA_FILE.write_text(text)
+    return changed
+
+
+def write_generated() -> dict[str, bool]:
+    """Regenerate every generated file; {repository path: whether it changed}."""
+    return {"docs/recipe-reference.md": rewrite_reference(), "schema/recipe.schema.json": write_schema()}
+
+
 def main(argv: list[str]) -> None:
     if "--write" in argv:
-        name = "docs/recipe-reference.md"
-        print(f"{name} updated" if rewrite_reference() else f"{name} already up to date")
+        for name, changed in write_generated().items():
+            print(f"{name} updated" if changed else f"{name} already up to date")
     else:
         print(recipe_reference())
 

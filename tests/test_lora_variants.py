@@ -5,6 +5,9 @@ References and tolerances (fp32, CPU, fixed seeds):
   adapter loaded with ``PeftModel.from_pretrained`` on the original base gives our logits, ≤ 1e-5;
 - DoRA's equation written out (W' = m ⊙ (W0 + s·B A)/‖W0 + s·B A‖_c), ≤ 1e-5;
 - PiSSA: W_res + s·B0 A0 = W0 (≤ 1e-5) and the logits at step 0 equal the base's (≤ 1e-5);
+- PiSSA and OLoRA, alone and composed with DoRA: A0, B0, the residual W0 and DoRA's magnitude equal peft's
+  own init (``init_lora_weights="pissa"/"olora"``, ``use_dora``), ≤ 1e-5, and the same trained tensors
+  in both give the same logits, ≤ 1e-5;
 - merge: a merged plain model saved and reloaded with AutoModelForCausalLM gives the adapter
   model's logits, ≤ 1e-4.
 """
@@ -51,7 +54,10 @@ VARIANTS = {
     ),
     "pissa_dora": ("dora", ["method.init=pissa"]),
     "pissa_gpt2": ("lora", ["method.init=pissa", "model.name=tiny:gpt2"]),
+    "olora": ("lora", ["method.init=olora"]),
+    "olora_dora": ("dora", ["method.init=olora"]),
 }
+RESIDUAL_INITS = ("pissa", "olora")  # inits that rewrite W0: peft redoes them, so no weight copy
 
 
 def peft_config_for(method, model):
@@ -64,7 +70,7 @@ def peft_config_for(method, model):
     return LoraConfig(task_type="CAUSAL_LM", **fields)
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if not v.startswith("pissa")])
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if not v.startswith(RESIDUAL_INITS)])
 def test_forward_equals_peft_for_the_same_weights(variant, tmp_path):
     recipe_name, overrides = VARIANTS[variant]
     recipe, base_path, _, model, method = build(recipe_name, tmp_path, overrides)
@@ -197,3 +203,32 @@ def test_merged_plain_model_reloads_with_the_adapter_logits(variant, tmp_path):
     plain.eval()
     assert not any("lora" in n for n, _ in plain.named_parameters())
     assert (ours - logits(plain, batch)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["pissa", "pissa_dora", "olora", "olora_dora"])
+def test_residual_inits_equal_peft_and_compose_with_dora(variant, tmp_path):
+    recipe_name, overrides = VARIANTS[variant]
+    recipe, base_path, _, model, method = build(recipe_name, tmp_path, overrides)
+    fields = method.adapter_config(model)
+    fields.pop("fan_in_fan_out")
+    fields.update(r=method.cfg.r, lora_alpha=method.cfg.alpha, init_lora_weights=method.cfg.init)
+    peft_model = peft.get_peft_model(
+        base_model(base_path, recipe), peft.LoraConfig(task_type="CAUSAL_LM", **fields)
+    )
+    theirs = dict(peft_model.base_model.model.named_modules())
+    for name, layer in method.lora_layers(model):
+        other = theirs[name]
+        pairs = [
+            (layer.lora_A.weight, other.lora_A["default"].weight),
+            (layer.lora_B.weight, other.lora_B["default"].weight),
+            (layer.base_layer.weight, other.base_layer.weight),  # the residual W0 − s·B0 A0
+        ]
+        if layer.use_dora:
+            pairs.append((layer.lora_magnitude_vector, other.lora_magnitude_vector["default"].weight))
+        for ours_t, theirs_t in pairs:
+            assert (ours_t - theirs_t).abs().max().item() <= 1e-5
+    perturb(model)  # trained tensors: the same in both, through each one's forward
+    copy_into_peft(peft_model, {k: v.detach() for k, v in method.live_state_dict(model).items()})
+    peft_model.eval()
+    batch = batch_of(model.config.vocab_size)
+    assert (logits(model, batch) - logits(peft_model, batch)).abs().max().item() <= 1e-5

@@ -34,20 +34,14 @@ pruned layers. The scale stays α / init_r after pruning (peft's ``ranknum``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from peftcli.inject import (
-    PREFIX,
-    WrappedLayer,
-    classifier_heads,
-    make_trainable_copies,
-    match_targets,
-    set_module,
-)
-from peftcli.methods.registry import Method, register
+from peftcli.inject import PREFIX
+from peftcli.methods.kit import AdapterLayer, LayerMethod, write_weight
+from peftcli.methods.registry import register
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
 
@@ -91,7 +85,7 @@ class AdaLoraConfig(MethodConfig):
     )
 
 
-class SVDLinear(WrappedLayer):
+class SVDLinear(AdapterLayer):
     """``base_layer(x) + (α/r0) · ((dropout(x) Qᵀ ⊙ λ) Pᵀ)`` around a frozen linear-like layer."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float):
@@ -120,9 +114,17 @@ class SVDLinear(WrappedLayer):
         delta = self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
+    def merge(self) -> None:
+        write_weight(self.base_layer.weight, self.base_layer.weight.float() + self.delta_weight().float())
+
+    def unmerge(self) -> None:
+        write_weight(self.base_layer.weight, self.base_layer.weight.float() - self.delta_weight().float())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, in) -> (B, T, out)
         result = self.base_layer(x)
+        if self.merged:
+            return result
         result_dtype = result.dtype
         x = x.to(self.lora_A.dtype)
         update = self.lora_dropout(x) @ (self.lora_A * self.lora_E).T @ self.lora_B.T  # (B, T, out)
@@ -130,7 +132,7 @@ class SVDLinear(WrappedLayer):
 
 
 @register
-class AdaLoRA(Method):
+class AdaLoRA(LayerMethod):
     name = "adalora"
     description = (
         "AdaLoRA: SVD-form LoRA whose ranks are pruned by importance on a cubic budget (arXiv 2303.10512)"
@@ -140,12 +142,13 @@ class AdaLoRA(Method):
     peft_type = "ADALORA"
     trainable_formula = "sum over adapted layers of init_r·(in + out + 1), plus modules_to_save"
     parameter_prefix = "lora_"  # P, λ, Q saved as <module>.lora_B / lora_E / lora_A, peft's keys
+    layer_types = (SVDLinear,)
+    adapter_renames: ClassVar[dict[str, str]] = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 
     cfg: AdaLoraConfig
 
     def __init__(self, cfg: AdaLoraConfig, task: str = "causal_lm"):
         super().__init__(cfg, task)
-        self.targets: list[str] = []
         self.total_step: int | None = cfg.total_step
         self.exp_avg_ipt: dict[str, torch.Tensor] = {}  # Ī per trainable tensor, by parameter name
         self.exp_avg_unc: dict[str, torch.Tensor] = {}  # Ū
@@ -190,18 +193,11 @@ class AdaLoRA(Method):
         self.total_step = total_steps
 
     # -- building ------------------------------------------------------------------------
-    def apply(self, model: nn.Module) -> nn.Module:
-        cfg = self.cfg
-        self.targets = match_targets(model, cfg.target_modules)
-        for name in self.targets:
-            set_module(model, name, SVDLinear(model.get_submodule(name), cfg.init_r, cfg.alpha, cfg.dropout))
-        to_save = list(cfg.modules_to_save)
-        to_save += [h for h in classifier_heads(model, self.task) if h not in to_save]
-        self.saved_modules = make_trainable_copies(model, to_save)
-        return model
+    def create_layer(self, name: str, base: nn.Module) -> SVDLinear:
+        return SVDLinear(base, self.cfg.init_r, self.cfg.alpha, self.cfg.dropout)
 
     def svd_layers(self, model: nn.Module) -> list[tuple[str, SVDLinear]]:
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, SVDLinear)]
+        return self.layers(model)
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
         count = sum(m.r * (m.in_features + m.out_features + 1) for _, m in self.svd_layers(model))
@@ -348,55 +344,13 @@ class AdaLoRA(Method):
         super().load_adapter_state_dict(model, state)
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
-        cfg = self.cfg
         # peft refuses to load without a valid schedule: without a run, write the shortest valid one
-        total = self.total_step or (cfg.tinit + cfg.tfinal + 1)
+        cfg = self.cfg
         return {
-            "init_r": cfg.init_r,
-            "target_r": cfg.target_r,
-            "lora_alpha": cfg.alpha,
-            "lora_dropout": cfg.dropout,
-            "target_modules": list(self.targets),
-            "modules_to_save": list(self.saved_modules) or None,
-            "tinit": cfg.tinit,
-            "tfinal": cfg.tfinal,
-            "deltaT": cfg.deltaT,
-            "beta1": cfg.beta1,
-            "beta2": cfg.beta2,
-            "orth_reg_weight": cfg.orth_reg_weight,
-            "total_step": total,
+            **super().adapter_config(model),
+            "total_step": self.total_step or (cfg.tinit + cfg.tfinal + 1),
             "rank_pattern": self.rank_pattern,
             "bias": "none",
             "init_lora_weights": True,
-            "fan_in_fan_out": any(m.fan_in_fan_out for _, m in self.svd_layers(model)),
+            "fan_in_fan_out": self.fan_in_fan_out(model),
         }
-
-    @classmethod
-    def config_from_adapter(cls, adapter_config: dict[str, Any]) -> AdaLoraConfig:
-        return AdaLoraConfig(
-            name=cls.name,
-            init_r=int(adapter_config.get("init_r", 12)),
-            target_r=int(adapter_config.get("target_r", 8)),
-            alpha=float(adapter_config.get("lora_alpha", 8)),
-            dropout=float(adapter_config.get("lora_dropout", 0.0)),
-            target_modules=adapter_config.get("target_modules") or "all-linear",
-            modules_to_save=list(adapter_config.get("modules_to_save") or []),
-            tinit=int(adapter_config.get("tinit", 0)),
-            tfinal=int(adapter_config.get("tfinal", 0)),
-            deltaT=int(adapter_config.get("deltaT", 1)),
-            beta1=float(adapter_config.get("beta1", 0.85)),
-            beta2=float(adapter_config.get("beta2", 0.85)),
-            orth_reg_weight=float(adapter_config.get("orth_reg_weight", 0.5)),
-            total_step=adapter_config.get("total_step"),
-        )
-
-    # -- merging -------------------------------------------------------------------------
-    def merge(self, model: nn.Module) -> nn.Module:
-        for name, layer in self.svd_layers(model):
-            base = layer.base_layer
-            with torch.no_grad():
-                base.weight.copy_((base.weight.float() + layer.delta_weight().float()).to(base.weight.dtype))
-            set_module(model, name, base)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model

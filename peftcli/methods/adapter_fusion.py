@@ -237,19 +237,5 @@ class AdapterFusion(Method):
         count = sum(3 * (b.query.in_features**2 + b.query.in_features) for _, b in self.blocks(model))
         return count + self.saved_modules_count(model)
 
-    def adapter_config(self, model: nn.Module) -> dict[str, Any]:
-        return {
-            "adapters": list(self.cfg.adapters),
-            "temperature": self.cfg.temperature,
-            "source_configs": self.cfg.source_configs,
-            "modules_to_save": list(self.saved_modules) or None,
-        }
-
-    @classmethod
-    def config_from_adapter(cls, adapter_config: dict[str, Any]) -> FusionConfig:
-        keys = ("adapters", "temperature", "source_configs")
-        values = {k: adapter_config[k] for k in keys if adapter_config.get(k) is not None}
-        return from_dict(FusionConfig, {"name": cls.name, **values}, "method")
-
 
 __all__ = ["AdapterFusion", "FusionBlock", "FusionConfig"]

@@ -108,18 +108,10 @@ class BitFit(Method):
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         return {
+            **super().adapter_config(model),
             "target_modules": [n.removesuffix(".bias") for n in self.bias_names],
-            "modules_to_save": list(self.saved_modules) or None,
             "bias_delta": True,  # tensors are b − b0, to be added to the base's biases
         }
-
-    @classmethod
-    def config_from_adapter(cls, adapter_config: dict[str, Any]) -> BitFitConfig:
-        return BitFitConfig(
-            name=cls.name,
-            target_modules=adapter_config.get("target_modules") or "all",
-            modules_to_save=list(adapter_config.get("modules_to_save") or []),
-        )
 
     # -- merging -------------------------------------------------------------------------
     def merge(self, model: nn.Module) -> nn.Module:

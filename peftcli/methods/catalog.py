@@ -17,6 +17,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     lora,
     mam_adapter,
     p_tuning,
+    p_tuning_v2,
     parallel_adapter,
     prefix_tuning,
     prompt_tuning,

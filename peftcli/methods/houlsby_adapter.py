@@ -171,29 +171,8 @@ class HoulsbyAdapter(Method):
         return PREFIX + serial_block_key(parameter_name)
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
-        opts = self.options
-        return {
-            "config": opts.config,
-            "reduction_factor": opts.reduction_factor,
-            "bottleneck_size": opts.bottleneck_size,
-            "nonlinearity": opts.nonlinearity,
-            "positions": list(opts.positions),
-            "train_layer_norms": opts.train_layer_norms,
-            "modules_to_save": list(self.saved_modules) or None,
-        }
-
-    @classmethod
-    def config_from_adapter(cls, adapter_config: dict[str, Any]) -> HoulsbyConfig:
-        keys = (
-            "config",
-            "reduction_factor",
-            "bottleneck_size",
-            "nonlinearity",
-            "positions",
-            "train_layer_norms",
-        )
-        values = {k: adapter_config[k] for k in keys if adapter_config.get(k) is not None}
-        return from_dict(HoulsbyConfig, {"name": cls.name, **values}, "method")
+        """The options as resolved from the preset, so the file says what was built."""
+        return {**super().adapter_config(model), **self.config_fields(self.options)}
 
 
 def _device_of(model: nn.Module) -> torch.device:

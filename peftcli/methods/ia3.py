@@ -19,17 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftcli.inject import (
-    WrappedLayer,
-    attention_projections,
-    classifier_heads,
-    down_projections,
-    make_trainable_copies,
-    match_targets,
-    name_matches,
-    set_module,
-)
-from peftcli.methods.registry import Method, register
+from peftcli.inject import attention_projections, down_projections, match_targets, name_matches
+from peftcli.methods.kit import AdapterLayer, LayerMethod, write_weight
+from peftcli.methods.registry import register
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
 # Defaults for model types whose attention names ``default_targets`` does not know (``k_lin`` is not in
@@ -71,7 +63,7 @@ class IA3Config(MethodConfig):
     )
 
 
-class IA3Linear(WrappedLayer):
+class IA3Linear(AdapterLayer):
     """``base_layer(x ⊙ l)`` (feed-forward) or ``base_layer(x) ⊙ l`` around a frozen linear-like layer."""
 
     def __init__(self, base_layer: nn.Module, is_feedforward: bool):
@@ -84,15 +76,35 @@ class IA3Linear(WrappedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, in) -> (B, T, out)
+        if self.merged:
+            return self.base_layer(x)
         scale = self.ia3_l.flatten()
         if self.is_feedforward:
             return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype))
         result = self.base_layer(x)
         return (result * scale).to(result.dtype)
 
+    def _rescale(self, inverse: bool) -> None:
+        """Multiply W's columns (feed-forward, l is (1, in)) or rows and bias (l is (out, 1)) by l, or
+        divide them by l to take a merge back out (peft's unmerge divides by l + 1e-8 the same way)."""
+        base = self.base_layer
+        scale = self.ia3_l.detach().float()
+        factor = scale.T if self.fan_in_fan_out else scale  # Conv1D stores W as (in, out)
+        if inverse:
+            factor, scale = 1 / (factor + 1e-8), 1 / (scale + 1e-8)
+        write_weight(base.weight, base.weight.float() * factor)
+        if not self.is_feedforward and getattr(base, "bias", None) is not None:
+            write_weight(base.bias, base.bias.float() * scale.flatten())
+
+    def merge(self) -> None:
+        self._rescale(inverse=False)
+
+    def unmerge(self) -> None:
+        self._rescale(inverse=True)
+
 
 @register
-class IA3(Method):
+class IA3(LayerMethod):
     name = "ia3"
     description = "(IA)3: learned vectors rescale keys, values and the FFN input (arXiv 2205.05638)"
     config_cls = IA3Config
@@ -100,12 +112,12 @@ class IA3(Method):
     peft_type = "IA3"
     trainable_formula = "out per adapted attention layer + in per feed-forward layer, plus modules_to_save"
     parameter_prefix = "ia3_"  # saved as base_model.model.<module>.ia3_l, peft's key
+    layer_types = (IA3Linear,)
 
     cfg: IA3Config
 
     def __init__(self, cfg: IA3Config, task: str = "causal_lm"):
         super().__init__(cfg, task)
-        self.targets: list[str] = []
         self.feedforward: list[str] = []
 
     def _resolve_defaults(self, model: nn.Module) -> tuple[str | list[str], list[str]]:
@@ -133,61 +145,34 @@ class IA3(Method):
         down = set(match_targets(model, down_names)) if down_names else set()
         return targets, [n for n in match_targets(model, targets) if n in down]
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def resolve_targets(self, model: nn.Module) -> list[str]:
         targets, feedforward = self._resolve_defaults(model)
-        self.targets = match_targets(model, targets)
-        self.feedforward = [n for n in self.targets if any(name_matches(n, f) for f in feedforward)]
-        stray = [f for f in feedforward if not any(name_matches(n, f) for n in self.targets)]
+        targets = match_targets(model, targets)
+        self.feedforward = [n for n in targets if any(name_matches(n, f) for f in feedforward)]
+        stray = [f for f in feedforward if not any(name_matches(n, f) for n in targets)]
         if stray:
             raise RecipeError(
                 "method.feedforward_modules",
                 f"{stray[0]!r} is not one of the target modules",
                 "feedforward_modules must be a subset of target_modules",
             )
-        for name in self.targets:
-            set_module(model, name, IA3Linear(model.get_submodule(name), name in self.feedforward))
-        to_save = list(self.cfg.modules_to_save)
-        to_save += [h for h in classifier_heads(model, self.task) if h not in to_save]
-        self.saved_modules = make_trainable_copies(model, to_save)
-        return model
+        return targets
+
+    def create_layer(self, name: str, base: nn.Module) -> IA3Linear:
+        return IA3Linear(base, name in self.feedforward)
 
     def ia3_layers(self, model: nn.Module) -> list[tuple[str, IA3Linear]]:
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, IA3Linear)]
+        return self.layers(model)
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
         count = sum(m.in_features if m.is_feedforward else m.out_features for _, m in self.ia3_layers(model))
         return count + self.saved_modules_count(model)
 
-    # -- saving (the ia3_l vectors and the modules trained whole: Method's default) -------------
+    # -- saving (the ia3_l vectors and the modules trained whole: the kit's default) -------------
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         return {
-            "target_modules": list(self.targets),
+            **super().adapter_config(model),
             "feedforward_modules": list(self.feedforward),
-            "modules_to_save": list(self.saved_modules) or None,
             "init_ia3_weights": True,
-            "fan_in_fan_out": any(m.fan_in_fan_out for _, m in self.ia3_layers(model)),
+            "fan_in_fan_out": self.fan_in_fan_out(model),
         }
-
-    @classmethod
-    def config_from_adapter(cls, adapter_config: dict[str, Any]) -> IA3Config:
-        return IA3Config(
-            name=cls.name,
-            target_modules=adapter_config.get("target_modules"),
-            feedforward_modules=list(adapter_config.get("feedforward_modules") or []),
-            modules_to_save=list(adapter_config.get("modules_to_save") or []),
-        )
-
-    # -- merging -------------------------------------------------------------------------
-    def merge(self, model: nn.Module) -> nn.Module:
-        for name, layer in self.ia3_layers(model):
-            base = layer.base_layer
-            scale = layer.ia3_l.detach().float()  # (1, in) scales W's columns, (out, 1) its rows
-            with torch.no_grad():
-                factor = scale.T if layer.fan_in_fan_out else scale  # Conv1D stores W as (in, out)
-                base.weight.copy_((base.weight.float() * factor).to(base.weight.dtype))
-                if not layer.is_feedforward and getattr(base, "bias", None) is not None:
-                    base.bias.copy_((base.bias.float() * scale.flatten()).to(base.bias.dtype))
-            set_module(model, name, base)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model

@@ -31,7 +31,7 @@ seq_cls head). ``adapter_config.json`` carries no ``peft_type``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ from torch import nn
 from peftcli.inject import classifier_heads, make_trainable_copies, set_module
 from peftcli.methods.bottleneck import NONLINEARITIES, hidden_size_of
 from peftcli.methods.registry import Method, register
-from peftcli.recipe import MethodConfig, RecipeError, doc, from_dict
+from peftcli.recipe import MethodConfig, RecipeError, doc
 
 
 @dataclass
@@ -185,22 +185,6 @@ class LadderSideTuning(Method):
 
     def owns(self, parameter_name: str) -> bool:
         return parameter_name.startswith(f"{self.body_name}.side.")
-
-    def adapter_config(self, model: nn.Module) -> dict[str, Any]:
-        cfg = self.cfg
-        return {
-            "reduction_factor": cfg.reduction_factor,
-            "gate_temperature": cfg.gate_temperature,
-            "ffn_multiplier": cfg.ffn_multiplier,
-            "nonlinearity": cfg.nonlinearity,
-            "modules_to_save": list(self.saved_modules) or None,
-        }
-
-    @classmethod
-    def config_from_adapter(cls, adapter_config: dict[str, Any]) -> LadderConfig:
-        keys = ("reduction_factor", "gate_temperature", "ffn_multiplier", "nonlinearity")
-        values = {k: adapter_config[k] for k in keys if adapter_config.get(k) is not None}
-        return from_dict(LadderConfig, {"name": cls.name, **values}, "method")
 
 
 __all__ = ["LadderConfig", "LadderSideBody", "LadderSideTuning", "SideNetwork"]

@@ -27,8 +27,14 @@ Options (each a recipe key of ``method``):
 - ``rank_pattern`` / ``alpha_pattern`` — per-module ``r`` and ``α``; a key matches a module whose
   full name matches ``(.*\.)?(key)$`` (peft's rule), keys tried in sorted order.
 
-Each option that changes a layer (DoRA, PiSSA) is a :class:`LoraVariant`: init, forward, merge and
-export in one small class, as peft's ``LoraVariant``.
+- ``init: olora`` — OLoRA (Büyükakyüz, 2024, arXiv 2406.01775): with ``W0 = Q R``, ``B = Q_r`` and
+  ``A = R_r``; the base keeps the residual and the export is converted as PiSSA's (see :class:`Olora`).
+
+Each option that changes a layer (DoRA, PiSSA, OLoRA) is a :class:`LoraVariant`: init, forward, merge,
+unmerge and export in one small class, as peft's ``LoraVariant``, declared by the option that switches it
+on and listed once in :data:`VARIANTS`. A layer runs every enabled one in that order, so they compose
+(``init: pissa`` with ``use_dora``). The layers, the matching, merge and unmerge come from the
+wrapped-layer kit (:mod:`peftcli.methods.kit`).
 
 Parameter names mirror peft's (``<module>.base_layer``, ``<module>.lora_A``, ``<module>.lora_B``) so
 that our state-dict keys, prefixed with ``base_model.model.``, are peft's on-disk keys.
@@ -39,23 +45,207 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from peftcli.inject import (
-    PREFIX,
-    WrappedLayer,
-    classifier_heads,
-    is_linear,
-    make_trainable_copies,
-    match_parameters,
-    match_targets,
-    set_module,
-)
-from peftcli.methods.registry import Method, register
+from peftcli.inject import PREFIX, is_linear, match_parameters, match_targets, set_module
+from peftcli.methods.kit import AdapterLayer, Foldable, LayerMethod, write_weight
+from peftcli.methods.registry import register
 from peftcli.recipe import MethodConfig, RecipeError, doc
+
+
+class LoraVariant:
+    """One departure from plain LoRA behind one small interface, as peft's ``LoraVariant``. A variant is
+    declared on the config (:attr:`enabled_by`: the recipe field and value that switch it on) and listed
+    once in :data:`VARIANTS`; a layer runs every enabled one, in that order, so they compose (PiSSA or
+    OLoRA init, then DoRA's magnitude on top). A new variant is one subclass and one entry there.
+
+    Stateless: the tensors live on the :class:`LoRALinear`. Every hook defaults to plain LoRA.
+    """
+
+    enabled_by: ClassVar[tuple[str, Any]]  # (LoraConfig field, value), e.g. ("init", "pissa")
+    title: ClassVar[str]  # the name in messages
+    help: ClassVar[str] = ""  # an init variant: its choice of the ``init`` option, explained
+    replaces_init: ClassVar[bool] = False  # True: :meth:`init` sets A and B itself (no random draw first)
+    for_parameters: ClassVar[bool] = True  # can run on target_parameters (no layer input, no layer output)
+    for_quantized_base: ClassVar[bool] = True  # can start from a quantized base weight
+
+    @classmethod
+    def enabled(cls, options: Any) -> bool:
+        """Whether ``options`` (a LoraConfig, or anything with its fields) switches the variant on."""
+        field_name, value = cls.enabled_by
+        return getattr(options, field_name, None) == value
+
+    def create(self, layer: LoRALinear) -> None:
+        """Add the variant's own tensors to a new layer (before any init)."""
+
+    def init(self, layer: LoRALinear) -> None:
+        """Runs after A (random) and B (zero) have their plain-LoRA init, and after earlier variants."""
+
+    def forward(
+        self, layer: LoRALinear, dropped: torch.Tensor, result: torch.Tensor, update: torch.Tensor
+    ) -> torch.Tensor:
+        """The update added to the base output ``result``, given the update so far (plain LoRA's is
+        ``s · B A dropout(x)``); each variant transforms the one before it."""
+        return update
+
+    def merged_weight(self, layer: LoRALinear, weight: torch.Tensor) -> torch.Tensor:
+        """The fp32 (out, in) weight after merging, given the weight so far (first ``W0 + s·B A``)."""
+        return weight
+
+    def unmerged_weight(self, layer: LoRALinear, weight: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`merged_weight` (unmerge runs the variants in reverse)."""
+        return weight
+
+    def parameter_count(self, layer: LoRALinear) -> int:
+        """Trainable parameters the variant adds to the layer's r·(in + out)."""
+        return 0
+
+    def export_state(self, layer: LoRALinear, a_key: str, b_key: str, state: dict) -> None:
+        """Rewrite the layer's saved A and B (in ``state``) into what other tools load."""
+
+    def import_state(self, layer: LoRALinear, a_key: str, b_key: str, state: dict) -> None:
+        """Undo :meth:`export_state` on a loaded ``state``."""
+
+    @classmethod
+    def export_config(cls, cfg: LoraConfig, config: dict[str, Any]) -> None:
+        """Rewrite the fields of ``adapter_config.json`` that :meth:`export_state` changes."""
+
+
+class Dora(LoraVariant):
+    """DoRA: ``W' = m ⊙ (W0 + s·B A) / ‖W0 + s·B A‖_c``, the norm detached (the paper's §4.3, as peft)."""
+
+    enabled_by = ("use_dora", True)
+    title = "DoRA"
+    for_parameters = False  # peft refuses it too: no per-layer output to rescale
+
+    def create(self, layer: LoRALinear) -> None:
+        weight = layer.lora_A.weight  # set to ‖W0 + s·B A‖_c by init, once B and A hold their init
+        layer.lora_magnitude_vector = nn.Parameter(
+            torch.ones(layer.out_features, device=weight.device, dtype=weight.dtype)
+        )
+
+    def init(self, layer: LoRALinear) -> None:
+        with torch.no_grad():  # m = ‖W0 + s·B A‖_c: the direction has unit rows, so step 0 equals the base
+            layer.lora_magnitude_vector.copy_(layer.weight_norm())
+
+    def forward(
+        self, layer: LoRALinear, dropped: torch.Tensor, result: torch.Tensor, update: torch.Tensor
+    ) -> torch.Tensor:
+        # W'x = (m/‖W0+ΔW‖)·(W0 x + update); written as a correction on top of the base output.
+        scale = layer.lora_magnitude_vector / layer.weight_norm().to(dropped.dtype)  # (out,)
+        if isinstance(layer.lora_dropout, nn.Identity) or not layer.training:
+            bias = getattr(layer.base_layer, "bias", None)
+            base_no_bias = result.to(dropped.dtype) - (bias.to(dropped.dtype) if bias is not None else 0)
+        else:  # the direction must see the same dropped input as the LoRA path (as peft)
+            weight = layer.dense_weight().to(dropped.dtype)
+            base_no_bias = torch.nn.functional.linear(dropped, weight)
+        return (scale - 1) * base_no_bias + scale * update
+
+    def merged_weight(self, layer: LoRALinear, weight: torch.Tensor) -> torch.Tensor:
+        factor = layer.lora_magnitude_vector.detach().float() / layer.weight_norm()
+        layer.merge_cache["dora_factor"] = factor  # the norm of the unmerged weight, for unmerge
+        return factor[:, None] * weight  # row by row
+
+    def unmerged_weight(self, layer: LoRALinear, weight: torch.Tensor) -> torch.Tensor:
+        return weight / layer.merge_cache.pop("dora_factor")[:, None]
+
+    def parameter_count(self, layer: LoRALinear) -> int:
+        return layer.out_features
+
+
+class ResidualInit(LoraVariant):
+    """An init that moves part of W0 into B A and leaves the residual ``W_res = W0 − s·B0 A0`` as the frozen
+    base (PiSSA, OLoRA), so step 0 equals the base up to rounding. Exported as a plain LoRA on the
+    *original* W0 (peft's ``path_initial_model_for_weight_conversion``):
+    ``W_res + s·B A = W0 + s·(B A − B0 A0) = W0 + s·[B | −B0]·[A ; A0]``, a rank-2r LoRA, same scale.
+    A subclass writes :meth:`decompose`."""
+
+    replaces_init = True
+    for_parameters = False
+    for_quantized_base = False
+
+    def decompose(self, weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A0 (r, in), B0 (out, r)) from the fp32 (out, in) weight."""
+        raise NotImplementedError
+
+    def init(self, layer: LoRALinear) -> None:
+        base = layer.base_layer
+        if not base.weight.is_floating_point():
+            raise RecipeError(
+                "method.init",
+                f"{self.title} needs the base weights in floating point, not quantized",
+                "use init: kaiming with a quantized base, or drop model.quantization",
+            )
+        with torch.no_grad():
+            weight = layer.dense_weight()  # (out, in), fp32
+            a0, b0 = self.decompose(weight, layer.r, layer.scaling)
+            layer.lora_A.weight.copy_(a0)
+            layer.lora_B.weight.copy_(b0)
+            residual = weight - layer.scaling * (layer.lora_B.weight.float() @ layer.lora_A.weight.float())
+            base.weight.copy_((residual.T if layer.fan_in_fan_out else residual).to(base.weight.dtype))
+        # kept (not saved, not trained) to export ΔW relative to the original W0
+        layer.register_buffer("pissa_A0", layer.lora_A.weight.detach().clone(), persistent=False)
+        layer.register_buffer("pissa_B0", layer.lora_B.weight.detach().clone(), persistent=False)
+
+    def export_state(self, layer: LoRALinear, a_key: str, b_key: str, state: dict) -> None:
+        state[a_key] = torch.cat([state[a_key], layer.pissa_A0], dim=0)  # (2r, in)
+        state[b_key] = torch.cat([state[b_key], -layer.pissa_B0], dim=1)  # (out, 2r)
+
+    def import_state(self, layer: LoRALinear, a_key: str, b_key: str, state: dict) -> None:
+        if a_key in state and state[a_key].shape[0] == 2 * layer.r:  # the first r rows: the trained A, B
+            state[a_key], state[b_key] = state[a_key][: layer.r], state[b_key][:, : layer.r]
+
+    @classmethod
+    def export_config(cls, cfg: LoraConfig, config: dict[str, Any]) -> None:
+        """The rank-2r export keeps the scale s: α' = grow·α keeps α'/(2r) (or α'/√(2r)) equal to s."""
+        grow = math.sqrt(2) if cfg.use_rslora else 2.0
+        config["r"], config["lora_alpha"] = 2 * cfg.r, grow * cfg.alpha
+        config["rank_pattern"] = {k: 2 * v for k, v in cfg.rank_pattern.items()}
+        config["alpha_pattern"] = {k: grow * v for k, v in cfg.alpha_pattern.items()}
+
+
+class Pissa(ResidualInit):
+    """PiSSA: with ``W0 = U S Vᵀ``, ``B0 = U_r √(S_r/s)`` and ``A0 = √(S_r/s) V_rᵀ`` (s·B0 A0 is W0's top-r
+    part)."""
+
+    enabled_by = ("init", "pissa")
+    title = "PiSSA"
+    help = "pissa (top-r SVD of W)"
+
+    def decompose(self, weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        root = torch.sqrt(S[:r] / scaling)  # s·B·A = U_r S_r V_rᵀ
+        return root[:, None] * Vh[:r], U[:, :r] * root[None, :]
+
+
+class Olora(ResidualInit):
+    """OLoRA (Büyükakyüz, 2024, arXiv 2406.01775): with the QR decomposition ``W0 = Q R``, ``B0 = Q_r``
+    (orthonormal columns) and ``A0 = R_r`` (the first r rows of R), as peft's ``init_lora_weights="olora"``."""
+
+    enabled_by = ("init", "olora")
+    title = "OLoRA"
+    help = "olora (QR of W)"
+
+    def decompose(self, weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        Q, R = torch.linalg.qr(weight)  # (out, k), (k, in)
+        return R[:r], Q[:, :r]
+
+
+# Every variant, in the order a layer runs them: an init that rewrites A, B and W0 first, then DoRA,
+# which measures ‖W0 + s·B A‖ on what the init left.
+VARIANTS: tuple[type[LoraVariant], ...] = (Pissa, Olora, Dora)
+INITS = {v.enabled_by[1]: v for v in VARIANTS if v.enabled_by[0] == "init"}
+
+
+# The ``init`` option's choices: the two plain draws, then every init variant (a new one adds itself).
+INIT_CHOICES = ("kaiming", "gaussian", *INITS)
+_INIT_HELPS = ["kaiming (A uniform, B = 0; peft's default)", "gaussian (A ~ N(0, 1/r²))"]
+_INIT_HELPS += [v.help for v in INITS.values()]
+INIT_HELP = ", ".join(_INIT_HELPS[:-1]) + ", or " + _INIT_HELPS[-1]
 
 
 @dataclass
@@ -98,12 +288,7 @@ class LoraConfig(MethodConfig):
             "LoRA+: lr of B (and 1-D params) = ratio × train.lr; the paper suggests 16", min_exclusive=0.0
         ),
     )
-    init: Literal["kaiming", "gaussian", "pissa"] = field(
-        default="kaiming",
-        metadata=doc(
-            "kaiming (A uniform, B = 0; peft's default), gaussian (A ~ N(0, 1/r²)), or pissa (top-r SVD of W)"
-        ),
-    )
+    init: Literal[INIT_CHOICES] = field(default="kaiming", metadata=doc(INIT_HELP))
     rank_pattern: dict[str, int] = field(
         default_factory=dict,
         metadata=doc("per-module r: {regex or name suffix: r}, e.g. {down_proj: 16}", min=1),
@@ -117,128 +302,19 @@ class LoraConfig(MethodConfig):
     )
 
 
-class LoraVariant:
-    """One departure from plain LoRA behind one small interface, as peft's ``LoraVariant``: a new variant
-    (OLoRA, EVA or LoftQ init, VeRA-style sharing) is one subclass and one line in :func:`lora_variants`.
-
-    Stateless: the tensors live on the :class:`LoRALinear`. Every hook defaults to plain LoRA.
-    """
-
-    replaces_init: ClassVar[bool] = False  # True: :meth:`init` sets A and B itself (no random draw first)
-
-    def create(self, layer: LoRALinear) -> None:
-        """Add the variant's own tensors to a new layer (before any init)."""
-
-    def init(self, layer: LoRALinear) -> None:
-        """Runs after A (random) and B (zero) have their plain-LoRA init."""
-
-    def forward(
-        self, layer: LoRALinear, dropped: torch.Tensor, result: torch.Tensor, lora: torch.Tensor
-    ) -> torch.Tensor:
-        """The layer's output from the base output ``result`` and the update ``lora = B A dropout(x)``."""
-        return result + lora * layer.scaling
-
-    def merged_weight(self, layer: LoRALinear, weight: torch.Tensor) -> torch.Tensor:
-        """The fp32 (out, in) weight after merging, given ``W0 + s·B A``."""
-        return weight
-
-    def parameter_count(self, layer: LoRALinear) -> int:
-        """Trainable parameters the variant adds to the layer's r·(in + out)."""
-        return 0
-
-    def export_state(self, layer: LoRALinear, a_key: str, b_key: str, state: dict) -> None:
-        """Rewrite the layer's saved A and B (in ``state``) into what other tools load."""
-
-    def import_state(self, layer: LoRALinear, a_key: str, b_key: str, state: dict) -> None:
-        """Undo :meth:`export_state` on a loaded ``state``."""
-
-
-class Dora(LoraVariant):
-    """DoRA: ``W' = m ⊙ (W0 + s·B A) / ‖W0 + s·B A‖_c``, the norm detached (the paper's §4.3, as peft)."""
-
-    def create(self, layer: LoRALinear) -> None:
-        weight = layer.lora_A.weight  # set to ‖W0 + s·B A‖_c by init, once B and A hold their init
-        layer.lora_magnitude_vector = nn.Parameter(
-            torch.ones(layer.out_features, device=weight.device, dtype=weight.dtype)
-        )
-
-    def init(self, layer: LoRALinear) -> None:
-        with torch.no_grad():  # m = ‖W0 + s·B A‖_c: the direction has unit rows, so step 0 equals the base
-            layer.lora_magnitude_vector.copy_(layer.weight_norm())
-
-    def forward(
-        self, layer: LoRALinear, dropped: torch.Tensor, result: torch.Tensor, lora: torch.Tensor
-    ) -> torch.Tensor:
-        # W'x = (m/‖W0+ΔW‖)·(W0 x + s·B A x); written as a correction on top of the base output.
-        scale = layer.lora_magnitude_vector / layer.weight_norm().to(dropped.dtype)  # (out,)
-        if isinstance(layer.lora_dropout, nn.Identity) or not layer.training:
-            bias = getattr(layer.base_layer, "bias", None)
-            base_no_bias = result.to(dropped.dtype) - (bias.to(dropped.dtype) if bias is not None else 0)
-        else:  # the direction must see the same dropped input as the LoRA path (as peft)
-            weight = layer.dense_weight().to(dropped.dtype)
-            base_no_bias = torch.nn.functional.linear(dropped, weight)
-        return result + (scale - 1) * base_no_bias + scale * lora * layer.scaling
-
-    def merged_weight(self, layer: LoRALinear, weight: torch.Tensor) -> torch.Tensor:
-        return (layer.lora_magnitude_vector.float() / layer.weight_norm())[:, None] * weight  # row by row
-
-    def parameter_count(self, layer: LoRALinear) -> int:
-        return layer.out_features
-
-
-class Pissa(LoraVariant):
-    """PiSSA: B, A start as W0's top-r singular triplets and the base keeps the residual. Exported as a
-    plain LoRA on the *original* W0 (peft's ``path_initial_model_for_weight_conversion``):
-    ``W_res + s·B A = W0 + s·(B A − B0 A0) = W0 + s·[B | −B0]·[A ; A0]``, a rank-2r LoRA, same scale."""
-
-    replaces_init = True
-
-    def init(self, layer: LoRALinear) -> None:
-        base = layer.base_layer
-        if not base.weight.is_floating_point():
-            raise RecipeError(
-                "method.init",
-                "PiSSA needs the base weights in floating point, not quantized",
-                "use init: kaiming with a quantized base, or drop model.quantization",
-            )
-        with torch.no_grad():
-            weight = layer.dense_weight()  # (out, in), fp32
-            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-            root = torch.sqrt(S[: layer.r] / layer.scaling)  # s·B·A = U_r S_r V_rᵀ
-            layer.lora_A.weight.copy_(root[:, None] * Vh[: layer.r])
-            layer.lora_B.weight.copy_(U[:, : layer.r] * root[None, :])
-            residual = weight - layer.scaling * (layer.lora_B.weight.float() @ layer.lora_A.weight.float())
-            base.weight.copy_((residual.T if layer.fan_in_fan_out else residual).to(base.weight.dtype))
-        # kept (not saved, not trained) to export ΔW relative to the original W0
-        layer.register_buffer("pissa_A0", layer.lora_A.weight.detach().clone(), persistent=False)
-        layer.register_buffer("pissa_B0", layer.lora_B.weight.detach().clone(), persistent=False)
-
-    def export_state(self, layer: LoRALinear, a_key: str, b_key: str, state: dict) -> None:
-        state[a_key] = torch.cat([state[a_key], layer.pissa_A0], dim=0)  # (2r, in)
-        state[b_key] = torch.cat([state[b_key], -layer.pissa_B0], dim=1)  # (out, 2r)
-
-    def import_state(self, layer: LoRALinear, a_key: str, b_key: str, state: dict) -> None:
-        if a_key in state and state[a_key].shape[0] == 2 * layer.r:  # the first r rows: the trained A, B
-            state[a_key], state[b_key] = state[a_key][: layer.r], state[b_key][:, : layer.r]
-
-    @staticmethod
-    def export_config(cfg: LoraConfig, config: dict[str, Any]) -> None:
-        """The rank-2r export keeps the scale s: α' = grow·α keeps α'/(2r) (or α'/√(2r)) equal to s."""
-        grow = math.sqrt(2) if cfg.use_rslora else 2.0
-        config["r"], config["lora_alpha"] = 2 * cfg.r, grow * cfg.alpha
-        config["rank_pattern"] = {k: 2 * v for k, v in cfg.rank_pattern.items()}
-        config["alpha_pattern"] = {k: grow * v for k, v in cfg.alpha_pattern.items()}
+def variants_for(options: Any) -> tuple[LoraVariant, ...]:
+    """The variants ``options`` (a LoraConfig, or anything with its fields) enables, in run order."""
+    return tuple(v() for v in VARIANTS if v.enabled(options))
 
 
 def lora_variants(init: str, use_dora: bool) -> tuple[LoraVariant, ...]:
-    """The variants a layer runs, in init order: PiSSA moves W0's principal part into B A first, DoRA
-    then measures ‖W0 + s·B A‖. At most one variant changes the forward (DoRA), and it comes last."""
-    return tuple(v for v, on in ((Pissa(), init == "pissa"), (Dora(), use_dora)) if on)
+    """The variants of a layer built from the two switches directly (tests and older callers)."""
+    return variants_for(SimpleNamespace(init=init, use_dora=use_dora))
 
 
-class LoRALinear(WrappedLayer):
+class LoRALinear(AdapterLayer):
     """``base_layer(x) + scaling · lora_B(lora_A(dropout(x)))`` around a frozen linear-like layer, changed
-    by its :class:`LoraVariant` s (DoRA, PiSSA)."""
+    by its :class:`LoraVariant` s (DoRA, PiSSA, OLoRA), composed in :data:`VARIANTS` order."""
 
     def __init__(
         self,
@@ -249,6 +325,7 @@ class LoRALinear(WrappedLayer):
         use_rslora: bool,
         use_dora: bool = False,
         init: str = "kaiming",
+        variants: tuple[LoraVariant, ...] | None = None,
     ):
         super().__init__()
         self.base_layer = base_layer
@@ -262,7 +339,8 @@ class LoRALinear(WrappedLayer):
         self.lora_A.to(device=weight.device, dtype=dtype)
         self.lora_B.to(device=weight.device, dtype=dtype)
         self.init = init
-        self.variants = lora_variants(init, use_dora)
+        self.variants = lora_variants(init, use_dora) if variants is None else variants
+        self.merge_cache: dict[str, torch.Tensor] = {}
         for variant in self.variants:
             variant.create(self)
 
@@ -303,27 +381,47 @@ class LoRALinear(WrappedLayer):
 
     def merged_weight(self) -> torch.Tensor:
         """The fp32 weight that replaces ``base_layer.weight`` on merge, in its layout."""
-        delta = (self.lora_B.weight @ self.lora_A.weight).float() * self.scaling  # (out, in)
+        delta = (self.lora_B.weight @ self.lora_A.weight).detach().float() * self.scaling  # (out, in)
         weight = self.dense_weight() + delta
         for variant in self.variants:
             weight = variant.merged_weight(self, weight)
         return weight.T if self.fan_in_fan_out else weight
 
+    def _check_foldable(self) -> None:
+        base = self.base_layer
+        if not base.weight.is_floating_point() or type(base).__name__ in ("Linear4bit", "Linear8bitLt"):
+            raise RecipeError(
+                "merge",
+                "cannot fold LoRA into a quantized layer in place",
+                "merge reloads the base in full precision; use `peftcli merge`",
+            )
+
+    def merge(self) -> None:
+        self._check_foldable()
+        write_weight(self.base_layer.weight, self.merged_weight())
+
+    def unmerge(self) -> None:
+        weight = self.dense_weight()
+        for variant in reversed(self.variants):
+            weight = variant.unmerged_weight(self, weight)
+        weight = weight - (self.lora_B.weight @ self.lora_A.weight).detach().float() * self.scaling
+        write_weight(self.base_layer.weight, weight.T if self.fan_in_fan_out else weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, in) -> (B, T, out)
         result = self.base_layer(x)
+        if self.merged:
+            return result
         result_dtype = result.dtype
         x = x.to(self.lora_A.weight.dtype)
         dropped = self.lora_dropout(x)
-        lora = self.lora_B(self.lora_A(dropped))  # (B, T, out)
-        variant = self.variants[-1] if self.variants else PLAIN
-        return variant.forward(self, dropped, result, lora).to(result_dtype)
+        update = self.lora_B(self.lora_A(dropped)) * self.scaling  # (B, T, out)
+        for variant in self.variants:
+            update = variant.forward(self, dropped, result, update)
+        return (result + update).to(result_dtype)
 
 
-PLAIN = LoraVariant()
-
-
-class LoRAParameter(nn.Module):
+class LoRAParameter(Foldable, nn.Module):
     """LoRA on one parameter of a module, as peft's ``ParamWrapper``: ``W' = W + s · B_e A_e`` for every
     expert ``e`` of a 3-D stack (MoE experts in transformers 5, laid out (experts, out, in)), or for the
     one matrix of a 2-D weight. The module runs with ``W'`` in place of ``W`` (``torch.func.functional_call``),
@@ -388,14 +486,24 @@ class LoRAParameter(nn.Module):
             delta = delta.transpose(1, 2)  # (E, in, out)
         return delta if self.parameter().ndim == 3 else delta[0]
 
+    def merge(self) -> None:
+        weight = self.parameter()
+        write_weight(weight, weight.float() + self.delta_weight().detach().float())
+
+    def unmerge(self) -> None:
+        weight = self.parameter()
+        write_weight(weight, weight.float() - self.delta_weight().detach().float())
+
     def forward(self, *args, **kwargs):
+        if self.merged:
+            return self.base_layer(*args, **kwargs)
         weight = self.parameter()
         updated = weight + self.delta_weight().to(weight.dtype)
         return torch.func.functional_call(self.base_layer, {self.parameter_path(): updated}, args, kwargs)
 
 
 @register
-class LoRA(Method):
+class LoRA(LayerMethod):
     name = "lora"
     description = "LoRA: trainable low-rank updates B·A beside frozen linear layers (arXiv 2106.09685)"
     config_cls = LoraConfig
@@ -408,12 +516,18 @@ class LoRA(Method):
     )
 
     parameter_prefix = "lora_"
+    layer_types = (LoRALinear, LoRAParameter)
+    adapter_renames: ClassVar[dict[str, str]] = {
+        "alpha": "lora_alpha",
+        "dropout": "lora_dropout",
+        "init": "init_lora_weights",
+    }
+    adapter_omits = ("lora_plus_ratio",)  # a training option; peft's LoraConfig has no key for it
 
     cfg: LoraConfig
 
     def __init__(self, cfg: LoraConfig, task: str = "causal_lm"):
         super().__init__(cfg, task)
-        self.targets: list[str] = []
         self.parameter_targets: list[tuple[str, str]] = []
 
     @classmethod
@@ -442,12 +556,13 @@ class LoRA(Method):
                         f"must be > 0, got {getattr(cfg, key)[pattern]}",
                         "ranks are integers >= 1 and alphas positive numbers",
                     )
-        if cfg.init == "pissa" and recipe.model.quantization is not None:
-            raise RecipeError(
-                "method.init",
-                "PiSSA decomposes full-precision weights; the base is quantized",
-                "use init: kaiming with model.quantization, or drop model.quantization",
-            )
+        for variant in variants_for(cfg):
+            if not variant.for_quantized_base and recipe.model.quantization is not None:
+                raise RecipeError(
+                    f"method.{variant.enabled_by[0]}",
+                    f"{variant.title} decomposes full-precision weights; the base is quantized",
+                    f"drop method.{variant.enabled_by[0]} with model.quantization, or drop model.quantization",
+                )
 
     @staticmethod
     def _validate_target_parameters(cfg: LoraConfig, recipe) -> None:
@@ -465,11 +580,15 @@ class LoRA(Method):
                 "LoRA on parameters (method.target_parameters) is not tested with FSDP",
                 "use train.distributed: ddp, or adapt linear layers only",
             )
-        for key, bad, why in (
+        refused = [
+            (v.enabled_by[0], True, f"{v.title} is for linear layers (peft refuses it too)")
+            for v in variants_for(cfg)
+            if not v.for_parameters
+        ]
+        for key, bad, why in [
             ("dropout", cfg.dropout > 0, "dropout cannot act on an update folded into the weight"),
-            ("use_dora", cfg.use_dora, "DoRA is not defined for parameters (peft refuses it too)"),
-            ("init", cfg.init == "pissa", "PiSSA is for linear layers"),
-        ):
+            *refused,
+        ]:
             if bad:
                 raise RecipeError(
                     f"method.{key}",
@@ -479,19 +598,26 @@ class LoRA(Method):
 
     # -- building ------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:
+        model = super().apply(model)  # targets, layers, parameters, modules_to_save
+        self._enable_biases(model)
+        return model
+
+    def resolve_targets(self, model: nn.Module) -> list[str]:
+        """The linear layers to wrap; the parameters (``target_parameters``) go to
+        :attr:`parameter_targets`, wrapped after the layers."""
         cfg = self.cfg
         only_parameters = cfg.target_modules == [] and bool(cfg.target_parameters)
-        self.targets = [] if only_parameters else match_targets(model, cfg.target_modules)
+        targets = [] if only_parameters else match_targets(model, cfg.target_modules)
         # (module, parameter) pairs; every pair is also addressed by "<module>.<parameter>" below
         self.parameter_targets = match_parameters(model, cfg.target_parameters or [])
-        clash = set(self.targets) & {m for m, _ in self.parameter_targets}
+        clash = set(targets) & {m for m, _ in self.parameter_targets}
         if clash:
             raise RecipeError(
                 "method.target_parameters",
                 f"{sorted(clash)[0]} is adapted through target_modules and target_parameters at once",
                 "drop it from one of the two",
             )
-        adapted = self.targets + [f"{m}.{p}" for m, p in self.parameter_targets]
+        adapted = targets + [f"{m}.{p}" for m, p in self.parameter_targets]
         for key in ("rank_pattern", "alpha_pattern"):  # peft ignores a key that matches nothing; we say so
             for pattern in getattr(cfg, key):
                 if not any(pattern_key([pattern], name) for name in adapted):
@@ -500,23 +626,25 @@ class LoRA(Method):
                         "matches none of the adapted modules",
                         f"adapted: {', '.join(dict.fromkeys(n.split('.')[-1] for n in adapted))}",
                     )
-        for name in self.targets:
-            r, alpha = self.rank_and_alpha(name)
-            base = model.get_submodule(name)
-            layer = LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora, cfg.init)
-            layer.reset_parameters()
-            set_module(model, name, layer)
+        return targets
+
+    def create_layer(self, name: str, base: nn.Module) -> LoRALinear:
+        cfg = self.cfg
+        r, alpha = self.rank_and_alpha(name)
+        layer = LoRALinear(
+            base, r, alpha, cfg.dropout, cfg.use_rslora, init=cfg.init, variants=variants_for(cfg)
+        )
+        layer.reset_parameters()
+        return layer
+
+    def wrap(self, model: nn.Module) -> None:
+        super().wrap(model)
         for module_name, parameter_name in self.parameter_targets:  # a second one on a module nests
             r, alpha = self.rank_and_alpha(f"{module_name}.{parameter_name}")
             wrapped = LoRAParameter(
-                model.get_submodule(module_name), parameter_name, r, alpha, cfg.use_rslora
+                model.get_submodule(module_name), parameter_name, r, alpha, self.cfg.use_rslora
             )
             set_module(model, module_name, wrapped)
-        to_save = list(cfg.modules_to_save)
-        to_save += [h for h in classifier_heads(model, self.task) if h not in to_save]  # peft adds it too
-        self.saved_modules = make_trainable_copies(model, to_save)
-        self._enable_biases(model)
-        return model
 
     def _enable_biases(self, model: nn.Module) -> None:
         if self.cfg.bias == "none":
@@ -545,10 +673,10 @@ class LoRA(Method):
         )
 
     def lora_layers(self, model: nn.Module) -> list[tuple[str, LoRALinear]]:
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+        return [(n, m) for n, m in self.layers(model) if isinstance(m, LoRALinear)]
 
     def parameter_layers(self, model: nn.Module) -> list[tuple[str, LoRAParameter]]:
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRAParameter)]
+        return [(n, m) for n, m in self.layers(model) if isinstance(m, LoRAParameter)]
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """LoRA+: ``B`` and 1-D tensors (DoRA magnitudes, biases) at ratio × lr, as peft groups them."""
@@ -613,77 +741,32 @@ class LoRA(Method):
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         cfg = self.cfg
         config = {
-            "r": cfg.r,
-            "lora_alpha": cfg.alpha,
-            "lora_dropout": cfg.dropout,
-            "target_modules": list(self.targets),
-            "target_parameters": list(self.cfg.target_parameters) if self.cfg.target_parameters else None,
-            "modules_to_save": list(self.saved_modules) or None,
-            "use_rslora": cfg.use_rslora,
-            "use_dora": cfg.use_dora,
-            "bias": cfg.bias,
-            # a PiSSA export is a plain LoRA on W0: peft must not redo the SVD when it loads it
+            **super().adapter_config(model),
+            "target_parameters": list(cfg.target_parameters) if cfg.target_parameters else None,
+            # an init that rewrites W0 is exported as a plain LoRA on W0: peft must not redo it on load
             "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
-            "fan_in_fan_out": any(m.fan_in_fan_out for _, m in self.lora_layers(model)),
-            "rank_pattern": dict(cfg.rank_pattern),
-            "alpha_pattern": dict(cfg.alpha_pattern),
+            "fan_in_fan_out": self.fan_in_fan_out(model),
         }
-        if cfg.init == "pissa":  # exported as a rank-2r LoRA with the same scale s (see Pissa)
-            Pissa.export_config(cfg, config)
+        for variant in variants_for(cfg):  # PiSSA, OLoRA: a rank-2r LoRA with the same scale s
+            variant.export_config(cfg, config)
         return config
 
     @classmethod
     def config_from_adapter(cls, adapter_config: dict[str, Any]) -> LoraConfig:
-        init = adapter_config.get("init_lora_weights", True)
-        if isinstance(init, str) and init.startswith("pissa"):
-            init = "pissa"  # peft's own PiSSA save: W_res is recomputed from the base, as peft does
-        target_modules = adapter_config.get("target_modules") or "all-linear"
-        if adapter_config.get("target_parameters") and not adapter_config.get("target_modules"):
-            target_modules = []  # peft's way of adapting the parameters alone
-        return LoraConfig(
-            name=cls.name,
-            r=int(adapter_config.get("r", 8)),
-            alpha=float(adapter_config.get("lora_alpha", 8)),
-            dropout=float(adapter_config.get("lora_dropout", 0.0)),
-            target_modules=target_modules,
-            target_parameters=list(adapter_config.get("target_parameters") or []) or None,
-            modules_to_save=list(adapter_config.get("modules_to_save") or []),
-            use_rslora=bool(adapter_config.get("use_rslora", False)),
-            use_dora=bool(adapter_config.get("use_dora", False)),
-            init=init if init in ("gaussian", "pissa") else "kaiming",
-            bias=adapter_config.get("bias", "none"),
-            rank_pattern={k: int(v) for k, v in (adapter_config.get("rank_pattern") or {}).items()},
-            alpha_pattern={k: float(v) for k, v in (adapter_config.get("alpha_pattern") or {}).items()},
+        config = dict(adapter_config)
+        init = config.get("init_lora_weights", True)
+        # peft's own PiSSA / OLoRA save (init "pissa", "pissa_niter_4", "olora"): W_res is recomputed from
+        # the base, as peft does; any other non-gaussian init is a plain LoRA
+        config["init_lora_weights"] = next(
+            (name for name in ("gaussian", *INITS) if isinstance(init, str) and init.startswith(name)),
+            "kaiming",
         )
-
-    # -- merging -------------------------------------------------------------------------
-    def merge(self, model: nn.Module) -> nn.Module:
-        # each outermost wrapper folds its own delta and those of the wrappers nested under it
-        nested = {f"{name}.base_layer" for name, _ in self.parameter_layers(model)}
-        for name, wrapper in self.parameter_layers(model):
-            if name in nested:
-                continue
-            module = wrapper
-            while isinstance(module, LoRAParameter):
-                with torch.no_grad():
-                    weight = module.parameter()
-                    weight.copy_((weight.float() + module.delta_weight().float()).to(weight.dtype))
-                module = module.base_layer
-            set_module(model, name, module)
-        for name, layer in self.lora_layers(model):
-            base = layer.base_layer
-            if not base.weight.is_floating_point() or type(base).__name__ in ("Linear4bit", "Linear8bitLt"):
-                raise RecipeError(
-                    "merge",
-                    "cannot fold LoRA into a quantized layer in place",
-                    "merge reloads the base in full precision; use `peftcli merge`",
-                )
-            with torch.no_grad():
-                base.weight.copy_(layer.merged_weight().to(base.weight.dtype))
-            set_module(model, name, base)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model
+        if config.get("target_parameters") and not config.get("target_modules"):
+            config["target_modules"] = []  # peft's way of adapting the parameters alone
+        elif not config.get("target_modules"):
+            config["target_modules"] = None  # the default, all-linear
+        config.setdefault("lora_alpha", 8)  # peft's default, where the file omits it
+        return super().config_from_adapter(config)
 
 
 def pattern_key(patterns: dict[str, Any] | list[str], name: str) -> str | None:
@@ -695,4 +778,17 @@ def pattern_key(patterns: dict[str, Any] | list[str], name: str) -> str | None:
     return None
 
 
-__all__ = ["Dora", "LoRA", "LoRALinear", "LoRAParameter", "LoraConfig", "LoraVariant", "Pissa", "is_linear"]
+__all__ = [
+    "VARIANTS",
+    "Dora",
+    "LoRA",
+    "LoRALinear",
+    "LoRAParameter",
+    "LoraConfig",
+    "LoraVariant",
+    "Olora",
+    "Pissa",
+    "ResidualInit",
+    "is_linear",
+    "variants_for",
+]

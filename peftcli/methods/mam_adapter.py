@@ -30,7 +30,7 @@ from peftcli.inject import PREFIX
 from peftcli.methods.parallel_adapter import ParallelAdapter, ParallelAdapterConfig
 from peftcli.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from peftcli.methods.registry import Method, register
-from peftcli.recipe import MethodConfig, Recipe, RecipeError, doc, from_dict
+from peftcli.recipe import MethodConfig, Recipe, RecipeError, doc
 
 
 @dataclass
@@ -143,30 +143,13 @@ class MamAdapter(Method):
         self.adapter.load_adapter_state_dict(model.base_model, state)
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
-        cfg = self.cfg
+        """The config's fields, the prefix geometry peft's prefix tuning writes, and the FFN adapter's."""
         prefix = self.prefix.adapter_config(model)
         return {
-            **{
-                k: prefix[k] for k in ("num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads")
-            },
-            "prefix_projection": cfg.prefix_projection,
-            "encoder_hidden_size": cfg.encoder_hidden_size,
+            **{k: prefix[k] for k in ("token_dim", "num_layers", "num_attention_heads")},
+            **super().adapter_config(model),
             **self.adapter.adapter_config(model.base_model),
         }
-
-    @classmethod
-    def config_from_adapter(cls, adapter_config: dict[str, Any]) -> MamConfig:
-        keys = (
-            "num_virtual_tokens",
-            "prefix_projection",
-            "encoder_hidden_size",
-            "reduction_factor",
-            "bottleneck_size",
-            "scaling",
-            "nonlinearity",
-        )
-        values = {k: adapter_config[k] for k in keys if adapter_config.get(k) is not None}
-        return from_dict(MamConfig, {"name": cls.name, **values}, "method")
 
 
 __all__ = ["MamAdapter", "MamConfig"]

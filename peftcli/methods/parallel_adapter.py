@@ -20,7 +20,7 @@ seq_cls head). ``adapter_config.json`` carries no ``peft_type``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from peftcli.methods.bottleneck import (
     serial_block_key,
 )
 from peftcli.methods.registry import Method, register
-from peftcli.recipe import MethodConfig, Recipe, RecipeError, doc, from_dict
+from peftcli.recipe import MethodConfig, Recipe, RecipeError, doc
 
 
 @dataclass
@@ -119,23 +119,6 @@ class ParallelAdapter(Method):
     # -- saving: the blocks under ADAPTER_ATTR and the modules trained whole (Method's default) -----
     def stored_key(self, parameter_name: str) -> str:
         return PREFIX + serial_block_key(parameter_name)
-
-    def adapter_config(self, model: nn.Module) -> dict[str, Any]:
-        cfg = self.cfg
-        return {
-            "positions": list(cfg.positions),
-            "reduction_factor": cfg.reduction_factor,
-            "bottleneck_size": cfg.bottleneck_size,
-            "scaling": cfg.scaling,
-            "nonlinearity": cfg.nonlinearity,
-            "modules_to_save": list(self.saved_modules) or None,
-        }
-
-    @classmethod
-    def config_from_adapter(cls, adapter_config: dict[str, Any]) -> ParallelAdapterConfig:
-        keys = ("positions", "reduction_factor", "bottleneck_size", "scaling", "nonlinearity")
-        values = {k: adapter_config[k] for k in keys if adapter_config.get(k) is not None}
-        return from_dict(ParallelAdapterConfig, {"name": cls.name, **values}, "method")
 
 
 __all__ = ["ParallelAdapter", "ParallelAdapterBlock", "ParallelAdapterConfig"]

@@ -279,18 +279,12 @@ def attach_encoder_prefix(model: PromptedModel, prefix: PrefixEncoder) -> None:
         attention.register_forward_pre_hook(partial(_prefixed_self_attention, model, layer), with_kwargs=True)
 
 
-@register
-class PTuningV2(SoftPromptMethod):
-    name = "p_tuning_v2"
-    description = (
-        "P-tuning v2: trainable key/value prompts in every layer, no reparameterisation (arXiv 2110.07602)"
-    )
+class DeepPrompts(SoftPromptMethod):
+    """Key/value prompts in every layer: what P-tuning v2 (``peftcli.methods.p_tuning_v2``, registered in
+    its own file) is, and what prefix tuning adds its MLP to."""
+
     config_cls = PTuningV2Config
     peft_type = "PREFIX_TUNING"
-    trainable_formula = (
-        "num_virtual_tokens · num_layers · 2 · kv_heads · head_dim "
-        "(+ the same over the encoder layers with encoder_prefix)"
-    )
     prompt_kind = "prefix"
 
     cfg: PTuningV2Config
@@ -463,13 +457,9 @@ class PTuningV2(SoftPromptMethod):
             fixed.start_from(rows.to(self.encoder_rows(model).dtype))
             model.encoder_prefix = fixed.to(next(model.encoder_prefix.parameters()).device)
 
-    @classmethod
-    def config_from_adapter(cls, adapter_config: dict[str, Any]) -> PTuningV2Config:
-        return cls.config_cls(name=cls.name, num_virtual_tokens=int(adapter_config["num_virtual_tokens"]))
-
 
 @register
-class PrefixTuning(PTuningV2):
+class PrefixTuning(DeepPrompts):
     name = "prefix_tuning"
     description = (
         "Prefix tuning: trainable key/value prefixes in every layer, MLP-reparameterised (arXiv 2101.00190)"

@@ -11,13 +11,15 @@ module needing only the contract (or ``count_parameters``) loads none of them.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from peftcli.inject import PREFIX, freeze, load_prefixed, modules_to_save_state, saved_modules_count
-from peftcli.recipe import MethodConfig, RecipeError
+from peftcli.recipe import MethodConfig, RecipeError, from_dict, to_dict
 
 if TYPE_CHECKING:
     from peftcli.recipe import Recipe
@@ -105,14 +107,38 @@ class Method:
         """Copy a saved state into the model; every key must match (``inject.load_prefixed``)."""
         load_prefixed(model, state, {k: v.detach() for k, v in self.live_state_dict(model).items()})
 
+    # peft's names for the config's fields in ``adapter_config.json`` ({our field: peft's key}), and the
+    # fields that stay out of it (options peft has no key for); see :meth:`adapter_config`.
+    adapter_renames: ClassVar[dict[str, str]] = {}
+    adapter_omits: ClassVar[tuple[str, ...]] = ()
+
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
-        """Method fields of ``adapter_config.json`` (peft's names where peft has the method)."""
-        raise NotImplementedError
+        """Method fields of ``adapter_config.json`` (peft's names where peft has the method): by default
+        every field of the config dataclass (renamed by ``adapter_renames``, less ``adapter_omits``) and
+        the modules trained whole. A method adds or rewrites what it resolves on the model (targets)."""
+        return {**self.config_fields(self.cfg), "modules_to_save": list(self.saved_modules) or None}
+
+    @classmethod
+    def config_fields(cls, cfg: MethodConfig) -> dict[str, Any]:
+        """The fields of ``cfg`` keyed as in ``adapter_config.json``."""
+        values = to_dict(cfg)
+        return {cls.adapter_renames.get(k, k): v for k, v in values.items() if k in cls._round_trip_fields()}
+
+    @classmethod
+    def _round_trip_fields(cls) -> list[str]:
+        omitted = {"name", *cls.adapter_omits}
+        return [f.name for f in dataclasses.fields(cls.config_cls) if f.name not in omitted]
 
     @classmethod
     def config_from_adapter(cls, adapter_config: dict[str, Any]) -> MethodConfig:
-        """Rebuild the recipe section from a saved ``adapter_config.json``."""
-        raise NotImplementedError
+        """Rebuild the recipe section from a saved ``adapter_config.json``: each field from its key (the
+        dataclass default where the key is missing or null), checked as a recipe's would be."""
+        values = {}
+        for field_name in cls._round_trip_fields():
+            value = adapter_config.get(cls.adapter_renames.get(field_name, field_name))
+            if value is not None:
+                values[field_name] = value
+        return from_dict(cls.config_cls, {"name": cls.name, **values}, "method")
 
     # -- optional hooks ------------------------------------------------------------------
     def merge(self, model: nn.Module) -> nn.Module:
@@ -151,11 +177,106 @@ class Method:
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: add a method to the registry (``peftcli.methods.catalog`` imports every file)."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"method {cls.name!r} registered twice")
+    """Class decorator: check that ``cls`` provides what every method must (:func:`contract_problems`)
+    and add it to the registry (``peftcli.methods.catalog`` imports every file)."""
+    problems = contract_problems(cls)
+    if problems:
+        raise TypeError(f"method {getattr(cls, 'name', cls.__name__)!r}: {problems[0]}")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def overrides(cls: type, attribute: str, base: type | None = None) -> bool:
+    """Whether ``cls`` has its own ``attribute``, not the one of ``base`` (default :class:`Method`)."""
+
+    def function(owner: type) -> Any:
+        found = inspect.getattr_static(owner, attribute, None)
+        return getattr(found, "__func__", found)  # a classmethod or staticmethod: its function
+
+    return function(cls) is not function(base or Method)
+
+
+def contract_problems(cls: type[Method]) -> list[str]:
+    """What ``cls`` lacks of the method contract, one sentence each (empty when it is complete). Checked
+    at import, so a method that forgets something fails on the first ``import peftcli``, not in a test."""
+    checks = (_identity_problems, _config_problems, _hook_problems, _flag_problems)
+    return [problem for check in checks for problem in check(cls)]
+
+
+def _identity_problems(cls: type[Method]) -> list[str]:
+    name, description = getattr(cls, "name", None), getattr(cls, "description", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        return [f"name must be a Python identifier (it names the file and the recipe), got {name!r}"]
+    problems = []
+    if name in _REGISTRY:
+        problems.append(f"registered twice (by {_REGISTRY[name].__module__} and {cls.__module__})")
+    if not isinstance(description, str) or not description.strip() or "\n" in description:
+        problems.append("description must be one non-empty line (shown by `peftcli methods`)")
+    formula = getattr(cls, "trainable_formula", "")
+    if not isinstance(formula, str) or not formula.strip():
+        problems.append("trainable_formula must say how the trainable parameters are counted")
+    return problems
+
+
+def _config_problems(cls: type[Method]) -> list[str]:
+    config = getattr(cls, "config_cls", None)
+    if not (
+        isinstance(config, type) and dataclasses.is_dataclass(config) and issubclass(config, MethodConfig)
+    ):
+        return [f"config_cls must be a dataclass subclass of MethodConfig, got {config!r}"]
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    problems = []
+    if "name" in vars(config).get("__annotations__", {}) and fields["name"].default != cls.name:
+        problems.append(
+            f"config_cls redeclares name with default {fields['name'].default!r}, not {cls.name!r}"
+        )
+    for kind, keys in (("adapter_renames", cls.adapter_renames), ("adapter_omits", cls.adapter_omits)):
+        stray = [k for k in keys if k not in fields]
+        if stray:
+            problems.append(f"{kind} names {stray[0]!r}, not a field of {config.__name__}")
+    return problems
+
+
+def _hook_problems(cls: type[Method]) -> list[str]:
+    problems = []
+    if not overrides(cls, "apply"):
+        problems.append("apply is not overridden: the method adds nothing to the model")
+    prefix = cls.parameter_prefix
+    if prefix is not None and (not isinstance(prefix, str) or not prefix):
+        problems.append(f"parameter_prefix must be a non-empty string or None, got {prefix!r}")
+    saving = ("live_state_dict", "owns", "adapter_state_dict")
+    if prefix is None and not any(overrides(cls, hook) for hook in saving):
+        problems.append("set parameter_prefix or override live_state_dict: nothing says what to save")
+    if bool(cls.mergeable) != overrides(cls, "merge"):
+        problems.append(
+            "mergeable is True but merge is not overridden"
+            if cls.mergeable
+            else "merge is overridden but mergeable is False"
+        )
+    if hasattr(cls, "create_layer"):  # a wrapped-layer method (peftcli.methods.kit.LayerMethod)
+        kit = next(k for k in reversed(cls.__mro__) if "create_layer" in vars(k))
+        if not overrides(cls, "create_layer", kit):
+            problems.append("create_layer is not overridden: the kit does not know what to wrap with")
+        if not cls.layer_types:
+            problems.append("layer_types is empty: the kit cannot find the layers create_layer makes")
+    return problems
+
+
+def _flag_problems(cls: type[Method]) -> list[str]:
+    problems = []
+    peft_type = cls.peft_type
+    if peft_type is not None and (not isinstance(peft_type, str) or not peft_type.isupper()):
+        problems.append(f"peft_type must be None or peft's upper-case name (e.g. 'LORA'), got {peft_type!r}")
+    flags = ("mergeable", "identity_at_init", "supports_quantized_base", "supports_packing", "supports_fsdp")
+    for flag in flags:
+        if not isinstance(getattr(cls, flag), bool):
+            problems.append(f"{flag} must be True or False, got {getattr(cls, flag)!r}")
+    return problems
+
+
+def unregister(name: str) -> None:
+    """Remove a method from the registry (tests register throwaway methods and take them out again)."""
+    _REGISTRY.pop(name, None)
 
 
 def registered() -> dict[str, type[Method]]:

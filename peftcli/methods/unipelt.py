@@ -45,7 +45,7 @@ from peftcli.methods.bottleneck import Bottleneck, attach, block_of, bottleneck_
 from peftcli.methods.lora import LoRA, LoraConfig, LoRALinear
 from peftcli.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from peftcli.methods.registry import Method, register
-from peftcli.recipe import MethodConfig, Recipe, RecipeError, doc, from_dict
+from peftcli.recipe import MethodConfig, Recipe, RecipeError, doc
 
 
 @dataclass
@@ -259,37 +259,13 @@ class UniPelt(Method):
         load_prefixed(model, state, self._base_state(model))
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
-        cfg = self.cfg
+        """The config's fields, the prefix geometry and the LoRA targets as matched."""
         prefix = self.prefix.adapter_config(model)
         return {
-            **{
-                k: prefix[k] for k in ("num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads")
-            },
-            "prefix_projection": cfg.prefix_projection,
-            "encoder_hidden_size": cfg.encoder_hidden_size,
-            "lora_r": cfg.lora_r,
-            "lora_alpha": cfg.lora_alpha,
+            **{k: prefix[k] for k in ("token_dim", "num_layers", "num_attention_heads")},
+            **super().adapter_config(model),
             "lora_target_modules": list(self.lora.targets) if self.lora else None,
-            "reduction_factor": cfg.reduction_factor,
-            "bottleneck_size": cfg.bottleneck_size,
-            "nonlinearity": cfg.nonlinearity,
-            "modules_to_save": list(self.saved_modules) or None,
         }
-
-    @classmethod
-    def config_from_adapter(cls, adapter_config: dict[str, Any]) -> UniPeltConfig:
-        keys = (
-            "lora_r",
-            "lora_alpha",
-            "num_virtual_tokens",
-            "prefix_projection",
-            "encoder_hidden_size",
-            "reduction_factor",
-            "bottleneck_size",
-            "nonlinearity",
-        )
-        values = {k: adapter_config[k] for k in keys if adapter_config.get(k) is not None}
-        return from_dict(UniPeltConfig, {"name": cls.name, **values}, "method")
 
 
 __all__ = ["GatedAdapter", "GatedLoRA", "PrefixGate", "UniPelt", "UniPeltConfig"]
