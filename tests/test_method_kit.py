@@ -24,11 +24,10 @@ from peft_oracle import base_model, batch_of, build, logits, perturb, train_step
 from torch import nn
 
 from peftcli.export import load_adapter, save_adapter
-from peftcli.loop import build_model
-from peftcli.methods.catalog import list_methods
+from peftcli.methods.catalog import list_methods, method_for
 from peftcli.methods.kit import SHARED_ATTR, AdapterLayer, LayerMethod, write_weight
 from peftcli.methods.registry import register, unregister
-from peftcli.models import load_tokenizer, resolve_model_name
+from peftcli.models import build_model, load_tokenizer, resolve_model_name
 from peftcli.recipe import MethodConfig, to_dict
 from peftcli.recipe_loader import load_recipe
 
@@ -98,8 +97,17 @@ def built(name: str, tmp_path: Path, method_cfg: MethodConfig | None = None):
     base_path = resolve_model_name(recipe.model.name)
     tokenizer = load_tokenizer(base_path, recipe.model)
     labels = ["negative", "positive"] if recipe.model.task == "seq_cls" else None
-    torch.manual_seed(0)
-    return build_model(recipe, torch.device("cpu"), labels, tokenizer, base_path)
+    method = method_for(recipe)
+    model = build_model(
+        base_path,
+        recipe.model,
+        method,
+        torch.device("cpu"),
+        seed=recipe.train.seed,
+        label_names=labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model, method
 
 
 def written(method, model) -> dict:
