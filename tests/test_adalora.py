@@ -10,7 +10,8 @@ import sys
 
 import pytest
 import torch
-from peft_oracle import (
+from kit import (
+    HELPERS,
     ROOT,
     base_model,
     batch_of,
@@ -182,7 +183,7 @@ def test_resume_is_exact_through_the_cli(tmp_path):
 
     def run(out, *extra, kill=None):
         # kill: SIGKILL the process right after that checkpoint (a test-side hook; see tests/helpers)
-        launcher = [str(ROOT / "tests" / "helpers" / "kill_after_checkpoint.py"), str(kill), "--"]
+        launcher = [str(HELPERS / "kill_after_checkpoint.py"), str(kill), "--"]
         cmd = [
             sys.executable,
             *(launcher if kill else ["-m", "peftcli"]),

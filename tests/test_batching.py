@@ -11,23 +11,22 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import kit
 import numpy as np
 import pytest
 import torch
+from kit import ROOT
 from safetensors.torch import load_file
 
 from peftcli.data.batching import collate_packed, padding_fraction, plan_length_grouped, plan_packed
 from peftcli.data.collate import collate
-from peftcli.methods.catalog import list_methods, method_for
-from peftcli.models import build_model, load_tokenizer, resolve_model_name
+from peftcli.methods.catalog import list_methods
 from peftcli.recipe import RecipeError
 from peftcli.recipe_loader import load_recipe
 from peftcli.training.attention import ATTENTION_NAME, use_packed_attention
 from peftcli.training.loop import count_targets, train
 from peftcli.training.loss import CHUNKED, FUSED, PLAIN, micro_batch_loss_sum
 
-ROOT = Path(__file__).resolve().parents[1]
-CPU = torch.device("cpu")
 LENGTHS = np.random.default_rng(0).integers(3, 60, size=300)
 
 
@@ -96,14 +95,7 @@ PACKABLE = sorted(
 
 
 def build(tmp_path: Path, recipe_name: str, *overrides: str):
-    path = ROOT / "recipes" / "tiny" / f"{recipe_name}.yaml"
-    recipe = load_recipe(path, [*overrides, f"output_dir={tmp_path / 'run'}"])
-    base_path = resolve_model_name(recipe.model.name)
-    tokenizer = load_tokenizer(base_path, recipe.model)
-    method = method_for(recipe)
-    model = build_model(
-        base_path, recipe.model, method, CPU, seed=recipe.train.seed, pad_token_id=tokenizer.pad_token_id
-    )
+    _, _, tokenizer, model, _ = kit.build(recipe_name, tmp_path, list(overrides))
     model.train()
     if any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout)):
         model.eval()  # dropout draws differ by layout (gpt2's resid/attn dropout); eval keeps it exact

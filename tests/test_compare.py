@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from kit import EVAL, TRAIN
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -32,9 +33,6 @@ from peftcli.recipe import RecipeError
 from peftcli.recipe_loader import load_recipe
 from peftcli.tools.compare import NOT_MERGEABLE, compare_recipe, parse_sets
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
-EVAL = str(ROOT / "recipes" / "data" / "tiny_eval.jsonl")
 METHODS = ["lora", "ia3", "prompt_tuning"]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit import DATA
 from transformers import AutoTokenizer
 
 from peftcli.data.collate import collate
@@ -21,7 +22,6 @@ from peftcli.data.sources import load_records
 from peftcli.recipe import DataConfig, RecipeError
 from peftcli.tiny import ensure_tiny
 
-DATA = Path(__file__).parent / "data"
 PAD, BOS, EOS, M = 0, 1, 2, -100
 
 

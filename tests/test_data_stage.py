@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kit import DATA, HELPERS, ROOT, TRAIN
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
@@ -33,8 +34,6 @@ from peftcli.recipe import DataConfig, ModelConfig, RecipeError, SourceConfig
 from peftcli.recipe_loader import recipe_from_dict
 from peftcli.tiny import ensure_tiny
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).parent / "data"
 BOS, EOS, M = 1, 2, -100
 
 
@@ -466,7 +465,7 @@ def test_sigkill_then_resume_over_the_cached_mixture_is_exact(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         MIXTURE_RECIPE.format(
-            train=ROOT / "recipes" / "data" / "tiny_train.jsonl",
+            train=TRAIN,
             sharegpt=DATA / "sharegpt.jsonl",
             cache=tmp_path / "c",
         )
@@ -474,7 +473,7 @@ def test_sigkill_then_resume_over_the_cached_mixture_is_exact(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     result = CliRunner().invoke(app, ["train", str(recipe), "--output-dir", str(full), "-q"])
     assert result.exit_code == 0, result.output
-    kill_after = ROOT / "tests" / "helpers" / "kill_after_checkpoint.py"  # SIGKILL after checkpoint 2
+    kill_after = HELPERS / "kill_after_checkpoint.py"  # SIGKILL after checkpoint 2
     cmd = [sys.executable, str(kill_after), "2", "--", "train", str(recipe), "--output-dir", str(killed)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr

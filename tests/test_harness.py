@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from kit import ROOT
 from typer.testing import CliRunner
 
 from peftcli.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = "recipes/data/tasks"  # the task's data_files path is relative to the repository root
 TASK = "tiny_reverse_choice"
 

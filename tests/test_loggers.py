@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers.kill_after_checkpoint import run_killed_after_checkpoint
+from kit import EVAL, TRAIN
 from typer.testing import CliRunner
 
 import peftcli
@@ -21,10 +22,6 @@ from peftcli.cli import app
 from peftcli.recipe import RecipeError
 from peftcli.recipe_loader import load_recipe
 from peftcli.training.loggers import check_installed, flat_hyperparameters
-
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
-EVAL = str(ROOT / "recipes" / "data" / "tiny_eval.jsonl")
 
 
 def write_recipe(tmp_path: Path, loggers: list[str], **train) -> Path:

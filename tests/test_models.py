@@ -3,11 +3,10 @@ and a bf16 base trains fp32 LoRA weights."""
 
 from __future__ import annotations
 
+import kit
 import torch
 from safetensors.torch import load_file
 
-from peftcli.methods.catalog import method_for
-from peftcli.models import build_model, load_tokenizer, resolve_model_name
 from peftcli.recipe_loader import recipe_from_dict
 from peftcli.tiny import build_tiny, ensure_tiny
 from peftcli.training.loop import token_loss_sum
@@ -40,17 +39,7 @@ def _loss_and_grads(checkpointing: bool, dtype: str = "float32"):
             "method": {"name": "lora", "r": 4},
         }
     )
-    path = resolve_model_name(recipe.model.name)
-    tokenizer = load_tokenizer(path, recipe.model)
-    method = method_for(recipe)
-    model = build_model(
-        path,
-        recipe.model,
-        method,
-        torch.device("cpu"),
-        seed=recipe.train.seed,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    model = kit.build(recipe).model
     model.train()
     for name, p in model.named_parameters():  # B = 0 gives A no gradient: move B off zero
         if "lora_B" in name:

@@ -12,16 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers.kill_after_checkpoint import run_killed_after_checkpoint
+from kit import EVAL, TRAIN
 from PIL import Image
 from typer.testing import CliRunner
 
 import peftcli
 from peftcli.cli import app
 from peftcli.tools.report import best_eval, report
-
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
-EVAL = str(ROOT / "recipes" / "data" / "tiny_eval.jsonl")
 
 
 def write_recipe(directory: Path, **train) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit import CPU
 from packaging.version import Version
 from typer.testing import CliRunner
 
@@ -33,7 +34,6 @@ from peftcli.use.chat import TextStream
 from peftcli.use.generate import GenerateOptions, generate_file, prompt_ids
 from peftcli.use.load import load_model_or_adapter
 
-CPU = torch.device("cpu")
 ROWS = [
     {"prompt": "reverse apple ="},
     {"prompt": "hi"},  # short: left-padded in the batch
