@@ -254,7 +254,7 @@ def test_adapter_dir_is_not_a_peft_adapter_and_reloads(name, tmp_path):
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert "peft_type" not in config and config["peftcli_method"] == name
     assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"]
-    with pytest.raises((KeyError, ValueError, TypeError)):  # peft: no peft_type, so it cannot build a config
+    with pytest.raises(TypeError, match="missing required keys.*peft_type"):  # peft cannot build a config
         peft.PeftConfig.from_pretrained(str(result.adapter_dir))
     model, _ = api.load(result.adapter_dir)
     loaded = load_adapter(result.adapter_dir)

@@ -17,10 +17,9 @@ import math
 import os
 from pathlib import Path
 
+import kit
 import pytest
 import torch
-import yaml
-from kit import EVAL, TRAIN
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -37,22 +36,13 @@ METHODS = ["lora", "ia3", "prompt_tuning"]
 
 
 def write_recipe(directory: Path) -> Path:
-    recipe = {
-        "model": {"name": "tiny:llama"},
-        "data": {
-            "train": TRAIN,
-            "eval": EVAL,
-            "format": "completion",
-            "max_train_examples": 16,
-            "max_eval_examples": 8,
-        },
-        "method": {"name": "lora", "r": 64},  # dropped: each method starts from its own defaults
-        "train": {"max_steps": 50, "batch_size": 8, "lr": 1.0e-2, "log_every": 1, "seed": 0},
-        "eval": {"generate": False},
-    }
-    path = directory / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return kit.write_recipe(
+        directory,
+        output_dir=False,
+        data={"max_train_examples": 16, "max_eval_examples": 8},
+        method={"r": 64},  # dropped: each method starts from its own defaults
+        train={"max_steps": 50, "batch_size": 8, "lr": 1.0e-2, "log_every": 1, "seed": 0},
+    )
 
 
 @pytest.fixture(scope="module")

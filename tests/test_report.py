@@ -9,10 +9,9 @@ import json
 import shutil
 from pathlib import Path
 
+import kit
 import pytest
-import yaml
 from helpers.kill_after_checkpoint import run_killed_after_checkpoint
-from kit import EVAL, TRAIN
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -22,11 +21,11 @@ from peftcli.tools.report import best_eval, report
 
 
 def write_recipe(directory: Path, **train) -> Path:
-    recipe = {
-        "model": {"name": "tiny:llama"},
-        "data": {"train": TRAIN, "eval": EVAL, "format": "completion", "max_train_examples": 32},
-        "method": {"name": "lora", "r": 2},
-        "train": {
+    return kit.write_recipe(
+        directory,
+        data={"max_train_examples": 32},
+        method={"r": 2},
+        train={
             "max_steps": 6,
             "batch_size": 8,
             "lr": 1.0e-2,
@@ -35,12 +34,8 @@ def write_recipe(directory: Path, **train) -> Path:
             "seed": 2,
             **train,
         },
-        "eval": {"generate": True, "max_new_tokens": 2, "max_generate_examples": 4},
-        "output_dir": str(directory / "run"),
-    }
-    path = directory / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+        eval={"generate": True, "max_new_tokens": 2, "max_generate_examples": 4},
+    )
 
 
 @pytest.fixture(scope="module")

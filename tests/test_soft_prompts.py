@@ -327,7 +327,8 @@ def test_spot_init_reproduces_the_source_prompt_at_step_0(source, target, tmp_pa
         ours = model(input_ids=input_ids, attention_mask=mask).logits
         theirs = stored.model(input_ids=input_ids, attention_mask=mask).logits
     assert torch.equal(ours, theirs)
-    assert all(p.requires_grad for p in model.prefix.parameters()) if model.prefix is not None else True
+    trained = model.input_prompt if target == "prompt_tuning" else model.prefix  # what SPoT initialised
+    assert trained is not None and all(p.requires_grad for p in trained.parameters())
 
 
 def test_spot_shape_mismatch_is_a_clear_error(tmp_path):

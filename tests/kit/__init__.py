@@ -3,6 +3,8 @@
 - paths: ROOT, RECIPES, TINY (recipes/tiny), DATA (tests/data), TRAIN / EVAL (the tiny data), HELPERS;
 - models: ``tiny(arch, task)`` a bare tiny:<family> model, ``build(recipe)`` the tuned model exactly as
   training builds it (``peftcli.models.build_model`` + ``method_for``), ``base_model`` the plain base;
+- files: ``write_jsonl``, ``write_recipe`` (a tiny-data recipe with the sections a test changes);
+- tokenizers: ``tokenizer(arch)``, ``ids`` (byte-level reference ids);
 - batches: ``batch(task, vocab, lengths=...)`` one seeded, right-padded batch for any task;
 - steps: ``train_step`` / ``train_steps`` run the training loop's own ``Stepper.step``;
 - generation: cached decoding against full recompute;
@@ -10,6 +12,7 @@
 """
 
 from kit.batches import batch, batch_of, inputs, inputs_and_labels, parts
+from kit.files import write_jsonl, write_recipe
 from kit.generation import assert_seq2seq_generate_matches_recompute
 from kit.models import (
     LABELS,
@@ -18,10 +21,12 @@ from kit.models import (
     base_model,
     build,
     build_inline,
+    ids,
     inline_recipe,
     labels_for,
     tiny,
     tiny_recipe,
+    tokenizer,
 )
 from kit.paths import CPU, DATA, EVAL, HELPERS, RECIPES, ROOT, TINY, TRAIN
 from kit.peft import copy_into_peft, load_in_peft, logits, peft_logits, perturb, save
@@ -46,6 +51,7 @@ __all__ = [
     "build",
     "build_inline",
     "copy_into_peft",
+    "ids",
     "inline_recipe",
     "inputs",
     "inputs_and_labels",
@@ -58,6 +64,9 @@ __all__ = [
     "save",
     "tiny",
     "tiny_recipe",
+    "tokenizer",
     "train_step",
     "train_steps",
+    "write_jsonl",
+    "write_recipe",
 ]

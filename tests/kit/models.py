@@ -12,6 +12,7 @@ from peftcli.methods.catalog import method_for
 from peftcli.models import build_model, load_model, load_tokenizer, resolve_model_name
 from peftcli.recipe import ModelConfig, Recipe
 from peftcli.recipe_loader import load_recipe, recipe_from_dict
+from peftcli.tiny import ensure_tiny
 
 LABELS = ["negative", "positive"]  # the two classes every seq_cls test uses
 TASK_MODELS = {"causal_lm": "tiny:llama", "seq_cls": "tiny:bert", "seq2seq": "tiny:t5"}
@@ -30,6 +31,20 @@ def tiny(arch: str = "llama", task: str = "causal_lm", seed: int | None = 0, lab
     model = load_model(resolve_model_name(cfg.name), cfg, CPU, label_names=list(labels))
     model.eval()
     return model
+
+
+def tokenizer(arch: str = "llama"):
+    """The tiny:<arch> tokenizer, as ``AutoTokenizer`` loads it (byte-level: one id per byte)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ensure_tiny(arch))
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    """Reference ids of plain text (no special tokens in it): the tiny tokenizer maps one byte to one id."""
+    out = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(out) == len(text.encode()), "the tiny tokenizer is byte-level"
+    return out
 
 
 def tiny_recipe(name: str, tmp_path: Path | None = None, overrides: list[str] | None = None) -> Recipe:
