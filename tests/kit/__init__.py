@@ -7,6 +7,7 @@
 - tokenizers: ``tokenizer(arch)``, ``ids`` (byte-level reference ids);
 - batches: ``batch(task, vocab, lengths=...)`` one seeded, right-padded batch for any task;
 - steps: ``train_step`` / ``train_steps`` run the training loop's own ``Stepper.step``;
+  ``window_gradients`` its forward/backward over a window without the update;
 - generation: cached decoding against full recompute;
 - peft: the oracle helpers (``logits``, ``perturb``, ``save``, ``load_in_peft``, ``copy_into_peft``).
 """
@@ -30,7 +31,7 @@ from kit.models import (
 )
 from kit.paths import CPU, DATA, EVAL, HELPERS, RECIPES, ROOT, TINY, TRAIN
 from kit.peft import copy_into_peft, load_in_peft, logits, peft_logits, perturb, save
-from kit.steps import train_step, train_steps
+from kit.steps import train_step, train_steps, window_gradients
 
 __all__ = [
     "CPU",
@@ -67,6 +68,7 @@ __all__ = [
     "tokenizer",
     "train_step",
     "train_steps",
+    "window_gradients",
     "write_jsonl",
     "write_recipe",
 ]

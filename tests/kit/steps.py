@@ -10,7 +10,7 @@ import torch
 
 from peftcli.recipe import Recipe, TrainConfig
 from peftcli.training.optim import build_optimizer
-from peftcli.training.step import Stepper, StepResult
+from peftcli.training.step import Stepper, StepResult, loss_normaliser
 
 
 def train_step(
@@ -48,3 +48,16 @@ def train_step(
 def train_steps(model, method, batch, steps: int = 1, lr: float = 1e-2, start_step: int = 0) -> None:
     """The peft-oracle tests' form: ``steps`` plain AdamW steps (lr 1e-2) so weights are non-trivial."""
     train_step(model, method, batch, lr=lr, steps=steps, start_step=start_step)
+
+
+def window_gradients(
+    model, method, micro: list[dict[str, torch.Tensor]], task: str = "causal_lm", loss_path: str = "plain"
+):
+    """The loop's forward/backward over one accumulation window (``Stepper.backward_window``), without
+    the update: (window loss, scored targets, the trainable gradients). Gradients start from zero."""
+    model.zero_grad(set_to_none=True)
+    n_targets = loss_normaliser(micro, task)
+    stepper = Stepper(model=model, method=method, optimizer=None, task=task, loss_path=loss_path)  # no update
+    loss, _, _ = stepper.backward_window(micro, n_targets)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss, n_targets, grads
