@@ -93,7 +93,7 @@ PEFT_GENERATE_KEEPS_PREFIX = Version(version("transformers")) < Version("5.24")
 )
 def test_greedy_generate_equals_peft(method, use_peft_generate, tmp_path):
     pytest.importorskip("peft")
-    from peft_oracle import build, load_in_peft, perturb, save
+    from kit import build, load_in_peft, perturb, save
 
     recipe, base_path, tokenizer, model, method_obj = build(method, tmp_path)
     perturb(model)
