@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import kit
 import pytest
 import torch
 from kit import (
@@ -102,16 +103,10 @@ def test_training_with_allocation_matches_peft_step_for_step(tmp_path):
     peft_model = peft_model_for(method, model, base_path, recipe)
     peft_model.train()
     model.train()
-    ours_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ours = kit.stepper(model, method, lr=1e-2, weight_decay=0.01)  # the loop's step; AdamW as peft's below
     peft_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(TOTAL):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss_sum, n = token_loss_sum(out.logits, batch["labels"], "causal_lm")
-        (loss_sum / n + method.extra_loss(model)).backward()
-        method.after_backward(model, step)
-        ours_opt.step()
-        method.after_step(model, step)
-        ours_opt.zero_grad()
+        ours.step([batch], step)
 
         peft_out = peft_model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]

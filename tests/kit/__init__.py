@@ -31,7 +31,7 @@ from kit.models import (
 )
 from kit.paths import CPU, DATA, EVAL, HELPERS, RECIPES, ROOT, TINY, TRAIN
 from kit.peft import copy_into_peft, load_in_peft, logits, peft_logits, perturb, save
-from kit.steps import train_step, train_steps, window_gradients
+from kit.steps import stepper, train_step, train_steps, window_gradients
 
 __all__ = [
     "CPU",
@@ -63,6 +63,7 @@ __all__ = [
     "peft_logits",
     "perturb",
     "save",
+    "stepper",
     "tiny",
     "tiny_recipe",
     "tokenizer",

@@ -13,6 +13,32 @@ from peftcli.training.optim import build_optimizer
 from peftcli.training.step import Stepper, StepResult, loss_normaliser
 
 
+def stepper(
+    model: torch.nn.Module,
+    method,
+    *,
+    recipe: Recipe | None = None,
+    task: str | None = None,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+) -> Stepper:
+    """The loop's ``Stepper`` with the optimizer the recipe's train section builds (``build_optimizer``;
+    without a recipe AdamW, lr 1e-2, no weight decay, no clipping) and, given a recipe,
+    ``method.on_train_start`` with its step count, as the loop calls it before the first step."""
+    cfg = recipe.train if recipe is not None else TrainConfig(lr=1e-2, weight_decay=0.0, max_grad_norm=0.0)
+    if lr is not None:
+        cfg = dataclasses.replace(cfg, lr=lr)
+    if weight_decay is not None:
+        cfg = dataclasses.replace(cfg, weight_decay=weight_decay)
+    task = task or (recipe.model.task if recipe is not None else "causal_lm")
+    if recipe is not None and cfg.max_steps:
+        method.on_train_start(model, cfg.max_steps)
+    optimizer = build_optimizer(method.param_groups(model, cfg.lr, cfg.weight_decay), cfg)
+    return Stepper(
+        model=model, method=method, optimizer=optimizer, task=task, max_grad_norm=cfg.max_grad_norm
+    )
+
+
 def train_step(
     model: torch.nn.Module,
     method,
@@ -24,23 +50,12 @@ def train_step(
     steps: int = 1,
     start_step: int = 0,
 ) -> list[StepResult]:
-    """``steps`` optimizer steps on one window (a batch, or a list of micro-batches), with the optimizer
-    the recipe's train section builds (``build_optimizer``; without a recipe AdamW, no weight decay,
-    lr 1e-2) and, given a recipe, ``method.on_train_start`` with its step count, as the loop calls it.
-    The model is left in eval mode."""
+    """``steps`` optimizer steps of a fresh :func:`stepper` on one window (a batch, or a list of
+    micro-batches); the model trains in train mode and is left in eval mode."""
     micro = [batches] if isinstance(batches, dict) else list(batches)
-    cfg = recipe.train if recipe is not None else TrainConfig(lr=1e-2, weight_decay=0.0, max_grad_norm=0.0)
-    if lr is not None:
-        cfg = dataclasses.replace(cfg, lr=lr)
-    task = task or (recipe.model.task if recipe is not None else "causal_lm")
-    if recipe is not None and cfg.max_steps:
-        method.on_train_start(model, cfg.max_steps)
-    optimizer = build_optimizer(method.param_groups(model, cfg.lr, cfg.weight_decay), cfg)
-    stepper = Stepper(
-        model=model, method=method, optimizer=optimizer, task=task, max_grad_norm=cfg.max_grad_norm
-    )
+    run = stepper(model, method, recipe=recipe, task=task, lr=lr)
     model.train()
-    results = [stepper.step(micro, step) for step in range(start_step, start_step + steps)]
+    results = [run.step(micro, step) for step in range(start_step, start_step + steps)]
     model.eval()
     return results
 
