@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft_oracle import base_model, batch_of, build, logits, perturb, train_steps
+from kit import ROOT, base_model, batch_of, build, logits, perturb, train_steps
 from torch import nn
 
 from peftcli.export import load_adapter, save_adapter
@@ -30,8 +30,6 @@ from peftcli.methods.registry import register, unregister
 from peftcli.models import build_model, load_tokenizer, resolve_model_name
 from peftcli.recipe import MethodConfig, to_dict
 from peftcli.recipe_loader import load_recipe
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (tiny recipe, overrides): layers that can unmerge
 UNMERGEABLE = {
