@@ -10,7 +10,7 @@ References and tolerances, per check (fp32 unless it says otherwise):
 - ``bf16_autocast``: 50 steps with bf16 autocast against 50 fp32 steps from the same start; every
   step's loss within 2% (relative) of fp32's, the curves not bit-identical (autocast engaged) and the
   fp32 loss fallen by more than twice that (so the curve left the band). On the CPU the loop never autocasts, so the check turns CPU autocast
-  on through ``loop.autocast_dtype``: the same ``optimizer_step`` code runs under ``torch.autocast``.
+  on through ``setup.autocast_dtype``: the same ``optimizer_step`` code runs under ``torch.autocast``.
 - ``qlora_peft``: a QLoRA adapter (NF4, double quantization, fp32 compute) trained by peftcli, loaded
   by peft on transformers' own 4-bit base: logits within 1e-4 × max|logit| of ours, and the adapter
   moves the logits by more than 100× that.
@@ -250,7 +250,7 @@ def loop_pieces(ctx: Context, name: str):
     from peftcli.methods.catalog import method_for
     from peftcli.models import build_model, load_tokenizer
     from peftcli.recipe_loader import load_recipe
-    from peftcli.training.loop import seed_everything
+    from peftcli.training.setup import seed_everything
 
     recipe = load_recipe(write_recipe(ctx, name, 1))
     tokenizer = load_tokenizer(recipe.model.name, recipe.model)
@@ -278,13 +278,13 @@ def trainable_grads(model) -> dict[str, Any]:
 def check_bf16_autocast(ctx: Context) -> Result:
     import torch
 
-    import peftcli.training.loop as loop
+    import peftcli.training.setup as setup
 
     steps = 50
     fp32 = losses(train(ctx, "fp32", steps, set_train(lr=1e-2)))
     patched = contextlib.nullcontext()
     if not ctx.cuda:  # the loop autocasts only on CUDA: turn it on for the CPU, same optimizer_step
-        patched = _patched(loop, "autocast_dtype", lambda recipe, device: torch.bfloat16)
+        patched = _patched(setup, "autocast_dtype", lambda recipe, device: torch.bfloat16)
     with patched:
         bf16 = losses(train(ctx, "bf16", steps, set_train(lr=1e-2, mixed_precision="bf16")))
     worst = max_rel_diff(bf16, fp32)

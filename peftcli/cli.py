@@ -5,6 +5,7 @@ Imports of torch and transformers happen inside the commands, so `peftcli --help
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -193,6 +194,23 @@ def export(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Write a model or adapter for llama.cpp / Ollama: merged GGUF, LoRA-only GGUF, or an Ollama directory."""
+    from peftcli.api import export as run
+
+    _check_export_options(format, system)
+    with _writing_progress(enabled=not as_json) as show:
+        result = run(target, output, format, quant=quant, base=base, system=system, progress=show)
+    if as_json:
+        print(json.dumps(result))
+        return
+    for note in result.get("notes", []):
+        err_console.print(f"[dim]{note}[/dim]", highlight=False)
+    what = f"{result['format']} ({result['quant']}, {result['arch']}, {result['bytes'] / 2**20:.1f} MiB)"
+    out_console.print(f"{what} -> {result['output']}", highlight=False)
+    if result["format"] == "ollama":
+        out_console.print(f"import it: ollama create NAME -f {result['modelfile']}", highlight=False)
+
+
+def _check_export_options(format: str, system: str | None) -> None:
     from peftcli.recipe import RecipeError, did_you_mean
 
     formats = ("gguf", "gguf-lora", "ollama")
@@ -204,9 +222,13 @@ def export(
         )
     if system is not None and format != "ollama":
         raise RecipeError("--system", "only the ollama format has a system prompt", "drop --system")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from peftcli.api import export as run
+
+@contextlib.contextmanager
+def _writing_progress(enabled: bool):
+    """A progress callback ``(done, total, what)`` drawing a bar on stderr (None when not ``enabled``).
+    The bar starts with the first tensor, so a refusal before it prints one line only."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     bar = Progress(
         TextColumn("writing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -215,27 +237,16 @@ def export(
     tasks: list = []
 
     def show(done: int, total: int, what: str) -> None:
-        if not tasks:  # started by the first tensor, so a refusal before it prints one line only
+        if not tasks:
             bar.start()
             tasks.append(bar.add_task("", total=total))
         bar.update(tasks[0], completed=done, description=what)
 
     try:
-        result = run(
-            target, output, format, quant=quant, base=base, system=system, progress=None if as_json else show
-        )
+        yield show if enabled else None
     finally:
         if tasks:
             bar.stop()
-    if as_json:
-        print(json.dumps(result))
-        return
-    for note in result.get("notes", []):
-        err_console.print(f"[dim]{note}[/dim]", highlight=False)
-    what = f"{result['format']} ({result['quant']}, {result['arch']}, {result['bytes'] / 2**20:.1f} MiB)"
-    out_console.print(f"{what} -> {result['output']}", highlight=False)
-    if result["format"] == "ollama":
-        out_console.print(f"import it: ollama create NAME -f {result['modelfile']}", highlight=False)
 
 
 @app.command("eval")
@@ -279,23 +290,8 @@ def eval_(
     """Measure eval loss, perplexity and accuracy / exact match of a base, adapter or merged model,
     or with --tasks score it on lm-evaluation-harness tasks (docs/use.md)."""
     if tasks is not None:
-        from peftcli.recipe import RecipeError
-
-        if data or max_examples or ensemble or vote:
-            raise RecipeError(
-                "--tasks",
-                "runs lm-eval tasks; --data, --max-examples, --ensemble and --vote do not apply",
-                "run them as two commands",
-            )
-        from peftcli.api import evaluate_tasks
-        from peftcli.training.console import task_table
-
-        names = [name.strip() for name in tasks.split(",") if name.strip()]
-        result = evaluate_tasks(target, names, include_path, num_fewshot, limit, allow_task_code)
-        if as_json:
-            print(json.dumps(result))
-        else:
-            out_console.print(task_table(result))
+        mixed = bool(data or max_examples or ensemble or vote)
+        _eval_tasks(target, tasks, include_path, num_fewshot, limit, allow_task_code, as_json, mixed)
         return
     from peftcli.api import evaluate_target
 
@@ -308,6 +304,41 @@ def eval_(
         allow_pickle=allow_pickle,
         log=None if as_json else lambda line: err_console.print(f"[dim]{line}[/dim]", highlight=False),
     )
+    _print_eval(result, as_json)
+
+
+def _eval_tasks(
+    target: Path,
+    tasks: str,
+    include_path: str | None,
+    num_fewshot: int | None,
+    limit: int | None,
+    allow_task_code: bool,
+    as_json: bool,
+    mixed: bool,
+) -> None:
+    """eval --tasks: lm-eval's tasks on the target, printed as a table or one JSON object. ``mixed``: options
+    of the other eval were given too, which is refused."""
+    from peftcli.recipe import RecipeError
+
+    if mixed:
+        raise RecipeError(
+            "--tasks",
+            "runs lm-eval tasks; --data, --max-examples, --ensemble and --vote do not apply",
+            "run them as two commands",
+        )
+    from peftcli.api import evaluate_tasks
+    from peftcli.training.console import task_table
+
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    result = evaluate_tasks(target, names, include_path, num_fewshot, limit, allow_task_code)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        out_console.print(task_table(result))
+
+
+def _print_eval(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result))
         return

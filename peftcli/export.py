@@ -238,31 +238,10 @@ def merge_adapter(
     the merged model is then the trained quantized adapter model up to rounding (docs/merging.md).
     """
     info = read_adapter_info(adapter_dir)
-    if not info["method_cls"].mergeable:
-        raise RecipeError(
-            "merge",
-            f"method {info['method_cls'].name} cannot be merged into the base",
-            "load the adapter directory directly (peftcli eval / peftcli.load)",
-        )
-    if dequantize and not info["quantization"]:
-        raise RecipeError(
-            "--dequantize",
-            f"{adapter_dir} was not trained on a quantized base, so there is nothing to dequantize",
-            "drop --dequantize",
-        )
+    _check_mergeable(info, adapter_dir, dequantize)
     probe, reference, trained_layers = None, None, {}
     if info["quantization"]:
-        from peftcli.quantize import probe_batch, probe_logits
-
-        # The quantized model first and then freed, so that both models never sit in memory at once.
-        quantized = load_adapter(
-            adapter_dir, base=base, dtype=torch.float32, quantized=True, allow_pickle=allow_pickle
-        )
-        probe = probe_batch(quantized.tokenizer)
-        reference = probe_logits(quantized.model, probe, quantized.task)
-        if dequantize:
-            trained_layers = quantized_layers(quantized.model)
-        del quantized
+        probe, reference, trained_layers = _probe_quantized(adapter_dir, base, dequantize, allow_pickle)
     loaded = load_adapter(
         adapter_dir, base=base, dtype=torch.float32, quantized=False, allow_pickle=allow_pickle
     )
@@ -286,13 +265,51 @@ def merge_adapter(
                 merged, probe, reference, info["quantization"], dtype, loaded.task, dequantize
             )
         )
+    _write_merged(output, merged, loaded.tokenizer, result if probe is not None else None)
+    return result
+
+
+def _check_mergeable(info: dict[str, Any], adapter_dir: str | Path, dequantize: bool) -> None:
+    if not info["method_cls"].mergeable:
+        raise RecipeError(
+            "merge",
+            f"method {info['method_cls'].name} cannot be merged into the base",
+            "load the adapter directory directly (peftcli eval / peftcli.load)",
+        )
+    if dequantize and not info["quantization"]:
+        raise RecipeError(
+            "--dequantize",
+            f"{adapter_dir} was not trained on a quantized base, so there is nothing to dequantize",
+            "drop --dequantize",
+        )
+
+
+def _probe_quantized(
+    adapter_dir: str | Path, base: str | None, dequantize: bool, allow_pickle: bool
+) -> tuple[Any, torch.Tensor, dict[str, Any]]:
+    """The trained (quantized) adapter model's logits on a fixed probe batch, to compare the merged model
+    with; with ``dequantize``, its quantized layers too. The quantized model is freed before returning, so
+    that it and the merged model never sit in memory at once."""
+    from peftcli.quantize import probe_batch, probe_logits
+
+    quantized = load_adapter(
+        adapter_dir, base=base, dtype=torch.float32, quantized=True, allow_pickle=allow_pickle
+    )
+    probe = probe_batch(quantized.tokenizer)
+    reference = probe_logits(quantized.model, probe, quantized.task)
+    trained_layers = quantized_layers(quantized.model) if dequantize else {}
+    del quantized
+    return probe, reference, trained_layers
+
+
+def _write_merged(output: str | Path, merged, tokenizer, result: dict[str, Any] | None) -> None:
+    """The merged model and tokenizer, atomically; merge_report.json when the base was quantized."""
     with AtomicDir(output) as tmp:
         merged.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        if probe is not None:
+        tokenizer.save_pretrained(tmp)
+        if result is not None:
             report = {k: result[k] for k in ("dequantized", "probe", "report_lines")}
             (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return result
 
 
 def _quantization_report(

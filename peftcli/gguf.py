@@ -158,7 +158,6 @@ def _rope(config, kind: str = "full_attention") -> dict[str, Any]:
 
 def write_hyperparameters(writer, config, family: Family) -> list[str]:
     """The keys llama.cpp reads for ``family``; returns notes on what llama.cpp will do differently."""
-    notes: list[str] = []
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     writer.add_context_length(config.max_position_embeddings)
@@ -171,7 +170,19 @@ def write_hyperparameters(writer, config, family: Family) -> list[str]:
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    _write_rope(writer, config, family, head_dim)
+    _write_family_keys(writer, config, family, head_dim)
+    notes: list[str] = []
+    window = getattr(config, "sliding_window", None)
+    if family.arch in ("llama", "phi3") and window and window < config.max_position_embeddings:
+        notes.append(
+            f"llama.cpp's {family.arch} has no sliding window: beyond {window} tokens its outputs differ"
+        )
+    return notes
 
+
+def _write_rope(writer, config, family: Family, head_dim: int) -> None:
+    """Rotary dimensions, base frequency and scaling: default, linear, or llama3 (as a tensor)."""
     rope = _rope(config)
     rotary = int(head_dim * rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
     writer.add_rope_dimension_count(rotary)
@@ -190,9 +201,13 @@ def write_hyperparameters(writer, config, family: Family) -> list[str]:
             "export a model with default or linear rope",
         )
 
+
+def _write_family_keys(writer, config, family: Family, head_dim: int) -> None:
+    """What gemma2, gemma3 and phi3 add: attention scale checks, sliding windows, soft-capping."""
     if family.arch in ("gemma2", "gemma3"):
         # llama.cpp scales attention by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B sizes only)
         scalar = getattr(config, "query_pre_attn_scalar", head_dim)
+        heads = config.num_attention_heads
         if scalar != head_dim and not (
             scalar == config.hidden_size // heads and config.num_hidden_layers in (46, 62)
         ):
@@ -219,12 +234,6 @@ def write_hyperparameters(writer, config, family: Family) -> list[str]:
             getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
         )
         writer.add_sliding_window(0)  # llama.cpp runs Phi-3 without a window
-    window = getattr(config, "sliding_window", None)
-    if family.arch in ("llama", "phi3") and window and window < config.max_position_embeddings:
-        notes.append(
-            f"llama.cpp's {family.arch} has no sliding window: beyond {window} tokens its outputs differ"
-        )
-    return notes
 
 
 def rope_frequency_factors(config) -> torch.Tensor | None:
@@ -623,7 +632,7 @@ def _sentencepiece_scores(vocab: dict[str, int], merges: list[str], added, size:
 
 def read_vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
     """Everything llama.cpp needs to tokenize as ``tokenizer`` does, or a one-line refusal saying why."""
-    gguf = import_gguf()
+    import_gguf()  # a missing gguf package is refused before the tokenizer is
     if not getattr(tokenizer, "is_fast", False):
         _refuse_tokenizer("it is a slow (Python) tokenizer without tokenizer.json", "save a fast tokenizer")
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -644,7 +653,22 @@ def read_vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
             f"it has {size} tokens but the model's embedding only {vocab_size} rows", "resize it"
         )
     added = tokenizer.added_tokens_decoder
-    tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # rows no token uses, as llama.cpp's converter pads
+    tokens, types = _token_table(tokenizer, vocab, added, kind, vocab_size)
+    scores = _sentencepiece_scores(vocab, merges, added, vocab_size) if kind == "llama" else None
+    add_bos, add_eos = _added_bos_eos(tokenizer)
+    special_ids, chat, stops = _special_tokens(tokenizer, vocab, added)
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    return Vocabulary(
+        kind, pre, tokens, types, [] if kind == "llama" else merges, scores, space_prefix,
+        special_ids, add_bos, add_eos, template, chat, stops,
+    )  # fmt: skip
+
+
+def _token_table(tokenizer, vocab: dict[str, int], added, kind: str, vocab_size: int) -> tuple[list, list]:
+    """Every embedding row's token text and llama.cpp token type (control, user-defined, byte, unknown,
+    normal); rows no token uses are padded as llama.cpp's converter pads them."""
+    gguf = import_gguf()
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [int(gguf.TokenType.UNUSED)] * vocab_size
     for text, token_id in vocab.items():
         tokens[token_id] = text
@@ -658,15 +682,23 @@ def read_vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
             types[token_id] = int(gguf.TokenType.UNKNOWN)
         else:
             types[token_id] = int(gguf.TokenType.NORMAL)
-    scores = _sentencepiece_scores(vocab, merges, added, vocab_size) if kind == "llama" else None
+    return tokens, types
 
+
+def _added_bos_eos(tokenizer) -> tuple[bool, bool]:
+    """Whether the tokenizer adds BOS and EOS around a text; anything else it adds is refused."""
     with_specials = tokenizer("a")["input_ids"]
     bare = tokenizer("a", add_special_tokens=False)["input_ids"]
     add_bos = len(with_specials) > len(bare) and with_specials[0] == tokenizer.bos_token_id
     add_eos = len(with_specials) > len(bare) and with_specials[-1] == tokenizer.eos_token_id
     if len(with_specials) - len(bare) != int(add_bos) + int(add_eos):
         _refuse_tokenizer("its post-processor adds tokens other than BOS/EOS, which llama.cpp cannot add")
+    return add_bos, add_eos
 
+
+def _special_tokens(tokenizer, vocab: dict[str, int], added) -> tuple[dict[str, int], Any, list[str]]:
+    """The special token ids (bos, eos, unk, pad, and eot: the chat template's end of turn), the chat
+    format derived from the template, and the stop strings."""
     special_ids = {
         kind: getattr(tokenizer, f"{kind}_token_id")
         for kind in ("bos", "eos", "unk", "pad")
@@ -680,11 +712,7 @@ def read_vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
         if end_of_turn is not None:
             special_ids["eot"] = vocab[end_of_turn]
             stops += [end_of_turn] if end_of_turn not in stops else []
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    return Vocabulary(
-        kind, pre, tokens, types, [] if kind == "llama" else merges, scores, space_prefix,
-        special_ids, add_bos, add_eos, template, chat, stops,
-    )  # fmt: skip
+    return special_ids, chat, stops
 
 
 def gguf_model_name(name: str, tokenizer) -> str:
@@ -847,12 +875,44 @@ def export_gguf_lora(
     config = source.model.config
     family = family_of(config)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.arch.upper()], config.num_hidden_layers)
-    tied = getattr(config, "tie_word_embeddings", False)
+    shared, alpha = _lora_alpha(layers)
+    planned = _plan_lora_tensors(layers, name_map, config, family, shared, quant)
+
+    def metadata(writer) -> None:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        writer.add_name(gguf_model_name(source.name, source.tokenizer))
+
+    size = write_gguf_file(Path(output), family.arch, metadata, planned, progress)
+    return {
+        "format": "gguf-lora",
+        "output": str(output),
+        "bytes": size,
+        "quant": quant,
+        "arch": family.arch,
+        "layers": len(layers),
+        "alpha": alpha,
+        "scaling_folded_into_b": not shared,
+        "base": source.adapter.base_path,
+        "notes": ["apply it to a GGUF of the same base: llama-cli -m base.gguf --lora " + str(output)],
+    }
+
+
+def _lora_alpha(layers: list[tuple[str, Any]]) -> tuple[bool, float]:
+    """(one scaling shared by every layer, the alpha to write): ``scaling · rank`` when shared, else 0
+    (each layer's scaling is then folded into its B)."""
     scalings = {(layer.r, layer.scaling) for _, layer in layers}
     shared = len({s for _, s in scalings}) == 1 and len(scalings) == 1
     rank, scaling = next(iter(scalings))
-    alpha = scaling * rank if shared else 0.0
+    return shared, scaling * rank if shared else 0.0
 
+
+def _plan_lora_tensors(
+    layers: list[tuple[str, Any]], name_map, config, family, shared: bool, quant: str
+) -> list[PlannedTensor]:
+    """Each layer's A and B as ``<base tensor>.lora_a`` / ``.lora_b``; a tied lm_head is refused."""
+    tied = getattr(config, "tie_word_embeddings", False)
     planned = []
     for path, layer in layers:
         if path.endswith("lm_head") and tied:
@@ -880,26 +940,7 @@ def export_gguf_lora(
                 name + ".lora_b", tensor_type(name + ".lora_b", tuple(b.shape), quant), tuple(b.shape), load_b
             )
         )
-
-    def metadata(writer) -> None:
-        writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
-        writer.add_name(gguf_model_name(source.name, source.tokenizer))
-
-    size = write_gguf_file(Path(output), family.arch, metadata, planned, progress)
-    return {
-        "format": "gguf-lora",
-        "output": str(output),
-        "bytes": size,
-        "quant": quant,
-        "arch": family.arch,
-        "layers": len(layers),
-        "alpha": alpha,
-        "scaling_folded_into_b": not shared,
-        "base": source.adapter.base_path,
-        "notes": ["apply it to a GGUF of the same base: llama-cli -m base.gguf --lora " + str(output)],
-    }
+    return planned
 
 
 def _lora_layers(method, model: nn.Module) -> list[tuple[str, Any]]:

@@ -448,38 +448,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; convert what people write (``3e-4``, ``"8"``)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(value, arg, key)
-            except RecipeError as err:
-                errors.append(err)
-        if len(errors) == 1:
-            raise errors[0]
-        if isinstance(value, list) and any(typing.get_origin(a) is list for a in args):
-            raise errors[[typing.get_origin(a) is list for a in args if a is not type(None)].index(True)]
-        raise RecipeError(key, f"expected {_type_name(tp)}, got {show(value)}")
+        return _coerce_union(value, tp, key)
     if origin is Literal:
-        choices = typing.get_args(tp)
-        for choice in choices:
-            if value == choice or (
-                isinstance(choice, int) and isinstance(value, str) and value.strip() == str(choice)
-            ):
-                return choice
-        hint = did_you_mean(value, choices) or "choose one of: " + ", ".join(str(c) for c in choices)
-        raise RecipeError(key, f"{show(value)} is not one of {', '.join(str(c) for c in choices)}", hint)
+        return _coerce_literal(value, typing.get_args(tp), key)
     if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item_tp in (str,):
-            value = [value]  # a single name is a list of one
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(key, f"expected {_type_name(tp)}, got {show(value)}")
-        return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return _coerce_list(value, tp, key)
     if origin is dict:
         key_tp, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
@@ -489,37 +462,90 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         return from_dict(tp, value, key)
     if tp is Any:
         return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
-            return value.lower() in ("true", "yes", "on")
-        raise RecipeError(key, f"expected true or false, got {show(value)}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise RecipeError(key, f"expected an integer, got {show(value)}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and _NUMBER.match(value.strip()) and float(value).is_integer():
-            return int(float(value))
+    scalar = _SCALARS.get(tp)
+    if scalar is None:
+        raise TypeError(f"unsupported annotation {tp!r} at {key}")  # a schema bug, not a user mistake
+    return scalar(value, key)
+
+
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    """The first member of the union that takes ``value``; else the error that says the most."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return coerce(value, arg, key)
+        except RecipeError as err:
+            errors.append(err)
+    if len(errors) == 1:
+        raise errors[0]
+    if isinstance(value, list) and any(typing.get_origin(a) is list for a in args):
+        raise errors[[typing.get_origin(a) is list for a in args if a is not type(None)].index(True)]
+    raise RecipeError(key, f"expected {_type_name(tp)}, got {show(value)}")
+
+
+def _coerce_literal(value: Any, choices: tuple, key: str) -> Any:
+    for choice in choices:
+        if value == choice or (
+            isinstance(choice, int) and isinstance(value, str) and value.strip() == str(choice)
+        ):
+            return choice
+    hint = did_you_mean(value, choices) or "choose one of: " + ", ".join(str(c) for c in choices)
+    raise RecipeError(key, f"{show(value)} is not one of {', '.join(str(c) for c in choices)}", hint)
+
+
+def _coerce_list(value: Any, tp: Any, key: str) -> list:
+    (item_tp,) = typing.get_args(tp)
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item_tp in (str,):
+        value = [value]  # a single name is a list of one
+    if not isinstance(value, (list, tuple)):
+        raise RecipeError(key, f"expected {_type_name(tp)}, got {show(value)}")
+    return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _coerce_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+        return value.lower() in ("true", "yes", "on")
+    raise RecipeError(key, f"expected true or false, got {show(value)}")
+
+
+def _coerce_int(value: Any, key: str) -> int:
+    if isinstance(value, bool):
         raise RecipeError(key, f"expected an integer, got {show(value)}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise RecipeError(key, f"expected a number, got {show(value)}")
-        if isinstance(value, str) and _NUMBER.match(value.strip()):
-            value = float(value)  # PyYAML reads 3e-4 as a string (YAML 1.1 wants 3.0e-4)
-        if isinstance(value, (int, float)):
-            if not math.isfinite(value):
-                raise RecipeError(key, f"expected a finite number, got {show(value)}")
-            return float(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and _NUMBER.match(value.strip()) and float(value).is_integer():
+        return int(float(value))
+    raise RecipeError(key, f"expected an integer, got {show(value)}")
+
+
+def _coerce_float(value: Any, key: str) -> float:
+    if isinstance(value, bool):
         raise RecipeError(key, f"expected a number, got {show(value)}")
-    if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise RecipeError(key, f"expected a string, got {show(value)}")
-        return str(value)
-    raise TypeError(f"unsupported annotation {tp!r} at {key}")  # a schema bug, not a user mistake
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        value = float(value)  # PyYAML reads 3e-4 as a string (YAML 1.1 wants 3.0e-4)
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise RecipeError(key, f"expected a finite number, got {show(value)}")
+        return float(value)
+    raise RecipeError(key, f"expected a number, got {show(value)}")
+
+
+def _coerce_str(value: Any, key: str) -> str:
+    if isinstance(value, (dict, list)) or value is None:
+        raise RecipeError(key, f"expected a string, got {show(value)}")
+    return str(value)
+
+
+_SCALARS = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}
 
 
 def _check_range(value: Any, meta: dict, key: str) -> None:

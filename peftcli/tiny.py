@@ -267,30 +267,7 @@ def build_tiny(arch: str, path: Path) -> None:
     quiet_transformers()
     spec = TINY_ARCHS[arch]
     backend, vocab, family = _byte_tokenizer(arch)
-    if family == "bert":
-        ids = dict(pad_token_id=vocab["[PAD]"])
-        if spec["model_type"] == "modernbert":  # its config names every special (defaults: a 50k vocab)
-            ids.update(
-                bos_token_id=vocab["[CLS]"],
-                eos_token_id=vocab["[SEP]"],
-                cls_token_id=vocab["[CLS]"],
-                sep_token_id=vocab["[SEP]"],
-            )
-        tok_kwargs = dict(
-            pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
-        )
-    elif family == "t5":
-        ids = dict(
-            pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"], decoder_start_token_id=vocab["<pad>"]
-        )
-        if spec["model_type"] == "bart":  # BART starts decoding from </s> and has no separate bos here
-            ids.update(
-                bos_token_id=vocab["</s>"], decoder_start_token_id=vocab["</s>"], forced_eos_token_id=None
-            )
-        tok_kwargs = dict(pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    else:
-        ids = dict(pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"])
-        tok_kwargs = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    ids, tok_kwargs = _special_tokens(family, spec["model_type"], vocab)
     config = AutoConfig.for_model(spec["model_type"], vocab_size=len(vocab), **spec["config"], **ids)
     torch.manual_seed(0)
     auto = {
@@ -304,7 +281,40 @@ def build_tiny(arch: str, path: Path) -> None:
         tokenizer.chat_template = CHAT_TEMPLATE
     if family == "t5":
         tokenizer.padding_side = "right"
+    _save_tiny(model, tokenizer, arch, path)
 
+
+def _special_tokens(family: str, model_type: str, vocab: dict[str, int]) -> tuple[dict, dict]:
+    """The config's special token ids and the tokenizer's special tokens, by tokenizer family."""
+    if family == "bert":
+        ids = dict(pad_token_id=vocab["[PAD]"])
+        if model_type == "modernbert":  # its config names every special (defaults: a 50k vocab)
+            ids.update(
+                bos_token_id=vocab["[CLS]"],
+                eos_token_id=vocab["[SEP]"],
+                cls_token_id=vocab["[CLS]"],
+                sep_token_id=vocab["[SEP]"],
+            )
+        tok_kwargs = dict(
+            pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+        )
+    elif family == "t5":
+        ids = dict(
+            pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"], decoder_start_token_id=vocab["<pad>"]
+        )
+        if model_type == "bart":  # BART starts decoding from </s> and has no separate bos here
+            ids.update(
+                bos_token_id=vocab["</s>"], decoder_start_token_id=vocab["</s>"], forced_eos_token_id=None
+            )
+        tok_kwargs = dict(pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    else:
+        ids = dict(pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"])
+        tok_kwargs = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return ids, tok_kwargs
+
+
+def _save_tiny(model, tokenizer, arch: str, path: Path) -> None:
+    """Save into a temporary sibling, then rename: a racing process finds ``path`` whole or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

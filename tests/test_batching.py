@@ -245,7 +245,7 @@ def test_resume_is_exact_with_planned_batches(tmp_path, mode):
 def test_summary_line_reports_the_padding_saved():
     """The start-up line's figures are padding_fraction of the plain and the packed plan of epoch 0."""
     from peftcli.data.sampler import BatchSampler
-    from peftcli.training.loop import build_sampler
+    from peftcli.training.setup import build_sampler
 
     recipe = load_recipe(
         ROOT / "recipes" / "tiny" / "lora.yaml", ["train.packing=true", "train.batch_size=4"]

@@ -1,20 +1,42 @@
-"""The import graph of peftcli: arrows point one way, and light modules stay light.
+"""The import graph of peftcli: arrows point one way (down the layers CONTRIBUTING.md states, "Imports
+point one way"), there are no cycles, and light modules stay light.
 
-Reference: ARCHITECTURE.md's rule ``cli → api → loop → {data, methods, export, evaluate} → {models,
-quantize, inject, checkpoint} → recipe``. The graph is read from the source with ``ast``, counting every
-import: at module level, inside functions and under ``TYPE_CHECKING`` (a lazy import that closes a cycle
-is still a cycle: it only moves the failure from import time to call time).
+The graph is read from the source with ``ast``, counting every import: at module level, inside functions
+and under ``TYPE_CHECKING`` (a lazy import that points upward or closes a cycle is still one: it only
+moves the failure from import time to call time).
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "peftcli"
+
+
+# The layers, bottom first: a module may import modules of its own layer or of a lower one, never of a
+# higher one. Keep this table and CONTRIBUTING.md's "Imports point one way" the same. Names are relative to
+# ``peftcli``; a name ending in "/" is a subpackage with every module under it; "__init__" is the root
+# package (the public API's lazy re-exports).
+LAYERS: list[tuple[str, list[str]]] = [
+    ("foundation: import nothing of ours", ["recipe", "compat", "adapter_compat"]),
+    (
+        "building blocks: the base model and what wraps it",
+        ["tiny", "chat_templates", "inject", "checkpoint", "quantize", "dequantize", "models"],
+    ),
+    ("methods", ["methods/"]),
+    ("recipes and data", ["recipe_loader", "schema", "docs", "data/"]),
+    ("decoding: the one token loop", ["decoding"]),
+    ("what a trained model becomes: export and evaluation", ["export", "gguf", "evaluate", "harness"]),
+    ("runs: training and using a model", ["training/", "use/"]),
+    ("tools: commands that read runs", ["tools/"]),
+    ("the Python API", ["api", "__init__"]),
+    ("the command line", ["cli", "__main__"]),
+]
 
 
 def module_name(path: Path) -> str:
@@ -138,12 +160,81 @@ def test_no_import_cycles():
     assert not cycles, f"{len(cycles)} import cycle(s) among peftcli's modules:\n{message}"
 
 
+def entry_matches(entry: str, module: str) -> bool:
+    relative = module.removeprefix("peftcli").removeprefix(".") or "__init__"
+    if entry.endswith("/"):
+        package = entry[:-1]
+        return relative == package or relative.startswith(package + ".")
+    return relative == entry
+
+
+def layer_index() -> dict[str, int]:
+    """Each module's layer (its index in LAYERS); a module in no layer or in two fails here."""
+    placed: dict[str, list[int]] = {}
+    for module in all_modules():
+        placed[module] = [
+            i for i, (_, entries) in enumerate(LAYERS) if any(entry_matches(e, module) for e in entries)
+        ]
+    unplaced = sorted(m for m, layers in placed.items() if not layers)
+    twice = sorted(f"{m} (layers {layers})" for m, layers in placed.items() if len(layers) > 1)
+    assert not unplaced, f"modules in no layer of LAYERS (place them, and in CONTRIBUTING.md): {unplaced}"
+    assert not twice, f"modules in more than one layer of LAYERS: {twice}"
+    return {m: layers[0] for m, layers in placed.items()}
+
+
+def test_every_module_sits_in_exactly_one_layer_and_every_entry_names_one():
+    layer_index()
+    modules = all_modules()
+    stale = [e for _, entries in LAYERS for e in entries if not any(entry_matches(e, m) for m in modules)]
+    assert not stale, f"LAYERS names what peftcli no longer has: {stale}"
+
+
+def test_entry_matching():
+    assert entry_matches("data/", "peftcli.data") and entry_matches("data/", "peftcli.data.pipeline")
+    assert not entry_matches("data/", "peftcli.dataset") and not entry_matches("data/", "peftcli")
+    assert entry_matches("__init__", "peftcli") and not entry_matches("__init__", "peftcli.api")
+    assert entry_matches("api", "peftcli.api") and not entry_matches("api", "peftcli.api_extra")
+
+
+def test_imports_point_down_the_layers():
+    graph, layer = import_graph(), layer_index()
+    upward = sorted(
+        f"{src} (layer {layer[src]}: {LAYERS[layer[src]][0]}) imports {dst} "
+        f"(layer {layer[dst]}: {LAYERS[layer[dst]][0]})"
+        for src, targets in graph.items()
+        for dst in targets
+        if layer[dst] > layer[src]
+    )
+    assert not upward, f"{len(upward)} import(s) point up the layers:\n" + "\n".join(upward)
+
+
+def test_the_layer_check_catches_an_upward_edge():
+    """The check above is not vacuous: recipe (the bottom) importing the CLI would be named."""
+    graph, layer = import_graph(), layer_index()
+    graph["peftcli.recipe"] = {"peftcli.cli"}
+    upward = [(s, d) for s, ts in graph.items() for d in ts if layer[d] > layer[s]]
+    assert upward == [("peftcli.recipe", "peftcli.cli")]
+
+
+def contributing_layers() -> list[set[str]]:
+    """The numbered list under CONTRIBUTING.md's "Imports point one way": each item's `names`."""
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    section = text.split("### Imports point one way", 1)[1].split("\n#", 1)[0]
+    items = re.split(r"\n(?=\d+\. )", "\n" + section.split("\n1. ", 1)[1].split("\n\n", 1)[0])
+    names = [set(re.findall(r"`([^`]+)`", item)) for item in items if item.strip()]
+    return [{"__init__" if n == "peftcli/__init__.py" else n for n in item} for item in names]
+
+
+def test_contributing_states_the_layers_this_test_checks():
+    assert contributing_layers() == [set(entries) for _, entries in LAYERS]
+
+
 def test_importing_quantize_loads_no_method():
-    code = "import peftcli.quantize, sys; print(sum(m.startswith('peftcli.methods.') for m in sys.modules))"
+    code = "import peftcli.quantize, sys; print(' '.join(m for m in sys.modules if m.startswith('peftcli.methods')))"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    assert int(out.strip()) <= 2, f"import peftcli.quantize loaded {out.strip()} peftcli.methods.* modules"
+    ).stdout.split()
+    assert out == [], f"import peftcli.quantize loaded {len(out)} peftcli.methods modules: {out}"
 
 
 def test_the_training_package_never_shadows_the_public_train_function():

@@ -338,59 +338,20 @@ def tokenize_row(
     tokenizer, row: dict, spec: FormatSpec, encoded: dict[str, list[int]] | None = None
 ) -> dict[str, Any]:
     """One row (our column names) -> its tokenized columns; raises BadRow."""
-    fmt, task = spec.format, spec.task
     example: dict | None = None
-    if fmt == "classification":
+    if spec.format == "classification":
+        return _classification_row(tokenizer, row, spec)
+    if spec.format == "text":
         text = str(_value(row, "text", spec))
-        pair = row.get("text_pair")
-        pair = None if pair is None or pair == "" else str(pair)  # CSV writes a missing pair as ""
-        name = str(_value(row, "label", spec))
-        if name not in spec.label_names:
-            hint = did_you_mean(name, spec.label_names) or f"known labels: {', '.join(spec.label_names)}"
-            raise BadRow("unknown label", f"label {name!r} is not one of the training labels", hint)
-        label = spec.label_names.index(name)
-        full = tokenizer(text, pair)["input_ids"]
-        cut = len(full) > spec.max_length
-        if cut:
-            full = tokenizer(text, pair, truncation=True, max_length=spec.max_length)["input_ids"]
-        example = {"text": text, "label": label} | ({"text_pair": pair} if pair is not None else {})
-        return {"input_ids": list(full), "label": label, "truncated": cut, "example": example}
-    if fmt == "text":
-        ids = (
-            bos_ids(tokenizer)
-            + encode(tokenizer, str(_value(row, "text", spec)), encoded)
-            + eos_ids(tokenizer, spec.add_eos)
-        )
+        ids = bos_ids(tokenizer) + encode(tokenizer, text, encoded) + eos_ids(tokenizer, spec.add_eos)
         input_ids, mask, cut = _truncate(ids, [1] * len(ids), spec.max_length)
-    elif fmt in ("chat", "sharegpt"):
-        if fmt == "chat":
-            messages = check_messages(_value(row, "messages", spec))
-        else:
-            messages = sharegpt_messages(_value(row, "conversations", spec), spec.roles)
-        input_ids, mask, cut = causal_chat(tokenizer, messages, spec)
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is not None:
-            example = {
-                "prompt": render_chat(tokenizer, messages[:last], True),
-                "answer": str(messages[last]["content"]),
-            }
+    elif spec.format in ("chat", "sharegpt"):
+        input_ids, mask, cut, example = _chat_ids(tokenizer, row, spec)
     else:
         prompt, answer = _prompt_and_answer(row, spec)
         example = {"prompt": prompt, "answer": answer}
-        if task == "seq2seq":
-            input_ids, prompt_cut = _seq2seq_ids(tokenizer, prompt, spec.max_length)
-            labels, answer_cut = _seq2seq_ids(tokenizer, answer, spec.max_length)
-            eos = eos_ids(tokenizer, spec.add_eos)
-            if eos and labels[-1:] != eos:  # the tokenizer did not close the target itself
-                labels = labels[: spec.max_length - 1] + eos
-            dropped = not labels
-            return {
-                "input_ids": input_ids,
-                "labels": labels,
-                "truncated": prompt_cut or answer_cut,
-                "example": example,
-                "dropped": dropped,
-            }
+        if spec.task == "seq2seq":
+            return _seq2seq_row(tokenizer, prompt, answer, spec, example)
         prompt_ids = bos_ids(tokenizer) + encode(tokenizer, prompt, encoded)
         answer_ids = encode(tokenizer, answer, encoded) + eos_ids(tokenizer, spec.add_eos)
         prompt_mask = [1 if spec.train_on_prompt else 0] * len(prompt_ids)
@@ -405,6 +366,58 @@ def tokenize_row(
         "truncated": cut,
         "example": example,
         "dropped": dropped,
+    }
+
+
+def _classification_row(tokenizer, row: dict, spec: FormatSpec) -> dict[str, Any]:
+    """Text (and an optional text pair) -> input ids and the label's index in ``spec.label_names``."""
+    text = str(_value(row, "text", spec))
+    pair = row.get("text_pair")
+    pair = None if pair is None or pair == "" else str(pair)  # CSV writes a missing pair as ""
+    name = str(_value(row, "label", spec))
+    if name not in spec.label_names:
+        hint = did_you_mean(name, spec.label_names) or f"known labels: {', '.join(spec.label_names)}"
+        raise BadRow("unknown label", f"label {name!r} is not one of the training labels", hint)
+    label = spec.label_names.index(name)
+    full = tokenizer(text, pair)["input_ids"]
+    cut = len(full) > spec.max_length
+    if cut:
+        full = tokenizer(text, pair, truncation=True, max_length=spec.max_length)["input_ids"]
+    example = {"text": text, "label": label} | ({"text_pair": pair} if pair is not None else {})
+    return {"input_ids": list(full), "label": label, "truncated": cut, "example": example}
+
+
+def _chat_ids(tokenizer, row: dict, spec: FormatSpec) -> tuple[list[int], list[int], bool, dict | None]:
+    """A conversation (chat or sharegpt) -> ids, loss mask, truncated, and the last assistant turn as the
+    example's answer (None when no assistant speaks)."""
+    if spec.format == "chat":
+        messages = check_messages(_value(row, "messages", spec))
+    else:
+        messages = sharegpt_messages(_value(row, "conversations", spec), spec.roles)
+    input_ids, mask, cut = causal_chat(tokenizer, messages, spec)
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    example = None
+    if last is not None:
+        example = {
+            "prompt": render_chat(tokenizer, messages[:last], True),
+            "answer": str(messages[last]["content"]),
+        }
+    return input_ids, mask, cut, example
+
+
+def _seq2seq_row(tokenizer, prompt: str, answer: str, spec: FormatSpec, example: dict) -> dict[str, Any]:
+    """Encoder ids from the prompt, labels from the answer (closed by EOS); dropped when no label is left."""
+    input_ids, prompt_cut = _seq2seq_ids(tokenizer, prompt, spec.max_length)
+    labels, answer_cut = _seq2seq_ids(tokenizer, answer, spec.max_length)
+    eos = eos_ids(tokenizer, spec.add_eos)
+    if eos and labels[-1:] != eos:  # the tokenizer did not close the target itself
+        labels = labels[: spec.max_length - 1] + eos
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "truncated": prompt_cut or answer_cut,
+        "example": example,
+        "dropped": not labels,
     }
 
 

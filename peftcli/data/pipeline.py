@@ -165,9 +165,35 @@ def tokenized_part(
 ) -> tuple[Any, dict]:
     """The tokenized dataset of one part, from the cache or built (and cached) now."""
     root = default_cache_dir(cfg.cache_dir)
+    key, loaded = _part_cache_key(part, spec, tokenizer, cfg, label_names_given, root)
+    opened = open_entry(root, key)
+    if opened is not None:
+        dataset, meta = opened
+        log(
+            f"data: {part.key} ({part.source.path}): reusing the tokenized cache {root / key} ({len(dataset)} rows)"
+        )
+        meta["cache"] = "reused"
+        return dataset, meta
+
+    dataset, meta = build_entry(
+        root, key, lambda tmp: _build_part(tmp, part, spec, tokenizer, cfg, console, loaded)
+    )
+    log(
+        f"data: {part.key} ({part.source.path}): tokenized {meta['rows']} rows in {meta['build_seconds']:.1f} s "
+        f"with num_proc {cfg.num_proc}, cached at {root / key}"
+    )
+    meta["cache"] = "built"
+    return dataset, meta
+
+
+def _part_cache_key(
+    part: Part, spec: FormatSpec, tokenizer, cfg: DataConfig, label_names_given: bool, root
+) -> tuple[str, Source | None]:
+    """The part's cache key (its source's fingerprint, the rows it selects, the format, the tokenizer), and
+    the source when it had to be loaded to be fingerprinted (a hub dataset: datasets' own cache does it)."""
     fingerprint = source_fingerprint(part.source.path, part.source.split, part.key)
     loaded: Source | None = None
-    if fingerprint is None:  # a hub dataset: datasets' own cache fingerprints it
+    if fingerprint is None:
         loaded = load_source(part.source.path, part.source.split, part.key, cfg.on_bad_row, root)
         fingerprint = loaded.dataset._fingerprint
     identity = spec.identity()
@@ -183,60 +209,54 @@ def tokenized_part(
             "on_bad_row": cfg.on_bad_row,
         }
     )
-    opened = open_entry(root, key)
-    if opened is not None:
-        dataset, meta = opened
-        log(
-            f"data: {part.key} ({part.source.path}): reusing the tokenized cache {root / key} ({len(dataset)} rows)"
-        )
-        meta["cache"] = "reused"
-        return dataset, meta
+    return key, loaded
 
-    def build(tmp):
-        nonlocal loaded
-        start = time.perf_counter()
-        with datasets_progress(console):
-            if loaded is None:
-                loaded = load_source(part.source.path, part.source.split, part.key, cfg.on_bad_row, root)
-            raw = _select_rows(loaded.dataset, part)
-            spec.columns = map_columns(
-                list(raw.column_names), spec.format, part.source.columns or {}, part.key
-            )
-            if spec.format == "classification" and spec.label_names is None:
-                spec.label_names = infer_label_names(raw.unique(spec.columns["label"]))
-            mapped = raw.map(
-                tokenize_batch,
-                fn_kwargs={"tokenizer": tokenizer, "spec": spec},
-                batched=True,
-                # Rows per Arrow record batch too. Opening a memory-mapped table touches every record
-                # batch's header, and the kernel maps 64 KiB around each touched page: with 256-row
-                # batches a 1M-row cache put 250 MB into RSS before the first step.
-                batch_size=MAP_BATCH_ROWS,
-                writer_batch_size=MAP_BATCH_ROWS,
-                num_proc=cfg.num_proc if cfg.num_proc > 1 and len(raw) >= 2 * cfg.num_proc else None,
-                remove_columns=list(raw.column_names),
-                features=output_columns(spec, len(tokenizer)),
-                cache_file_name=str(tmp / "rows.arrow"),
-                load_from_cache_file=False,
-                desc=f"tokenizing {part.key}",
-            )
-            dataset, meta = _drop_rows(mapped, loaded, part, raw, cfg, tmp)
-        meta |= {
-            "source": part.source.path,
-            "format": spec.format,
-            "label_names": spec.label_names,
-            "build_seconds": round(time.perf_counter() - start, 3),
-            "num_proc": cfg.num_proc,
-        }
-        return dataset, meta
 
-    dataset, meta = build_entry(root, key, build)
-    log(
-        f"data: {part.key} ({part.source.path}): tokenized {meta['rows']} rows in {meta['build_seconds']:.1f} s "
-        f"with num_proc {cfg.num_proc}, cached at {root / key}"
-    )
-    meta["cache"] = "built"
+def _build_part(
+    tmp, part: Part, spec: FormatSpec, tokenizer, cfg: DataConfig, console, loaded: Source | None
+) -> tuple[Any, dict]:
+    """A cache miss: load the source (unless fingerprinting did), select the part's rows, tokenize them
+    into ``tmp`` and drop the bad and answerless rows."""
+    start = time.perf_counter()
+    with datasets_progress(console):
+        if loaded is None:
+            root = default_cache_dir(cfg.cache_dir)
+            loaded = load_source(part.source.path, part.source.split, part.key, cfg.on_bad_row, root)
+        raw = _select_rows(loaded.dataset, part)
+        mapped = _tokenize_rows(raw, part, spec, tokenizer, cfg, tmp)
+        dataset, meta = _drop_rows(mapped, loaded, part, raw, cfg, tmp)
+    meta |= {
+        "source": part.source.path,
+        "format": spec.format,
+        "label_names": spec.label_names,
+        "build_seconds": round(time.perf_counter() - start, 3),
+        "num_proc": cfg.num_proc,
+    }
     return dataset, meta
+
+
+def _tokenize_rows(raw, part: Part, spec: FormatSpec, tokenizer, cfg: DataConfig, tmp):
+    """``raw``'s columns mapped to the format's, classification labels inferred when not given, and every
+    row tokenized (datasets.map, ``num_proc`` workers) into ``tmp/rows.arrow``."""
+    spec.columns = map_columns(list(raw.column_names), spec.format, part.source.columns or {}, part.key)
+    if spec.format == "classification" and spec.label_names is None:
+        spec.label_names = infer_label_names(raw.unique(spec.columns["label"]))
+    return raw.map(
+        tokenize_batch,
+        fn_kwargs={"tokenizer": tokenizer, "spec": spec},
+        batched=True,
+        # Rows per Arrow record batch too. Opening a memory-mapped table touches every record
+        # batch's header, and the kernel maps 64 KiB around each touched page: with 256-row
+        # batches a 1M-row cache put 250 MB into RSS before the first step.
+        batch_size=MAP_BATCH_ROWS,
+        writer_batch_size=MAP_BATCH_ROWS,
+        num_proc=cfg.num_proc if cfg.num_proc > 1 and len(raw) >= 2 * cfg.num_proc else None,
+        remove_columns=list(raw.column_names),
+        features=output_columns(spec, len(tokenizer)),
+        cache_file_name=str(tmp / "rows.arrow"),
+        load_from_cache_file=False,
+        desc=f"tokenizing {part.key}",
+    )
 
 
 def _select_rows(raw, part: Part):
@@ -316,10 +336,71 @@ def load_data(
     by default it is inferred from the training labels. ``log`` receives one line per source saying
     whether its tokenized cache was reused or built; ``console`` shows rich progress bars.
     """
-    log = log or (lambda line: None)
     quiet_datasets()
-    sources = cfg.sources()
-    keys = ["data.train"] if isinstance(cfg.train, str) else [f"data.train[{i}]" for i in range(len(sources))]
+    stage = Tokenize(cfg, tokenizer, task, log or (lambda line: None), console)
+    sources, keys = cfg.sources(), source_keys(cfg)
+    check_formats(sources, keys, task, tokenizer, model_name)
+    train_parts, eval_parts = plan_parts(cfg, sources, keys)
+    train, train_metas, label_names = tokenize_train(stage, train_parts, label_names)
+    evaluation, eval_examples, eval_metas = tokenize_eval(stage, eval_parts, label_names)
+    stats = data_stats(cfg, train, evaluation, train_metas, eval_metas, stage.log)
+    summaries, mixture = _source_summaries(sources, keys, train_metas)
+    if len(sources) > 1:
+        stats["sources"] = summaries
+    return DataBundle(
+        train=train,
+        eval=evaluation,
+        eval_examples=eval_examples,
+        label_names=label_names if task == "seq_cls" else None,
+        stats=stats,
+        sources=summaries,
+        mixture=mixture,
+    )
+
+
+@dataclass
+class Tokenize:
+    """How every part of one recipe's data is tokenized: one DataConfig, tokenizer and task."""
+
+    cfg: DataConfig
+    tokenizer: Any
+    task: str
+    log: Log
+    console: Any = None
+
+    def spec(self, part: Part, keep_examples: bool, labels: list[str] | None) -> FormatSpec:
+        """The format spec of ``part``: its format and columns, the recipe's length and prompt settings."""
+        cfg = self.cfg
+        return FormatSpec(
+            format=part.source.format,
+            task=self.task,
+            columns=dict(part.source.columns or {}),
+            max_length=cfg.max_length,
+            train_on_prompt=cfg.train_on_prompt,
+            add_eos=cfg.add_eos,
+            roles=dict(cfg.roles) if part.source.format == "sharegpt" else {},
+            label_names=labels,
+            keep_examples=keep_examples,
+        )
+
+    def part(
+        self, part: Part, keep_examples: bool, labels: list[str] | None, labels_given: bool
+    ) -> tuple[Any, dict]:
+        spec = self.spec(part, keep_examples, labels)
+        return tokenized_part(part, spec, self.tokenizer, self.cfg, self.log, self.console, labels_given)
+
+
+def source_keys(cfg: DataConfig) -> list[str]:
+    """The recipe key that names each training source in errors: data.train, or data.train[i] in a list."""
+    if isinstance(cfg.train, str):
+        return ["data.train"]
+    return [f"data.train[{i}]" for i in range(len(cfg.sources()))]
+
+
+def check_formats(
+    sources: list[SourceConfig], keys: list[str], task: str, tokenizer, model_name: str
+) -> None:
+    """Every source's format can train this task, and a chat format has a chat template to render it."""
     for source, key in zip(sources, keys, strict=True):
         if source.format not in TASK_FORMATS.get(task, ()):
             formats = ", ".join(TASK_FORMATS.get(task, ()))
@@ -329,6 +410,12 @@ def load_data(
             )
         check_chat_template(tokenizer, source.format, model_name)
 
+
+def plan_parts(
+    cfg: DataConfig, sources: list[SourceConfig], keys: list[str]
+) -> tuple[list[Part], list[Part]]:
+    """The training and eval parts: each source whole, or split by data.eval_fraction; data.eval (read
+    in the first source's format and columns) when given."""
     train_parts, eval_parts = [], []
     for source, key in zip(sources, keys, strict=True):
         if cfg.eval_fraction > 0 and not cfg.eval:
@@ -344,29 +431,18 @@ def load_data(
         first = sources[0]
         eval_source = SourceConfig(cfg.eval, cfg.eval_split, first.format, first.columns)
         eval_parts.append(Part(eval_source, "data.eval", limit=cfg.max_eval_examples))
+    return train_parts, eval_parts
 
-    def spec_of(part: Part, keep_examples: bool, labels: list[str] | None) -> FormatSpec:
-        return FormatSpec(
-            format=part.source.format,
-            task=task,
-            columns=dict(part.source.columns or {}),
-            max_length=cfg.max_length,
-            train_on_prompt=cfg.train_on_prompt,
-            add_eos=cfg.add_eos,
-            roles=dict(cfg.roles) if part.source.format == "sharegpt" else {},
-            label_names=labels,
-            keep_examples=keep_examples,
-        )
 
-    import datasets
-
-    train_sets, train_metas = [], []
-    for part in train_parts:
-        given = label_names is not None
-        dataset, meta = tokenized_part(
-            part, spec_of(part, False, label_names), tokenizer, cfg, log, console, given
-        )
-        if task == "seq_cls":
+def tokenize_train(
+    stage: Tokenize, parts: list[Part], label_names: list[str] | None
+) -> tuple[TokenizedRows, list[dict], list[str] | None]:
+    """The training rows of every part, concatenated; their metas; the class names (classification: the
+    first source's, which every other source must share)."""
+    tables, metas = [], []
+    for part in parts:
+        dataset, meta = stage.part(part, False, label_names, label_names is not None)
+        if stage.task == "seq_cls":
             label_names = label_names or meta["label_names"]
             if meta["label_names"] != label_names:  # a mixture whose sources disagree on the classes
                 raise RecipeError(
@@ -374,33 +450,53 @@ def load_data(
                     f"labels {meta['label_names']} differ from the first source's {label_names}",
                     "give every source the same label set",
                 )
-        train_sets.append(dataset)
-        train_metas.append(meta)
-    train_rows = sum(meta["rows"] for meta in train_metas)
-    if train_rows == 0:
-        dropped = sum(meta["dropped"] for meta in train_metas)
+        tables.append(dataset)
+        metas.append(meta)
+    if sum(meta["rows"] for meta in metas) == 0:
+        dropped = sum(meta["dropped"] for meta in metas)
         raise RecipeError(
             "data.train",
             f"all {dropped} examples lost their answer to truncation",
             "raise data.max_length or shorten the prompts",
         )
-    train_dataset = train_sets[0] if len(train_sets) == 1 else datasets.concatenate_datasets(train_sets)
-    train = TokenizedRows(train_dataset, task)
+    return TokenizedRows(_concatenate(tables), stage.task), metas, label_names
 
-    evaluation = eval_examples = None
-    eval_metas: list[dict] = []
-    if eval_parts:
-        eval_sets = []
-        for part in eval_parts:
-            spec = spec_of(part, True, label_names if task == "seq_cls" else None)
-            dataset, meta = tokenized_part(part, spec, tokenizer, cfg, log, console, True)
-            eval_sets.append(dataset)
-            eval_metas.append(meta)
-        eval_dataset = eval_sets[0] if len(eval_sets) == 1 else datasets.concatenate_datasets(eval_sets)
-        evaluation = TokenizedRows(eval_dataset, task)
-        if all(part.source.format != "text" for part in eval_parts):
-            eval_examples = [json.loads(text) for text in eval_dataset["example"] if text]
 
+def tokenize_eval(
+    stage: Tokenize, parts: list[Part], label_names: list[str] | None
+) -> tuple[TokenizedRows | None, list[dict] | None, list[dict]]:
+    """The eval rows (None without eval parts), the eval examples for generation metrics (None for the
+    text format, which has no answers), and the parts' metas."""
+    if not parts:
+        return None, None, []
+    tables, metas = [], []
+    for part in parts:
+        dataset, meta = stage.part(part, True, label_names if stage.task == "seq_cls" else None, True)
+        tables.append(dataset)
+        metas.append(meta)
+    dataset = _concatenate(tables)
+    examples = None
+    if all(part.source.format != "text" for part in parts):
+        examples = [json.loads(text) for text in dataset["example"] if text]
+    return TokenizedRows(dataset, stage.task), examples, metas
+
+
+def _concatenate(parts: list[Any]) -> Any:
+    import datasets
+
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def data_stats(
+    cfg: DataConfig,
+    train: TokenizedRows,
+    evaluation: TokenizedRows | None,
+    train_metas: list[dict],
+    eval_metas: list[dict],
+    log: Log,
+) -> dict[str, Any]:
+    """The data summary (examples, tokens, truncated, dropped, skipped rows by reason); logs the first
+    skipped rows of each part."""
     stats = {
         "train_examples": len(train),
         "eval_examples": len(evaluation) if evaluation is not None else 0,
@@ -419,18 +515,7 @@ def load_data(
         for meta in train_metas + eval_metas:
             for line in meta["skipped_examples"][:3]:
                 log(f"data: skipped {line}")
-    summaries, mixture = _source_summaries(sources, keys, train_metas)
-    if len(sources) > 1:
-        stats["sources"] = summaries
-    return DataBundle(
-        train=train,
-        eval=evaluation,
-        eval_examples=eval_examples,
-        label_names=label_names if task == "seq_cls" else None,
-        stats=stats,
-        sources=summaries,
-        mixture=mixture,
-    )
+    return stats
 
 
 def _source_summaries(

@@ -337,31 +337,9 @@ def _diagnose(
     path: Path, source: str, key: str, kind: str, on_bad_row: str, raw_cache: str | None, err: Exception
 ) -> Source:
     """datasets could not read the file: find the first bad line and name it (or skip bad lines)."""
-    import datasets
-
     if kind == "jsonl":
-        rows, skipped, lines = _scan_json_lines(path, key, on_bad_row, None)
-        if not rows:
-            raise RecipeError(key, f"no examples in {source}", "check that the file has data")
-        try:
-            data = datasets.Dataset.from_list(rows)  # only the skip path lands here: bad lines are rare
-        except Exception as inner:
-            raise RecipeError(
-                key,
-                f"{path}: the rows do not share one schema ({_first_line(inner)})",
-                "give each column one type in every row",
-            ) from None
-        return Source(data, source, path, kind, skipped, lines)
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as decode_error:
-        line = raw.count(b"\n", 0, decode_error.start) + 1
-        raise RecipeError(
-            key,
-            f"{path} line {line} is not UTF-8 (byte 0x{raw[decode_error.start]:02x})",
-            "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
-        ) from None
+        return _read_good_json_lines(path, source, key, kind, on_bad_row)
+    text = _utf8_text(path, key)
     if kind == "json":
         try:
             parse_json(text)
@@ -377,23 +355,60 @@ def _diagnose(
             "use a list of objects with the same columns, or one object per line (.jsonl)",
         ) from None
     if kind == "csv":
-        import csv
-        import io
-
-        reader = csv.reader(io.StringIO(text, newline=""))
-        header = next(reader, None)
-        for row in reader:
-            if header is not None and row and len(row) != len(header):
-                raise RecipeError(
-                    key,
-                    f"{path} line {reader.line_num} has {len(row)} fields, the header has {len(header)}",
-                    "quote fields that contain commas, or fix the row",
-                )
+        _check_csv_rows(text, path, key)
     raise RecipeError(
         key,
         f"{path} could not be read as {kind} ({_first_line(err)})",
         f"check that it is a valid .{kind} file",
     ) from None
+
+
+def _read_good_json_lines(path: Path, source: str, key: str, kind: str, on_bad_row: str) -> Source:
+    """JSON lines read one by one: the first bad line refused, or bad lines skipped (on_bad_row: skip)."""
+    import datasets
+
+    rows, skipped, lines = _scan_json_lines(path, key, on_bad_row, None)
+    if not rows:
+        raise RecipeError(key, f"no examples in {source}", "check that the file has data")
+    try:
+        data = datasets.Dataset.from_list(rows)  # only the skip path lands here: bad lines are rare
+    except Exception as inner:
+        raise RecipeError(
+            key,
+            f"{path}: the rows do not share one schema ({_first_line(inner)})",
+            "give each column one type in every row",
+        ) from None
+    return Source(data, source, path, kind, skipped, lines)
+
+
+def _utf8_text(path: Path, key: str) -> str:
+    """The file as text; a byte that is not UTF-8 is refused with its line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as decode_error:
+        line = raw.count(b"\n", 0, decode_error.start) + 1
+        raise RecipeError(
+            key,
+            f"{path} line {line} is not UTF-8 (byte 0x{raw[decode_error.start]:02x})",
+            "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+        ) from None
+
+
+def _check_csv_rows(text: str, path: Path, key: str) -> None:
+    """Refuse the first row whose field count differs from the header's."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    for row in reader:
+        if header is not None and row and len(row) != len(header):
+            raise RecipeError(
+                key,
+                f"{path} line {reader.line_num} has {len(row)} fields, the header has {len(header)}",
+                "quote fields that contain commas, or fix the row",
+            )
 
 
 def _first_line(err: BaseException) -> str:

@@ -1,14 +1,18 @@
 """Training (``peftcli.training``; named so that it never shadows the public ``peftcli.train()``): the loop
 and what only it uses.
 
-    loop.py         the story: set up → restore → per step (window → collate → loss → optimizer step)
-                    → log / eval / save → finish
+    loop.py         the story: claim → prepare → set up → restore → train_steps (per step: window →
+                    collate → optimizer step → log / eval / save) → finish
+    setup.py        set_up in named stages: checks, seed, data, model + method, sampler, Stepper
     step.py         one optimizer step (Stepper): forward/backward the window, hooks, clip, update
+    state.py        Run (what set_up builds) and TrainState (where the run stands)
+    checkpoints.py  the checkpoint to resume from, save and restore
+    events.py       metrics.jsonl's events (train, eval) and the evaluations behind them
     loss.py         token losses: plain, fused chunked cross-entropy, body-and-head split
     attention.py    packed (varlen) attention for rows holding several examples
     optim.py        optimizer and learning-rate schedule
     distributed.py  torchrun: DDP, FSDP2, each rank's slice of the window
-    rundir.py       the run directory: claim, disk-space check, resume point
+    rundir.py       the run directory before training: lock and claim, preflight, disk space
     faults.py       non-finite losses and gradients: skip or stop
     metrics.py      the one reader and writer of RUN/metrics.jsonl
     loggers.py      TensorBoard, Weights & Biases, MLflow (fed metrics.jsonl's events)

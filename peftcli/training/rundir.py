@@ -1,6 +1,8 @@
 """The run directory before training starts: one run at a time, what is already there, and the checks
 that must pass before any weights are loaded.
 
+- :func:`claim_run_dir`: the lock held for the whole run, then what a killed run left, a finished run,
+  --overwrite.
 - :class:`RunLock`: ``RUN/.peftcli.lock`` holds the pid, host and start time of the run that owns the
   directory. It is an ``fcntl`` lock, so the kernel releases it when its process dies, even by SIGKILL:
   a lock file whose lock nobody holds was left by a dead run, and is taken over with a note.
@@ -13,6 +15,7 @@ that must pass before any weights are loaded.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -23,11 +26,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftcli.checkpoint import human_bytes
 from peftcli.recipe import Recipe, RecipeError, TrainConfig, expand_path
 from peftcli.recipe_loader import validate_files
+
+if TYPE_CHECKING:
+    from peftcli.training.console import Reporter
 
 LOCK_NAME = ".peftcli.lock"
 RUN_FILES = (
@@ -44,6 +50,32 @@ RUN_FILES = (
 # --------------------------------------------------------------------------------------------
 # One run per directory
 # --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def claim_run_dir(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter):
+    """Hold the run directory's lock for the whole run: no second train (a racing --resume included)
+    writes into it. Inside: what a killed run left half-written is removed, a finished run is refused
+    unless resumed, and --overwrite discards the earlier run."""
+    run_dir = Path(recipe.output_dir)
+    if resume and overwrite:
+        raise RecipeError("--overwrite", "cannot be combined with --resume", "pass one of them")
+    created = not run_dir.exists()
+    lock = acquire_lock(run_dir, note=reporter.warn)
+    try:
+        remove_partial_files(run_dir)
+        finished = finished_run(run_dir)
+        if finished is not None and not resume and not overwrite:
+            raise refuse_finished(run_dir, finished)
+        if overwrite:
+            removed = discard_run(run_dir)
+            if removed:
+                reporter.note(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
+        yield lock
+    finally:
+        lock.release()
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run that failed its checks leaves no empty directory behind
 
 
 def _process_start_ticks(pid: int) -> int | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from peftcli.recipe import RecipeError
 from peftcli.use.generate import GenerateOptions, check_options
@@ -78,26 +79,8 @@ def chat(
 ) -> list[Turn]:
     """Answer each user line of ``lines`` (commands aside), streaming replies through ``write``;
     ``note`` gets what is not a reply (command acknowledgements). Returns the turns."""
-    from peftcli.data.collate import pad_token_id
-    from peftcli.data.formats import BadRow, encode_prompt, render_chat
-    from peftcli.decoding import Sampling, decode, eos_token_ids
-    from peftcli.models import resolve_device
-    from peftcli.use.load import load_model_or_adapter, require_causal_lm
-
     check_options(options)
-    device = resolve_device("auto")
-    loaded = load_model_or_adapter(target, device)
-    require_causal_lm(loaded, target, "chat")
-    tokenizer = loaded.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise RecipeError(
-            "MODEL_OR_ADAPTER",
-            f"the tokenizer of {target} has no chat template",
-            "train with model.chat_template (chatml, llama3 or Jinja) so the adapter saves one, "
-            "or complete plain prompts with peftcli generate",
-        )
-    eos, pad = eos_token_ids(loaded.model, tokenizer), pad_token_id(tokenizer)
-    sampling = Sampling(options.temperature, options.top_p, options.seed)
+    replier = Replier.load(target, options, write)
     conversation = Conversation(system=system)
     turns: list[Turn] = []
     for raw in lines:
@@ -105,18 +88,71 @@ def chat(
         if not line.strip():
             continue
         if line.startswith("/"):
-            command, _, argument = line.partition(" ")
-            if command == "/exit" or command == "/quit":
+            if not run_command(line, conversation, note):
                 break
-            if command == "/reset":
-                conversation.messages.clear()
-                note("conversation reset")
-            elif command == "/system":
-                conversation.system = argument.strip() or None
-                note(f"system prompt {'set' if conversation.system else 'removed'}")
-            else:
-                note(f"unknown command {command}; commands: {COMMANDS}")
             continue
+        turns.append(replier.answer(conversation, line, row=len(turns)))
+    return turns
+
+
+def run_command(line: str, conversation: Conversation, note: Callable[[str], None]) -> bool:
+    """Apply a ``/`` command to ``conversation``; False when it ends the chat."""
+    command, _, argument = line.partition(" ")
+    if command == "/exit" or command == "/quit":
+        return False
+    if command == "/reset":
+        conversation.messages.clear()
+        note("conversation reset")
+    elif command == "/system":
+        conversation.system = argument.strip() or None
+        note(f"system prompt {'set' if conversation.system else 'removed'}")
+    else:
+        note(f"unknown command {command}; commands: {COMMANDS}")
+    return True
+
+
+@dataclass
+class Replier:
+    """The chat model and how it decodes: one :meth:`answer` per user line."""
+
+    loaded: Any  # peftcli.use.load's loaded model or adapter
+    device: Any
+    options: GenerateOptions
+    write: Callable[[str], None]
+    eos: set[int]
+    pad: int
+    sampling: Any  # peftcli.decoding.Sampling: one generator for the whole chat
+
+    @classmethod
+    def load(cls, target: str | Path, options: GenerateOptions, write: Callable[[str], None]) -> Replier:
+        """Load ``target`` on the best device; refuse a model that is not causal or has no chat template."""
+        from peftcli.data.collate import pad_token_id
+        from peftcli.decoding import Sampling, eos_token_ids
+        from peftcli.models import resolve_device
+        from peftcli.use.load import load_model_or_adapter, require_causal_lm
+
+        device = resolve_device("auto")
+        loaded = load_model_or_adapter(target, device)
+        require_causal_lm(loaded, target, "chat")
+        tokenizer = loaded.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise RecipeError(
+                "MODEL_OR_ADAPTER",
+                f"the tokenizer of {target} has no chat template",
+                "train with model.chat_template (chatml, llama3 or Jinja) so the adapter saves one, "
+                "or complete plain prompts with peftcli generate",
+            )
+        eos, pad = eos_token_ids(loaded.model, tokenizer), pad_token_id(tokenizer)
+        sampling = Sampling(options.temperature, options.top_p, options.seed)
+        return cls(loaded, device, options, write, eos, pad, sampling)
+
+    def answer(self, conversation: Conversation, line: str, row: int) -> Turn:
+        """Render the conversation with ``line`` through the chat template, stream the reply, and add both
+        to ``conversation``."""
+        from peftcli.data.formats import BadRow, encode_prompt, render_chat
+        from peftcli.decoding import decode
+
+        tokenizer = self.loaded.tokenizer
         try:
             text = render_chat(tokenizer, conversation.with_user(line), add_generation_prompt=True)
         except BadRow as bad:  # e.g. a template that insists on alternating roles
@@ -124,21 +160,20 @@ def chat(
                 "MODEL_OR_ADAPTER", bad.detail, "/reset and start the conversation again"
             ) from None
         prompt = encode_prompt(tokenizer, text, "causal_lm")
-        stream = TextStream(tokenizer, write, eos)
+        stream = TextStream(tokenizer, self.write, self.eos)
         (reply_ids,) = decode(
-            loaded.model,
+            self.loaded.model,
             [prompt],
-            options.max_new_tokens,
-            eos,
-            pad,
-            device,
-            sampling,
-            row_ids=[len(turns)],
+            self.options.max_new_tokens,
+            self.eos,
+            self.pad,
+            self.device,
+            self.sampling,
+            row_ids=[row],
             on_step=stream.add,
         )
         reply = tokenizer.decode(reply_ids, skip_special_tokens=True)
         stream.finish(reply)
-        write("\n")
+        self.write("\n")
         conversation.messages += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
-        turns.append(Turn(line, reply, prompt, reply_ids))
-    return turns
+        return Turn(line, reply, prompt, reply_ids)

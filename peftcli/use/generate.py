@@ -134,8 +134,6 @@ def generate_file(
 
     Returns counts: rows, already written, generated now, prompt and completion tokens, seconds.
     """
-    from peftcli.data.collate import pad_token_id
-    from peftcli.decoding import Sampling, decode, eos_token_ids
     from peftcli.models import resolve_device
     from peftcli.use.load import load_model_or_adapter, require_causal_lm
 
@@ -160,15 +158,36 @@ def generate_file(
     device = resolve_device("auto")
     loaded = load_model_or_adapter(target, device)
     require_causal_lm(loaded, target, "generate")
-    tokenizer = loaded.tokenizer
     prompts = [
-        prompt_ids(tokenizer, row, f"{input_path} line {line}")
+        prompt_ids(loaded.tokenizer, row, f"{input_path} line {line}")
         for row, line in zip(inputs, lines, strict=True)
     ]
-    eos, pad = eos_token_ids(loaded.model, tokenizer), pad_token_id(tokenizer)
-    sampling = Sampling(options.temperature, options.top_p, options.seed)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    complete_rows(loaded, device, inputs, prompts, done, output_path, options, console, summary)
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def complete_rows(
+    loaded,
+    device,
+    inputs: list[dict[str, Any]],
+    prompts: list[list[int]],
+    done: int,
+    output_path: Path,
+    options: GenerateOptions,
+    console,
+    summary: dict[str, Any],
+) -> None:
+    """Decode rows ``done`` onwards in batches, appending each batch's records to ``output_path`` (flushed:
+    a crash loses nothing already decoded) and counting tokens into ``summary``."""
+    from peftcli.data.collate import pad_token_id
+    from peftcli.decoding import Sampling, decode, eos_token_ids
+
+    tokenizer = loaded.tokenizer
+    eos, pad = eos_token_ids(loaded.model, tokenizer), pad_token_id(tokenizer)
+    sampling = Sampling(options.temperature, options.top_p, options.seed)
     with RowProgress(console, len(inputs), done) as advance, output_path.open("a", encoding="utf-8") as out:
         for start in range(done, len(inputs), options.batch_size):
             rows = list(range(start, min(start + options.batch_size, len(inputs))))
@@ -187,11 +206,9 @@ def generate_file(
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 summary["prompt_tokens"] += len(prompts[i])
                 summary["completion_tokens"] += len(tokens)
-            out.flush()  # a crash now loses nothing already decoded
+            out.flush()
             summary["generated"] += len(rows)
             advance(len(rows))
-    summary["seconds"] = round(time.perf_counter() - started, 3)
-    return summary
 
 
 class RowProgress:
