@@ -6,7 +6,7 @@ whose message is one line and names the file or a ``data.*`` key; any other exce
 Case counts: ``PEFTCLI_FUZZ_DATA_EXAMPLES`` (default 200 per target: each case runs the whole data stage, derandomized so CI is repeatable);
 ``-m slow`` runs 1,000 per target. Fixed cases: empty files of every suffix, a truncated parquet file,
 a ragged CSV (an error naming the line), labels of mixed types (loaded as text), a row without
-its label (a known defect: xfail, strict) and a 50 MB single line.
+its label (an error naming the line) and a 50 MB single line.
 """
 
 from __future__ import annotations
@@ -176,20 +176,16 @@ def test_mixed_label_types_load_and_ragged_csv_rows_are_clean_errors(tokenizer, 
     assert path.name in text and error in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a CSV row without its label cell loads as the class '' (label_names ['', '1']) instead of "
-    "a one-line error (or a skipped row with on_bad_row: skip); strict: passes once that is fixed",
-)
 def test_a_csv_row_without_its_label_is_a_clean_error(tokenizer, tmp_path):
     path = tmp_path / "short.csv"
     path.write_text('text,label\n"good",1\n"short"\n')
-    with pytest.raises(RecipeError, match="short.csv"):
+    with pytest.raises(RecipeError, match=r"short\.csv line 3 has 1 fields, the header has 2") as raised:
         load_data(
             DataConfig(train=str(path), cache_dir=str(tmp_path / "c"), format="classification"),
             tokenizer,
             "seq_cls",
         )
+    assert raised.value.key == "data.train" and "\n" not in str(raised.value)
 
 
 def test_a_50_mb_single_line_is_truncated_or_a_clean_error(tokenizer, tmp_path):

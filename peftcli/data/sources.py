@@ -10,10 +10,12 @@ that cannot be parsed are left out and counted by reason.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,6 +301,7 @@ def _load_file(
     elif suffix == ".csv":
         kind, builder = "csv", "csv"
         kwargs = {"keep_default_na": False, "features": _csv_string_features(path)}  # cells as written
+        _screen_csv_rows(path, key)  # pandas fills a short row's missing cells with "" instead of failing
     else:
         kind, builder, kwargs = "parquet", "parquet", {}
     if kind in ("json", "jsonl") and _nested_too_deep(path, kind):
@@ -355,7 +358,7 @@ def _diagnose(
             "use a list of objects with the same columns, or one object per line (.jsonl)",
         ) from None
     if kind == "csv":
-        _check_csv_rows(text, path, key)
+        _check_csv_rows(io.StringIO(text, newline=""), path, key)
     raise RecipeError(
         key,
         f"{path} could not be read as {kind} ({_first_line(err)})",
@@ -395,12 +398,22 @@ def _utf8_text(path: Path, key: str) -> str:
         ) from None
 
 
-def _check_csv_rows(text: str, path: Path, key: str) -> None:
+def _screen_csv_rows(path: Path, key: str) -> None:
+    """Before datasets reads a CSV: a row with too few fields (a missing label cell) would load with
+    empty cells, so the file is read once with the csv module (C speed) and the first ragged row named.
+    Undecodable bytes are left to the load, whose failure names their line."""
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            _check_csv_rows(handle, path, key)
+    except UnicodeDecodeError:
+        return
+
+
+def _check_csv_rows(lines: Iterable[str], path: Path, key: str) -> None:
     """Refuse the first row whose field count differs from the header's."""
     import csv
-    import io
 
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(lines)
     header = next(reader, None)
     for row in reader:
         if header is not None and row and len(row) != len(header):
