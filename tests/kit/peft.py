@@ -39,7 +39,16 @@ def perturb(model, seed: int = 1, scale: float = 0.05) -> None:
 
 def save(tmp_path: Path, model, method, tokenizer, base_path: str, recipe, labels=None) -> Path:
     """Our adapter written to ``tmp_path/adapter`` as ``peftcli train`` writes it."""
-    return save_adapter(tmp_path / "adapter", model, method, tokenizer, base_path, recipe.model, labels)
+    return save_adapter(
+        tmp_path / "adapter",
+        model,
+        method,
+        tokenizer,
+        base_path,
+        recipe.model,
+        labels,
+        seed=recipe.train.seed,
+    )
 
 
 def load_in_peft(adapter_dir: Path, base_path: str, auto_class=None, **base_options):
