@@ -188,6 +188,7 @@ def test_a_csv_row_without_its_label_is_a_clean_error(tokenizer, tmp_path):
     assert raised.value.key == "data.train" and "\n" not in str(raised.value)
 
 
+@pytest.mark.slow  # tokenizing one 50 MB word takes ~2 min on 2 cores
 def test_a_50_mb_single_line_is_truncated_or_a_clean_error(tokenizer, tmp_path):
     path = tmp_path / "huge.jsonl"
     path.write_text(json.dumps({"text": "a" * 50_000_000}) + "\n" + json.dumps({"text": "small"}) + "\n")

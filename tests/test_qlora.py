@@ -76,6 +76,7 @@ def trained(tmp_path_factory):
     return result
 
 
+@pytest.mark.slow  # a whole recipe through api.train (~40 s on 2 cores)
 def test_tiny_qlora_recipe_trains_and_loss_falls(trained):
     events = [json.loads(line) for line in (trained.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in events if e["event"] == "train"]
@@ -164,6 +165,7 @@ def test_tiny_model_storage_report_counts_every_quantized_layer(tmp_path):
     )
 
 
+@pytest.mark.slow  # a whole recipe through api.train (~40 s on 2 cores)
 def test_adapter_loads_in_peft_on_the_same_4bit_base(trained):
     from peft import PeftModel
 

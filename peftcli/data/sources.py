@@ -410,18 +410,23 @@ def _screen_csv_rows(path: Path, key: str) -> None:
 
 
 def _check_csv_rows(lines: Iterable[str], path: Path, key: str) -> None:
-    """Refuse the first row whose field count differs from the header's."""
+    """Refuse the first row whose field count differs from the header's. Cells of any size are read
+    (the csv module's default limit is 128 KiB; pandas has none), the limit restored after."""
     import csv
 
-    reader = csv.reader(lines)
-    header = next(reader, None)
-    for row in reader:
-        if header is not None and row and len(row) != len(header):
-            raise RecipeError(
-                key,
-                f"{path} line {reader.line_num} has {len(row)} fields, the header has {len(header)}",
-                "quote fields that contain commas, or fix the row",
-            )
+    limit = csv.field_size_limit(2**31 - 1)
+    try:
+        reader = csv.reader(lines)
+        header = next(reader, None)
+        for row in reader:
+            if header is not None and row and len(row) != len(header):
+                raise RecipeError(
+                    key,
+                    f"{path} line {reader.line_num} has {len(row)} fields, the header has {len(header)}",
+                    "quote fields that contain commas, or fix the row",
+                )
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _first_line(err: BaseException) -> str:
