@@ -94,9 +94,40 @@ OPTIONS: dict[str, Option] = {
         "gpt2", {"target_modules": ["c_attn"], "modules_to_save": ["lm_head"], "ensure_weight_tying": True}
     ),
     "modules_to_save-untied": Option("gpt2", {"target_modules": ["c_attn"], "modules_to_save": ["lm_head"]}),
+    # peft ties by the names embed_tokens / lm_head only: GPT-2's wte trains alone, the head stays the base's
+    "modules_to_save-tied-wte": Option(
+        "gpt2", {"target_modules": ["c_attn"], "modules_to_save": ["wte"], "ensure_weight_tying": True}
+    ),
+    "modules_to_save-tied-embed_tokens": Option(
+        "llama-tied",
+        {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"], "ensure_weight_tying": True},
+    ),
+    "trainable_token_indices-tied-embed_tokens": Option(
+        "llama-tied", {"target_modules": ["q_proj"], "trainable_token_indices": [5, 7, 9]}
+    ),
 }
 
 BASE = {"r": 4, "lora_alpha": 8}
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory) -> str:
+    """tiny:llama with its LM head tied to embed_tokens (tie_word_embeddings), saved as a model dir."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("tied-llama")
+    model = kit.tiny("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(path)
+    kit.tokenizer("llama").save_pretrained(path)
+    reloaded = AutoModelForCausalLM.from_pretrained(path)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    return str(path)
+
+
+def model_name(row: Option, request) -> str:
+    return request.getfixturevalue("tied_llama") if row.arch == "llama-tied" else f"tiny:{row.arch}"
 
 
 def rows():
@@ -122,11 +153,11 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-def peft_made(row: Option, tmp_path):
-    """(peft's adapter dir, peft's logits, the batch, the base path): made and saved by peft."""
+def peft_made(row: Option, name: str, tmp_path):
+    """(peft's adapter dir, peft's logits, the batch, what we build for the base): made and saved by peft."""
     from peft import LoraConfig, get_peft_model
 
-    built = kit.build_inline("causal_lm", {"name": "lora"}, {"name": f"tiny:{row.arch}"})
+    built = kit.build_inline("causal_lm", {"name": "lora"}, {"name": name})
     base = kit.base_model(built.base_path, built.recipe)
     options = {**BASE, **row.options}
     fan_in_fan_out = row.arch == "gpt2"
@@ -151,10 +182,11 @@ def saved_shapes(adapter) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize("name", rows())
-def test_option_round_trips_with_peft(name, tmp_path):
+def test_option_round_trips_with_peft(name, tmp_path, request):
     row = OPTIONS[name]
+    base_name = model_name(row, request)
     # (a) peft's adapter loads here with peft's logits
-    peft_dir, expected, batch, built = peft_made(row, tmp_path)
+    peft_dir, expected, batch, built = peft_made(row, base_name, tmp_path)
     loaded = load_adapter(peft_dir)
     theirs_here = kit.logits(loaded.model, batch)
     assert max_diff(theirs_here, expected) <= 1e-5
@@ -162,7 +194,7 @@ def test_option_round_trips_with_peft(name, tmp_path):
     assert max_diff(theirs_here, base) > 1e-4
 
     # (b) our recipe with the option: a step moves every trainable tensor; peft loads ours with our logits
-    ours = kit.build_inline("causal_lm", recipe_method({**BASE, **row.options}), {"name": f"tiny:{row.arch}"})
+    ours = kit.build_inline("causal_lm", recipe_method({**BASE, **row.options}), {"name": base_name})
     trainable = sum(p.numel() for p in ours.model.parameters() if p.requires_grad)
     assert trainable == ours.method.expected_trainable_parameters(ours.model)
     kit.perturb(ours.model, seed=4)  # off B = 0 first, so that every tensor has a gradient

@@ -16,6 +16,7 @@ not the low-rank update; LoRA calls them from ``apply`` and ``resolve_targets``.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from typing import Any
 
@@ -27,6 +28,10 @@ from peftcli.inject import name_matches
 from peftcli.methods.kit import Foldable, write_weight
 from peftcli.recipe import RecipeError
 
+log = logging.getLogger("peftcli")
+
+# peft spots a tied embedding in modules_to_save by these last names (its EMBEDDING_LAYER_NAMES)
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 # peft's fallback for the layer index: the first ``.<name>.<digits>.`` in the full name (lazy, so an
 # expert index deeper down never counts)
 _ANY_BLOCK = r".*?\.[^.]*\.(?P<idx>\d+)\."
@@ -351,17 +356,25 @@ def add_trainable_tokens(
 
 
 def modules_to_tie(model: nn.Module, modules_to_save: list[str]) -> tuple[list[str], list[str]]:
-    """peft's ``ensure_weight_tying`` for ``modules_to_save``: when an entry names the input embedding or
-    a module tied to it (the LM head of a model with ``tie_word_embeddings``), the embedding is trained
-    once and every tied module reads that copy. Returns (modules to train, modules tied to the first).
+    """peft's ``ensure_weight_tying`` for ``modules_to_save``: when the model ties its LM head to the
+    input embedding and an entry is an embedding by peft's rule, the embedding is trained once and every
+    tied module reads that copy. Returns (modules to train, modules tied to the first).
 
-    peft spots the embedding by the last names embed_tokens / lm_head; we look at the weights
-    themselves, so GPT-2's ``wte`` counts too (peft then loads the tied head's saved weight directly
-    into the shared base weight, which gives the same model)."""
+    peft's rule is the entry's last name (embed_tokens or lm_head); it also reads back the embedding's
+    full name, which it writes in place of a tied head's (GPT-2: ``[lm_head]`` is saved as
+    ``[transformer.wte]``). Any other entry is trained alone, as peft does, so a file loads the same
+    both ways (``[wte]`` on GPT-2 leaves the head on the base weight, and a warning says so)."""
     tied = tied_module_names(model)
     embedding = input_embedding_name(model)
-    involved = [embedding, *tied] if embedding else []
-    if not tied or not any(name_matches(n, m) for n in involved for m in modules_to_save):
+    if not tied or embedding is None:
+        return modules_to_save, []
+    if not any(m.split(".")[-1] in EMBEDDING_NAMES or m == embedding for m in modules_to_save):
+        log.warning(
+            "note: ensure_weight_tying: peft ties a trained embedding to its head only when modules_to_save "
+            "names embed_tokens, lm_head or %s; %s trained without tying",
+            embedding,
+            ", ".join(modules_to_save),
+        )
         return modules_to_save, []
     kept = [m for m in modules_to_save if not any(name_matches(t, m) for t in tied)]
     if not any(name_matches(embedding, m) for m in kept):
