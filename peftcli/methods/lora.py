@@ -345,7 +345,6 @@ class LoraConfig(MethodConfig):
         metadata=doc(
             "train only these rows of the input embedding (a list of token ids), or of named modules "
             "({embed_tokens: [ids], lm_head: [ids]}); e.g. new chat-template tokens",
-            min=0,
         ),
     )
     layer_replication: list[list[int]] | None = field(
@@ -353,7 +352,6 @@ class LoraConfig(MethodConfig):
         metadata=doc(
             "rebuild the blocks from [start, end) ranges of the original ones, copies sharing base weights "
             "with their own LoRA, e.g. [[0, 2], [1, 2]] (not mergeable)",
-            min=0,
         ),
     )
     ensure_weight_tying: bool = field(
