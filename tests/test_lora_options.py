@@ -222,7 +222,7 @@ def test_option_round_trips_with_peft(name, tmp_path, request):
 
 def test_layer_replication_copies_share_base_weights(tmp_path):
     """[[0, 2], [1, 2]]: blocks 0, 1, 1, the last two sharing every base tensor, each with its own A, B,
-    and the KV cache slot of each copy its new position."""
+    and the KV-cache slot of each copy its new position."""
     built = kit.build_inline(
         "causal_lm", {"name": "lora", "target_modules": ["q_proj"], "layer_replication": [[0, 2], [1, 2]]}
     )
@@ -231,6 +231,18 @@ def test_layer_replication_copies_share_base_weights(tmp_path):
     assert layers[1].mlp.down_proj.weight is layers[2].mlp.down_proj.weight
     assert layers[1].self_attn.q_proj.lora_A is not layers[2].self_attn.q_proj.lora_A
     assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2]
+    # each copy has its own KV-cache slot: cached greedy decoding equals decoding by full recompute
+    kit.perturb(built.model, seed=6)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    cached = built.model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False
+    )
+    sequence = ids
+    for _ in range(5):
+        with torch.no_grad():
+            logits = built.model(input_ids=sequence, use_cache=False).logits
+        sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert cached.tolist() == sequence.tolist()
 
 
 def test_tied_modules_to_save_trains_one_copy(tmp_path):
