@@ -325,3 +325,13 @@ def test_options_round_trip_through_adapter_config(tmp_path):
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert {k: config[k] for k in options} == options
     assert config["target_modules"] == ["model.layers.0.self_attn.q_proj"]
+
+
+def test_lora_bias_on_bias_free_layers_refuses_to_merge(tmp_path):
+    """Llama's projections have no bias: the adapter trains and loads, but merge is a one-line error,
+    raised before any layer folds (peft raises too)."""
+    built = kit.build_inline("causal_lm", {"name": "lora", "target_modules": ["q_proj"], "lora_bias": True})
+    adapter = kit.save(tmp_path, built.model, built.method, built.tokenizer, built.base_path, built.recipe)
+    with pytest.raises(RecipeError) as err:
+        merge_adapter(adapter, tmp_path / "merged")
+    assert err.value.key == "merge" and "lora_bias" in str(err.value) and "\n" not in str(err.value)

@@ -27,6 +27,11 @@ Options (each a recipe key of ``method``):
 - ``rank_pattern`` / ``alpha_pattern`` — per-module ``r`` and ``α``; a key matches a module whose
   full name matches ``(.*\.)?(key)$`` (peft's rule), keys tried in sorted order.
 
+- ``lora_bias``, ``exclude_modules``, ``layers_to_transform`` / ``layers_pattern``,
+  ``trainable_token_indices``, ``layer_replication`` and ``ensure_weight_tying`` — peft's structural
+  options, same names and meaning; the targeting and model surgery live in
+  :mod:`peftcli.methods.lora_options`.
+
 - ``init: olora`` — OLoRA (Büyükakyüz, 2024, arXiv 2406.01775): with ``W0 = Q R``, ``B = Q_r`` and
   ``A = R_r``; the base keeps the residual and the export is converted as PiSSA's (see :class:`Olora`).
 
@@ -357,8 +362,9 @@ class LoraConfig(MethodConfig):
     ensure_weight_tying: bool = field(
         default=False,
         metadata=doc(
-            "keep a tied LM head tied to the embedding when one of them is in modules_to_save (or has "
-            "trainable_token_indices): both read one trained copy"
+            "keep a tied LM head tied to the embedding when one of them is in modules_to_save: both read "
+            "one trained copy (trainable_token_indices rows are shared anyway; with this set, unequal rows "
+            "on tied modules are an error)"
         ),
     )
 
@@ -927,6 +933,13 @@ class LoRA(LayerMethod):
                 "merge",
                 "layer_replication's copies share one base weight each, so no weight can take a copy's update",
                 "use the adapter unmerged (peftcli eval, peftcli.load); peft refuses this merge too",
+            )
+        bare = [n for n, m in self.lora_layers(model) if m.lora_B.bias is not None and m.bias is None]
+        if bare:  # checked before any layer folds, so a refused merge leaves the model as it was
+            raise RecipeError(
+                "merge",
+                f"lora_bias: {bare[0]} has no bias to fold B's bias into",
+                "adapt only layers with biases, or use the adapter unmerged (peftcli eval); peft refuses too",
             )
         return super().merge(model)
 
