@@ -312,6 +312,22 @@ def test_bad_options_are_one_line_errors(options, key, hint):
         assert hint in str(err.value)
 
 
+@pytest.mark.parametrize("option", [{"layer_replication": [[0, 2]]}, {"trainable_token_indices": [5]}])
+def test_model_surgery_is_refused_with_fsdp(option):
+    from peftcli.recipe_loader import recipe_from_dict
+
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(
+            {
+                "model": {"name": "tiny:llama"},
+                "data": {"train": "unused.jsonl"},
+                "method": {"name": "lora", **option},
+                "train": {"distributed": "fsdp"},
+            }
+        )
+    assert err.value.key == "train.distributed" and next(iter(option)) in str(err.value)
+
+
 def test_options_round_trip_through_adapter_config(tmp_path):
     """The options are written under peft's names in adapter_config.json."""
     options = {

@@ -644,6 +644,17 @@ class LoRA(LayerMethod):
                         "ranks are integers >= 1 and alphas positive numbers",
                     )
         cls._validate_options(cfg)
+        surgery = [
+            k
+            for k in ("layer_replication", "trainable_token_indices", "ensure_weight_tying")
+            if getattr(cfg, k)
+        ]
+        if surgery and recipe.train.distributed == "fsdp":
+            raise RecipeError(
+                "train.distributed",
+                f"method.{surgery[0]} shares or wraps base tensors, which is not tested with FSDP",
+                f"use train.distributed: ddp, or drop method.{surgery[0]}",
+            )
         for variant in variants_for(cfg):
             if not variant.for_quantized_base and recipe.model.quantization is not None:
                 raise RecipeError(

@@ -26,7 +26,7 @@ from torch import nn
 
 from peftcli.inject import name_matches
 from peftcli.methods.kit import Foldable, write_weight
-from peftcli.recipe import RecipeError
+from peftcli.recipe import RecipeError, did_you_mean
 
 log = logging.getLogger("peftcli")
 
@@ -111,8 +111,6 @@ def check_excludes_exist(model: nn.Module, exclude: str | list[str] | None) -> N
             else any(name_matches(n, entry) for n in names)
         )
         if not found:
-            from peftcli.recipe import did_you_mean
-
             short = dict.fromkeys(n.split(".")[-1] for n in names)
             raise RecipeError(
                 "method.exclude_modules",
@@ -298,8 +296,6 @@ def token_targets(model: nn.Module, indices: list[int] | dict[str, list[int]]) -
     for key, rows in indices.items():
         hits = [n for n in names if name_matches(n, key)]
         if len(hits) != 1:
-            from peftcli.recipe import did_you_mean
-
             raise RecipeError(
                 f"method.trainable_token_indices.{key}",
                 f"matches {len(hits) or 'no'} modules" + (f" ({', '.join(hits[:3])})" if hits else ""),
