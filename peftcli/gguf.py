@@ -961,6 +961,15 @@ def _lora_layers(method, model: nn.Module) -> list[tuple[str, Any]]:
             "the adapter also trains biases or whole modules",
             "llama.cpp adapters hold B·A only; use --format gguf",
         )
+    extras = [
+        k for k in ("lora_bias", "trainable_token_indices", "layer_replication") if getattr(cfg, k, None)
+    ]
+    if extras:
+        raise RecipeError(
+            "export",
+            f"the adapter uses {extras[0]}, which llama.cpp's LoRA cannot carry",
+            "llama.cpp adapters hold B·A only; use --format gguf (the merged model)",
+        )
     layers = []
     for path, module in model.named_modules():
         if isinstance(module, LoRALinear):

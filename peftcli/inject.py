@@ -294,6 +294,8 @@ def make_trainable_copies(
                 f"modules with weights: {', '.join(dict.fromkeys(short))}",
             )
         for name in hits:
+            if name in resolved:  # named twice (peft writes ["embed_tokens", "model.embed_tokens"])
+                continue
             module = model.get_submodule(name)
             for pname, param in list(module.named_parameters(recurse=True)):
                 owner = module.get_submodule(pname.rpartition(".")[0]) if "." in pname else module

@@ -524,6 +524,9 @@ def test_gguf_lora_refuses_what_llama_cpp_adapters_cannot_hold(family_dir, tmp_p
     adapter = make_lora_adapter(family_dir("qwen2"), tmp_path / "dora", {}, use_dora=True)
     with pytest.raises(RecipeError, match="Dora, not plain LoRA.*--format gguf"):
         export_gguf_lora(adapter, tmp_path / "x.gguf")
+    adapter = make_lora_adapter(family_dir("qwen2"), tmp_path / "tokens", {}, trainable_token_indices=[5])
+    with pytest.raises(RecipeError, match="trainable_token_indices, which llama.cpp's LoRA cannot carry"):
+        export_gguf_lora(adapter, tmp_path / "x.gguf")
     with pytest.raises(RecipeError, match="not an adapter directory"):
         export_gguf_lora(family_dir("qwen2"), tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()

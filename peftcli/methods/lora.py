@@ -27,6 +27,11 @@ Options (each a recipe key of ``method``):
 - ``rank_pattern`` / ``alpha_pattern`` — per-module ``r`` and ``α``; a key matches a module whose
   full name matches ``(.*\.)?(key)$`` (peft's rule), keys tried in sorted order.
 
+- ``lora_bias``, ``exclude_modules``, ``layers_to_transform`` / ``layers_pattern``,
+  ``trainable_token_indices``, ``layer_replication`` and ``ensure_weight_tying`` — peft's structural
+  options, same names and meaning; the targeting and model surgery live in
+  :mod:`peftcli.methods.lora_options`.
+
 - ``init: olora`` — OLoRA (Büyükakyüz, 2024, arXiv 2406.01775): with ``W0 = Q R``, ``B = Q_r`` and
   ``A = R_r``; the base keeps the residual and the export is converted as PiSSA's (see :class:`Olora`).
 
@@ -51,8 +56,26 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from peftcli.inject import PREFIX, is_linear, match_parameters, match_targets, set_module
+from peftcli.inject import (
+    PREFIX,
+    classifier_heads,
+    is_linear,
+    make_trainable_copies,
+    match_parameters,
+    match_targets,
+    set_module,
+)
 from peftcli.methods.kit import AdapterLayer, Foldable, LayerMethod, write_weight
+from peftcli.methods.lora_options import (
+    TrainableTokens,
+    add_trainable_tokens,
+    input_embedding_name,
+    modules_to_tie,
+    replicate_layers,
+    select_targets,
+    tie_to,
+    tied_state,
+)
 from peftcli.methods.registry import register
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
@@ -300,6 +323,50 @@ class LoraConfig(MethodConfig):
     bias: Literal["none", "all", "lora_only"] = field(
         default="none", metadata=doc("also train biases: none, all, or lora_only (those of adapted layers)")
     )
+    lora_bias: bool = field(
+        default=False,
+        metadata=doc(
+            "a trainable bias on B (peft's lora_bias), scaled with the update; for adapters extracted from "
+            "full fine-tunes; merges only into layers that have a bias"
+        ),
+    )
+    exclude_modules: str | list[str] | None = field(
+        default=None,
+        metadata=doc("modules never adapted: names (list; full or a suffix such as o_proj) or a regex"),
+    )
+    layers_to_transform: int | list[int] | None = field(
+        default=None,
+        metadata=doc("adapt only the blocks with these indices (0-based), e.g. [0, 1]", min=0),
+    )
+    layers_pattern: str | list[str] | None = field(
+        default=None,
+        metadata=doc(
+            "the block list layers_to_transform counts in (layers, h, layer); default: the first "
+            "numbered name part"
+        ),
+    )
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
+        default=None,
+        metadata=doc(
+            "train only these rows of the input embedding (a list of token ids), or of named modules "
+            "({embed_tokens: [ids], lm_head: [ids]}); e.g. new chat-template tokens",
+        ),
+    )
+    layer_replication: list[list[int]] | None = field(
+        default=None,
+        metadata=doc(
+            "rebuild the blocks from [start, end) ranges of the original ones, copies sharing base weights "
+            "with their own LoRA, e.g. [[0, 2], [1, 2]] (not mergeable)",
+        ),
+    )
+    ensure_weight_tying: bool = field(
+        default=False,
+        metadata=doc(
+            "keep a tied LM head tied to the embedding when one of them is in modules_to_save: both read "
+            "one trained copy (trainable_token_indices rows are shared anyway; with this set, unequal rows "
+            "on tied modules are an error)"
+        ),
+    )
 
 
 def variants_for(options: Any) -> tuple[LoraVariant, ...]:
@@ -326,6 +393,7 @@ class LoRALinear(AdapterLayer):
         use_dora: bool = False,
         init: str = "kaiming",
         variants: tuple[LoraVariant, ...] | None = None,
+        lora_bias: bool = False,
     ):
         super().__init__()
         self.base_layer = base_layer
@@ -333,7 +401,8 @@ class LoRALinear(AdapterLayer):
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False)
+        # lora_bias: B's bias is scaled with the update, s·(B A x + b), and folds into the base bias
+        self.lora_B = nn.Linear(r, self.out_features, bias=lora_bias)
         weight = base_layer.weight
         dtype = torch.float32 if not weight.is_floating_point() else weight.dtype
         self.lora_A.to(device=weight.device, dtype=dtype)
@@ -355,6 +424,8 @@ class LoRALinear(AdapterLayer):
             else:  # kaiming-uniform, as nn.Linear and peft's default
                 nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)  # B = 0: step 0 equals the base
+        if self.lora_B.bias is not None:
+            nn.init.zeros_(self.lora_B.bias)
         for variant in self.variants:
             variant.init(self)
 
@@ -398,6 +469,7 @@ class LoRALinear(AdapterLayer):
 
     def merge(self) -> None:
         self._check_foldable()
+        self._fold_bias(+1)
         write_weight(self.base_layer.weight, self.merged_weight())
 
     def unmerge(self) -> None:
@@ -406,6 +478,20 @@ class LoRALinear(AdapterLayer):
             weight = variant.unmerged_weight(self, weight)
         weight = weight - (self.lora_B.weight @ self.lora_A.weight).detach().float() * self.scaling
         write_weight(self.base_layer.weight, weight.T if self.fan_in_fan_out else weight)
+        self._fold_bias(-1)
+
+    def _fold_bias(self, sign: int) -> None:
+        """lora_bias: add (or take back) ``s · b_B`` to the base bias, which must exist (peft: the same)."""
+        if self.lora_B.bias is None:
+            return
+        base_bias = getattr(self.base_layer, "bias", None)
+        if base_bias is None:
+            raise RecipeError(
+                "merge",
+                f"lora_bias: a {type(self.base_layer).__name__} without a bias has nowhere to fold B's bias",
+                "adapt only layers with biases, or use the adapter unmerged (peftcli eval)",
+            )
+        write_weight(base_bias, base_bias.float() + sign * self.scaling * self.lora_B.bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, in) -> (B, T, out)
@@ -516,7 +602,7 @@ class LoRA(LayerMethod):
     )
 
     parameter_prefix = "lora_"
-    layer_types = (LoRALinear, LoRAParameter)
+    layer_types = (LoRALinear, LoRAParameter, TrainableTokens)
     adapter_renames: ClassVar[dict[str, str]] = {
         "alpha": "lora_alpha",
         "dropout": "lora_dropout",
@@ -529,6 +615,7 @@ class LoRA(LayerMethod):
     def __init__(self, cfg: LoraConfig, task: str = "causal_lm"):
         super().__init__(cfg, task)
         self.parameter_targets: list[tuple[str, str]] = []
+        self.tied_modules: list[str] = []  # ensure_weight_tying: modules reading the trained embedding
 
     @classmethod
     def validate_config(cls, cfg: LoraConfig, recipe) -> None:
@@ -556,6 +643,18 @@ class LoRA(LayerMethod):
                         f"must be > 0, got {getattr(cfg, key)[pattern]}",
                         "ranks are integers >= 1 and alphas positive numbers",
                     )
+        cls._validate_options(cfg)
+        surgery = [
+            k
+            for k in ("layer_replication", "trainable_token_indices", "ensure_weight_tying")
+            if getattr(cfg, k)
+        ]
+        if surgery and recipe.train.distributed == "fsdp":
+            raise RecipeError(
+                "train.distributed",
+                f"method.{surgery[0]} shares or wraps base tensors, which is not tested with FSDP",
+                f"use train.distributed: ddp, or drop method.{surgery[0]}",
+            )
         for variant in variants_for(cfg):
             if not variant.for_quantized_base and recipe.model.quantization is not None:
                 raise RecipeError(
@@ -563,6 +662,45 @@ class LoRA(LayerMethod):
                     f"{variant.title} decomposes full-precision weights; the base is quantized",
                     f"drop method.{variant.enabled_by[0]} with model.quantization, or drop model.quantization",
                 )
+
+    @staticmethod
+    def _validate_options(cfg: LoraConfig) -> None:
+        """The structural options' own rules (peft's ``LoraConfig.__post_init__`` has the same ones)."""
+        if cfg.lora_bias and (cfg.init != "kaiming" or cfg.use_dora):
+            key = "method.use_dora" if cfg.use_dora else "method.init"
+            raise RecipeError(
+                key,
+                "lora_bias works with the plain kaiming init and without DoRA only (peft refuses the rest)",
+                f"drop {key} or method.lora_bias",
+            )
+        regex = isinstance(cfg.target_modules, str) and cfg.target_modules != "all-linear"
+        for key in ("layers_to_transform", "layers_pattern"):
+            if getattr(cfg, key) is not None and regex:
+                raise RecipeError(
+                    f"method.{key}",
+                    "cannot narrow a regex target_modules (peft refuses it too)",
+                    "select the blocks in the regex itself, or list module names in target_modules",
+                )
+        if cfg.layers_pattern is not None and cfg.layers_to_transform is None:
+            raise RecipeError(
+                "method.layers_pattern",
+                "only applies with layers_to_transform",
+                "set method.layers_to_transform",
+            )
+        patterns = [cfg.exclude_modules] if isinstance(cfg.exclude_modules, str) else []
+        patterns += (
+            [cfg.layers_pattern] if isinstance(cfg.layers_pattern, str) else list(cfg.layers_pattern or [])
+        )
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                which = "exclude_modules" if pattern == cfg.exclude_modules else "layers_pattern"
+                raise RecipeError(
+                    f"method.{which}",
+                    f"{pattern!r} is not a valid regular expression ({err})",
+                    "fix the pattern",
+                ) from None
 
     @staticmethod
     def _validate_target_parameters(cfg: LoraConfig, recipe) -> None:
@@ -587,6 +725,7 @@ class LoRA(LayerMethod):
         ]
         for key, bad, why in [
             ("dropout", cfg.dropout > 0, "dropout cannot act on an update folded into the weight"),
+            ("lora_bias", cfg.lora_bias, "a bias on B has no layer output to add to (peft refuses it too)"),
             *refused,
         ]:
             if bad:
@@ -598,9 +737,37 @@ class LoRA(LayerMethod):
 
     # -- building ------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:
+        if self.cfg.layer_replication:  # before matching: each copy gets its own adapter
+            replicate_layers(model, self.cfg.layer_replication)
         model = super().apply(model)  # targets, layers, parameters, modules_to_save
         self._enable_biases(model)
+        if self.cfg.trainable_token_indices is not None:
+            self._add_trainable_tokens(model)
         return model
+
+    def train_whole(self, model: nn.Module) -> list[str]:
+        """``modules_to_save`` and a seq_cls head; with ``ensure_weight_tying`` a tied embedding / LM head
+        pair is trained as one copy that both read (peft's ``modules_to_tie``)."""
+        names, tied = list(self.cfg.modules_to_save), []
+        if self.cfg.ensure_weight_tying and names:
+            names, tied = modules_to_tie(model, names)
+        names += [h for h in classifier_heads(model, self.task) if h not in names]
+        saved = make_trainable_copies(model, names)
+        if tied:
+            tie_to(model, input_embedding_name(model), tied)
+        self.tied_modules = tied
+        return saved
+
+    def _add_trainable_tokens(self, model: nn.Module) -> None:
+        cfg = self.cfg
+        owners = add_trainable_tokens(model, cfg.trainable_token_indices, cfg.ensure_weight_tying)
+        clash = [m for m in self.saved_modules if any(o == m or o.startswith(m + ".") for o in owners)]
+        if clash:
+            raise RecipeError(
+                "method.trainable_token_indices",
+                f"{clash[0]} is also in modules_to_save, which trains it whole",
+                "keep it in one of the two",
+            )
 
     def resolve_targets(self, model: nn.Module) -> list[str]:
         """The linear layers to wrap; the parameters (``target_parameters``) go to
@@ -608,6 +775,7 @@ class LoRA(LayerMethod):
         cfg = self.cfg
         only_parameters = cfg.target_modules == [] and bool(cfg.target_parameters)
         targets = [] if only_parameters else match_targets(model, cfg.target_modules)
+        targets = select_targets(model, targets, cfg)  # exclude_modules, layers_to_transform
         # (module, parameter) pairs; every pair is also addressed by "<module>.<parameter>" below
         self.parameter_targets = match_parameters(model, cfg.target_parameters or [])
         clash = set(targets) & {m for m, _ in self.parameter_targets}
@@ -632,7 +800,14 @@ class LoRA(LayerMethod):
         cfg = self.cfg
         r, alpha = self.rank_and_alpha(name)
         layer = LoRALinear(
-            base, r, alpha, cfg.dropout, cfg.use_rslora, init=cfg.init, variants=variants_for(cfg)
+            base,
+            r,
+            alpha,
+            cfg.dropout,
+            cfg.use_rslora,
+            init=cfg.init,
+            variants=variants_for(cfg),
+            lora_bias=cfg.lora_bias,
         )
         layer.reset_parameters()
         return layer
@@ -694,9 +869,12 @@ class LoRA(LayerMethod):
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
         count = sum(
-            m.r * (m.in_features + m.out_features) + sum(v.parameter_count(m) for v in m.variants)
+            m.r * (m.in_features + m.out_features)
+            + sum(v.parameter_count(m) for v in m.variants)
+            + (m.out_features if self.cfg.lora_bias else 0)
             for _, m in self.lora_layers(model)
         )
+        count += sum(p.numel() for p in self._token_rows(model).values())
         count += sum(
             m.r * m.num_experts * (m.in_features + m.out_features) for _, m in self.parameter_layers(model)
         )
@@ -716,7 +894,16 @@ class LoRA(LayerMethod):
         the modules trained whole, keyed as on disk."""
         state = super().live_state_dict(model)
         state.update({PREFIX + n: p for n, p in self._bias_params(model)})
+        state.update({PREFIX + n: p for n, p in self._token_rows(model).items()})
+        state.update(tied_state(model, self.tied_modules, PREFIX))  # peft writes the tied head's too
         return state
+
+    @staticmethod
+    def _token_rows(model: nn.Module) -> dict[str, nn.Parameter]:
+        """trainable_token_indices' rows, by peft's key (``<module>.token_adapter.trainable_tokens_delta``)."""
+        return {
+            n: p for n, p in model.named_parameters() if n.endswith(".token_adapter.trainable_tokens_delta")
+        }
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The export, each layer's A and B rewritten by its variants into what peft loads (PiSSA: a plain
@@ -750,6 +937,22 @@ class LoRA(LayerMethod):
         for variant in variants_for(cfg):  # PiSSA, OLoRA: a rank-2r LoRA with the same scale s
             variant.export_config(cfg, config)
         return config
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        if self.cfg.layer_replication:
+            raise RecipeError(
+                "merge",
+                "layer_replication's copies share one base weight each, so no weight can take a copy's update",
+                "use the adapter unmerged (peftcli eval, peftcli.load); peft refuses this merge too",
+            )
+        bare = [n for n, m in self.lora_layers(model) if m.lora_B.bias is not None and m.bias is None]
+        if bare:  # checked before any layer folds, so a refused merge leaves the model as it was
+            raise RecipeError(
+                "merge",
+                f"lora_bias: {bare[0]} has no bias to fold B's bias into",
+                "adapt only layers with biases, or use the adapter unmerged (peftcli eval); peft refuses too",
+            )
+        return super().merge(model)
 
     @classmethod
     def config_from_adapter(cls, adapter_config: dict[str, Any]) -> LoraConfig:
