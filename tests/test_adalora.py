@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 
+import kit
 import pytest
 import torch
-from peft_oracle import (
+from kit import (
+    HELPERS,
     ROOT,
     base_model,
     batch_of,
@@ -101,16 +103,10 @@ def test_training_with_allocation_matches_peft_step_for_step(tmp_path):
     peft_model = peft_model_for(method, model, base_path, recipe)
     peft_model.train()
     model.train()
-    ours_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ours = kit.stepper(model, method, lr=1e-2, weight_decay=0.01)  # the loop's step; AdamW as peft's below
     peft_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(TOTAL):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss_sum, n = token_loss_sum(out.logits, batch["labels"], "causal_lm")
-        (loss_sum / n + method.extra_loss(model)).backward()
-        method.after_backward(model, step)
-        ours_opt.step()
-        method.after_step(model, step)
-        ours_opt.zero_grad()
+        ours.step([batch], step)
 
         peft_out = peft_model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
@@ -182,7 +178,7 @@ def test_resume_is_exact_through_the_cli(tmp_path):
 
     def run(out, *extra, kill=None):
         # kill: SIGKILL the process right after that checkpoint (a test-side hook; see tests/helpers)
-        launcher = [str(ROOT / "tests" / "helpers" / "kill_after_checkpoint.py"), str(kill), "--"]
+        launcher = [str(HELPERS / "kill_after_checkpoint.py"), str(kill), "--"]
         cmd = [
             sys.executable,
             *(launcher if kill else ["-m", "peftcli"]),

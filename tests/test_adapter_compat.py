@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 
+import kit
 import peft
 import pytest
 import torch
@@ -42,12 +43,6 @@ def peft_classifier_adapter(arch: str, out_dir):
     return peft_model
 
 
-def batch(vocab_size: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(2)
-    input_ids = torch.randint(5, vocab_size, (3, 10), generator=generator)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-
-
 @pytest.mark.parametrize(
     "arch, head, missing",
     [("bert", "classifier", "score"), pytest.param("llama", "score", "classifier", marks=pytest.mark.slow)],
@@ -56,7 +51,7 @@ def test_peft_seq_cls_adapter_loads_and_merges(arch, head, missing, tmp_path, ca
     peft_model = peft_classifier_adapter(arch, tmp_path / "adapter")
     written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert sorted(written["modules_to_save"]) == ["classifier", "score"]  # what peft writes
-    inputs = batch(peft_model.config.vocab_size)
+    inputs = kit.batch("causal_lm", peft_model.config.vocab_size, lengths=(10, 10, 10), seed=2, labels=False)
     with torch.no_grad():
         expected = peft_model(**inputs).logits
 

@@ -11,46 +11,23 @@ import json
 import shutil
 from pathlib import Path
 
+import kit
 import pytest
 import torch
 import torch.nn.functional as F
+from kit import ROOT
 
 from peftcli.checkpoint import read_adapter_state
 from peftcli.export import load_adapter, save_adapter
 from peftcli.methods.bottleneck import block_of
-from peftcli.methods.catalog import method_for
-from peftcli.models import build_model, load_tokenizer, resolve_model_name
 from peftcli.recipe import RecipeError
-from peftcli.recipe_loader import load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "recipes/tiny/fusion_sources/reverse", ROOT / "recipes/tiny/fusion_sources/upper"]
 
 
-def build(tmp_path: Path, sources: list[Path] | None = None):
+def build(tmp_path: Path, sources: list[Path] | None = None) -> kit.Built:
     adapters = "[" + ",".join(str(p) for p in (sources or SOURCES)) + "]"
-    recipe = load_recipe(
-        ROOT / "recipes/tiny/adapter_fusion.yaml",
-        [f"output_dir={tmp_path / 'run'}", f"method.adapters={adapters}"],
-    )
-    base_path = resolve_model_name(recipe.model.name)
-    tokenizer = load_tokenizer(base_path, recipe.model)
-    method = method_for(recipe)
-    model = build_model(
-        base_path,
-        recipe.model,
-        method,
-        torch.device("cpu"),
-        seed=recipe.train.seed,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model.eval()
-    return recipe, base_path, tokenizer, model, method
-
-
-def batch(vocab: int):
-    ids = torch.randint(5, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return kit.build("adapter_fusion", tmp_path, [f"method.adapters={adapters}"])
 
 
 def randomize_fusion(model, method) -> None:
@@ -87,7 +64,7 @@ def test_fusion_forward_equals_equation(tmp_path):
     seen = {}
     handle = mlp.register_forward_hook(lambda m, a, o: seen.update(args=a, output=o))
     with torch.no_grad():
-        model(**batch(model.config.vocab_size))
+        model(**kit.batch("causal_lm", model.config.vocab_size, lengths=(9, 9), labels=False))
     handle.remove()
     x = seen["args"][0]
     with torch.no_grad():
@@ -116,7 +93,7 @@ def test_reload_needs_no_source_directories(tmp_path):
         shutil.copytree(source, copies[-1])
     recipe, base_path, tokenizer, model, method = build(tmp_path, copies)
     randomize_fusion(model, method)
-    b = batch(model.config.vocab_size)
+    b = kit.batch("causal_lm", model.config.vocab_size, lengths=(9, 9), labels=False)
     with torch.no_grad():
         ours = model(**b).logits
     save_adapter(tmp_path / "adapter", model, method, tokenizer, base_path, recipe.model)

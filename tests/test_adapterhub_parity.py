@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit import ROOT
 from safetensors.torch import load_file
 
 from peftcli.methods.houlsby_adapter import HoulsbyAdapter, HoulsbyConfig
 from peftcli.methods.parallel_adapter import ParallelAdapter, ParallelAdapterConfig
 
-HERE = Path(__file__).resolve().parent
 PYTHON = os.environ.get("PEFTCLI_ADAPTERHUB_PYTHON")
 
 pytestmark = pytest.mark.skipif(
@@ -54,7 +54,7 @@ def test_forward_equals_adapterhub(kind, tmp_path):
     from transformers import BertModel
 
     subprocess.run(
-        [PYTHON, str(HERE / "adapterhub_reference.py"), str(tmp_path), kind],
+        [PYTHON, str(ROOT / "tests" / "adapterhub_reference.py"), str(tmp_path), kind],
         check=True,
         capture_output=True,
         text=True,

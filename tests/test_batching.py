@@ -11,23 +11,22 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import kit
 import numpy as np
 import pytest
 import torch
+from kit import ROOT
 from safetensors.torch import load_file
 
 from peftcli.data.batching import collate_packed, padding_fraction, plan_length_grouped, plan_packed
 from peftcli.data.collate import collate
-from peftcli.methods.catalog import list_methods, method_for
-from peftcli.models import build_model, load_tokenizer, resolve_model_name
+from peftcli.methods.catalog import list_methods
 from peftcli.recipe import RecipeError
 from peftcli.recipe_loader import load_recipe
 from peftcli.training.attention import ATTENTION_NAME, use_packed_attention
-from peftcli.training.loop import count_targets, train
-from peftcli.training.loss import CHUNKED, FUSED, PLAIN, micro_batch_loss_sum
+from peftcli.training.loop import train
+from peftcli.training.loss import CHUNKED, FUSED, PLAIN
 
-ROOT = Path(__file__).resolve().parents[1]
-CPU = torch.device("cpu")
 LENGTHS = np.random.default_rng(0).integers(3, 60, size=300)
 
 
@@ -96,31 +95,11 @@ PACKABLE = sorted(
 
 
 def build(tmp_path: Path, recipe_name: str, *overrides: str):
-    path = ROOT / "recipes" / "tiny" / f"{recipe_name}.yaml"
-    recipe = load_recipe(path, [*overrides, f"output_dir={tmp_path / 'run'}"])
-    base_path = resolve_model_name(recipe.model.name)
-    tokenizer = load_tokenizer(base_path, recipe.model)
-    method = method_for(recipe)
-    model = build_model(
-        base_path, recipe.model, method, CPU, seed=recipe.train.seed, pad_token_id=tokenizer.pad_token_id
-    )
+    _, _, tokenizer, model, method = kit.build(recipe_name, tmp_path, list(overrides))
     model.train()
     if any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout)):
         model.eval()  # dropout draws differ by layout (gpt2's resid/attn dropout); eval keeps it exact
-    return model, tokenizer
-
-
-def window_loss_and_grads(model, micro: list[dict], path: str):
-    """The loop's step: every micro-batch's summed loss over the targets of the whole window."""
-    model.zero_grad(set_to_none=True)
-    n_targets = sum(count_targets(batch, "causal_lm") for batch in micro)
-    total = 0.0
-    for batch in micro:
-        loss = micro_batch_loss_sum(model, batch, "causal_lm", path) / n_targets
-        loss.backward()
-        total += loss.item()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return total, n_targets, grads
+    return model, tokenizer, method
 
 
 @pytest.mark.parametrize("name", PACKABLE)
@@ -128,7 +107,7 @@ def test_packed_window_equals_unpacked(tmp_path, name):
     """Two packed micro-batches (rows of several examples) against the same examples in two padded
     micro-batches: same window loss, same target count, same gradients; on every loss path, with
     transformers' block-diagonal mask and with peftcli's per-example attention."""
-    model, tokenizer = build(tmp_path, name)
+    model, tokenizer, method = build(tmp_path, name)
     rows = examples(model.config.vocab_size)
     unpacked = [collate(rows[:4], tokenizer, "causal_lm"), collate(rows[4:], tokenizer, "causal_lm")]
     pad_id = tokenizer.pad_token_id
@@ -143,8 +122,8 @@ def test_packed_window_equals_unpacked(tmp_path, name):
             assert switched, why
             assert model.config._attn_implementation == ATTENTION_NAME
         for path in (PLAIN, CHUNKED, FUSED):
-            loss_u, n_u, grads_u = window_loss_and_grads(model, unpacked, path)
-            loss_p, n_p, grads_p = window_loss_and_grads(model, packed, path)
+            loss_u, n_u, grads_u = kit.window_gradients(model, method, unpacked, loss_path=path)
+            loss_p, n_p, grads_p = kit.window_gradients(model, method, packed, loss_path=path)
             assert n_p == n_u
             assert abs(loss_p - loss_u) <= 1e-5, (attention, path, loss_p, loss_u)
             assert grads_u.keys() == grads_p.keys() and grads_u
@@ -156,19 +135,21 @@ def test_packed_window_equals_unpacked(tmp_path, name):
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
 def test_packed_equals_unpacked_on_other_architectures(tmp_path, arch):
     target = "[c_attn]" if arch == "gpt2" else "[q_proj,v_proj]"
-    model, tokenizer = build(tmp_path, "lora", f"model.name=tiny:{arch}", f"method.target_modules={target}")
+    model, tokenizer, method = build(
+        tmp_path, "lora", f"model.name=tiny:{arch}", f"method.target_modules={target}"
+    )
     rows = examples(model.config.vocab_size)
-    loss_u, _, _ = window_loss_and_grads(model, [collate(rows, tokenizer, "causal_lm")], PLAIN)
+    loss_u, _, _ = kit.window_gradients(model, method, [collate(rows, tokenizer, "causal_lm")])
     packed = collate_packed([rows[:3], rows[3:]], tokenizer.pad_token_id or 0)
-    loss_p, _, _ = window_loss_and_grads(model, [packed], PLAIN)
+    loss_p, _, _ = kit.window_gradients(model, method, [packed])
     assert abs(loss_p - loss_u) <= 1e-5, (loss_p, loss_u)
     # per-example attention (both families hand position_ids to their attention)
     switched, why = use_packed_attention(model)
     assert switched, why
-    loss_switched, _, _ = window_loss_and_grads(model, [packed], PLAIN)
+    loss_switched, _, _ = kit.window_gradients(model, method, [packed])
     assert abs(loss_switched - loss_u) <= 1e-5, (loss_switched, loss_u)
     # evaluation in the same run (padding mask, no position ids) still takes the ordinary path
-    loss_padded, _, _ = window_loss_and_grads(model, [collate(rows, tokenizer, "causal_lm")], PLAIN)
+    loss_padded, _, _ = kit.window_gradients(model, method, [collate(rows, tokenizer, "causal_lm")])
     assert abs(loss_padded - loss_u) <= 1e-6, (loss_padded, loss_u)
 
 
@@ -177,7 +158,7 @@ def test_packed_attention_keeps_transformers_path_when_the_probe_fails(tmp_path,
     the probe catches that and the model keeps its own attention."""
     import peftcli.training.attention
 
-    model, _ = build(tmp_path, "lora")
+    model, _, _ = build(tmp_path, "lora")
     before = model.config._attn_implementation
     monkeypatch.setattr(peftcli.training.attention, "_record_probe", lambda: None)
     switched, why = use_packed_attention(model)

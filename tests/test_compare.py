@@ -17,9 +17,9 @@ import math
 import os
 from pathlib import Path
 
+import kit
 import pytest
 import torch
-import yaml
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -32,29 +32,17 @@ from peftcli.recipe import RecipeError
 from peftcli.recipe_loader import load_recipe
 from peftcli.tools.compare import NOT_MERGEABLE, compare_recipe, parse_sets
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
-EVAL = str(ROOT / "recipes" / "data" / "tiny_eval.jsonl")
 METHODS = ["lora", "ia3", "prompt_tuning"]
 
 
 def write_recipe(directory: Path) -> Path:
-    recipe = {
-        "model": {"name": "tiny:llama"},
-        "data": {
-            "train": TRAIN,
-            "eval": EVAL,
-            "format": "completion",
-            "max_train_examples": 16,
-            "max_eval_examples": 8,
-        },
-        "method": {"name": "lora", "r": 64},  # dropped: each method starts from its own defaults
-        "train": {"max_steps": 50, "batch_size": 8, "lr": 1.0e-2, "log_every": 1, "seed": 0},
-        "eval": {"generate": False},
-    }
-    path = directory / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return kit.write_recipe(
+        directory,
+        output_dir=False,
+        data={"max_train_examples": 16, "max_eval_examples": 8},
+        method={"r": 64},  # dropped: each method starts from its own defaults
+        train={"max_steps": 50, "batch_size": 8, "lr": 1.0e-2, "log_every": 1, "seed": 0},
+    )
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ Expected label arrays are built by hand from the tiny byte-level tokenizer (one 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+import kit
 import pytest
 import torch
-from transformers import AutoTokenizer
+from kit import DATA
 
 from peftcli.data.collate import collate
 from peftcli.data.formats import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, infer_label_names
@@ -19,37 +19,23 @@ from peftcli.data.pipeline import load_data, split_eval
 from peftcli.data.sampler import BatchSampler
 from peftcli.data.sources import load_records
 from peftcli.recipe import DataConfig, RecipeError
-from peftcli.tiny import ensure_tiny
 
-DATA = Path(__file__).parent / "data"
 PAD, BOS, EOS, M = 0, 1, 2, -100
 
 
 @pytest.fixture(scope="module")
 def llama_tok():
-    return AutoTokenizer.from_pretrained(ensure_tiny("llama"))
+    return kit.tokenizer("llama")
 
 
 @pytest.fixture(scope="module")
 def bert_tok():
-    return AutoTokenizer.from_pretrained(ensure_tiny("bert"))
+    return kit.tokenizer("bert")
 
 
 @pytest.fixture(scope="module")
 def t5_tok():
-    return AutoTokenizer.from_pretrained(ensure_tiny("t5"))
-
-
-def ids(tokenizer, text: str) -> list[int]:
-    """Reference ids of plain text (no special tokens in it): the tokenizer maps one byte to one id."""
-    out = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert len(out) == len(text.encode()), "the tiny tokenizer is byte-level"
-    return out
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
+    return kit.tokenizer("t5")
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,7 +59,7 @@ def test_every_file_format_gives_the_same_records(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps(ROWS))
     (tmp_path / "wrapped.json").write_text(json.dumps({"data": ROWS}))
     (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in ROWS))
-    write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    kit.write_jsonl(tmp_path / "rows.jsonl", ROWS)
     (tmp_path / "rows.csv").write_text("prompt,completion\na,b\nc,d\n")
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist(ROWS), tmp_path / "rows.parquet")
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
@@ -135,7 +121,7 @@ def test_completion_mask_with_column_mapping(llama_tok):
         columns={"prompt": "question", "completion": "answer"},
     )
     bundle = load_data(cfg, llama_tok, "causal_lm")
-    prompt, answer = ids(llama_tok, "2+2="), ids(llama_tok, "4")
+    prompt, answer = kit.ids(llama_tok, "2+2="), kit.ids(llama_tok, "4")
     assert bundle.train[0] == {"input_ids": [BOS, *prompt, *answer, EOS], "labels": [M] * 5 + [*answer, EOS]}
     assert bundle.eval is None and bundle.eval_examples is None and bundle.label_names is None
     assert bundle.stats["train_examples"] == 4
@@ -167,7 +153,7 @@ def test_missing_column_errors(llama_tok):
 
 def test_text_format_trains_every_token(llama_tok):
     bundle = load_data(DataConfig(train=str(DATA / "text.jsonl")), llama_tok, "causal_lm")
-    expected = [BOS, *ids(llama_tok, "the quick brown fox"), EOS]
+    expected = [BOS, *kit.ids(llama_tok, "the quick brown fox"), EOS]
     assert bundle.train[0] == {"input_ids": expected, "labels": expected}
 
 
@@ -181,7 +167,7 @@ def test_instruction_format_uses_alpaca_template(llama_tok):
     )
     with_input = ALPACA_PROMPT.format(instruction="Add the numbers.", input="2 and 3")
     assert with_input.endswith("### Input:\n2 and 3\n\n### Response:\n")
-    prompt, answer = ids(llama_tok, with_input), ids(llama_tok, "5")
+    prompt, answer = kit.ids(llama_tok, with_input), kit.ids(llama_tok, "5")
     assert bundle.train[0]["input_ids"] == [BOS, *prompt, *answer, EOS]
     assert bundle.train[0]["labels"] == [M] * (1 + len(prompt)) + [*answer, EOS]
     no_input = ALPACA_PROMPT_NO_INPUT.format(instruction="Say hello.")  # empty input: no Input section
@@ -200,9 +186,9 @@ def test_chat_masks_every_assistant_turn(llama_tok):
     )
     # template: "<|role|>\n" + content (+ "</s>" for the assistant) + "\n"; BOS is prepended as the template
     # lacks it. An assistant span runs to where the rendered turn ends, so it includes the turn's "\n".
-    user1, turn1 = ids(llama_tok, "<|user|>\nhi\n<|assistant|>\n"), ids(llama_tok, "hello")
-    user2, turn2 = ids(llama_tok, "<|user|>\nbye\n<|assistant|>\n"), ids(llama_tok, "ciao")
-    newline = ids(llama_tok, "\n")
+    user1, turn1 = kit.ids(llama_tok, "<|user|>\nhi\n<|assistant|>\n"), kit.ids(llama_tok, "hello")
+    user2, turn2 = kit.ids(llama_tok, "<|user|>\nbye\n<|assistant|>\n"), kit.ids(llama_tok, "ciao")
+    newline = kit.ids(llama_tok, "\n")
     assert bundle.train[0]["input_ids"] == [BOS, *user1, *turn1, EOS, *newline, *user2, *turn2, EOS, *newline]
     assert bundle.train[0]["labels"] == (
         [M] * (1 + len(user1)) + [*turn1, EOS, *newline] + [M] * len(user2) + [*turn2, EOS, *newline]
@@ -211,8 +197,8 @@ def test_chat_masks_every_assistant_turn(llama_tok):
         "prompt": "<|user|>\nhi\n<|assistant|>\nhello</s>\n<|user|>\nbye\n<|assistant|>\n",
         "answer": "ciao",
     }
-    system = ids(llama_tok, "<|system|>\nbe brief\n<|user|>\nname?\n<|assistant|>\n")
-    assert bundle.train[1]["labels"] == [M] * (1 + len(system)) + [*ids(llama_tok, "Tiny"), EOS, *newline]
+    system = kit.ids(llama_tok, "<|system|>\nbe brief\n<|user|>\nname?\n<|assistant|>\n")
+    assert bundle.train[1]["labels"] == [M] * (1 + len(system)) + [*kit.ids(llama_tok, "Tiny"), EOS, *newline]
 
 
 def test_classification_labels_and_pairs(bert_tok, tmp_path):
@@ -223,19 +209,19 @@ def test_classification_labels_and_pairs(bert_tok, tmp_path):
     assert bundle.label_names == ["neg", "pos"]
     assert [e["label"] for e in bundle.train] == [1, 0, 1, 0]
     cls, sep = bert_tok.cls_token_id, bert_tok.sep_token_id
-    assert bundle.train[0]["input_ids"] == [cls, *ids(bert_tok, "a fine film"), sep]
+    assert bundle.train[0]["input_ids"] == [cls, *kit.ids(bert_tok, "a fine film"), sep]
 
     assert infer_label_names([2, 10, 1]) == ["1", "2", "10"]  # numeric order, not string order
-    path = write_jsonl(
+    path = kit.write_jsonl(
         tmp_path / "pairs.jsonl",
         [{"text": "a", "text_pair": "b", "label": 10}, {"text": "c", "text_pair": "d", "label": 9}],
     )
     bundle = load_data(DataConfig(train=path, format="classification"), bert_tok, "seq_cls")
     assert bundle.label_names == ["9", "10"] and [e["label"] for e in bundle.train] == [1, 0]
-    a, b = ids(bert_tok, "a"), ids(bert_tok, "b")
+    a, b = kit.ids(bert_tok, "a"), kit.ids(bert_tok, "b")
     assert bundle.train[0]["input_ids"] == [cls, *a, sep, *b, sep]
 
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "e", "label": 7}])
+    bad = kit.write_jsonl(tmp_path / "bad.jsonl", [{"text": "e", "label": 7}])
     with pytest.raises(RecipeError, match="label '7' is not one of the training labels"):
         load_data(DataConfig(train=path, eval=bad, format="classification"), bert_tok, "seq_cls")
 
@@ -249,13 +235,13 @@ def test_seq2seq_targets_end_in_eos(t5_tok):
     bundle = load_data(cfg, t5_tok, "seq2seq")
     t5_eos = t5_tok.eos_token_id
     assert bundle.train[1] == {
-        "input_ids": [*ids(t5_tok, "capital of France?"), t5_eos],
-        "labels": [*ids(t5_tok, "Paris"), t5_eos],
+        "input_ids": [*kit.ids(t5_tok, "capital of France?"), t5_eos],
+        "labels": [*kit.ids(t5_tok, "Paris"), t5_eos],
     }
 
     cfg.max_length = 8  # truncation keeps the closing EOS on both sides
     bundle = load_data(cfg, t5_tok, "seq2seq")
-    assert bundle.train[1]["input_ids"] == [*ids(t5_tok, "capital"), t5_eos]
+    assert bundle.train[1]["input_ids"] == [*kit.ids(t5_tok, "capital"), t5_eos]
     assert bundle.stats["train_truncated"] == 2  # "capital of France?" and "color of the sky?"
 
 
@@ -271,7 +257,7 @@ def test_format_must_fit_the_task(llama_tok):
 
 
 def test_truncation_is_counted_and_answerless_examples_dropped(llama_tok, tmp_path):
-    path = write_jsonl(
+    path = kit.write_jsonl(
         tmp_path / "long.jsonl",
         [
             {"prompt": "ab", "completion": "cd"},  # 1 + 2 + 2 + 1 = 6 tokens: fits
@@ -291,11 +277,11 @@ def test_truncation_is_counted_and_answerless_examples_dropped(llama_tok, tmp_pa
         "max_length": 8,
     }
     assert bundle.stats["train_tokens"] == 6 + 8
-    assert bundle.train[1]["labels"] == [M] * 5 + ids(llama_tok, "efg")
+    assert bundle.train[1]["labels"] == [M] * 5 + kit.ids(llama_tok, "efg")
 
 
 def test_eval_fraction_split_is_deterministic(llama_tok, tmp_path):
-    path = write_jsonl(tmp_path / "ten.jsonl", [{"text": f"row {i}"} for i in range(10)])
+    path = kit.write_jsonl(tmp_path / "ten.jsonl", [{"text": f"row {i}"} for i in range(10)])
 
     def split(seed: int) -> tuple[list[str], list[str]]:
         cfg = DataConfig(train=path, eval_fraction=0.3, shuffle_seed=seed)

@@ -16,9 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import kit
 import numpy as np
 import pytest
 import torch
+from kit import DATA, HELPERS, ROOT, TRAIN
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
@@ -33,29 +35,16 @@ from peftcli.recipe import DataConfig, ModelConfig, RecipeError, SourceConfig
 from peftcli.recipe_loader import recipe_from_dict
 from peftcli.tiny import ensure_tiny
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).parent / "data"
 BOS, EOS, M = 1, 2, -100
 
 
 @pytest.fixture()
 def llama_tok():
-    return AutoTokenizer.from_pretrained(ensure_tiny("llama"))
-
-
-def ids(tokenizer, text: str) -> list[int]:
-    out = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert len(out) == len(text.encode()), "the tiny tokenizer is byte-level"
-    return out
+    return kit.tokenizer("llama")
 
 
 def chatml(role: str, content: str) -> str:
     return f"<|im_start|>{role}\n{content}<|im_end|>\n"
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
 
 
 def config(tmp_path: Path, **kwargs) -> DataConfig:
@@ -71,20 +60,22 @@ def test_sharegpt_maps_roles_and_trains_only_assistant_turns(llama_tok, tmp_path
     llama_tok.chat_template = CHATML
     cfg = config(tmp_path, train=str(DATA / "sharegpt.jsonl"), format="sharegpt", roles={"bot": "assistant"})
     bundle = load_data(cfg, llama_tok, "causal_lm")
-    prompt = ids(llama_tok, chatml("system", "be brief") + chatml("user", "hi") + "<|im_start|>assistant\n")
-    answer = ids(llama_tok, "hello<|im_end|>\n")
+    prompt = kit.ids(
+        llama_tok, chatml("system", "be brief") + chatml("user", "hi") + "<|im_start|>assistant\n"
+    )
+    answer = kit.ids(llama_tok, "hello<|im_end|>\n")
     assert bundle.train[0] == {
         "input_ids": [BOS, *prompt, *answer],
         "labels": [M] * (1 + len(prompt)) + answer,
     }
     # "bot" is mapped by data.roles: both assistant turns of row 2 carry loss, the user turns none
     user1, bot = (
-        ids(llama_tok, chatml("user", "2+2?") + "<|im_start|>assistant\n"),
-        ids(llama_tok, "4<|im_end|>\n"),
+        kit.ids(llama_tok, chatml("user", "2+2?") + "<|im_start|>assistant\n"),
+        kit.ids(llama_tok, "4<|im_end|>\n"),
     )
     user2, gpt = (
-        ids(llama_tok, chatml("user", "3+3?") + "<|im_start|>assistant\n"),
-        ids(llama_tok, "6<|im_end|>\n"),
+        kit.ids(llama_tok, chatml("user", "3+3?") + "<|im_start|>assistant\n"),
+        kit.ids(llama_tok, "6<|im_end|>\n"),
     )
     assert bundle.train[1]["labels"] == [M] * (1 + len(user1)) + bot + [M] * len(user2) + gpt
 
@@ -105,9 +96,9 @@ def test_chat_with_system_and_tool_turns_and_train_false(llama_tok, tmp_path):
     excluded = "call clock<|im_end|>\n"  # train: false keeps this assistant turn out of the loss
     tool = chatml("tool", "12:00") + "<|im_start|>assistant\n"
     kept = "noon<|im_end|>\n"
-    expected = [BOS, *ids(llama_tok, head + excluded + tool + kept)]
+    expected = [BOS, *kit.ids(llama_tok, head + excluded + tool + kept)]
     assert bundle.train[0]["input_ids"] == expected
-    assert bundle.train[0]["labels"] == [M] * (len(expected) - len(kept)) + ids(llama_tok, kept)
+    assert bundle.train[0]["labels"] == [M] * (len(expected) - len(kept)) + kit.ids(llama_tok, kept)
 
 
 def test_instruction_from_a_json_list_file(llama_tok, tmp_path):
@@ -118,10 +109,10 @@ def test_instruction_from_a_json_list_file(llama_tok, tmp_path):
         llama_tok,
         "causal_lm",
     )
-    prompt = ids(llama_tok, ALPACA_PROMPT.format(instruction="Add the numbers.", input="2 and 3"))
+    prompt = kit.ids(llama_tok, ALPACA_PROMPT.format(instruction="Add the numbers.", input="2 and 3"))
     assert bundle.train[0] == {
-        "input_ids": [BOS, *prompt, *ids(llama_tok, "5"), EOS],
-        "labels": [M] * (1 + len(prompt)) + [*ids(llama_tok, "5"), EOS],
+        "input_ids": [BOS, *prompt, *kit.ids(llama_tok, "5"), EOS],
+        "labels": [M] * (1 + len(prompt)) + [*kit.ids(llama_tok, "5"), EOS],
     }
     assert len(bundle.train) == 2
 
@@ -134,10 +125,10 @@ def test_builtin_llama3_template_and_missing_template_error(llama_tok, tmp_path)
     )
     prompt = "<|start_header_id|>system<|end_header_id|>\n\nbe brief<|eot_id|>"
     prompt += "<|start_header_id|>user<|end_header_id|>\n\nname?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-    answer = ids(tokenizer, "Tiny<|eot_id|>")
+    answer = kit.ids(tokenizer, "Tiny<|eot_id|>")
     # the template writes BOS ("<s>") itself, so no second one is added
-    assert bundle.train[1]["input_ids"] == [BOS, *ids(tokenizer, prompt), *answer]
-    assert bundle.train[1]["labels"] == [M] * (1 + len(ids(tokenizer, prompt))) + answer
+    assert bundle.train[1]["input_ids"] == [BOS, *kit.ids(tokenizer, prompt), *answer]
+    assert bundle.train[1]["labels"] == [M] * (1 + len(kit.ids(tokenizer, prompt))) + answer
 
     llama_tok.chat_template = None
     with pytest.raises(RecipeError) as err:
@@ -179,7 +170,7 @@ def test_row_missing_a_column_names_its_line_and_the_right_fix(llama_tok, tmp_pa
     rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(10)]
     del rows[7]["completion"]  # the 8th row
     rows[4] = {"prompt": "x", "completion": None}
-    path = write_jsonl(tmp_path / "missing.jsonl", rows)
+    path = kit.write_jsonl(tmp_path / "missing.jsonl", rows)
     cfg = config(tmp_path, train=path, format="completion")
     with pytest.raises(RecipeError) as err:
         load_data(cfg, llama_tok, "causal_lm")
@@ -200,7 +191,7 @@ def test_invalid_json_line_and_wrong_message_shape(llama_tok, tmp_path):
     path.write_text('{"text": "ok"}\n{"text": oops}\n')
     with pytest.raises(RecipeError, match=r"broken.jsonl line 2 is not valid JSON"):
         load_data(config(tmp_path, train=str(path)), llama_tok, "causal_lm")
-    chat = write_jsonl(
+    chat = kit.write_jsonl(
         tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "a"}]}, {"messages": "nope"}]
     )
     with pytest.raises(RecipeError) as err:
@@ -232,7 +223,7 @@ def test_deeply_nested_json_is_a_line_error_not_a_recursion_error(llama_tok, tmp
     text, data_format, line = DEEP_FILES[name]
     path = tmp_path / name
     path.write_text(text)
-    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "completion": "b"}])
+    good = kit.write_jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "completion": "b"}])
     for key, paths in {"train": {"train": str(path)}, "eval": {"train": good, "eval": str(path)}}.items():
         cfg = config(tmp_path, **paths, format=data_format)
         with pytest.raises(RecipeError) as err:
@@ -264,7 +255,7 @@ def test_deeply_nested_json_string_in_a_csv_cell_is_a_row_error(llama_tok, tmp_p
 
 def test_cache_reused_when_unchanged_and_invalidated_by_data_tokenizer_and_max_length(llama_tok, tmp_path):
     path = tmp_path / "rows.jsonl"
-    write_jsonl(path, [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(300)])
+    kit.write_jsonl(path, [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(300)])
     cfg = config(tmp_path, train=str(path), format="completion")
 
     def run(tokenizer=llama_tok) -> tuple[str, list]:
@@ -283,7 +274,7 @@ def test_cache_reused_when_unchanged_and_invalidated_by_data_tokenizer_and_max_l
     cfg.max_length = 512
     assert "reusing" in run()[0]
 
-    other = AutoTokenizer.from_pretrained(ensure_tiny("llama"))
+    other = kit.tokenizer("llama")
     other.add_tokens(["question"])  # a different vocabulary: different ids for the same text
     line, rows_other = run(other)
     assert "tokenized" in line and rows_other != rows
@@ -295,7 +286,7 @@ def test_cache_reused_when_unchanged_and_invalidated_by_data_tokenizer_and_max_l
 
 
 def test_second_preprocess_reuses_the_cache_and_is_faster(tmp_path):
-    path = write_jsonl(
+    path = kit.write_jsonl(
         tmp_path / "rows.jsonl",
         [{"prompt": f"q{i} " * (i % 30 + 1), "completion": f"a{i}"} for i in range(4000)],
     )
@@ -342,7 +333,7 @@ def test_a_killed_build_leaves_no_entry(tmp_path):
 
 
 def test_num_proc_2_builds_the_same_dataset(llama_tok, tmp_path):
-    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i} " * (i % 7 + 1)} for i in range(200)])
+    path = kit.write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i} " * (i % 7 + 1)} for i in range(200)])
     one = load_data(config(tmp_path / "a", train=path, num_proc=1), llama_tok, "causal_lm")
     two = load_data(config(tmp_path / "b", train=path, num_proc=2), llama_tok, "causal_lm")
     assert list(two.train) == list(one.train) and np.array_equal(two.train.lengths, one.train.lengths)
@@ -356,7 +347,7 @@ def test_num_proc_2_builds_the_same_dataset(llama_tok, tmp_path):
 
 def test_mixture_of_two_formats_with_weights(llama_tok, tmp_path):
     llama_tok.chat_template = CHATML
-    text = write_jsonl(tmp_path / "text.jsonl", [{"body": "t" * (i + 1)} for i in range(30)])
+    text = kit.write_jsonl(tmp_path / "text.jsonl", [{"body": "t" * (i + 1)} for i in range(30)])
     cfg = config(
         tmp_path,
         train=[
@@ -367,7 +358,7 @@ def test_mixture_of_two_formats_with_weights(llama_tok, tmp_path):
     )
     bundle = load_data(cfg, llama_tok, "causal_lm")
     assert len(bundle.train) == 32 and bundle.mixture.offsets == [0, 30] and bundle.mixture.sizes == [30, 2]
-    assert bundle.train[0]["input_ids"] == [BOS, *ids(llama_tok, "t"), EOS]
+    assert bundle.train[0]["input_ids"] == [BOS, *kit.ids(llama_tok, "t"), EOS]
     # 32 draws per epoch split 3:1 -> 24 text rows and 8 sharegpt rows (4 passes over its 2 rows)
     assert [s["examples_per_epoch"] for s in bundle.sources] == [24, 8]
     text_tokens = sum(i + 3 for i in range(30)) / 30 * 24
@@ -390,8 +381,8 @@ def test_mixture_of_two_formats_with_weights(llama_tok, tmp_path):
 
 
 def test_unweighted_mixture_concatenates(llama_tok, tmp_path):
-    a = write_jsonl(tmp_path / "a.jsonl", [{"text": "a"}, {"text": "aa"}])
-    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "b", "completion": "c"}])
+    a = kit.write_jsonl(tmp_path / "a.jsonl", [{"text": "a"}, {"text": "aa"}])
+    b = kit.write_jsonl(tmp_path / "b.jsonl", [{"prompt": "b", "completion": "c"}])
     cfg = config(tmp_path, train=[SourceConfig(path=a), SourceConfig(path=b, format="completion")])
     bundle = load_data(cfg, llama_tok, "causal_lm")
     assert bundle.mixture is None and bundle.train.lengths.tolist() == [3, 4, 4]
@@ -428,7 +419,7 @@ def test_mixture_recipe_schema():
 
 
 def test_validate_reads_the_first_rows_through_the_format(tmp_path):
-    bad = write_jsonl(
+    bad = kit.write_jsonl(
         tmp_path / "bad.jsonl",
         [{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}],
     )
@@ -466,7 +457,7 @@ def test_sigkill_then_resume_over_the_cached_mixture_is_exact(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         MIXTURE_RECIPE.format(
-            train=ROOT / "recipes" / "data" / "tiny_train.jsonl",
+            train=TRAIN,
             sharegpt=DATA / "sharegpt.jsonl",
             cache=tmp_path / "c",
         )
@@ -474,7 +465,7 @@ def test_sigkill_then_resume_over_the_cached_mixture_is_exact(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     result = CliRunner().invoke(app, ["train", str(recipe), "--output-dir", str(full), "-q"])
     assert result.exit_code == 0, result.output
-    kill_after = ROOT / "tests" / "helpers" / "kill_after_checkpoint.py"  # SIGKILL after checkpoint 2
+    kill_after = HELPERS / "kill_after_checkpoint.py"  # SIGKILL after checkpoint 2
     cmd = [sys.executable, str(kill_after), "2", "--", "train", str(recipe), "--output-dir", str(killed)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
@@ -495,7 +486,7 @@ def test_preprocess_statistics_match_a_hand_count(tmp_path):
     rows = [
         {"prompt": "p" * int(k), "completion": "c" * int(m)} for k, m in zip(prompts, answers, strict=True)
     ]
-    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    path = kit.write_jsonl(tmp_path / "rows.jsonl", rows)
     recipe = recipe_from_dict(
         {
             "model": {"name": "tiny:llama"},
@@ -592,7 +583,7 @@ def test_memory_does_not_grow_with_the_number_of_rows(tmp_path):
     tokenizer_dir = ensure_tiny("llama")
     peaks = {}
     for rows in (10_000, 150_000):
-        path = write_jsonl(
+        path = kit.write_jsonl(
             tmp_path / f"rows{rows}.jsonl", [{"text": f"row {i} " * (i % 6 + 2)} for i in range(rows)]
         )
         command = [sys.executable, "-c", RSS_PROBE, str(tokenizer_dir), path, str(tmp_path / "cache")]

@@ -25,17 +25,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit import EVAL, HELPERS, ROOT, TRAIN
 from safetensors.torch import load_file
 
 import peftcli
 from peftcli.methods.catalog import get_method_class
 from peftcli.recipe import RecipeError
 from peftcli.training.distributed import Dist, LaunchOptions, check_method, init, launch, worker_args, wrap
-
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
-EVAL = str(ROOT / "recipes" / "data" / "tiny_eval.jsonl")
-HELPERS = ROOT / "tests" / "helpers"
 
 METHODS = {
     "lora": "{name: lora, r: 4, alpha: 8, dropout: 0.0}",

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+from kit import ROOT
 from typer.testing import CliRunner
 
 from peftcli.cli import app
 from peftcli.docs import reference_block
 from peftcli.methods.catalog import list_methods
 
-ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 METHODS_DOC = (ROOT / "docs" / "methods.md").read_text()
 MARKDOWN = sorted([ROOT / "README.md", ROOT / "CONTRIBUTING.md", *(ROOT / "docs").glob("*.md")])

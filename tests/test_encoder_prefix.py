@@ -12,18 +12,17 @@ With ``encoder_prefix: false`` peft stays the oracle (tests/test_soft_prompts.py
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+import kit
 import pytest
 import torch
+from kit import TINY
 from safetensors import safe_open
-from test_soft_prompts import assert_seq2seq_generate_matches_recompute, batch_for, build, one_step
 
 from peftcli.export import load_adapter, save_adapter
 from peftcli.methods.prefix_tuning import ENCODER_KEY
 from peftcli.recipe import RecipeError
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
     "prefix_tuning": {
         "name": "prefix_tuning",
@@ -75,9 +74,9 @@ def reference_encoder(t5, rows: torch.Tensor, input_ids: torch.Tensor, mask: tor
 
 @pytest.mark.parametrize("key", list(METHODS))
 def test_encoder_output_equals_attention_over_prefix_and_tokens_written_out(key):
-    *_, model, method, _ = build("seq2seq", METHODS[key])
-    one_step(model, "seq2seq", lr=5e-2)
-    input_ids, mask, kwargs, _ = batch_for("seq2seq", seed=1)  # row 1 right-padded
+    *_, model, method = kit.build_inline("seq2seq", METHODS[key])
+    kit.train_step(model, method, kit.batch("seq2seq"), task="seq2seq", lr=5e-2)
+    input_ids, mask, kwargs, _ = kit.parts(kit.batch("seq2seq", seed=1), "seq2seq")  # row 1 right-padded
     rows = method.encoder_rows(model)
     assert tuple(rows.shape) == (4, 2 * 2 * 4 * 16)  # n × (encoder layers · 2 · heads · d_kv)
     with torch.no_grad():
@@ -93,10 +92,12 @@ def test_encoder_output_equals_attention_over_prefix_and_tokens_written_out(key)
 def test_encoder_prefix_alone_changes_the_encoder_and_decoder_prefix_is_unchanged():
     """The encoder prefix is really read (changing only it moves the encoder output), and adding it
     leaves the decoder prefix exactly as without it (same seed: same rows)."""
-    *_, model, method, _ = build("seq2seq", METHODS["p_tuning_v2"])
-    *_, plain_model, plain_method, _ = build("seq2seq", {**METHODS["p_tuning_v2"], "encoder_prefix": False})
+    *_, model, method = kit.build_inline("seq2seq", METHODS["p_tuning_v2"])
+    *_, plain_model, plain_method = kit.build_inline(
+        "seq2seq", {**METHODS["p_tuning_v2"], "encoder_prefix": False}
+    )
     assert torch.equal(method.stored_rows(model), plain_method.stored_rows(plain_model))
-    input_ids, mask, kwargs, _ = batch_for("seq2seq", seed=1)
+    input_ids, mask, kwargs, _ = kit.parts(kit.batch("seq2seq", seed=1), "seq2seq")
     with torch.no_grad():
         before = model(input_ids=input_ids, attention_mask=mask, **kwargs).encoder_last_hidden_state
         model.encoder_prefix.embedding.weight.add_(torch.randn_like(model.encoder_prefix.embedding.weight))
@@ -108,12 +109,12 @@ def test_encoder_prefix_alone_changes_the_encoder_and_decoder_prefix_is_unchange
 
 @pytest.mark.parametrize("key", list(METHODS))
 def test_save_load_gives_equal_logits_and_no_peft_type(key, tmp_path):
-    recipe, base_path, tokenizer, model, method, labels = build("seq2seq", METHODS[key])
-    one_step(model, "seq2seq", lr=5e-2)
-    input_ids, mask, kwargs, _ = batch_for("seq2seq", seed=2)
+    recipe, base_path, tokenizer, model, method = kit.build_inline("seq2seq", METHODS[key])
+    kit.train_step(model, method, kit.batch("seq2seq"), task="seq2seq", lr=5e-2)
+    input_ids, mask, kwargs, _ = kit.parts(kit.batch("seq2seq", seed=2), "seq2seq")
     with torch.no_grad():
         ours = model(input_ids=input_ids, attention_mask=mask, **kwargs).logits
-    save_adapter(tmp_path / "a", model, method, tokenizer, base_path, recipe.model, labels)
+    save_adapter(tmp_path / "a", model, method, tokenizer, base_path, recipe.model)
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert "peft_type" not in config and config["peftcli_method"] == METHODS[key]["name"]
     with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), framework="pt") as handle:
@@ -127,22 +128,20 @@ def test_save_load_gives_equal_logits_and_no_peft_type(key, tmp_path):
 
 
 def test_generation_with_encoder_prefix_matches_recompute():
-    *_, model, _, _ = build("seq2seq", METHODS["prefix_tuning"])
-    one_step(model, "seq2seq", lr=5e-2)
-    assert_seq2seq_generate_matches_recompute(model)
+    *_, model, method = kit.build_inline("seq2seq", METHODS["prefix_tuning"])
+    kit.train_step(model, method, kit.batch("seq2seq"), task="seq2seq", lr=5e-2)
+    kit.assert_seq2seq_generate_matches_recompute(model)
 
 
 def test_encoder_prefix_is_refused_without_an_encoder():
     with pytest.raises(RecipeError, match="method.encoder_prefix"):
-        build("causal_lm", {"name": "prefix_tuning", "encoder_prefix": True})
+        kit.build_inline("causal_lm", {"name": "prefix_tuning", "encoder_prefix": True})
 
 
 def test_t5_recipe_trains_through_the_cli_path_and_loss_falls(tmp_path):
     from peftcli.api import train
 
-    result = train(
-        ROOT / "recipes" / "tiny" / "prefix_tuning_t5.yaml", overrides=[f"output_dir={tmp_path / 'run'}"]
-    )
+    result = train(TINY / "prefix_tuning_t5.yaml", overrides=[f"output_dir={tmp_path / 'run'}"])
     assert result.last_loss < result.first_loss
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config.get("encoder_prefix") is True and "peft_type" not in config

@@ -12,13 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from kit import EVAL, TRAIN
 from typer.testing import CliRunner
 
 from peftcli.cli import app
-
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
-EVAL = str(ROOT / "recipes" / "data" / "tiny_eval.jsonl")
 
 
 def write_recipe(tmp_path: Path, text: str) -> Path:

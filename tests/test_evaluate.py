@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kit import CPU
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
@@ -23,7 +24,6 @@ from peftcli.evaluate import evaluate, greedy_generate
 from peftcli.recipe import EvalConfig
 from peftcli.tiny import ensure_tiny
 
-CPU = torch.device("cpu")
 M = -100
 
 

@@ -256,9 +256,8 @@ def test_metadata_round_trips_through_the_gguf_reader(family, family_dir, tmp_pa
     vocab = tokenizer.get_vocab()
     tokens = value("tokenizer.ggml.tokens")
     assert all(tokens[i] == text for text, i in vocab.items())
-    assert value("tokenizer.ggml.pre") == {"llama3": "llama-bpe", "qwen2": "qwen2", "gpt2": "gpt-2"}[
-        FAMILIES[family][2]
-    ] or (family == "gemma" and value("tokenizer.ggml.pre") == "smaug-bpe")
+    pre = {"llama3": "llama-bpe", "qwen2": "qwen2", "gpt2": "gpt-2"}[FAMILIES[family][2]]
+    assert value("tokenizer.ggml.pre") == pre
     assert value("tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
     assert value("tokenizer.ggml.add_bos_token") == FAMILIES[family][4]
     assert value("tokenizer.chat_template") == tokenizer.chat_template

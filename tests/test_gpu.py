@@ -18,15 +18,15 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+import kit
 import pytest
 import torch
+from kit import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-import gpu  # noqa: E402
-import gpu_checks  # noqa: E402
+import gpu
+import gpu_checks
 
 CUDA = torch.cuda.is_available()
 
@@ -54,22 +54,7 @@ def test_flops_per_token_is_what_torch_counts_for_lora_training():
     halving (the counter counts every score)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from peftcli.methods.catalog import method_for
-    from peftcli.models import build_model, load_tokenizer, resolve_model_name
-    from peftcli.recipe_loader import load_recipe
-
-    recipe = load_recipe(ROOT / "recipes" / "tiny" / "lora.yaml", ["method.r=4"])
-    base = resolve_model_name(recipe.model.name)
-    tokenizer = load_tokenizer(base, recipe.model)
-    method = method_for(recipe)
-    model = build_model(
-        base,
-        recipe.model,
-        method,
-        torch.device("cpu"),
-        seed=recipe.train.seed,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    model = kit.build("lora", overrides=["method.r=4"]).model
     model.set_attn_implementation("eager")
     c = model.config
     shape = dict(

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from kit import ROOT
 from typer.testing import CliRunner
 
 from peftcli.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = "recipes/data/tasks"  # the task's data_files path is relative to the repository root
 TASK = "tiny_reverse_choice"
 
@@ -72,7 +72,7 @@ def lm_eval_cli(model_args: str, out: Path) -> dict:
 def test_task_accuracy_equals_lm_eval_cli(method, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     pytest.importorskip("peft")
-    from peft_oracle import build, perturb, save
+    from kit import build, perturb, save
 
     from peftcli.api import evaluate_tasks, merge
 
@@ -125,9 +125,9 @@ def test_generation_requests_equal_hflm_on_the_merged_model(tmp_path):
     """lm-eval's generate_until through our decoding loop on the unmerged LoRA adapter gives the text
     lm-eval's own HFLM generates (transformers' generate) on the merged model."""
     pytest.importorskip("lm_eval")
+    from kit import build, perturb, save
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
-    from peft_oracle import build, perturb, save
 
     from peftcli.api import merge
     from peftcli.harness import make_lm

@@ -8,6 +8,7 @@ tiny BERT classifier (≤ 1e-6).
 
 from __future__ import annotations
 
+import kit
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,23 +17,8 @@ from peftcli.export import load_adapter, save_adapter
 from peftcli.methods.mam_adapter import MamAdapter, MamConfig
 from peftcli.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from peftcli.methods.unipelt import GatedLoRA, UniPelt, UniPeltConfig
-from peftcli.models import load_model, load_tokenizer, resolve_model_name
+from peftcli.models import load_tokenizer, resolve_model_name
 from peftcli.recipe import ModelConfig
-from peftcli.training.loop import token_loss_sum
-
-
-def tiny(arch: str = "llama", task: str = "causal_lm"):
-    cfg = ModelConfig(name=f"tiny:{arch}", task=task)
-    model = load_model(resolve_model_name(cfg.name), cfg, torch.device("cpu"), label_names=["a", "b"])
-    model.eval()
-    return model
-
-
-def batch(vocab: int):
-    ids = torch.randint(5, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def prefix_only(rows: torch.Tensor, n: int):
@@ -41,7 +27,7 @@ def prefix_only(rows: torch.Tensor, n: int):
         PrefixTuningConfig(name="prefix_tuning", num_virtual_tokens=n, prefix_projection=False)
     )
     torch.manual_seed(0)
-    model = method.attach(tiny())
+    model = method.attach(kit.tiny(seed=None))
     model.prefix.start_from(rows)
     model.eval()
     return model
@@ -54,7 +40,7 @@ def mam(**options):
             name="mam_adapter", num_virtual_tokens=4, encoder_hidden_size=32, bottleneck_size=8, **options
         )
     )
-    model = method.attach(tiny())
+    model = method.attach(kit.tiny(seed=None))
     model.eval()
     return model, method
 
@@ -64,14 +50,14 @@ def unipelt(arch: str = "llama", task: str = "causal_lm"):
     method = UniPelt(
         UniPeltConfig(name="unipelt", num_virtual_tokens=4, encoder_hidden_size=32, bottleneck_size=8), task
     )
-    model = method.attach(tiny(arch, task))
+    model = method.attach(kit.tiny(arch, task, seed=None))
     model.eval()
     return model, method
 
 
 def test_mam_at_adapter_init_equals_prefix_tuning_alone():
     model, method = mam()
-    b = batch(model.config.vocab_size)
+    b = kit.batch("causal_lm", model.config.vocab_size, labels=False)
     reference = prefix_only(method.prefix.stored_rows(model), 4)
     with torch.no_grad():
         assert (model(**b).logits - reference(**b).logits).abs().max().item() <= 1e-5
@@ -89,7 +75,7 @@ def test_mam_ffn_is_the_scaled_parallel_adapter():
     seen = {}
     handle = mlp.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))
     with torch.no_grad():
-        model(**batch(model.config.vocab_size))
+        model(**kit.batch("causal_lm", model.config.vocab_size, labels=False))
     handle.remove()
     x = seen["x"]
     with torch.no_grad():  # f(x) + s·(W_up relu(W_down x + b) + b)
@@ -124,7 +110,7 @@ def test_unipelt_prefix_gate_scales_the_prefix_rows():
     for layer, g in enumerate(torch.sigmoid(torch.tensor([0.7, -1.3]))):
         gated[:, layer * 2 * t : (layer + 1) * 2 * t] *= g
     reference = prefix_only(gated, 4)  # LoRA (B = 0) and the adapters (W_up = 0) add nothing yet
-    b = batch(model.config.vocab_size)
+    b = kit.batch("causal_lm", model.config.vocab_size, labels=False)
     with torch.no_grad():
         assert (model(**b).logits - reference(**b).logits).abs().max().item() <= 1e-5
 
@@ -159,17 +145,13 @@ def test_bert_classifier_trains_saves_and_reloads(name, tmp_path):
     if name == "mam_adapter":
         torch.manual_seed(0)
         method = MamAdapter(MamConfig(name=name, num_virtual_tokens=4, bottleneck_size=8), "seq_cls")
-        model = method.attach(tiny("bert", "seq_cls"))
+        model = method.attach(kit.tiny("bert", "seq_cls", seed=None))
     else:
         model, method = unipelt("bert", "seq_cls")
-    b = batch(model.config.vocab_size)
-    model.train()
+    labelled = kit.batch("seq_cls", model.config.vocab_size)  # classes [0, 1]
+    b = kit.inputs(labelled, "seq_cls")
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    loss_sum, count = token_loss_sum(model(**b).logits, torch.tensor([0, 1]), "seq_cls")
-    (loss_sum / count).backward()
-    optimizer.step()
-    model.eval()
+    kit.train_step(model, method, labelled, task="seq_cls")
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     with torch.no_grad():
         ours = model(**b).logits

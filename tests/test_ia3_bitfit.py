@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from peft_oracle import (
+from kit import (
     base_model,
     batch_of,
     build,

@@ -7,38 +7,20 @@ with the tiny models' dimensions; ``.grad is None`` / ``grad_fn is None`` for th
 
 from __future__ import annotations
 
+import kit
 import pytest
 import torch
 import torch.nn.functional as F
 
 from peftcli.compat import cache_argument, output_cache
 from peftcli.methods.ladder_side_tuning import LadderConfig, LadderSideTuning
-from peftcli.models import load_model, resolve_model_name
-from peftcli.recipe import ModelConfig
 from peftcli.training.loop import token_loss_sum
 
 ARCHS = [("llama", "causal_lm"), ("qwen2", "causal_lm"), ("gpt2", "causal_lm"), ("bert", "seq_cls")]
 
 
-def tiny(arch: str, task: str):
-    cfg = ModelConfig(name=f"tiny:{arch}", task=task)
-    torch.manual_seed(0)
-    model = load_model(resolve_model_name(cfg.name), cfg, torch.device("cpu"), label_names=["a", "b"])
-    model.eval()
-    return model
-
-
-def batch(vocab: int, task: str):
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, vocab, (2, 9), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    labels = torch.tensor([0, 1]) if task == "seq_cls" else ids.masked_fill(mask == 0, -100)
-    return {"input_ids": ids, "attention_mask": mask}, labels
-
-
 def applied(arch: str, task: str, **options):
-    model = tiny(arch, task)
+    model = kit.tiny(arch, task)
     method = LadderSideTuning(LadderConfig(name="ladder_side_tuning", **options), task)
     torch.manual_seed(0)
     return method.attach(model), method
@@ -55,11 +37,11 @@ def randomize_upsample(method, model) -> None:
 
 @pytest.mark.parametrize("arch,task", ARCHS)
 def test_identity_at_init(arch, task):
-    base = tiny(arch, task)
+    base = kit.tiny(arch, task)
     model, _ = applied(arch, task)
     if task == "seq_cls":  # same (new, random) head on both
         base.classifier.load_state_dict(model.classifier.state_dict())
-    inputs, _ = batch(base.config.vocab_size, task)
+    inputs, _ = kit.inputs_and_labels(kit.batch(task, base.config.vocab_size), task)
     with torch.no_grad():
         assert (model(**inputs).logits - base(**inputs).logits).abs().max().item() <= 1e-6
 
@@ -86,7 +68,7 @@ def test_no_gradient_reaches_the_backbone_and_it_runs_without_a_graph(arch, task
         records.append((torch.is_grad_enabled(), out.requires_grad, out.grad_fn))
 
     handles = [layer.register_forward_hook(record) for layer in layers]
-    inputs, labels = batch(model.config.vocab_size, task)
+    inputs, labels = kit.inputs_and_labels(kit.batch(task, model.config.vocab_size), task)
     model.train()
     loss_sum, n = token_loss_sum(model(**inputs).logits, labels, task)
     (loss_sum / n).backward()
@@ -106,7 +88,7 @@ def test_activations_saved_for_backward_are_only_the_side_and_head():
     (width d_s or its FFN), the upsample/head input (width d) or the logits/loss."""
     model, method = applied("llama", "causal_lm", reduction_factor=4)
     randomize_upsample(method, model)
-    inputs, labels = batch(model.config.vocab_size, "causal_lm")
+    inputs, labels = kit.inputs_and_labels(kit.batch("causal_lm", model.config.vocab_size), "causal_lm")
     shapes = []
 
     def pack(t):
@@ -130,7 +112,7 @@ def test_forward_equals_side_network_equation(arch, task):
     randomize_upsample(method, model)
     side = method.side_network(model)
     backbone = model.get_submodule(method.body_name).backbone
-    inputs, _ = batch(model.config.vocab_size, task)
+    inputs, _ = kit.inputs_and_labels(kit.batch(task, model.config.vocab_size), task)
     with torch.no_grad():
         ours = model(**inputs).logits
         out = backbone(**inputs, output_hidden_states=True)

@@ -11,8 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
+import kit
 import pytest
-import yaml
 from helpers.kill_after_checkpoint import run_killed_after_checkpoint
 from typer.testing import CliRunner
 
@@ -22,23 +22,13 @@ from peftcli.recipe import RecipeError
 from peftcli.recipe_loader import load_recipe
 from peftcli.training.loggers import check_installed, flat_hyperparameters
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
-EVAL = str(ROOT / "recipes" / "data" / "tiny_eval.jsonl")
-
 
 def write_recipe(tmp_path: Path, loggers: list[str], **train) -> Path:
-    recipe = {
-        "model": {"name": "tiny:llama"},
-        "data": {
-            "train": TRAIN,
-            "eval": EVAL,
-            "format": "completion",
-            "max_train_examples": 32,
-            "max_eval_examples": 8,
-        },
-        "method": {"name": "lora", "r": 2},
-        "train": {
+    return kit.write_recipe(
+        tmp_path,
+        data={"max_train_examples": 32, "max_eval_examples": 8},
+        method={"r": 2},
+        train={
             "max_steps": 6,
             "batch_size": 8,
             "lr": 5.0e-3,
@@ -48,12 +38,7 @@ def write_recipe(tmp_path: Path, loggers: list[str], **train) -> Path:
             "loggers": loggers,
             **train,
         },
-        "eval": {"generate": False},
-        "output_dir": str(tmp_path / "run"),
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    )
 
 
 def events_of(run: Path) -> list[dict]:

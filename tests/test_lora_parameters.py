@@ -18,7 +18,7 @@ import json
 
 import pytest
 import torch
-from peft_oracle import base_model, batch_of, build, load_in_peft, logits, perturb, save
+from kit import base_model, batch_of, build, load_in_peft, logits, perturb, save
 
 from peftcli.export import merge_adapter
 from peftcli.methods.lora import LoRAParameter

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft_oracle import (
+from kit import (
     base_model,
     batch_of,
     build,

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import kit
 import pytest
 import torch
+from kit import CPU
 
-from peftcli.methods.catalog import method_for
-from peftcli.models import build_model, load_tokenizer, resolve_model_name
-from peftcli.recipe_loader import load_recipe
 from peftcli.training.loss import (
     CHUNKED,
     FUSED,
@@ -26,33 +25,9 @@ from peftcli.training.loss import (
     micro_batch_loss_sum,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-CPU = torch.device("cpu")
-
 
 def build(tmp_path: Path, recipe_name: str, *overrides: str):
-    recipe = load_recipe(
-        ROOT / "recipes" / "tiny" / f"{recipe_name}.yaml", [*overrides, f"output_dir={tmp_path}"]
-    )
-    base_path = resolve_model_name(recipe.model.name)
-    tokenizer = load_tokenizer(base_path, recipe.model)
-    method = method_for(recipe)
-    model = build_model(
-        base_path, recipe.model, method, CPU, seed=recipe.train.seed, pad_token_id=tokenizer.pad_token_id
-    )
-    return model
-
-
-def causal_batch(vocab_size: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(5, vocab_size, (3, 12), generator=gen)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 8:] = 0
-    attention_mask[2, 5:] = 0
-    labels = input_ids.clone()
-    labels[attention_mask == 0] = -100
-    labels[:, :3] = -100  # a prompt without loss
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return kit.build(recipe_name, tmp_path, list(overrides)).model
 
 
 def loss_and_grads(model, batch, path: str, chunk_tokens: int | None = None):
@@ -95,9 +70,13 @@ def test_chunked_loss_and_gradients_equal_plain(tmp_path, case):
     model.train()
     assert choose_loss_path(model, "causal_lm", "auto", CPU)[0] == expected
     assert choose_loss_path(model, "causal_lm", "chunked", CPU)[0] == expected
-    assert_same(model, causal_batch(model.config.vocab_size), expected)
+    assert_same(
+        model, kit.batch("causal_lm", model.config.vocab_size, lengths=(12, 8, 5), prompt=3), expected
+    )
     if expected == FUSED:  # the checkpointed path works for linear heads too
-        assert_same(model, causal_batch(model.config.vocab_size), CHUNKED)
+        assert_same(
+            model, kit.batch("causal_lm", model.config.vocab_size, lengths=(12, 8, 5), prompt=3), CHUNKED
+        )
 
 
 @pytest.mark.parametrize("path", [FUSED, CHUNKED])
@@ -108,7 +87,7 @@ def test_chunked_with_tied_embeddings(tmp_path, path):
     assert head.weight is model.get_input_embeddings().weight
     head.weight.requires_grad_(True)
     model.train()
-    assert_same(model, causal_batch(model.config.vocab_size), path)
+    assert_same(model, kit.batch("causal_lm", model.config.vocab_size, lengths=(12, 8, 5), prompt=3), path)
 
 
 def test_fused_function_against_autograd():
@@ -145,7 +124,7 @@ def test_chunked_saves_no_full_logits(tmp_path):
     """Every tensor autograd keeps for backward is smaller than (targets × vocab); the plain path keeps one."""
     model = build(tmp_path, "lora")
     model.train()
-    batch = causal_batch(model.config.vocab_size)
+    batch = kit.batch("causal_lm", model.config.vocab_size, lengths=(12, 8, 5), prompt=3)
     n_targets = int((batch["labels"][:, 1:] != -100).sum())
     full = n_targets * model.config.vocab_size
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft_oracle import ROOT
+from kit import ROOT
 from torch import nn
 
 from peftcli.inject import is_linear, match_targets, name_matches

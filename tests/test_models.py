@@ -3,14 +3,12 @@ and a bf16 base trains fp32 LoRA weights."""
 
 from __future__ import annotations
 
+import kit
 import torch
 from safetensors.torch import load_file
 
-from peftcli.methods.catalog import method_for
-from peftcli.models import build_model, load_tokenizer, resolve_model_name
 from peftcli.recipe_loader import recipe_from_dict
 from peftcli.tiny import build_tiny, ensure_tiny
-from peftcli.training.loop import token_loss_sum
 
 
 def test_tiny_models_are_deterministic(tmp_path):
@@ -40,27 +38,15 @@ def _loss_and_grads(checkpointing: bool, dtype: str = "float32"):
             "method": {"name": "lora", "r": 4},
         }
     )
-    path = resolve_model_name(recipe.model.name)
-    tokenizer = load_tokenizer(path, recipe.model)
-    method = method_for(recipe)
-    model = build_model(
-        path,
-        recipe.model,
-        method,
-        torch.device("cpu"),
-        seed=recipe.train.seed,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    *_, model, method = kit.build(recipe)
     model.train()
     for name, p in model.named_parameters():  # B = 0 gives A no gradient: move B off zero
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(hash(name) % 1000))
-    ids = torch.randint(5, 260, (2, 16), generator=torch.Generator().manual_seed(0))
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    loss_sum, n = token_loss_sum(out.logits, ids, "causal_lm")
-    (loss_sum / n).backward()
-    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
-    return (loss_sum / n).item(), grads, model
+    batch = kit.batch("causal_lm", 260, lengths=(16, 16))  # labels: the ids
+    loss, _, grads = kit.window_gradients(model, method, [batch])  # the loop's forward/backward
+    assert grads.keys() == {k for k, p in model.named_parameters() if p.requires_grad}
+    return loss, grads, model
 
 
 def test_gradient_checkpointing_changes_no_number():

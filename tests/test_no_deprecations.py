@@ -13,11 +13,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from kit import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 STRICT = [sys.executable, "-W", "error::FutureWarning", "-W", "error::DeprecationWarning", "-m", "peftcli"]
 GENERATE = ["eval.generate=true", "eval.max_generate_examples=4", "eval.max_new_tokens=4"]
 RECIPES = {

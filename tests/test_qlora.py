@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit import ROOT
 
 from peftcli import api
 from peftcli.export import load_adapter, merge_adapter
@@ -26,7 +27,6 @@ from peftcli.quantize import probe_batch, storage_report
 from peftcli.recipe import ModelConfig, QuantizationConfig, RecipeError
 from peftcli.recipe_loader import load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny" / "qlora.yaml"
 
 warnings.filterwarnings("ignore", module="bitsandbytes")

@@ -3,13 +3,10 @@ and after training shows a clear gain and the train loss falls by well over 20%.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from kit import ROOT
 
 import peftcli
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow

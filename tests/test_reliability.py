@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit import HELPERS, ROOT, TRAIN
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -41,9 +42,7 @@ from peftcli.training.console import Reporter
 
 pytestmark = pytest.mark.slow  # every test here trains (seconds each)
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
-PAUSE = ROOT / "tests" / "helpers" / "pause_after_checkpoint.py"
+PAUSE = HELPERS / "pause_after_checkpoint.py"
 STEPS = 6
 RECIPE = f"""
 model: {{name: "tiny:llama"}}

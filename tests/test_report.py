@@ -9,8 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
+import kit
 import pytest
-import yaml
 from helpers.kill_after_checkpoint import run_killed_after_checkpoint
 from PIL import Image
 from typer.testing import CliRunner
@@ -19,17 +19,13 @@ import peftcli
 from peftcli.cli import app
 from peftcli.tools.report import best_eval, report
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
-EVAL = str(ROOT / "recipes" / "data" / "tiny_eval.jsonl")
-
 
 def write_recipe(directory: Path, **train) -> Path:
-    recipe = {
-        "model": {"name": "tiny:llama"},
-        "data": {"train": TRAIN, "eval": EVAL, "format": "completion", "max_train_examples": 32},
-        "method": {"name": "lora", "r": 2},
-        "train": {
+    return kit.write_recipe(
+        directory,
+        data={"max_train_examples": 32},
+        method={"r": 2},
+        train={
             "max_steps": 6,
             "batch_size": 8,
             "lr": 1.0e-2,
@@ -38,12 +34,8 @@ def write_recipe(directory: Path, **train) -> Path:
             "seed": 2,
             **train,
         },
-        "eval": {"generate": True, "max_new_tokens": 2, "max_generate_examples": 4},
-        "output_dir": str(directory / "run"),
-    }
-    path = directory / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+        eval={"generate": True, "max_new_tokens": 2, "max_generate_examples": 4},
+    )
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import sys
 import textwrap
 from collections import namedtuple
 
+import kit
 import pytest
-import torch
 
 from peftcli.recipe import RecipeError, TrainConfig
 from peftcli.recipe_loader import load_recipe
@@ -151,20 +151,7 @@ def test_missing_data_file_is_refused_before_loading(tmp_path):
 
 @pytest.mark.parametrize("name", ["lora", "ia3", "prefix_tuning_t5", "adalora", "bitfit"])
 def test_meta_estimate_equals_the_built_models_trainable_count(name):
-    from peftcli.methods.catalog import method_for
     from peftcli.methods.registry import count_parameters
-    from peftcli.models import build_model, load_tokenizer, resolve_model_name
 
-    recipe = load_recipe(f"recipes/tiny/{name}.yaml")
-    base = resolve_model_name(recipe.model.name)
-    tokenizer = load_tokenizer(base, recipe.model)
-    method = method_for(recipe)
-    model = build_model(
-        base,
-        recipe.model,
-        method,
-        torch.device("cpu"),
-        seed=recipe.train.seed,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    recipe, base, _, model, _ = kit.build(name)
     assert rundir.estimate_trainable(recipe, base) == count_parameters(model)[0]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit import EVAL
 from safetensors.torch import load_file, save_file
 
 import peftcli
@@ -70,7 +71,7 @@ def test_python_api_and_cli_honour_allow_pickle(bin_only_model):
     ids = torch.tensor([[5, 9, 13, 21]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
-    data = str(Path(__file__).resolve().parents[1] / "recipes" / "data" / "tiny_eval.jsonl")
+    data = EVAL
     refused = CliRunner().invoke(app, ["eval", str(bin_only_model), "--data", data, "--max-examples", "2"])
     assert refused.exit_code == 2 and "only pickle weights" in refused.output
     allowed = CliRunner().invoke(

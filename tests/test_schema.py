@@ -7,11 +7,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+from kit import ROOT
 from typer.testing import CliRunner
 
 from peftcli.cli import app
@@ -20,7 +20,6 @@ from peftcli.recipe import RecipeError
 from peftcli.recipe_loader import recipe_from_dict
 from peftcli.schema import SCHEMA_FILE, recipe_schema, schema_text
 
-ROOT = Path(__file__).resolve().parents[1]
 # recipes/data/ holds data, among it lm-eval task YAML (recipes/data/tasks), not recipes
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "data" not in p.parent.parts[-2:])
 BASE = {"model": {"name": "tiny:llama"}, "data": {"train": "recipes/data/tiny_train.jsonl"}}

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit import HELPERS, ROOT, TRAIN
 from safetensors.torch import load_file
 
 import peftcli.checkpoint as ckpt
 
-ROOT = Path(__file__).resolve().parents[1]
-SOAK = ROOT / "tests" / "helpers" / "soak.py"
-TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
+SOAK = HELPERS / "soak.py"
 
 
 def soak(tmp_path: Path, kills: int, steps: int, seed: int) -> None:

@@ -14,74 +14,18 @@ import json
 import warnings
 from pathlib import Path
 
+import kit
 import pytest
 import torch
+from kit import EVAL, RECIPES
 
 from peftcli.evaluate import EnsembleModel, greedy_generate
 from peftcli.export import load_adapter, save_adapter
-from peftcli.methods.catalog import method_for
 from peftcli.methods.soft_prompt import repeat_to
-from peftcli.models import build_model, load_model, load_tokenizer, resolve_model_name
+from peftcli.models import load_model, load_tokenizer
 from peftcli.recipe import RecipeError
 from peftcli.recipe_loader import recipe_from_dict
 from peftcli.training.loop import token_loss_sum
-
-ROOT = Path(__file__).resolve().parents[1]
-ARCH = {"causal_lm": "tiny:llama", "seq_cls": "tiny:bert", "seq2seq": "tiny:t5"}
-FORMAT = {"causal_lm": "completion", "seq_cls": "classification", "seq2seq": "completion"}
-LABELS = ["negative", "positive"]
-
-
-def build(task: str, method: dict, model_extra: dict | None = None, seed: int = 0):
-    raw = {
-        "model": {"name": ARCH[task], "task": task, **(model_extra or {})},
-        "data": {"train": "unused.jsonl", "format": FORMAT[task]},
-        "method": method,
-        "train": {"seed": seed},
-    }
-    recipe = recipe_from_dict(raw)
-    base_path = resolve_model_name(recipe.model.name)
-    tokenizer = load_tokenizer(base_path, recipe.model)
-    labels = LABELS if task == "seq_cls" else None
-    m = method_for(recipe)
-    model = build_model(
-        base_path,
-        recipe.model,
-        m,
-        torch.device("cpu"),
-        seed=recipe.train.seed,
-        label_names=labels,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return recipe, base_path, tokenizer, model, m, labels
-
-
-def batch_for(task: str, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(5, 200, (2, 9), generator=gen)
-    mask = torch.ones_like(input_ids)
-    mask[1, 6:] = 0  # right padding
-    kwargs = {}
-    if task == "seq2seq":
-        kwargs["labels"] = torch.randint(5, 200, (2, 5), generator=gen)
-        labels = kwargs["labels"]
-    elif task == "seq_cls":
-        labels = torch.tensor([0, 1])
-    else:
-        labels = input_ids.masked_fill(mask == 0, -100)
-    return input_ids, mask, kwargs, labels
-
-
-def one_step(model, task, seed=0, lr=1e-2):
-    """One AdamW step so the prompt differs from its init (no check is trivially at init)."""
-    input_ids, mask, kwargs, labels = batch_for(task, seed)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    loss, n = token_loss_sum(model(input_ids=input_ids, attention_mask=mask, **kwargs).logits, labels, task)
-    (loss / n).backward()
-    optimizer.step()
-    model.eval()
-
 
 METHODS = {
     "prompt_tuning": {"name": "prompt_tuning", "num_virtual_tokens": 4},
@@ -102,7 +46,7 @@ PEFT_TYPE = {
     "prefix_tuning": "PREFIX_TUNING",
     "p_tuning_v2": "PREFIX_TUNING",
 }
-CASES = [(t, m) for t in ARCH for m in METHODS if not (t != "causal_lm" and m == "p_tuning_lstm")]
+CASES = [(t, m) for t in kit.TASK_MODELS for m in METHODS if not (t != "causal_lm" and m == "p_tuning_lstm")]
 
 
 def peft_prefix_refuses(task: str, key: str) -> bool:
@@ -126,9 +70,10 @@ def test_peft_loads_our_adapter_with_equal_logits(task, key, tmp_path):
             "peft < 0.22 refuses prefix tuning on BERT under transformers >= 5.24 ('Model does not support "
             "past key values'); test_bert_prefix_equals_attention_over_prefix_written_out is the reference"
         )
-    recipe, base_path, tokenizer, model, method, labels = build(task, METHODS[key])
-    one_step(model, task)
-    input_ids, mask, kwargs, _ = batch_for(task, seed=1)
+    recipe, base_path, tokenizer, model, method = built = kit.build_inline(task, METHODS[key])
+    labels = built.labels
+    kit.train_step(model, method, kit.batch(task), task=task, lr=1e-2)
+    input_ids, mask, kwargs, _ = kit.parts(kit.batch(task, seed=1), task)
     with torch.no_grad():
         ours = model(input_ids=input_ids, attention_mask=mask, **kwargs).logits
     save_adapter(tmp_path / "adapter", model, method, tokenizer, base_path, recipe.model, labels)
@@ -191,9 +136,9 @@ def reference_bert_classifier(bert, rows: torch.Tensor, input_ids: torch.Tensor,
 @pytest.mark.parametrize("key", ["prefix_tuning", "p_tuning_v2"])
 def test_bert_prefix_equals_attention_over_prefix_written_out(key):
     """Where peft drops out as the oracle (BERT under transformers >= 5.24), the equation is the reference."""
-    *_, model, method, _ = build("seq_cls", METHODS[key])
-    one_step(model, "seq_cls")
-    input_ids, mask, kwargs, _ = batch_for("seq_cls", seed=1)  # row 1 right-padded
+    *_, model, method = kit.build_inline("seq_cls", METHODS[key])
+    kit.train_step(model, method, kit.batch("seq_cls"), task="seq_cls", lr=1e-2)
+    input_ids, mask, kwargs, _ = kit.parts(kit.batch("seq_cls", seed=1), "seq_cls")  # row 1 right-padded
     rows = method.stored_rows(model)
     with torch.no_grad():
         ours = model(input_ids=input_ids, attention_mask=mask, **kwargs).logits
@@ -202,7 +147,7 @@ def test_bert_prefix_equals_attention_over_prefix_written_out(key):
 
 
 def test_gqa_prefix_shapes_in_saved_config(tmp_path):
-    recipe, base_path, tokenizer, model, method, _ = build("causal_lm", METHODS["prefix_tuning"])
+    recipe, base_path, tokenizer, model, method = kit.build_inline("causal_lm", METHODS["prefix_tuning"])
     save_adapter(tmp_path / "a", model, method, tokenizer, base_path, recipe.model)
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     # tiny llama: hidden 64, 4 query heads, 2 kv heads, head_dim 16 -> token_dim 2·16 = 32
@@ -215,8 +160,8 @@ def test_gqa_prefix_shapes_in_saved_config(tmp_path):
 
 @pytest.mark.parametrize("key", ["prompt_tuning", "prefix_tuning"])
 def test_left_and_right_padding_give_the_unpadded_logits(key):
-    *_, model, _, _ = build("causal_lm", METHODS[key])
-    one_step(model, "causal_lm")
+    *_, model, method = kit.build_inline("causal_lm", METHODS[key])
+    kit.train_step(model, method, kit.batch("causal_lm"), task="causal_lm", lr=1e-2)
     row = torch.randint(5, 200, (1, 6), generator=torch.Generator().manual_seed(3))
     other = torch.randint(5, 200, (1, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -259,8 +204,8 @@ REAL_WORDS = {"init": "real_words", "init_text": "abcd"}  # prefixes that leave 
     ids=["prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"],
 )
 def test_cached_generation_inserts_the_prompt_once(method, lr):
-    *_, model, _, _ = build("causal_lm", method)
-    one_step(model, "causal_lm", lr=lr)
+    *_, model, tuned = kit.build_inline("causal_lm", method)
+    kit.train_step(model, tuned, kit.batch("causal_lm"), task="causal_lm", lr=lr)
     prompts = [[40, 41, 42, 43, 44, 45, 46], [50, 51, 52], [60, 61, 62, 63, 64]]  # left-padded in one batch
     cached = greedy_generate(
         model, prompts, max_new_tokens=6, eos_ids=set(), pad_id=0, device=torch.device("cpu")
@@ -269,39 +214,21 @@ def test_cached_generation_inserts_the_prompt_once(method, lr):
     assert cached == [recompute_greedy(model, p, 6) for p in prompts]
 
 
-def assert_seq2seq_generate_matches_recompute(model) -> None:
-    """Reference: greedy decoding that reruns the whole model on each unpadded row at every step
-    (no cache), so prompts cannot be inserted twice or lost."""
-    ids = torch.tensor([[40, 41, 42, 43, 1], [50, 51, 1, 0, 0]])
-    mask = (torch.arange(5) < torch.tensor([[5], [3]])).long()
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5)
-    for row in range(2):
-        tokens = [model.config.decoder_start_token_id]
-        for _ in range(5):
-            with torch.no_grad():
-                logits = model(
-                    input_ids=ids[row : row + 1, : int(mask[row].sum())],
-                    decoder_input_ids=torch.tensor([tokens]),
-                ).logits
-            tokens.append(int(logits[0, -1].argmax()))
-        assert out[row].tolist()[: len(tokens)] == tokens[: out.shape[1]]
-
-
 @pytest.mark.parametrize("key", ["prompt_tuning", "prefix_tuning"])
 def test_seq2seq_generate_matches_recompute(key):
-    *_, model, _, _ = build("seq2seq", METHODS[key])
-    one_step(model, "seq2seq", lr=5e-2)
-    assert_seq2seq_generate_matches_recompute(model)
+    *_, model, method = kit.build_inline("seq2seq", METHODS[key])
+    kit.train_step(model, method, kit.batch("seq2seq"), task="seq2seq", lr=5e-2)
+    kit.assert_seq2seq_generate_matches_recompute(model)
 
 
 def test_gradient_checkpointing_works_for_prompt_tuning_and_is_refused_for_prefixes():
     grads = []
     for checkpointing in (False, True):
-        *_, model, _, _ = build(
+        *_, model, _ = kit.build_inline(
             "causal_lm", METHODS["prompt_tuning"], {"gradient_checkpointing": checkpointing}
         )
         model.train()
-        input_ids, mask, _, labels = batch_for("causal_lm")
+        input_ids, mask, _, labels = kit.parts(kit.batch("causal_lm"), "causal_lm")
         loss, n = token_loss_sum(model(input_ids=input_ids, attention_mask=mask).logits, labels, "causal_lm")
         (loss / n).backward()
         grads.append(model.input_prompt.embedding.weight.grad.clone())
@@ -309,11 +236,11 @@ def test_gradient_checkpointing_works_for_prompt_tuning_and_is_refused_for_prefi
     assert (grads[0] - grads[1]).abs().max().item() <= 1e-6
     for name in ("prefix_tuning", "p_tuning_v2"):
         with pytest.raises(RecipeError, match="gradient_checkpointing"):
-            build("causal_lm", {"name": name}, {"gradient_checkpointing": True})
+            kit.build_inline("causal_lm", {"name": name}, {"gradient_checkpointing": True})
 
 
 def test_text_and_sample_vocab_inits_are_real_token_embeddings():
-    *_, model, _, _ = build(
+    *_, model, _ = kit.build_inline(
         "causal_lm", {"name": "prompt_tuning", "num_virtual_tokens": 7, "init": "text", "init_text": "abc"}
     )
     tokenizer = load_tokenizer(
@@ -323,7 +250,7 @@ def test_text_and_sample_vocab_inits_are_real_token_embeddings():
     ids = repeat_to(tokenizer("abc", add_special_tokens=False)["input_ids"], 7)
     table = model.get_input_embeddings().weight
     assert torch.equal(model.input_prompt.embedding.weight, table[ids])
-    *_, model, _, _ = build(
+    *_, model, _ = kit.build_inline(
         "causal_lm",
         {"name": "prompt_tuning", "num_virtual_tokens": 16, "init": "sample_vocab", "sample_vocab_top_k": 40},
     )
@@ -331,7 +258,9 @@ def test_text_and_sample_vocab_inits_are_real_token_embeddings():
     table = model.get_input_embeddings().weight
     picked = [int((table == r).all(-1).nonzero()[0]) for r in rows]  # each row is one vocabulary row
     assert all(4 <= i < 40 for i in picked)  # among the first 40 ids, never a special token (0-3)
-    *_, model, _, _ = build("seq_cls", {"name": "prompt_tuning", "num_virtual_tokens": 5, "init": "text"})
+    *_, model, _ = kit.build_inline(
+        "seq_cls", {"name": "prompt_tuning", "num_virtual_tokens": 5, "init": "text"}
+    )
     tokenizer = load_tokenizer(
         model.name_or_path,
         recipe_from_dict(
@@ -357,7 +286,7 @@ def test_real_word_prefix_equals_reading_the_words(projection):
         "init": "real_words",
         "init_text": "hello",
     }  # 5 bytes = 5 tokens for the byte tokenizer
-    _, _, tokenizer, model, _, _ = build("causal_lm", method)
+    _, _, tokenizer, model, _ = kit.build_inline("causal_lm", method)
     words = tokenizer("hello", add_special_tokens=False)["input_ids"]
     assert len(words) == 5
     x = torch.randint(5, 200, (1, 6), generator=torch.Generator().manual_seed(5))
@@ -367,12 +296,13 @@ def test_real_word_prefix_equals_reading_the_words(projection):
         reference = model.base_model(input_ids=full).logits[0, 5:]
     assert (prefixed - reference).abs().max().item() <= 1e-5
     with pytest.raises(RecipeError, match="real_words"):
-        build("seq_cls", {**method, "name": "p_tuning_v2"})
+        kit.build_inline("seq_cls", {**method, "name": "p_tuning_v2"})
 
 
 def source_adapter(tmp_path: Path, method: dict, task: str = "causal_lm") -> Path:
-    recipe, base_path, tokenizer, model, m, labels = build(task, method, seed=7)
-    one_step(model, task, lr=5e-2)
+    recipe, base_path, tokenizer, model, m = built = kit.build_inline(task, method, seed=7)
+    labels = built.labels
+    kit.train_step(model, m, kit.batch(task), task=task, lr=5e-2)
     save_adapter(tmp_path / "source", model, m, tokenizer, base_path, recipe.model, labels)
     return tmp_path / "source"
 
@@ -389,36 +319,41 @@ def source_adapter(tmp_path: Path, method: dict, task: str = "causal_lm") -> Pat
 def test_spot_init_reproduces_the_source_prompt_at_step_0(source, target, tmp_path):
     path = source_adapter(tmp_path, METHODS[source])
     stored = load_adapter(path)
-    *_, model, method, _ = build("causal_lm", {**METHODS[target], "init_from": str(path)})
+    *_, model, method = kit.build_inline("causal_lm", {**METHODS[target], "init_from": str(path)})
     rows = method.stored_rows(model)
     assert torch.equal(rows, stored.method.stored_rows(stored.model))
-    input_ids, mask, _, _ = batch_for("causal_lm", seed=2)
+    input_ids, mask, _, _ = kit.parts(kit.batch("causal_lm", seed=2), "causal_lm")
     with torch.no_grad():
         ours = model(input_ids=input_ids, attention_mask=mask).logits
         theirs = stored.model(input_ids=input_ids, attention_mask=mask).logits
     assert torch.equal(ours, theirs)
-    assert all(p.requires_grad for p in model.prefix.parameters()) if model.prefix is not None else True
+    trained = model.input_prompt if target == "prompt_tuning" else model.prefix  # what SPoT initialised
+    assert trained is not None and all(p.requires_grad for p in trained.parameters())
 
 
 def test_spot_shape_mismatch_is_a_clear_error(tmp_path):
     path = source_adapter(tmp_path, METHODS["prompt_tuning"])
     with pytest.raises(RecipeError, match=r"method.init_from.*\(4, 64\).*\(6, 64\)"):
-        build("causal_lm", {"name": "prompt_tuning", "num_virtual_tokens": 6, "init_from": str(path)})
+        kit.build_inline(
+            "causal_lm", {"name": "prompt_tuning", "num_virtual_tokens": 6, "init_from": str(path)}
+        )
     with pytest.raises(RecipeError, match="method.init_from.*virtual tokens"):
-        build("causal_lm", {"name": "p_tuning_v2", "num_virtual_tokens": 4, "init_from": str(path)})
+        kit.build_inline(
+            "causal_lm", {"name": "p_tuning_v2", "num_virtual_tokens": 4, "init_from": str(path)}
+        )
     with pytest.raises(RecipeError, match="not an adapter directory"):
-        build("causal_lm", {"name": "prompt_tuning", "init_from": str(tmp_path / "nowhere")})
+        kit.build_inline("causal_lm", {"name": "prompt_tuning", "init_from": str(tmp_path / "nowhere")})
     with pytest.raises(RecipeError, match="p_tuning"):
-        build("causal_lm", {"name": "p_tuning", "init_from": str(path)})
+        kit.build_inline("causal_lm", {"name": "p_tuning", "init_from": str(path)})
 
 
 def test_ensemble_averages_logits_and_votes():
     members = []
     for seed in (1, 2):
-        *_, model, _, _ = build("causal_lm", METHODS["prompt_tuning"], seed=seed)
-        one_step(model, "causal_lm", seed=seed)
+        *_, model, method = kit.build_inline("causal_lm", METHODS["prompt_tuning"], seed=seed)
+        kit.train_step(model, method, kit.batch("causal_lm", seed=seed), task="causal_lm", lr=1e-2)
         members.append(model)
-    input_ids, mask, _, _ = batch_for("causal_lm", seed=3)
+    input_ids, mask, _, _ = kit.parts(kit.batch("causal_lm", seed=3), "causal_lm")
     with torch.no_grad():
         each = [m(input_ids=input_ids, attention_mask=mask).logits for m in members]
         mean = EnsembleModel(members)(input_ids=input_ids, attention_mask=mask).logits
@@ -454,13 +389,13 @@ def test_cli_eval_ensemble_of_classifiers(tmp_path):
 
     adapters = []
     for seed in (1, 2, 3):
-        recipe, base_path, tokenizer, model, method, labels = build(
-            "seq_cls", METHODS["prompt_tuning"], seed=seed
-        )
-        one_step(model, "seq_cls", seed=seed, lr=5e-2)
+        built = kit.build_inline("seq_cls", METHODS["prompt_tuning"], seed=seed)
+        recipe, base_path, tokenizer, model, method = built
+        labels = built.labels
+        kit.train_step(model, method, kit.batch("seq_cls", seed=seed), task="seq_cls", lr=5e-2)
         save_adapter(tmp_path / f"a{seed}", model, method, tokenizer, base_path, recipe.model, labels)
         adapters.append(str(tmp_path / f"a{seed}"))
-    data = str(ROOT / "recipes" / "data" / "tiny_cls_eval.jsonl")
+    data = str(RECIPES / "data" / "tiny_cls_eval.jsonl")
     alone = [evaluate_target(a, data=data) for a in adapters]
     voted = evaluate_target(adapters[0], data=data, ensemble=adapters[1:], vote=True)
     mean = evaluate_target(adapters[0], data=data, ensemble=adapters[1:])
@@ -491,4 +426,4 @@ def test_cli_eval_ensemble_of_classifiers(tmp_path):
     assert voted["accuracy"] == pytest.approx((votes.argmax(-1) == batch["labels"]).float().mean().item())
     causal = source_adapter(tmp_path, METHODS["prompt_tuning"])
     with pytest.raises(RecipeError, match="--vote"):
-        evaluate_target(causal, data=str(ROOT / "recipes" / "data" / "tiny_eval.jsonl"), vote=True)
+        evaluate_target(causal, data=EVAL, vote=True)

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit import ROOT
 from torch import nn
 
 from peftcli.methods.lora import LoRALinear
 from peftcli.recipe_loader import load_recipe
 from peftcli.training.loop import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("dropout, same_tensor", [(0.0, True), (0.1, False)])

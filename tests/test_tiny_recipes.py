@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from peft_oracle import ROOT
+from kit import ROOT
 
 from peftcli import api
 from peftcli.recipe_loader import load_recipe, validate_files

@@ -15,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import kit
 import pytest
 import torch
+from kit import EVAL, HELPERS, TRAIN
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -25,10 +27,7 @@ from peftcli.cli import app
 
 pytestmark = pytest.mark.slow  # every test here rides on a real training run (~30 s each)
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "recipes" / "data" / "tiny_train.jsonl")
-EVAL = str(ROOT / "recipes" / "data" / "tiny_eval.jsonl")
-KILL_AFTER_CHECKPOINT = ROOT / "tests" / "helpers" / "kill_after_checkpoint.py"  # SIGKILL after checkpoint N
+KILL_AFTER_CHECKPOINT = HELPERS / "kill_after_checkpoint.py"  # SIGKILL after checkpoint N
 
 RECIPE = f"""
 model: {{name: "tiny:llama"}}
@@ -53,12 +52,6 @@ def finished_run(recipe_path, tmp_path_factory) -> Path:
     result = CliRunner().invoke(app, ["train", str(recipe_path), "--output-dir", str(run), "-q"])
     assert result.exit_code == 0, result.output
     return run
-
-
-def probe_batch(vocab: int = 260) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(5, vocab, (2, 12), generator=gen)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
 def test_run_directory_layout(finished_run):
@@ -97,7 +90,7 @@ def test_peft_loads_our_adapter_with_our_logits(finished_run):
     config = json.loads((finished_run / "adapter" / "adapter_config.json").read_text())
     base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
     theirs = PeftModel.from_pretrained(base, finished_run / "adapter").eval()
-    batch = probe_batch()
+    batch = kit.batch("causal_lm", 260, lengths=(12, 12), seed=1, labels=False)
     with torch.no_grad():
         a, b = ours(**batch).logits, theirs(**batch).logits
     assert (a - b).abs().max().item() <= 1e-5
@@ -117,7 +110,7 @@ def test_merge_writes_a_plain_model_with_the_same_logits(finished_run, tmp_path)
     assert result.exit_code == 0, result.output
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ours, _ = peftcli.load(finished_run / "adapter")
-    batch = probe_batch()
+    batch = kit.batch("causal_lm", 260, lengths=(12, 12), seed=1, labels=False)
     with torch.no_grad():
         assert (merged(**batch).logits - ours(**batch).logits).abs().max().item() <= 1e-4
     assert not any("lora" in k for k in load_file(out / "model.safetensors"))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit import CPU
 from packaging.version import Version
 from typer.testing import CliRunner
 
@@ -33,7 +34,6 @@ from peftcli.use.chat import TextStream
 from peftcli.use.generate import GenerateOptions, generate_file, prompt_ids
 from peftcli.use.load import load_model_or_adapter
 
-CPU = torch.device("cpu")
 ROWS = [
     {"prompt": "reverse apple ="},
     {"prompt": "hi"},  # short: left-padded in the batch
@@ -93,7 +93,7 @@ PEFT_GENERATE_KEEPS_PREFIX = Version(version("transformers")) < Version("5.24")
 )
 def test_greedy_generate_equals_peft(method, use_peft_generate, tmp_path):
     pytest.importorskip("peft")
-    from peft_oracle import build, load_in_peft, perturb, save
+    from kit import build, load_in_peft, perturb, save
 
     recipe, base_path, tokenizer, model, method_obj = build(method, tmp_path)
     perturb(model)

@@ -3,6 +3,7 @@ and what only it uses.
 
     loop.py         the story: set up → restore → per step (window → collate → loss → optimizer step)
                     → log / eval / save → finish
+    step.py         one optimizer step (Stepper): forward/backward the window, hooks, clip, update
     loss.py         token losses: plain, fused chunked cross-entropy, body-and-head split
     attention.py    packed (varlen) attention for rows holding several examples
     optim.py        optimizer and learning-rate schedule

@@ -20,7 +20,8 @@ The stages: :func:`claim_run_dir` (the lock, a finished run, --overwrite), :func
 (the checkpoint to resume from, checks before loading weights, recipe.yaml), :func:`set_up` (model,
 method, data, optimizer, scheduler) and :func:`check_space`, :func:`restore` (or a fresh
 :class:`TrainState`), then per optimizer step :func:`next_window` (index batches) →
-:func:`collate_window` → :func:`loss_normaliser` → :func:`optimizer_step` (→ :func:`skip_or_stop` when
+:func:`collate_window` → :func:`~peftcli.training.step.loss_normaliser` → :func:`optimizer_step` (the
+:class:`~peftcli.training.step.Stepper`) (→ :func:`skip_or_stop` when
 the loss or gradient is not finite), with :func:`log_event`, :func:`run_eval` and :func:`save` on their
 cadence, and :func:`finish` (final eval, export, results); :func:`answer_faults` turns CUDA OOM and a
 full disk into advice. The only callbacks are the method hooks. What goes wrong and what users see:
@@ -40,7 +41,6 @@ import math
 import random
 import signal
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,9 +68,10 @@ from peftcli.training.attention import use_packed_attention
 from peftcli.training.console import Reporter, peak_memory_bytes
 from peftcli.training.distributed import Dist
 from peftcli.training.loggers import Loggers, check_installed
-from peftcli.training.loss import choose_loss_path, count_targets, micro_batch_loss_sum, token_loss_sum
+from peftcli.training.loss import choose_loss_path, count_targets, token_loss_sum
 from peftcli.training.optim import build_optimizer, build_scheduler, total_steps
 from peftcli.training.results import TrainResult
+from peftcli.training.step import Stepper, loss_normaliser
 
 __all__ = [
     "TrainResult",
@@ -118,6 +119,24 @@ class Run:
     loss_path: str = "plain"  # peftcli.training.loss: plain, chunked (torch) or liger fused
     speed_lines: list[str] = field(default_factory=list)  # loss path, packing, compile: for the summary
     loggers: Loggers | None = None  # train.loggers, opened with metrics.jsonl by reset_metrics
+    stepper: Stepper = field(init=False)  # the optimizer step over these fields (peftcli.training.step)
+
+    def __post_init__(self) -> None:
+        self.stepper = Stepper(
+            model=self.model,
+            method=self.method,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            task=self.recipe.model.task,
+            device=self.device,
+            wrapped=self.wrapped,
+            dist=self.dist,
+            scaler=self.scaler,
+            amp_dtype=self.amp_dtype,
+            loss_path=self.loss_path,
+            max_grad_norm=self.recipe.train.max_grad_norm,
+            trainable_params=self.trainable_params,
+        )
 
     @property
     def metrics_path(self) -> Path:
@@ -525,68 +544,14 @@ def collate_window(run: Run, window: list[list[int]]) -> list[dict[str, torch.Te
     return [collate_rows(run.data.train, indices, run.tokenizer, run.task) for indices in window]
 
 
-def loss_normaliser(micro: list[dict[str, torch.Tensor]], task: str, dist: Dist | None = None) -> int:
-    """The number of scored targets in the whole global accumulation window (summed over ranks): every
-    micro-batch's summed loss is divided by it, so the step's loss is token-weighted over the window."""
-    local = sum(count_targets(batch, task) for batch in micro)
-    return max(1, dist.sum_int(local) if dist is not None else local)
-
-
 def optimizer_step(
     run: Run, micro: list[dict[str, torch.Tensor]], n_targets: int, step: int
 ) -> tuple[float, int, float, faults.NonFinite | None]:
-    """Forward/backward every micro-batch, then the method hooks, clipping and the optimizer and scheduler
-    step. Returns (window loss, tokens seen, the lr this step used, the fault if the loss or gradient norm
-    was not finite: then the update is dropped, the optimizer's state untouched)."""
-    model, method, optimizer, scaler, task = run.model, run.method, run.optimizer, run.scaler, run.task
-    world = run.dist.grad_scale  # DDP/FSDP average gradients over ranks: scaled by world, that is the sum
-    loss_total, tokens, micro_losses = 0.0, 0, []
-    for i, batch in enumerate(micro):
-        batch = {k: v.to(run.device) for k, v in batch.items()}
-        sync = i == len(micro) - 1  # gradients are reduced across ranks once per window
-        with (
-            run.dist.grad_sync(run.wrapped, sync),
-            torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None),
-        ):
-            loss_sum = micro_batch_loss_sum(run.wrapped, batch, task, run.loss_path)
-            loss = loss_sum / n_targets  # token-weighted over the whole (global) accumulation window
-            extra = method.extra_loss(model)
-            if extra is not None:
-                loss = loss + extra / (len(micro) * world)
-            loss = loss * world
-            (scaler.scale(loss) if scaler else loss).backward()
-        micro_losses.append(loss_sum.item() / n_targets)
-        loss_total += micro_losses[-1]
-        tokens += int(batch["attention_mask"].sum())
-
-    if scaler:
-        scaler.unscale_(optimizer)
-    # Checked before the method hooks read the gradients. With fp16 loss scaling, inf gradients are the
-    # scaler's business (it skips the step and lowers the scale); only the loss is ours to check then.
-    grad_norm = None if scaler else float(faults.gradient_norm(run.trainable_params.values()))
-    fault = faults.find_non_finite(step + 1, micro_losses, grad_norm)
-    if fault is not None:
-        optimizer.zero_grad(set_to_none=True)
-        if scaler:
-            scaler.update()
-        lr = optimizer.param_groups[0]["lr"]
-        with warnings.catch_warnings():  # the schedule keeps time although this step took no update
-            warnings.simplefilter("ignore", UserWarning)
-            run.scheduler.step()
-        return loss_total, tokens, lr, fault
-    method.after_backward(model, step)
-    if run.recipe.train.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(run.trainable_params.values(), run.recipe.train.max_grad_norm)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    method.after_step(model, step)
-    lr = optimizer.param_groups[0]["lr"]
-    run.scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_total, tokens, lr, None
+    """The run's :class:`Stepper` step: (window loss, tokens seen, the lr this step used, the fault if the
+    loss or gradient norm was not finite). The loop looks this name up at every step, so a test or a bench
+    can wrap it (tests/helpers/raise_on_rank.py, bench/throughput.py)."""
+    result = run.stepper.step(micro, step, n_targets)
+    return result.loss, result.tokens, result.lr, result.fault
 
 
 def skip_or_stop(run: Run, state: TrainState, fault: faults.NonFinite, window: list[list[int]]) -> None:

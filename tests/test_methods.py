@@ -1,0 +1,271 @@
+"""The method table: one row per registered method, and the promises every method keeps, checked on
+every run (tiny recipe × task) its row lists, the way peft's test matrix runs every model × method.
+
+Every check runs in fp32 on the CPU with a fixed seed, and compares numbers:
+
+- identity at init (where the row promises it): logits equal the base's, max abs diff ≤ 1e-6;
+- the trainable-parameter count equals the method's own formula, and no base *weight* is trainable
+  (base biases may be, for methods that train them);
+- after one step of the training loop's own ``Stepper`` (``after_step`` included, the recipe's
+  optimizer) every frozen tensor is bit-identical, and the trainable ones moved;
+- save → load (``peftcli.export``) reproduces the logits, ≤ 1e-6;
+- merge (where the row says the method merges) reproduces the logits, ≤ 1e-4;
+- peft parity (where peft has the method): our saved adapter names peft's ``peft_type``, and peft
+  loading it on the original base gives our logits, ≤ 1e-5 (and, where peft stores exactly the
+  trainable tensors, as many adapter numbers as we train).
+
+Adding a method adds a row to ``METHODS`` (tests/test_adding_a_method.py checks that it exists).
+Method-specific references (DoRA's and PiSSA's equations, AdaLoRA's allocation, AdapterHub parity)
+stay in the method's own test file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import kit
+import pytest
+import torch
+
+from peftcli.export import load_adapter
+from peftcli.methods.catalog import get_method_class, list_methods
+
+BERT = ("model.name=tiny:bert", "model.task=seq_cls", "data.format=classification")
+T5 = ("model.name=tiny:t5", "model.task=seq2seq")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One registered method's row: the runs it serves and the references it has.
+
+    runs: run id → (tiny recipe, *overrides); each run is a model/task the method must serve.
+    identity / mergeable: what the method promises (the class must say the same).
+    peft_type: peft's name for the method, where peft has it: peft parity is checked.
+    peft_counts: peft's saved adapter holds exactly our trainable tensors (same number of numbers).
+    beyond_peft: run id → why peft cannot load that run's adapter (an option peft has no format for).
+    """
+
+    runs: dict[str, tuple[str, ...]]
+    identity: bool
+    mergeable: bool
+    peft_type: str | None = None
+    peft_counts: bool = False
+    beyond_peft: dict[str, str] = field(default_factory=dict)
+
+
+METHODS: dict[str, Case] = {
+    "adalora": Case({"llama": ("adalora",)}, identity=True, mergeable=True, peft_type="ADALORA"),
+    "adapter_fusion": Case({"llama": ("adapter_fusion",)}, identity=False, mergeable=False),
+    "bitfit": Case({"gpt2": ("bitfit",)}, identity=True, mergeable=True),
+    "houlsby_adapter": Case({"llama": ("houlsby_adapter",)}, identity=True, mergeable=False),
+    "ia3": Case({"llama": ("ia3",)}, identity=True, mergeable=True, peft_type="IA3", peft_counts=True),
+    "ladder_side_tuning": Case({"llama": ("ladder_side_tuning",)}, identity=True, mergeable=False),
+    "lora": Case(
+        {
+            "llama": ("lora",),
+            "dora": ("dora",),
+            "rslora": ("rslora",),
+            "bert-seq_cls": ("lora", *BERT),
+            "t5-seq2seq": ("lora", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="LORA",
+        peft_counts=True,
+    ),
+    "mam_adapter": Case({"llama": ("mam_adapter",)}, identity=False, mergeable=False),
+    "p_tuning": Case({"llama": ("p_tuning",)}, identity=False, mergeable=False, peft_type="P_TUNING"),
+    "p_tuning_v2": Case(
+        {"llama": ("p_tuning_v2",)}, identity=False, mergeable=False, peft_type="PREFIX_TUNING"
+    ),
+    "parallel_adapter": Case({"llama": ("parallel_adapter",)}, identity=True, mergeable=False),
+    "prefix_tuning": Case(
+        {"llama": ("prefix_tuning",), "t5-seq2seq": ("prefix_tuning_t5",)},
+        identity=False,
+        mergeable=False,
+        peft_type="PREFIX_TUNING",
+        beyond_peft={"t5-seq2seq": "encoder_prefix: true has no peft format (tests/test_encoder_prefix.py)"},
+    ),
+    "prompt_tuning": Case(
+        {"llama": ("prompt_tuning",)}, identity=False, mergeable=False, peft_type="PROMPT_TUNING"
+    ),
+    "unipelt": Case({"llama": ("unipelt",)}, identity=False, mergeable=False),
+}
+
+
+def runs(where=lambda case: True) -> list:
+    """pytest params (method, run) over every row whose case passes ``where``."""
+    return [
+        pytest.param(name, run, id=f"{name}-{run}")
+        for name, case in METHODS.items()
+        if where(case)
+        for run in case.runs
+    ]
+
+
+def peft_runs() -> list:
+    """(method, run) for every run peft can load: the method is in peft, the run's options too."""
+    return [
+        pytest.param(name, run, id=f"{name}-{run}")
+        for name, case in METHODS.items()
+        if case.peft_type is not None
+        for run in case.runs
+        if run not in case.beyond_peft
+    ]
+
+
+def build(name: str, run: str, tmp_path) -> kit.Built:
+    recipe_name, *overrides = METHODS[name].runs[run]
+    built = kit.build(recipe_name, tmp_path, list(overrides))
+    assert built.recipe.method.name == name, f"run {run} builds {built.recipe.method.name}, not {name}"
+    return built
+
+
+def probe(built: kit.Built) -> dict[str, torch.Tensor]:
+    """2 rows of 10, the second right-padded after 7; seq2seq targets of 6."""
+    return kit.batch(built.task, built.model.config.vocab_size, lengths=(10, 7), label_length=6)
+
+
+def plain_base(built: kit.Built):
+    return kit.base_model(built.base_path, built.recipe, pad_token_id=built.tokenizer.pad_token_id)
+
+
+def stepped(built: kit.Built, batch) -> None:
+    """One step of the loop's own Stepper with the recipe's optimizer (moves off init: checks not trivial)."""
+    kit.train_step(built.model, built.method, batch, recipe=built.recipe)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# -- the table itself ---------------------------------------------------------------------------------
+
+
+def test_every_registered_method_has_a_row_and_every_row_a_method():
+    registered = {cls.name for cls in list_methods()}
+    missing, unknown = sorted(registered - set(METHODS)), sorted(set(METHODS) - registered)
+    assert not missing, f"registered methods without a row in tests/test_methods.py METHODS: {missing}"
+    assert not unknown, f"rows in METHODS for methods that are not registered: {unknown}"
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_row_states_what_the_method_promises(name):
+    cls, case = get_method_class(name), METHODS[name]
+    assert (cls.identity_at_init, cls.mergeable) == (case.identity, case.mergeable)
+    assert getattr(cls, "peft_type", None) == case.peft_type
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_has_its_smoke_recipe_and_every_run_a_recipe(name):
+    case = METHODS[name]
+    assert (kit.TINY / f"{name}.yaml").exists(), f"{name} has no recipes/tiny/{name}.yaml"
+    for run, (recipe_name, *_) in case.runs.items():
+        assert (kit.TINY / f"{recipe_name}.yaml").exists(), f"run {run}: no recipes/tiny/{recipe_name}.yaml"
+    assert set(case.beyond_peft) <= set(case.runs), "beyond_peft names a run the row does not have"
+
+
+# -- the promises -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,run", runs(lambda case: case.identity))
+def test_identity_at_init(name, run, tmp_path):
+    built = build(name, run, tmp_path)
+    base = plain_base(built)
+    if built.task == "seq_cls":  # the head is new and random: give both the same head
+        head = {k: v for k, v in built.model.state_dict().items() if k.startswith(("classifier", "score"))}
+        base.load_state_dict(head, strict=False)
+    batch = probe(built)
+    assert max_diff(kit.logits(built.model, batch, built.task), kit.logits(base, batch, built.task)) <= 1e-6
+
+
+@pytest.mark.parametrize("name,run", runs())
+def test_trainable_parameters_match_formula_and_no_base_weight_trains(name, run, tmp_path):
+    built = build(name, run, tmp_path)
+    model, method = built.model, built.method
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "a method must train something"
+    assert sum(p.numel() for p in trainable.values()) == method.expected_trainable_parameters(model)
+    base_weight_names = {n for n, _ in plain_base(built).named_parameters() if not n.endswith("bias")}
+    assert base_weight_names
+    # Base weights may train only as whole-module copies the method declares (modules_to_save).
+    saved = tuple(f"{m}." for m in method.saved_modules)
+    for n in trainable:
+        # Methods that wrap the model (soft prompts) hold it as `base_model`: compare in base naming.
+        plain = n.replace(".base_layer.", ".")
+        if plain.removeprefix("base_model.") in base_weight_names:
+            plain = plain.removeprefix("base_model.")
+        assert plain not in base_weight_names or plain.startswith(saved), f"base weight {n} is trainable"
+
+
+@pytest.mark.parametrize("name,run", runs())
+def test_loop_step_moves_adapter_and_leaves_base_bit_identical(name, run, tmp_path):
+    built = build(name, run, tmp_path)
+    params = dict(built.model.named_parameters())
+    frozen = {n: p.detach().clone() for n, p in params.items() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in params.items() if p.requires_grad}
+    stepped(built, probe(built))
+    params = dict(built.model.named_parameters())
+    for n, before in frozen.items():
+        assert torch.equal(params[n], before), f"frozen {n} changed"
+    moved = [n for n, before in trained.items() if not torch.equal(params[n], before)]
+    assert moved, "no trainable parameter moved after a step"
+
+
+@pytest.mark.parametrize("name,run", runs())
+def test_save_then_load_gives_equal_logits(name, run, tmp_path):
+    built = build(name, run, tmp_path)
+    batch = probe(built)
+    stepped(built, batch)
+    ours = kit.logits(built.model, batch, built.task)
+    kit.save(
+        tmp_path, built.model, built.method, built.tokenizer, built.base_path, built.recipe, built.labels
+    )
+    loaded = load_adapter(tmp_path / "adapter")
+    assert max_diff(ours, kit.logits(loaded.model, batch, built.task)) <= 1e-6
+
+
+@pytest.mark.parametrize("name,run", runs(lambda case: case.mergeable))
+def test_merge_gives_equal_logits(name, run, tmp_path):
+    built = build(name, run, tmp_path)
+    batch = probe(built)
+    stepped(built, batch)
+    ours = kit.logits(built.model, batch, built.task)
+    with torch.no_grad():
+        merged = built.method.merge(built.model)
+    assert not any(p.requires_grad for p in merged.parameters())
+    assert max_diff(ours, kit.logits(merged, batch, built.task)) <= 1e-4
+
+
+def peft_auto_class(task: str):
+    import transformers
+
+    return {
+        "causal_lm": transformers.AutoModelForCausalLM,
+        "seq_cls": transformers.AutoModelForSequenceClassification,
+        "seq2seq": transformers.AutoModelForSeq2SeqLM,
+    }[task]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,run", peft_runs())
+def test_peft_loads_our_adapter_with_our_logits(name, run, tmp_path):
+    pytest.importorskip("peft")
+    from peft import get_peft_model_state_dict
+
+    built = build(name, run, tmp_path)
+    batch = probe(built)
+    stepped(built, batch)
+    ours = kit.logits(built.model, batch, built.task)
+    assert max_diff(ours, kit.logits(plain_base(built), batch, built.task)) > 1e-4  # moved off the base
+    adapter = kit.save(
+        tmp_path, built.model, built.method, built.tokenizer, built.base_path, built.recipe, built.labels
+    )
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == METHODS[name].peft_type
+    extra = {"num_labels": len(built.labels)} if built.labels else {}
+    theirs = kit.load_in_peft(adapter, built.base_path, peft_auto_class(built.task), **extra)
+    assert max_diff(ours, kit.peft_logits(theirs, batch, built.task)) <= 1e-5
+    if METHODS[name].peft_counts:
+        stored = sum(t.numel() for t in get_peft_model_state_dict(theirs).values())
+        assert stored == built.method.expected_trainable_parameters(built.model)
