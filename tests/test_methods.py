@@ -61,6 +61,24 @@ METHODS: dict[str, Case] = {
     "houlsby_adapter": Case({"llama": ("houlsby_adapter",)}, identity=True, mergeable=False),
     "ia3": Case({"llama": ("ia3",)}, identity=True, mergeable=True, peft_type="IA3", peft_counts=True),
     "ladder_side_tuning": Case({"llama": ("ladder_side_tuning",)}, identity=True, mergeable=False),
+    "loha": Case(
+        {"llama": ("loha",), "bert-seq_cls": ("loha", *BERT)},
+        identity=True,
+        mergeable=True,
+        peft_type="LOHA",
+        peft_counts=True,
+    ),
+    "lokr": Case(
+        {
+            "llama": ("lokr",),
+            "decompose_both": ("lokr", "method.r=2", "method.decompose_both=true"),
+            "bert-seq_cls": ("lokr", *BERT),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="LOKR",
+        peft_counts=True,
+    ),
     "lora": Case(
         {
             "llama": ("lora",),

@@ -14,6 +14,8 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     houlsby_adapter,
     ia3,
     ladder_side_tuning,
+    loha,
+    lokr,
     lora,
     mam_adapter,
     p_tuning,
