@@ -109,6 +109,17 @@ METHODS: dict[str, Case] = {
         {"llama": ("prompt_tuning",)}, identity=False, mergeable=False, peft_type="PROMPT_TUNING"
     ),
     "unipelt": Case({"llama": ("unipelt",)}, identity=False, mergeable=False),
+    "vera": Case(
+        {
+            "llama": ("vera",),
+            "no-saved-projection": ("vera", "method.save_projection=false", "method.projection_prng_key=7"),
+            "gpt2": ("vera", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("vera", *BERT),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="VERA",
+    ),
 }
 
 

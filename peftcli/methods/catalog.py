@@ -24,6 +24,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     prefix_tuning,
     prompt_tuning,
     unipelt,
+    vera,
 )
 from peftcli.methods.registry import Method, registered
 from peftcli.recipe import Recipe, RecipeError, did_you_mean

@@ -136,7 +136,7 @@ class LycorisMethod(LayerMethod):
     config, for a method whose layer is a :class:`LycorisLinear`."""
 
     mergeable = True
-    supports_quantized_base = False  # merging adds ΔW to W in place: a 4-bit W cannot take it
+    supports_quantized_base = False  # not yet verified on a 4-bit base: refused at start
     supports_packing = True  # a per-token linear update: packed examples never meet
     supports_fsdp = False  # not tested sharded yet: refused at start (train.distributed: ddp works)
 
