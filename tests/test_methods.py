@@ -93,6 +93,23 @@ METHODS: dict[str, Case] = {
         peft_counts=True,
     ),
     "mam_adapter": Case({"llama": ("mam_adapter",)}, identity=False, mergeable=False),
+    "oft": Case(
+        {
+            "llama": ("oft",),
+            "r-exact-cayley": (
+                "oft",
+                "method.r=4",
+                "method.oft_block_size=0",
+                "method.use_cayley_neumann=false",
+            ),
+            "block_share": ("oft", "method.block_share=true"),
+            "bert-seq_cls": ("oft", *BERT),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="OFT",
+        peft_counts=True,
+    ),
     "p_tuning": Case({"llama": ("p_tuning",)}, identity=False, mergeable=False, peft_type="P_TUNING"),
     "p_tuning_v2": Case(
         {"llama": ("p_tuning_v2",)}, identity=False, mergeable=False, peft_type="PREFIX_TUNING"

@@ -18,6 +18,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     lokr,
     lora,
     mam_adapter,
+    oft,
     p_tuning,
     p_tuning_v2,
     parallel_adapter,
