@@ -136,7 +136,9 @@ class LycorisMethod(LayerMethod):
     config, for a method whose layer is a :class:`LycorisLinear`."""
 
     mergeable = True
-    supports_quantized_base = False  # not yet verified on a 4-bit base: refused at start
+    # refused at start: peft's LyCORIS layers size their factors by the packed 4-bit weight, so peft could
+    # not load the adapter (tests/test_quantized_methods.py)
+    supports_quantized_base = False
     supports_packing = True  # a per-token linear update: packed examples never meet
     supports_fsdp = False  # not tested sharded yet: refused at start (train.distributed: ddp works)
 

@@ -189,7 +189,7 @@ class OFT(LayerMethod):
     config_cls = OFTConfig
     mergeable = True
     peft_type = "OFT"
-    supports_quantized_base = False  # not yet verified on a 4-bit base: refused at start
+    supports_quantized_base = True  # the rotation acts on the input: a 4-bit base works as in peft
     supports_packing = True  # a per-token rotation: packed examples never meet
     supports_fsdp = False  # not tested sharded yet: refused at start (train.distributed: ddp works)
     trainable_formula = (

@@ -123,7 +123,7 @@ class Vera(LayerMethod):
     config_cls = VeraConfig
     mergeable = True
     peft_type = "VERA"
-    supports_quantized_base = False  # not yet verified on a 4-bit base: refused at start
+    supports_quantized_base = True  # the vectors act beside the layer: a 4-bit base works as in peft
     supports_packing = True  # a per-token linear update: packed examples never meet
     supports_fsdp = False  # the shared A and B are not sharded with the layers yet: refused at start
     trainable_formula = (
