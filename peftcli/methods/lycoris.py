@@ -140,7 +140,7 @@ class LycorisMethod(LayerMethod):
     # not load the adapter (tests/test_quantized_methods.py)
     supports_quantized_base = False
     supports_packing = True  # a per-token linear update: packed examples never meet
-    supports_fsdp = False  # not tested sharded yet: refused at start (train.distributed: ddp works)
+    supports_fsdp = True  # plain parameters in each layer, which FSDP2 shards like the base
 
     @classmethod
     def validate_config(cls, cfg: LycorisConfig, recipe) -> None:

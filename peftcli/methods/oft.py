@@ -191,7 +191,7 @@ class OFT(LayerMethod):
     peft_type = "OFT"
     supports_quantized_base = True  # the rotation acts on the input: a 4-bit base works as in peft
     supports_packing = True  # a per-token rotation: packed examples never meet
-    supports_fsdp = False  # not tested sharded yet: refused at start (train.distributed: ddp works)
+    supports_fsdp = True  # plain parameters in each layer, which FSDP2 shards like the base
     trainable_formula = (
         "b(b-1)/2 per block, in/b blocks per adapted layer (one with block_share), b = oft_block_size or in/r; "
         "plus modules_to_save"

@@ -125,7 +125,7 @@ class Vera(LayerMethod):
     peft_type = "VERA"
     supports_quantized_base = True  # the vectors act beside the layer: a 4-bit base works as in peft
     supports_packing = True  # a per-token linear update: packed examples never meet
-    supports_fsdp = False  # the shared A and B are not sharded with the layers yet: refused at start
+    supports_fsdp = True  # b, d shard with their layers; A, B are buffers every rank holds whole
     trainable_formula = (
         "out + r per adapted layer (b and d; A and B are frozen and shared), plus modules_to_save"
     )
