@@ -3,7 +3,8 @@
 - with every option that changes the numbers (rank/alpha patterns, decompose_both, decompose_factor,
   LoKr's lycoris init), our adapter, moved off init, loads in ``peft.PeftModel.from_pretrained`` with
   our logits (≤ 1e-5), and an adapter peft wrote (moved off init) loads in ``peftcli.export.load_adapter``
-  with peft's logits (≤ 1e-5), on tiny:llama (causal LM) and tiny:bert (seq_cls);
+  with peft's logits (≤ 1e-5) and ``peftcli merge`` folds it into a plain model with peft's logits
+  (≤ 1e-4), on tiny:llama (causal LM) and tiny:bert (seq_cls);
 - rank_dropout / module_dropout: in training mode, the same seed drops the same rows and layers as
   peft (equal logits, ≤ 1e-5), and the result differs from eval, where neither acts (eval equals the
   dropout-free adapter exactly);
@@ -20,7 +21,7 @@ import kit
 import pytest
 import torch
 
-from peftcli.export import load_adapter
+from peftcli.export import load_adapter, merge_adapter
 from peftcli.models import resolve_model_name
 from peftcli.recipe import RecipeError
 
@@ -130,6 +131,9 @@ def test_we_load_peft_adapters_with_each_option(run, tmp_path):
     loaded = load_adapter(tmp_path / "adapter")
     assert loaded.method.peft_type == PEFT_RUNS[run][0].removesuffix("Config").upper()
     assert max_diff(theirs, kit.logits(loaded.model, batch, task)) <= 1e-5
+    merge_adapter(tmp_path / "adapter", tmp_path / "merged")  # peftcli merge of peft's adapter
+    merged = auto_class(task).from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert max_diff(theirs, kit.logits(merged, batch, task)) <= 1e-4
 
 
 # -- the training-only dropouts -----------------------------------------------------------------------

@@ -3,7 +3,8 @@
 - with each option that changes the numbers (r or oft_block_size, one that does not divide ``in``,
   coft with eps, block_share, use_cayley_neumann and its number of terms), our adapter moved off init
   loads in ``PeftModel.from_pretrained`` with our logits (≤ 1e-5), and an adapter peft wrote (moved off
-  init) loads in ``peftcli.export.load_adapter`` with peft's logits (≤ 1e-5), on tiny:llama (causal LM)
+  init) loads in ``peftcli.export.load_adapter`` with peft's logits (≤ 1e-5) and ``peftcli merge`` folds it
+  into a plain model with peft's logits (≤ 1e-4), on tiny:llama (causal LM)
   and tiny:bert (seq_cls);
 - the paper: with the exact Cayley transform each block is orthogonal (RᵀR = I, ≤ 1e-5), so merging keeps
   the angles and norms between W's neurons (W'W'ᵀ = WWᵀ, ≤ 1e-4); COFT keeps every stored Q within its
@@ -18,7 +19,7 @@ import kit
 import pytest
 import torch
 
-from peftcli.export import load_adapter
+from peftcli.export import load_adapter, merge_adapter
 from peftcli.methods.oft import OFTConfig, OFTRotation, block_geometry, nearest_divisor
 from peftcli.models import resolve_model_name
 from peftcli.recipe import RecipeError
@@ -104,6 +105,9 @@ def test_we_load_peft_adapters_with_each_option(run, tmp_path):
     loaded = load_adapter(tmp_path / "adapter")
     assert loaded.method.name == "oft"
     assert max_diff(theirs, kit.logits(loaded.model, batch, task)) <= 1e-5
+    merge_adapter(tmp_path / "adapter", tmp_path / "merged")  # peftcli merge of peft's adapter
+    merged = auto_class(task).from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert max_diff(theirs, kit.logits(merged, batch, task)) <= 1e-4
 
 
 # -- the paper's equations ---------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 - with each option that changes the numbers (``projection_prng_key``, ``save_projection`` true and
   false, ``d_initial``, ``r``), our adapter moved off init loads in ``PeftModel.from_pretrained`` with our
   logits (≤ 1e-5), and an adapter peft wrote (moved off init) loads in ``peftcli.export.load_adapter``
-  with peft's logits (≤ 1e-5), on tiny:llama (causal LM), tiny:gpt2 (Conv1D) and tiny:bert (seq_cls);
+  with peft's logits (≤ 1e-5) and ``peftcli merge`` folds it into a plain model with peft's logits
+  (≤ 1e-4), on tiny:llama (causal LM), tiny:gpt2 (Conv1D) and tiny:bert (seq_cls);
 - ``save_projection``: true stores A and B once (``base_model.vera_A`` / ``vera_B``), false stores
   only the vectors;
 - ``vera_dropout`` acts only in training, with the same draws as peft's (same seed, equal logits).
@@ -19,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftcli.export import load_adapter
+from peftcli.export import load_adapter, merge_adapter
 from peftcli.models import resolve_model_name
 
 peft = pytest.importorskip("peft")
@@ -148,6 +149,9 @@ def test_we_load_peft_adapters_with_each_option(run, tmp_path):
     loaded = load_adapter(tmp_path / "adapter")
     assert loaded.method.name == "vera"
     assert max_diff(theirs, kit.logits(loaded.model, batch, task)) <= 1e-5
+    merge_adapter(tmp_path / "adapter", tmp_path / "merged")  # peftcli merge of peft's adapter
+    merged = auto_class(task).from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert max_diff(theirs, kit.logits(merged, batch, task)) <= 1e-4
 
 
 def test_dropout_acts_in_training_as_peft_and_never_in_eval(tmp_path):
