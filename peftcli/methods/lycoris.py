@@ -16,7 +16,6 @@ Conv1D); convolutions (``use_effective_conv2d``) do not occur in the language mo
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -25,7 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcli.inject import match_targets
-from peftcli.methods.kit import AdapterLayer, LayerMethod, write_weight
+from peftcli.methods.kit import (
+    AdapterLayer,
+    LayerMethod,
+    check_patterns_match,
+    pattern_key,
+    validate_patterns,
+    write_weight,
+)
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
 
@@ -65,15 +71,6 @@ class LycorisConfig(MethodConfig):
         default_factory=list,
         metadata=doc("modules trained in full and saved whole; seq_cls heads are added"),
     )
-
-
-def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
-    r"""The first key (sorted, as peft reads them back from JSON) that ``name`` matches as
-    ``(.*\.)?(key)$``: peft's rule for ``rank_pattern`` / ``alpha_pattern``."""
-    for key in sorted(patterns):
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
 
 
 class LycorisLinear(AdapterLayer):
@@ -144,16 +141,7 @@ class LycorisMethod(LayerMethod):
 
     @classmethod
     def validate_config(cls, cfg: LycorisConfig, recipe) -> None:
-        for key in ("rank_pattern", "alpha_pattern"):
-            for pattern in getattr(cfg, key):
-                try:
-                    re.compile(pattern)
-                except re.error as err:
-                    raise RecipeError(
-                        f"method.{key}.{pattern}",
-                        f"not a valid regular expression ({err})",
-                        "use a module name suffix such as down_proj, or fix the regex",
-                    ) from None
+        validate_patterns(cfg)
 
     def resolve_targets(self, model: nn.Module) -> list[str]:
         targets = match_targets(model, self.cfg.target_modules)
@@ -166,14 +154,7 @@ class LycorisMethod(LayerMethod):
                     "(peft has no LyCORIS layer for it either)",
                     "target the model's nn.Linear layers, or use lora",
                 )
-        for key in ("rank_pattern", "alpha_pattern"):  # peft ignores a key that matches nothing; we say so
-            for pattern in getattr(self.cfg, key):
-                if not any(pattern_key({pattern: 0}, n) for n in targets):
-                    raise RecipeError(
-                        f"method.{key}.{pattern}",
-                        "matches none of the adapted modules",
-                        f"adapted: {', '.join(dict.fromkeys(n.split('.')[-1] for n in targets))}",
-                    )
+        check_patterns_match(self.cfg, targets)
         return targets
 
     def rank_and_alpha(self, name: str) -> tuple[int, float]:
@@ -191,4 +172,4 @@ class LycorisMethod(LayerMethod):
         return {"init_weights": True, "use_effective_conv2d": False, **super().adapter_config(model)}
 
 
-__all__ = ["LycorisConfig", "LycorisLinear", "LycorisMethod", "pattern_key"]
+__all__ = ["LycorisConfig", "LycorisLinear", "LycorisMethod"]
