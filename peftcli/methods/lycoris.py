@@ -39,7 +39,9 @@ from peftcli.recipe import MethodConfig, RecipeError, doc
 class LycorisConfig(MethodConfig):
     """The recipe keys LoHa and LoKr share, spelled as peft's ``LycorisConfig`` fields."""
 
-    r: int = field(default=8, metadata=doc("rank of the factors", min=1))
+    r: int = field(
+        default=8, metadata=doc("rank of the factors (typical 4–16; LoHa's update reaches rank r²)", min=1)
+    )
     alpha: float = field(
         default=8.0, metadata=doc("scale numerator: the update is multiplied by alpha/r", min_exclusive=0.0)
     )

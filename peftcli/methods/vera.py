@@ -33,7 +33,12 @@ from peftcli.recipe import MethodConfig, RecipeError, doc
 class VeraConfig(MethodConfig):
     """peft's ``VeraConfig`` fields."""
 
-    r: int = field(default=256, metadata=doc("rank of the shared random projections A and B", min=1))
+    r: int = field(
+        default=256,
+        metadata=doc(
+            "rank of the shared random A and B (peft's default 256; each layer trains r + out)", min=1
+        ),
+    )
     target_modules: str | list[str] = field(
         default="all-linear",
         metadata=doc(
@@ -50,7 +55,9 @@ class VeraConfig(MethodConfig):
     vera_dropout: float = field(
         default=0.0, metadata=doc("dropout on the VeRA input path", min=0.0, max=0.99)
     )
-    d_initial: float = field(default=0.1, metadata=doc("initial value of every entry of d"))
+    d_initial: float = field(
+        default=0.1, metadata=doc("initial value of every entry of d (the paper and peft: 0.1)")
+    )
     modules_to_save: list[str] = field(
         default_factory=list,
         metadata=doc("modules trained in full and saved whole; seq_cls heads are added"),
