@@ -2,9 +2,10 @@
 
 References and tolerances (fp32, CPU, fixed seeds, OMP_NUM_THREADS=1 per rank):
 - 2 processes with micro-batch b vs 1 process with micro-batch 2b (the same global batch): every
-  step's logged loss and every adapter tensor within 1e-5, for ddp and fsdp with LoRA and for AdaLoRA,
-  IA3 and prompt tuning under ddp. The data (13 examples, global batch 4, accumulation 2) makes the
-  last micro-batch of each epoch a single example, so one rank runs a stand-in that scores nothing;
+  step's logged loss and every adapter tensor within 1e-5 (LoHa's tensors 5e-5: ADAPTER_TOLERANCE), for
+  ddp and fsdp with LoRA, fsdp with LoHa, LoKr, VeRA and OFT, and AdaLoRA, IA3 and prompt tuning under
+  ddp. The data (13 examples, global batch 4, accumulation 2) makes the last micro-batch of each epoch
+  a single example, so one rank runs a stand-in that scores nothing;
 - a two-"node" localhost job (two launches, --nnodes 2) writes one adapter equal to the reference;
 - a 2-process run SIGKILLed after a checkpoint and resumed ends with the uninterrupted 2-process
   run's adapter (≤ 1e-6; LoRA dropout 0.1, so every rank's RNG state must be restored);
@@ -38,7 +39,17 @@ METHODS = {
     "adalora": "{name: adalora, init_r: 4, target_r: 2, alpha: 8, tinit: 1, tfinal: 1, deltaT: 1}",
     "ia3": "{name: ia3}",
     "prompt_tuning": "{name: prompt_tuning, num_virtual_tokens: 4}",
+    "loha": "{name: loha, r: 4, alpha: 8}",
+    "lokr": "{name: lokr, r: 2, alpha: 4, decompose_both: true}",
+    "vera": "{name: vera, r: 16}",
+    "oft": "{name: oft, oft_block_size: 16}",
 }
+
+# Adapter tolerance where 1e-5 is too tight for the arithmetic, not for the distribution: LoHa's W2b starts
+# at zero, so W1a, W1b and W2a get near-zero gradients on their first steps, which Adam normalises to
+# lr-sized moves; the rounding of a different batch split (2 ranks x 2 vs 1 x 4) then shows up as 2.2e-5
+# on a 0.5 entry, the same under ddp and fsdp (the logged losses still agree within 1e-5).
+ADAPTER_TOLERANCE = {"loha": 5e-5}
 
 
 def recipe_text(method: str, batch_size: int, extra: str = "") -> str:
@@ -185,14 +196,24 @@ def test_ddp_leaves_the_frozen_base_alone(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "mode"),
-    [("lora", "ddp"), ("lora", "fsdp"), ("adalora", "ddp"), ("ia3", "ddp"), ("prompt_tuning", "ddp")],
+    [
+        ("lora", "ddp"),
+        ("lora", "fsdp"),
+        ("adalora", "ddp"),
+        ("ia3", "ddp"),
+        ("prompt_tuning", "ddp"),
+        ("loha", "fsdp"),
+        ("lokr", "fsdp"),
+        ("vera", "fsdp"),
+        ("oft", "fsdp"),
+    ],
 )
 def test_two_processes_compute_what_one_process_computes(tmp_path, method, mode):
     one = single_process_run(tmp_path, method)
     two = two_process_run(tmp_path, method, f", distributed: {mode}")
     assert len(train_losses(one)) == 4
     assert max(abs(a - b) for a, b in zip(train_losses(one), train_losses(two), strict=True)) <= 1e-5
-    assert max_diff(adapter(one), adapter(two)) <= 1e-5
+    assert max_diff(adapter(one), adapter(two)) <= ADAPTER_TOLERANCE.get(method, 1e-5)
     assert not any(p.name.startswith(".") for p in (two / "checkpoints").iterdir())  # rank 0 wrote once
     if method == "adalora":  # the rank allocation (from the all-reduced gradients) is the same
         config = json.loads((one / "adapter" / "adapter_config.json").read_text())

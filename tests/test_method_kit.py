@@ -2,7 +2,8 @@
 numbers (fp32, CPU, fixed seeds):
 
 - merge then unmerge: the base weights come back (≤ 1e-5) and so do the adapter's logits (≤ 1e-5), for
-  every layer that can take its update back out (LoRA and its DoRA/PiSSA variants, (IA)3, AdaLoRA);
+  every layer that can take its update back out (LoRA and its DoRA/PiSSA variants, (IA)3, AdaLoRA,
+  LoHa, LoKr, VeRA, OFT);
 - the adapter-config round trip: for every registered method, config → adapter_config → config gives
   a config that writes the same adapter_config again, and the fields the method did not resolve on the
   model (targets) come back equal;
@@ -45,6 +46,13 @@ UNMERGEABLE = {
         ["model.name=tiny:gpt2", "method.target_modules=null", "method.feedforward_modules=null"],
     ),
     "adalora": ("adalora", []),
+    "loha": ("loha", []),
+    "lokr": ("lokr", []),
+    "lokr_decomposed": ("lokr", ["method.r=2", "method.decompose_both=true"]),
+    "vera": ("vera", []),
+    "vera_gpt2": ("vera", ["model.name=tiny:gpt2"]),
+    "oft": ("oft", []),
+    "oft_exact_block_share": ("oft", ["method.use_cayley_neumann=false", "method.block_share=true"]),
 }
 
 

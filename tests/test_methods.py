@@ -61,6 +61,25 @@ METHODS: dict[str, Case] = {
     "houlsby_adapter": Case({"llama": ("houlsby_adapter",)}, identity=True, mergeable=False),
     "ia3": Case({"llama": ("ia3",)}, identity=True, mergeable=True, peft_type="IA3", peft_counts=True),
     "ladder_side_tuning": Case({"llama": ("ladder_side_tuning",)}, identity=True, mergeable=False),
+    "loha": Case(
+        {"llama": ("loha",), "bert-seq_cls": ("loha", *BERT), "t5-seq2seq": ("loha", *T5)},
+        identity=True,
+        mergeable=True,
+        peft_type="LOHA",
+        peft_counts=True,
+    ),
+    "lokr": Case(
+        {
+            "llama": ("lokr",),
+            "decompose_both": ("lokr", "method.r=2", "method.decompose_both=true"),
+            "bert-seq_cls": ("lokr", *BERT),
+            "t5-seq2seq": ("lokr", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="LOKR",
+        peft_counts=True,
+    ),
     "lora": Case(
         {
             "llama": ("lora",),
@@ -75,6 +94,24 @@ METHODS: dict[str, Case] = {
         peft_counts=True,
     ),
     "mam_adapter": Case({"llama": ("mam_adapter",)}, identity=False, mergeable=False),
+    "oft": Case(
+        {
+            "llama": ("oft",),
+            "r-exact-cayley": (
+                "oft",
+                "method.r=4",
+                "method.oft_block_size=0",
+                "method.use_cayley_neumann=false",
+            ),
+            "block_share": ("oft", "method.block_share=true"),
+            "bert-seq_cls": ("oft", *BERT),
+            "t5-seq2seq": ("oft", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="OFT",
+        peft_counts=True,
+    ),
     "p_tuning": Case({"llama": ("p_tuning",)}, identity=False, mergeable=False, peft_type="P_TUNING"),
     "p_tuning_v2": Case(
         {"llama": ("p_tuning_v2",)}, identity=False, mergeable=False, peft_type="PREFIX_TUNING"
@@ -91,6 +128,18 @@ METHODS: dict[str, Case] = {
         {"llama": ("prompt_tuning",)}, identity=False, mergeable=False, peft_type="PROMPT_TUNING"
     ),
     "unipelt": Case({"llama": ("unipelt",)}, identity=False, mergeable=False),
+    "vera": Case(
+        {
+            "llama": ("vera",),
+            "no-saved-projection": ("vera", "method.save_projection=false", "method.projection_prng_key=7"),
+            "gpt2": ("vera", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("vera", *BERT),
+            "t5-seq2seq": ("vera", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="VERA",
+    ),
 }
 
 

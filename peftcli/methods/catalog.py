@@ -14,14 +14,18 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     houlsby_adapter,
     ia3,
     ladder_side_tuning,
+    loha,
+    lokr,
     lora,
     mam_adapter,
+    oft,
     p_tuning,
     p_tuning_v2,
     parallel_adapter,
     prefix_tuning,
     prompt_tuning,
     unipelt,
+    vera,
 )
 from peftcli.methods.registry import Method, registered
 from peftcli.recipe import Recipe, RecipeError, did_you_mean

@@ -14,6 +14,7 @@ so each tensor has one name and is saved once, under peft's key for a tuner attr
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import torch
@@ -76,6 +77,50 @@ def write_weight(target: torch.Tensor, value: torch.Tensor) -> None:
     """Copy an fp32 result into a frozen tensor in its own dtype (the merge loops' one write)."""
     with torch.no_grad():
         target.copy_(value.to(target.dtype))
+
+
+def pattern_key(patterns: dict[str, Any] | list[str], name: str) -> str | None:
+    r"""The first key (in sorted order) such that ``name`` matches ``(.*\.)?(key)$``, as peft matches
+    ``rank_pattern`` keys. Sorted, because peft reads them back from a JSON file written with sorted keys."""
+    for key in sorted(patterns):
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def validate_patterns(cfg: Any, keys: tuple[str, ...] = ("rank_pattern", "alpha_pattern")) -> None:
+    """Recipe checks of peft's per-module ``rank_pattern`` / ``alpha_pattern``: each key a valid regex,
+    each value positive."""
+    for key in keys:
+        for pattern, value in getattr(cfg, key).items():
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise RecipeError(
+                    f"method.{key}.{pattern}",
+                    f"not a valid regular expression ({err})",
+                    "use a module name suffix such as down_proj, or fix the regex",
+                ) from None
+            if value <= 0:
+                raise RecipeError(
+                    f"method.{key}.{pattern}",
+                    f"must be > 0, got {value}",
+                    "ranks are integers >= 1 and alphas positive numbers",
+                )
+
+
+def check_patterns_match(
+    cfg: Any, adapted: list[str], keys: tuple[str, ...] = ("rank_pattern", "alpha_pattern")
+):
+    """peft ignores a pattern key that matches no adapted module; we say so, naming what is adapted."""
+    for key in keys:
+        for pattern in getattr(cfg, key):
+            if not any(pattern_key([pattern], name) for name in adapted):
+                raise RecipeError(
+                    f"method.{key}.{pattern}",
+                    "matches none of the adapted modules",
+                    f"adapted: {', '.join(dict.fromkeys(n.split('.')[-1] for n in adapted))}",
+                )
 
 
 class LayerMethod(Method):
@@ -207,4 +252,14 @@ class LayerMethod(Method):
         return {**super().adapter_config(model), "target_modules": list(self.targets)}
 
 
-__all__ = ["SHARED_ATTR", "AdapterLayer", "Foldable", "LayerMethod", "SharedState", "write_weight"]
+__all__ = [
+    "SHARED_ATTR",
+    "AdapterLayer",
+    "Foldable",
+    "LayerMethod",
+    "SharedState",
+    "check_patterns_match",
+    "pattern_key",
+    "validate_patterns",
+    "write_weight",
+]

@@ -65,7 +65,15 @@ from peftcli.inject import (
     match_targets,
     set_module,
 )
-from peftcli.methods.kit import AdapterLayer, Foldable, LayerMethod, write_weight
+from peftcli.methods.kit import (
+    AdapterLayer,
+    Foldable,
+    LayerMethod,
+    check_patterns_match,
+    pattern_key,
+    validate_patterns,
+    write_weight,
+)
 from peftcli.methods.lora_options import (
     TrainableTokens,
     add_trainable_tokens,
@@ -627,22 +635,7 @@ class LoRA(LayerMethod):
                 "is empty and no target_parameters are set, so nothing would train",
                 "name modules, use all-linear, or set method.target_parameters",
             )
-        for key in ("rank_pattern", "alpha_pattern"):
-            for pattern in getattr(cfg, key):
-                try:
-                    re.compile(pattern)
-                except re.error as err:
-                    raise RecipeError(
-                        f"method.{key}.{pattern}",
-                        f"not a valid regular expression ({err})",
-                        "use a module name suffix such as down_proj, or fix the regex",
-                    ) from None
-                if getattr(cfg, key)[pattern] <= 0:
-                    raise RecipeError(
-                        f"method.{key}.{pattern}",
-                        f"must be > 0, got {getattr(cfg, key)[pattern]}",
-                        "ranks are integers >= 1 and alphas positive numbers",
-                    )
+        validate_patterns(cfg)
         cls._validate_options(cfg)
         surgery = [
             k
@@ -786,14 +779,7 @@ class LoRA(LayerMethod):
                 "drop it from one of the two",
             )
         adapted = targets + [f"{m}.{p}" for m, p in self.parameter_targets]
-        for key in ("rank_pattern", "alpha_pattern"):  # peft ignores a key that matches nothing; we say so
-            for pattern in getattr(cfg, key):
-                if not any(pattern_key([pattern], name) for name in adapted):
-                    raise RecipeError(
-                        f"method.{key}.{pattern}",
-                        "matches none of the adapted modules",
-                        f"adapted: {', '.join(dict.fromkeys(n.split('.')[-1] for n in adapted))}",
-                    )
+        check_patterns_match(cfg, adapted)
         return targets
 
     def create_layer(self, name: str, base: nn.Module) -> LoRALinear:
@@ -970,15 +956,6 @@ class LoRA(LayerMethod):
             config["target_modules"] = None  # the default, all-linear
         config.setdefault("lora_alpha", 8)  # peft's default, where the file omits it
         return super().config_from_adapter(config)
-
-
-def pattern_key(patterns: dict[str, Any] | list[str], name: str) -> str | None:
-    r"""The first key (in sorted order) such that ``name`` matches ``(.*\.)?(key)$``, as peft matches
-    ``rank_pattern`` keys. Sorted, because peft reads them back from a JSON file written with sorted keys."""
-    for key in sorted(patterns):
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
 
 
 __all__ = [
