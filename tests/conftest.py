@@ -15,3 +15,46 @@ def tiny_cache(tmp_path_factory):
         os.environ.pop("PEFTCLI_CACHE", None)
     else:
         os.environ["PEFTCLI_CACHE"] = old
+
+
+# -- the fast tier -------------------------------------------------------------------------------------
+# `pytest -m "not slow"` must stay under 2 minutes on 2 cores. The big parity tables below run every row
+# in the full suite (CI), and only the rows named here in the fast tier: the ones that exercise the most
+# code (a composed variant, a tied embedding, a second architecture), so a quick run still touches every
+# code path the table covers at least once. A name or row id here that no longer exists is an error, so
+# the list cannot go stale.
+FAST_ROWS = {
+    "test_batching.py::test_packed_window_equals_unpacked": {"lora", "adalora"},
+    "test_lora_options.py::test_option_round_trips_with_peft": {
+        "lora_bias",
+        "layers_to_transform",
+        "trainable_token_indices-tied",
+        "modules_to_save-tied",
+    },
+    "test_lora_variants.py::test_saved_adapter_loads_in_peft_with_our_logits": {"dora_gpt2", "pissa_dora"},
+    "test_lora_variants.py::test_merged_plain_model_reloads_with_the_adapter_logits": {"pissa_dora"},
+    "test_lora_variants.py::test_residual_inits_equal_peft_and_compose_with_dora": {"olora_dora"},
+    "test_oft.py::test_peft_loads_our_adapter_with_each_option": {"coft", "block_size-not-dividing"},
+    "test_oft.py::test_we_load_peft_adapters_with_each_option": {"llama-coft"},
+    "test_quantized_methods.py::test_trains_on_a_4bit_base_loads_in_peft_and_merges": {"vera"},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    seen: dict[str, set[str]] = {}
+    for item in items:
+        key = f"{item.path.name}::{item.originalname}"
+        if key not in FAST_ROWS or not hasattr(item, "callspec"):
+            continue
+        seen.setdefault(key, set()).add(item.callspec.id)
+        if item.callspec.id not in FAST_ROWS[key]:
+            item.add_marker(pytest.mark.slow)
+    collected_files = {item.path.name for item in items}
+    for key, rows in FAST_ROWS.items():
+        if key.split("::")[0] not in collected_files:
+            continue  # a run of other files
+        missing = rows - seen.get(key, set())
+        if key not in seen or (missing and not config.option.keyword and not config.option.lf):
+            raise pytest.UsageError(
+                f"tests/conftest.py FAST_ROWS: {key} {sorted(missing) or ''} not collected"
+            )

@@ -138,6 +138,7 @@ def test_encoder_prefix_is_refused_without_an_encoder():
         kit.build_inline("causal_lm", {"name": "prefix_tuning", "encoder_prefix": True})
 
 
+@pytest.mark.slow  # a whole recipe through the CLI path
 def test_t5_recipe_trains_through_the_cli_path_and_loss_falls(tmp_path):
     from peftcli.api import train
 

@@ -138,6 +138,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow  # runs the installed console script: a fresh interpreter importing everything (~8 s)
 def test_real_console_script_prints_no_traceback(tmp_path):
     path = write_recipe(tmp_path, BASE.replace("max_steps: 2", "max_stepz: 2"))
     proc = subprocess.run(

@@ -91,6 +91,7 @@ def test_peak_flops_come_from_the_table_by_device_name(name, peak):
     assert gpu.peak_tflops(name)[0] == peak
 
 
+@pytest.mark.slow  # waits for a step's time limit
 def test_a_hanging_step_is_killed_at_its_limit_and_the_report_is_still_written(tmp_path):
     args = type("Args", (), {"budget_s": 60.0, "out": str(tmp_path), "work": str(tmp_path / "work")})()
     report = gpu.Report(tmp_path, "test", dry_run=True, budget_s=60.0)

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "peftcli"
 
@@ -237,6 +239,7 @@ def test_importing_quantize_loads_no_method():
     assert out == [], f"import peftcli.quantize loaded {len(out)} peftcli.methods modules: {out}"
 
 
+@pytest.mark.slow  # a fresh interpreter importing the whole training package (~4 s)
 def test_the_training_package_never_shadows_the_public_train_function():
     """``peftcli.train(recipe)`` is the public API; a subpackage named ``train`` would replace it with a
     module as soon as anything imported it, so the loop lives in ``peftcli.training``."""

@@ -188,6 +188,7 @@ def test_adapter_loads_in_peft_on_the_same_4bit_base(trained):
     assert (our_logits - peft_logits).abs().max() <= 1e-4
 
 
+@pytest.mark.slow  # trains the QLoRA recipe (module fixture) and merges
 def test_merge_is_exact_against_the_fp32_base_plus_adapter_and_reports_the_4bit_gap(trained, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
