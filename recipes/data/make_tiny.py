@@ -7,6 +7,9 @@
   not generalisation).
 - tiny_cls_train.jsonl / tiny_cls_eval.jsonl: two-class "sentiment" sentences built from
   positive/negative word lists, for seq_cls recipes.
+- tiny_pref_train.jsonl / tiny_pref_eval.jsonl: preference pairs {prompt, chosen, rejected} for
+  recipes/objectives/*.yaml: "the <noun> was <word>. feeling:" prefers " happy" or " sad" as the word
+  is positive or negative; the eval pairs use (noun, word) combinations the training pairs do not.
 - tasks/tiny_reverse_choice.jsonl: a four-way multiple-choice version of the reversal task for
   lm-evaluation-harness (tasks/tiny_reverse_choice.yaml; `peftcli eval --tasks`, docs/use.md).
 """
@@ -60,6 +63,23 @@ def main() -> None:
     write(HERE / "tiny_cls_train.jsonl", rows[:256])
     write(HERE / "tiny_cls_eval.jsonl", rows[256:])
     write(HERE / "tasks" / "tiny_reverse_choice.jsonl", reverse_choices(random.Random(1)))
+    train, held_out = preference_pairs(random.Random(2))
+    write(HERE / "tiny_pref_train.jsonl", train)
+    write(HERE / "tiny_pref_eval.jsonl", held_out)
+
+
+def preference_pairs(rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """(train, eval) pairs: the feeling that matches the sentence's word is chosen. Every fourth
+    (noun, word) combination is held out for eval."""
+    combos = [(n, w, w in POSITIVE) for n in NOUNS for w in POSITIVE + NEGATIVE]
+    rng.shuffle(combos)
+    rows = []
+    for noun, word, positive in combos:
+        good, bad = (" happy", " sad") if positive else (" sad", " happy")
+        rows.append({"prompt": f"the {noun} was {word}. feeling:", "chosen": good, "rejected": bad})
+    held_out = rows[::4]
+    train = [row for i, row in enumerate(rows) if i % 4]
+    return train, held_out
 
 
 def reverse_choices(rng: random.Random) -> list[dict]:
