@@ -9,7 +9,8 @@
   positive/negative word lists, for seq_cls recipes.
 - tiny_pref_train.jsonl / tiny_pref_eval.jsonl: preference pairs {prompt, chosen, rejected} for
   recipes/objectives/*.yaml: "the <noun> was <word>. feeling:" prefers " happy" or " sad" as the word
-  is positive or negative; the eval pairs use (noun, word) combinations the training pairs do not.
+  is positive or negative; the eval pairs use (noun, word) combinations the training pairs do not
+  (two of each word's eight nouns).
 - tasks/tiny_reverse_choice.jsonl: a four-way multiple-choice version of the reversal task for
   lm-evaluation-harness (tasks/tiny_reverse_choice.yaml; `peftcli eval --tasks`, docs/use.md).
 """
@@ -69,16 +70,16 @@ def main() -> None:
 
 
 def preference_pairs(rng: random.Random) -> tuple[list[dict], list[dict]]:
-    """(train, eval) pairs: the feeling that matches the sentence's word is chosen. Every fourth
-    (noun, word) combination is held out for eval."""
-    combos = [(n, w, w in POSITIVE) for n in NOUNS for w in POSITIVE + NEGATIVE]
-    rng.shuffle(combos)
-    rows = []
-    for noun, word, positive in combos:
-        good, bad = (" happy", " sad") if positive else (" sad", " happy")
-        rows.append({"prompt": f"the {noun} was {word}. feeling:", "chosen": good, "rejected": bad})
-    held_out = rows[::4]
-    train = [row for i, row in enumerate(rows) if i % 4]
+    """(train, eval) pairs: the feeling that matches the sentence's word is chosen. For every word, two
+    of its eight nouns are held out for eval, so each word is seen in training with six other nouns."""
+    train, held_out = [], []
+    for word in POSITIVE + NEGATIVE:
+        good, bad = (" happy", " sad") if word in POSITIVE else (" sad", " happy")
+        nouns = rng.sample(NOUNS, len(NOUNS))
+        for i, noun in enumerate(nouns):
+            row = {"prompt": f"the {noun} was {word}. feeling:", "chosen": good, "rejected": bad}
+            (held_out if i < 2 else train).append(row)
+    rng.shuffle(train)
     return train, held_out
 
 
