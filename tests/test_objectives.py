@@ -35,7 +35,8 @@ from peftcli.data.collate import collate_rows
 from peftcli.data.pipeline import load_data
 from peftcli.recipe import ObjectiveConfig, RecipeError
 from peftcli.recipe_loader import load_recipe
-from peftcli.training.objectives import build_objective, pair_counts, score_pairs
+from peftcli.training.objectives.base import pair_counts, score_pairs
+from peftcli.training.objectives.registry import build_objective
 from peftcli.training.step import Stepper
 
 pytest.importorskip("trl")

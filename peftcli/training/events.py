@@ -66,7 +66,7 @@ def evaluate_pairs(run: Run) -> dict[str, float]:
     import torch
 
     from peftcli.data.collate import collate_rows
-    from peftcli.training.objectives import PairScores, score_pairs
+    from peftcli.training.objectives.base import PairScores, score_pairs
 
     objective, rows, size = run.stepper.objective, run.data.eval, run.recipe.eval.batch_size
     reference = objective.reference if objective.needs_reference else None

@@ -37,7 +37,7 @@ from peftcli.training.attention import use_packed_attention
 from peftcli.training.console import Reporter
 from peftcli.training.distributed import Dist
 from peftcli.training.loss import choose_loss_path
-from peftcli.training.objectives import build_objective
+from peftcli.training.objectives.registry import build_objective
 from peftcli.training.optim import build_optimizer, build_scheduler, total_steps
 from peftcli.training.state import Run
 from peftcli.training.step import Stepper
@@ -96,7 +96,7 @@ def check_objective(recipe: Recipe, dist: Dist) -> None:
     """A preference objective runs in one process for now, and ``reference: base`` needs a method that
     can switch its adapter off (peftcli.methods.registry.Method.adapter_disabled)."""
     from peftcli.methods.registry import overrides
-    from peftcli.training.objectives import OBJECTIVES
+    from peftcli.training.objectives.registry import OBJECTIVES
 
     objective = OBJECTIVES[recipe.objective.name]
     if objective.data_format is None:
