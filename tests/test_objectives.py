@@ -361,9 +361,10 @@ def test_metrics_log_the_objective_before_any_update_and_pair_rewards(tmp_path):
     assert evals[0]["step"] == 0
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert evals[0][key] == pytest.approx(0.0, abs=1e-6)
-    assert evals[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evals[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evals[0]["eval_examples"] == 32  # the held-out pairs
     assert set(evals[-1]) >= {
-        "loss",
+        "eval_loss",
         "rewards/chosen",
         "rewards/rejected",
         "rewards/margins",
@@ -400,3 +401,90 @@ def test_dpo_learns_held_out_preferences(tmp_path):
     assert evals[0]["rewards/accuracy"] == 0.0
     assert evals[-1]["rewards/accuracy"] > 0.9, evals[-1]
     assert evals[-1]["rewards/margins"] > 0
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_with_the_start_reference(tmp_path):
+    """DPO with ``reference: start`` killed right after checkpoint 3 and resumed ends with the adapter and
+    the logged losses of an uninterrupted run (≤ 1e-6): the reference is the adapter the run began
+    from, not the one restored from the checkpoint (set_up keeps it before restore). A gaussian LoRA
+    init makes that start adapter differ from the base."""
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from peftcli.cli import app
+
+    sys.path.insert(0, str(kit.HELPERS))
+    from kill_after_checkpoint import run_killed_after_checkpoint
+
+    raw = yaml.safe_load(RECIPE.read_text())
+    raw["data"] = {k: str(kit.ROOT / v) if k == "train" else v for k, v in raw["data"].items() if k != "eval"}
+    raw["objective"]["reference"] = "start"
+    raw["method"]["init"] = "pissa"
+    raw["train"].update(max_steps=6, save_every=3, batch_size=8, log_every=1, eval_every=0)
+    runs = {}
+    for name in ("full", "killed"):
+        runs[name] = tmp_path / name
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**raw, "output_dir": str(runs[name])}))
+    full = CliRunner().invoke(app, ["train", str(tmp_path / "full.yaml"), "-q"])
+    assert full.exit_code == 0, full.output
+    proc = run_killed_after_checkpoint(3, tmp_path / "killed.yaml")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    resumed = CliRunner().invoke(app, ["train", str(tmp_path / "killed.yaml"), "--resume", "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    a, b = (load_file(runs[n] / "adapter" / "adapter_model.safetensors") for n in ("full", "killed"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+    def losses(run):
+        events = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+        return [(e["step"], e["loss"]) for e in events if e["event"] == "train"]
+
+    got, expected = losses(runs["killed"]), losses(runs["full"])
+    assert [s for s, _ in got] == list(range(1, 7))
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], abs=1e-6)
+    assert expected[0][1] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at step 1
+    assert expected[-1][1] < math.log(2)
+
+
+def _recipe_with_method(method: dict, **objective):
+    import yaml
+
+    from peftcli.recipe_loader import recipe_from_dict
+
+    raw = yaml.safe_load(RECIPE.read_text())
+    raw["method"], raw["objective"] = method, {**raw["objective"], **objective}
+    return recipe_from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    ("method", "words"),
+    [
+        ({"name": "prompt_tuning"}, "prompt_tuning cannot switch its adapter off"),
+        ({"name": "lora", "init": "pissa"}, "method.init pissa rewrites the base weights"),
+    ],
+)
+def test_reference_base_is_refused_where_the_adapter_cannot_be_switched_off(method, words):
+    """Before anything loads, in one line naming objective.reference and pointing to ``start``; with
+    ``reference: start`` the same recipe passes."""
+    from peftcli.training.distributed import Dist
+    from peftcli.training.setup import check_recipe
+
+    with pytest.raises(RecipeError) as err:
+        check_recipe(_recipe_with_method(method), Dist())
+    message = str(err.value)
+    assert "\n" not in message and "objective.reference" in message and words in message, message
+    assert "reference: start" in message
+    check_recipe(_recipe_with_method(method, reference="start"), Dist())
+
+
+def test_modules_to_save_refuse_the_base_reference_when_built():
+    """LoRA training lm_head whole keeps no copy of the original head: the base cannot be run."""
+    recipe = _recipe_with_method({"name": "lora", "modules_to_save": ["lm_head"]})
+    built = kit.build(recipe)
+    assert built.method.adapter_disabled(built.model) is None
+    with pytest.raises(RecipeError, match="cannot switch its adapter off"):
+        build_objective(recipe.objective, built.method, built.model)

@@ -96,6 +96,7 @@ def check_objective(recipe: Recipe, dist: Dist) -> None:
     """A preference objective runs in one process for now, and ``reference: base`` needs a method that
     can switch its adapter off (peftcli.methods.registry.Method.adapter_disabled)."""
     from peftcli.methods.registry import overrides
+    from peftcli.training.objectives.reference import check_base_reference
     from peftcli.training.objectives.registry import OBJECTIVES
 
     objective = OBJECTIVES[recipe.objective.name]
@@ -115,6 +116,8 @@ def check_objective(recipe: Recipe, dist: Dist) -> None:
             f"{method.name} cannot switch its adapter off, so the base model is no reference",
             "set objective.reference: start",
         )
+    if base_reference:
+        check_base_reference(recipe.method)
 
 
 def check_eval_tasks(recipe: Recipe, dist: Dist) -> None:

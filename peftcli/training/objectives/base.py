@@ -139,9 +139,10 @@ class Objective:
         margins = chosen - rejected
         counts = {"pairs": s.chosen.numel(), "chosen_tokens": int(s.chosen_count.sum())}
         return {
-            "loss": float(self.window_loss(s, counts)),
+            "eval_loss": float(self.window_loss(s, counts)),
             "rewards/chosen": float(chosen.mean()),
             "rewards/rejected": float(rejected.mean()),
             "rewards/margins": float(margins.mean()),
             "rewards/accuracy": float((margins > 0).float().mean()),
+            "eval_examples": s.chosen.numel(),
         }

@@ -16,6 +16,21 @@ from torch import nn
 from peftcli.methods.registry import Method
 from peftcli.recipe import RecipeError
 
+# LoRA inits that move the adapter's start into the base weight (W − B₀A₀): with the adapter off, the
+# model is that residual, not the base, so only ``reference: start`` (= the base at step 0) is right.
+BASE_REWRITING_INITS = ("pissa", "olora")
+
+
+def check_base_reference(method_cfg) -> None:
+    """Refuse ``reference: base`` where switching the adapter off does not give the base model back."""
+    init = getattr(method_cfg, "init", None)
+    if init in BASE_REWRITING_INITS:
+        raise RecipeError(
+            "objective.reference",
+            f"method.init {init} rewrites the base weights, so with the adapter off the model is not the base",
+            "set objective.reference: start (the model as the run starts is the base)",
+        )
+
 
 def reference_context(
     kind: str, method: Method, model: nn.Module
