@@ -371,6 +371,8 @@ def test_metrics_log_the_objective_before_any_update_and_pair_rewards(tmp_path):
         "rewards/accuracy",
     }
     assert result.first_loss == pytest.approx(math.log(2), abs=1e-6)
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "| rewards/accuracy |" in summary and "| rewards/margins |" in summary
 
 
 def test_simpo_step_one_logged_loss_is_the_first_batch(tmp_path):
