@@ -21,6 +21,7 @@ from peftcli.recipe import (
     EvalConfig,
     MethodConfig,
     ModelConfig,
+    ObjectiveConfig,
     QuantizationConfig,
     SourceConfig,
     TrainConfig,
@@ -36,6 +37,7 @@ SECTIONS: list[tuple[str, type]] = [
     ("model.quantization", QuantizationConfig),
     ("data", DataConfig),
     ("data.train[]", SourceConfig),
+    ("objective", ObjectiveConfig),
     ("train", TrainConfig),
     ("eval", EvalConfig),
 ]

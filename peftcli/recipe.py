@@ -167,7 +167,7 @@ class ModelConfig:
     )
 
 
-DataFormat = Literal["text", "completion", "instruction", "chat", "sharegpt", "classification"]
+DataFormat = Literal["text", "completion", "instruction", "chat", "sharegpt", "classification", "preference"]
 
 
 @dataclass
@@ -213,7 +213,7 @@ class DataConfig:
         default="text",
         metadata=doc(
             "text | completion (prompt/completion) | instruction (alpaca) | chat (messages) "
-            "| sharegpt (conversations) | classification"
+            "| sharegpt (conversations) | classification | preference (prompt/chosen/rejected)"
         ),
     )
     columns: dict[str, str] = field(
@@ -370,6 +370,47 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=doc("torch.compile the model (slow first steps)"))
 
 
+ObjectiveName = Literal["sft", "dpo", "ipo", "orpo", "simpo"]
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "simpo")  # trained on data.format: preference
+REFERENCE_OBJECTIVES = ("dpo", "ipo")  # compare the policy with a frozen reference
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the loop minimises (docs/objectives.md writes each loss out)."""
+
+    name: ObjectiveName = field(
+        default="sft",
+        metadata=doc("sft (next-token cross-entropy) | dpo | ipo | orpo | simpo (preference data)"),
+    )
+    beta: float = field(
+        default=0.1,
+        metadata=doc(
+            "dpo/ipo: strength of the tie to the reference; simpo: reward scale; orpo: odds-ratio weight",
+            min_exclusive=0.0,
+        ),
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata=doc("dpo: the share of pairs assumed mislabelled (cDPO)", min=0.0, max=0.5)
+    )
+    gamma: float | None = field(
+        default=None, metadata=doc("simpo: the target reward margin γ; default gamma_beta_ratio × beta")
+    )
+    gamma_beta_ratio: float = field(
+        default=0.5, metadata=doc("simpo: γ / β when gamma is not set (SimPO's default 0.5)")
+    )
+    reference: Literal["base", "start"] = field(
+        default="base",
+        metadata=doc(
+            "dpo/ipo: base (the same weights with the adapter switched off) or start (the adapter as "
+            "the run started, frozen)"
+        ),
+    )
+
+    def simpo_gamma(self) -> float:
+        return self.gamma if self.gamma is not None else self.gamma_beta_ratio * self.beta
+
+
 @dataclass
 class EvalConfig:
     batch_size: int = field(default=16, metadata=doc("examples per eval batch", min=1))
@@ -406,6 +447,9 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig, metadata=doc("training and eval data"))
     method: MethodConfig = field(
         default_factory=MethodConfig, metadata=doc("the PEFT method and its options")
+    )
+    objective: ObjectiveConfig = field(
+        default_factory=ObjectiveConfig, metadata=doc("what training minimises: sft, or a preference loss")
     )
     train: TrainConfig = field(default_factory=TrainConfig, metadata=doc("the training loop"))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=doc("evaluation"))
@@ -713,9 +757,42 @@ def cross_checks(recipe: Recipe) -> None:
             f"{train.batch_tokens} is less than data.max_length ({recipe.data.max_length}): a long example fits no batch",
             f"set train.batch_tokens >= {recipe.data.max_length}",
         )
+    objective_checks(recipe)
     q = recipe.model.quantization
     if q is not None and q.bits == 8 and recipe.model.dtype not in ("auto", "float16", "bfloat16", "float32"):
         raise RecipeError("model.dtype", "not supported with 8-bit quantization")
+
+
+def objective_checks(recipe: Recipe) -> None:
+    """A preference objective trains on preference data, and preference data needs one (both ways);
+    options that the chosen objective ignores are refused rather than silently unused."""
+    objective, formats = recipe.objective, {s.format for s in recipe.data.sources()}
+    preference = objective.name in PREFERENCE_OBJECTIVES
+    if preference and recipe.model.task != "causal_lm":
+        raise RecipeError(
+            "objective.name",
+            f"{objective.name} trains causal LMs, not {recipe.model.task}",
+            "set model.task: causal_lm",
+        )
+    if preference and formats != {"preference"}:
+        other = ", ".join(sorted(formats - {"preference"}))
+        raise RecipeError(
+            "data.format",
+            f"objective {objective.name} trains on preference data, not {other}",
+            "set data.format: preference (rows {prompt, chosen, rejected})",
+        )
+    if not preference and "preference" in formats:
+        raise RecipeError(
+            "objective.name",
+            f"preference data needs a preference objective, not {objective.name}",
+            f"set objective.name: one of {', '.join(PREFERENCE_OBJECTIVES)}",
+        )
+    if recipe.train.packing and preference:
+        raise RecipeError("train.packing", "preference pairs are not packed", "set train.packing: false")
+    if objective.label_smoothing and objective.name != "dpo":
+        raise RecipeError("objective.label_smoothing", f"only dpo uses it, not {objective.name}", "remove it")
+    if objective.gamma is not None and objective.name != "simpo":
+        raise RecipeError("objective.gamma", f"only simpo uses it, not {objective.name}", "remove it")
 
 
 def dump_recipe(recipe: Recipe) -> str:

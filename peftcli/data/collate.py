@@ -32,6 +32,8 @@ def collate(examples: Sequence[dict], tokenizer, task: str) -> dict[str, torch.T
     Returns ``input_ids`` and ``attention_mask`` (B, T) and ``labels``: (B, T') padded with -100 for
     causal_lm (T' = T) and seq2seq (T' = longest target), or (B,) class indices for seq_cls.
     """
+    if examples and "rejected_ids" in examples[0]:
+        return collate_pairs(examples, tokenizer)
     input_rows = [example["input_ids"] for example in examples]
     batch = {
         "input_ids": _pad(input_rows, pad_token_id(tokenizer)),  # (B, T)
@@ -42,6 +44,18 @@ def collate(examples: Sequence[dict], tokenizer, task: str) -> dict[str, torch.T
     else:
         batch["labels"] = _pad([example["labels"] for example in examples], IGNORE_INDEX)  # (B, T')
     return batch
+
+
+def collate_pairs(examples: Sequence[dict], tokenizer) -> dict[str, torch.Tensor]:
+    """Preference pairs as one batch of 2B rows, chosen first (rows 0..B-1) and rejected after (rows
+    B..2B-1), all padded to one width: one forward pass scores both answers of every pair."""
+    input_rows = [e["input_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+    label_rows = [e["labels"] for e in examples] + [e["rejected_labels"] for e in examples]
+    return {
+        "input_ids": _pad(input_rows, pad_token_id(tokenizer)),  # (2B, T)
+        "attention_mask": _pad([[1] * len(row) for row in input_rows], 0),  # (2B, T)
+        "labels": _pad(label_rows, IGNORE_INDEX),  # (2B, T)
+    }
 
 
 def collate_rows(rows, indices: list[int], tokenizer, task: str) -> dict[str, torch.Tensor]:

@@ -9,6 +9,9 @@ Tokenized examples, by task:
   exactly between them (tokenizing the joined string could merge a token across the boundary).
 * ``seq2seq``: ``input_ids`` (encoder ids) and ``labels`` (target ids).
 * ``seq_cls``: ``input_ids`` and ``label`` (class index).
+* ``preference`` data (causal_lm): the chosen sequence as ``input_ids``/``loss_mask`` (prompt, then the
+  chosen answer and EOS, tokenized separately as the completion format does) and the rejected one as
+  ``rejected_ids``/``rejected_mask``; ``length`` is the two sequences' tokens together.
 
 Every row also gets ``length`` (the sampler's lengths array), ``truncated`` and ``status``: "" for a
 kept row, "dropped" when truncation left no trained token, else "bad:<reason>\\t<detail>" for a row
@@ -50,11 +53,12 @@ FORMAT_COLUMNS: dict[str, tuple[list[str], list[str]]] = {
     "chat": (["messages"], []),
     "sharegpt": (["conversations"], []),
     "classification": (["text", "label"], ["text_pair"]),
+    "preference": (["prompt", "chosen", "rejected"], []),
 }
 
 # Which formats each task can train on.
 TASK_FORMATS: dict[str, tuple[str, ...]] = {
-    "causal_lm": ("text", "completion", "instruction", "chat", "sharegpt"),
+    "causal_lm": ("text", "completion", "instruction", "chat", "sharegpt", "preference"),
     "seq2seq": ("completion", "instruction"),
     "seq_cls": ("classification",),
 }
@@ -341,6 +345,8 @@ def tokenize_row(
     example: dict | None = None
     if spec.format == "classification":
         return _classification_row(tokenizer, row, spec)
+    if spec.format == "preference":
+        return _preference_row(tokenizer, row, spec)
     if spec.format == "text":
         text = str(_value(row, "text", spec))
         ids = bos_ids(tokenizer) + encode(tokenizer, text, encoded) + eos_ids(tokenizer, spec.add_eos)
@@ -366,6 +372,71 @@ def tokenize_row(
         "truncated": cut,
         "example": example,
         "dropped": dropped,
+    }
+
+
+def preference_texts(tokenizer, row: dict, spec: FormatSpec) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) texts of a preference row. Each column is a string or a list of chat
+    messages: a message prompt is rendered with the generation prompt, and a message answer is what the
+    template adds after that prompt (its end-of-turn token included), so both answers share the prompt."""
+    prompt, chosen, rejected = (_value(row, name, spec) for name in ("prompt", "chosen", "rejected"))
+    if not any(isinstance(v, list) for v in (prompt, chosen, rejected)):
+        return str(prompt), str(chosen), str(rejected)
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadRow(
+            "no chat template",
+            "holds chat messages but the tokenizer has no chat template",
+            "set model.chat_template: chatml (or llama3), or give the texts as strings",
+        )
+    turns = check_messages(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+    prompt_text = render_chat(tokenizer, turns, add_generation_prompt=True)
+    return (
+        prompt_text,
+        _chat_answer(tokenizer, turns, chosen, prompt_text),
+        _chat_answer(tokenizer, turns, rejected, prompt_text),
+    )
+
+
+def _chat_answer(tokenizer, turns: list[dict], answer: Any, prompt_text: str) -> str:
+    """The text the chat template renders after ``prompt_text`` for ``answer`` (messages, or a string
+    taken as one assistant message)."""
+    messages = (
+        check_messages(answer)
+        if isinstance(answer, list)
+        else [{"role": "assistant", "content": str(answer)}]
+    )
+    full = render_chat(tokenizer, turns + messages, add_generation_prompt=False)
+    if not full.startswith(prompt_text):
+        raise BadRow(
+            "template error", "the chat template renders the answer's conversation with another prefix", ""
+        )
+    return full[len(prompt_text) :]
+
+
+def _preference_row(tokenizer, row: dict, spec: FormatSpec) -> dict[str, Any]:
+    """A pair: the prompt's ids (BOS first) followed by each answer's ids and EOS, prompt and answer
+    tokenized separately; dropped when truncation leaves either answer without a trained token."""
+    prompt, chosen, rejected = preference_texts(tokenizer, row, spec)
+    bos, prompt_ids = bos_ids(tokenizer), encode(tokenizer, prompt)
+    if prompt_ids[: len(bos)] == bos:
+        bos = []  # the prompt (a rendered chat template) already starts with BOS
+    prompt_ids = bos + prompt_ids
+    prompt_mask = [1 if spec.train_on_prompt else 0] * len(prompt_ids)
+    sequences = []
+    for answer in (chosen, rejected):
+        answer_ids = encode(tokenizer, answer) + eos_ids(tokenizer, spec.add_eos)
+        sequences.append(
+            _truncate(prompt_ids + answer_ids, prompt_mask + [1] * len(answer_ids), spec.max_length)
+        )
+    (chosen_ids, chosen_mask, chosen_cut), (rejected_ids, rejected_mask, rejected_cut) = sequences
+    return {
+        "input_ids": chosen_ids,
+        "loss_mask": chosen_mask,
+        "rejected_ids": rejected_ids,
+        "rejected_mask": rejected_mask,
+        "truncated": chosen_cut or rejected_cut,
+        "example": None,
+        "dropped": not any(chosen_mask[1:]) or not any(rejected_mask[1:]),
     }
 
 
@@ -429,6 +500,9 @@ def output_columns(spec: FormatSpec, vocab_size: int) -> Any:
     columns: dict[str, Any] = {"input_ids": datasets.List(id_type)}
     if spec.task == "causal_lm":
         columns["loss_mask"] = datasets.List(datasets.Value("uint8"))
+        if spec.format == "preference":
+            columns["rejected_ids"] = datasets.List(id_type)
+            columns["rejected_mask"] = datasets.List(datasets.Value("uint8"))
     elif spec.task == "seq2seq":
         columns["labels"] = datasets.List(id_type)
     else:
@@ -449,6 +523,8 @@ _EMPTY_ROW = {
     "loss_mask": [],
     "labels": [],
     "label": -1,
+    "rejected_ids": [],
+    "rejected_mask": [],
     "truncated": False,
     "example": None,
 }
@@ -482,11 +558,14 @@ def tokenize_batch(batch: dict[str, list], tokenizer, spec: FormatSpec) -> dict[
         out["input_ids"].append(result["input_ids"])
         if spec.task == "causal_lm":
             out["loss_mask"].append(result["loss_mask"])
+            if spec.format == "preference":
+                out["rejected_ids"].append(result["rejected_ids"])
+                out["rejected_mask"].append(result["rejected_mask"])
         elif spec.task == "seq2seq":
             out["labels"].append(result["labels"])
         else:
             out["label"].append(result["label"])
-        out["length"].append(len(result["input_ids"]))
+        out["length"].append(len(result["input_ids"]) + len(result.get("rejected_ids", ())))
         out["truncated"].append(bool(result["truncated"]))
         out["status"].append(status)
         if spec.keep_examples:
@@ -497,6 +576,7 @@ def tokenize_batch(batch: dict[str, list], tokenizer, spec: FormatSpec) -> dict[
 
 def output_columns_names(spec: FormatSpec) -> list[str]:
     middle = {"causal_lm": "loss_mask", "seq2seq": "labels"}.get(spec.task, "label")
-    return ["input_ids", middle, "length", "truncated", "status"] + (
+    pairs = ["rejected_ids", "rejected_mask"] if spec.format == "preference" else []
+    return ["input_ids", middle, *pairs, "length", "truncated", "status"] + (
         ["example"] if spec.keep_examples else []
     )

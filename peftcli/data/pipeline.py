@@ -59,14 +59,18 @@ class TokenizedRows(Sequence):
         indices = [int(i) for i in indices]
         if not indices:
             return []
-        columns = self.dataset.select_columns(_row_columns(self.task))[indices]
+        pairs = self.task == "causal_lm" and "rejected_ids" in self.dataset.column_names
+        columns = self.dataset.select_columns(_row_columns(self.task, pairs))[indices]
         examples = []
         for i in range(len(indices)):
             input_ids = columns["input_ids"][i]
             if self.task == "causal_lm":
-                mask = columns["loss_mask"][i]
-                labels = [t if m else IGNORE_INDEX for t, m in zip(input_ids, mask, strict=True)]
-                examples.append({"input_ids": input_ids, "labels": labels})
+                example = {"input_ids": input_ids, "labels": _labels(input_ids, columns["loss_mask"][i])}
+                if pairs:  # a preference pair: the chosen sequence above, the rejected one here
+                    rejected = columns["rejected_ids"][i]
+                    example["rejected_ids"] = rejected
+                    example["rejected_labels"] = _labels(rejected, columns["rejected_mask"][i])
+                examples.append(example)
             elif self.task == "seq2seq":
                 examples.append({"input_ids": input_ids, "labels": columns["labels"][i]})
             else:
@@ -92,8 +96,14 @@ class TokenizedRows(Sequence):
     __hash__ = None  # type: ignore[assignment]
 
 
-def _row_columns(task: str) -> list[str]:
-    return ["input_ids", {"causal_lm": "loss_mask", "seq2seq": "labels"}.get(task, "label")]
+def _row_columns(task: str, pairs: bool = False) -> list[str]:
+    columns = ["input_ids", {"causal_lm": "loss_mask", "seq2seq": "labels"}.get(task, "label")]
+    return columns + (["rejected_ids", "rejected_mask"] if pairs else [])
+
+
+def _labels(input_ids: list[int], mask: list[int]) -> list[int]:
+    """The unshifted labels: the ids where the loss mask is set, -100 elsewhere."""
+    return [t if m else IGNORE_INDEX for t, m in zip(input_ids, mask, strict=True)]
 
 
 @dataclass
@@ -476,7 +486,7 @@ def tokenize_eval(
         metas.append(meta)
     dataset = _concatenate(tables)
     examples = None
-    if all(part.source.format != "text" for part in parts):
+    if all(part.source.format not in ("text", "preference") for part in parts):
         examples = [json.loads(text) for text in dataset["example"] if text]
     return TokenizedRows(dataset, stage.task), examples, metas
 

@@ -14,7 +14,9 @@ so each tensor has one name and is saved once, under peft's key for a tuner attr
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -236,6 +238,30 @@ class LayerMethod(Method):
         if hasattr(model, SHARED_ATTR):
             delattr(model, SHARED_ATTR)
         return model
+
+    def adapter_disabled(self, model: nn.Module) -> contextlib.AbstractContextManager | None:
+        """The base layers put back in the wrappers' places for the block (module references only, no
+        weights copied), then the wrappers again. None when the method trains whole modules
+        (``modules_to_save``): their base values are not kept, so the base model cannot be run."""
+        if self.saved_modules or any(layer.merged for _, layer in self.layers(model)):
+            return None
+        return self._layers_unplugged(model)
+
+    @contextlib.contextmanager
+    def _layers_unplugged(self, model: nn.Module) -> Iterator[None]:
+        layers = self.layers(model)
+        nested = {f"{name}.base_layer" for name, _ in layers}
+        outer = [(name, layer) for name, layer in layers if name not in nested]
+        try:
+            for name, layer in outer:
+                module = layer
+                while isinstance(module, self.layer_types):
+                    module = module.base_layer
+                set_module(model, name, module)
+            yield
+        finally:
+            for name, layer in outer:
+                set_module(model, name, layer)
 
     def merge(self, model: nn.Module) -> nn.Module:
         self.merge_adapter(model)

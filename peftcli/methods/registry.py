@@ -11,6 +11,7 @@ module needing only the contract (or ``count_parameters``) loads none of them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -147,6 +148,11 @@ class Method:
             f"{self.name} cannot be merged into the base model",
             "load the adapter with peftcli.load instead",
         )
+
+    def adapter_disabled(self, model: nn.Module) -> contextlib.AbstractContextManager | None:
+        """A context in which ``model`` runs as the base model alone (the reference of dpo/ipo with
+        ``objective.reference: base``), or None when the method cannot switch itself off (the default)."""
+        return None
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         params = [p for p in model.parameters() if p.requires_grad]

@@ -20,7 +20,8 @@ def human(n: float) -> str:
     return str(int(n))
 
 
-METRIC_ORDER = ("eval_loss", "perplexity", "accuracy", "exact_match")
+# eval metrics the result tables show, in this order (the rewards: a preference objective, docs/objectives.md)
+METRIC_ORDER = ("eval_loss", "perplexity", "accuracy", "exact_match", "rewards/accuracy", "rewards/margins")
 
 
 def peak_memory_bytes(device) -> int:

@@ -52,9 +52,34 @@ def run_eval(run: Run, step: int) -> dict[str, float] | None:
     if not run.data.eval:
         return None
     with run.reporter.status("evaluating"):
-        result = evaluate(run.model, run.tokenizer, run.data, run.task, run.recipe.eval, run.device)
+        if run.stepper.objective is not None:
+            result = evaluate_pairs(run)
+        else:
+            result = evaluate(run.model, run.tokenizer, run.data, run.task, run.recipe.eval, run.device)
     log_event(run, {"event": "eval", "step": step, **result})
     return result
+
+
+def evaluate_pairs(run: Run) -> dict[str, float]:
+    """A preference objective's eval: its loss over the eval pairs, the mean rewards of the chosen and
+    rejected answers, their margin, and the share of pairs ranked right (a positive margin)."""
+    import torch
+
+    from peftcli.data.collate import collate_rows
+    from peftcli.training.objectives.base import PairScores, score_pairs
+
+    objective, rows, size = run.stepper.objective, run.data.eval, run.recipe.eval.batch_size
+    reference = objective.reference if objective.needs_reference else None
+    was_training = run.model.training
+    run.model.eval()
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(rows), size):
+            batch = collate_rows(rows, range(start, min(start + size, len(rows))), run.tokenizer, run.task)
+            batch = {k: v.to(run.device) for k, v in batch.items()}
+            parts.append(score_pairs(run.model, batch, reference, objective.reference_model).detached())
+    run.model.train(was_training)
+    return objective.metrics(PairScores.cat(parts))
 
 
 def run_eval_tasks(run: Run) -> dict[str, dict[str, Any]]:

@@ -37,6 +37,7 @@ from peftcli.training.attention import use_packed_attention
 from peftcli.training.console import Reporter
 from peftcli.training.distributed import Dist
 from peftcli.training.loss import choose_loss_path
+from peftcli.training.objectives.registry import build_objective
 from peftcli.training.optim import build_optimizer, build_scheduler, total_steps
 from peftcli.training.state import Run
 from peftcli.training.step import Stepper
@@ -86,8 +87,37 @@ def check_recipe(recipe: Recipe, dist: Dist) -> None:
     distributed.check_method(
         dist, get_method_class(recipe.method.name), recipe.model.quantization is not None
     )
+    check_objective(recipe, dist)
     if recipe.eval.tasks:
         check_eval_tasks(recipe, dist)
+
+
+def check_objective(recipe: Recipe, dist: Dist) -> None:
+    """A preference objective runs in one process for now, and ``reference: base`` needs a method that
+    can switch its adapter off (peftcli.methods.registry.Method.adapter_disabled)."""
+    from peftcli.methods.registry import overrides
+    from peftcli.training.objectives.reference import check_base_reference
+    from peftcli.training.objectives.registry import OBJECTIVES
+
+    objective = OBJECTIVES[recipe.objective.name]
+    if objective.data_format is None:
+        return
+    if dist.enabled:
+        raise RecipeError(
+            "objective.name",
+            f"{objective.name} runs in one process for now; this run has {dist.world_size}",
+            "run it without torchrun",
+        )
+    method = get_method_class(recipe.method.name)
+    base_reference = objective.needs_reference and recipe.objective.reference == "base"
+    if base_reference and not overrides(method, "adapter_disabled"):
+        raise RecipeError(
+            "objective.reference",
+            f"{method.name} cannot switch its adapter off, so the base model is no reference",
+            "set objective.reference: start",
+        )
+    if base_reference:
+        check_base_reference(recipe.method)
 
 
 def check_eval_tasks(recipe: Recipe, dist: Dist) -> None:
@@ -215,6 +245,10 @@ def build_stepper(
     scheduler = build_scheduler(optimizer, cfg, steps)
     amp_dtype = autocast_dtype(recipe, device)
     loss_path, speed_lines = choose_speed_paths(recipe, model, dist, device)
+    objective = build_objective(recipe.objective, method, model)
+    if objective is not None:
+        loss_path = "plain"
+        speed_lines[0] = f"loss: {objective.name} (plain: log-probabilities of whole answers)"
     stepper = Stepper(
         model=model,
         method=method,
@@ -228,6 +262,7 @@ def build_stepper(
         amp_dtype=amp_dtype,
         loss_path=loss_path,
         max_grad_norm=cfg.max_grad_norm,
+        objective=objective,
     )
     return stepper, speed_lines
 

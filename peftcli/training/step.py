@@ -22,6 +22,7 @@ from peftcli.methods.registry import Method
 from peftcli.training import faults
 from peftcli.training.distributed import Dist
 from peftcli.training.loss import count_targets, micro_batch_loss_sum
+from peftcli.training.objectives.base import pair_counts
 
 __all__ = ["StepResult", "Stepper", "loss_normaliser"]
 
@@ -62,6 +63,7 @@ class Stepper:
     loss_path: str = "plain"  # peftcli.training.loss: plain, chunked or liger
     max_grad_norm: float = 0.0  # clip the trainable gradients' norm to this; 0 does not clip
     trainable_params: dict[str, nn.Parameter] | None = None  # None: the model's requires_grad params
+    objective: Any = None  # a preference Objective (peftcli.training.objectives); None: sft, the loss path
 
     def __post_init__(self) -> None:
         if self.wrapped is None:
@@ -97,6 +99,7 @@ class Stepper:
             self.dist.grad_scale
         )  # DDP/FSDP average gradients over ranks: scaled by world, that is the sum
         loss_total, tokens, micro_losses = 0.0, 0, []
+        counts = self.window_counts(micro) if self.objective is not None else None
         for i, batch in enumerate(micro):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             sync = i == len(micro) - 1  # gradients are reduced across ranks once per window
@@ -104,17 +107,27 @@ class Stepper:
                 self.dist.grad_sync(self.wrapped, sync),
                 torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None),
             ):
-                loss_sum = micro_batch_loss_sum(self.wrapped, batch, self.task, self.loss_path)
-                loss = loss_sum / n_targets  # token-weighted over the whole (global) accumulation window
+                if self.objective is None:
+                    loss_sum = micro_batch_loss_sum(self.wrapped, batch, self.task, self.loss_path)
+                    loss = loss_sum / n_targets  # token-weighted over the whole (global) accumulation window
+                    share = None
+                else:  # a preference objective: this micro-batch's share of the window's loss
+                    loss = self.objective.micro_loss(self.wrapped, batch, counts)
+                    share = loss.item()
                 extra = self.method.extra_loss(self.model)
                 if extra is not None:
                     loss = loss + extra / (len(micro) * world)
                 loss = loss * world
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
-            micro_losses.append(loss_sum.item() / n_targets)
+            micro_losses.append(loss_sum.item() / n_targets if share is None else share)
             loss_total += micro_losses[-1]
             tokens += int(batch["attention_mask"].sum())
         return loss_total, tokens, micro_losses
+
+    def window_counts(self, micro: list[dict[str, torch.Tensor]]) -> dict[str, int]:
+        """A preference objective's normalisers over the global window (pairs, chosen tokens)."""
+        local = pair_counts(micro)
+        return {k: max(1, self.dist.sum_int(v)) for k, v in local.items()}
 
     def update(self, step: int) -> float:
         """after_backward → clip → optimizer (through the scaler) → after_step → scheduler → zero_grad;

@@ -7,6 +7,10 @@
   not generalisation).
 - tiny_cls_train.jsonl / tiny_cls_eval.jsonl: two-class "sentiment" sentences built from
   positive/negative word lists, for seq_cls recipes.
+- tiny_pref_train.jsonl / tiny_pref_eval.jsonl: preference pairs {prompt, chosen, rejected} for
+  recipes/objectives/*.yaml: "the <noun> was <word>. feeling:" prefers " happy" or " sad" as the word
+  is positive or negative; the eval pairs use (noun, word) combinations the training pairs do not
+  (two of each word's eight nouns).
 - tasks/tiny_reverse_choice.jsonl: a four-way multiple-choice version of the reversal task for
   lm-evaluation-harness (tasks/tiny_reverse_choice.yaml; `peftcli eval --tasks`, docs/use.md).
 """
@@ -60,6 +64,23 @@ def main() -> None:
     write(HERE / "tiny_cls_train.jsonl", rows[:256])
     write(HERE / "tiny_cls_eval.jsonl", rows[256:])
     write(HERE / "tasks" / "tiny_reverse_choice.jsonl", reverse_choices(random.Random(1)))
+    train, held_out = preference_pairs(random.Random(2))
+    write(HERE / "tiny_pref_train.jsonl", train)
+    write(HERE / "tiny_pref_eval.jsonl", held_out)
+
+
+def preference_pairs(rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """(train, eval) pairs: the feeling that matches the sentence's word is chosen. For every word, two
+    of its eight nouns are held out for eval, so each word is seen in training with six other nouns."""
+    train, held_out = [], []
+    for word in POSITIVE + NEGATIVE:
+        good, bad = (" happy", " sad") if word in POSITIVE else (" sad", " happy")
+        nouns = rng.sample(NOUNS, len(NOUNS))
+        for i, noun in enumerate(nouns):
+            row = {"prompt": f"the {noun} was {word}. feeling:", "chosen": good, "rejected": bad}
+            (held_out if i < 2 else train).append(row)
+    rng.shuffle(train)
+    return train, held_out
 
 
 def reverse_choices(rng: random.Random) -> list[dict]:

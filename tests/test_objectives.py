@@ -1,0 +1,492 @@
+"""The preference objectives (peftcli/training/objectives/) against TRL, and the objective plumbing.
+
+Reference: TRL 1.16 (a test dependency, like peft). Full trainers are built offline on the same
+tiny:llama model carrying the same perturbed LoRA adapter (ours saved, loaded by peft with
+``is_trainable``), the same pairs and the same β, and their own ``compute_loss`` is called on the batch
+their own collator builds (their tokenization, concatenated forward and label handling). Ours is the
+loop's own forward/backward (``Stepper.backward_window``) on the batch our data stage builds. The token
+ids are checked equal first, then the step-1 loss and every adapter gradient, ≤ 1e-4 in fp32:
+
+* dpo: ``DPOTrainer`` (loss_type sigmoid); ipo: ``DPOTrainer`` (loss_type ipo). reference ``base``: TRL's
+  model with its adapters disabled (its ``ref`` copy removed); ``start``: TRL's ``ref`` copy of the
+  adapter it was given.
+* simpo: ``trl.experimental.cpo.CPOTrainer`` (loss_type simpo, cpo_alpha 0, simpo_gamma γ).
+* orpo: ``trl.experimental.orpo.ORPOTrainer``, with its SFT term restricted to the answer's tokens and
+  EOS as the issue defines it (TRL's experimental ORPO also scores the prompt tokens there); the
+  odds-ratio term, the average log-probs and the forward are TRL's.
+
+TRL 1.16's DPO ``sigmoid`` has no label smoothing; cDPO's ``label_smoothing`` is checked against the
+definition written out instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import kit
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peftcli.data.collate import collate_rows
+from peftcli.data.pipeline import load_data
+from peftcli.recipe import ObjectiveConfig, RecipeError
+from peftcli.recipe_loader import load_recipe
+from peftcli.training.objectives.base import pair_counts, score_pairs
+from peftcli.training.objectives.registry import build_objective
+from peftcli.training.step import Stepper
+
+pytest.importorskip("trl")
+
+RECIPE = kit.ROOT / "recipes" / "objectives" / "dpo.yaml"
+PAIRS = [json.loads(line) for line in (kit.ROOT / "recipes/data/tiny_pref_train.jsonl").open()][:4]
+# Unequal answer lengths, so padding, per-answer counts and averages all matter.
+PAIRS[1] = {**PAIRS[1], "chosen": " very happy indeed"}
+PAIRS[2] = {**PAIRS[2], "rejected": " sad, sad"}
+BETA = 0.2
+TOLERANCE = 1e-4
+
+# name: (recipe objective overrides, which TRL trainer, its config)
+CASES = {
+    "dpo-base": ({"name": "dpo", "reference": "base"}, "dpo", {"loss_type": "sigmoid"}),
+    "dpo-start": ({"name": "dpo", "reference": "start"}, "dpo", {"loss_type": "sigmoid"}),
+    "ipo-base": ({"name": "ipo", "reference": "base"}, "dpo", {"loss_type": "ipo"}),
+    "simpo": (
+        {"name": "simpo", "gamma": 0.3},
+        "cpo",
+        {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": 0.3},
+    ),
+    "orpo": ({"name": "orpo"}, "orpo", {}),
+}
+
+
+def recipe_for(tmp_path: Path, objective: dict):
+    data = kit.write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    overrides = [
+        f"output_dir={tmp_path / 'run'}",
+        f"data.train={data}",
+        "data.eval=null",
+        f"objective.beta={BETA}",
+    ]
+    overrides += [f"objective.{k}={v}" for k, v in objective.items()]
+    return load_recipe(RECIPE, overrides)
+
+
+def our_side(tmp_path: Path, objective: dict):
+    """(batch, step-1 loss, adapter gradients by peft's key, built model) from the loop's own step."""
+    recipe = recipe_for(tmp_path, objective)
+    built = kit.build(recipe)
+    kit.perturb(built.model)
+    rows = load_data(recipe.data, built.tokenizer, "causal_lm").train
+    batch = collate_rows(rows, range(len(PAIRS)), built.tokenizer, "causal_lm")
+    built.model.train()
+    stepper = Stepper(
+        model=built.model,
+        method=built.method,
+        optimizer=None,
+        objective=build_objective(recipe.objective, built.method, built.model),
+    )
+    built.model.zero_grad(set_to_none=True)
+    loss, _, _ = stepper.backward_window([batch], 1)
+    grads = {
+        built.method.stored_key(n): p.grad.clone()
+        for n, p in built.model.named_parameters()
+        if p.grad is not None
+    }
+    return batch, loss, grads, built
+
+
+def trl_trainer(tmp_path: Path, built, kind: str, options: dict):
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = kit.save(
+        tmp_path / "ours", built.model, built.method, built.tokenizer, built.base_path, built.recipe
+    )
+    base = AutoModelForCausalLM.from_pretrained(built.base_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    common = {
+        "output_dir": str(tmp_path / "trl"),
+        "beta": BETA,
+        "per_device_train_batch_size": len(PAIRS),
+        "report_to": [],
+        "use_cpu": True,
+        "max_length": 64,
+    }
+    if kind == "dpo":
+        from trl import DPOConfig as Config
+        from trl import DPOTrainer as Trainer
+    elif kind == "cpo":
+        from trl.experimental.cpo import CPOConfig as Config
+        from trl.experimental.cpo import CPOTrainer as Trainer
+    else:
+        from trl.experimental.orpo import ORPOConfig as Config
+        from trl.experimental.orpo import ORPOTrainer as Trainer
+    args = Config(**common, **options)
+    rows = PAIRS
+    if kind == "dpo":  # DPOTrainer tokenizes the prompt as it is; ours (and CPO/ORPO's) start it with BOS
+        rows = [{**pair, "prompt": built.tokenizer.bos_token + pair["prompt"]} for pair in PAIRS]
+    trainer = Trainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=built.tokenizer
+    )
+    return trainer
+
+
+def trl_rows(trainer, kind: str, inputs) -> list[list[int]]:
+    """The token ids of TRL's concatenated rows (chosen first), padding left out."""
+    if kind == "dpo":
+        parts = [(inputs["input_ids"], inputs["attention_mask"])]
+    else:  # CPO and ORPO collate chosen and rejected apart, each padded to its own width
+        parts = [(inputs[f"{k}_input_ids"], inputs[f"{k}_attention_mask"]) for k in ("chosen", "rejected")]
+    return [row[m.bool()].tolist() for ids, mask in parts for row, m in zip(ids, mask, strict=True)]
+
+
+def completion_nll_orpo(trainer) -> None:
+    """TRL's ORPO forward with its SFT term over the answer's tokens and EOS only (the issue's definition):
+    −Σ logp_c / Σ(tokens + 1), from TRL's own average log-probs and the chosen labels' counts."""
+    forward = trainer.concatenated_forward
+
+    def forward_with_completion_nll(model, batch):
+        out = list(forward(model, batch))
+        counts = (batch["chosen_labels"][:, 1:] != -100).sum(-1).to(out[0].device)
+        out[4] = -(out[0] * counts).sum() / counts.sum()
+        return tuple(out)
+
+    trainer.concatenated_forward = forward_with_completion_nll
+
+
+def trl_side(tmp_path: Path, built, case: str):
+    objective, kind, options = CASES[case]
+    trainer = trl_trainer(tmp_path, built, kind, options)
+    model = trainer.model
+    if kind == "dpo" and objective.get("reference") == "base" and "ref" in model.peft_config:
+        model.delete_adapter("ref")  # TRL then takes the reference with the adapters disabled: the base
+    if kind == "orpo":
+        completion_nll_orpo(trainer)
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    grads = {n.replace(".default.", "."): p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return trl_rows(trainer, kind, inputs), loss.item(), grads
+
+
+def our_rows(batch) -> list[list[int]]:
+    return [
+        row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    ]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_step_one_loss_and_gradients_equal_trl(case, tmp_path):
+    batch, loss, grads, built = our_side(tmp_path, CASES[case][0])
+    trl_ids, trl_loss, trl_grads = trl_side(tmp_path, built, case)
+    assert our_rows(batch) == trl_ids  # the same tokens: prompt, answer, EOS
+    assert abs(loss) > 1e-3 and math.isfinite(loss)
+    assert loss == pytest.approx(trl_loss, abs=TOLERANCE)
+    assert set(grads) == set(trl_grads)
+    scale = max(float(g.abs().max()) for g in trl_grads.values())
+    assert scale > 0
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, trl_grads[name], atol=TOLERANCE * scale, rtol=0, msg=name)
+
+
+def test_dpo_label_smoothing_is_cdpo(tmp_path):
+    """cDPO: (1 − ε)·−logσ(βd) + ε·−logσ(−βd), with d the log-ratio difference, over the batch."""
+    batch, loss, _, built = our_side(tmp_path, {"name": "dpo", "label_smoothing": 0.2})
+    objective = build_objective(built.recipe.objective, built.method, built.model)
+    with torch.no_grad():
+        s = score_pairs(built.model, batch, objective.reference, built.model)
+    d = (s.chosen - s.ref_chosen) - (s.rejected - s.ref_rejected)
+    expected = (0.8 * -F.logsigmoid(BETA * d) + 0.2 * -F.logsigmoid(-BETA * d)).mean()
+    assert loss == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_reference_base_is_the_model_without_its_adapter(tmp_path):
+    """With the adapter switched off, the model's log-probs are the plain base model's, and switching it
+    off leaves the tuned model as it was."""
+    batch, _, _, built = our_side(tmp_path, {"name": "dpo"})
+    base = kit.base_model(built.base_path, built.recipe, built.tokenizer.pad_token_id)
+    built.model.eval()
+    with torch.no_grad():
+        tuned_before = built.model(input_ids=batch["input_ids"]).logits
+        with built.method.adapter_disabled(built.model):
+            off = built.model(input_ids=batch["input_ids"]).logits
+        tuned_after = built.model(input_ids=batch["input_ids"]).logits
+        plain = base(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(off, plain, atol=1e-6, rtol=0)
+    assert torch.equal(tuned_before, tuned_after)
+    assert (tuned_before - plain).abs().max() > 1e-3
+
+
+def test_window_loss_is_the_mean_over_the_windows_pairs(tmp_path):
+    """Two micro-batches of two pairs each give the same loss and gradients as one batch of four."""
+    recipe = recipe_for(tmp_path, {"name": "simpo"})
+    built = kit.build(recipe)
+    kit.perturb(built.model)
+    rows = load_data(recipe.data, built.tokenizer, "causal_lm").train
+    objective = build_objective(recipe.objective, built.method, built.model)
+    stepper = Stepper(model=built.model, method=built.method, optimizer=None, objective=objective)
+    results = []
+    for window in ([range(4)], [range(2), range(2, 4)]):
+        micro = [collate_rows(rows, indices, built.tokenizer, "causal_lm") for indices in window]
+        built.model.zero_grad(set_to_none=True)
+        loss, _, _ = stepper.backward_window(micro, 1)
+        results.append(
+            (loss, {n: p.grad.clone() for n, p in built.model.named_parameters() if p.grad is not None})
+        )
+    (one, g1), (two, g2) = results
+    assert one == pytest.approx(two, abs=1e-6)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], atol=1e-6, rtol=1e-5)
+    assert pair_counts(micro) == {
+        "pairs": 4,
+        "chosen_tokens": int(sum((b["labels"][:2, 1:] != -100).sum() for b in micro)),
+    }
+
+
+# -- recipe and data -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "words"),
+    [
+        (["data.format=completion"], "data.format", "preference data"),
+        (["objective.name=sft"], "objective.name", "preference objective"),
+        (["objective.name=dpx"], "objective.name", "did you mean 'dpo'"),
+        (["objective.gama=1"], "objective.gama", "did you mean 'gamma'"),
+        (["objective.gamma=1"], "objective.gamma", "only simpo"),
+        (["objective.label_smoothing=0.1", "objective.name=ipo"], "objective.label_smoothing", "only dpo"),
+        (["objective.reference=bse"], "objective.reference", "base"),
+        (["train.packing=true"], "train.packing", "not packed"),
+    ],
+)
+def test_recipe_errors_are_one_line(overrides, key, words):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(RECIPE, overrides)
+    message = str(err.value)
+    assert "\n" not in message and key in message and words in message, message
+
+
+def test_objective_defaults():
+    cfg = ObjectiveConfig()
+    assert (cfg.name, cfg.beta, cfg.reference) == ("sft", 0.1, "base")
+    assert dataclasses.replace(cfg, beta=0.4).simpo_gamma() == pytest.approx(0.2)
+    assert load_recipe(kit.TINY / "lora.yaml").objective == cfg
+
+
+def test_a_row_missing_rejected_names_file_row_and_column(tmp_path):
+    rows = [PAIRS[0], {"prompt": "p", "chosen": " c"}, PAIRS[1]]
+    data = kit.write_jsonl(tmp_path / "pairs.jsonl", rows)
+    recipe = load_recipe(RECIPE, [f"data.train={data}", "data.eval=null"])
+    with pytest.raises(RecipeError) as err:
+        load_data(recipe.data, kit.tokenizer(), "causal_lm")
+    message = str(err.value)
+    assert "\n" not in message and "pairs.jsonl line 2" in message and "'rejected'" in message, message
+
+
+def test_preference_rows_are_prompt_then_answer_then_eos(tmp_path):
+    """BOS, then the prompt and each answer tokenized separately, then EOS; labels only on the answer
+    and EOS; chosen rows first."""
+    tok = kit.tokenizer()
+    data = kit.write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:2])
+    recipe = load_recipe(RECIPE, [f"data.train={data}", "data.eval=null"])
+    rows = load_data(recipe.data, tok, "causal_lm").train
+    batch = collate_rows(rows, [0, 1], tok, "causal_lm")
+    for i, (pair, answer) in enumerate([(p, k) for k in ("chosen", "rejected") for p in PAIRS[:2]]):
+        prompt = [tok.bos_token_id, *kit.ids(tok, pair["prompt"])]
+        reply = [*kit.ids(tok, pair[answer]), tok.eos_token_id]
+        n = len(prompt) + len(reply)
+        assert batch["input_ids"][i, :n].tolist() == prompt + reply
+        assert batch["labels"][i, :n].tolist() == [-100] * len(prompt) + reply
+        assert (batch["labels"][i, n:] == -100).all() and batch["attention_mask"][i].sum() == n
+    assert rows.lengths.tolist() == [
+        2 * (1 + len(kit.ids(tok, p["prompt"])))
+        + len(kit.ids(tok, p["chosen"]))
+        + len(kit.ids(tok, p["rejected"]))
+        + 2
+        for p in PAIRS[:2]
+    ]
+
+
+def test_chat_message_pairs_render_through_the_template(tmp_path):
+    """A message-list prompt is rendered with the generation prompt; each answer is what the template
+    adds after it (its end-of-turn included), then EOS."""
+    recipe_overrides = ["model.chat_template=chatml", "data.max_length=256"]
+    pair = {
+        "prompt": [{"role": "user", "content": "the day was good. feeling?"}],
+        "chosen": [{"role": "assistant", "content": "happy"}],
+        "rejected": [{"role": "assistant", "content": "sad"}],
+    }
+    data = kit.write_jsonl(tmp_path / "chat.jsonl", [pair])
+    recipe = load_recipe(RECIPE, [f"data.train={data}", "data.eval=null", *recipe_overrides])
+    from peftcli.models import load_tokenizer, resolve_model_name
+
+    tok = load_tokenizer(resolve_model_name(recipe.model.name), recipe.model)
+    rows = load_data(recipe.data, tok, "causal_lm").train
+    example = rows[0]
+    prompt = tok.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(pair["prompt"] + pair["chosen"], tokenize=False)
+    prompt_ids = [tok.bos_token_id, *kit.ids(tok, prompt)]
+    answer_ids = [*kit.ids(tok, full[len(prompt) :]), tok.eos_token_id]
+    assert full[len(prompt) :].startswith("happy")
+    assert example["input_ids"] == prompt_ids + answer_ids
+    assert example["labels"] == [-100] * len(prompt_ids) + answer_ids
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+def run_train(tmp_path: Path, overrides: list[str]):
+    from peftcli.training.loop import train
+
+    recipe = load_recipe(RECIPE, [f"output_dir={tmp_path / 'run'}", *overrides])
+    result = train(recipe)
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    return recipe, result, events
+
+
+def test_metrics_log_the_objective_before_any_update_and_pair_rewards(tmp_path):
+    """Step 1's logged loss is the objective on the first batch before the update; eval events carry the
+    rewards, their margin and the pair accuracy, and before training (adapter = base) every reward is 0."""
+    _, result, events = run_train(tmp_path, ["train.max_steps=2", "train.batch_size=4", "train.log_every=1"])
+    first_train = next(e for e in events if e["event"] == "train")
+    evals = [e for e in events if e["event"] == "eval"]
+    assert first_train["step"] == 1 and first_train["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evals[0]["step"] == 0
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert evals[0][key] == pytest.approx(0.0, abs=1e-6)
+    assert evals[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evals[0]["eval_examples"] == 32  # the held-out pairs
+    assert set(evals[-1]) >= {
+        "eval_loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracy",
+    }
+    assert result.first_loss == pytest.approx(math.log(2), abs=1e-6)
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "| rewards/accuracy |" in summary and "| rewards/margins |" in summary
+
+
+def test_simpo_step_one_logged_loss_is_the_first_batch(tmp_path):
+    """A loss that is not constant at init: metrics.jsonl's step 1 equals the objective on the sampler's
+    first batch, computed here from the freshly built model."""
+    overrides = ["objective.name=simpo", "train.max_steps=1", "train.batch_size=4", "data.eval=null"]
+    recipe, _, events = run_train(tmp_path, overrides)
+    from peftcli.data.sampler import BatchSampler
+
+    built = kit.build(recipe)
+    rows = load_data(recipe.data, built.tokenizer, "causal_lm").train
+    first = BatchSampler(rows.lengths, 4, recipe.train.seed).window(0, 0, 1)[0]
+    batch = collate_rows(rows, first, built.tokenizer, "causal_lm")
+    objective = build_objective(recipe.objective, built.method, built.model)
+    built.model.train()
+    with torch.no_grad():
+        expected = objective.micro_loss(built.model, batch, pair_counts([batch]))
+    (train_event,) = [e for e in events if e["event"] == "train"]
+    assert train_event["loss"] == pytest.approx(float(expected), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_dpo_learns_held_out_preferences(tmp_path):
+    """DPO on the synthetic feeling pairs (recipes/objectives/dpo.yaml as shipped) ranks > 90% of the
+    held-out pairs right; before training every margin is exactly 0 (the adapter starts as the base)."""
+    _, _, events = run_train(tmp_path, [])
+    evals = [e for e in events if e["event"] == "eval"]
+    assert evals[0]["rewards/accuracy"] == 0.0
+    assert evals[-1]["rewards/accuracy"] > 0.9, evals[-1]
+    assert evals[-1]["rewards/margins"] > 0
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_with_the_start_reference(tmp_path):
+    """DPO with ``reference: start`` killed right after checkpoint 3 and resumed ends with the adapter and
+    the logged losses of an uninterrupted run (≤ 1e-6): the reference is the adapter the run began
+    from, not the one restored from the checkpoint (set_up keeps it before restore). A gaussian LoRA
+    init makes that start adapter differ from the base."""
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from peftcli.cli import app
+
+    sys.path.insert(0, str(kit.HELPERS))
+    from kill_after_checkpoint import run_killed_after_checkpoint
+
+    raw = yaml.safe_load(RECIPE.read_text())
+    raw["data"] = {k: str(kit.ROOT / v) if k == "train" else v for k, v in raw["data"].items() if k != "eval"}
+    raw["objective"]["reference"] = "start"
+    raw["method"]["init"] = "pissa"
+    raw["train"].update(max_steps=6, save_every=3, batch_size=8, log_every=1, eval_every=0)
+    runs = {}
+    for name in ("full", "killed"):
+        runs[name] = tmp_path / name
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**raw, "output_dir": str(runs[name])}))
+    full = CliRunner().invoke(app, ["train", str(tmp_path / "full.yaml"), "-q"])
+    assert full.exit_code == 0, full.output
+    proc = run_killed_after_checkpoint(3, tmp_path / "killed.yaml")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    resumed = CliRunner().invoke(app, ["train", str(tmp_path / "killed.yaml"), "--resume", "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    a, b = (load_file(runs[n] / "adapter" / "adapter_model.safetensors") for n in ("full", "killed"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+    def losses(run):
+        events = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+        return [(e["step"], e["loss"]) for e in events if e["event"] == "train"]
+
+    got, expected = losses(runs["killed"]), losses(runs["full"])
+    assert [s for s, _ in got] == list(range(1, 7))
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], abs=1e-6)
+    assert expected[0][1] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at step 1
+    assert expected[-1][1] < math.log(2)
+
+
+def _recipe_with_method(method: dict, **objective):
+    import yaml
+
+    from peftcli.recipe_loader import recipe_from_dict
+
+    raw = yaml.safe_load(RECIPE.read_text())
+    raw["method"], raw["objective"] = method, {**raw["objective"], **objective}
+    return recipe_from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    ("method", "words"),
+    [
+        ({"name": "prompt_tuning"}, "prompt_tuning cannot switch its adapter off"),
+        ({"name": "lora", "init": "pissa"}, "method.init pissa rewrites the base weights"),
+    ],
+)
+def test_reference_base_is_refused_where_the_adapter_cannot_be_switched_off(method, words):
+    """Before anything loads, in one line naming objective.reference and pointing to ``start``; with
+    ``reference: start`` the same recipe passes."""
+    from peftcli.training.distributed import Dist
+    from peftcli.training.setup import check_recipe
+
+    with pytest.raises(RecipeError) as err:
+        check_recipe(_recipe_with_method(method), Dist())
+    message = str(err.value)
+    assert "\n" not in message and "objective.reference" in message and words in message, message
+    assert "reference: start" in message
+    check_recipe(_recipe_with_method(method, reference="start"), Dist())
+
+
+def test_modules_to_save_refuse_the_base_reference_when_built():
+    """LoRA training lm_head whole keeps no copy of the original head: the base cannot be run."""
+    recipe = _recipe_with_method({"name": "lora", "modules_to_save": ["lm_head"]})
+    built = kit.build(recipe)
+    assert built.method.adapter_disabled(built.model) is None
+    with pytest.raises(RecipeError, match="cannot switch its adapter off"):
+        build_objective(recipe.objective, built.method, built.model)
