@@ -27,6 +27,9 @@ Options (each a recipe key of ``method``):
 - ``rank_pattern`` / ``alpha_pattern`` — per-module ``r`` and ``α``; a key matches a module whose
   full name matches ``(.*\.)?(key)$`` (peft's rule), keys tried in sorted order.
 
+- ``pissa_niter: N`` — PiSSA from torch's randomized SVD with N subspace iterations (peft's
+  ``pissa_niter_N``): seconds instead of minutes on large layers, at a small approximation error.
+- ``init: orthogonal`` — A and B both random with ``B A = 0`` (see :class:`Orthogonal`).
 - ``init: olora`` — OLoRA (Büyükakyüz, 2024, arXiv 2406.01775): with ``W0 = Q R``, ``B = Q_r`` and
   ``A = R_r``; the base keeps the residual and the export is converted as PiSSA's (see :class:`Olora`).
 
@@ -44,7 +47,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any, ClassVar, Literal
 
@@ -73,11 +76,18 @@ class LoraVariant:
     for_parameters: ClassVar[bool] = True  # can run on target_parameters (no layer input, no layer output)
     for_quantized_base: ClassVar[bool] = True  # can start from a quantized base weight
 
+    def __init__(self, options: Any = None):
+        """``options``: the LoraConfig (or anything with its fields) that enabled the variant."""
+
     @classmethod
     def enabled(cls, options: Any) -> bool:
         """Whether ``options`` (a LoraConfig, or anything with its fields) switches the variant on."""
         field_name, value = cls.enabled_by
         return getattr(options, field_name, None) == value
+
+    @classmethod
+    def validate(cls, cfg: LoraConfig) -> None:
+        """Refuse, with a RecipeError, options the variant cannot run with (called by validate_config)."""
 
     def create(self, layer: LoRALinear) -> None:
         """Add the variant's own tensors to a new layer (before any init)."""
@@ -214,12 +224,21 @@ class Pissa(ResidualInit):
 
     enabled_by = ("init", "pissa")
     title = "PiSSA"
-    help = "pissa (top-r SVD of W)"
+    help = "pissa (top-r SVD of W; fast with pissa_niter)"
+
+    def __init__(self, options: Any = None):
+        # pissa_niter: torch.svd_lowrank's subspace iterations (peft's "pissa_niter_N"), None: the exact SVD
+        self.niter = getattr(options, "pissa_niter", None)
 
     def decompose(self, weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-        root = torch.sqrt(S[:r] / scaling)  # s·B·A = U_r S_r V_rᵀ
-        return root[:, None] * Vh[:r], U[:, :r] * root[None, :]
+        if self.niter is None:
+            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+            U, S, Vh = U[:, :r], S[:r], Vh[:r]
+        else:  # Halko et al.'s randomized SVD: a Gaussian sketch (torch's generator) refined niter times
+            U, S, V = torch.svd_lowrank(weight, q=r, niter=self.niter)
+            Vh = V.T
+        root = torch.sqrt(S / scaling)  # s·B·A = U_r S_r V_rᵀ
+        return root[:, None] * Vh, U * root[None, :]
 
 
 class Olora(ResidualInit):
@@ -235,9 +254,44 @@ class Olora(ResidualInit):
         return R[:r], Q[:, :r]
 
 
+class Orthogonal(LoraVariant):
+    """Orthogonal init (peft's ``init_lora_weights="orthogonal"``, from D. Datta's "Rethinking LoRA
+    initialisation"): with ``Q`` the orthogonal factor of an r×r Gaussian, its odd rows ``Q_o`` and even
+    rows ``Q_e`` (each (r/2, r), with ``Q_e Q_oᵀ = 0``), ``A = (X Q_o)ᵀ / 10`` and ``B = Yᵀ Q_e / 10`` for
+    Gaussian ``X`` (in, r/2) and ``Y`` (r/2, out). Then ``B A = Yᵀ Q_e Q_oᵀ Xᵀ / 100 = 0``: step 0 equals the
+    base, as with B = 0, but neither factor is zero, so both get a gradient at the first step. Drawn in
+    peft's order from torch's generator, so one seed gives peft's tensors. Needs an even rank."""
+
+    enabled_by = ("init", "orthogonal")
+    title = "orthogonal init"
+    help = "orthogonal (A and B random, B·A = 0; even r)"
+    replaces_init = True
+    for_parameters = False
+
+    @classmethod
+    def validate(cls, cfg: LoraConfig) -> None:
+        odd = sorted(r for r in {cfg.r, *cfg.rank_pattern.values()} if r % 2)
+        if odd:
+            raise RecipeError(
+                "method.r",
+                f"init: orthogonal splits the rank in two halves; r={odd[0]} is odd",
+                "use an even r",
+            )
+
+    def init(self, layer: LoRALinear) -> None:
+        r = layer.r
+        q, _ = torch.linalg.qr(torch.randn(r, r))
+        odd_rows, even_rows = q[0::2], q[1::2]  # (r/2, r) each, orthogonal to each other
+        a = (torch.randn(layer.in_features, r // 2) @ odd_rows).T / 10.0  # (r, in)
+        b = torch.randn(r // 2, layer.out_features).T @ even_rows / 10.0  # (out, r)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(a)
+            layer.lora_B.weight.copy_(b)
+
+
 # Every variant, in the order a layer runs them: an init that rewrites A, B and W0 first, then DoRA,
 # which measures ‖W0 + s·B A‖ on what the init left.
-VARIANTS: tuple[type[LoraVariant], ...] = (Pissa, Olora, Dora)
+VARIANTS: tuple[type[LoraVariant], ...] = (Pissa, Olora, Orthogonal, Dora)
 INITS = {v.enabled_by[1]: v for v in VARIANTS if v.enabled_by[0] == "init"}
 
 
@@ -289,6 +343,14 @@ class LoraConfig(MethodConfig):
         ),
     )
     init: Literal[INIT_CHOICES] = field(default="kaiming", metadata=doc(INIT_HELP))
+    pissa_niter: int | None = field(
+        default=None,
+        metadata=doc(
+            "init: pissa with a fast randomized SVD of this many subspace iterations (peft's "
+            "pissa_niter_N, e.g. 4); unset: the exact SVD",
+            min=0,
+        ),
+    )
     rank_pattern: dict[str, int] = field(
         default_factory=dict,
         metadata=doc("per-module r: {regex or name suffix: r}, e.g. {down_proj: 16}", min=1),
@@ -304,7 +366,7 @@ class LoraConfig(MethodConfig):
 
 def variants_for(options: Any) -> tuple[LoraVariant, ...]:
     """The variants ``options`` (a LoraConfig, or anything with its fields) enables, in run order."""
-    return tuple(v() for v in VARIANTS if v.enabled(options))
+    return tuple(v(options) for v in VARIANTS if v.enabled(options))
 
 
 def lora_variants(init: str, use_dora: bool) -> tuple[LoraVariant, ...]:
@@ -522,7 +584,9 @@ class LoRA(LayerMethod):
         "dropout": "lora_dropout",
         "init": "init_lora_weights",
     }
-    adapter_omits = ("lora_plus_ratio",)  # a training option; peft's LoraConfig has no key for it
+    # lora_plus_ratio: a training option; pissa_niter: folded into init_lora_weights' "pissa_niter_N", and
+    # the export is a plain LoRA anyway. peft's LoraConfig has no key for either.
+    adapter_omits = ("lora_plus_ratio", "pissa_niter")
 
     cfg: LoraConfig
 
@@ -556,7 +620,14 @@ class LoRA(LayerMethod):
                         f"must be > 0, got {getattr(cfg, key)[pattern]}",
                         "ranks are integers >= 1 and alphas positive numbers",
                     )
+        if cfg.pissa_niter is not None and cfg.init != "pissa":
+            raise RecipeError(
+                "method.pissa_niter",
+                f"sets PiSSA's SVD, but init is {cfg.init}",
+                "set init: pissa or drop it",
+            )
         for variant in variants_for(cfg):
+            variant.validate(cfg)
             if not variant.for_quantized_base and recipe.model.quantization is not None:
                 raise RecipeError(
                     f"method.{variant.enabled_by[0]}",
@@ -766,7 +837,10 @@ class LoRA(LayerMethod):
         elif not config.get("target_modules"):
             config["target_modules"] = None  # the default, all-linear
         config.setdefault("lora_alpha", 8)  # peft's default, where the file omits it
-        return super().config_from_adapter(config)
+        cfg = super().config_from_adapter(config)
+        if isinstance(init, str) and init.startswith("pissa_niter_"):  # not a peft key: read from the init
+            cfg = replace(cfg, pissa_niter=int(init.removeprefix("pissa_niter_")))
+        return cfg
 
 
 def pattern_key(patterns: dict[str, Any] | list[str], name: str) -> str | None:
