@@ -8,14 +8,20 @@ References and tolerances (fp32, CPU, the recipe's seed, which is also what peft
 - pissa_niter: W_res + s·B A = W0 (≤ 1e-5); s·B A's singular values are at most W0's top r and within
   10 % of them (the randomized SVD's error on the tiny model's flat spectra: up to ~6 %); the export, a plain LoRA on the
   original base, gives our trained logits in peft (≤ 1e-5);
-- a peft adapter config naming ``pissa_niter_N`` reads back as ``init: pissa`` with ``pissa_niter: N``.
+- a peft adapter config naming ``pissa_niter_N`` reads back as ``init: pissa`` with ``pissa_niter: N``;
+- corda (ipm and kpm): the same examples through peft's ``preprocess_corda`` (one example per forward,
+  as peft requires) and ours fed the same forwards give A, B and the residual W0 ≤ 1e-6 (measured: 0);
+  ours fed padded batches (training's way, padding skipped) gives s·B A within 5e-3 relative;
+  W_res + s·B A = W0 (≤ 1e-5); a run with ``init: corda`` through ``peftcli.api.train`` reads the data,
+  and its exported adapter (a plain rank-2r LoRA) loads in peft with the logits peftcli loads it with
+  (≤ 1e-5), which equal those of the trained model in memory (≤ 1e-5, in-process).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kit import base_model, batch_of, build, load_in_peft, logits, save, train_steps
+from kit import base_model, batch, batch_of, build, load_in_peft, logits, save, train_steps, write_recipe
 
 from peftcli.methods.lora import LoRA
 from peftcli.recipe import RecipeError
@@ -101,3 +107,108 @@ def test_peft_pissa_niter_config_reads_back():
 def test_refused_init_options(overrides, needle, tmp_path):
     with pytest.raises(RecipeError, match=needle):
         build("lora", tmp_path, overrides)
+
+
+def corda_examples(vocab_size: int) -> dict[str, torch.Tensor]:
+    return batch("causal_lm", vocab_size, lengths=(12, 9, 5, 11), seed=3)
+
+
+def peft_corda(built, mode: str, examples: dict[str, torch.Tensor]):
+    """peft's CorDA on a fresh base: ``preprocess_corda`` runs the examples one at a time (its hook keeps
+    one example per call), then ``get_peft_model`` starts the adapter from the decomposition."""
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    recipe, base_path, _, model, method = built
+    fields = method.adapter_config(model)
+    fields.pop("fan_in_fan_out")
+    fields.update(r=method.cfg.r, lora_alpha=method.cfg.alpha, init_lora_weights="corda")
+    config = peft.LoraConfig(task_type="CAUSAL_LM", corda_config=CordaConfig(corda_method=mode), **fields)
+    base = base_model(base_path, recipe)
+
+    def run_model() -> None:
+        for ids, mask in zip(examples["input_ids"], examples["attention_mask"].bool(), strict=True):
+            base(input_ids=ids[mask][None])
+
+    with torch.no_grad():
+        preprocess_corda(base, config, run_model=run_model)
+    return peft.get_peft_model(base, config)
+
+
+def one_per_batch(examples: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Each example alone, unpadded: the forwards peft's calibration runs."""
+    lengths = examples["attention_mask"].sum(dim=1).tolist()
+    return [{k: v[i : i + 1, :length] for k, v in examples.items()} for i, length in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("mode", ["ipm", "kpm"])
+def test_corda_equals_peft_for_the_same_examples(mode, tmp_path):
+    """Fed the same forwards, ours equals peft's bit for bit (≤ 1e-6). Fed padded batches of two, as
+    training reads them, the activations differ from the one-example forwards by float rounding, which
+    the inverse covariance amplifies most in kpm's smallest directions: s·B·A within 5e-3 relative
+    (measured 9e-4 ipm, 2.7e-3 kpm), W_res + s·B A = W0 ≤ 1e-5 either way."""
+    theirs, ours = None, {}
+    for feed in ("alone", "batched"):
+        built = build(
+            "lora", tmp_path / feed, ["method.init=corda", f"method.corda_method={mode}", "method.r=4"]
+        )
+        examples = corda_examples(built.model.config.vocab_size)  # the same ids both times (seeded)
+        batches = (
+            one_per_batch(examples)
+            if feed == "alone"
+            else [
+                {k: v[:2] for k, v in examples.items()},
+                {k: v[2:] for k, v in examples.items()},
+            ]
+        )
+        built.method.init_from_data(built.model, batches)
+        ours[feed] = built
+        theirs = theirs or dict(peft_corda(built, mode, examples).base_model.model.named_modules())
+    originals = dict(base_model(built.base_path, built.recipe).named_modules())
+    for feed, tolerance in (("alone", 1e-6), ("batched", None)):
+        for name, layer in ours[feed].method.lora_layers(ours[feed].model):
+            other = theirs[name]
+            held = layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+            peft_held = (
+                other.scaling["default"] * other.lora_B["default"].weight @ other.lora_A["default"].weight
+            )
+            assert (layer.base_layer.weight + held - originals[name].weight).abs().max().item() <= 1e-5
+            if tolerance is None:
+                assert ((held - peft_held).norm() / peft_held.norm()).item() <= 5e-3
+                continue
+            for ours_t, theirs_t in (
+                (layer.lora_A.weight, other.lora_A["default"].weight),
+                (layer.lora_B.weight, other.lora_B["default"].weight),
+                (layer.base_layer.weight, other.base_layer.weight),
+            ):
+                assert (ours_t - theirs_t).abs().max().item() <= tolerance
+
+
+def test_corda_export_on_the_original_base_gives_the_trained_logits(tmp_path):
+    from peftcli.export import load_adapter
+
+    recipe, base_path, tokenizer, model, method = build("lora", tmp_path, ["method.init=corda", "method.r=4"])
+    method.init_from_data(model, [corda_examples(model.config.vocab_size)])
+    batch_ = batch_of(model.config.vocab_size)
+    train_steps(model, method, batch_, steps=2)
+    adapter = save(tmp_path, model, method, tokenizer, base_path, recipe)
+    ours = logits(model, batch_)
+    assert (logits(load_in_peft(adapter, base_path), batch_) - ours).abs().max().item() <= 1e-5
+    assert (logits(load_adapter(adapter).model, batch_) - ours).abs().max().item() <= 1e-5
+
+
+def test_corda_run_reads_the_training_data(tmp_path):
+    from safetensors.torch import load_file
+
+    from peftcli.api import train
+    from peftcli.export import load_adapter
+
+    method = {"name": "lora", "init": "corda", "r": 4, "init_examples": 8}
+    recipe = write_recipe(tmp_path, method=method, train={"max_steps": 2, "batch_size": 4})
+    result = train(recipe)
+    state = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    a = state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    assert a.shape[0] == 8 and a[4:].abs().max().item() > 0  # [A ; A0]: A0 came from the data pass
+    batch_ = batch_of(100)
+    peft_logits = logits(load_in_peft(result.adapter_dir, load_adapter(result.adapter_dir).base_path), batch_)
+    assert (logits(load_adapter(result.adapter_dir).model, batch_) - peft_logits).abs().max().item() <= 1e-5

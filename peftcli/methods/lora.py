@@ -89,8 +89,16 @@ class LoraVariant:
     def validate(cls, cfg: LoraConfig) -> None:
         """Refuse, with a RecipeError, options the variant cannot run with (called by validate_config)."""
 
+    needs_data: ClassVar[bool] = False  # True: reads training examples (LoRA.init_from_data calls observe)
+
     def create(self, layer: LoRALinear) -> None:
         """Add the variant's own tensors to a new layer (before any init)."""
+
+    def observe(self, layer: LoRALinear, inputs: torch.Tensor) -> None:
+        """A data-driven init: one training example's inputs to the layer, (T, in), real positions only."""
+
+    def finish(self, layer: LoRALinear) -> None:
+        """A data-driven init: set A, B (and W0) from what :meth:`observe` saw, after the last example."""
 
     def init(self, layer: LoRALinear) -> None:
         """Runs after A (random) and B (zero) have their plain-LoRA init, and after earlier variants."""
@@ -183,16 +191,26 @@ class ResidualInit(LoraVariant):
         raise NotImplementedError
 
     def init(self, layer: LoRALinear) -> None:
-        base = layer.base_layer
-        if not base.weight.is_floating_point():
+        self.check_floating(layer)
+        with torch.no_grad():
+            a0, b0 = self.decompose(
+                layer.dense_weight(), layer.r, layer.scaling
+            )  # from the fp32 (out, in) W0
+        self.start_from(layer, a0, b0, layer.dense_weight())
+
+    def check_floating(self, layer: LoRALinear) -> None:
+        if not layer.base_layer.weight.is_floating_point():
             raise RecipeError(
                 "method.init",
                 f"{self.title} needs the base weights in floating point, not quantized",
                 "use init: kaiming with a quantized base, or drop model.quantization",
             )
+
+    @staticmethod
+    def start_from(layer: LoRALinear, a0: torch.Tensor, b0: torch.Tensor, weight: torch.Tensor) -> None:
+        """A = A0, B = B0 and the base ``weight − s·B0 A0`` (``weight``: the original fp32 (out, in) W0)."""
+        base = layer.base_layer
         with torch.no_grad():
-            weight = layer.dense_weight()  # (out, in), fp32
-            a0, b0 = self.decompose(weight, layer.r, layer.scaling)
             layer.lora_A.weight.copy_(a0)
             layer.lora_B.weight.copy_(b0)
             residual = weight - layer.scaling * (layer.lora_B.weight.float() @ layer.lora_A.weight.float())
@@ -254,6 +272,89 @@ class Olora(ResidualInit):
         return R[:r], Q[:, :r]
 
 
+class Corda(ResidualInit):
+    r"""CorDA (Yang et al., 2024, arXiv 2406.05223): context-oriented decomposition. With ``C`` the
+    covariance of the layer's inputs on training examples (each example's ``X`` (T, in) divided by its
+    largest value, ``C = mean XᵀX``, damped by ``λ·mean(diag C)·I`` until it inverts cleanly), take the SVD
+    ``W0 C = U S Vᵀ``: the directions of W0 that the task's inputs excite most. ``corda_method: ipm``
+    (instruction-previewed) starts the adapter on the top r, ``kpm`` (knowledge-preserved) on the bottom r,
+    leaving the directions the data uses in the frozen base. ``s·B0 A0 = U_r S_r V_rᵀ C⁻¹`` and the base
+    keeps the residual, as PiSSA (exported the same way). As peft's ``preprocess_corda`` +
+    ``init_lora_weights="corda"``. Until the data pass the layer is plain LoRA (B = 0), so the inputs it
+    observes are the base model's."""
+
+    enabled_by = ("init", "corda")
+    title = "CorDA"
+    help = "corda (SVD of W·C, C the covariance of the layer's inputs on training data)"
+    replaces_init = False
+    needs_data = True
+
+    def __init__(self, options: Any = None):
+        self.mode = getattr(options, "corda_method", "ipm")
+
+    def init(self, layer: LoRALinear) -> None:
+        self.check_floating(layer)
+        zeros = torch.zeros_like  # no ΔW to subtract until the data pass sets A0 and B0
+        layer.register_buffer("pissa_A0", zeros(layer.lora_A.weight.detach()), persistent=False)
+        layer.register_buffer("pissa_B0", zeros(layer.lora_B.weight.detach()), persistent=False)
+        layer.corda_covariance, layer.corda_examples = None, 0
+
+    def observe(self, layer: LoRALinear, inputs: torch.Tensor) -> None:
+        x = inputs.float()  # (T, in)
+        x = x / x.max().abs()  # each example weighs alike, whatever its scale (as peft)
+        covariance = x.T @ x  # (in, in)
+        layer.corda_covariance = (
+            covariance if layer.corda_covariance is None else layer.corda_covariance + covariance
+        )
+        layer.corda_examples += 1
+
+    def finish(self, layer: LoRALinear) -> None:
+        if not layer.corda_examples:
+            return
+        covariance = layer.corda_covariance / layer.corda_examples
+        layer.corda_covariance, layer.corda_examples = None, 0
+        with torch.no_grad():
+            weight = layer.dense_weight()
+            a0, b0 = corda_factors(weight, covariance, layer.r, layer.scaling, self.mode)
+        self.start_from(layer, a0, b0, weight)
+
+    def import_state(self, layer: LoRALinear, a_key: str, b_key: str, state: dict) -> None:
+        """Loaded without the data pass: the file's second half is [A0 ; −B0], so the residual base is
+        rebuilt from it (W0 = the current base + s·B0 A0 held now, zero before any data)."""
+        if a_key not in state or state[a_key].shape[0] != 2 * layer.r:
+            return
+        r = layer.r
+        a0, b0 = state[a_key][r:].float(), -state[b_key][:, r:].float()
+        with torch.no_grad():
+            held = layer.pissa_B0.float() @ layer.pissa_A0.float()
+            original = layer.dense_weight() + layer.scaling * held
+        self.start_from(layer, a0, b0, original)
+        state[a_key], state[b_key] = state[a_key][:r], state[b_key][:, :r]
+
+
+def corda_factors(
+    weight: torch.Tensor, covariance: torch.Tensor, r: int, scaling: float, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CorDA's (A0 (r, in), B0 (out, r)) from W0 (out, in) and the input covariance (in, in)."""
+    eye = torch.eye(covariance.shape[0], device=covariance.device)
+    scale, damp = covariance.diagonal().mean(), 0.01
+    for _ in range(40):  # the smallest damping that inverts to within 0.05 (Frobenius), as peft
+        damped = covariance + damp * scale * eye
+        inverse = torch.linalg.inv(damped)
+        if torch.dist(damped @ inverse, eye).item() < 0.05:
+            break
+        damp *= 2
+    else:
+        raise RecipeError(
+            "method.init", "CorDA: the inputs' covariance does not invert", "read more examples"
+        )
+    U, S, Vh = torch.linalg.svd(weight @ damped, full_matrices=False)
+    V = (Vh @ inverse).T  # (in, k): W0 = U S Vᵀ exactly
+    keep = slice(0, r) if mode == "ipm" else slice(S.numel() - r, S.numel())
+    root = torch.sqrt(S[keep] / scaling)
+    return V[:, keep].T * root[:, None], U[:, keep] * root[None, :]
+
+
 class Orthogonal(LoraVariant):
     """Orthogonal init (peft's ``init_lora_weights="orthogonal"``, from D. Datta's "Rethinking LoRA
     initialisation"): with ``Q`` the orthogonal factor of an r×r Gaussian, its odd rows ``Q_o`` and even
@@ -291,7 +392,7 @@ class Orthogonal(LoraVariant):
 
 # Every variant, in the order a layer runs them: an init that rewrites A, B and W0 first, then DoRA,
 # which measures ‖W0 + s·B A‖ on what the init left.
-VARIANTS: tuple[type[LoraVariant], ...] = (Pissa, Olora, Orthogonal, Dora)
+VARIANTS: tuple[type[LoraVariant], ...] = (Pissa, Olora, Corda, Orthogonal, Dora)
 INITS = {v.enabled_by[1]: v for v in VARIANTS if v.enabled_by[0] == "init"}
 
 
@@ -343,6 +444,17 @@ class LoraConfig(MethodConfig):
         ),
     )
     init: Literal[INIT_CHOICES] = field(default="kaiming", metadata=doc(INIT_HELP))
+    corda_method: Literal["ipm", "kpm"] = field(
+        default="ipm",
+        metadata=doc(
+            "init: corda: ipm starts the adapter on the directions the data excites most (faster "
+            "fine-tuning), kpm on the least (keeps more of the base's knowledge)"
+        ),
+    )
+    init_examples: int = field(
+        default=256,
+        metadata=doc("init: corda: training examples read to initialise (peft's guidance: ~256)", min=1),
+    )
     pissa_niter: int | None = field(
         default=None,
         metadata=doc(
@@ -584,9 +696,9 @@ class LoRA(LayerMethod):
         "dropout": "lora_dropout",
         "init": "init_lora_weights",
     }
-    # lora_plus_ratio: a training option; pissa_niter: folded into init_lora_weights' "pissa_niter_N", and
-    # the export is a plain LoRA anyway. peft's LoraConfig has no key for either.
-    adapter_omits = ("lora_plus_ratio", "pissa_niter")
+    # lora_plus_ratio: a training option; pissa_niter, corda_method, init_examples: how the init was made,
+    # and the export is a plain LoRA. peft's LoraConfig has no key for them (corda's is in corda_config).
+    adapter_omits = ("lora_plus_ratio", "pissa_niter", "corda_method", "init_examples")
 
     cfg: LoraConfig
 
@@ -628,6 +740,12 @@ class LoRA(LayerMethod):
             )
         for variant in variants_for(cfg):
             variant.validate(cfg)
+            if variant.needs_data and recipe.model.task == "seq2seq":
+                raise RecipeError(
+                    "method.init",
+                    f"{variant.title} reads the layers' inputs on training data; seq2seq is not supported yet",
+                    "use init: pissa or kaiming for seq2seq",
+                )
             if not variant.for_quantized_base and recipe.model.quantization is not None:
                 raise RecipeError(
                     f"method.{variant.enabled_by[0]}",
@@ -716,6 +834,38 @@ class LoRA(LayerMethod):
                 model.get_submodule(module_name), parameter_name, r, alpha, self.cfg.use_rslora
             )
             set_module(model, module_name, wrapped)
+
+    def data_init_examples(self) -> int:
+        return self.cfg.init_examples if any(v.needs_data for v in variants_for(self.cfg)) else 0
+
+    def init_from_data(self, model: nn.Module, batches) -> None:
+        """Run the examples through the model (adapters still at B = 0, so every layer sees the base
+        model's inputs) and hand each layer of a data-driven init the inputs of every example, its real
+        positions only (as peft's one-example-at-a-time calibration); then let the init finish."""
+        layers = [layer for _, layer in self.lora_layers(model) if any(v.needs_data for v in layer.variants)]
+        current: dict[str, torch.Tensor] = {}
+
+        def observe(layer: LoRALinear, args: tuple, _output) -> None:
+            inputs = args[0].detach()  # (B, T, in)
+            for row, real in zip(inputs, current["mask"].bool(), strict=True):
+                for variant in (v for v in layer.variants if v.needs_data):
+                    variant.observe(layer, row[real])
+
+        handles = [layer.register_forward_hook(observe) for layer in layers]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    current["mask"] = batch["attention_mask"]
+                    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        for layer in layers:
+            for variant in (v for v in layer.variants if v.needs_data):
+                variant.finish(layer)
 
     def _enable_biases(self, model: nn.Module) -> None:
         if self.cfg.bias == "none":

@@ -350,6 +350,7 @@ def set_up(
         label_names=data.label_names,
         pad_token_id=tokenizer.pad_token_id,
     )
+    initialise_from_data(method, model, data.train, tokenizer, recipe, reporter, device)
     wrapped = distributed.wrap(dist, model)  # FSDP2 shards in place: parameters are DTensors after this
     trainable, total = count_parameters(model)
     global_cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size * dist.world_size)
@@ -406,6 +407,31 @@ def set_up(
         loss_path=loss_path,
         speed_lines=speed_lines,
     )
+
+
+def initialise_from_data(method, model, rows, tokenizer, recipe: Recipe, reporter: Reporter, device) -> None:
+    """A data-driven init (LoRA's corda, eva, lora_ga) reads the first ``method.data_init_examples()``
+    training examples, in file order and training's batch size, before the optimizer exists. Every rank
+    reads the same examples, so every rank computes the same init."""
+    from rich.progress import track
+
+    from peftcli.data.collate import collate_rows
+
+    count = min(method.data_init_examples(), len(rows))
+    if not count:
+        return
+    size = recipe.train.batch_size
+    chunks = [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+    batches = (
+        {k: v.to(device) for k, v in collate_rows(rows, chunk, tokenizer, recipe.model.task).items()}
+        for chunk in chunks
+    )
+    if not reporter.quiet:
+        label = f"init {getattr(recipe.method, 'init', recipe.method.name)} from {count} examples"
+        batches = track(
+            batches, total=len(chunks), description=label, console=reporter.console, transient=True
+        )
+    method.init_from_data(model, batches)
 
 
 def build_sampler(recipe: Recipe, plain, world_size: int = 1) -> tuple[Any, list[str]]:
