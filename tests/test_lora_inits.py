@@ -12,9 +12,14 @@ References and tolerances (fp32, CPU, the recipe's seed, which is also what peft
 - corda (ipm and kpm): the same examples through peft's ``preprocess_corda`` (one example per forward,
   as peft requires) and ours fed the same forwards give A, B and the residual W0 ≤ 1e-6 (measured: 0);
   ours fed padded batches (training's way, padding skipped) gives s·B A within 5e-3 relative;
-  W_res + s·B A = W0 (≤ 1e-5); a run with ``init: corda`` through ``peftcli.api.train`` reads the data,
+  W_res + s·B A = W0 (≤ 1e-5); a run with ``init: corda`` (or ``lora_ga``) through ``peftcli.api.train``
+  reads the data,
   and its exported adapter (a plain rank-2r LoRA) loads in peft with the logits peftcli loads it with
-  (≤ 1e-5), which equal those of the trained model in memory (≤ 1e-5, in-process).
+  (≤ 1e-5), which equal those of the trained model in memory (≤ 1e-5, in-process);
+- lora_ga: the averaged loss gradient equals peft's ``preprocess_loraga`` bit for bit (≤ 1e-7); A and B
+  equal peft's up to signs and the randomized SVD's sketch (≤ 2e-2 of the largest entry); A's rows are
+  orthonormal and hold ≥ 99 % of the gradient's top-r energy; W_res + s·B A = W0 (≤ 1e-5); the export
+  on the original base gives the trained logits in peft and in peftcli (≤ 1e-5).
 """
 
 from __future__ import annotations
@@ -197,13 +202,14 @@ def test_corda_export_on_the_original_base_gives_the_trained_logits(tmp_path):
     assert (logits(load_adapter(adapter).model, batch_) - ours).abs().max().item() <= 1e-5
 
 
-def test_corda_run_reads_the_training_data(tmp_path):
+@pytest.mark.parametrize("init", ["corda", "lora_ga"])
+def test_data_driven_run_reads_the_training_data(init, tmp_path):
     from safetensors.torch import load_file
 
     from peftcli.api import train
     from peftcli.export import load_adapter
 
-    method = {"name": "lora", "init": "corda", "r": 4, "init_examples": 8}
+    method = {"name": "lora", "init": init, "r": 4, "init_examples": 8}
     recipe = write_recipe(tmp_path, method=method, train={"max_steps": 2, "batch_size": 4})
     result = train(recipe)
     state = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
@@ -212,3 +218,110 @@ def test_corda_run_reads_the_training_data(tmp_path):
     batch_ = batch_of(100)
     peft_logits = logits(load_in_peft(result.adapter_dir, load_adapter(result.adapter_dir).base_path), batch_)
     assert (logits(load_adapter(result.adapter_dir).model, batch_) - peft_logits).abs().max().item() <= 1e-5
+
+
+def peft_lora_ga(built, examples: dict[str, torch.Tensor]):
+    """peft's LoRA-GA on a fresh base: ``preprocess_loraga`` averages the gradient of the same batch's loss,
+    then ``get_peft_model`` starts the adapter from its SVD (peft's defaults: ArB2r, stable scale, γ 16)."""
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    recipe, base_path, _, model, method = built
+    fields = method.adapter_config(model)
+    fields.pop("fan_in_fan_out")
+    fields.update(r=method.cfg.r, lora_alpha=method.cfg.alpha, init_lora_weights="lora_ga")
+    config = peft.LoraConfig(task_type="CAUSAL_LM", lora_ga_config=peft.LoraGAConfig(), **fields)
+    base = base_model(base_path, recipe)
+    preprocess_loraga(base, config, lambda: base(**examples).loss.backward())
+    return peft.get_peft_model(base, config)
+
+
+def sign_aligned(ours: torch.Tensor, theirs: torch.Tensor, dim: int) -> torch.Tensor:
+    """``ours`` with each row (dim=1) or column (dim=0) flipped to agree in sign with ``theirs``."""
+    sign = torch.sign((ours * theirs).sum(dim=dim, keepdim=True))
+    return ours * torch.where(sign == 0, 1.0, sign)
+
+
+def test_lora_ga_equals_peft(tmp_path, monkeypatch):
+    """The averaged gradient equals peft's bit for bit; the decomposition is a randomized SVD (q = 4r,
+    4 iterations) in both, from different sketches, so the tensors agree up to each singular vector's
+    sign and the sketch's error: ≤ 2e-2 of the largest entry (measured 1.1e-2 on the tiny model, whose
+    gradient singular values lie close together). Its defining property, exactly: A's rows are orthonormal
+    and span the top r right singular directions of G (≥ 99 % of their energy)."""
+    from peftcli.methods.lora import LoraGa
+
+    built = build("lora", tmp_path, ["method.init=lora_ga", "method.r=4"])
+    examples = corda_examples(built.model.config.vocab_size)
+    gradients = {}
+    observe = LoraGa.observe
+    monkeypatch.setattr(
+        LoraGa,
+        "observe",
+        lambda self, layer, g: (gradients.setdefault(id(layer), g), observe(self, layer, g)),
+    )
+    built.method.init_from_data(built.model, [examples])
+    peft_model = peft_lora_ga(built, examples)
+    theirs = dict(peft_model.base_model.model.named_modules())
+    originals = dict(base_model(built.base_path, built.recipe).named_modules())
+    worst = 0.0
+    for name, layer in built.method.lora_layers(built.model):
+        other = theirs[name]
+        a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+        peft_a, peft_b = other.lora_A["default"].weight.detach(), other.lora_B["default"].weight.detach()
+        worst = max(
+            worst, (sign_aligned(a, peft_a, 1) - peft_a).abs().max().item() / peft_a.abs().max().item()
+        )
+        worst = max(
+            worst, (sign_aligned(b, peft_b, 0) - peft_b).abs().max().item() / peft_b.abs().max().item()
+        )
+        held = layer.scaling * b @ a
+        assert (layer.base_layer.weight + held - originals[name].weight).abs().max().item() <= 1e-5
+        gradient = gradients[id(layer)]
+        assert (a @ a.T - torch.eye(4)).abs().max().item() <= 1e-5
+        top = torch.linalg.svdvals(gradient)[:4]
+        assert ((gradient @ a.T).norm() ** 2 / (top**2).sum()).item() >= 0.99
+    assert worst <= 2e-2, worst
+
+
+def test_lora_ga_gradient_is_peft_gradient(tmp_path, monkeypatch):
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    from peftcli.methods.lora import LoraGa
+
+    built = build("lora", tmp_path, ["method.init=lora_ga", "method.r=4"])
+    examples = corda_examples(built.model.config.vocab_size)
+    gradients = {}
+    monkeypatch.setattr(LoraGa, "observe", lambda self, layer, g: gradients.setdefault(id(layer), g))
+    built.method.init_from_data(built.model, [examples, examples])  # two batches: the mean of two
+    base = base_model(built.base_path, built.recipe)
+    fields = built.method.adapter_config(built.model)
+    fields.pop("fan_in_fan_out")
+    fields["init_lora_weights"] = "lora_ga"
+    config = peft.LoraConfig(task_type="CAUSAL_LM", lora_ga_config=peft.LoraGAConfig(), **fields)
+
+    def two_steps() -> None:
+        for _ in range(2):
+            base(**examples).loss.backward()
+
+    preprocess_loraga(base, config, two_steps)
+    modules = dict(base.named_modules())
+    for name, layer in built.method.lora_layers(built.model):
+        assert (gradients[id(layer)] - modules[name]._peft_loraga_grad).abs().max().item() <= 1e-7
+
+
+def test_lora_ga_export_on_the_original_base_gives_the_trained_logits(tmp_path):
+    from peftcli.export import load_adapter
+
+    recipe, base_path, tokenizer, model, method = build(
+        "lora", tmp_path, ["method.init=lora_ga", "method.r=4"]
+    )
+    method.init_from_data(model, [corda_examples(model.config.vocab_size)])
+    assert not any(p.grad is not None for p in model.parameters())  # the pass leaves no gradient behind
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if ".lora_" in n
+    }
+    batch_ = batch_of(model.config.vocab_size)
+    train_steps(model, method, batch_, steps=2)
+    adapter = save(tmp_path, model, method, tokenizer, base_path, recipe)
+    ours = logits(model, batch_)
+    assert (logits(load_in_peft(adapter, base_path), batch_) - ours).abs().max().item() <= 1e-5
+    assert (logits(load_adapter(adapter).model, batch_) - ours).abs().max().item() <= 1e-5

@@ -90,12 +90,16 @@ class LoraVariant:
         """Refuse, with a RecipeError, options the variant cannot run with (called by validate_config)."""
 
     needs_data: ClassVar[bool] = False  # True: reads training examples (LoRA.init_from_data calls observe)
+    # what observe receives: "inputs" (each example's inputs to the layer, a forward pass) or "gradient" (the
+    # loss's gradient with respect to W0, averaged over the batches, (out, in): a forward and backward pass)
+    observes: ClassVar[Literal["inputs", "gradient"]] = "inputs"
 
     def create(self, layer: LoRALinear) -> None:
         """Add the variant's own tensors to a new layer (before any init)."""
 
     def observe(self, layer: LoRALinear, inputs: torch.Tensor) -> None:
-        """A data-driven init: one training example's inputs to the layer, (T, in), real positions only."""
+        """A data-driven init: one training example's inputs to the layer, (T, in), real positions only; or,
+        with ``observes = "gradient"``, once, the averaged gradient of the loss with respect to W0."""
 
     def finish(self, layer: LoRALinear) -> None:
         """A data-driven init: set A, B (and W0) from what :meth:`observe` saw, after the last example."""
@@ -355,6 +359,48 @@ def corda_factors(
     return V[:, keep].T * root[:, None], U[:, keep] * root[None, :]
 
 
+class LoraGa(ResidualInit):
+    r"""LoRA-GA (Wang et al., 2024, arXiv 2407.05000): start the adapter so that its first step moves W like
+    full fine-tuning's first step would. With ``G`` the loss's gradient with respect to W0 averaged over
+    the first training batches (train mode, as peft's ``preprocess_loraga``) and ``G ≈ U S Vᵀ`` (torch's
+    randomized SVD, q = 4r, 4 iterations, as peft), ``A0 = V_{:r}ᵀ`` and ``B0 = U_{r:2r} S_{r:2r}`` times
+    peft's "stable" scale ``out^{1/4} / √γ`` (γ = 16): peft's default ``direction="ArB2r"``. The base
+    keeps ``W0 − s·B0 A0``, exported as PiSSA is. The singular vectors' signs are free (and the sketch is
+    random), so peft's tensors match ours up to the sign of each row of A and column of B."""
+
+    enabled_by = ("init", "lora_ga")
+    title = "LoRA-GA"
+    help = "lora_ga (SVD of the loss gradient of W on training data)"
+    replaces_init = False
+    needs_data = True
+    observes = "gradient"
+    stable_gamma = 16.0  # peft's LoraGAConfig default
+
+    def init(self, layer: LoRALinear) -> None:
+        self.check_floating(layer)
+        zeros = torch.zeros_like  # no ΔW to subtract until the data pass sets A0 and B0
+        layer.register_buffer("pissa_A0", zeros(layer.lora_A.weight.detach()), persistent=False)
+        layer.register_buffer("pissa_B0", zeros(layer.lora_B.weight.detach()), persistent=False)
+
+    def observe(self, layer: LoRALinear, inputs: torch.Tensor) -> None:
+        layer.lora_ga_gradient = inputs  # (out, in)
+
+    def finish(self, layer: LoRALinear) -> None:
+        gradient = getattr(layer, "lora_ga_gradient", None)
+        if gradient is None:
+            return
+        del layer.lora_ga_gradient
+        r = layer.r
+        with torch.no_grad():
+            U, S, V = torch.svd_lowrank(gradient.float(), q=min(4 * r, *gradient.shape), niter=4)
+            a0 = V[:, :r].T  # (r, in)
+            b0 = U[:, r : 2 * r] * S[r : 2 * r]  # (out, r)
+            b0 = b0 * layer.out_features**0.25 / self.stable_gamma**0.5
+        self.start_from(layer, a0, b0, layer.dense_weight())
+
+    import_state = Corda.import_state  # the same rebuild of the residual base from the file
+
+
 class Orthogonal(LoraVariant):
     """Orthogonal init (peft's ``init_lora_weights="orthogonal"``, from D. Datta's "Rethinking LoRA
     initialisation"): with ``Q`` the orthogonal factor of an r×r Gaussian, its odd rows ``Q_o`` and even
@@ -392,7 +438,7 @@ class Orthogonal(LoraVariant):
 
 # Every variant, in the order a layer runs them: an init that rewrites A, B and W0 first, then DoRA,
 # which measures ‖W0 + s·B A‖ on what the init left.
-VARIANTS: tuple[type[LoraVariant], ...] = (Pissa, Olora, Corda, Orthogonal, Dora)
+VARIANTS: tuple[type[LoraVariant], ...] = (Pissa, Olora, Corda, LoraGa, Orthogonal, Dora)
 INITS = {v.enabled_by[1]: v for v in VARIANTS if v.enabled_by[0] == "init"}
 
 
@@ -453,7 +499,9 @@ class LoraConfig(MethodConfig):
     )
     init_examples: int = field(
         default=256,
-        metadata=doc("init: corda: training examples read to initialise (peft's guidance: ~256)", min=1),
+        metadata=doc(
+            "init: corda, lora_ga: training examples read to initialise (in training's batches; ~256)", min=1
+        ),
     )
     pissa_niter: int | None = field(
         default=None,
@@ -839,32 +887,19 @@ class LoRA(LayerMethod):
         return self.cfg.init_examples if any(v.needs_data for v in variants_for(self.cfg)) else 0
 
     def init_from_data(self, model: nn.Module, batches) -> None:
-        """Run the examples through the model (adapters still at B = 0, so every layer sees the base
-        model's inputs) and hand each layer of a data-driven init the inputs of every example, its real
-        positions only (as peft's one-example-at-a-time calibration); then let the init finish."""
+        """Read the examples for the layers' data-driven init (one init per model: its ``observes``
+        says which pass), then let each layer's init finish."""
         layers = [layer for _, layer in self.lora_layers(model) if any(v.needs_data for v in layer.variants)]
-        current: dict[str, torch.Tensor] = {}
-
-        def observe(layer: LoRALinear, args: tuple, _output) -> None:
-            inputs = args[0].detach()  # (B, T, in)
-            for row, real in zip(inputs, current["mask"].bool(), strict=True):
-                for variant in (v for v in layer.variants if v.needs_data):
-                    variant.observe(layer, row[real])
-
-        handles = [layer.register_forward_hook(observe) for layer in layers]
+        if not layers:
+            return
+        pass_for = input_pass if data_variants(layers[0])[0].observes == "inputs" else gradient_pass
         was_training = model.training
-        model.eval()
         try:
-            with torch.no_grad():
-                for batch in batches:
-                    current["mask"] = batch["attention_mask"]
-                    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            pass_for(model, layers, batches)
         finally:
-            for handle in handles:
-                handle.remove()
             model.train(was_training)
         for layer in layers:
-            for variant in (v for v in layer.variants if v.needs_data):
+            for variant in data_variants(layer):
                 variant.finish(layer)
 
     def _enable_biases(self, model: nn.Module) -> None:
@@ -991,6 +1026,61 @@ class LoRA(LayerMethod):
         if isinstance(init, str) and init.startswith("pissa_niter_"):  # not a peft key: read from the init
             cfg = replace(cfg, pissa_niter=int(init.removeprefix("pissa_niter_")))
         return cfg
+
+
+def data_variants(layer: LoRALinear) -> list[LoraVariant]:
+    return [v for v in layer.variants if v.needs_data]
+
+
+def input_pass(model: nn.Module, layers: list[LoRALinear], batches) -> None:
+    """Forward the examples (eval mode; adapters still at B = 0, so every layer sees the base model's inputs)
+    and hand each layer the inputs of every example, its real positions only (as peft's
+    one-example-at-a-time calibration)."""
+    current: dict[str, torch.Tensor] = {}
+
+    def observe(layer: LoRALinear, args: tuple, _output) -> None:
+        inputs = args[0].detach()  # (B, T, in)
+        for row, real in zip(inputs, current["mask"].bool(), strict=True):
+            for variant in data_variants(layer):
+                variant.observe(layer, row[real])
+
+    handles = [layer.register_forward_hook(observe) for layer in layers]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current["mask"] = batch["attention_mask"]
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def gradient_pass(model: nn.Module, layers: list[LoRALinear], batches) -> None:
+    """Forward and backward the examples' loss (train mode, as peft's ``preprocess_loraga``) with only the
+    adapted layers' W0 requiring a gradient; hand each layer its gradient averaged over the batches."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    weights = [layer.base_layer.weight for layer in layers]
+    for weight in weights:
+        weight.requires_grad_(True)
+    model.train()
+    count = 0
+    try:
+        with torch.enable_grad():
+            for batch in batches:
+                keys = ("input_ids", "attention_mask", "labels")
+                model(**{k: batch[k] for k in keys if k in batch}).loss.backward()
+                count += 1
+        for layer, weight in zip(layers, weights, strict=True):
+            gradient = weight.grad.detach().float() / count
+            for variant in data_variants(layer):
+                variant.observe(layer, gradient.T if layer.fan_in_fan_out else gradient)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
 
 
 def pattern_key(patterns: dict[str, Any] | list[str], name: str) -> str | None:
