@@ -345,3 +345,22 @@ def test_cli_refusal_is_one_line_exit_2(adapters, tmp_path):
     result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "out")])
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "--weights" in lines[0], result.output
+
+
+def test_rank_patterns_give_per_module_ranks(adapters, base, tmp_path):
+    """Inputs with a rank_pattern: cat's per-module ranks differ, so the result carries a rank_pattern
+    (escaped full names) that peft reads; its logits equal peft's add_weighted_adapter (which pads every
+    module to the largest rank with zeros) and peft loads ours with them (≤ 1e-4)."""
+    base_path, _, batch = base
+    patterned = make_adapter(
+        tmp_path, "patterned", "lora", ["method.r=4", "method.rank_pattern={down_proj: 2}"], 5
+    )
+    paths, weights = [adapters["r8"], patterned], [0.5, 0.5]
+    out, ours = our_combined(tmp_path, paths, weights, "cat")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 12 and set(config["rank_pattern"].values()) == {10}
+    assert ours["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape[0] == 10
+    combined_logits = logits(load_adapter(out).model, batch)
+    peft_model, _ = peft_combined(paths, weights, "cat", base_path)
+    assert max_diff(combined_logits, logits(peft_model, batch)) <= TOLERANCE
+    assert max_diff(combined_logits, logits(load_in_peft(out, base_path), batch)) <= TOLERANCE
