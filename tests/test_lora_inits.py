@@ -202,6 +202,7 @@ def test_corda_export_on_the_original_base_gives_the_trained_logits(tmp_path):
     assert (logits(load_adapter(adapter).model, batch_) - ours).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init", ["corda", "lora_ga"])
 def test_data_driven_run_reads_the_training_data(init, tmp_path):
     from safetensors.torch import load_file

@@ -30,6 +30,9 @@ Options (each a recipe key of ``method``):
 - ``pissa_niter: N`` — PiSSA from torch's randomized SVD with N subspace iterations (peft's
   ``pissa_niter_N``): seconds instead of minutes on large layers, at a small approximation error.
 - ``init: orthogonal`` — A and B both random with ``B A = 0`` (see :class:`Orthogonal`).
+- ``init: corda`` / ``init: lora_ga`` — data-driven residual inits (CorDA, arXiv 2406.05223; LoRA-GA,
+  arXiv 2407.05000): the loop first reads ``init_examples`` training examples (:meth:`LoRA.init_from_data`);
+  see :class:`Corda` and :class:`LoraGa`. Exported as PiSSA's.
 - ``init: olora`` — OLoRA (Büyükakyüz, 2024, arXiv 2406.01775): with ``W0 = Q R``, ``B = Q_r`` and
   ``A = R_r``; the base keeps the residual and the export is converted as PiSSA's (see :class:`Olora`).
 
@@ -75,6 +78,10 @@ class LoraVariant:
     replaces_init: ClassVar[bool] = False  # True: :meth:`init` sets A and B itself (no random draw first)
     for_parameters: ClassVar[bool] = True  # can run on target_parameters (no layer input, no layer output)
     for_quantized_base: ClassVar[bool] = True  # can start from a quantized base weight
+    needs_data: ClassVar[bool] = False  # True: reads training examples (LoRA.init_from_data calls observe)
+    # what observe receives: "inputs" (each example's inputs to the layer, a forward pass) or "gradient" (the
+    # loss's gradient with respect to W0, averaged over the batches, (out, in): a forward and backward pass)
+    observes: ClassVar[Literal["inputs", "gradient"]] = "inputs"
 
     def __init__(self, options: Any = None):
         """``options``: the LoraConfig (or anything with its fields) that enabled the variant."""
@@ -88,11 +95,6 @@ class LoraVariant:
     @classmethod
     def validate(cls, cfg: LoraConfig) -> None:
         """Refuse, with a RecipeError, options the variant cannot run with (called by validate_config)."""
-
-    needs_data: ClassVar[bool] = False  # True: reads training examples (LoRA.init_from_data calls observe)
-    # what observe receives: "inputs" (each example's inputs to the layer, a forward pass) or "gradient" (the
-    # loss's gradient with respect to W0, averaged over the batches, (out, in): a forward and backward pass)
-    observes: ClassVar[Literal["inputs", "gradient"]] = "inputs"
 
     def create(self, layer: LoRALinear) -> None:
         """Add the variant's own tensors to a new layer (before any init)."""
@@ -197,10 +199,9 @@ class ResidualInit(LoraVariant):
     def init(self, layer: LoRALinear) -> None:
         self.check_floating(layer)
         with torch.no_grad():
-            a0, b0 = self.decompose(
-                layer.dense_weight(), layer.r, layer.scaling
-            )  # from the fp32 (out, in) W0
-        self.start_from(layer, a0, b0, layer.dense_weight())
+            weight = layer.dense_weight()  # (out, in), fp32
+            a0, b0 = self.decompose(weight, layer.r, layer.scaling)
+        self.start_from(layer, a0, b0, weight)
 
     def check_floating(self, layer: LoRALinear) -> None:
         if not layer.base_layer.weight.is_floating_point():
