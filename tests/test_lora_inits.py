@@ -19,10 +19,16 @@ References and tolerances (fp32, CPU, the recipe's seed, which is also what peft
 - lora_ga: the averaged loss gradient equals peft's ``preprocess_loraga`` bit for bit (≤ 1e-7); A and B
   equal peft's up to signs and the randomized SVD's sketch (≤ 2e-2 of the largest entry); A's rows are
   orthonormal and hold ≥ 99 % of the gradient's top-r energy; W_res + s·B A = W0 (≤ 1e-5); the export
-  on the original base gives the trained logits in peft and in peftcli (≤ 1e-5).
+  on the original base gives the trained logits in peft and in peftcli (≤ 1e-5);
+- eva (ρ 2 and 4, τ 0.9 for speed; on these batches one layer ends at rank 0 and loses its adapter): the same batches through peft's
+  ``initialize_lora_eva_weights`` give the same ranks, rank/alpha patterns, targets and A (≤ 1e-6;
+  measured 0), B = 0, A's rows orthonormal, the rank budget Σ r kept; the saved adapter (with its
+  rank_pattern) loads in peft and peftcli with the trained logits (≤ 1e-5).
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -203,7 +209,7 @@ def test_corda_export_on_the_original_base_gives_the_trained_logits(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("init", ["corda", "lora_ga"])
+@pytest.mark.parametrize("init", ["corda", "lora_ga", "eva"])
 def test_data_driven_run_reads_the_training_data(init, tmp_path):
     from safetensors.torch import load_file
 
@@ -215,7 +221,12 @@ def test_data_driven_run_reads_the_training_data(init, tmp_path):
     result = train(recipe)
     state = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
     a = state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
-    assert a.shape[0] == 8 and a[4:].abs().max().item() > 0  # [A ; A0]: A0 came from the data pass
+    if init == "eva":  # A holds principal directions (orthonormal rows) at the ranks EVA chose
+        config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+        assert config["rank_pattern"] and config["init_lora_weights"] is True
+        assert a.shape[0] == config["rank_pattern"].get("model.layers.0.self_attn.q_proj", 4)
+    else:
+        assert a.shape[0] == 8 and a[4:].abs().max().item() > 0  # [A ; A0]: A0 came from the data pass
     batch_ = batch_of(100)
     peft_logits = logits(load_in_peft(result.adapter_dir, load_adapter(result.adapter_dir).base_path), batch_)
     assert (logits(load_adapter(result.adapter_dir).model, batch_) - peft_logits).abs().max().item() <= 1e-5
@@ -326,3 +337,86 @@ def test_lora_ga_export_on_the_original_base_gives_the_trained_logits(tmp_path):
     ours = logits(model, batch_)
     assert (logits(load_in_peft(adapter, base_path), batch_) - ours).abs().max().item() <= 1e-5
     assert (logits(load_adapter(adapter).model, batch_) - ours).abs().max().item() <= 1e-5
+
+
+def eva_batches(vocab_size: int) -> list[dict[str, torch.Tensor]]:
+    return [batch("causal_lm", vocab_size, lengths=(12, 9, 12, 11), seed=seed) for seed in range(4)]
+
+
+def peft_eva(built, batches: list[dict[str, torch.Tensor]], rho: float, tau: float, fields: dict):
+    """peft's EVA: ``initialize_lora_eva_weights`` over the same batches (its dataloader, cycled), for the
+    adapter config ``fields`` ours had before its data pass."""
+    fields = {k: v for k, v in fields.items() if k != "fan_in_fan_out"}
+    fields.update(init_lora_weights="eva")
+    config = peft.LoraConfig(task_type="CAUSAL_LM", eva_config=peft.EvaConfig(rho=rho, tau=tau), **fields)
+    peft_model = peft.get_peft_model(base_model(built.base_path, built.recipe), config)
+    peft.initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
+    return peft_model
+
+
+@pytest.mark.slow  # ~40 s: the examples cycle until the components settle
+@pytest.mark.parametrize("rho", [2.0, 4.0])
+def test_eva_equals_peft_for_the_same_batches(rho, tmp_path):
+    tau = 0.9  # fewer passes until the components settle than the default 0.99: the same in both
+    built = build(
+        "lora", tmp_path, ["method.init=eva", "method.r=4", f"method.eva_rho={rho}", f"method.eva_tau={tau}"]
+    )
+    adapted = len(built.method.lora_layers(built.model))
+    fields = built.method.adapter_config(built.model)  # before the pass moves ranks and drops targets
+    batches = eva_batches(built.model.config.vocab_size)
+    built.method.init_from_data(built.model, batches)
+    peft_model = peft_eva(built, batches, rho, tau, fields)
+    peft_config = peft_model.peft_config["default"]
+    assert built.method.cfg.rank_pattern == peft_config.rank_pattern
+    assert built.method.cfg.alpha_pattern == peft_config.alpha_pattern
+    theirs = dict(peft_model.base_model.model.named_modules())
+    layers = built.method.lora_layers(built.model)
+    assert sorted(n for n, _ in layers) == sorted(peft_config.target_modules)
+    assert sum(layer.r for _, layer in layers) == 4 * adapted  # the rank budget, moved between layers
+    assert len(layers) < adapted  # on these batches one layer ends at rank 0: its adapter removed, as peft
+    for name, layer in layers:
+        other = theirs[name]
+        assert (layer.lora_A.weight - other.lora_A["default"].weight).abs().max().item() <= 1e-6
+        assert layer.scaling == pytest.approx(other.scaling["default"]) == pytest.approx(16.0 / 4)
+        assert not layer.lora_B.weight.any()
+        a = layer.lora_A.weight
+        assert (a @ a.T - torch.eye(layer.r)).abs().max().item() <= 1e-5  # principal directions: orthonormal
+
+
+@pytest.mark.slow  # ~40 s: the examples cycle until the components settle
+def test_eva_adapter_loads_with_its_ranks(tmp_path):
+    from peftcli.export import load_adapter
+
+    recipe, base_path, tokenizer, model, method = build(
+        "lora", tmp_path, ["method.init=eva", "method.r=4", "method.eva_rho=4", "method.eva_tau=0.9"]
+    )
+    method.init_from_data(model, eva_batches(model.config.vocab_size))
+    batch_ = batch_of(model.config.vocab_size)
+    train_steps(model, method, batch_, steps=2)
+    adapter = save(tmp_path, model, method, tokenizer, base_path, recipe)
+    ours = logits(model, batch_)
+    assert (logits(load_in_peft(adapter, base_path), batch_) - ours).abs().max().item() <= 1e-5
+    assert (logits(load_adapter(adapter).model, batch_) - ours).abs().max().item() <= 1e-5
+
+
+def test_incremental_pca_equals_the_pca_of_all_rows():
+    """EVA's incremental PCA over four batches gives the principal directions and explained-variance
+    ratios of the four batches at once (centred SVD), up to sign: ≤ 1e-4, on rows of rank 4 around a
+    mean (with more directions than it keeps, the incremental PCA is an approximation by design)."""
+    from peftcli.methods.lora_eva import IncrementalPCA
+
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.tensor([4.0, 2.0, 1.0, 0.5])
+    rows = (torch.randn(200, 4, generator=gen) * scales) @ torch.linalg.qr(torch.randn(16, 4, generator=gen))[
+        0
+    ].T
+    rows = rows + torch.randn(16, generator=gen)
+    pca = IncrementalPCA(4)
+    for part in rows.split(50):
+        pca.partial_fit(part)
+    centred = (rows - rows.mean(dim=0)).double()
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    ours = pca.vectors.double()
+    assert (sign_aligned(ours, vh[:4], 1) - vh[:4]).abs().max().item() <= 1e-4
+    expected_ratio = s[:4] ** 2 / (s**2).sum()
+    assert (pca.explained_variance_ratio - expected_ratio).abs().max().item() <= 1e-4

@@ -33,6 +33,8 @@ Options (each a recipe key of ``method``):
 - ``init: corda`` / ``init: lora_ga`` — data-driven residual inits (CorDA, arXiv 2406.05223; LoRA-GA,
   arXiv 2407.05000): the loop first reads ``init_examples`` training examples (:meth:`LoRA.init_from_data`);
   see :class:`Corda` and :class:`LoraGa`. Exported as PiSSA's.
+- ``init: eva`` — EVA (arXiv 2410.07170): A on the principal directions of each layer's inputs on
+  training data, ranks moved between layers (:class:`Eva`, :mod:`peftcli.methods.lora_eva`).
 - ``init: olora`` — OLoRA (Büyükakyüz, 2024, arXiv 2406.01775): with ``W0 = Q R``, ``B = Q_r`` and
   ``A = R_r``; the base keeps the residual and the export is converted as PiSSA's (see :class:`Olora`).
 
@@ -59,6 +61,7 @@ from torch import nn
 
 from peftcli.inject import PREFIX, is_linear, match_parameters, match_targets, set_module
 from peftcli.methods.kit import AdapterLayer, Foldable, LayerMethod, write_weight
+from peftcli.methods.lora_eva import all_batches, eva_components
 from peftcli.methods.registry import register
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
@@ -81,7 +84,8 @@ class LoraVariant:
     needs_data: ClassVar[bool] = False  # True: reads training examples (LoRA.init_from_data calls observe)
     # what observe receives: "inputs" (each example's inputs to the layer, a forward pass) or "gradient" (the
     # loss's gradient with respect to W0, averaged over the batches, (out, in): a forward and backward pass)
-    observes: ClassVar[Literal["inputs", "gradient"]] = "inputs"
+    # ("eva": the whole model's pass of :mod:`peftcli.methods.lora_eva`, which also moves ranks)
+    observes: ClassVar[Literal["inputs", "gradient", "eva"]] = "inputs"
 
     def __init__(self, options: Any = None):
         """``options``: the LoraConfig (or anything with its fields) that enabled the variant."""
@@ -402,6 +406,21 @@ class LoraGa(ResidualInit):
     import_state = Corda.import_state  # the same rebuild of the residual base from the file
 
 
+class Eva(LoraVariant):
+    """EVA (Paischer et al., 2024, arXiv 2410.07170): A on the principal directions of each layer's inputs
+    on training data, B = 0 (step 0 is the base), and the ranks moved between layers by explained
+    variance (:mod:`peftcli.methods.lora_eva`; :meth:`LoRA.init_from_data` resizes the layers and writes
+    the new ranks into ``rank_pattern``, and scales ``alpha`` with them so s stays α/r). Until the data
+    pass, and when an adapter is loaded, the layers are plain LoRA at the saved ranks."""
+
+    enabled_by = ("init", "eva")
+    title = "EVA"
+    help = "eva (A from the principal directions of the layer's inputs on training data; ranks redistributed)"
+    needs_data = True
+    observes = "eva"
+    for_parameters = False
+
+
 class Orthogonal(LoraVariant):
     """Orthogonal init (peft's ``init_lora_weights="orthogonal"``, from D. Datta's "Rethinking LoRA
     initialisation"): with ``Q`` the orthogonal factor of an r×r Gaussian, its odd rows ``Q_o`` and even
@@ -439,7 +458,7 @@ class Orthogonal(LoraVariant):
 
 # Every variant, in the order a layer runs them: an init that rewrites A, B and W0 first, then DoRA,
 # which measures ‖W0 + s·B A‖ on what the init left.
-VARIANTS: tuple[type[LoraVariant], ...] = (Pissa, Olora, Corda, LoraGa, Orthogonal, Dora)
+VARIANTS: tuple[type[LoraVariant], ...] = (Pissa, Olora, Corda, LoraGa, Eva, Orthogonal, Dora)
 INITS = {v.enabled_by[1]: v for v in VARIANTS if v.enabled_by[0] == "init"}
 
 
@@ -501,7 +520,20 @@ class LoraConfig(MethodConfig):
     init_examples: int = field(
         default=256,
         metadata=doc(
-            "init: corda, lora_ga: training examples read to initialise (in training's batches; ~256)", min=1
+            "init: corda, lora_ga, eva: training examples read to initialise (in training's batches; ~256)",
+            min=1,
+        ),
+    )
+    eva_rho: float = field(
+        default=2.0,
+        metadata=doc(
+            "init: eva: a layer may end with up to rho × its r ranks (1: no redistribution)", min=1.0
+        ),
+    )
+    eva_tau: float = field(
+        default=0.99,
+        metadata=doc(
+            "init: eva: a component has settled when its cosine to the last update ≥ tau", min=0.0, max=1.0
         ),
     )
     pissa_niter: int | None = field(
@@ -566,6 +598,15 @@ class LoRALinear(AdapterLayer):
         self.merge_cache: dict[str, torch.Tensor] = {}
         for variant in self.variants:
             variant.create(self)
+
+    def resize(self, r: int, alpha: float, use_rslora: bool) -> None:
+        """A new rank (EVA's redistribution): fresh factors at the same place, B = 0."""
+        weight = self.lora_A.weight
+        self.r = r
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=weight.dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=weight.dtype)
+        nn.init.zeros_(self.lora_B.weight)
 
     @property
     def use_dora(self) -> bool:
@@ -745,9 +786,9 @@ class LoRA(LayerMethod):
         "dropout": "lora_dropout",
         "init": "init_lora_weights",
     }
-    # lora_plus_ratio: a training option; pissa_niter, corda_method, init_examples: how the init was made,
+    # lora_plus_ratio: a training option; pissa_niter, corda_method, init_examples, eva_*: how the init was made,
     # and the export is a plain LoRA. peft's LoraConfig has no key for them (corda's is in corda_config).
-    adapter_omits = ("lora_plus_ratio", "pissa_niter", "corda_method", "init_examples")
+    adapter_omits = ("lora_plus_ratio", "pissa_niter", "corda_method", "init_examples", "eva_rho", "eva_tau")
 
     cfg: LoraConfig
 
@@ -893,15 +934,57 @@ class LoRA(LayerMethod):
         layers = [layer for _, layer in self.lora_layers(model) if any(v.needs_data for v in layer.variants)]
         if not layers:
             return
-        pass_for = input_pass if data_variants(layers[0])[0].observes == "inputs" else gradient_pass
+        observes = data_variants(layers[0])[0].observes
         was_training = model.training
         try:
-            pass_for(model, layers, batches)
+            if observes == "eva":
+                self._eva_init(model, batches)
+                return
+            (input_pass if observes == "inputs" else gradient_pass)(model, layers, batches)
         finally:
             model.train(was_training)
         for layer in layers:
             for variant in data_variants(layer):
                 variant.finish(layer)
+
+    def _eva_init(self, model: nn.Module, batches) -> None:
+        """EVA: each layer's kept components become its A at their count as its rank (0: the layer is
+        unwrapped, as peft removes it); α scales with the rank, and the new ranks, alphas and targets go
+        into the config, so the adapter saves and loads as a plain LoRA with a rank_pattern."""
+        cfg = self.cfg
+        layers = dict(self.lora_layers(model))
+        model.eval()
+        with torch.no_grad():
+            found = eva_components(
+                model,
+                layers,
+                {n: layer.r for n, layer in layers.items()},
+                all_batches(batches),
+                cfg.eva_rho,
+                cfg.eva_tau,
+            )
+        rank_pattern, alpha_pattern, kept = {}, {}, []
+        for name, layer in layers.items():
+            components, (r, alpha) = found[name], self.rank_and_alpha(name)
+            rank = components.shape[0]
+            if rank == 0:
+                set_module(model, name, layer.base_layer)
+                continue
+            if rank != r:
+                alpha = alpha * rank / r  # s = α/r stays (peft's adjust_scaling_factors)
+                layer.resize(rank, alpha, cfg.use_rslora)
+            with torch.no_grad():
+                layer.lora_A.weight.copy_(components)
+            kept.append(name)
+            if rank != cfg.r:
+                rank_pattern[name] = rank
+            if alpha != cfg.alpha:
+                alpha_pattern[name] = alpha
+        self.targets = [t for t in self.targets if t in kept]
+        targets = cfg.target_modules if len(kept) == len(layers) else kept
+        self.cfg = replace(
+            cfg, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, target_modules=targets
+        )
 
     def _enable_biases(self, model: nn.Module) -> None:
         if self.cfg.bias == "none":
