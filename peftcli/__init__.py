@@ -8,6 +8,7 @@ __all__ = [
     "RecipeError",
     "__version__",
     "chat",
+    "combine",
     "evaluate_target",
     "evaluate_tasks",
     "generate",
@@ -18,7 +19,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name in ("load", "train", "merge", "evaluate_target", "evaluate_tasks", "generate", "chat"):
+    if name in ("load", "train", "merge", "combine", "evaluate_target", "evaluate_tasks", "generate", "chat"):
         from peftcli import api
 
         return getattr(api, name)

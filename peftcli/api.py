@@ -1,4 +1,4 @@
-"""The public Python API: load, train, merge, evaluate, generate, chat."""
+"""The public Python API: load, train, merge, combine, evaluate, generate, chat."""
 
 from __future__ import annotations
 
@@ -56,6 +56,24 @@ def merge(
     return merge_adapter(
         adapter_dir, output, base=base, dtype=dtype, dequantize=dequantize, allow_pickle=allow_pickle
     )
+
+
+def combine(
+    adapters: list[str | Path],
+    output: str | Path,
+    weights: list[float],
+    how: str,
+    density: float | None = None,
+    seed: int = 0,
+    rank: int | None = None,
+    majority_sign: str = "total",
+) -> dict[str, Any]:
+    """Combine LoRA adapters of one base into one LoRA adapter at ``output``, as peft's
+    ``add_weighted_adapter`` (``how``: linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune;
+    docs/merging.md, "Combining adapters")."""
+    from peftcli.combining import combine_adapters
+
+    return combine_adapters(adapters, weights, how, output, density, seed, rank, majority_sign)
 
 
 def generate(

@@ -173,6 +173,51 @@ def merge(
 
 @app.command()
 @guarded
+def combine(
+    adapters: Annotated[list[Path], typer.Argument(help="LoRA adapter directories of one base model")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="directory for the combined adapter")],
+    weights: Annotated[
+        Optional[str], typer.Option(help="one weight per adapter, comma-separated, e.g. 0.7,0.3")
+    ] = None,
+    how: Annotated[
+        Optional[str],
+        typer.Option(help="linear | cat | svd | ties | dare_linear | dare_ties | magnitude_prune"),
+    ] = None,
+    density: Annotated[
+        Optional[float],
+        typer.Option(help="ties, dare_*, magnitude_prune: the fraction of entries kept, e.g. 0.5"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="dare_*: the seed of the random drops")] = 0,
+    rank: Annotated[
+        Optional[int], typer.Option(help="svd: the result's rank (default: the largest input's)")
+    ] = None,
+    majority_sign: Annotated[
+        str,
+        typer.Option("--majority-sign", help="ties, dare_ties: elect signs by total (values) or frequency"),
+    ] = "total",
+) -> None:
+    """Combine LoRA adapters of one base into one LoRA adapter, as peft's add_weighted_adapter
+    (docs/merging.md)."""
+    from peftcli.combining import HOWS, parse_weights
+    from peftcli.recipe import RecipeError, did_you_mean
+
+    if how is None or how not in HOWS:
+        hint = (did_you_mean(how, HOWS) if how else None) or f"use one of {', '.join(HOWS)}"
+        raise RecipeError("--how", "is required" if how is None else f"{how!r} is not a way to combine", hint)
+    from peftcli.api import combine as run
+
+    result = run(
+        adapters, output, parse_weights(weights, len(adapters)), how, density, seed, rank, majority_sign
+    )
+    out_console.print(
+        f"combined {len(adapters)} adapters ({how}, rank {result['rank']}, {result['modules']} modules) "
+        f"-> {result['output']}",
+        highlight=False,
+    )
+
+
+@app.command()
+@guarded
 def export(
     target: Annotated[
         str, typer.Argument(help="adapter directory (RUN/adapter), model directory or model name")

@@ -31,7 +31,14 @@ Options (each a recipe key of ``method``):
   ``trainable_token_indices``, ``layer_replication`` and ``ensure_weight_tying`` — peft's structural
   options, same names and meaning; the targeting and model surgery live in
   :mod:`peftcli.methods.lora_options`.
-
+- ``pissa_niter: N`` — PiSSA from torch's randomized SVD with N subspace iterations (peft's
+  ``pissa_niter_N``): seconds instead of minutes on large layers, at a small approximation error.
+- ``init: orthogonal`` — A and B both random with ``B A = 0`` (see :class:`Orthogonal`).
+- ``init: corda`` / ``init: lora_ga`` — data-driven residual inits (CorDA, arXiv 2406.05223; LoRA-GA,
+  arXiv 2407.05000): the loop first reads ``init_examples`` training examples (:meth:`LoRA.init_from_data`);
+  see :class:`Corda` and :class:`LoraGa`. Exported as PiSSA's.
+- ``init: eva`` — EVA (arXiv 2410.07170): A on the principal directions of each layer's inputs on
+  training data, ranks moved between layers (:class:`Eva`, :mod:`peftcli.methods.lora_eva`).
 - ``init: olora`` — OLoRA (Büyükakyüz, 2024, arXiv 2406.01775): with ``W0 = Q R``, ``B = Q_r`` and
   ``A = R_r``; the base keeps the residual and the export is converted as PiSSA's (see :class:`Olora`).
 
@@ -49,7 +56,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any, ClassVar, Literal
 
@@ -74,6 +81,7 @@ from peftcli.methods.kit import (
     validate_patterns,
     write_weight,
 )
+from peftcli.methods.lora_eva import all_batches, eva_components
 from peftcli.methods.lora_options import (
     TrainableTokens,
     add_trainable_tokens,
@@ -103,6 +111,14 @@ class LoraVariant:
     replaces_init: ClassVar[bool] = False  # True: :meth:`init` sets A and B itself (no random draw first)
     for_parameters: ClassVar[bool] = True  # can run on target_parameters (no layer input, no layer output)
     for_quantized_base: ClassVar[bool] = True  # can start from a quantized base weight
+    needs_data: ClassVar[bool] = False  # True: reads training examples (LoRA.init_from_data calls observe)
+    # what observe receives: "inputs" (each example's inputs to the layer, a forward pass) or "gradient" (the
+    # loss's gradient with respect to W0, averaged over the batches, (out, in): a forward and backward pass)
+    # ("eva": the whole model's pass of :mod:`peftcli.methods.lora_eva`, which also moves ranks)
+    observes: ClassVar[Literal["inputs", "gradient", "eva"]] = "inputs"
+
+    def __init__(self, options: Any = None):
+        """``options``: the LoraConfig (or anything with its fields) that enabled the variant."""
 
     @classmethod
     def enabled(cls, options: Any) -> bool:
@@ -110,8 +126,19 @@ class LoraVariant:
         field_name, value = cls.enabled_by
         return getattr(options, field_name, None) == value
 
+    @classmethod
+    def validate(cls, cfg: LoraConfig) -> None:
+        """Refuse, with a RecipeError, options the variant cannot run with (called by validate_config)."""
+
     def create(self, layer: LoRALinear) -> None:
         """Add the variant's own tensors to a new layer (before any init)."""
+
+    def observe(self, layer: LoRALinear, inputs: torch.Tensor) -> None:
+        """A data-driven init: one training example's inputs to the layer, (T, in), real positions only; or,
+        with ``observes = "gradient"``, once, the averaged gradient of the loss with respect to W0."""
+
+    def finish(self, layer: LoRALinear) -> None:
+        """A data-driven init: set A, B (and W0) from what :meth:`observe` saw, after the last example."""
 
     def init(self, layer: LoRALinear) -> None:
         """Runs after A (random) and B (zero) have their plain-LoRA init, and after earlier variants."""
@@ -204,16 +231,25 @@ class ResidualInit(LoraVariant):
         raise NotImplementedError
 
     def init(self, layer: LoRALinear) -> None:
-        base = layer.base_layer
-        if not base.weight.is_floating_point():
+        self.check_floating(layer)
+        with torch.no_grad():
+            weight = layer.dense_weight()  # (out, in), fp32
+            a0, b0 = self.decompose(weight, layer.r, layer.scaling)
+        self.start_from(layer, a0, b0, weight)
+
+    def check_floating(self, layer: LoRALinear) -> None:
+        if not layer.base_layer.weight.is_floating_point():
             raise RecipeError(
                 "method.init",
                 f"{self.title} needs the base weights in floating point, not quantized",
                 "use init: kaiming with a quantized base, or drop model.quantization",
             )
+
+    @staticmethod
+    def start_from(layer: LoRALinear, a0: torch.Tensor, b0: torch.Tensor, weight: torch.Tensor) -> None:
+        """A = A0, B = B0 and the base ``weight − s·B0 A0`` (``weight``: the original fp32 (out, in) W0)."""
+        base = layer.base_layer
         with torch.no_grad():
-            weight = layer.dense_weight()  # (out, in), fp32
-            a0, b0 = self.decompose(weight, layer.r, layer.scaling)
             layer.lora_A.weight.copy_(a0)
             layer.lora_B.weight.copy_(b0)
             residual = weight - layer.scaling * (layer.lora_B.weight.float() @ layer.lora_A.weight.float())
@@ -245,12 +281,21 @@ class Pissa(ResidualInit):
 
     enabled_by = ("init", "pissa")
     title = "PiSSA"
-    help = "pissa (top-r SVD of W)"
+    help = "pissa (top-r SVD of W; fast with pissa_niter)"
+
+    def __init__(self, options: Any = None):
+        # pissa_niter: torch.svd_lowrank's subspace iterations (peft's "pissa_niter_N"), None: the exact SVD
+        self.niter = getattr(options, "pissa_niter", None)
 
     def decompose(self, weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-        root = torch.sqrt(S[:r] / scaling)  # s·B·A = U_r S_r V_rᵀ
-        return root[:, None] * Vh[:r], U[:, :r] * root[None, :]
+        if self.niter is None:
+            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+            U, S, Vh = U[:, :r], S[:r], Vh[:r]
+        else:  # Halko et al.'s randomized SVD: a Gaussian sketch (torch's generator) refined niter times
+            U, S, V = torch.svd_lowrank(weight, q=r, niter=self.niter)
+            Vh = V.T
+        root = torch.sqrt(S / scaling)  # s·B·A = U_r S_r V_rᵀ
+        return root[:, None] * Vh, U * root[None, :]
 
 
 class Olora(ResidualInit):
@@ -266,9 +311,184 @@ class Olora(ResidualInit):
         return R[:r], Q[:, :r]
 
 
+class Corda(ResidualInit):
+    r"""CorDA (Yang et al., 2024, arXiv 2406.05223): context-oriented decomposition. With ``C`` the
+    covariance of the layer's inputs on training examples (each example's ``X`` (T, in) divided by its
+    largest value, ``C = mean XᵀX``, damped by ``λ·mean(diag C)·I`` until it inverts cleanly), take the SVD
+    ``W0 C = U S Vᵀ``: the directions of W0 that the task's inputs excite most. ``corda_method: ipm``
+    (instruction-previewed) starts the adapter on the top r, ``kpm`` (knowledge-preserved) on the bottom r,
+    leaving the directions the data uses in the frozen base. ``s·B0 A0 = U_r S_r V_rᵀ C⁻¹`` and the base
+    keeps the residual, as PiSSA (exported the same way). As peft's ``preprocess_corda`` +
+    ``init_lora_weights="corda"``. Until the data pass the layer is plain LoRA (B = 0), so the inputs it
+    observes are the base model's."""
+
+    enabled_by = ("init", "corda")
+    title = "CorDA"
+    help = "corda (SVD of W·C, C the covariance of the layer's inputs on training data)"
+    replaces_init = False
+    needs_data = True
+
+    def __init__(self, options: Any = None):
+        self.mode = getattr(options, "corda_method", "ipm")
+
+    def init(self, layer: LoRALinear) -> None:
+        self.check_floating(layer)
+        zeros = torch.zeros_like  # no ΔW to subtract until the data pass sets A0 and B0
+        layer.register_buffer("pissa_A0", zeros(layer.lora_A.weight.detach()), persistent=False)
+        layer.register_buffer("pissa_B0", zeros(layer.lora_B.weight.detach()), persistent=False)
+        layer.corda_covariance, layer.corda_examples = None, 0
+
+    def observe(self, layer: LoRALinear, inputs: torch.Tensor) -> None:
+        x = inputs.float()  # (T, in)
+        x = x / x.max().abs()  # each example weighs alike, whatever its scale (as peft)
+        covariance = x.T @ x  # (in, in)
+        layer.corda_covariance = (
+            covariance if layer.corda_covariance is None else layer.corda_covariance + covariance
+        )
+        layer.corda_examples += 1
+
+    def finish(self, layer: LoRALinear) -> None:
+        if not layer.corda_examples:
+            return
+        covariance = layer.corda_covariance / layer.corda_examples
+        layer.corda_covariance, layer.corda_examples = None, 0
+        with torch.no_grad():
+            weight = layer.dense_weight()
+            a0, b0 = corda_factors(weight, covariance, layer.r, layer.scaling, self.mode)
+        self.start_from(layer, a0, b0, weight)
+
+    def import_state(self, layer: LoRALinear, a_key: str, b_key: str, state: dict) -> None:
+        """Loaded without the data pass: the file's second half is [A0 ; −B0], so the residual base is
+        rebuilt from it (W0 = the current base + s·B0 A0 held now, zero before any data)."""
+        if a_key not in state or state[a_key].shape[0] != 2 * layer.r:
+            return
+        r = layer.r
+        a0, b0 = state[a_key][r:].float(), -state[b_key][:, r:].float()
+        with torch.no_grad():
+            held = layer.pissa_B0.float() @ layer.pissa_A0.float()
+            original = layer.dense_weight() + layer.scaling * held
+        self.start_from(layer, a0, b0, original)
+        state[a_key], state[b_key] = state[a_key][:r], state[b_key][:, :r]
+
+
+def corda_factors(
+    weight: torch.Tensor, covariance: torch.Tensor, r: int, scaling: float, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CorDA's (A0 (r, in), B0 (out, r)) from W0 (out, in) and the input covariance (in, in)."""
+    eye = torch.eye(covariance.shape[0], device=covariance.device)
+    scale, damp = covariance.diagonal().mean(), 0.01
+    for _ in range(40):  # the smallest damping that inverts to within 0.05 (Frobenius), as peft
+        damped = covariance + damp * scale * eye
+        inverse = torch.linalg.inv(damped)
+        if torch.dist(damped @ inverse, eye).item() < 0.05:
+            break
+        damp *= 2
+    else:
+        raise RecipeError(
+            "method.init", "CorDA: the inputs' covariance does not invert", "read more examples"
+        )
+    U, S, Vh = torch.linalg.svd(weight @ damped, full_matrices=False)
+    V = (Vh @ inverse).T  # (in, k): W0 = U S Vᵀ exactly
+    keep = slice(0, r) if mode == "ipm" else slice(S.numel() - r, S.numel())
+    root = torch.sqrt(S[keep] / scaling)
+    return V[:, keep].T * root[:, None], U[:, keep] * root[None, :]
+
+
+class LoraGa(ResidualInit):
+    r"""LoRA-GA (Wang et al., 2024, arXiv 2407.05000): start the adapter so that its first step moves W like
+    full fine-tuning's first step would. With ``G`` the loss's gradient with respect to W0 averaged over
+    the first training batches (train mode, as peft's ``preprocess_loraga``) and ``G ≈ U S Vᵀ`` (torch's
+    randomized SVD, q = 4r, 4 iterations, as peft), ``A0 = V_{:r}ᵀ`` and ``B0 = U_{r:2r} S_{r:2r}`` times
+    peft's "stable" scale ``out^{1/4} / √γ`` (γ = 16): peft's default ``direction="ArB2r"``. The base
+    keeps ``W0 − s·B0 A0``, exported as PiSSA is. The singular vectors' signs are free (and the sketch is
+    random), so peft's tensors match ours up to the sign of each row of A and column of B."""
+
+    enabled_by = ("init", "lora_ga")
+    title = "LoRA-GA"
+    help = "lora_ga (SVD of the loss gradient of W on training data)"
+    replaces_init = False
+    needs_data = True
+    observes = "gradient"
+    stable_gamma = 16.0  # peft's LoraGAConfig default
+
+    def init(self, layer: LoRALinear) -> None:
+        self.check_floating(layer)
+        zeros = torch.zeros_like  # no ΔW to subtract until the data pass sets A0 and B0
+        layer.register_buffer("pissa_A0", zeros(layer.lora_A.weight.detach()), persistent=False)
+        layer.register_buffer("pissa_B0", zeros(layer.lora_B.weight.detach()), persistent=False)
+
+    def observe(self, layer: LoRALinear, inputs: torch.Tensor) -> None:
+        layer.lora_ga_gradient = inputs  # (out, in)
+
+    def finish(self, layer: LoRALinear) -> None:
+        gradient = getattr(layer, "lora_ga_gradient", None)
+        if gradient is None:
+            return
+        del layer.lora_ga_gradient
+        r = layer.r
+        with torch.no_grad():
+            U, S, V = torch.svd_lowrank(gradient.float(), q=min(4 * r, *gradient.shape), niter=4)
+            a0 = V[:, :r].T  # (r, in)
+            b0 = U[:, r : 2 * r] * S[r : 2 * r]  # (out, r)
+            b0 = b0 * layer.out_features**0.25 / self.stable_gamma**0.5
+        self.start_from(layer, a0, b0, layer.dense_weight())
+
+    import_state = Corda.import_state  # the same rebuild of the residual base from the file
+
+
+class Eva(LoraVariant):
+    """EVA (Paischer et al., 2024, arXiv 2410.07170): A on the principal directions of each layer's inputs
+    on training data, B = 0 (step 0 is the base), and the ranks moved between layers by explained
+    variance (:mod:`peftcli.methods.lora_eva`; :meth:`LoRA.init_from_data` resizes the layers and writes
+    the new ranks into ``rank_pattern``, and scales ``alpha`` with them so s stays α/r). Until the data
+    pass, and when an adapter is loaded, the layers are plain LoRA at the saved ranks."""
+
+    enabled_by = ("init", "eva")
+    title = "EVA"
+    help = "eva (A from the principal directions of the layer's inputs on training data; ranks redistributed)"
+    needs_data = True
+    observes = "eva"
+    for_parameters = False
+
+
+class Orthogonal(LoraVariant):
+    """Orthogonal init (peft's ``init_lora_weights="orthogonal"``, from D. Datta's "Rethinking LoRA
+    initialisation"): with ``Q`` the orthogonal factor of an r×r Gaussian, its odd rows ``Q_o`` and even
+    rows ``Q_e`` (each (r/2, r), with ``Q_e Q_oᵀ = 0``), ``A = (X Q_o)ᵀ / 10`` and ``B = Yᵀ Q_e / 10`` for
+    Gaussian ``X`` (in, r/2) and ``Y`` (r/2, out). Then ``B A = Yᵀ Q_e Q_oᵀ Xᵀ / 100 = 0``: step 0 equals the
+    base, as with B = 0, but neither factor is zero, so both get a gradient at the first step. Drawn in
+    peft's order from torch's generator, so one seed gives peft's tensors. Needs an even rank."""
+
+    enabled_by = ("init", "orthogonal")
+    title = "orthogonal init"
+    help = "orthogonal (A and B random, B·A = 0; even r)"
+    replaces_init = True
+    for_parameters = False
+
+    @classmethod
+    def validate(cls, cfg: LoraConfig) -> None:
+        odd = sorted(r for r in {cfg.r, *cfg.rank_pattern.values()} if r % 2)
+        if odd:
+            raise RecipeError(
+                "method.r",
+                f"init: orthogonal splits the rank in two halves; r={odd[0]} is odd",
+                "use an even r",
+            )
+
+    def init(self, layer: LoRALinear) -> None:
+        r = layer.r
+        q, _ = torch.linalg.qr(torch.randn(r, r))
+        odd_rows, even_rows = q[0::2], q[1::2]  # (r/2, r) each, orthogonal to each other
+        a = (torch.randn(layer.in_features, r // 2) @ odd_rows).T / 10.0  # (r, in)
+        b = torch.randn(r // 2, layer.out_features).T @ even_rows / 10.0  # (out, r)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(a)
+            layer.lora_B.weight.copy_(b)
+
+
 # Every variant, in the order a layer runs them: an init that rewrites A, B and W0 first, then DoRA,
 # which measures ‖W0 + s·B A‖ on what the init left.
-VARIANTS: tuple[type[LoraVariant], ...] = (Pissa, Olora, Dora)
+VARIANTS: tuple[type[LoraVariant], ...] = (Pissa, Olora, Corda, LoraGa, Eva, Orthogonal, Dora)
 INITS = {v.enabled_by[1]: v for v in VARIANTS if v.enabled_by[0] == "init"}
 
 
@@ -320,6 +540,40 @@ class LoraConfig(MethodConfig):
         ),
     )
     init: Literal[INIT_CHOICES] = field(default="kaiming", metadata=doc(INIT_HELP))
+    corda_method: Literal["ipm", "kpm"] = field(
+        default="ipm",
+        metadata=doc(
+            "init: corda: ipm starts the adapter on the directions the data excites most (faster "
+            "fine-tuning), kpm on the least (keeps more of the base's knowledge)"
+        ),
+    )
+    init_examples: int = field(
+        default=256,
+        metadata=doc(
+            "init: corda, lora_ga, eva: training examples read to initialise (in training's batches; ~256)",
+            min=1,
+        ),
+    )
+    eva_rho: float = field(
+        default=2.0,
+        metadata=doc(
+            "init: eva: a layer may end with up to rho × its r ranks (1: no redistribution)", min=1.0
+        ),
+    )
+    eva_tau: float = field(
+        default=0.99,
+        metadata=doc(
+            "init: eva: a component has settled when its cosine to the last update ≥ tau", min=0.0, max=1.0
+        ),
+    )
+    pissa_niter: int | None = field(
+        default=None,
+        metadata=doc(
+            "init: pissa with a fast randomized SVD of this many subspace iterations (peft's "
+            "pissa_niter_N, e.g. 4); unset: the exact SVD",
+            min=0,
+        ),
+    )
     rank_pattern: dict[str, int] = field(
         default_factory=dict,
         metadata=doc("per-module r: {regex or name suffix: r}, e.g. {down_proj: 16}", min=1),
@@ -379,7 +633,7 @@ class LoraConfig(MethodConfig):
 
 def variants_for(options: Any) -> tuple[LoraVariant, ...]:
     """The variants ``options`` (a LoraConfig, or anything with its fields) enables, in run order."""
-    return tuple(v() for v in VARIANTS if v.enabled(options))
+    return tuple(v(options) for v in VARIANTS if v.enabled(options))
 
 
 def lora_variants(init: str, use_dora: bool) -> tuple[LoraVariant, ...]:
@@ -420,6 +674,15 @@ class LoRALinear(AdapterLayer):
         self.merge_cache: dict[str, torch.Tensor] = {}
         for variant in self.variants:
             variant.create(self)
+
+    def resize(self, r: int, alpha: float, use_rslora: bool) -> None:
+        """A new rank (EVA's redistribution): fresh factors at the same place, B = 0."""
+        weight = self.lora_A.weight
+        self.r = r
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=weight.dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=weight.dtype)
+        nn.init.zeros_(self.lora_B.weight)
 
     @property
     def use_dora(self) -> bool:
@@ -616,7 +879,9 @@ class LoRA(LayerMethod):
         "dropout": "lora_dropout",
         "init": "init_lora_weights",
     }
-    adapter_omits = ("lora_plus_ratio",)  # a training option; peft's LoraConfig has no key for it
+    # lora_plus_ratio: a training option; pissa_niter, corda_method, init_examples, eva_*: how the init was made,
+    # and the export is a plain LoRA. peft's LoraConfig has no key for them (corda's is in corda_config).
+    adapter_omits = ("lora_plus_ratio", "pissa_niter", "corda_method", "init_examples", "eva_rho", "eva_tau")
 
     cfg: LoraConfig
 
@@ -648,7 +913,20 @@ class LoRA(LayerMethod):
                 f"method.{surgery[0]} shares or wraps base tensors, which is not tested with FSDP",
                 f"use train.distributed: ddp, or drop method.{surgery[0]}",
             )
+        if cfg.pissa_niter is not None and cfg.init != "pissa":
+            raise RecipeError(
+                "method.pissa_niter",
+                f"sets PiSSA's SVD, but init is {cfg.init}",
+                "set init: pissa or drop it",
+            )
         for variant in variants_for(cfg):
+            variant.validate(cfg)
+            if variant.needs_data and recipe.model.task == "seq2seq":
+                raise RecipeError(
+                    "method.init",
+                    f"{variant.title} reads the layers' inputs on training data; seq2seq is not supported yet",
+                    "use init: pissa or kaiming for seq2seq",
+                )
             if not variant.for_quantized_base and recipe.model.quantization is not None:
                 raise RecipeError(
                     f"method.{variant.enabled_by[0]}",
@@ -807,6 +1085,67 @@ class LoRA(LayerMethod):
             )
             set_module(model, module_name, wrapped)
 
+    def data_init_examples(self) -> int:
+        return self.cfg.init_examples if any(v.needs_data for v in variants_for(self.cfg)) else 0
+
+    def init_from_data(self, model: nn.Module, batches) -> None:
+        """Read the examples for the layers' data-driven init (one init per model: its ``observes``
+        says which pass), then let each layer's init finish."""
+        layers = [layer for _, layer in self.lora_layers(model) if any(v.needs_data for v in layer.variants)]
+        if not layers:
+            return
+        observes = data_variants(layers[0])[0].observes
+        was_training = model.training
+        try:
+            if observes == "eva":
+                self._eva_init(model, batches)
+                return
+            (input_pass if observes == "inputs" else gradient_pass)(model, layers, batches)
+        finally:
+            model.train(was_training)
+        for layer in layers:
+            for variant in data_variants(layer):
+                variant.finish(layer)
+
+    def _eva_init(self, model: nn.Module, batches) -> None:
+        """EVA: each layer's kept components become its A at their count as its rank (0: the layer is
+        unwrapped, as peft removes it); α scales with the rank, and the new ranks, alphas and targets go
+        into the config, so the adapter saves and loads as a plain LoRA with a rank_pattern."""
+        cfg = self.cfg
+        layers = dict(self.lora_layers(model))
+        model.eval()
+        with torch.no_grad():
+            found = eva_components(
+                model,
+                layers,
+                {n: layer.r for n, layer in layers.items()},
+                all_batches(batches),
+                cfg.eva_rho,
+                cfg.eva_tau,
+            )
+        rank_pattern, alpha_pattern, kept = {}, {}, []
+        for name, layer in layers.items():
+            components, (r, alpha) = found[name], self.rank_and_alpha(name)
+            rank = components.shape[0]
+            if rank == 0:
+                set_module(model, name, layer.base_layer)
+                continue
+            if rank != r:
+                alpha = alpha * rank / r  # s = α/r stays (peft's adjust_scaling_factors)
+                layer.resize(rank, alpha, cfg.use_rslora)
+            with torch.no_grad():
+                layer.lora_A.weight.copy_(components)
+            kept.append(name)
+            if rank != cfg.r:
+                rank_pattern[name] = rank
+            if alpha != cfg.alpha:
+                alpha_pattern[name] = alpha
+        self.targets = [t for t in self.targets if t in kept]
+        targets = cfg.target_modules if len(kept) == len(layers) else kept
+        self.cfg = replace(
+            cfg, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, target_modules=targets
+        )
+
     def _enable_biases(self, model: nn.Module) -> None:
         if self.cfg.bias == "none":
             return
@@ -955,7 +1294,65 @@ class LoRA(LayerMethod):
         elif not config.get("target_modules"):
             config["target_modules"] = None  # the default, all-linear
         config.setdefault("lora_alpha", 8)  # peft's default, where the file omits it
-        return super().config_from_adapter(config)
+        cfg = super().config_from_adapter(config)
+        if isinstance(init, str) and init.startswith("pissa_niter_"):  # not a peft key: read from the init
+            cfg = replace(cfg, pissa_niter=int(init.removeprefix("pissa_niter_")))
+        return cfg
+
+
+def data_variants(layer: LoRALinear) -> list[LoraVariant]:
+    return [v for v in layer.variants if v.needs_data]
+
+
+def input_pass(model: nn.Module, layers: list[LoRALinear], batches) -> None:
+    """Forward the examples (eval mode; adapters still at B = 0, so every layer sees the base model's inputs)
+    and hand each layer the inputs of every example, its real positions only (as peft's
+    one-example-at-a-time calibration)."""
+    current: dict[str, torch.Tensor] = {}
+
+    def observe(layer: LoRALinear, args: tuple, _output) -> None:
+        inputs = args[0].detach()  # (B, T, in)
+        for row, real in zip(inputs, current["mask"].bool(), strict=True):
+            for variant in data_variants(layer):
+                variant.observe(layer, row[real])
+
+    handles = [layer.register_forward_hook(observe) for layer in layers]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current["mask"] = batch["attention_mask"]
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def gradient_pass(model: nn.Module, layers: list[LoRALinear], batches) -> None:
+    """Forward and backward the examples' loss (train mode, as peft's ``preprocess_loraga``) with only the
+    adapted layers' W0 requiring a gradient; hand each layer its gradient averaged over the batches."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    weights = [layer.base_layer.weight for layer in layers]
+    for weight in weights:
+        weight.requires_grad_(True)
+    model.train()
+    count = 0
+    try:
+        with torch.enable_grad():
+            for batch in batches:
+                keys = ("input_ids", "attention_mask", "labels")
+                model(**{k: batch[k] for k in keys if k in batch}).loss.backward()
+                count += 1
+        for layer, weight in zip(layers, weights, strict=True):
+            gradient = weight.grad.detach().float() / count
+            for variant in data_variants(layer):
+                variant.observe(layer, gradient.T if layer.fan_in_fan_out else gradient)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
 
 
 __all__ = [

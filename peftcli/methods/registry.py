@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -170,6 +171,15 @@ class Method:
 
     def on_train_start(self, model: nn.Module, total_steps: int) -> None:
         """Called once by the loop before the first step with the run's optimizer-step count."""
+
+    def data_init_examples(self) -> int:
+        """How many training examples the method's init reads (LoRA's eva, corda, lora_ga); 0: none."""
+        return 0
+
+    def init_from_data(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> None:
+        """Initialise from ``batches`` (the first :meth:`data_init_examples` training examples, collated as
+        training collates them, on the model's device). The loop calls it once, after the model is built and
+        before the optimizer exists, on a resumed run too (so the init must be deterministic)."""
 
     def on_save(self, model: nn.Module) -> None:
         """Called before an adapter is written (e.g. AdaLoRA fixes its final rank pattern)."""

@@ -58,6 +58,7 @@ def set_up(
     device = resolve_device(device_spec or recipe.train.device)
     base_path, tokenizer, data = load_inputs(recipe, reporter, dist)
     method, model = load_model(recipe, base_path, tokenizer, data, device)
+    initialise_from_data(method, model, data.train, tokenizer, recipe, reporter, device)
     wrapped = distributed.wrap(dist, model)  # FSDP2 shards in place: parameters are DTensors after this
     trainable, total = count_parameters(model)
     sampler, steps, steps_per_epoch, plan_lines = plan_batches(recipe, data, dist.world_size)
@@ -179,6 +180,31 @@ def load_model(
         pad_token_id=tokenizer.pad_token_id,
     )
     return method, model
+
+
+def initialise_from_data(method, model, rows, tokenizer, recipe: Recipe, reporter: Reporter, device) -> None:
+    """A data-driven init (LoRA's corda, eva, lora_ga) reads the first ``method.data_init_examples()``
+    training examples, in file order and training's batch size, before the optimizer exists. Every rank
+    reads the same examples, so every rank computes the same init."""
+    from rich.progress import track
+
+    from peftcli.data.collate import collate_rows
+
+    count = min(method.data_init_examples(), len(rows))
+    if not count:
+        return
+    size = recipe.train.batch_size
+    chunks = [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+    batches = (
+        {k: v.to(device) for k, v in collate_rows(rows, chunk, tokenizer, recipe.model.task).items()}
+        for chunk in chunks
+    )
+    if not reporter.quiet:
+        label = f"init {getattr(recipe.method, 'init', recipe.method.name)} from {count} examples"
+        batches = track(
+            batches, total=len(chunks), description=label, console=reporter.console, transient=True
+        )
+    method.init_from_data(model, batches)
 
 
 def plan_batches(recipe: Recipe, data: Any, world_size: int) -> tuple[Any, int, int, list[str]]:

@@ -18,7 +18,7 @@ from peftcli.recipe import RecipeError
 
 # LoRA inits that move the adapter's start into the base weight (W − B₀A₀): with the adapter off, the
 # model is that residual, not the base, so only ``reference: start`` (= the base at step 0) is right.
-BASE_REWRITING_INITS = ("pissa", "olora")
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga")  # LoRA inits that keep W0 − s·B·A as the base
 
 
 def check_base_reference(method_cfg) -> None:

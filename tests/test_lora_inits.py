@@ -1,0 +1,422 @@
+"""LoRA's initialisations against peft's own ``init_lora_weights`` and their defining properties.
+
+References and tolerances (fp32, CPU, the recipe's seed, which is also what peft's draws start from):
+- gaussian, orthogonal and pissa_niter_N draw from torch's generator in peft's order, so with the same
+  seed A, B (and PiSSA's residual W0) equal peft's ``get_peft_model`` with that init, ≤ 1e-6 (1e-5 for
+  the SVD-based residual);
+- orthogonal: B·A = 0 (≤ 1e-6), so the logits at step 0 equal the base's (≤ 1e-5), with A and B ≠ 0;
+- pissa_niter: W_res + s·B A = W0 (≤ 1e-5); s·B A's singular values are at most W0's top r and within
+  10 % of them (the randomized SVD's error on the tiny model's flat spectra: up to ~6 %); the export, a plain LoRA on the
+  original base, gives our trained logits in peft (≤ 1e-5);
+- a peft adapter config naming ``pissa_niter_N`` reads back as ``init: pissa`` with ``pissa_niter: N``;
+- corda (ipm and kpm): the same examples through peft's ``preprocess_corda`` (one example per forward,
+  as peft requires) and ours fed the same forwards give A, B and the residual W0 ≤ 1e-6 (measured: 0);
+  ours fed padded batches (training's way, padding skipped) gives s·B A within 5e-3 relative;
+  W_res + s·B A = W0 (≤ 1e-5); a run with ``init: corda`` (or ``lora_ga``) through ``peftcli.api.train``
+  reads the data,
+  and its exported adapter (a plain rank-2r LoRA) loads in peft with the logits peftcli loads it with
+  (≤ 1e-5), which equal those of the trained model in memory (≤ 1e-5, in-process);
+- lora_ga: the averaged loss gradient equals peft's ``preprocess_loraga`` bit for bit (≤ 1e-7); A and B
+  equal peft's up to signs and the randomized SVD's sketch (≤ 2e-2 of the largest entry); A's rows are
+  orthonormal and hold ≥ 99 % of the gradient's top-r energy; W_res + s·B A = W0 (≤ 1e-5); the export
+  on the original base gives the trained logits in peft and in peftcli (≤ 1e-5);
+- eva (ρ 2 and 4, τ 0.9 for speed; on these batches one layer ends at rank 0 and loses its adapter): the same batches through peft's
+  ``initialize_lora_eva_weights`` give the same ranks, rank/alpha patterns, targets and A (≤ 1e-6;
+  measured 0), B = 0, A's rows orthonormal, the rank budget Σ r kept; the saved adapter (with its
+  rank_pattern) loads in peft and peftcli with the trained logits (≤ 1e-5).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from kit import base_model, batch, batch_of, build, load_in_peft, logits, save, train_steps, write_recipe
+
+from peftcli.methods.lora import LoRA
+from peftcli.recipe import RecipeError
+
+peft = pytest.importorskip("peft")
+
+INITS = {  # ours (overrides) -> peft's init_lora_weights
+    "gaussian": (["method.init=gaussian", "method.r=4"], "gaussian"),
+    "orthogonal": (["method.init=orthogonal", "method.r=4"], "orthogonal"),
+    "pissa_niter": (["method.init=pissa", "method.pissa_niter=4", "method.r=4"], "pissa_niter_4"),
+}
+
+
+def peft_twin(built, init: str):
+    """peft's model with the same targets, r, alpha and ``init``, built from the same seed."""
+    recipe, base_path, _, model, method = built
+    fields = method.adapter_config(model)
+    fields.pop("fan_in_fan_out")
+    fields.update(r=method.cfg.r, lora_alpha=method.cfg.alpha, init_lora_weights=init)
+    base = base_model(base_path, recipe)
+    torch.manual_seed(recipe.train.seed)  # as build_model seeds before attaching the method
+    return peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", **fields))
+
+
+@pytest.mark.parametrize("init", list(INITS))
+def test_init_equals_peft_for_the_same_seed(init, tmp_path):
+    overrides, peft_init = INITS[init]
+    built = build("lora", tmp_path, overrides)
+    theirs = dict(peft_twin(built, peft_init).base_model.model.named_modules())
+    tolerance = 1e-5 if init.startswith("pissa") else 1e-6
+    for name, layer in built.method.lora_layers(built.model):
+        other = theirs[name]
+        assert (layer.lora_A.weight - other.lora_A["default"].weight).abs().max().item() <= tolerance
+        assert (layer.lora_B.weight - other.lora_B["default"].weight).abs().max().item() <= tolerance
+        assert (layer.base_layer.weight - other.base_layer.weight).abs().max().item() <= tolerance
+
+
+def test_orthogonal_starts_at_the_base_with_both_factors_nonzero(tmp_path):
+    recipe, base_path, _, model, method = build("lora", tmp_path, INITS["orthogonal"][0])
+    for _, layer in method.lora_layers(model):
+        assert layer.lora_A.weight.abs().min().item() > 0 and layer.lora_B.weight.abs().max().item() > 1e-3
+        assert (layer.lora_B.weight @ layer.lora_A.weight).abs().max().item() <= 1e-6
+    batch = batch_of(model.config.vocab_size)
+    assert (logits(model, batch) - logits(base_model(base_path, recipe), batch)).abs().max().item() <= 1e-5
+
+
+def test_pissa_niter_holds_the_top_singular_part(tmp_path):
+    recipe, base_path, _, model, method = build("lora", tmp_path, INITS["pissa_niter"][0])
+    originals = dict(base_model(base_path, recipe).named_modules())
+    for name, layer in method.lora_layers(model):
+        held = layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+        assert (layer.base_layer.weight + held - originals[name].weight).abs().max().item() <= 1e-5
+        # a projection of W0 onto an r-dimensional subspace: each singular value at most W0's (interlacing),
+        # near it when the subspace is near the top one
+        top = torch.linalg.svdvals(originals[name].weight)[: layer.r]
+        found = torch.linalg.svdvals(held)[: layer.r]
+        assert (found <= top + 1e-5).all()
+        assert ((top - found) / top).max().item() <= 0.1
+
+
+def test_pissa_niter_export_loads_in_peft_on_the_original_base(tmp_path):
+    recipe, base_path, tokenizer, model, method = build("lora", tmp_path, INITS["pissa_niter"][0])
+    batch = batch_of(model.config.vocab_size)
+    train_steps(model, method, batch, steps=2)
+    adapter = save(tmp_path, model, method, tokenizer, base_path, recipe)
+    theirs = logits(load_in_peft(adapter, base_path), batch)
+    assert (logits(model, batch) - theirs).abs().max().item() <= 1e-5
+
+
+def test_peft_pissa_niter_config_reads_back():
+    cfg = LoRA.config_from_adapter({"r": 4, "lora_alpha": 8, "init_lora_weights": "pissa_niter_16"})
+    assert (cfg.init, cfg.pissa_niter) == ("pissa", 16)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["method.init=orthogonal", "method.r=5"], "r=5 is odd"),
+        (["method.init=orthogonal", "method.rank_pattern={q_proj: 3}"], "r=3 is odd"),
+        (["method.pissa_niter=4"], "method.pissa_niter"),
+    ],
+)
+def test_refused_init_options(overrides, needle, tmp_path):
+    with pytest.raises(RecipeError, match=needle):
+        build("lora", tmp_path, overrides)
+
+
+def corda_examples(vocab_size: int) -> dict[str, torch.Tensor]:
+    return batch("causal_lm", vocab_size, lengths=(12, 9, 5, 11), seed=3)
+
+
+def peft_corda(built, mode: str, examples: dict[str, torch.Tensor]):
+    """peft's CorDA on a fresh base: ``preprocess_corda`` runs the examples one at a time (its hook keeps
+    one example per call), then ``get_peft_model`` starts the adapter from the decomposition."""
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    recipe, base_path, _, model, method = built
+    fields = method.adapter_config(model)
+    fields.pop("fan_in_fan_out")
+    fields.update(r=method.cfg.r, lora_alpha=method.cfg.alpha, init_lora_weights="corda")
+    config = peft.LoraConfig(task_type="CAUSAL_LM", corda_config=CordaConfig(corda_method=mode), **fields)
+    base = base_model(base_path, recipe)
+
+    def run_model() -> None:
+        for ids, mask in zip(examples["input_ids"], examples["attention_mask"].bool(), strict=True):
+            base(input_ids=ids[mask][None])
+
+    with torch.no_grad():
+        preprocess_corda(base, config, run_model=run_model)
+    return peft.get_peft_model(base, config)
+
+
+def one_per_batch(examples: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Each example alone, unpadded: the forwards peft's calibration runs."""
+    lengths = examples["attention_mask"].sum(dim=1).tolist()
+    return [{k: v[i : i + 1, :length] for k, v in examples.items()} for i, length in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("mode", ["ipm", "kpm"])
+def test_corda_equals_peft_for_the_same_examples(mode, tmp_path):
+    """Fed the same forwards, ours equals peft's bit for bit (≤ 1e-6). Fed padded batches of two, as
+    training reads them, the activations differ from the one-example forwards by float rounding, which
+    the inverse covariance amplifies most in kpm's smallest directions: s·B·A within 5e-3 relative
+    (measured 9e-4 ipm, 2.7e-3 kpm), W_res + s·B A = W0 ≤ 1e-5 either way."""
+    theirs, ours = None, {}
+    for feed in ("alone", "batched"):
+        built = build(
+            "lora", tmp_path / feed, ["method.init=corda", f"method.corda_method={mode}", "method.r=4"]
+        )
+        examples = corda_examples(built.model.config.vocab_size)  # the same ids both times (seeded)
+        batches = (
+            one_per_batch(examples)
+            if feed == "alone"
+            else [
+                {k: v[:2] for k, v in examples.items()},
+                {k: v[2:] for k, v in examples.items()},
+            ]
+        )
+        built.method.init_from_data(built.model, batches)
+        ours[feed] = built
+        theirs = theirs or dict(peft_corda(built, mode, examples).base_model.model.named_modules())
+    originals = dict(base_model(built.base_path, built.recipe).named_modules())
+    for feed, tolerance in (("alone", 1e-6), ("batched", None)):
+        for name, layer in ours[feed].method.lora_layers(ours[feed].model):
+            other = theirs[name]
+            held = layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+            peft_held = (
+                other.scaling["default"] * other.lora_B["default"].weight @ other.lora_A["default"].weight
+            )
+            assert (layer.base_layer.weight + held - originals[name].weight).abs().max().item() <= 1e-5
+            if tolerance is None:
+                assert ((held - peft_held).norm() / peft_held.norm()).item() <= 5e-3
+                continue
+            for ours_t, theirs_t in (
+                (layer.lora_A.weight, other.lora_A["default"].weight),
+                (layer.lora_B.weight, other.lora_B["default"].weight),
+                (layer.base_layer.weight, other.base_layer.weight),
+            ):
+                assert (ours_t - theirs_t).abs().max().item() <= tolerance
+
+
+def test_corda_export_on_the_original_base_gives_the_trained_logits(tmp_path):
+    from peftcli.export import load_adapter
+
+    recipe, base_path, tokenizer, model, method = build("lora", tmp_path, ["method.init=corda", "method.r=4"])
+    method.init_from_data(model, [corda_examples(model.config.vocab_size)])
+    batch_ = batch_of(model.config.vocab_size)
+    train_steps(model, method, batch_, steps=2)
+    adapter = save(tmp_path, model, method, tokenizer, base_path, recipe)
+    ours = logits(model, batch_)
+    assert (logits(load_in_peft(adapter, base_path), batch_) - ours).abs().max().item() <= 1e-5
+    assert (logits(load_adapter(adapter).model, batch_) - ours).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["corda", "lora_ga", "eva"])
+def test_data_driven_run_reads_the_training_data(init, tmp_path):
+    from safetensors.torch import load_file
+
+    from peftcli.api import train
+    from peftcli.export import load_adapter
+
+    method = {"name": "lora", "init": init, "r": 4, "init_examples": 8}
+    recipe = write_recipe(tmp_path, method=method, train={"max_steps": 2, "batch_size": 4})
+    result = train(recipe)
+    state = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    a = state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    if init == "eva":  # A holds principal directions (orthonormal rows) at the ranks EVA chose
+        config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+        assert config["rank_pattern"] and config["init_lora_weights"] is True
+        assert a.shape[0] == config["rank_pattern"].get("model.layers.0.self_attn.q_proj", 4)
+    else:
+        assert a.shape[0] == 8 and a[4:].abs().max().item() > 0  # [A ; A0]: A0 came from the data pass
+    batch_ = batch_of(100)
+    peft_logits = logits(load_in_peft(result.adapter_dir, load_adapter(result.adapter_dir).base_path), batch_)
+    assert (logits(load_adapter(result.adapter_dir).model, batch_) - peft_logits).abs().max().item() <= 1e-5
+
+
+def peft_lora_ga(built, examples: dict[str, torch.Tensor]):
+    """peft's LoRA-GA on a fresh base: ``preprocess_loraga`` averages the gradient of the same batch's loss,
+    then ``get_peft_model`` starts the adapter from its SVD (peft's defaults: ArB2r, stable scale, γ 16)."""
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    recipe, base_path, _, model, method = built
+    fields = method.adapter_config(model)
+    fields.pop("fan_in_fan_out")
+    fields.update(r=method.cfg.r, lora_alpha=method.cfg.alpha, init_lora_weights="lora_ga")
+    config = peft.LoraConfig(task_type="CAUSAL_LM", lora_ga_config=peft.LoraGAConfig(), **fields)
+    base = base_model(base_path, recipe)
+    preprocess_loraga(base, config, lambda: base(**examples).loss.backward())
+    return peft.get_peft_model(base, config)
+
+
+def sign_aligned(ours: torch.Tensor, theirs: torch.Tensor, dim: int) -> torch.Tensor:
+    """``ours`` with each row (dim=1) or column (dim=0) flipped to agree in sign with ``theirs``."""
+    sign = torch.sign((ours * theirs).sum(dim=dim, keepdim=True))
+    return ours * torch.where(sign == 0, 1.0, sign)
+
+
+def test_lora_ga_equals_peft(tmp_path, monkeypatch):
+    """The averaged gradient equals peft's bit for bit; the decomposition is a randomized SVD (q = 4r,
+    4 iterations) in both, from different sketches, so the tensors agree up to each singular vector's
+    sign and the sketch's error: ≤ 2e-2 of the largest entry (measured 1.1e-2 on the tiny model, whose
+    gradient singular values lie close together). Its defining property, exactly: A's rows are orthonormal
+    and span the top r right singular directions of G (≥ 99 % of their energy)."""
+    from peftcli.methods.lora import LoraGa
+
+    built = build("lora", tmp_path, ["method.init=lora_ga", "method.r=4"])
+    examples = corda_examples(built.model.config.vocab_size)
+    gradients = {}
+    observe = LoraGa.observe
+    monkeypatch.setattr(
+        LoraGa,
+        "observe",
+        lambda self, layer, g: (gradients.setdefault(id(layer), g), observe(self, layer, g)),
+    )
+    built.method.init_from_data(built.model, [examples])
+    peft_model = peft_lora_ga(built, examples)
+    theirs = dict(peft_model.base_model.model.named_modules())
+    originals = dict(base_model(built.base_path, built.recipe).named_modules())
+    worst = 0.0
+    for name, layer in built.method.lora_layers(built.model):
+        other = theirs[name]
+        a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+        peft_a, peft_b = other.lora_A["default"].weight.detach(), other.lora_B["default"].weight.detach()
+        worst = max(
+            worst, (sign_aligned(a, peft_a, 1) - peft_a).abs().max().item() / peft_a.abs().max().item()
+        )
+        worst = max(
+            worst, (sign_aligned(b, peft_b, 0) - peft_b).abs().max().item() / peft_b.abs().max().item()
+        )
+        held = layer.scaling * b @ a
+        assert (layer.base_layer.weight + held - originals[name].weight).abs().max().item() <= 1e-5
+        gradient = gradients[id(layer)]
+        assert (a @ a.T - torch.eye(4)).abs().max().item() <= 1e-5
+        top = torch.linalg.svdvals(gradient)[:4]
+        assert ((gradient @ a.T).norm() ** 2 / (top**2).sum()).item() >= 0.99
+    assert worst <= 2e-2, worst
+
+
+def test_lora_ga_gradient_is_peft_gradient(tmp_path, monkeypatch):
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    from peftcli.methods.lora import LoraGa
+
+    built = build("lora", tmp_path, ["method.init=lora_ga", "method.r=4"])
+    examples = corda_examples(built.model.config.vocab_size)
+    gradients = {}
+    monkeypatch.setattr(LoraGa, "observe", lambda self, layer, g: gradients.setdefault(id(layer), g))
+    built.method.init_from_data(built.model, [examples, examples])  # two batches: the mean of two
+    base = base_model(built.base_path, built.recipe)
+    fields = built.method.adapter_config(built.model)
+    fields.pop("fan_in_fan_out")
+    fields["init_lora_weights"] = "lora_ga"
+    config = peft.LoraConfig(task_type="CAUSAL_LM", lora_ga_config=peft.LoraGAConfig(), **fields)
+
+    def two_steps() -> None:
+        for _ in range(2):
+            base(**examples).loss.backward()
+
+    preprocess_loraga(base, config, two_steps)
+    modules = dict(base.named_modules())
+    for name, layer in built.method.lora_layers(built.model):
+        assert (gradients[id(layer)] - modules[name]._peft_loraga_grad).abs().max().item() <= 1e-7
+
+
+def test_lora_ga_export_on_the_original_base_gives_the_trained_logits(tmp_path):
+    from peftcli.export import load_adapter
+
+    recipe, base_path, tokenizer, model, method = build(
+        "lora", tmp_path, ["method.init=lora_ga", "method.r=4"]
+    )
+    method.init_from_data(model, [corda_examples(model.config.vocab_size)])
+    assert not any(p.grad is not None for p in model.parameters())  # the pass leaves no gradient behind
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if ".lora_" in n
+    }
+    batch_ = batch_of(model.config.vocab_size)
+    train_steps(model, method, batch_, steps=2)
+    adapter = save(tmp_path, model, method, tokenizer, base_path, recipe)
+    ours = logits(model, batch_)
+    assert (logits(load_in_peft(adapter, base_path), batch_) - ours).abs().max().item() <= 1e-5
+    assert (logits(load_adapter(adapter).model, batch_) - ours).abs().max().item() <= 1e-5
+
+
+def eva_batches(vocab_size: int) -> list[dict[str, torch.Tensor]]:
+    return [batch("causal_lm", vocab_size, lengths=(12, 9, 12, 11), seed=seed) for seed in range(4)]
+
+
+def peft_eva(built, batches: list[dict[str, torch.Tensor]], rho: float, tau: float, fields: dict):
+    """peft's EVA: ``initialize_lora_eva_weights`` over the same batches (its dataloader, cycled), for the
+    adapter config ``fields`` ours had before its data pass."""
+    fields = {k: v for k, v in fields.items() if k != "fan_in_fan_out"}
+    fields.update(init_lora_weights="eva")
+    config = peft.LoraConfig(task_type="CAUSAL_LM", eva_config=peft.EvaConfig(rho=rho, tau=tau), **fields)
+    peft_model = peft.get_peft_model(base_model(built.base_path, built.recipe), config)
+    peft.initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
+    return peft_model
+
+
+@pytest.mark.slow  # ~40 s: the examples cycle until the components settle
+@pytest.mark.parametrize("rho", [2.0, 4.0])
+def test_eva_equals_peft_for_the_same_batches(rho, tmp_path):
+    tau = 0.9  # fewer passes until the components settle than the default 0.99: the same in both
+    built = build(
+        "lora", tmp_path, ["method.init=eva", "method.r=4", f"method.eva_rho={rho}", f"method.eva_tau={tau}"]
+    )
+    adapted = len(built.method.lora_layers(built.model))
+    fields = built.method.adapter_config(built.model)  # before the pass moves ranks and drops targets
+    batches = eva_batches(built.model.config.vocab_size)
+    built.method.init_from_data(built.model, batches)
+    peft_model = peft_eva(built, batches, rho, tau, fields)
+    peft_config = peft_model.peft_config["default"]
+    assert built.method.cfg.rank_pattern == peft_config.rank_pattern
+    assert built.method.cfg.alpha_pattern == peft_config.alpha_pattern
+    theirs = dict(peft_model.base_model.model.named_modules())
+    layers = built.method.lora_layers(built.model)
+    assert sorted(n for n, _ in layers) == sorted(peft_config.target_modules)
+    assert sum(layer.r for _, layer in layers) == 4 * adapted  # the rank budget, moved between layers
+    assert len(layers) < adapted  # on these batches one layer ends at rank 0: its adapter removed, as peft
+    for name, layer in layers:
+        other = theirs[name]
+        assert (layer.lora_A.weight - other.lora_A["default"].weight).abs().max().item() <= 1e-6
+        assert layer.scaling == pytest.approx(other.scaling["default"]) == pytest.approx(16.0 / 4)
+        assert not layer.lora_B.weight.any()
+        a = layer.lora_A.weight
+        assert (a @ a.T - torch.eye(layer.r)).abs().max().item() <= 1e-5  # principal directions: orthonormal
+
+
+@pytest.mark.slow  # ~40 s: the examples cycle until the components settle
+def test_eva_adapter_loads_with_its_ranks(tmp_path):
+    from peftcli.export import load_adapter
+
+    recipe, base_path, tokenizer, model, method = build(
+        "lora", tmp_path, ["method.init=eva", "method.r=4", "method.eva_rho=4", "method.eva_tau=0.9"]
+    )
+    method.init_from_data(model, eva_batches(model.config.vocab_size))
+    batch_ = batch_of(model.config.vocab_size)
+    train_steps(model, method, batch_, steps=2)
+    adapter = save(tmp_path, model, method, tokenizer, base_path, recipe)
+    ours = logits(model, batch_)
+    assert (logits(load_in_peft(adapter, base_path), batch_) - ours).abs().max().item() <= 1e-5
+    assert (logits(load_adapter(adapter).model, batch_) - ours).abs().max().item() <= 1e-5
+
+
+def test_incremental_pca_equals_the_pca_of_all_rows():
+    """EVA's incremental PCA over four batches gives the principal directions and explained-variance
+    ratios of the four batches at once (centred SVD), up to sign: ≤ 1e-4, on rows of rank 4 around a
+    mean (with more directions than it keeps, the incremental PCA is an approximation by design)."""
+    from peftcli.methods.lora_eva import IncrementalPCA
+
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.tensor([4.0, 2.0, 1.0, 0.5])
+    rows = (torch.randn(200, 4, generator=gen) * scales) @ torch.linalg.qr(torch.randn(16, 4, generator=gen))[
+        0
+    ].T
+    rows = rows + torch.randn(16, generator=gen)
+    pca = IncrementalPCA(4)
+    for part in rows.split(50):
+        pca.partial_fit(part)
+    centred = (rows - rows.mean(dim=0)).double()
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    ours = pca.vectors.double()
+    assert (sign_aligned(ours, vh[:4], 1) - vh[:4]).abs().max().item() <= 1e-4
+    expected_ratio = s[:4] ** 2 / (s**2).sum()
+    assert (pca.explained_variance_ratio - expected_ratio).abs().max().item() <= 1e-4
