@@ -370,8 +370,8 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=doc("torch.compile the model (slow first steps)"))
 
 
-ObjectiveName = Literal["sft", "dpo", "ipo", "orpo", "simpo"]
-PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "simpo")  # trained on data.format: preference
+ObjectiveName = Literal["sft", "dpo", "ipo", "orpo", "simpo", "reward"]
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "simpo", "reward")  # trained on data.format: preference
 REFERENCE_OBJECTIVES = ("dpo", "ipo")  # compare the policy with a frozen reference
 
 
@@ -381,7 +381,10 @@ class ObjectiveConfig:
 
     name: ObjectiveName = field(
         default="sft",
-        metadata=doc("sft (next-token cross-entropy) | dpo | ipo | orpo | simpo (preference data)"),
+        metadata=doc(
+            "sft (next-token cross-entropy) | dpo | ipo | orpo | simpo (preference data) | reward "
+            "(a seq_cls reward model on preference data)"
+        ),
     )
     beta: float = field(
         default=0.1,
@@ -726,7 +729,8 @@ def cross_checks(recipe: Recipe) -> None:
             "classification data needs model.task: seq_cls",
             "set model.task: seq_cls or pick another data.format",
         )
-    if recipe.model.task == "seq_cls" and recipe.data.format != "classification":
+    reward = recipe.objective.name == "reward"
+    if recipe.model.task == "seq_cls" and recipe.data.format != "classification" and not reward:
         raise RecipeError(
             "model.task",
             "seq_cls trains on classification data",
@@ -768,7 +772,8 @@ def objective_checks(recipe: Recipe) -> None:
     options that the chosen objective ignores are refused rather than silently unused."""
     objective, formats = recipe.objective, {s.format for s in recipe.data.sources()}
     preference = objective.name in PREFERENCE_OBJECTIVES
-    if preference and recipe.model.task != "causal_lm":
+    reward_checks(recipe)
+    if preference and objective.name != "reward" and recipe.model.task != "causal_lm":
         raise RecipeError(
             "objective.name",
             f"{objective.name} trains causal LMs, not {recipe.model.task}",
@@ -793,6 +798,24 @@ def objective_checks(recipe: Recipe) -> None:
         raise RecipeError("objective.label_smoothing", f"only dpo uses it, not {objective.name}", "remove it")
     if objective.gamma is not None and objective.name != "simpo":
         raise RecipeError("objective.gamma", f"only simpo uses it, not {objective.name}", "remove it")
+
+
+def reward_checks(recipe: Recipe) -> None:
+    """A reward model is a seq_cls model with one output (the reward); nothing else is one."""
+    if recipe.objective.name != "reward":
+        return
+    if recipe.model.task != "seq_cls":
+        raise RecipeError(
+            "model.task",
+            f"objective reward trains a one-output seq_cls head, not {recipe.model.task}",
+            "set model.task: seq_cls",
+        )
+    if recipe.model.num_labels is not None:
+        raise RecipeError(
+            "model.num_labels",
+            f"a reward model has one output, not {recipe.model.num_labels}",
+            "remove model.num_labels",
+        )
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -264,6 +264,13 @@ def test_window_loss_is_the_mean_over_the_windows_pairs(tmp_path):
         (["objective.label_smoothing=0.1", "objective.name=ipo"], "objective.label_smoothing", "only dpo"),
         (["objective.reference=bse"], "objective.reference", "base"),
         (["train.packing=true"], "train.packing", "not packed"),
+        (["objective.name=reward"], "model.task", "one-output seq_cls head"),
+        (
+            ["objective.name=reward", "model.task=seq_cls", "model.num_labels=2"],
+            "model.num_labels",
+            "one output",
+        ),
+        (["objective.name=reward", "model.task=seq2seq"], "model.task", "not seq2seq"),
     ],
 )
 def test_recipe_errors_are_one_line(overrides, key, words):
@@ -490,3 +497,141 @@ def test_modules_to_save_refuse_the_base_reference_when_built():
     assert built.method.adapter_disabled(built.model) is None
     with pytest.raises(RecipeError, match="cannot switch its adapter off"):
         build_objective(recipe.objective, built.method, built.model)
+
+
+# -- reward model ----------------------------------------------------------------------------------
+
+REWARD_RECIPE = kit.ROOT / "recipes" / "objectives" / "reward.yaml"
+
+
+def reward_side(tmp_path: Path):
+    """Ours for the reward objective: (batch, step-1 loss, gradients by peft's key, built model)."""
+    data = kit.write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    overrides = [f"output_dir={tmp_path / 'run'}", f"data.train={data}", "data.eval=null"]
+    recipe = load_recipe(REWARD_RECIPE, overrides)
+    built = kit.build(recipe)
+    kit.perturb(built.model)
+    rows = load_data(recipe.data, built.tokenizer, "causal_lm").train
+    batch = collate_rows(rows, range(len(PAIRS)), built.tokenizer, "seq_cls")
+    built.model.train()
+    objective = build_objective(recipe.objective, built.method, built.model)
+    stepper = Stepper(model=built.model, method=built.method, optimizer=None, objective=objective)
+    built.model.zero_grad(set_to_none=True)
+    loss, _, _ = stepper.backward_window([batch], 1)
+    grads = {
+        built.method.stored_key(n): p.grad.clone()
+        for n, p in built.model.named_parameters()
+        if p.grad is not None
+    }
+    return batch, loss, grads, built
+
+
+def trl_reward_side(tmp_path: Path, built):
+    """TRL's RewardTrainer (its defaults: no margin column, center_rewards_coefficient None) on our
+    adapter loaded by peft, its own tokenization and collator: (rows, loss, gradients by peft's key)."""
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    adapter = kit.save(
+        tmp_path / "ours",
+        built.model,
+        built.method,
+        built.tokenizer,
+        built.base_path,
+        built.recipe,
+        built.labels,
+    )
+    base = AutoModelForSequenceClassification.from_pretrained(
+        built.base_path, dtype=torch.float32, num_labels=1
+    )
+    model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    args = RewardConfig(
+        output_dir=str(tmp_path / "trl"),
+        per_device_train_batch_size=len(PAIRS),
+        report_to=[],
+        use_cpu=True,
+        max_length=64,
+    )
+    assert args.center_rewards_coefficient is None
+    rows = [{**pair, "prompt": built.tokenizer.bos_token + pair["prompt"]} for pair in PAIRS]
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=built.tokenizer
+    )
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    grads = {  # by the saved key: peft saves the score head's trained copy as base_model.model.score.*
+        n.replace(".modules_to_save.default.", ".").replace(".default.", "."): p.grad
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
+    return our_rows(inputs), loss.item(), grads
+
+
+def test_reward_step_one_loss_and_gradients_equal_trl(tmp_path):
+    """reward: −logσ(r_c − r_r) from a one-output score head read at the last real token; the loss, the
+    LoRA gradients and the score head's (saved whole, modules_to_save) equal TRL's RewardTrainer."""
+    batch, loss, grads, built = reward_side(tmp_path)
+    trl_ids, trl_loss, trl_grads = trl_reward_side(tmp_path, built)
+    assert our_rows(batch) == trl_ids
+    assert abs(loss) > 1e-3 and math.isfinite(loss)
+    assert loss == pytest.approx(trl_loss, abs=TOLERANCE)
+    assert set(grads) == set(trl_grads)
+    assert any("score" in name for name in grads)
+    scale = max(float(g.abs().max()) for g in trl_grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, trl_grads[name], atol=TOLERANCE * scale, rtol=0, msg=name)
+
+
+def test_reward_is_the_head_at_the_last_real_token(tmp_path):
+    """Each row's reward is the score head applied to the final hidden state at its last attended
+    position (EOS; the padding after it is skipped), chosen rows first."""
+    from peftcli.training.objectives.reward import pair_rewards
+
+    batch, _, _, built = reward_side(tmp_path)
+    built.model.eval()
+    with torch.no_grad():
+        s = pair_rewards(built.model, batch)
+        out = built.model(input_ids=batch["input_ids"], output_hidden_states=True)
+        last = batch["attention_mask"].sum(-1) - 1
+        assert (batch["input_ids"][torch.arange(len(last)), last] == built.tokenizer.eos_token_id).all()
+        assert (batch["attention_mask"].sum(-1) < batch["input_ids"].size(1)).any()  # some rows padded
+        hidden = out.hidden_states[-1][torch.arange(len(last)), last]  # (2B, d), after the final norm
+        head = built.model.get_submodule(
+            next(n for n, _ in built.model.named_modules() if n.endswith("score"))
+        )
+        expected = head(hidden).squeeze(-1)
+    half = len(PAIRS)
+    torch.testing.assert_close(s.chosen, expected[:half], atol=1e-6, rtol=0)
+    torch.testing.assert_close(s.rejected, expected[half:], atol=1e-6, rtol=0)
+
+
+def test_reward_run_logs_pair_metrics_and_saves_the_head(tmp_path):
+    """A reward run: step 1's logged loss is −logσ(r_c − r_r) on the first batch; eval logs the rewards,
+    margins and accuracy; the adapter holds the one-output score head, as modules_to_save."""
+    from safetensors.torch import load_file
+
+    from peftcli.training.loop import train
+
+    overrides = [
+        f"output_dir={tmp_path / 'run'}",
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "train.log_every=1",
+    ]
+    recipe = load_recipe(REWARD_RECIPE, overrides)
+    train(recipe)
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    evals = [e for e in events if e["event"] == "eval"]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"} <= set(evals[0])
+    margin = evals[0]["rewards/chosen"] - evals[0]["rewards/rejected"]
+    assert evals[0]["rewards/margins"] == pytest.approx(margin, abs=1e-6)
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert "score" in config["modules_to_save"] and config["task_type"] == "SEQ_CLS"
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert weights["base_model.model.score.weight"].shape == (1, 64)

@@ -66,10 +66,9 @@ def evaluate_pairs(run: Run) -> dict[str, float]:
     import torch
 
     from peftcli.data.collate import collate_rows
-    from peftcli.training.objectives.base import PairScores, score_pairs
+    from peftcli.training.objectives.base import PairScores
 
     objective, rows, size = run.stepper.objective, run.data.eval, run.recipe.eval.batch_size
-    reference = objective.reference if objective.needs_reference else None
     was_training = run.model.training
     run.model.eval()
     parts = []
@@ -77,7 +76,7 @@ def evaluate_pairs(run: Run) -> dict[str, float]:
         for start in range(0, len(rows), size):
             batch = collate_rows(rows, range(start, min(start + size, len(rows))), run.tokenizer, run.task)
             batch = {k: v.to(run.device) for k, v in batch.items()}
-            parts.append(score_pairs(run.model, batch, reference, objective.reference_model).detached())
+            parts.append(objective.score(run.model, batch).detached())
     run.model.train(was_training)
     return objective.metrics(PairScores.cat(parts))
 

@@ -57,7 +57,7 @@ from peftcli.training.distributed import Dist
 from peftcli.training.events import log_event, log_train, reset_metrics, run_eval, run_eval_tasks
 from peftcli.training.loss import count_targets, token_loss_sum
 from peftcli.training.results import TrainResult
-from peftcli.training.setup import report_start, set_up
+from peftcli.training.setup import head_labels, report_start, set_up
 from peftcli.training.state import Run, TrainState
 from peftcli.training.step import loss_normaliser
 
@@ -280,7 +280,7 @@ def finish(run: Run, state: TrainState, eval_before: dict[str, float] | None) ->
                 run.tokenizer,
                 run.base_path,
                 run.recipe.model,
-                run.data.label_names,
+                head_labels(run.recipe, run.data),
                 seed=run.recipe.train.seed,
             )
     result = TrainResult(

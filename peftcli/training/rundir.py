@@ -365,7 +365,7 @@ def estimate_trainable(recipe: Recipe, base_path: str) -> int | None:
             **offline,
         )
         if recipe.model.task == "seq_cls":
-            config.num_labels = recipe.model.num_labels or 2
+            config.num_labels = 1 if recipe.objective.name == "reward" else recipe.model.num_labels or 2
         auto = getattr(transformers, TASK_AUTO[recipe.model.task])
         with torch.device("meta"):
             model = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code)

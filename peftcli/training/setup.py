@@ -153,7 +153,7 @@ def load_inputs(recipe: Recipe, reporter: Reporter, dist: Dist) -> tuple[str, An
         data = load_data(
             recipe.data,
             tokenizer,
-            recipe.model.task,
+            data_task(recipe),
             log=reporter.note,
             console=None if reporter.quiet else reporter.console,
             model_name=recipe.model.name,
@@ -163,6 +163,17 @@ def load_inputs(recipe: Recipe, reporter: Reporter, dist: Dist) -> tuple[str, An
             "data.train", "no training examples left after tokenization", "check the data and max_length"
         )
     return base_path, tokenizer, data
+
+
+def data_task(recipe: Recipe) -> str:
+    """The task the data stage tokenizes for: a reward model's pairs are tokenized as for a causal LM
+    (prompt, answer, EOS; the labels go unused), whatever head scores them."""
+    return "causal_lm" if recipe.objective.name == "reward" else recipe.model.task
+
+
+def head_labels(recipe: Recipe, data: Any) -> list[str] | None:
+    """The seq_cls head's class names: the data's, or the one output of a reward model."""
+    return ["reward"] if recipe.objective.name == "reward" else data.label_names
 
 
 def load_model(
@@ -176,7 +187,7 @@ def load_model(
         method,
         device,
         seed=recipe.train.seed,
-        label_names=data.label_names,
+        label_names=head_labels(recipe, data),
         pad_token_id=tokenizer.pad_token_id,
     )
     return method, model
@@ -274,7 +285,8 @@ def build_stepper(
     objective = build_objective(recipe.objective, method, model)
     if objective is not None:
         loss_path = "plain"
-        speed_lines[0] = f"loss: {objective.name} (plain: log-probabilities of whole answers)"
+        scored = "the head's rewards" if objective.name == "reward" else "log-probabilities of whole answers"
+        speed_lines[0] = f"loss: {objective.name} (plain: {scored})"
     stepper = Stepper(
         model=model,
         method=method,

@@ -23,6 +23,11 @@ def labels_for(task: str) -> list[str] | None:
     return LABELS if task == "seq_cls" else None
 
 
+def head_labels(recipe: Recipe, labels: list[str] | None) -> list[str] | None:
+    """A reward model's head has one output, named as training names it."""
+    return ["reward"] if recipe.objective.name == "reward" else labels
+
+
 def tiny(arch: str = "llama", task: str = "causal_lm", seed: int | None = 0, labels=("a", "b")):
     """A bare tiny:<arch> model (no method) in eval mode; ``seed`` fixes a new classification head."""
     cfg = ModelConfig(name=f"tiny:{arch}", task=task)
@@ -80,7 +85,7 @@ class Built(NamedTuple):
 
     @property
     def labels(self) -> list[str] | None:
-        return labels_for(self.task)
+        return head_labels(self.recipe, labels_for(self.task))
 
 
 def build(recipe: str | Recipe, tmp_path: Path | None = None, overrides: list[str] | None = None) -> Built:
@@ -97,7 +102,7 @@ def build(recipe: str | Recipe, tmp_path: Path | None = None, overrides: list[st
         method,
         CPU,
         seed=recipe.train.seed,
-        label_names=labels_for(recipe.model.task),
+        label_names=head_labels(recipe, labels_for(recipe.model.task)),
         pad_token_id=tokenizer.pad_token_id,
     )
     model.eval()

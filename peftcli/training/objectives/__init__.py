@@ -10,5 +10,6 @@ dpo      preference      yes        −logσ(β·((logp_c − logref_c) − (log
 ipo      preference      yes        ((avg_c − avgref_c) − (avg_r − avgref_r) − 1/(2β))²
 simpo    preference      no         −logσ(β·(avg_c − avg_r) − γ)
 orpo     preference      no         SFT on chosen − β·logσ(log-odds ratio)
+reward   preference      no         −logσ(r_c − r_r), r: a seq_cls head's one output (model.task seq_cls)
 =======  ==============  =========  ===========================================================
 """

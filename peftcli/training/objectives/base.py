@@ -107,6 +107,7 @@ class Objective:
     name: ClassVar[str]
     data_format: ClassVar[str | None] = "preference"
     needs_reference: ClassVar[bool] = False
+    task: ClassVar[str] = "causal_lm"  # the model head it trains (reward: seq_cls)
 
     def __init__(
         self, cfg: ObjectiveConfig, reference: Callable[[], Any] | None = None, reference_model=None
@@ -126,11 +127,15 @@ class Objective:
         """This micro-batch's share of the window's loss: its pairs' losses over the window's pairs."""
         return self.losses(s).sum() / counts["pairs"]
 
+    def score(self, policy: nn.Module, batch: dict[str, torch.Tensor]) -> PairScores:
+        """The pairs' scores that :meth:`losses` and :meth:`rewards` read (log-probs; reward: the head's)."""
+        reference = self.reference if self.needs_reference else None
+        return score_pairs(policy, batch, reference, self.reference_model)
+
     def micro_loss(
         self, policy: nn.Module, batch: dict[str, torch.Tensor], counts: dict[str, int]
     ) -> torch.Tensor:
-        reference = self.reference if self.needs_reference else None
-        return self.window_loss(score_pairs(policy, batch, reference, self.reference_model), counts)
+        return self.window_loss(self.score(policy, batch), counts)
 
     def metrics(self, s: PairScores) -> dict[str, float]:
         """The eval metrics over ``s`` (all pairs of the eval split): the loss as training computes it over
