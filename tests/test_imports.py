@@ -33,7 +33,10 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("methods", ["methods/"]),
     ("recipes and data", ["recipe_loader", "schema", "docs", "data/"]),
     ("decoding: the one token loop", ["decoding"]),
-    ("what a trained model becomes: export and evaluation", ["export", "combining", "gguf", "evaluate", "harness"]),
+    (
+        "what a trained model becomes: export and evaluation",
+        ["export", "combining", "gguf", "evaluate", "harness"],
+    ),
     ("runs: training and using a model", ["training/", "use/"]),
     ("tools: commands that read runs", ["tools/"]),
     ("the Python API", ["api", "__init__"]),

@@ -61,6 +61,13 @@ METHODS: dict[str, Case] = {
     "houlsby_adapter": Case({"llama": ("houlsby_adapter",)}, identity=True, mergeable=False),
     "ia3": Case({"llama": ("ia3",)}, identity=True, mergeable=True, peft_type="IA3", peft_counts=True),
     "ladder_side_tuning": Case({"llama": ("ladder_side_tuning",)}, identity=True, mergeable=False),
+    "ln_tuning": Case(
+        {"llama": ("ln_tuning",), "bert-seq_cls": ("ln_tuning", *BERT), "t5-seq2seq": ("ln_tuning", *T5)},
+        identity=True,
+        mergeable=True,
+        peft_type="LN_TUNING",
+        peft_counts=True,
+    ),
     "loha": Case(
         {"llama": ("loha",), "bert-seq_cls": ("loha", *BERT), "t5-seq2seq": ("loha", *T5)},
         identity=True,

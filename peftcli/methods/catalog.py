@@ -14,6 +14,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     houlsby_adapter,
     ia3,
     ladder_side_tuning,
+    ln_tuning,
     loha,
     lokr,
     lora,
