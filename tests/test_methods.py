@@ -59,6 +59,16 @@ METHODS: dict[str, Case] = {
     "adapter_fusion": Case({"llama": ("adapter_fusion",)}, identity=False, mergeable=False),
     "bitfit": Case({"gpt2": ("bitfit",)}, identity=True, mergeable=True),
     "houlsby_adapter": Case({"llama": ("houlsby_adapter",)}, identity=True, mergeable=False),
+    "hra": Case(
+        {
+            "llama": ("hra",),
+            "bert-seq_cls": ("hra", *BERT),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="HRA",
+        peft_counts=True,
+    ),
     "ia3": Case({"llama": ("ia3",)}, identity=True, mergeable=True, peft_type="IA3", peft_counts=True),
     "ladder_side_tuning": Case({"llama": ("ladder_side_tuning",)}, identity=True, mergeable=False),
     "ln_tuning": Case(

@@ -12,6 +12,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     adapter_fusion,
     bitfit,
     houlsby_adapter,
+    hra,
     ia3,
     ladder_side_tuning,
     ln_tuning,
