@@ -58,6 +58,17 @@ METHODS: dict[str, Case] = {
     "adalora": Case({"llama": ("adalora",)}, identity=True, mergeable=True, peft_type="ADALORA"),
     "adapter_fusion": Case({"llama": ("adapter_fusion",)}, identity=False, mergeable=False),
     "bitfit": Case({"gpt2": ("bitfit",)}, identity=True, mergeable=True),
+    "fourierft": Case(
+        {
+            "llama": ("fourierft",),
+            "gpt2": ("fourierft", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("fourierft", *BERT),
+        },
+        identity=False,
+        mergeable=True,
+        peft_type="FOURIERFT",
+        peft_counts=True,
+    ),
     "houlsby_adapter": Case({"llama": ("houlsby_adapter",)}, identity=True, mergeable=False),
     "hra": Case(
         {
