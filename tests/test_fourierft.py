@@ -77,6 +77,7 @@ def test_positions_are_peft_cells_and_zero_init_is_the_base(tmp_path):
 
 def test_delta_is_the_inverse_dft_of_the_spectrum(tmp_path):
     built = kit.build("fourierft", tmp_path, ["method.n_frequency=30", "method.scaling=7.0"])
+    kit.perturb(built.model, scale=1.0)
     layer = built.model.get_submodule(built.method.targets[0])
     out_f, in_f = layer.out_features, layer.in_features
     grid = torch.zeros(out_f, in_f, dtype=torch.complex128)
@@ -89,6 +90,7 @@ def test_delta_is_the_inverse_dft_of_the_spectrum(tmp_path):
         return torch.exp(2j * math.pi * torch.outer(j, j) / n) / n
 
     expected = (inverse_dft(out_f) @ grid @ inverse_dft(in_f).T).real * 7.0
+    assert expected.abs().max() > 1e-2  # a spectrum off zero
     assert max_diff(layer.delta_weight().double(), expected) <= 1e-5
 
 
@@ -136,11 +138,13 @@ def test_we_load_peft_adapters_with_each_option(run, tmp_path):
 
 
 def test_merge_unmerge_round_trip(tmp_path):
-    built = kit.build("fourierft", tmp_path, SMALL)
+    built = kit.build("fourierft", tmp_path, [*SMALL, "method.init_weights=false"])  # N(0, 1) spectrum
     batch = kit.batch("causal_lm", built.model.config.vocab_size, lengths=(10, 7))
     ours = kit.logits(built.model, batch)
     layer = built.model.get_submodule(built.method.targets[0])
     before = layer.base_layer.weight.detach().clone()
+    base = kit.base_model(built.base_path, built.recipe, pad_token_id=built.tokenizer.pad_token_id)
+    assert max_diff(ours, kit.logits(base, batch)) > 1e-3  # not trivial
     built.method.merge_adapter(built.model)
     assert max_diff(ours, kit.logits(built.model, batch)) <= 1e-4
     built.method.unmerge_adapter(built.model)
