@@ -58,9 +58,37 @@ METHODS: dict[str, Case] = {
     "adalora": Case({"llama": ("adalora",)}, identity=True, mergeable=True, peft_type="ADALORA"),
     "adapter_fusion": Case({"llama": ("adapter_fusion",)}, identity=False, mergeable=False),
     "bitfit": Case({"gpt2": ("bitfit",)}, identity=True, mergeable=True),
+    "fourierft": Case(
+        {
+            "llama": ("fourierft",),
+            "gpt2": ("fourierft", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("fourierft", *BERT),
+        },
+        identity=False,
+        mergeable=True,
+        peft_type="FOURIERFT",
+        peft_counts=True,
+    ),
     "houlsby_adapter": Case({"llama": ("houlsby_adapter",)}, identity=True, mergeable=False),
+    "hra": Case(
+        {
+            "llama": ("hra",),
+            "bert-seq_cls": ("hra", *BERT),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="HRA",
+        peft_counts=True,
+    ),
     "ia3": Case({"llama": ("ia3",)}, identity=True, mergeable=True, peft_type="IA3", peft_counts=True),
     "ladder_side_tuning": Case({"llama": ("ladder_side_tuning",)}, identity=True, mergeable=False),
+    "ln_tuning": Case(
+        {"llama": ("ln_tuning",), "bert-seq_cls": ("ln_tuning", *BERT), "t5-seq2seq": ("ln_tuning", *T5)},
+        identity=True,
+        mergeable=True,
+        peft_type="LN_TUNING",
+        peft_counts=True,
+    ),
     "loha": Case(
         {"llama": ("loha",), "bert-seq_cls": ("loha", *BERT), "t5-seq2seq": ("loha", *T5)},
         identity=True,
