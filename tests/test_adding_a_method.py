@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 
 import pytest
+from kit import ROOT
 
 from peftcli.methods.catalog import list_methods
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = [m for m in list_methods()]
 TEST_TABLE = ROOT / "tests" / "test_methods.py"
 

@@ -18,9 +18,7 @@ import kit
 import pytest
 import torch
 
-from peftcli.export import load_adapter, merge_adapter
 from peftcli.methods.fourierft import frequency_positions
-from peftcli.models import resolve_model_name
 
 peft = pytest.importorskip("peft")
 
@@ -49,19 +47,6 @@ TARGETS = {
 }
 
 
-def auto_class(task: str):
-    import transformers
-
-    return {
-        "causal_lm": transformers.AutoModelForCausalLM,
-        "seq_cls": transformers.AutoModelForSequenceClassification,
-    }[task]
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
 def test_positions_are_peft_cells_and_zero_init_is_the_base(tmp_path):
     from peft.tuners.fourierft.layer import FourierFTLinear
 
@@ -72,7 +57,7 @@ def test_positions_are_peft_cells_and_zero_init_is_the_base(tmp_path):
     built = kit.build("fourierft", tmp_path, [*SMALL, "method.init_weights=true"])
     batch = kit.batch("causal_lm", built.model.config.vocab_size, lengths=(10, 7))
     base = kit.base_model(built.base_path, built.recipe, pad_token_id=built.tokenizer.pad_token_id)
-    assert max_diff(kit.logits(built.model, batch), kit.logits(base, batch)) == 0.0
+    assert kit.max_diff(kit.logits(built.model, batch), kit.logits(base, batch)) == 0.0
 
 
 def test_delta_is_the_inverse_dft_of_the_spectrum(tmp_path):
@@ -91,50 +76,21 @@ def test_delta_is_the_inverse_dft_of_the_spectrum(tmp_path):
 
     expected = (inverse_dft(out_f) @ grid @ inverse_dft(in_f).T).real * 7.0
     assert expected.abs().max() > 1e-2  # a spectrum off zero
-    assert max_diff(layer.delta_weight().double(), expected) <= 1e-5
+    assert kit.max_diff(layer.delta_weight().double(), expected) <= 1e-5
 
 
 @pytest.mark.parametrize("run", list(OPTION_RUNS))
 def test_peft_loads_our_adapter_with_each_option(run, tmp_path):
-    built = kit.build("fourierft", tmp_path, OPTION_RUNS[run])
-    kit.perturb(built.model)
-    batch = kit.batch(built.task, built.model.config.vocab_size, lengths=(10, 7))
-    ours = kit.logits(built.model, batch, built.task)
-    base = kit.base_model(built.base_path, built.recipe, pad_token_id=built.tokenizer.pad_token_id)
-    assert max_diff(ours, kit.logits(base, batch, built.task)) > 1e-3  # the adapter is not trivial
-    adapter = kit.save(
-        tmp_path, built.model, built.method, built.tokenizer, built.base_path, built.recipe, built.labels
-    )
-    extra = {"num_labels": len(built.labels)} if built.labels else {}
-    theirs = kit.load_in_peft(adapter, built.base_path, auto_class(built.task), **extra)
-    assert max_diff(ours, kit.peft_logits(theirs, batch, built.task)) <= 1e-5
+    assert kit.peft_loads_ours("fourierft", tmp_path, OPTION_RUNS[run]).diff <= 1e-5
 
 
 @pytest.mark.parametrize("run", list(PEFT_RUNS))
 def test_we_load_peft_adapters_with_each_option(run, tmp_path):
     task, model_name, options = PEFT_RUNS[run]
-    torch.manual_seed(0)
-    extra = {"num_labels": 2} if task == "seq_cls" else {}
-    base = auto_class(task).from_pretrained(resolve_model_name(model_name), dtype=torch.float32, **extra)
-    config = peft.FourierFTConfig(
-        task_type={"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}[task],
-        target_modules=TARGETS[model_name],
-        **options,
+    result = kit.we_load_peft(
+        peft.FourierFTConfig, task, tmp_path, model_name, target_modules=TARGETS[model_name], **options
     )
-    peft_model = peft.get_peft_model(base, config)
-    kit.perturb(peft_model, seed=2)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    peft_model.eval()
-    batch = kit.batch(task, peft_model.config.vocab_size, lengths=(10, 7))
-    theirs = kit.peft_logits(peft_model, batch, task)
-    with peft_model.disable_adapter():
-        assert max_diff(theirs, kit.peft_logits(peft_model, batch, task)) > 1e-3  # not trivial
-    loaded = load_adapter(tmp_path / "adapter")
-    assert loaded.method.name == "fourierft"
-    assert max_diff(theirs, kit.logits(loaded.model, batch, task)) <= 1e-5
-    merge_adapter(tmp_path / "adapter", tmp_path / "merged")  # peftcli merge of peft's adapter
-    merged = auto_class(task).from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    assert max_diff(theirs, kit.logits(merged, batch, task)) <= 1e-4
+    assert result.method == "fourierft" and result.loaded <= 1e-5 and result.merged <= 1e-4
 
 
 def test_merge_unmerge_round_trip(tmp_path):
@@ -144,9 +100,9 @@ def test_merge_unmerge_round_trip(tmp_path):
     layer = built.model.get_submodule(built.method.targets[0])
     before = layer.base_layer.weight.detach().clone()
     base = kit.base_model(built.base_path, built.recipe, pad_token_id=built.tokenizer.pad_token_id)
-    assert max_diff(ours, kit.logits(base, batch)) > 1e-3  # not trivial
+    assert kit.max_diff(ours, kit.logits(base, batch)) > 1e-3  # not trivial
     built.method.merge_adapter(built.model)
-    assert max_diff(ours, kit.logits(built.model, batch)) <= 1e-4
+    assert kit.max_diff(ours, kit.logits(built.model, batch)) <= 1e-4
     built.method.unmerge_adapter(built.model)
-    assert max_diff(layer.base_layer.weight, before) <= 1e-6
-    assert max_diff(ours, kit.logits(built.model, batch)) <= 1e-5
+    assert kit.max_diff(layer.base_layer.weight, before) <= 1e-6
+    assert kit.max_diff(ours, kit.logits(built.model, batch)) <= 1e-5

@@ -18,9 +18,7 @@ import kit
 import pytest
 import torch
 
-from peftcli.export import load_adapter, merge_adapter
 from peftcli.methods.hra import symmetric_init
-from peftcli.models import resolve_model_name
 from peftcli.recipe import RecipeError
 
 peft = pytest.importorskip("peft")
@@ -43,19 +41,6 @@ PEFT_RUNS = {
     "bert": ("seq_cls", "tiny:bert", {"r": 3, "apply_GS": True}),
 }
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def auto_class(task: str):
-    import transformers
-
-    return {
-        "causal_lm": transformers.AutoModelForCausalLM,
-        "seq_cls": transformers.AutoModelForSequenceClassification,
-    }[task]
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
 
 
 def hand_rotation(u: torch.Tensor, apply_gs: bool) -> torch.Tensor:
@@ -85,7 +70,7 @@ def test_init_is_peft_draw_and_even_r_is_the_base(r, tmp_path):
     built = kit.build("hra", tmp_path, [f"method.r={r}"])
     batch = kit.batch("causal_lm", built.model.config.vocab_size, lengths=(10, 7))
     base = kit.base_model(built.base_path, built.recipe, pad_token_id=built.tokenizer.pad_token_id)
-    moved = max_diff(kit.logits(built.model, batch), kit.logits(base, batch))
+    moved = kit.max_diff(kit.logits(built.model, batch), kit.logits(base, batch))
     assert moved <= 1e-5 if r % 2 == 0 else moved > 1e-3
 
 
@@ -97,49 +82,26 @@ def test_layer_is_w_times_the_reflections(apply_gs, tmp_path):
     x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
     h = hand_rotation(layer.hra_u.detach(), apply_gs)
     expected = x.double() @ (layer.base_layer.weight.double() @ h).T
-    assert max_diff(layer(x).double(), expected) <= 1e-5
+    assert kit.max_diff(layer(x).double(), expected) <= 1e-5
 
 
 @pytest.mark.parametrize("run", list(OPTION_RUNS))
 def test_peft_loads_our_adapter_with_each_option(run, tmp_path):
-    built = kit.build("hra", tmp_path, OPTION_RUNS[run])
-    kit.perturb(built.model)
-    batch = kit.batch(built.task, built.model.config.vocab_size, lengths=(10, 7))
-    ours = kit.logits(built.model, batch, built.task)
-    base = kit.base_model(built.base_path, built.recipe, pad_token_id=built.tokenizer.pad_token_id)
-    assert max_diff(ours, kit.logits(base, batch, built.task)) > 1e-3  # the adapter is not trivial
-    adapter = kit.save(
-        tmp_path, built.model, built.method, built.tokenizer, built.base_path, built.recipe, built.labels
-    )
-    extra = {"num_labels": len(built.labels)} if built.labels else {}
-    theirs = kit.load_in_peft(adapter, built.base_path, auto_class(built.task), **extra)
-    assert max_diff(ours, kit.peft_logits(theirs, batch, built.task)) <= 1e-5
+    assert kit.peft_loads_ours("hra", tmp_path, OPTION_RUNS[run]).diff <= 1e-5
 
 
 @pytest.mark.parametrize("run", list(PEFT_RUNS))
 def test_we_load_peft_adapters_with_each_option(run, tmp_path):
     task, model_name, options = PEFT_RUNS[run]
-    torch.manual_seed(0)
-    extra = {"num_labels": 2} if task == "seq_cls" else {}
-    base = auto_class(task).from_pretrained(resolve_model_name(model_name), dtype=torch.float32, **extra)
-    targets = ["query", "key", "value", "dense"] if model_name == "tiny:bert" else LLAMA_TARGETS
-    config = peft.HRAConfig(
-        task_type={"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}[task], target_modules=targets, **options
+    result = kit.we_load_peft(
+        peft.HRAConfig,
+        task,
+        tmp_path,
+        model_name,
+        target_modules=["query", "key", "value", "dense"] if model_name == "tiny:bert" else LLAMA_TARGETS,
+        **options,
     )
-    peft_model = peft.get_peft_model(base, config)
-    kit.perturb(peft_model, seed=2)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    peft_model.eval()
-    batch = kit.batch(task, peft_model.config.vocab_size, lengths=(10, 7))
-    theirs = kit.peft_logits(peft_model, batch, task)
-    with peft_model.disable_adapter():
-        assert max_diff(theirs, kit.peft_logits(peft_model, batch, task)) > 1e-3  # not trivial
-    loaded = load_adapter(tmp_path / "adapter")
-    assert loaded.method.name == "hra"
-    assert max_diff(theirs, kit.logits(loaded.model, batch, task)) <= 1e-5
-    merge_adapter(tmp_path / "adapter", tmp_path / "merged")  # peftcli merge of peft's adapter
-    merged = auto_class(task).from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    assert max_diff(theirs, kit.logits(merged, batch, task)) <= 1e-4
+    assert result.method == "hra" and result.loaded <= 1e-5 and result.merged <= 1e-4
 
 
 @pytest.mark.parametrize("gs", ["false", "true"], ids=["chain", "apply_GS"])
@@ -151,10 +113,10 @@ def test_merge_unmerge_round_trip(gs, tmp_path):
     layer = built.model.get_submodule(built.method.targets[0])
     before = layer.base_layer.weight.detach().clone()
     built.method.merge_adapter(built.model)
-    assert max_diff(ours, kit.logits(built.model, batch)) <= 1e-4
+    assert kit.max_diff(ours, kit.logits(built.model, batch)) <= 1e-4
     built.method.unmerge_adapter(built.model)
-    assert max_diff(layer.base_layer.weight, before) <= 1e-5
-    assert max_diff(ours, kit.logits(built.model, batch)) <= 1e-5
+    assert kit.max_diff(layer.base_layer.weight, before) <= 1e-5
+    assert kit.max_diff(ours, kit.logits(built.model, batch)) <= 1e-5
 
 
 def test_apply_gs_with_even_r_is_refused_in_one_line(tmp_path):

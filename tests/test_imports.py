@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from kit import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "peftcli"
 
 

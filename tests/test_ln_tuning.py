@@ -16,8 +16,6 @@ import kit
 import pytest
 import torch
 
-from peftcli.export import load_adapter, merge_adapter
-from peftcli.models import resolve_model_name
 from peftcli.recipe import RecipeError
 
 peft = pytest.importorskip("peft")
@@ -39,19 +37,6 @@ PEFT_RUNS = {
 }
 
 
-def auto_class(task: str):
-    import transformers
-
-    return {
-        "causal_lm": transformers.AutoModelForCausalLM,
-        "seq_cls": transformers.AutoModelForSequenceClassification,
-    }[task]
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
 def test_all_norms_are_peft_default_targets_and_start_at_the_base(tmp_path):
     built = kit.build("ln_tuning", tmp_path, [])
     base = kit.base_model(built.base_path, built.recipe, pad_token_id=built.tokenizer.pad_token_id)
@@ -64,50 +49,22 @@ def test_all_norms_are_peft_default_targets_and_start_at_the_base(tmp_path):
     assert set(built.method.targets) == peft_targets
     assert len(peft_targets) == 2 * built.model.config.num_hidden_layers + 1
     batch = kit.batch("causal_lm", built.model.config.vocab_size, lengths=(10, 7))
-    assert max_diff(kit.logits(built.model, batch), kit.peft_logits(theirs, batch)) <= 1e-6
+    assert kit.max_diff(kit.logits(built.model, batch), kit.peft_logits(theirs, batch)) <= 1e-6
 
 
 @pytest.mark.parametrize("run", list(OPTION_RUNS))
 def test_peft_loads_our_adapter_with_each_option(run, tmp_path):
-    built = kit.build("ln_tuning", tmp_path, OPTION_RUNS[run])
-    kit.perturb(built.model)
-    batch = kit.batch(built.task, built.model.config.vocab_size, lengths=(10, 7))
-    ours = kit.logits(built.model, batch, built.task)
-    base = kit.base_model(built.base_path, built.recipe, pad_token_id=built.tokenizer.pad_token_id)
-    assert max_diff(ours, kit.logits(base, batch, built.task)) > 1e-3  # the adapter is not trivial
-    adapter = kit.save(
-        tmp_path, built.model, built.method, built.tokenizer, built.base_path, built.recipe, built.labels
-    )
-    extra = {"num_labels": len(built.labels)} if built.labels else {}
-    theirs = kit.load_in_peft(adapter, built.base_path, auto_class(built.task), **extra)
-    assert max_diff(ours, kit.peft_logits(theirs, batch, built.task)) <= 1e-5
-    tuned = {n for n, _ in theirs.named_modules() if n.endswith(".ln_tuning_layers")}
-    assert len(tuned) == len(built.method.targets)
+    result = kit.peft_loads_ours("ln_tuning", tmp_path, OPTION_RUNS[run])
+    assert result.diff <= 1e-5
+    tuned = {n for n, _ in result.peft_model.named_modules() if n.endswith(".ln_tuning_layers")}
+    assert len(tuned) == len(result.built.method.targets)
 
 
 @pytest.mark.parametrize("run", list(PEFT_RUNS))
 def test_we_load_peft_adapters_with_each_option(run, tmp_path):
     task, model_name, targets = PEFT_RUNS[run]
-    torch.manual_seed(0)
-    extra = {"num_labels": 2} if task == "seq_cls" else {}
-    base = auto_class(task).from_pretrained(resolve_model_name(model_name), dtype=torch.float32, **extra)
-    config = peft.LNTuningConfig(
-        task_type={"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}[task], target_modules=targets
-    )
-    peft_model = peft.get_peft_model(base, config)
-    kit.perturb(peft_model, seed=2)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    peft_model.eval()
-    batch = kit.batch(task, peft_model.config.vocab_size, lengths=(10, 7))
-    theirs = kit.peft_logits(peft_model, batch, task)
-    with peft_model.disable_adapter():
-        assert max_diff(theirs, kit.peft_logits(peft_model, batch, task)) > 1e-3  # not trivial
-    loaded = load_adapter(tmp_path / "adapter")
-    assert loaded.method.name == "ln_tuning"
-    assert max_diff(theirs, kit.logits(loaded.model, batch, task)) <= 1e-5
-    merge_adapter(tmp_path / "adapter", tmp_path / "merged")  # peftcli merge of peft's adapter
-    merged = auto_class(task).from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    assert max_diff(theirs, kit.logits(merged, batch, task)) <= 1e-4
+    result = kit.we_load_peft(peft.LNTuningConfig, task, tmp_path, model_name, target_modules=targets)
+    assert result.method == "ln_tuning" and result.loaded <= 1e-5 and result.merged <= 1e-4
 
 
 def test_merge_unmerge_is_an_exact_swap(tmp_path):
@@ -120,10 +77,10 @@ def test_merge_unmerge_is_an_exact_swap(tmp_path):
     base_weight = layer.base_layer.weight.detach().clone()
     built.method.merge_adapter(built.model)
     assert not torch.equal(layer.base_layer.weight, base_weight)  # the tuned copy runs as the base
-    assert max_diff(ours, kit.logits(built.model, batch)) == 0.0
+    assert kit.max_diff(ours, kit.logits(built.model, batch)) == 0.0
     built.method.unmerge_adapter(built.model)
     assert torch.equal(layer.base_layer.weight, base_weight)
-    assert max_diff(ours, kit.logits(built.model, batch)) == 0.0
+    assert kit.max_diff(ours, kit.logits(built.model, batch)) == 0.0
 
 
 def test_a_linear_target_is_refused_in_one_line(tmp_path):

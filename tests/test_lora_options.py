@@ -149,10 +149,6 @@ def batch_for(model) -> dict[str, torch.Tensor]:
     return batch
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
 def peft_made(row: Option, name: str, tmp_path):
     """(peft's adapter dir, peft's logits, the batch, what we build for the base): made and saved by peft."""
     from peft import LoraConfig, get_peft_model
@@ -189,9 +185,9 @@ def test_option_round_trips_with_peft(name, tmp_path, request):
     peft_dir, expected, batch, built = peft_made(row, base_name, tmp_path)
     loaded = load_adapter(peft_dir)
     theirs_here = kit.logits(loaded.model, batch)
-    assert max_diff(theirs_here, expected) <= 1e-5
+    assert kit.max_diff(theirs_here, expected) <= 1e-5
     base = kit.logits(kit.base_model(built.base_path, built.recipe), batch)
-    assert max_diff(theirs_here, base) > 1e-4
+    assert kit.max_diff(theirs_here, base) > 1e-4
 
     # (b) our recipe with the option: a step moves every trainable tensor; peft loads ours with our logits
     ours = kit.build_inline("causal_lm", recipe_method({**BASE, **row.options}), {"name": base_name})
@@ -208,12 +204,12 @@ def test_option_round_trips_with_peft(name, tmp_path, request):
     )
     assert saved_shapes(adapter) == saved_shapes(peft_dir)
     in_peft = kit.load_in_peft(adapter, ours.base_path)
-    assert max_diff(kit.peft_logits(in_peft, batch), our_logits) <= 1e-5
+    assert kit.max_diff(kit.peft_logits(in_peft, batch), our_logits) <= 1e-5
 
     # (c) merge
     if row.merges:
-        assert max_diff(merged_logits(peft_dir, tmp_path / "merged-peft", batch), expected) <= 1e-4
-        assert max_diff(merged_logits(adapter, tmp_path / "merged-ours", batch), our_logits) <= 1e-4
+        assert kit.max_diff(merged_logits(peft_dir, tmp_path / "merged-peft", batch), expected) <= 1e-4
+        assert kit.max_diff(merged_logits(adapter, tmp_path / "merged-ours", batch), our_logits) <= 1e-4
     else:
         with pytest.raises(RecipeError) as err:
             merge_adapter(adapter, tmp_path / "merged")

@@ -67,39 +67,16 @@ def probe(task: str, vocab_size: int) -> dict[str, torch.Tensor]:
     return kit.batch(task, vocab_size, lengths=(10, 7))
 
 
-def auto_class(task: str):
-    import transformers
-
-    return {
-        "causal_lm": transformers.AutoModelForCausalLM,
-        "seq_cls": transformers.AutoModelForSequenceClassification,
-    }[task]
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
 # -- ours -> peft ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("run", list(OPTION_RUNS))
 def test_peft_loads_our_adapter_with_each_option(run, tmp_path):
     method_name, overrides = OPTION_RUNS[run]
-    built = kit.build(method_name, tmp_path, overrides)
-    kit.perturb(built.model)
-    batch = probe(built.task, built.model.config.vocab_size)
-    ours = kit.logits(built.model, batch, built.task)
-    base = kit.base_model(built.base_path, built.recipe, pad_token_id=built.tokenizer.pad_token_id)
-    assert max_diff(ours, kit.logits(base, batch, built.task)) > 1e-3  # the adapter is not trivial
-    adapter = kit.save(
-        tmp_path, built.model, built.method, built.tokenizer, built.base_path, built.recipe, built.labels
-    )
-    extra = {"num_labels": len(built.labels)} if built.labels else {}
-    theirs = kit.load_in_peft(adapter, built.base_path, auto_class(built.task), **extra)
-    assert max_diff(ours, kit.peft_logits(theirs, batch, built.task)) <= 1e-5
-    stored = sum(t.numel() for t in peft.get_peft_model_state_dict(theirs).values())
-    assert stored == built.method.expected_trainable_parameters(built.model)
+    result = kit.peft_loads_ours(method_name, tmp_path, overrides)
+    assert result.diff <= 1e-5
+    stored = sum(t.numel() for t in peft.get_peft_model_state_dict(result.peft_model).values())
+    assert stored == result.built.method.expected_trainable_parameters(result.built.model)
 
 
 # -- peft -> ours ---------------------------------------------------------------------------------------
@@ -112,7 +89,7 @@ def peft_adapter(run: str, out_dir):
     base_path = resolve_model_name(kit.TASK_MODELS[task])
     torch.manual_seed(0)
     extra = {"num_labels": 2} if task == "seq_cls" else {}
-    model = auto_class(task).from_pretrained(base_path, dtype=torch.float32, **extra)
+    model = kit.auto_class(task).from_pretrained(base_path, dtype=torch.float32, **extra)
     config = getattr(peft, config_name)(task_type=PEFT_TASKS[task], target_modules="all-linear", **options)
     peft_model = peft.get_peft_model(model, config)
     kit.perturb(peft_model, seed=2)
@@ -127,13 +104,13 @@ def test_we_load_peft_adapters_with_each_option(run, tmp_path):
     batch = probe(task, peft_model.config.vocab_size)
     theirs = kit.peft_logits(peft_model, batch, task)
     with peft_model.disable_adapter():
-        assert max_diff(theirs, kit.peft_logits(peft_model, batch, task)) > 1e-3  # not trivial
+        assert kit.max_diff(theirs, kit.peft_logits(peft_model, batch, task)) > 1e-3  # not trivial
     loaded = load_adapter(tmp_path / "adapter")
     assert loaded.method.peft_type == PEFT_RUNS[run][0].removesuffix("Config").upper()
-    assert max_diff(theirs, kit.logits(loaded.model, batch, task)) <= 1e-5
+    assert kit.max_diff(theirs, kit.logits(loaded.model, batch, task)) <= 1e-5
     merge_adapter(tmp_path / "adapter", tmp_path / "merged")  # peftcli merge of peft's adapter
-    merged = auto_class(task).from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    assert max_diff(theirs, kit.logits(merged, batch, task)) <= 1e-4
+    merged = kit.auto_class(task).from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert kit.max_diff(theirs, kit.logits(merged, batch, task)) <= 1e-4
 
 
 # -- the training-only dropouts -----------------------------------------------------------------------
@@ -149,7 +126,7 @@ def test_dropouts_act_in_training_as_peft_and_never_in_eval(method_name, tmp_pat
     kit.perturb(plain.model)  # the same tensors: same build seed, same perturbation
     batch = probe("causal_lm", built.model.config.vocab_size)
     evaluated = kit.logits(built.model, batch)
-    assert max_diff(evaluated, kit.logits(plain.model, batch)) == 0.0  # eval: no dropout at all
+    assert kit.max_diff(evaluated, kit.logits(plain.model, batch)) == 0.0  # eval: no dropout at all
     adapter = kit.save(tmp_path, built.model, built.method, built.tokenizer, built.base_path, built.recipe)
     theirs = kit.load_in_peft(adapter, built.base_path)
     built.model.train()
@@ -158,8 +135,8 @@ def test_dropouts_act_in_training_as_peft_and_never_in_eval(method_name, tmp_pat
         torch.manual_seed(seed)
         ours = kit.logits(built.model, batch)
         torch.manual_seed(seed)
-        assert max_diff(ours, kit.peft_logits(theirs, batch)) <= 1e-5  # the same rows and layers dropped
-        assert max_diff(ours, evaluated) > 1e-4  # and something was dropped
+        assert kit.max_diff(ours, kit.peft_logits(theirs, batch)) <= 1e-5  # the same rows and layers dropped
+        assert kit.max_diff(ours, evaluated) > 1e-4  # and something was dropped
 
 
 # -- LoKr's factorisation, and what is refused --------------------------------------------------------

@@ -213,10 +213,6 @@ def stepped(built: kit.Built, batch) -> None:
     kit.train_step(built.model, built.method, batch, recipe=built.recipe)
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
 # -- the table itself ---------------------------------------------------------------------------------
 
 
@@ -254,7 +250,9 @@ def test_identity_at_init(name, run, tmp_path):
         head = {k: v for k, v in built.model.state_dict().items() if k.startswith(("classifier", "score"))}
         base.load_state_dict(head, strict=False)
     batch = probe(built)
-    assert max_diff(kit.logits(built.model, batch, built.task), kit.logits(base, batch, built.task)) <= 1e-6
+    assert (
+        kit.max_diff(kit.logits(built.model, batch, built.task), kit.logits(base, batch, built.task)) <= 1e-6
+    )
 
 
 @pytest.mark.parametrize("name,run", runs())
@@ -300,7 +298,7 @@ def test_save_then_load_gives_equal_logits(name, run, tmp_path):
         tmp_path, built.model, built.method, built.tokenizer, built.base_path, built.recipe, built.labels
     )
     loaded = load_adapter(tmp_path / "adapter")
-    assert max_diff(ours, kit.logits(loaded.model, batch, built.task)) <= 1e-6
+    assert kit.max_diff(ours, kit.logits(loaded.model, batch, built.task)) <= 1e-6
 
 
 @pytest.mark.parametrize("name,run", runs(lambda case: case.mergeable))
@@ -312,7 +310,7 @@ def test_merge_gives_equal_logits(name, run, tmp_path):
     with torch.no_grad():
         merged = built.method.merge(built.model)
     assert not any(p.requires_grad for p in merged.parameters())
-    assert max_diff(ours, kit.logits(merged, batch, built.task)) <= 1e-4
+    assert kit.max_diff(ours, kit.logits(merged, batch, built.task)) <= 1e-4
 
 
 def peft_auto_class(task: str):
@@ -335,14 +333,14 @@ def test_peft_loads_our_adapter_with_our_logits(name, run, tmp_path):
     batch = probe(built)
     stepped(built, batch)
     ours = kit.logits(built.model, batch, built.task)
-    assert max_diff(ours, kit.logits(plain_base(built), batch, built.task)) > 1e-4  # moved off the base
+    assert kit.max_diff(ours, kit.logits(plain_base(built), batch, built.task)) > 1e-4  # moved off the base
     adapter = kit.save(
         tmp_path, built.model, built.method, built.tokenizer, built.base_path, built.recipe, built.labels
     )
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == METHODS[name].peft_type
     extra = {"num_labels": len(built.labels)} if built.labels else {}
     theirs = kit.load_in_peft(adapter, built.base_path, peft_auto_class(built.task), **extra)
-    assert max_diff(ours, kit.peft_logits(theirs, batch, built.task)) <= 1e-5
+    assert kit.max_diff(ours, kit.peft_logits(theirs, batch, built.task)) <= 1e-5
     if METHODS[name].peft_counts:
         stored = sum(t.numel() for t in get_peft_model_state_dict(theirs).values())
         assert stored == built.method.expected_trainable_parameters(built.model)

@@ -19,9 +19,7 @@ import kit
 import pytest
 import torch
 
-from peftcli.export import load_adapter, merge_adapter
 from peftcli.methods.oft import OFTConfig, OFTRotation, block_geometry, nearest_divisor
-from peftcli.models import resolve_model_name
 from peftcli.recipe import RecipeError
 
 peft = pytest.importorskip("peft")
@@ -50,64 +48,19 @@ PEFT_RUNS = {
 }
 
 
-def auto_class(task: str):
-    import transformers
-
-    return {
-        "causal_lm": transformers.AutoModelForCausalLM,
-        "seq_cls": transformers.AutoModelForSequenceClassification,
-    }[task]
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
 @pytest.mark.parametrize("run", list(OPTION_RUNS))
 def test_peft_loads_our_adapter_with_each_option(run, tmp_path):
-    built = kit.build("oft", tmp_path, OPTION_RUNS[run])
-    kit.perturb(built.model)
-    batch = kit.batch(built.task, built.model.config.vocab_size, lengths=(10, 7))
-    ours = kit.logits(built.model, batch, built.task)
-    base = kit.base_model(built.base_path, built.recipe, pad_token_id=built.tokenizer.pad_token_id)
-    assert max_diff(ours, kit.logits(base, batch, built.task)) > 1e-3  # the adapter is not trivial
-    adapter = kit.save(
-        tmp_path, built.model, built.method, built.tokenizer, built.base_path, built.recipe, built.labels
-    )
-    extra = {"num_labels": len(built.labels)} if built.labels else {}
-    theirs = kit.load_in_peft(adapter, built.base_path, auto_class(built.task), **extra)
-    assert max_diff(ours, kit.peft_logits(theirs, batch, built.task)) <= 1e-5
-    stored = sum(t.numel() for t in peft.get_peft_model_state_dict(theirs).values())
-    assert stored == built.method.expected_trainable_parameters(built.model)
+    result = kit.peft_loads_ours("oft", tmp_path, OPTION_RUNS[run])
+    assert result.diff <= 1e-5
+    stored = sum(t.numel() for t in peft.get_peft_model_state_dict(result.peft_model).values())
+    assert stored == result.built.method.expected_trainable_parameters(result.built.model)
 
 
 @pytest.mark.parametrize("run", list(PEFT_RUNS))
 def test_we_load_peft_adapters_with_each_option(run, tmp_path):
     task, options = PEFT_RUNS[run]
-    torch.manual_seed(0)
-    extra = {"num_labels": 2} if task == "seq_cls" else {}
-    base = auto_class(task).from_pretrained(
-        resolve_model_name(kit.TASK_MODELS[task]), dtype=torch.float32, **extra
-    )
-    config = peft.OFTConfig(
-        task_type={"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}[task],
-        target_modules="all-linear",
-        **options,
-    )
-    peft_model = peft.get_peft_model(base, config)
-    kit.perturb(peft_model, seed=2)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    peft_model.eval()
-    batch = kit.batch(task, peft_model.config.vocab_size, lengths=(10, 7))
-    theirs = kit.peft_logits(peft_model, batch, task)
-    with peft_model.disable_adapter():
-        assert max_diff(theirs, kit.peft_logits(peft_model, batch, task)) > 1e-3  # not trivial
-    loaded = load_adapter(tmp_path / "adapter")
-    assert loaded.method.name == "oft"
-    assert max_diff(theirs, kit.logits(loaded.model, batch, task)) <= 1e-5
-    merge_adapter(tmp_path / "adapter", tmp_path / "merged")  # peftcli merge of peft's adapter
-    merged = auto_class(task).from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    assert max_diff(theirs, kit.logits(merged, batch, task)) <= 1e-4
+    result = kit.we_load_peft(peft.OFTConfig, task, tmp_path, target_modules="all-linear", **options)
+    assert result.method == "oft" and result.loaded <= 1e-5 and result.merged <= 1e-4
 
 
 # -- the paper's equations ---------------------------------------------------------------------------
@@ -121,13 +74,13 @@ def test_exact_cayley_blocks_are_orthogonal_and_merging_keeps_the_neurons_angles
     for _, layer in layers:
         blocks = layer.rotation_blocks().detach()
         eye = torch.eye(layer.block_size).expand_as(blocks)
-        assert max_diff(blocks.transpose(-2, -1) @ blocks, eye) <= 1e-5
-        assert max_diff(blocks, eye) > 1e-2  # a real rotation
+        assert kit.max_diff(blocks.transpose(-2, -1) @ blocks, eye) <= 1e-5
+        assert kit.max_diff(blocks, eye) > 1e-2  # a real rotation
     built.method.merge_adapter(built.model)
     for name, layer in layers:
         w0, w1 = before[name], layer.base_layer.weight
-        assert max_diff(w1 @ w1.T, w0 @ w0.T) <= 1e-4  # hyperspherical energy: the Gram matrix is kept
-        assert max_diff(w1, w0) > 1e-3
+        assert kit.max_diff(w1 @ w1.T, w0 @ w0.T) <= 1e-4  # hyperspherical energy: the Gram matrix is kept
+        assert kit.max_diff(w1, w0) > 1e-3
 
 
 def test_coft_keeps_every_block_within_its_radius(tmp_path):
@@ -156,7 +109,7 @@ def test_neumann_series_equals_peft(terms):
             torch.randn(ours.weight.shape, generator=torch.Generator().manual_seed(terms)) * 0.2
         )
     expected = theirs._cayley_batch(ours.weight.detach(), block_size, True, terms)
-    assert max_diff(ours.blocks().detach(), expected) <= 1e-6
+    assert kit.max_diff(ours.blocks().detach(), expected) <= 1e-6
 
 
 def test_block_adjustment_equals_peft():

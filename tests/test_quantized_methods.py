@@ -52,10 +52,6 @@ def peft_user_base(path: str):
     return model
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
 @pytest.mark.parametrize("name", ["vera", "oft"])
 def test_trains_on_a_4bit_base_loads_in_peft_and_merges(name, tmp_path):
     built = kit.build(name, tmp_path, QUANTIZED)
@@ -76,14 +72,14 @@ def test_trains_on_a_4bit_base_loads_in_peft_and_merges(name, tmp_path):
     plain = kit.logits(base, batch)
     theirs = peft.PeftModel.from_pretrained(base, str(adapter))
     theirs.eval()
-    assert max_diff(ours, plain) > 1e-2  # the adapter is loaded and not trivial
-    assert max_diff(ours, kit.peft_logits(theirs, batch)) <= 1e-4
+    assert kit.max_diff(ours, plain) > 1e-2  # the adapter is loaded and not trivial
+    assert kit.max_diff(ours, kit.peft_logits(theirs, batch)) <= 1e-4
 
     result = merge_adapter(adapter, tmp_path / "merged")
     assert any("4-bit" in line for line in result["report_lines"])
     full = load_adapter(adapter, quantized=False)  # the adapter on the full-precision base
     merged = type(base).from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    assert max_diff(kit.logits(full.model, batch), kit.logits(merged.eval(), batch)) <= 1e-4
+    assert kit.max_diff(kit.logits(full.model, batch), kit.logits(merged.eval(), batch)) <= 1e-4
 
 
 @pytest.mark.parametrize("name", ["loha", "lokr"])

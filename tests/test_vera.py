@@ -20,8 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftcli.export import load_adapter, merge_adapter
-from peftcli.models import resolve_model_name
+from peftcli.export import load_adapter
 
 peft = pytest.importorskip("peft")
 
@@ -35,6 +34,12 @@ OPTION_RUNS = {
     "gpt2-no-saved-projection": ["model.name=tiny:gpt2", "method.save_projection=false"],
     "bert": BERT,
     "bert-no-saved-projection": [*BERT, "method.save_projection=false", "method.projection_prng_key=5"],
+}
+
+VERA_TARGETS = {
+    "tiny:gpt2": ["c_attn", "c_proj", "c_fc"],
+    "tiny:bert": ["query", "key", "value", "dense"],
+    "tiny:llama": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
 }
 
 # run id -> (task, model, peft VeraConfig options)
@@ -51,24 +56,11 @@ PEFT_RUNS = {
 }
 
 
-def auto_class(task: str):
-    import transformers
-
-    return {
-        "causal_lm": transformers.AutoModelForCausalLM,
-        "seq_cls": transformers.AutoModelForSequenceClassification,
-    }[task]
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
 def peft_model_for(built: kit.Built):
     """peft's VeRA on the same base with the same targets and options as ``built`` (not trained)."""
     cfg = built.method.cfg
     extra = {"num_labels": 2} if built.task == "seq_cls" else {}
-    base = auto_class(built.task).from_pretrained(built.base_path, dtype=torch.float32, **extra)
+    base = kit.auto_class(built.task).from_pretrained(built.base_path, dtype=torch.float32, **extra)
     config = peft.VeraConfig(
         task_type={"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}[built.task],
         r=cfg.r,
@@ -101,15 +93,9 @@ def test_projections_and_init_are_peft_draws_bit_for_bit(overrides, tmp_path):
 
 @pytest.mark.parametrize("run", list(OPTION_RUNS))
 def test_peft_loads_our_adapter_with_each_option(run, tmp_path):
-    built = kit.build("vera", tmp_path, OPTION_RUNS[run])
-    kit.perturb(built.model)
-    batch = kit.batch(built.task, built.model.config.vocab_size, lengths=(10, 7))
-    ours = kit.logits(built.model, batch, built.task)
-    base = kit.base_model(built.base_path, built.recipe, pad_token_id=built.tokenizer.pad_token_id)
-    assert max_diff(ours, kit.logits(base, batch, built.task)) > 1e-3  # the adapter is not trivial
-    adapter = kit.save(
-        tmp_path, built.model, built.method, built.tokenizer, built.base_path, built.recipe, built.labels
-    )
+    result = kit.peft_loads_ours("vera", tmp_path, OPTION_RUNS[run])
+    assert result.diff <= 1e-5
+    built, adapter = result.built, tmp_path / "adapter"
     stored = load_file(adapter / "adapter_model.safetensors")
     projections = sorted(k for k in stored if "vera_A" in k or "vera_B" in k)
     if built.method.cfg.save_projection:
@@ -117,41 +103,26 @@ def test_peft_loads_our_adapter_with_each_option(run, tmp_path):
         assert torch.equal(stored["base_model.vera_A"], built.model.adapter_shared.vera_A)
     else:
         assert projections == [] and all(".vera_lambda_" in k or "classifier" in k for k in stored)
-    extra = {"num_labels": len(built.labels)} if built.labels else {}
-    theirs = kit.load_in_peft(adapter, built.base_path, auto_class(built.task), **extra)
-    assert max_diff(ours, kit.peft_logits(theirs, batch, built.task)) <= 1e-5
+    batch = kit.batch(built.task, built.model.config.vocab_size, lengths=(10, 7))
     again = load_adapter(adapter)  # and ours, from the key alone where A and B were not saved
-    assert max_diff(ours, kit.logits(again.model, batch, built.task)) <= 1e-6
+    assert (
+        kit.max_diff(kit.logits(built.model, batch, built.task), kit.logits(again.model, batch, built.task))
+        <= 1e-6
+    )
 
 
 @pytest.mark.parametrize("run", list(PEFT_RUNS))
 def test_we_load_peft_adapters_with_each_option(run, tmp_path):
     task, model_name, options = PEFT_RUNS[run]
-    torch.manual_seed(0)
-    extra = {"num_labels": 2} if task == "seq_cls" else {}
-    base = auto_class(task).from_pretrained(resolve_model_name(model_name), dtype=torch.float32, **extra)
-    targets = {"tiny:gpt2": ["c_attn", "c_proj", "c_fc"], "tiny:bert": ["query", "key", "value", "dense"]}
-    config = peft.VeraConfig(
-        task_type={"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}[task],
-        target_modules=targets.get(
-            model_name, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
-        ),
+    result = kit.we_load_peft(
+        peft.VeraConfig,
+        task,
+        tmp_path,
+        model_name,
+        target_modules=VERA_TARGETS.get(model_name, VERA_TARGETS["tiny:llama"]),
         **options,
     )
-    peft_model = peft.get_peft_model(base, config)
-    kit.perturb(peft_model, seed=2)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    peft_model.eval()
-    batch = kit.batch(task, peft_model.config.vocab_size, lengths=(10, 7))
-    theirs = kit.peft_logits(peft_model, batch, task)
-    with peft_model.disable_adapter():
-        assert max_diff(theirs, kit.peft_logits(peft_model, batch, task)) > 1e-3  # not trivial
-    loaded = load_adapter(tmp_path / "adapter")
-    assert loaded.method.name == "vera"
-    assert max_diff(theirs, kit.logits(loaded.model, batch, task)) <= 1e-5
-    merge_adapter(tmp_path / "adapter", tmp_path / "merged")  # peftcli merge of peft's adapter
-    merged = auto_class(task).from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    assert max_diff(theirs, kit.logits(merged, batch, task)) <= 1e-4
+    assert result.method == "vera" and result.loaded <= 1e-5 and result.merged <= 1e-4
 
 
 def test_dropout_acts_in_training_as_peft_and_never_in_eval(tmp_path):
@@ -161,7 +132,7 @@ def test_dropout_acts_in_training_as_peft_and_never_in_eval(tmp_path):
     kit.perturb(plain.model)
     batch = kit.batch("causal_lm", built.model.config.vocab_size, lengths=(10, 7))
     evaluated = kit.logits(built.model, batch)
-    assert max_diff(evaluated, kit.logits(plain.model, batch)) == 0.0
+    assert kit.max_diff(evaluated, kit.logits(plain.model, batch)) == 0.0
     adapter = kit.save(tmp_path, built.model, built.method, built.tokenizer, built.base_path, built.recipe)
     theirs = kit.load_in_peft(adapter, built.base_path)
     built.model.train()
@@ -169,5 +140,5 @@ def test_dropout_acts_in_training_as_peft_and_never_in_eval(tmp_path):
     torch.manual_seed(3)
     ours = kit.logits(built.model, batch)
     torch.manual_seed(3)
-    assert max_diff(ours, kit.peft_logits(theirs, batch)) <= 1e-5
-    assert max_diff(ours, evaluated) > 1e-4
+    assert kit.max_diff(ours, kit.peft_logits(theirs, batch)) <= 1e-5
+    assert kit.max_diff(ours, evaluated) > 1e-4

@@ -9,6 +9,7 @@
 - steps: ``train_step`` / ``train_steps`` run the training loop's own ``Stepper.step``;
   ``window_gradients`` its forward/backward over a window without the update;
 - generation: cached decoding against full recompute;
+- parity: ``peft_loads_ours`` / ``we_load_peft``, peft parity both ways for a method's option table;
 - peft: the oracle helpers (``logits``, ``perturb``, ``save``, ``load_in_peft``, ``copy_into_peft``).
 """
 
@@ -29,6 +30,7 @@ from kit.models import (
     tiny_recipe,
     tokenizer,
 )
+from kit.parity import auto_class, max_diff, peft_loads_ours, we_load_peft
 from kit.paths import CPU, DATA, EVAL, HELPERS, RECIPES, ROOT, TINY, TRAIN
 from kit.peft import copy_into_peft, load_in_peft, logits, peft_logits, perturb, save
 from kit.steps import stepper, train_step, train_steps, window_gradients
@@ -46,6 +48,7 @@ __all__ = [
     "TRAIN",
     "Built",
     "assert_seq2seq_generate_matches_recompute",
+    "auto_class",
     "base_model",
     "batch",
     "batch_of",
@@ -59,7 +62,9 @@ __all__ = [
     "labels_for",
     "load_in_peft",
     "logits",
+    "max_diff",
     "parts",
+    "peft_loads_ours",
     "peft_logits",
     "perturb",
     "save",
@@ -69,6 +74,7 @@ __all__ = [
     "tokenizer",
     "train_step",
     "train_steps",
+    "we_load_peft",
     "window_gradients",
     "write_jsonl",
     "write_recipe",
