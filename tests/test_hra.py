@@ -128,4 +128,4 @@ def test_apply_gs_with_even_r_is_refused_in_one_line(tmp_path):
 def test_conv1d_is_refused_in_one_line(tmp_path):
     with pytest.raises(RecipeError) as err:
         kit.build("hra", tmp_path, ["model.name=tiny:gpt2"])
-    assert "not an nn.Linear" in str(err.value) and "\n" not in str(err.value)
+    assert "is a Conv1D; hra adapts nn.Linear layers only" in str(err.value) and "\n" not in str(err.value)

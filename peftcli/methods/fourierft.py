@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftcli.inject import is_linear, match_targets
+from peftcli.inject import is_linear
 from peftcli.methods.kit import AdapterLayer, LayerMethod, write_weight
 from peftcli.methods.registry import register
 from peftcli.recipe import MethodConfig, RecipeError, doc
@@ -129,20 +129,11 @@ class FourierFt(LayerMethod):
     trainable_formula = "n_frequency per adapted layer (the spectral coefficients), plus modules_to_save"
     parameter_prefix = "fourierft_spectrum"  # saved as base_model.model.<module>.fourierft_spectrum
     layer_types = (FourierFtLinear,)
+    target_kind = "linear layers (nn.Linear, GPT-2's Conv1D)"
+    target_hint = "target the model's linear layers"
+    accepts_target = staticmethod(is_linear)
 
     cfg: FourierFtConfig
-
-    def resolve_targets(self, model: nn.Module) -> list[str]:
-        targets = match_targets(model, self.cfg.target_modules)
-        for name in targets:
-            module = model.get_submodule(name)
-            if not is_linear(module):
-                raise RecipeError(
-                    "method.target_modules",
-                    f"{name} is a {type(module).__name__}, not a linear layer",
-                    "FourierFT adapts linear layers (nn.Linear, GPT-2's Conv1D)",
-                )
-        return targets
 
     def create_layer(self, name: str, base: nn.Module) -> FourierFtLinear:
         cfg = self.cfg

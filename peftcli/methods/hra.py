@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftcli.inject import match_targets
 from peftcli.methods.kit import AdapterLayer, LayerMethod, write_weight
 from peftcli.methods.registry import register
 from peftcli.recipe import MethodConfig, RecipeError, doc
@@ -139,6 +138,9 @@ class Hra(LayerMethod):
     trainable_formula = "in × r per adapted layer (the vectors u), plus modules_to_save"
     parameter_prefix = "hra_u"  # saved as base_model.model.<module>.hra_u, peft's key
     layer_types = (HraLinear,)
+    target_kind = "nn.Linear layers"
+    target_hint = "use LoRA or OFT for GPT-2's Conv1D (peft's HRA adapts nn.Linear only too)"
+    accepts_target = staticmethod(lambda module: type(module) is nn.Linear)
 
     cfg: HraConfig
 
@@ -151,18 +153,6 @@ class Hra(LayerMethod):
                 f"with an even r ({cfg.r}) the paired init gives Gram-Schmidt a zero column: NaN from step 0 (peft too)",
                 "use an odd r with apply_GS: true",
             )
-
-    def resolve_targets(self, model: nn.Module) -> list[str]:
-        targets = match_targets(model, self.cfg.target_modules)
-        for name in targets:
-            module = model.get_submodule(name)
-            if type(module) is not nn.Linear:
-                raise RecipeError(
-                    "method.target_modules",
-                    f"{name} is a {type(module).__name__}, not an nn.Linear",
-                    "HRA adapts nn.Linear layers only, as peft's (GPT-2's Conv1D: use LoRA or OFT)",
-                )
-        return targets
 
     def create_layer(self, name: str, base: nn.Module) -> HraLinear:
         return HraLinear(base, self.cfg.r, self.cfg.apply_GS)

@@ -135,6 +135,14 @@ class LayerMethod(Method):
 
     layer_types: ClassVar[tuple[type[nn.Module], ...]] = ()
     mergeable: ClassVar[bool] = True
+    # What create_layer can wrap, checked on every matched target before anything is replaced: a
+    # predicate, what it accepts in words ("nn.Linear layers"), and what to do instead. Empty: anything.
+    target_kind: ClassVar[str] = ""
+    target_hint: ClassVar[str] = "target other modules"
+
+    @staticmethod
+    def accepts_target(module: nn.Module) -> bool:
+        return True
 
     def __init__(self, cfg, task: str = "causal_lm"):
         super().__init__(cfg, task)
@@ -166,8 +174,18 @@ class LayerMethod(Method):
         return getattr(model, SHARED_ATTR, None)
 
     def resolve_targets(self, model: nn.Module) -> list[str]:
-        """Full names of the layers to wrap: ``cfg.target_modules`` matched by peft's rules."""
-        return match_targets(model, self.cfg.target_modules)
+        """Full names of the layers to wrap: ``cfg.target_modules`` matched by peft's rules, each one a
+        layer :meth:`accepts_target` (else one line naming it and :attr:`target_kind`)."""
+        targets = match_targets(model, self.cfg.target_modules)
+        for name in targets:
+            module = model.get_submodule(name)
+            if not self.accepts_target(module):
+                raise RecipeError(
+                    "method.target_modules",
+                    f"{name} is a {type(module).__name__}; {self.name} adapts {self.target_kind} only",
+                    self.target_hint,
+                )
+        return targets
 
     def create_layer(self, name: str, base: nn.Module) -> nn.Module:
         """The layer that replaces ``base`` (the module named ``name``)."""

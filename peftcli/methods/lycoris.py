@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftcli.inject import match_targets
 from peftcli.methods.kit import (
     AdapterLayer,
     LayerMethod,
@@ -32,7 +31,7 @@ from peftcli.methods.kit import (
     validate_patterns,
     write_weight,
 )
-from peftcli.recipe import MethodConfig, RecipeError, doc
+from peftcli.recipe import MethodConfig, doc
 
 
 @dataclass
@@ -140,22 +139,18 @@ class LycorisMethod(LayerMethod):
     supports_quantized_base = False
     supports_packing = True  # a per-token linear update: packed examples never meet
     supports_fsdp = True  # plain parameters in each layer, which FSDP2 shards like the base
+    target_kind = "nn.Linear layers"
+    target_hint = (
+        "target the model's nn.Linear layers, or use lora (peft has no LyCORIS layer for others either)"
+    )
+    accepts_target = staticmethod(lambda module: isinstance(module, nn.Linear))
 
     @classmethod
     def validate_config(cls, cfg: LycorisConfig, recipe) -> None:
         validate_patterns(cfg)
 
     def resolve_targets(self, model: nn.Module) -> list[str]:
-        targets = match_targets(model, self.cfg.target_modules)
-        for name in targets:
-            module = model.get_submodule(name)
-            if not isinstance(module, nn.Linear):
-                raise RecipeError(
-                    "method.target_modules",
-                    f"{name} is a {type(module).__name__}; {self.name} adapts nn.Linear layers only "
-                    "(peft has no LyCORIS layer for it either)",
-                    "target the model's nn.Linear layers, or use lora",
-                )
+        targets = super().resolve_targets(model)
         check_patterns_match(self.cfg, targets)
         return targets
 

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftcli.inject import match_targets
 from peftcli.methods.kit import AdapterLayer, LayerMethod, write_weight
 from peftcli.methods.registry import register
 from peftcli.recipe import MethodConfig, RecipeError, doc
@@ -198,6 +197,9 @@ class OFT(LayerMethod):
     )
     parameter_prefix = "oft_"  # saved as base_model.model.<module>.oft_R.weight, peft's key
     layer_types = (OFTLinear,)
+    target_kind = "nn.Linear layers"
+    target_hint = "target the model's nn.Linear layers, or use lora (peft has no OFT layer for others either)"
+    accepts_target = staticmethod(lambda module: isinstance(module, nn.Linear))
 
     cfg: OFTConfig
 
@@ -209,19 +211,6 @@ class OFT(LayerMethod):
                 f"set exactly one of r ({cfg.r}) and oft_block_size ({cfg.oft_block_size}): r × block size = in",
                 "e.g. oft_block_size: 32 with r: 0, or r: 8 with oft_block_size: 0",
             )
-
-    def resolve_targets(self, model: nn.Module) -> list[str]:
-        targets = match_targets(model, self.cfg.target_modules)
-        for name in targets:
-            module = model.get_submodule(name)
-            if not isinstance(module, nn.Linear):
-                raise RecipeError(
-                    "method.target_modules",
-                    f"{name} is a {type(module).__name__}; oft adapts nn.Linear layers only "
-                    "(peft has no OFT layer for it either)",
-                    "target the model's nn.Linear layers, or use lora",
-                )
-        return targets
 
     def create_layer(self, name: str, base: nn.Module) -> OFTLinear:
         return OFTLinear(base, self.cfg)
