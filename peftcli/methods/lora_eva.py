@@ -153,6 +153,21 @@ def distribute(pcas, layer_to_pca, followers, budget: int, limits) -> dict[str, 
     return counts
 
 
+def component_limits(
+    layers: dict[str, nn.Module], ranks: dict[str, int], rho: float, followers: dict[str, str]
+) -> dict[str, int]:
+    """How many components each layer may keep: ρ·r, shared within a group of layers that read the same
+    inputs (one PCA per group, as many components as its largest member needs)."""
+    limits = {name: round(ranks[name] * rho) for name in layers}
+    groups: dict[str, list[str]] = {}
+    for follower, leader in followers.items():
+        groups.setdefault(leader, [leader]).append(follower)
+    for members in groups.values():
+        shared = max(limits[member] for member in members)
+        limits.update(dict.fromkeys(members, shared))
+    return limits
+
+
 def eva_components(
     model: nn.Module,
     layers: dict[str, nn.Module],
@@ -168,14 +183,8 @@ def eva_components(
     def run(batch: dict[str, torch.Tensor]) -> None:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
-    limits = {name: round(ranks[name] * rho) for name in layers}
     followers = same_inputs(layers, run, batches[0])
-    groups: dict[str, list[str]] = {}
-    for follower, leader in followers.items():
-        groups.setdefault(leader, [leader]).append(follower)
-    for members in groups.values():  # one PCA per group: as many components as its largest member needs
-        shared = max(limits[member] for member in members)
-        limits.update(dict.fromkeys(members, shared))
+    limits = component_limits(layers, ranks, rho, followers)
     pcas = {name: LayerPCA(limits[name], tau) for name in layers if name not in followers}
     layer_to_pca = {**{name: name for name in pcas}, **followers}
     current: dict[str, dict] = {}
