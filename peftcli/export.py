@@ -84,6 +84,8 @@ def save_adapter(
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        for name, tensors in method.adapter_files(model).items():
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)

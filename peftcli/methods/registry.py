@@ -184,6 +184,11 @@ class Method:
     def on_save(self, model: nn.Module) -> None:
         """Called before an adapter is written (e.g. AdaLoRA fixes its final rank pattern)."""
 
+    def adapter_files(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+        """Extra safetensors files written into the adapter directory beside the adapter, {file name:
+        tensors} (LoRA's ``init: loftq``: the quantized base it pairs with); none by default."""
+        return {}
+
     def method_state(self) -> dict[str, Any]:
         """Non-parameter state that exact resume needs (tensors, numbers, strings; no objects)."""
         return {}
