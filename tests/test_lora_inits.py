@@ -408,6 +408,92 @@ def test_loftq_run_writes_its_base_and_says_so(tmp_path):
     assert f"adapter/{LOFTQ_BASE_FILE}" in (result.run_dir / "summary.md").read_text()
 
 
+def record_data_init(monkeypatch) -> list[dict]:
+    """Each call of ``LoRA.init_from_data`` in this process: the examples it read (input ids, in order) and
+    what it left (every layer's rank, A, B, base weight and, for a residual init, A0 and B0)."""
+    calls = []
+    original = LoRA.init_from_data
+
+    def recorded(self, model, batches):
+        ids = []
+
+        def reading():
+            for b in batches:
+                ids.append(b["input_ids"].clone())
+                yield b
+
+        original(self, model, reading())
+        layers = {}
+        for name, layer in self.lora_layers(model):
+            tensors = [layer.lora_A.weight, layer.lora_B.weight, layer.base_layer.weight]
+            tensors += [getattr(layer, k) for k in ("pissa_A0", "pissa_B0") if hasattr(layer, k)]
+            layers[name] = (layer.r, [t.detach().clone() for t in tensors])
+        calls.append({"ids": ids, "layers": layers})
+
+    monkeypatch.setattr(LoRA, "init_from_data", recorded)
+    return calls
+
+
+def train_losses(run) -> list[tuple[int, float]]:
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(e["step"], e["loss"]) for e in events if e["event"] == "train"]
+
+
+@pytest.mark.slow  # three runs of a data-driven init (~20–60 s each for eva)
+@pytest.mark.parametrize("init", ["corda", "lora_ga", "eva"])
+def test_data_driven_init_resumes_exactly_after_sigkill(init, tmp_path, monkeypatch):
+    """A run SIGKILLed right after its step-2 checkpoint and resumed ends as the uninterrupted run: the same
+    train losses at every step (≤ 1e-6) and the same adapter, tensors and config (rank_pattern included).
+    The resumed run repeats the data pass before restoring the checkpoint; it reads the same examples in the
+    same order and leaves the same init (ranks, A, B, the residual base, A0 and B0: bit for bit) as the
+    uninterrupted run's pass, so the frozen tensors the checkpoint does not hold are the ones trained on."""
+    import signal
+    import subprocess
+    import sys
+
+    from kit import HELPERS
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from peftcli.cli import app
+
+    method = {"name": "lora", "init": init, "r": 4, "init_examples": 8, "dropout": 0.1}
+    train = {"max_steps": 4, "batch_size": 4, "save_every": 2, "log_every": 1, "lr": 5e-3, "seed": 3}
+    recipe = write_recipe(tmp_path, output_dir=False, method=method, train=train)
+    calls = record_data_init(monkeypatch)
+
+    def cli(run, *extra):
+        result = CliRunner().invoke(app, ["train", str(recipe), "--output-dir", str(run), "-q", *extra])
+        assert result.exit_code == 0, result.output
+
+    cli(tmp_path / "straight")
+    killed = tmp_path / "killed"
+    command = [sys.executable, str(HELPERS / "kill_after_checkpoint.py"), "2", "--", "train", str(recipe)]
+    proc = subprocess.run(
+        [*command, "--output-dir", str(killed), "-q"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not (killed / "adapter").exists()
+    cli(killed, "--resume")
+    straight_pass, resumed_pass = calls
+    assert len(straight_pass["ids"]) == 2  # 8 examples in batches of 4
+    assert all(torch.equal(a, b) for a, b in zip(straight_pass["ids"], resumed_pass["ids"], strict=True))
+    assert straight_pass["layers"].keys() == resumed_pass["layers"].keys()
+    for name, (rank, tensors) in straight_pass["layers"].items():
+        again_rank, again = resumed_pass["layers"][name]
+        assert rank == again_rank and all(torch.equal(a, b) for a, b in zip(tensors, again, strict=True))
+    full, resumed = train_losses(tmp_path / "straight"), train_losses(killed)
+    assert [s for s, _ in full] == [s for s, _ in resumed] == [1, 2, 3, 4]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(full, resumed, strict=True)) <= 1e-6
+    a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    config = "adapter/adapter_config.json"
+    assert json.loads((tmp_path / "straight" / config).read_text()) == json.loads(
+        (killed / config).read_text()
+    )
+
+
 def peft_lora_ga(built, examples: dict[str, torch.Tensor]):
     """peft's LoRA-GA on a fresh base: ``preprocess_loraga`` averages the gradient of the same batch's loss,
     then ``get_peft_model`` starts the adapter from its SVD (peft's defaults: ArB2r, stable scale, γ 16)."""
