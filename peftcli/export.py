@@ -210,7 +210,7 @@ def load_adapter(
     source = f"adapter {path}"
     check_tensors(state, method.adapter_state_dict(model), source, exact_dtype=False, shapes=False)
     method.load_adapter_state_dict(model, state)
-    check_tensors(state, method.adapter_state_dict(model), source, exact_dtype=False)
+    check_tensors(method.as_saved(model, state), method.adapter_state_dict(model), source, exact_dtype=False)
     model.to(device)
     model.eval()
     return LoadedAdapter(model, tokenizer, method, info["task"], info["label_names"], base_path)

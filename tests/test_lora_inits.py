@@ -126,6 +126,40 @@ def test_init_equals_peft_for_the_same_seed(init, tmp_path):
         assert (layer.base_layer.weight - other.base_layer.weight).abs().max().item() <= tolerance
 
 
+# peft's adapters saved as peft saves them (init_lora_weights: the init's name, not converted): a loader
+# redoes an init that rewrites W0 (PiSSA, OLoRA, LoftQ) from the original base, as peft's does
+PEFT_SAVED = {
+    "gaussian": INITS["gaussian"],
+    "orthogonal": INITS["orthogonal"],
+    "pissa": (["method.init=pissa", "method.r=4"], "pissa"),
+    "olora": (["method.init=olora", "method.r=4"], "olora"),
+    "eva": (["method.init=eva", "method.r=4"], "eva"),  # no data pass: peft's EVA layers before it
+}
+
+
+@pytest.mark.parametrize("init", list(PEFT_SAVED))
+def test_peft_saved_adapter_with_the_init_loads_and_merges_here(init, tmp_path):
+    """peft's adapter with ``init_lora_weights`` = the init, tensors moved as if trained: peftcli loads it
+    with peft's logits (≤ 1e-5) and merges it to them (≤ 1e-4)."""
+    from peftcli.export import load_adapter
+
+    overrides, peft_init = PEFT_SAVED[init]
+    built = build("lora", tmp_path, overrides)
+    peft_model = peft_twin(built, peft_init)
+    perturb(peft_model)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    assert (
+        json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["init_lora_weights"] == peft_init
+    )
+    batch_ = batch_of(built.model.config.vocab_size)
+    theirs = peft_logits(peft_model.eval(), batch_)
+    loaded = load_adapter(tmp_path / "peft", base=built.base_path)
+    assert loaded.method.cfg.init == init
+    assert (logits(loaded.model, batch_) - theirs).abs().max().item() <= 1e-5
+    merged = loaded.method.merge(loaded.model)
+    assert (logits(merged, batch_) - theirs).abs().max().item() <= 1e-4
+
+
 def test_orthogonal_starts_at_the_base_with_both_factors_nonzero(tmp_path):
     recipe, base_path, _, model, method = build("lora", tmp_path, INITS["orthogonal"][0])
     for _, layer in method.lora_layers(model):
@@ -352,6 +386,24 @@ def test_corda_equals_peft_for_the_same_examples(mode, tmp_path):
                 (layer.base_layer.weight, other.base_layer.weight),
             ):
                 assert (ours_t - theirs_t).abs().max().item() <= tolerance
+
+
+@pytest.mark.parametrize("init", ["corda", "lora_ga"])
+def test_unconverted_peft_data_driven_adapter_is_refused(init, tmp_path):
+    """peft saves CorDA and LoRA-GA adapters unconverted unless asked (init_lora_weights: corda / lora_ga,
+    rank r): they trained on a residual base the file does not hold. peft refuses CorDA's (no eigens) and
+    loads LoRA-GA's on the untouched base, which is not the trained model; peftcli refuses both in one
+    line, pointing at the conversion."""
+    from peftcli.export import load_adapter
+
+    built = build("lora", tmp_path, [f"method.init={init}", "method.r=4"])
+    examples = corda_examples(built.model.config.vocab_size)
+    peft_model = peft_corda(built, "ipm", examples) if init == "corda" else peft_lora_ga(built, examples)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["init_lora_weights"] == init
+    with pytest.raises(RecipeError, match="saved unconverted") as err:
+        load_adapter(tmp_path / "peft", base=built.base_path)
+    assert "\n" not in str(err.value)
 
 
 def test_corda_export_on_the_original_base_gives_the_trained_logits(tmp_path):

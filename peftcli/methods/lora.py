@@ -362,8 +362,20 @@ class Corda(ResidualInit):
 
     def import_state(self, layer: LoRALinear, a_key: str, b_key: str, state: dict) -> None:
         """Loaded without the data pass: the file's second half is [A0 ; −B0], so the residual base is
-        rebuilt from it (W0 = the current base + s·B0 A0 held now, zero before any data)."""
-        if a_key not in state or state[a_key].shape[0] != 2 * layer.r:
+        rebuilt from it (W0 = the current base + s·B0 A0 held now, zero before any data). A rank-r file
+        with no data pass behind it (peft's own save, not converted) trained on a residual base that
+        nothing here can rebuild: refused, as peft refuses CorDA's."""
+        if a_key not in state:
+            return
+        if state[a_key].shape[0] == layer.r and not layer.pissa_A0.any():
+            raise RecipeError(
+                "adapter",
+                f"a {self.title} adapter saved unconverted (rank {layer.r}, init {self.enabled_by[1]}) needs "
+                "the residual base of its data pass, which the file does not hold",
+                "save it from peft with path_initial_model_for_weight_conversion (a plain LoRA on the "
+                "original base), as peftcli saves its own",
+            )
+        if state[a_key].shape[0] != 2 * layer.r:
             return
         r = layer.r
         a0, b0 = state[a_key][r:].float(), -state[b_key][:, r:].float()
@@ -1350,6 +1362,17 @@ class LoRA(LayerMethod):
                 variant.export_state(
                     layer, f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight", state
                 )
+        return state
+
+    def as_saved(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A rank-r file for a layer whose init rewrote W0 (peft's unconverted PiSSA / OLoRA save, whose
+        residual the init rebuilt from the base, as peft's loader does) in our export's rank-2r form."""
+        state = dict(state)
+        for name, layer in self.lora_layers(model):
+            a_key, b_key = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
+            if a_key in state and state[a_key].shape[0] == layer.r:
+                for variant in layer.variants:
+                    variant.export_state(layer, a_key, b_key, state)
         return state
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
