@@ -39,6 +39,9 @@ Options (each a recipe key of ``method``):
   see :class:`Corda` and :class:`LoraGa`. Exported as PiSSA's.
 - ``init: eva`` — EVA (arXiv 2410.07170): A on the principal directions of each layer's inputs on
   training data, ranks moved between layers (:class:`Eva`, :mod:`peftcli.methods.lora_eva`).
+- ``init: loftq`` — LoftQ (arXiv 2310.08659), for quantized bases: the base becomes its 4-bit NF4
+  quantization Q, chosen with the adapter so that ``Q + s·B A ≈ W0`` (``loftq_iter`` alternations;
+  :class:`Loftq`, :mod:`peftcli.methods.lora_loftq`); Q is written beside the adapter.
 - ``init: olora`` — OLoRA (Büyükakyüz, 2024, arXiv 2406.01775): with ``W0 = Q R``, ``B = Q_r`` and
   ``A = R_r``; the base keeps the residual and the export is converted as PiSSA's (see :class:`Olora`).
 
