@@ -183,13 +183,19 @@ def test_pissa_niter_holds_the_top_singular_part(tmp_path):
         assert ((top - found) / top).max().item() <= 0.1
 
 
-def test_pissa_niter_export_loads_in_peft_on_the_original_base(tmp_path):
-    recipe, base_path, tokenizer, model, method = build("lora", tmp_path, INITS["pissa_niter"][0])
+@pytest.mark.parametrize("init", ["gaussian", "orthogonal", "pissa_niter"])
+def test_trained_adapter_loads_in_peft_and_here_on_the_original_base(init, tmp_path):
+    """Built from the recipe with the init, trained two steps of the loop's Stepper and saved: peft and
+    peftcli load it on the original base with the trained logits (≤ 1e-5)."""
+    from peftcli.export import load_adapter
+
+    recipe, base_path, tokenizer, model, method = build("lora", tmp_path, INITS[init][0])
     batch = batch_of(model.config.vocab_size)
     train_steps(model, method, batch, steps=2)
     adapter = save(tmp_path, model, method, tokenizer, base_path, recipe)
-    theirs = logits(load_in_peft(adapter, base_path), batch)
-    assert (logits(model, batch) - theirs).abs().max().item() <= 1e-5
+    ours = logits(model, batch)
+    assert (logits(load_in_peft(adapter, base_path), batch) - ours).abs().max().item() <= 1e-5
+    assert (logits(load_adapter(adapter).model, batch) - ours).abs().max().item() <= 1e-5
 
 
 def test_peft_pissa_niter_config_reads_back():
