@@ -29,7 +29,15 @@ References and tolerances (fp32, CPU, the recipe's seed, which is also what peft
   mapping its "cuda" to the CPU, bitsandbytes quantizing there too); at s = 4 its defining property: Q is
   NF4-exact (re-quantizing changes nothing), Q + s·B·A is nearer W than q(W), and nearer with each
   iteration; our adapter loads in peftcli and peft (each rebuilding Q from the original base) and on the
-  written base with the trained logits (≤ 1e-5), merged ≤ 1e-4; peft's loftq adapter loads here (≤ 1e-5).
+  written base with the trained logits (≤ 1e-5), merged ≤ 1e-4; peft's loftq adapter loads here (≤ 1e-5);
+- adapters peft saves with an init (gaussian, orthogonal, pissa, olora, eva; unconverted) load here with
+  peft's logits (≤ 1e-5) and merge (≤ 1e-4); peft's unconverted corda / lora_ga saves are refused in one
+  line, and its converted ones load with its trained model's logits (≤ 1e-5);
+- adapters trained from a recipe with gaussian, orthogonal or pissa_niter load in peft and peftcli with
+  the trained logits (≤ 1e-5);
+- a run with a data-driven init SIGKILLed after a checkpoint resumes to the uninterrupted run's losses
+  (≤ 1e-6) and adapter (≤ 1e-6, config equal), its repeated data pass reading the same examples and
+  leaving the same init bit for bit.
 """
 
 from __future__ import annotations
@@ -410,6 +418,27 @@ def test_unconverted_peft_data_driven_adapter_is_refused(init, tmp_path):
     with pytest.raises(RecipeError, match="saved unconverted") as err:
         load_adapter(tmp_path / "peft", base=built.base_path)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("init", ["corda", "lora_ga"])
+def test_converted_peft_data_driven_adapter_loads_with_the_trained_logits(init, tmp_path):
+    """The same adapters saved with peft's ``path_initial_model_for_weight_conversion`` (a plain rank-2r
+    LoRA on the original base): peftcli loads them with the logits of peft's trained model in memory, on
+    its residual base (≤ 1e-5)."""
+    from peftcli.export import load_adapter
+
+    built = build("lora", tmp_path, [f"method.init={init}", "method.r=4"])
+    examples = corda_examples(built.model.config.vocab_size)
+    peft_model = peft_corda(built, "ipm", examples) if init == "corda" else peft_lora_ga(built, examples)
+    peft_model.save_pretrained(str(tmp_path / "initial"))
+    perturb(peft_model)  # as if trained
+    peft_model.save_pretrained(
+        str(tmp_path / "converted"), path_initial_model_for_weight_conversion=str(tmp_path / "initial")
+    )
+    batch_ = batch_of(built.model.config.vocab_size)
+    theirs = peft_logits(peft_model.eval(), batch_)
+    loaded = load_adapter(tmp_path / "converted", base=built.base_path)
+    assert (logits(loaded.model, batch_) - theirs).abs().max().item() <= 1e-5
 
 
 def test_corda_export_on_the_original_base_gives_the_trained_logits(tmp_path):
