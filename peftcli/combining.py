@@ -161,6 +161,12 @@ def _check_plain_lora(path: Path, config: dict[str, Any]) -> None:
                 f"{path} is a {what} adapter; combine adds plain LoRA updates B·A",
                 "combine plain LoRA adapters (merge a DoRA adapter with peftcli merge instead)",
             )
+    if config.get("init_lora_weights") == "loftq":  # Q depends on each adapter's r and loftq_iter
+        raise RecipeError(
+            "adapter",
+            f"{path} is a LoftQ adapter: it pairs with its own quantized base, not the original one",
+            "merge it with peftcli merge instead; combine adapters trained on one base",
+        )
 
 
 def _module_of(path: Path, key: str) -> str:

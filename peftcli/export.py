@@ -84,6 +84,8 @@ def save_adapter(
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        for name, tensors in method.adapter_files(model).items():
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
@@ -208,7 +210,7 @@ def load_adapter(
     source = f"adapter {path}"
     check_tensors(state, method.adapter_state_dict(model), source, exact_dtype=False, shapes=False)
     method.load_adapter_state_dict(model, state)
-    check_tensors(state, method.adapter_state_dict(model), source, exact_dtype=False)
+    check_tensors(method.as_saved(model, state), method.adapter_state_dict(model), source, exact_dtype=False)
     model.to(device)
     model.eval()
     return LoadedAdapter(model, tokenizer, method, info["task"], info["label_names"], base_path)

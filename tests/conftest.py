@@ -25,6 +25,12 @@ def tiny_cache(tmp_path_factory):
 # the list cannot go stale.
 FAST_ROWS = {
     "test_batching.py::test_packed_window_equals_unpacked": {"lora", "adalora"},
+    "test_lora_inits.py::test_init_equals_peft_for_the_same_seed": {
+        "gaussian",
+        "orthogonal",
+        "pissa_niter",
+        "loftq",
+    },
     "test_lora_options.py::test_option_round_trips_with_peft": {
         "lora_bias",
         "layers_to_transform",

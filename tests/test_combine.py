@@ -297,6 +297,7 @@ def refusal(adapters, other_adapters, tmp_path, case: str):
         "targets": ([r4, other_adapters["qv"]], "cat", {}),
         "ranks": ([r4, r8], "linear", {}),
         "dora": ([r4, other_adapters["dora"]], "cat", {}),
+        "loftq": ([r4, edited_copy(r4b, tmp_path / "loftq", init_lora_weights="loftq")], "cat", {}),
         "density": ([r4, r4b], "ties", {}),
         "density_unused": ([r4, r4b], "cat", {"density": 0.5}),
     }
@@ -312,6 +313,7 @@ def refusal(adapters, other_adapters, tmp_path, case: str):
         ("targets", "adapt different modules"),
         ("ranks", "needs equal ranks"),
         ("dora", "DoRA adapter"),
+        ("loftq", "LoftQ adapter"),
         ("density", "--density"),
         ("density_unused", "does not prune"),
     ],

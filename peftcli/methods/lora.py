@@ -39,6 +39,9 @@ Options (each a recipe key of ``method``):
   see :class:`Corda` and :class:`LoraGa`. Exported as PiSSA's.
 - ``init: eva`` — EVA (arXiv 2410.07170): A on the principal directions of each layer's inputs on
   training data, ranks moved between layers (:class:`Eva`, :mod:`peftcli.methods.lora_eva`).
+- ``init: loftq`` — LoftQ (arXiv 2310.08659), for quantized bases: the base becomes its 4-bit NF4
+  quantization Q, chosen with the adapter so that ``Q + s·B A ≈ W0`` (``loftq_iter`` alternations;
+  :class:`Loftq`, :mod:`peftcli.methods.lora_loftq`); Q is written beside the adapter.
 - ``init: olora`` — OLoRA (Büyükakyüz, 2024, arXiv 2406.01775): with ``W0 = Q R``, ``B = Q_r`` and
   ``A = R_r``; the base keeps the residual and the export is converted as PiSSA's (see :class:`Olora`).
 
@@ -111,6 +114,9 @@ class LoraVariant:
     replaces_init: ClassVar[bool] = False  # True: :meth:`init` sets A and B itself (no random draw first)
     for_parameters: ClassVar[bool] = True  # can run on target_parameters (no layer input, no layer output)
     for_quantized_base: ClassVar[bool] = True  # can start from a quantized base weight
+    # why not, and what to do instead (the refusal's words when for_quantized_base is False)
+    quantized_why: ClassVar[str] = "decomposes full-precision weights"
+    quantized_hint: ClassVar[str] = ""
     needs_data: ClassVar[bool] = False  # True: reads training examples (LoRA.init_from_data calls observe)
     # what observe receives: "inputs" (each example's inputs to the layer, a forward pass) or "gradient" (the
     # loss's gradient with respect to W0, averaged over the batches, (out, in): a forward and backward pass)
@@ -359,8 +365,20 @@ class Corda(ResidualInit):
 
     def import_state(self, layer: LoRALinear, a_key: str, b_key: str, state: dict) -> None:
         """Loaded without the data pass: the file's second half is [A0 ; −B0], so the residual base is
-        rebuilt from it (W0 = the current base + s·B0 A0 held now, zero before any data)."""
-        if a_key not in state or state[a_key].shape[0] != 2 * layer.r:
+        rebuilt from it (W0 = the current base + s·B0 A0 held now, zero before any data). A rank-r file
+        with no data pass behind it (peft's own save, not converted) trained on a residual base that
+        nothing here can rebuild: refused, as peft refuses CorDA's."""
+        if a_key not in state:
+            return
+        if state[a_key].shape[0] == layer.r and not layer.pissa_A0.any():
+            raise RecipeError(
+                "adapter",
+                f"a {self.title} adapter saved unconverted (rank {layer.r}, init {self.enabled_by[1]}) needs "
+                "the residual base of its data pass, which the file does not hold",
+                "save it from peft with path_initial_model_for_weight_conversion (a plain LoRA on the "
+                "original base), as peftcli saves its own",
+            )
+        if state[a_key].shape[0] != 2 * layer.r:
             return
         r = layer.r
         a0, b0 = state[a_key][r:].float(), -state[b_key][:, r:].float()
@@ -451,6 +469,62 @@ class Eva(LoraVariant):
     for_parameters = False
 
 
+class Loftq(LoraVariant):
+    """LoftQ (Li et al., 2023, arXiv 2310.08659): the base becomes ``Q``, its NF4 quantization chosen together
+    with the adapter so that ``Q + s·B·A ≈ W0`` at step 0 (:func:`peftcli.methods.lora_loftq.loftq_decompose`:
+    ``loftq_iter`` alternations of quantizing ``W0 − L R`` and taking the rank-r SVD of ``W0 − Q``), then
+    ``s·B·A = L R``. The run trains on ``Q`` held in full precision, as peft's ``init_lora_weights="loftq"``
+    does (peft: "do not pass a quantized model"), and writes ``Q`` beside the adapter
+    (``loftq_base.safetensors``): loaded in 4 bits (NF4, no double quantization) it gives the same codes.
+    Exported as peft writes it (``init_lora_weights: loftq`` and its ``loftq_config``), so a loader rebuilds
+    ``Q`` from the original base, deterministically, as peft's does."""
+
+    enabled_by = ("init", "loftq")
+    title = "LoftQ"
+    help = "loftq (the base becomes its 4-bit NF4 quantization, B·A the quantization error's top-r part)"
+    replaces_init = True
+    for_parameters = False
+    for_quantized_base = False
+    quantized_why = "computes the 4-bit base itself from full-precision weights (as peft's LoftQ)"
+    quantized_hint = (
+        "drop model.quantization: the run trains on the NF4 values and writes them to "
+        "adapter/loftq_base.safetensors"
+    )
+
+    def __init__(self, options: Any = None):
+        self.iterations = getattr(options, "loftq_iter", 1)
+
+    @classmethod
+    def validate(cls, cfg: LoraConfig) -> None:
+        if cfg.loftq_bits != 4:
+            raise RecipeError(
+                "method.loftq_bits",
+                f"LoftQ quantizes to 4-bit NF4 here; {cfg.loftq_bits} bits (peft's int8 LoftQ) is not supported",
+                "set loftq_bits: 4",
+            )
+
+    def init(self, layer: LoRALinear) -> None:
+        from peftcli.methods.lora_loftq import loftq_decompose
+
+        if not layer.base_layer.weight.is_floating_point():
+            raise RecipeError(
+                "method.init", "LoftQ needs the base weights in floating point", "drop model.quantization"
+            )
+        quantized, left, right = loftq_decompose(layer.dense_weight(), layer.r, self.iterations)
+        root = math.sqrt(layer.scaling)  # s·B·A = L R
+        base = layer.base_layer
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(right / root)
+            layer.lora_B.weight.copy_(left / root)
+            base.weight.copy_((quantized.T if layer.fan_in_fan_out else quantized).to(base.weight.dtype))
+
+    @classmethod
+    def export_config(cls, cfg: LoraConfig, config: dict[str, Any]) -> None:
+        """peft's own keys: a loader rebuilds Q from the original base with them (peft and peftcli alike)."""
+        config["init_lora_weights"] = "loftq"
+        config["loftq_config"] = {"loftq_bits": cfg.loftq_bits, "loftq_iter": cfg.loftq_iter}
+
+
 class Orthogonal(LoraVariant):
     """Orthogonal init (peft's ``init_lora_weights="orthogonal"``, from D. Datta's "Rethinking LoRA
     initialisation"): with ``Q`` the orthogonal factor of an r×r Gaussian, its odd rows ``Q_o`` and even
@@ -488,9 +562,12 @@ class Orthogonal(LoraVariant):
 
 # Every variant, in the order a layer runs them: an init that rewrites A, B and W0 first, then DoRA,
 # which measures ‖W0 + s·B A‖ on what the init left.
-VARIANTS: tuple[type[LoraVariant], ...] = (Pissa, Olora, Corda, LoraGa, Eva, Orthogonal, Dora)
+VARIANTS: tuple[type[LoraVariant], ...] = (Pissa, Olora, Corda, LoraGa, Eva, Loftq, Orthogonal, Dora)
 INITS = {v.enabled_by[1]: v for v in VARIANTS if v.enabled_by[0] == "init"}
 
+
+# LoftQ's quantized base, written beside the adapter (LoRA.adapter_files)
+LOFTQ_BASE_FILE = "loftq_base.safetensors"
 
 # The ``init`` option's choices: the two plain draws, then every init variant (a new one adds itself).
 INIT_CHOICES = ("kaiming", "gaussian", *INITS)
@@ -572,6 +649,19 @@ class LoraConfig(MethodConfig):
             "init: pissa with a fast randomized SVD of this many subspace iterations (peft's "
             "pissa_niter_N, e.g. 4); unset: the exact SVD",
             min=0,
+        ),
+    )
+    loftq_bits: int = field(
+        default=4,
+        metadata=doc(
+            "init: loftq: bits of the base's quantization (4: NF4; peft's 8-bit int8 is not supported)"
+        ),
+    )
+    loftq_iter: int = field(
+        default=1,
+        metadata=doc(
+            "init: loftq: alternations of quantizing W − B·A and the SVD of W − Q (the paper uses up to 5)",
+            min=1,
         ),
     )
     rank_pattern: dict[str, int] = field(
@@ -881,7 +971,17 @@ class LoRA(LayerMethod):
     }
     # lora_plus_ratio: a training option; pissa_niter, corda_method, init_examples, eva_*: how the init was made,
     # and the export is a plain LoRA. peft's LoraConfig has no key for them (corda's is in corda_config).
-    adapter_omits = ("lora_plus_ratio", "pissa_niter", "corda_method", "init_examples", "eva_rho", "eva_tau")
+    # loftq_bits / loftq_iter go into peft's loftq_config (Loftq.export_config)
+    adapter_omits = (
+        "lora_plus_ratio",
+        "pissa_niter",
+        "corda_method",
+        "init_examples",
+        "eva_rho",
+        "eva_tau",
+        "loftq_bits",
+        "loftq_iter",
+    )
 
     cfg: LoraConfig
 
@@ -913,6 +1013,12 @@ class LoRA(LayerMethod):
                 f"method.{surgery[0]} shares or wraps base tensors, which is not tested with FSDP",
                 f"use train.distributed: ddp, or drop method.{surgery[0]}",
             )
+        if cfg.init != "loftq" and (cfg.loftq_bits, cfg.loftq_iter) != (4, 1):
+            raise RecipeError(
+                "method.loftq_iter" if cfg.loftq_iter != 1 else "method.loftq_bits",
+                f"sets LoftQ's quantization, but init is {cfg.init}",
+                "set init: loftq or drop it",
+            )
         if cfg.pissa_niter is not None and cfg.init != "pissa":
             raise RecipeError(
                 "method.pissa_niter",
@@ -928,10 +1034,12 @@ class LoRA(LayerMethod):
                     "use init: pissa or kaiming for seq2seq",
                 )
             if not variant.for_quantized_base and recipe.model.quantization is not None:
+                key = variant.enabled_by[0]
                 raise RecipeError(
-                    f"method.{variant.enabled_by[0]}",
-                    f"{variant.title} decomposes full-precision weights; the base is quantized",
-                    f"drop method.{variant.enabled_by[0]} with model.quantization, or drop model.quantization",
+                    f"method.{key}",
+                    f"{variant.title} {variant.quantized_why}; the base is quantized",
+                    variant.quantized_hint
+                    or f"drop method.{key} with model.quantization, or drop model.quantization",
                 )
 
     @staticmethod
@@ -1230,6 +1338,24 @@ class LoRA(LayerMethod):
             n: p for n, p in model.named_parameters() if n.endswith(".token_adapter.trainable_tokens_delta")
         }
 
+    def summary_lines(self) -> list[str]:
+        if self.cfg.init != "loftq":
+            return []
+        return [
+            f"LoftQ: the adapted layers' weights are now their 4-bit NF4 quantization ({self.cfg.loftq_iter} "
+            f"iteration(s)); the base this adapter pairs with is written to adapter/{LOFTQ_BASE_FILE}"
+        ]
+
+    def adapter_files(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+        """LoftQ: the base it pairs with, each adapted layer's quantized weight under the base's own key."""
+        if self.cfg.init != "loftq":
+            return {}
+        from peftcli.methods.lora_loftq import loftq_base_state
+
+        return {
+            LOFTQ_BASE_FILE: loftq_base_state({n: m.base_layer.weight for n, m in self.lora_layers(model)})
+        }
+
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The export, each layer's A and B rewritten by its variants into what peft loads (PiSSA: a plain
         LoRA on the original W0, so ``base_model_name_or_path`` stays the original model)."""
@@ -1239,6 +1365,17 @@ class LoRA(LayerMethod):
                 variant.export_state(
                     layer, f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight", state
                 )
+        return state
+
+    def as_saved(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A rank-r file for a layer whose init rewrote W0 (peft's unconverted PiSSA / OLoRA save, whose
+        residual the init rebuilt from the base, as peft's loader does) in our export's rank-2r form."""
+        state = dict(state)
+        for name, layer in self.lora_layers(model):
+            a_key, b_key = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
+            if a_key in state and state[a_key].shape[0] == layer.r:
+                for variant in layer.variants:
+                    variant.export_state(layer, a_key, b_key, state)
         return state
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -1297,6 +1434,10 @@ class LoRA(LayerMethod):
         cfg = super().config_from_adapter(config)
         if isinstance(init, str) and init.startswith("pissa_niter_"):  # not a peft key: read from the init
             cfg = replace(cfg, pissa_niter=int(init.removeprefix("pissa_niter_")))
+        if cfg.init == "loftq":  # peft's loftq_config; Q is rebuilt from the base as peft's loader does
+            loftq = config.get("loftq_config") or {}
+            cfg = replace(cfg, loftq_bits=loftq.get("loftq_bits", 4), loftq_iter=loftq.get("loftq_iter", 1))
+            Loftq.validate(cfg)  # 8 bits: refused here, in one line
         return cfg
 
 

@@ -184,6 +184,17 @@ class Method:
     def on_save(self, model: nn.Module) -> None:
         """Called before an adapter is written (e.g. AdaLoRA fixes its final rank pattern)."""
 
+    def as_saved(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A loaded file's tensors in the form :meth:`adapter_state_dict` writes them, for the check after
+        loading (LoRA: peft's unconverted PiSSA / OLoRA file, rank r, as our rank-2r export); the
+        default: as they are."""
+        return state
+
+    def adapter_files(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+        """Extra safetensors files written into the adapter directory beside the adapter, {file name:
+        tensors} (LoRA's ``init: loftq``: the quantized base it pairs with); none by default."""
+        return {}
+
     def method_state(self) -> dict[str, Any]:
         """Non-parameter state that exact resume needs (tensors, numbers, strings; no objects)."""
         return {}

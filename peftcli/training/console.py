@@ -165,7 +165,8 @@ class Reporter:
         table.add_row("metrics", "", str(result.run_dir / "metrics.jsonl"))
         return table
 
-    def summary_markdown(self, result: TrainResult) -> str:
+    def summary_markdown(self, result: TrainResult, notes: list[str] | None = None) -> str:
+        """summary.md; ``notes``: the method's own lines (Method.summary_lines), one bullet each."""
         before, after = result.eval_before or {}, result.eval_after or {}
         lines = [f"# Run {result.run_dir}", "", "| metric | before | after |", "|---|---|---|"]
         for key in METRIC_ORDER:
@@ -183,6 +184,7 @@ class Reporter:
             f"- trainable parameters: {result.trainable:,} of {result.total:,}",
             f"- adapter: {result.adapter_dir}",
             "- metrics: metrics.jsonl, results: results.json",
+            *(f"- {note}" for note in notes or []),
             "",
         ]
         return "\n".join(lines)

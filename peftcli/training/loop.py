@@ -302,5 +302,7 @@ def finish(run: Run, state: TrainState, eval_before: dict[str, float] | None) ->
     if run.dist.is_main:
         run.loggers.close()
         atomic_write_text(run.run_dir / "results.json", json.dumps(result.to_json(), indent=2) + "\n")
-        atomic_write_text(run.run_dir / "summary.md", run.reporter.summary_markdown(result))
+        atomic_write_text(
+            run.run_dir / "summary.md", run.reporter.summary_markdown(result, run.method.summary_lines())
+        )
     return result
