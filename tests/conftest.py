@@ -25,6 +25,11 @@ def tiny_cache(tmp_path_factory):
 # the list cannot go stale.
 FAST_ROWS = {
     "test_batching.py::test_packed_window_equals_unpacked": {"lora", "adalora"},
+    "test_boft.py::test_peft_loads_our_adapter_with_each_option": {
+        "block_num-butterfly-3",
+        "bert-butterfly-2",
+    },
+    "test_boft.py::test_we_load_peft_adapters_with_each_option": {"llama-block_num-butterfly-3"},
     "test_lora_options.py::test_option_round_trips_with_peft": {
         "lora_bias",
         "layers_to_transform",

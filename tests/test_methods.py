@@ -58,6 +58,23 @@ METHODS: dict[str, Case] = {
     "adalora": Case({"llama": ("adalora",)}, identity=True, mergeable=True, peft_type="ADALORA"),
     "adapter_fusion": Case({"llama": ("adapter_fusion",)}, identity=False, mergeable=False),
     "bitfit": Case({"gpt2": ("bitfit",)}, identity=True, mergeable=True),
+    "boft": Case(
+        {
+            "llama": ("boft",),
+            "block_num-butterfly-3": (
+                "boft",
+                "method.boft_block_num=8",
+                "method.boft_block_size=0",
+                "method.boft_n_butterfly_factor=3",
+            ),
+            "bert-seq_cls": ("boft", *BERT),
+            "t5-seq2seq": ("boft", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="BOFT",
+        peft_counts=True,
+    ),
     "fourierft": Case(
         {
             "llama": ("fourierft",),

@@ -11,6 +11,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     adalora,
     adapter_fusion,
     bitfit,
+    boft,
     fourierft,
     houlsby_adapter,
     hra,
