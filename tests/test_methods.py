@@ -139,6 +139,19 @@ METHODS: dict[str, Case] = {
         peft_counts=True,
     ),
     "mam_adapter": Case({"llama": ("mam_adapter",)}, identity=False, mergeable=False),
+    "miss": Case(
+        {
+            "llama": ("miss",),
+            "bat": ("miss", "method.init_weights=bat"),
+            "mini": ("miss", "method.init_weights=mini", "method.mini_r=8"),
+            "bert-seq_cls": ("miss", *BERT),
+            "t5-seq2seq": ("miss", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="MISS",
+        peft_counts=True,
+    ),
     "oft": Case(
         {
             "llama": ("oft",),
