@@ -30,6 +30,8 @@ FAST_ROWS = {
         "bert-butterfly-2",
     },
     "test_boft.py::test_we_load_peft_adapters_with_each_option": {"llama-block_num-butterfly-3"},
+    "test_c3a.py::test_peft_loads_our_adapter_with_each_option": {"block_size_pattern", "bert"},
+    "test_c3a.py::test_we_load_peft_adapters_with_each_option": {"llama-pattern"},
     "test_lora_options.py::test_option_round_trips_with_peft": {
         "lora_bias",
         "layers_to_transform",

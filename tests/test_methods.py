@@ -75,6 +75,23 @@ METHODS: dict[str, Case] = {
         peft_type="BOFT",
         peft_counts=True,
     ),
+    "c3a": Case(
+        {
+            "llama": ("c3a",),
+            "zero-init-pattern": (
+                "c3a",
+                "method.init_weights=true",
+                "method.block_size=32",
+                "method.block_size_pattern={down_proj: 64}",
+            ),
+            "bert-seq_cls": ("c3a", *BERT),
+            "t5-seq2seq": ("c3a", *T5),
+        },
+        identity=False,
+        mergeable=True,
+        peft_type="C3A",
+        peft_counts=True,
+    ),
     "fourierft": Case(
         {
             "llama": ("fourierft",),

@@ -12,6 +12,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     adapter_fusion,
     bitfit,
     boft,
+    c3a,
     fourierft,
     houlsby_adapter,
     hra,
