@@ -31,6 +31,13 @@ FAST_ROWS = {
         "pissa_niter",
         "loftq",
     },
+    "test_boft.py::test_peft_loads_our_adapter_with_each_option": {
+        "block_num-butterfly-3",
+        "bert-butterfly-2",
+    },
+    "test_boft.py::test_we_load_peft_adapters_with_each_option": {"llama-block_num-butterfly-3"},
+    "test_c3a.py::test_peft_loads_our_adapter_with_each_option": {"block_size_pattern", "bert"},
+    "test_c3a.py::test_we_load_peft_adapters_with_each_option": {"llama-pattern"},
     "test_lora_options.py::test_option_round_trips_with_peft": {
         "lora_bias",
         "layers_to_transform",
@@ -40,6 +47,8 @@ FAST_ROWS = {
     "test_lora_variants.py::test_saved_adapter_loads_in_peft_with_our_logits": {"dora_gpt2", "pissa_dora"},
     "test_lora_variants.py::test_merged_plain_model_reloads_with_the_adapter_logits": {"pissa_dora"},
     "test_lora_variants.py::test_residual_inits_equal_peft_and_compose_with_dora": {"olora_dora"},
+    "test_miss.py::test_peft_loads_our_adapter_with_each_option": {"bat", "mini"},
+    "test_miss.py::test_we_load_peft_adapters_with_each_option": {"llama-r-24-padded"},
     "test_oft.py::test_peft_loads_our_adapter_with_each_option": {"coft", "block_size-not-dividing"},
     "test_oft.py::test_we_load_peft_adapters_with_each_option": {"llama-coft"},
     "test_quantized_methods.py::test_trains_on_a_4bit_base_loads_in_peft_and_merges": {"vera"},

@@ -58,6 +58,40 @@ METHODS: dict[str, Case] = {
     "adalora": Case({"llama": ("adalora",)}, identity=True, mergeable=True, peft_type="ADALORA"),
     "adapter_fusion": Case({"llama": ("adapter_fusion",)}, identity=False, mergeable=False),
     "bitfit": Case({"gpt2": ("bitfit",)}, identity=True, mergeable=True),
+    "boft": Case(
+        {
+            "llama": ("boft",),
+            "block_num-butterfly-3": (
+                "boft",
+                "method.boft_block_num=8",
+                "method.boft_block_size=0",
+                "method.boft_n_butterfly_factor=3",
+            ),
+            "bert-seq_cls": ("boft", *BERT),
+            "t5-seq2seq": ("boft", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="BOFT",
+        peft_counts=True,
+    ),
+    "c3a": Case(
+        {
+            "llama": ("c3a",),
+            "zero-init-pattern": (
+                "c3a",
+                "method.init_weights=true",
+                "method.block_size=32",
+                "method.block_size_pattern={down_proj: 64}",
+            ),
+            "bert-seq_cls": ("c3a", *BERT),
+            "t5-seq2seq": ("c3a", *T5),
+        },
+        identity=False,
+        mergeable=True,
+        peft_type="C3A",
+        peft_counts=True,
+    ),
     "fourierft": Case(
         {
             "llama": ("fourierft",),
@@ -122,6 +156,19 @@ METHODS: dict[str, Case] = {
         peft_counts=True,
     ),
     "mam_adapter": Case({"llama": ("mam_adapter",)}, identity=False, mergeable=False),
+    "miss": Case(
+        {
+            "llama": ("miss",),
+            "bat": ("miss", "method.init_weights=bat"),
+            "mini": ("miss", "method.init_weights=mini", "method.mini_r=8"),
+            "bert-seq_cls": ("miss", *BERT),
+            "t5-seq2seq": ("miss", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="MISS",
+        peft_counts=True,
+    ),
     "oft": Case(
         {
             "llama": ("oft",),

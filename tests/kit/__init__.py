@@ -32,7 +32,7 @@ from kit.models import (
 )
 from kit.parity import auto_class, max_diff, peft_loads_ours, we_load_peft
 from kit.paths import CPU, DATA, EVAL, HELPERS, RECIPES, ROOT, TINY, TRAIN
-from kit.peft import copy_into_peft, load_in_peft, logits, peft_logits, perturb, save
+from kit.peft import boft_in_torch, copy_into_peft, load_in_peft, logits, peft_logits, perturb, save
 from kit.steps import stepper, train_step, train_steps, window_gradients
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "base_model",
     "batch",
     "batch_of",
+    "boft_in_torch",
     "build",
     "build_inline",
     "copy_into_peft",

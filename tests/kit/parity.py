@@ -19,7 +19,7 @@ import torch
 
 from kit.batches import batch
 from kit.models import TASK_MODELS, Built, base_model, build
-from kit.peft import load_in_peft, logits, peft_logits, perturb, save
+from kit.peft import boft_in_torch, load_in_peft, logits, peft_logits, perturb, save
 from peftcli.export import load_adapter, merge_adapter
 from peftcli.models import resolve_model_name
 
@@ -75,6 +75,7 @@ def we_load_peft(
     """``config_cls(task_type=..., **options)`` on the task's tiny model (or ``model_name``)."""
     import peft
 
+    boft_in_torch()
     torch.manual_seed(0)
     extra = {"num_labels": 2} if task == "seq_cls" else {}
     name = resolve_model_name(model_name or TASK_MODELS[task])

@@ -56,6 +56,8 @@ def load_in_peft(adapter_dir: Path, base_path: str, auto_class=None, **base_opti
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    boft_in_torch()
+
     base = (auto_class or AutoModelForCausalLM).from_pretrained(
         base_path, dtype=torch.float32, **base_options
     )
@@ -73,3 +75,27 @@ def copy_into_peft(peft_model, state: dict[str, torch.Tensor]) -> None:
     assert not unexpected, f"peft did not take {unexpected[:3]}"
     missing = [k for k in getattr(result, "missing_keys", []) if any(t in k for t in ("lora_", "ia3_"))]
     assert not missing, f"peft's adapter tensors left at init: {missing[:3]}"
+
+
+class _TorchBlockDiagonal:
+    """Stands in for peft's ``fbd_cuda`` extension (BOFT's block diagonal, compiled with nvcc where it
+    can be): the same map in plain torch, so peft's butterfly code runs on the CPU as the oracle. Without
+    it peft drops to ``boft_n_butterfly_factor: 1`` (and tries to compile on every layer it builds)."""
+
+    @staticmethod
+    def forward(blocks: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
+
+    @staticmethod
+    def backward(grad: torch.Tensor, blocks: torch.Tensor) -> list[torch.Tensor]:
+        _, d, h, _ = blocks.shape
+        views = [grad[:, i * h : (i + 1) * h, i * h : (i + 1) * h] for i in range(d)]
+        return [torch.stack(views, dim=1)]
+
+
+def boft_in_torch() -> None:
+    """Let peft's BOFT build its butterfly on the CPU (idempotent; no effect on other methods)."""
+    from peft.tuners.boft import layer
+
+    if layer._FBD_CUDA is None:
+        layer._FBD_CUDA = _TorchBlockDiagonal()
