@@ -42,9 +42,10 @@ class _Bar:
     def __init__(self, progress: Progress | None, task_id: Any):
         self.progress, self.task_id = progress, task_id
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, note: str = "") -> None:
+        """``note``: the objective's own (grpo: the reward's mean ± std)."""
         if self.progress is not None:
-            self.progress.update(self.task_id, completed=step, loss=loss, lr=lr, tps=tokens_per_s)
+            self.progress.update(self.task_id, completed=step, loss=loss, lr=lr, tps=tokens_per_s, note=note)
 
 
 class Reporter:
@@ -134,6 +135,7 @@ class Reporter:
             TextColumn("loss {task.fields[loss]:.4f}"),
             TextColumn("lr {task.fields[lr]:.2e}"),
             TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TextColumn("{task.fields[note]}"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
@@ -141,7 +143,7 @@ class Reporter:
         )
         with progress:
             task_id = progress.add_task(
-                "train", total=steps, completed=start, loss=float("nan"), lr=0.0, tps=0.0
+                "train", total=steps, completed=start, loss=float("nan"), lr=0.0, tps=0.0, note=""
             )
             yield _Bar(progress, task_id)
 

@@ -123,6 +123,15 @@ class Objective:
         """The implicit rewards of the chosen and rejected answers (B,) each, as TRL logs them."""
         raise NotImplementedError
 
+    @classmethod
+    def wants_reference(cls, cfg: ObjectiveConfig) -> bool:
+        """Whether this run compares with a reference (grpo: only with a KL term)."""
+        return cls.needs_reference
+
+    def window_counts(self, micro: list[dict[str, torch.Tensor]]) -> dict[str, int]:
+        """The window's normalisers, before summing over ranks (pairs, chosen tokens)."""
+        return pair_counts(micro)
+
     def window_loss(self, s: PairScores, counts: dict[str, int]) -> torch.Tensor:
         """This micro-batch's share of the window's loss: its pairs' losses over the window's pairs."""
         return self.losses(s).sum() / counts["pairs"]
