@@ -13,6 +13,7 @@ Prompts are of one token length: TRL left-pads prompts and its forward passes no
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import kit
 import pytest
 import torch
 
+from peftcli.recipe import RecipeError
 from peftcli.recipe_loader import load_recipe
 from peftcli.training.objectives.grpo import group_advantages, summed_rewards, unbiased_std
 from peftcli.training.objectives.registry import build_objective
@@ -271,3 +273,246 @@ def test_built_in_rewards():
     assert scores[2] == [0.0, 0.0, 1.0, 0.0]
     assert scores[3] == [-0.25, -0.5, -0.5, -0.75]
     assert scores[4] == [0.0, 0.0, 0.0, 1.0]
+
+
+# -- data, recipe errors, --allow-code -----------------------------------------------------------
+
+
+def test_prompt_rows_are_the_prompt_and_their_references(tmp_path):
+    """A prompt row: BOS + the prompt's ids, no trained token, every other column kept as a reference;
+    a chat-message prompt renders through the template with the generation prompt."""
+    from peftcli.data.pipeline import load_data
+
+    rows = [
+        {"prompt": "2+3=", "answer": "5", "id": 7},
+        {"prompt": [{"role": "user", "content": "2+2?"}], "answer": "4", "id": 8},
+    ]
+    data = kit.write_jsonl(tmp_path / "prompts.jsonl", rows)
+    recipe = load_recipe(
+        RECIPE, [f"data.train={data}", "data.eval=null", "model.chat_template=chatml", "data.max_length=128"]
+    )
+    tok = kit.build(recipe).tokenizer
+    got = load_data(recipe.data, tok, "causal_lm").train
+    assert got[0]["input_ids"] == [tok.bos_token_id, *kit.ids(tok, "2+3=")]
+    assert set(got[0]["labels"]) == {-100}
+    assert got[0]["references"] == {"answer": "5", "id": 7}
+    chat = tok.apply_chat_template(rows[1]["prompt"], tokenize=False, add_generation_prompt=True)
+    assert got[1]["input_ids"][-len(kit.ids(tok, chat)) :] == kit.ids(tok, chat)
+    assert got[1]["references"] == {"answer": "4", "id": 8}
+
+
+def test_a_row_missing_prompt_names_file_row_and_column(tmp_path):
+    from peftcli.data.pipeline import load_data
+
+    data = kit.write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"answer": "3"}])
+    recipe = load_recipe(RECIPE, [f"data.train={data}", "data.eval=null"])
+    with pytest.raises(RecipeError) as err:
+        load_data(recipe.data, kit.tokenizer(), "causal_lm")
+    message = str(err.value)
+    assert "\n" not in message and "prompts.jsonl line 2" in message and "'prompt'" in message, message
+
+
+NO_GRPO_OPTIONS = ["objective.rewards=[]", "objective.max_new_tokens=64"]  # grpo.yaml's back to defaults
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "words"),
+    [
+        (["objective.rewards=[]"], "objective.rewards", "at least one reward"),
+        (["objective.rewards=[{regex: a, length: 3}]"], "objective.rewards[0]", "2 rewards"),
+        (["objective.rewards=[{weight: 2}]"], "objective.rewards[0]", "names no reward"),
+        (["objective.rewards=[{regex: '('}]"], "objective.rewards[0].regex", "not a regular expression"),
+        (["objective.rewards=[{python: 'no colon'}]"], "objective.rewards[0].python", "module:function"),
+        (["objective.beta=0.3"], "objective.beta", "kl_coef"),
+        (["objective.name=sft", *NO_GRPO_OPTIONS], "data.format", "prompt data is for objective grpo"),
+        (["objective.name=dpo", *NO_GRPO_OPTIONS], "data.format", "preference data"),
+        (["objective.name=sft"], "objective.max_new_tokens", "only grpo uses it"),
+        (["data.format=completion"], "data.format", "samples completions of prompts"),
+        (["train.packing=true"], "train.packing", "not packed"),
+    ],
+)
+def test_recipe_errors_are_one_line(overrides, key, words):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(RECIPE, overrides)
+    assert err.value.key == key and words in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_grpo_options_on_another_objective_are_refused():
+    with pytest.raises(RecipeError) as err:
+        load_recipe(kit.ROOT / "recipes/objectives/dpo.yaml", ["objective.group_size=4"])
+    assert err.value.key == "objective.group_size" and "only grpo" in str(err.value)
+
+
+def test_a_reward_column_missing_from_the_data_is_refused_before_training(tmp_path):
+    from peftcli.training.loop import train
+
+    recipe = load_recipe(
+        RECIPE, [f"output_dir={tmp_path / 'run'}", "objective.rewards=[{exact_match: solution}]"]
+    )
+    with pytest.raises(RecipeError) as err:
+        train(recipe)
+    assert err.value.key == "objective.rewards[0].exact_match"
+    assert "'solution'" in str(err.value) and "answer" in str(err.value)
+
+
+def write_reward_module(directory: Path) -> None:
+    (directory / "my_rewards.py").write_text(
+        "def has_five(prompts, completions, completion_ids, answer, **kw):\n"
+        "    return [float('5' in c) for c in completions]\n"
+    )
+
+
+def test_python_rewards_need_allow_code(tmp_path, monkeypatch):
+    """Without --allow-code: one line naming the flag, exit 2, nothing run (the module is never imported,
+    no run directory written). With it, the function scores the completions and is logged by name."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from peftcli.cli import app
+
+    write_reward_module(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    args = [
+        "train",
+        str(RECIPE),
+        "-q",
+        "-o",
+        str(run),
+        f"data.train={kit.ROOT / 'recipes/data/tiny_grpo_train.jsonl'}",
+        "objective.rewards=[{python: 'my_rewards:has_five'}]",
+        "train.max_steps=1",
+        "objective.group_size=2",
+        "data.eval=null",
+    ]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2, refused.output
+    assert "--allow-code" in refused.output and "my_rewards" not in sys.modules
+    assert not run.exists()
+    allowed = CliRunner().invoke(app, [*args, "--allow-code"])
+    assert allowed.exit_code == 0, allowed.output
+    (event,) = [json.loads(line) for line in (run / "metrics.jsonl").open() if '"train"' in line]
+    assert "rewards/has_five" in event and 0.0 <= event["rewards/has_five"] <= 1.0
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+def test_metrics_log_rewards_kl_and_the_progress_bar_shows_the_reward(tmp_path):
+    """metrics.jsonl's train events carry the reward's mean and std, each reward's mean, the completion
+    length and (kl_coef > 0) the KL; the progress bar shows reward mean ± std; eval logs greedy rewards."""
+    import io
+
+    from rich.console import Console
+
+    from peftcli.training.console import Reporter
+    from peftcli.training.loop import train
+
+    recipe = load_recipe(
+        RECIPE,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "train.max_steps=2",
+            "objective.group_size=4",
+            "objective.kl_coef=0.05",
+            "train.eval_every=0",
+        ],
+    )
+    out = io.StringIO()
+    train(recipe, reporter=Reporter(Console(file=out, force_terminal=True, width=250)))
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    trains = [e for e in events if e["event"] == "train"]
+    assert [e["step"] for e in trains] == [1, 2]
+    for e in trains:
+        assert {
+            "reward",
+            "reward_std",
+            "rewards/contains",
+            "rewards/regex",
+            "completion_length",
+            "kl",
+        } <= set(e)
+        assert e["reward"] == pytest.approx(e["rewards/contains"] + 0.5 * e["rewards/regex"], abs=1e-6)
+        assert 1 <= e["completion_length"] <= recipe.objective.max_new_tokens
+    assert trains[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the adapter starts as the base
+    assert trains[1]["kl"] > 0
+    evals = [e for e in events if e["event"] == "eval"]
+    assert {"eval_reward", "eval_rewards/contains", "eval_rewards/regex"} <= set(evals[-1])
+    assert "reward " in out.getvalue() and " ± " in out.getvalue()
+
+
+def test_torchrun_is_refused_at_start():
+    from peftcli.training.distributed import Dist
+    from peftcli.training.setup import check_objective
+
+    dist = Dist(rank=0, world_size=2, local_rank=0, mode="ddp")
+    with pytest.raises(RecipeError) as err:
+        check_objective(load_recipe(RECIPE), dist)
+    assert "grpo runs in one process" in str(err.value)
+
+
+@pytest.mark.slow
+def test_grpo_raises_the_mean_reward(tmp_path):
+    """The shipped recipe (single-digit sums; rewarded for the right digit and for starting with a digit)
+    raises the sampled reward's mean: the last 5 steps' mean well above the first 5 steps'."""
+    from peftcli.training.loop import train
+
+    recipe = load_recipe(RECIPE, [f"output_dir={tmp_path / 'run'}", "train.eval_every=0"])
+    train(recipe)
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    rewards = [e["reward"] for e in events if e["event"] == "train"]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.3, rewards
+    evals = [e for e in events if e["event"] == "eval"]
+    assert evals[-1]["eval_reward"] > evals[0]["eval_reward"], evals
+
+
+@pytest.mark.slow
+def test_sigkill_during_rollout_resumes_exactly(tmp_path):
+    """Killed while sampling step 5's completions (checkpoints every 2 steps, with the KL on) and resumed:
+    the adapter, the logged losses and rewards equal an uninterrupted run's (≤ 1e-6): step 5 samples
+    again what it sampled before the kill."""
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from peftcli.cli import app
+
+    sys.path.insert(0, str(kit.HELPERS))
+    from kill_in_rollout import run_killed_in_rollout
+
+    raw = yaml.safe_load(RECIPE.read_text())
+    raw["data"] = {k: str(kit.ROOT / v) if k == "train" else v for k, v in raw["data"].items() if k != "eval"}
+    raw["objective"].update(group_size=4, kl_coef=0.05)
+    raw["train"].update(max_steps=6, save_every=2, log_every=1, eval_every=0)
+    runs = {}
+    for name in ("full", "killed"):
+        runs[name] = tmp_path / name
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**raw, "output_dir": str(runs[name])}))
+    full = CliRunner().invoke(app, ["train", str(tmp_path / "full.yaml"), "-q"])
+    assert full.exit_code == 0, full.output
+    proc = run_killed_in_rollout(5, tmp_path / "killed.yaml")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert sorted(
+        p.name for p in (runs["killed"] / "checkpoints").iterdir() if p.name.startswith("step-")
+    ) == [
+        "step-2",
+        "step-4",
+    ]
+    resumed = CliRunner().invoke(app, ["train", str(tmp_path / "killed.yaml"), "--resume", "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    a, b = (load_file(runs[n] / "adapter" / "adapter_model.safetensors") for n in ("full", "killed"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+    def logged(run):
+        events = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+        return [(e["step"], e["loss"], e["reward"], e["kl"]) for e in events if e["event"] == "train"]
+
+    got, expected = logged(runs["killed"]), logged(runs["full"])
+    assert [s for s, *_ in got] == list(range(1, 7))
+    for g, e in zip(got, expected, strict=True):
+        assert g == pytest.approx(e, abs=1e-6)
