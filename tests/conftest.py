@@ -25,6 +25,7 @@ def tiny_cache(tmp_path_factory):
 # the list cannot go stale.
 FAST_ROWS = {
     "test_batching.py::test_packed_window_equals_unpacked": {"lora", "adalora"},
+    "test_grpo.py::test_step_one_loss_and_gradients_equal_trl": {"dapo-kl-accum2"},
     "test_lora_options.py::test_option_round_trips_with_peft": {
         "lora_bias",
         "layers_to_transform",

@@ -51,6 +51,7 @@ def grpo_recipe(tmp_path: Path, overrides: list[str]):
             f"objective.group_size={GROUP}",
             f"objective.max_new_tokens={MAX_NEW}",
             "objective.temperature=0.7",
+            "method.target_modules=all-linear",  # TRL refuses an adapter on lm_head (it reads its weight)
             *overrides,
         ],
     )
@@ -440,6 +441,7 @@ def test_metrics_log_rewards_kl_and_the_progress_bar_shows_the_reward(tmp_path):
     evals = [e for e in events if e["event"] == "eval"]
     assert {"eval_reward", "eval_rewards/contains", "eval_rewards/regex"} <= set(evals[-1])
     assert "reward " in out.getvalue() and " ± " in out.getvalue()
+    assert "| eval_reward |" in (tmp_path / "run" / "summary.md").read_text()
 
 
 def test_torchrun_is_refused_at_start():

@@ -21,7 +21,9 @@ def human(n: float) -> str:
 
 
 # eval metrics the result tables show, in this order (the rewards: a preference objective, docs/objectives.md)
-METRIC_ORDER = ("eval_loss", "perplexity", "accuracy", "exact_match", "rewards/accuracy", "rewards/margins")
+METRIC_ORDER = (
+    "eval_loss", "perplexity", "accuracy", "exact_match", "rewards/accuracy", "rewards/margins", "eval_reward"
+)  # fmt: skip
 
 
 def peak_memory_bytes(device) -> int:

@@ -54,11 +54,12 @@ def run_eval(run: Run, step: int) -> dict[str, float] | None:
     if not run.data.eval:
         return None
     with run.reporter.status("evaluating"):
-        if getattr(run.stepper.objective, "samples", False):
+        objective = run.stepper.objective
+        if objective is not None and objective.samples:
             from peftcli.training.objectives.rollout import evaluate_greedy
 
-            result = evaluate_greedy(run.stepper.objective, run.model, run.tokenizer, run.data.eval, run)
-        elif run.stepper.objective is not None:
+            result = evaluate_greedy(objective, run)
+        elif objective is not None:
             result = evaluate_pairs(run)
         else:
             result = evaluate(run.model, run.tokenizer, run.data, run.task, run.recipe.eval, run.device)

@@ -196,7 +196,7 @@ def collate_window(run: Run, window: list[list[int]], step: int = 0) -> list[dic
     from peftcli.data.collate import collate_rows, pad_token_id
 
     objective = run.stepper.objective
-    if getattr(objective, "samples", False):
+    if objective is not None and objective.samples:
         from peftcli.training.objectives.rollout import roll_out
 
         rows = [run.data.train.take(indices) for indices in window]

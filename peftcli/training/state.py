@@ -105,11 +105,11 @@ class TrainState:
 
     def mean_metrics(self) -> dict[str, float]:
         """The objective's metrics averaged over the steps since the last train event."""
-        keys = {k for m in self.window_metrics for k in m}
-        return {
-            k: sum(m[k] for m in self.window_metrics if k in m) / sum(k in m for m in self.window_metrics)
-            for k in sorted(keys)
-        }
+        values: dict[str, list[float]] = {}
+        for step_metrics in self.window_metrics:
+            for key, value in step_metrics.items():
+                values.setdefault(key, []).append(value)
+        return {key: sum(v) / len(v) for key, v in values.items()}
 
     def note(self) -> str:
         """The progress bar's extra: the last step's reward mean ± std (grpo), else nothing."""

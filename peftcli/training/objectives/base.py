@@ -108,6 +108,7 @@ class Objective:
     data_format: ClassVar[str | None] = "preference"
     needs_reference: ClassVar[bool] = False
     task: ClassVar[str] = "causal_lm"  # the model head it trains (reward: seq_cls)
+    samples: ClassVar[bool] = False  # grpo: the loop samples completions of the window's prompts first
 
     def __init__(
         self, cfg: ObjectiveConfig, reference: Callable[[], Any] | None = None, reference_model=None

@@ -140,13 +140,12 @@ def completion_batch(
     }
 
 
-def evaluate_greedy(
-    objective: Grpo, model: nn.Module, tokenizer, rows: Sequence[dict], run
-) -> dict[str, float]:
+def evaluate_greedy(objective: Grpo, run) -> dict[str, float]:
     """The eval prompts' greedy completions (one each), rewarded: ``eval_reward`` (the weighted sum's
-    mean) and each reward's mean as ``eval_rewards/NAME``."""
+    mean) and each reward's mean as ``eval_rewards/NAME``. ``run``: the loop's Run."""
     from peftcli.decoding import GREEDY
 
+    model, tokenizer, rows = run.model, run.tokenizer, run.data.eval
     size, device = run.recipe.eval.batch_size, run.device
     eos, pad = eos_token_ids(model, tokenizer), pad_token_id(tokenizer)
     was_training = model.training
