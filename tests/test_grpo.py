@@ -518,3 +518,42 @@ def test_sigkill_during_rollout_resumes_exactly(tmp_path):
     assert [s for s, *_ in got] == list(range(1, 7))
     for g, e in zip(got, expected, strict=True):
         assert g == pytest.approx(e, abs=1e-6)
+
+
+def test_rollout_is_seeded_by_step_and_row_and_scales_over_the_window(tmp_path):
+    """The same step samples the same completions (a resumed run's rollout), another step others; G per
+    prompt on consecutive rows, each ending at its first EOS or at max_new_tokens; with scale_rewards
+    batch the advantages of a two-micro-batch window use the whole window's std (TRL's generation batch)."""
+    from peftcli.data.pipeline import load_data
+    from peftcli.training.objectives.rollout import roll_out
+
+    recipe = grpo_recipe(tmp_path, ["objective.scale_rewards=batch", "objective.rewards=[{regex: '[0-9]'}]"])
+    built = kit.build(recipe)
+    rows = load_data(recipe.data, built.tokenizer, "causal_lm").train
+    window = [rows.take([0, 1]), rows.take([2, 3])]
+    objective = build_objective(recipe.objective, built.method, built.model)
+    cpu = torch.device("cpu")
+    first = roll_out(objective, built.model, built.tokenizer, window, 3, 0, cpu)
+    stats = objective.step_metrics()
+    again = roll_out(objective, built.model, built.tokenizer, window, 3, 0, cpu)
+    other = roll_out(objective, built.model, built.tokenizer, window, 4, 0, cpu)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, other, strict=True))
+    eos, rewards = built.tokenizer.eos_token_id, []
+    for batch, prompt_rows in zip(first, window, strict=True):
+        assert batch["input_ids"].size(0) == GROUP * len(prompt_rows)
+        for i, (ids, labels) in enumerate(zip(batch["input_ids"], batch["labels"], strict=True)):
+            prompt = prompt_rows[i // GROUP]["input_ids"]
+            completion = ids[len(prompt) :][labels[len(prompt) :] != -100].tolist()
+            assert ids[: len(prompt)].tolist() == prompt
+            assert completion[-1] == eos or len(completion) == MAX_NEW
+            assert eos not in completion[:-1]
+            text = built.tokenizer.decode([t for t in completion if t != eos], skip_special_tokens=True)
+            rewards.append(float(any(c.isdigit() for c in text)))
+    assert 0 < sum(rewards) < len(rewards)  # the advantages are not all 0
+    got = torch.cat([b["advantages"] for b in first])
+    expected = torch.tensor(rewards)
+    std = expected.std()
+    expected = (expected - expected.view(-1, GROUP).mean(1).repeat_interleave(GROUP)) / (std + 1e-4)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert stats["reward"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-6)

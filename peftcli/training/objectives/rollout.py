@@ -69,15 +69,25 @@ def roll_out(
             sampled.append((rows, prompts, outputs))
     finally:
         model.train(was_training)
-    scored = [score(objective, tokenizer, rows, outputs, eos) for rows, _, outputs in sampled]
+    per_reward = torch.cat(
+        [reward_matrix(objective, tokenizer, rows, outputs, eos, group) for rows, _, outputs in sampled]
+    )  # (N, K): the window's completions, micro-batch after micro-batch
+    rewards = summed_rewards(per_reward, reward_weights(objective))
+    advantages = group_advantages(rewards, group, objective.cfg.scale_rewards).split(
+        [len(outputs) for _, _, outputs in sampled]
+    )
     lengths = [len(ids) for _, _, outputs in sampled for ids in outputs]
     objective.record_rollout(
-        window_stats(objective, scored) | {"completion_length": sum(lengths) / len(lengths)}
+        window_stats(objective, per_reward) | {"completion_length": sum(lengths) / len(lengths)}
     )
     return [
-        completion_batch(prompts, outputs, advantages, pad)
-        for (_, prompts, outputs), (_, advantages) in zip(sampled, scored, strict=True)
+        completion_batch(prompts, outputs, micro_advantages, pad)
+        for (_, prompts, outputs), micro_advantages in zip(sampled, advantages, strict=True)
     ]
+
+
+def reward_weights(objective: Grpo) -> torch.Tensor:
+    return torch.tensor([r.weight for r in objective.rewards], dtype=torch.float32)
 
 
 def reward_matrix(
@@ -96,22 +106,9 @@ def reward_matrix(
     return torch.tensor([r.score(completions) for r in objective.rewards], dtype=torch.float32).T
 
 
-def score(
-    objective: Grpo, tokenizer, rows: list[dict], outputs: list[list[int]], eos: set[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-reward rewards (N, K), advantages (N,)) of one micro-batch's completions."""
-    group = objective.cfg.group_size
-    per_reward = reward_matrix(objective, tokenizer, rows, outputs, eos, group)
-    weights = torch.tensor([r.weight for r in objective.rewards], dtype=torch.float32)
-    advantages = group_advantages(summed_rewards(per_reward, weights), group, objective.cfg.scale_rewards)
-    return per_reward, advantages
-
-
-def window_stats(objective: Grpo, scored: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """The window's reward mean and (unbiased) std, and each reward's mean."""
-    per_reward = torch.cat([p for p, _ in scored])  # (N, K)
-    weights = torch.tensor([r.weight for r in objective.rewards], dtype=torch.float32)
-    total = summed_rewards(per_reward, weights)
+def window_stats(objective: Grpo, per_reward: torch.Tensor) -> dict[str, float]:
+    """The window's reward mean and (unbiased) std, and each reward's mean. per_reward: (N, K)."""
+    total = summed_rewards(per_reward, reward_weights(objective))
     stats = {"reward": float(torch.nanmean(total)), "reward_std": float(unbiased_std(total))}
     for i, reward in enumerate(objective.rewards):
         stats[f"rewards/{reward.name}"] = float(torch.nanmean(per_reward[:, i]))
@@ -162,8 +159,7 @@ def evaluate_greedy(objective: Grpo, run) -> dict[str, float]:
     finally:
         model.train(was_training)
     per_reward = torch.cat(parts)
-    weights = torch.tensor([r.weight for r in objective.rewards], dtype=torch.float32)
-    result = {"eval_reward": float(torch.nanmean(summed_rewards(per_reward, weights)))}
+    result = {"eval_reward": float(torch.nanmean(summed_rewards(per_reward, reward_weights(objective))))}
     for i, reward in enumerate(objective.rewards):
         result[f"eval_rewards/{reward.name}"] = float(torch.nanmean(per_reward[:, i]))
     return result | {"eval_examples": len(rows)}
