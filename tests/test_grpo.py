@@ -557,3 +557,16 @@ def test_rollout_is_seeded_by_step_and_row_and_scales_over_the_window(tmp_path):
     expected = (expected - expected.view(-1, GROUP).mean(1).repeat_interleave(GROUP)) / (std + 1e-4)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     assert stats["reward"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-6)
+
+
+def test_data_columns_rename_the_prompt_and_references(tmp_path):
+    from peftcli.data.pipeline import load_data
+
+    data = kit.write_jsonl(tmp_path / "q.jsonl", [{"question": "1+1=", "solution": "2", "level": 1}])
+    recipe = load_recipe(
+        RECIPE, [f"data.train={data}", "data.eval=null", "data.columns={prompt: question, answer: solution}"]
+    )
+    tok = kit.tokenizer()
+    (row,) = load_data(recipe.data, tok, "causal_lm").train
+    assert row["input_ids"] == [tok.bos_token_id, *kit.ids(tok, "1+1=")]
+    assert row["references"] == {"answer": "2", "level": 1}
