@@ -35,12 +35,13 @@ def train(
     resume: bool = False,
     reporter=None,
     overwrite: bool = False,
+    allow_code: bool = False,
 ):
     from peftcli.training.loop import train as run
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides, output_dir)
-    return run(recipe, resume=resume, reporter=reporter, overwrite=overwrite)
+    return run(recipe, resume=resume, reporter=reporter, overwrite=overwrite, allow_code=allow_code)
 
 
 def merge(

@@ -77,6 +77,12 @@ def train(
         bool, typer.Option("--overwrite", help="discard the earlier run in the output directory first")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or tables")] = False,
+    allow_code: Annotated[
+        bool,
+        typer.Option(
+            "--allow-code", help="run the recipe's Python reward functions (grpo's rewards: python)"
+        ),
+    ] = False,
     nproc_per_node: Annotated[
         Optional[int],
         typer.Option("--nproc-per-node", help="start this many processes through torchrun (one per GPU)"),
@@ -107,7 +113,7 @@ def train(
     loaded = load_recipe(recipe, overrides or [], output_dir)
     reporter = Reporter(err_console, quiet=quiet)
     try:
-        result = run(loaded, resume=resume, reporter=reporter, overwrite=overwrite)
+        result = run(loaded, resume=resume, reporter=reporter, overwrite=overwrite, allow_code=allow_code)
     except TrainingInterrupted as stop:
         if distributed.is_main_process():
             err_console.print(

@@ -101,8 +101,10 @@ def decode(
     sampling: Sampling = GREEDY,
     row_ids: list[int] | None = None,
     on_step: OnStep | None = None,
+    keep_eos: bool = False,
 ) -> list[list[int]]:
-    """Continuations of ``prompts`` (new tokens only, cut before the first EOS).
+    """Continuations of ``prompts`` (new tokens only, cut before the first EOS; with ``keep_eos``, just
+    after it, so a caller can tell a finished continuation from one cut at ``max_new_tokens``).
 
     ``row_ids`` (default 0..B-1) seed the per-row generators when sampling.
     """
@@ -141,6 +143,6 @@ def decode(
     tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in prompts]  # (B, N)
     results = []
     for row in tokens:
-        cut = next((i for i, token in enumerate(row) if token in eos_ids), len(row))
+        cut = next((i + keep_eos for i, token in enumerate(row) if token in eos_ids), len(row))
         results.append(row[:cut])
     return results

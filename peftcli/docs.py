@@ -23,6 +23,7 @@ from peftcli.recipe import (
     ModelConfig,
     ObjectiveConfig,
     QuantizationConfig,
+    RewardConfig,
     SourceConfig,
     TrainConfig,
     _type_name,
@@ -38,6 +39,7 @@ SECTIONS: list[tuple[str, type]] = [
     ("data", DataConfig),
     ("data.train[]", SourceConfig),
     ("objective", ObjectiveConfig),
+    ("objective.rewards[]", RewardConfig),
     ("train", TrainConfig),
     ("eval", EvalConfig),
 ]

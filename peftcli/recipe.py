@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -167,7 +167,9 @@ class ModelConfig:
     )
 
 
-DataFormat = Literal["text", "completion", "instruction", "chat", "sharegpt", "classification", "preference"]
+DataFormat = Literal[
+    "text", "completion", "instruction", "chat", "sharegpt", "classification", "preference", "prompt"
+]
 
 
 @dataclass
@@ -213,7 +215,8 @@ class DataConfig:
         default="text",
         metadata=doc(
             "text | completion (prompt/completion) | instruction (alpaca) | chat (messages) "
-            "| sharegpt (conversations) | classification | preference (prompt/chosen/rejected)"
+            "| sharegpt (conversations) | classification | preference (prompt/chosen/rejected) "
+            "| prompt (prompt and reference columns, for grpo)"
         ),
     )
     columns: dict[str, str] = field(
@@ -370,7 +373,41 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=doc("torch.compile the model (slow first steps)"))
 
 
-ObjectiveName = Literal["sft", "dpo", "ipo", "orpo", "simpo", "reward"]
+ObjectiveName = Literal["sft", "dpo", "ipo", "orpo", "simpo", "reward", "grpo"]
+
+
+@dataclass
+class RewardConfig:
+    """One reward of ``objective.rewards`` (grpo): exactly one kind, and its weight
+    (docs/objectives.md defines each)."""
+
+    exact_match: str | None = field(
+        default=None, metadata=doc("a reference column: 1 when the stripped completion equals it, else 0")
+    )
+    contains: str | None = field(
+        default=None, metadata=doc("a reference column: 1 when the completion contains it, else 0")
+    )
+    regex: str | None = field(
+        default=None, metadata=doc("a Python regular expression: 1 when re.search finds it, else 0")
+    )
+    length: int | None = field(
+        default=None, metadata=doc("a target length N in tokens: −|n − N| / N for n completion tokens", min=1)
+    )
+    python: str | None = field(
+        default=None,
+        metadata=doc(
+            "module:function called as TRL calls reward functions; needs peftcli train --allow-code"
+        ),
+    )
+    weight: float = field(default=1.0, metadata=doc("its weight in the summed reward"))
+    name: str | None = field(default=None, metadata=doc("its name in metrics.jsonl; default: its kind"))
+
+    KINDS: ClassVar[tuple[str, ...]] = ("exact_match", "contains", "regex", "length", "python")
+
+    def kind(self) -> str:
+        return next(k for k in self.KINDS if getattr(self, k) is not None)
+
+
 PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "simpo", "reward")  # trained on data.format: preference
 REFERENCE_OBJECTIVES = ("dpo", "ipo")  # compare the policy with a frozen reference
 
@@ -383,7 +420,7 @@ class ObjectiveConfig:
         default="sft",
         metadata=doc(
             "sft (next-token cross-entropy) | dpo | ipo | orpo | simpo (preference data) | reward "
-            "(a seq_cls reward model on preference data)"
+            "(a seq_cls reward model on preference data) | grpo (sampled completions of prompt data, rewarded)"
         ),
     )
     beta: float = field(
@@ -405,8 +442,51 @@ class ObjectiveConfig:
     reference: Literal["base", "start"] = field(
         default="base",
         metadata=doc(
-            "dpo/ipo: base (the same weights with the adapter switched off) or start (the adapter as "
-            "the run started, frozen)"
+            "dpo/ipo (grpo with kl_coef): base (the same weights with the adapter switched off) or start "
+            "(the adapter as the run started, frozen)"
+        ),
+    )
+
+    group_size: int = field(
+        default=8, metadata=doc("grpo: completions sampled per prompt, G (TRL's num_generations)", min=2)
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata=doc("grpo: sampling temperature (the loss scores logits / T too)", min_exclusive=0.0),
+    )
+    max_new_tokens: int = field(
+        default=64, metadata=doc("grpo: the longest completion sampled (TRL's max_completion_length)", min=1)
+    )
+    rewards: list[RewardConfig] = field(
+        default_factory=list,
+        metadata=doc(
+            "grpo: the rewards summed with their weights, e.g. [{exact_match: answer}, {regex: '^\\d+$', weight: 0.5}]"
+        ),
+    )
+    scale_rewards: Literal["group", "batch", "none"] = field(
+        default="group",
+        metadata=doc(
+            "grpo: divide the advantage by the std of its group (TRL's default), the batch, or none"
+        ),
+    )
+    loss_type: Literal["dapo", "grpo", "bnpo", "dr_grpo"] = field(
+        default="dapo",
+        metadata=doc(
+            "grpo: how token losses are averaged: dapo (over the window's tokens, TRL's default), grpo "
+            "(per sequence), bnpo (per micro-batch's tokens), dr_grpo (over rows × max_new_tokens)"
+        ),
+    )
+    epsilon: float = field(
+        default=0.2, metadata=doc("grpo: the clip range of the probability ratio, 1 ± ε", min=0.0)
+    )
+    epsilon_high: float | None = field(
+        default=None, metadata=doc("grpo: the upper clip 1 + ε_high (DAPO's clip-higher); default epsilon")
+    )
+    kl_coef: float = field(
+        default=0.0,
+        metadata=doc(
+            "grpo: weight of the KL to the reference (TRL's beta, k3 estimator); 0 needs no reference",
+            min=0.0,
         ),
     )
 
@@ -786,6 +866,7 @@ def objective_checks(recipe: Recipe) -> None:
             f"objective {objective.name} trains on preference data, not {other}",
             "set data.format: preference (rows {prompt, chosen, rejected})",
         )
+    grpo_checks(recipe, formats)
     if not preference and "preference" in formats:
         raise RecipeError(
             "objective.name",
@@ -798,6 +879,75 @@ def objective_checks(recipe: Recipe) -> None:
         raise RecipeError("objective.label_smoothing", f"only dpo uses it, not {objective.name}", "remove it")
     if objective.gamma is not None and objective.name != "simpo":
         raise RecipeError("objective.gamma", f"only simpo uses it, not {objective.name}", "remove it")
+
+
+GRPO_OPTIONS = (
+    "group_size", "temperature", "max_new_tokens", "rewards", "scale_rewards", "loss_type", "epsilon",
+    "epsilon_high", "kl_coef",
+)  # fmt: skip
+
+
+def grpo_checks(recipe: Recipe, formats: set[str]) -> None:
+    """grpo trains a causal LM on prompt data (and prompt data is grpo's alone), with at least one reward,
+    each of exactly one kind; grpo's options on another objective are refused, as is dpo's beta on grpo."""
+    objective, grpo = recipe.objective, recipe.objective.name == "grpo"
+    if not grpo:
+        defaults = ObjectiveConfig()
+        for name in GRPO_OPTIONS:
+            if getattr(objective, name) != getattr(defaults, name):
+                raise RecipeError(
+                    f"objective.{name}", f"only grpo uses it, not {objective.name}", "remove it"
+                )
+        if "prompt" in formats:
+            raise RecipeError(
+                "data.format",
+                "prompt data is for objective grpo",
+                "set objective.name: grpo, or another format",
+            )
+        return
+    if formats != {"prompt"}:
+        other = ", ".join(sorted(formats - {"prompt"}))
+        raise RecipeError(
+            "data.format",
+            f"objective grpo samples completions of prompts, not {other} data",
+            "set data.format: prompt (rows {prompt, reference columns...})",
+        )
+    if recipe.model.task != "causal_lm":
+        raise RecipeError(
+            "objective.name", f"grpo trains causal LMs, not {recipe.model.task}", "set model.task: causal_lm"
+        )
+    if recipe.train.packing:
+        raise RecipeError(
+            "train.packing", "grpo's sampled completions are not packed", "set train.packing: false"
+        )
+    if objective.beta != ObjectiveConfig.beta:
+        raise RecipeError(
+            "objective.beta", "grpo's KL coefficient is objective.kl_coef", "set kl_coef instead"
+        )
+    if not objective.rewards:
+        raise RecipeError(
+            "objective.rewards", "grpo needs at least one reward", "e.g. rewards: [{exact_match: answer}]"
+        )
+    for i, reward in enumerate(objective.rewards):
+        check_reward(reward, f"objective.rewards[{i}]")
+
+
+def check_reward(reward: RewardConfig, key: str) -> None:
+    kinds = [k for k in RewardConfig.KINDS if getattr(reward, k) is not None]
+    if len(kinds) != 1:
+        what = "names no reward" if not kinds else f"names {len(kinds)} rewards ({', '.join(kinds)})"
+        raise RecipeError(key, what, f"give exactly one of: {', '.join(RewardConfig.KINDS)}")
+    if reward.regex is not None:
+        try:
+            re.compile(reward.regex)
+        except re.error as err:
+            raise RecipeError(
+                f"{key}.regex", f"{reward.regex!r} is not a regular expression: {err}"
+            ) from None
+    if reward.python is not None and not re.fullmatch(r"[\w.]+:\w+", reward.python):
+        raise RecipeError(
+            f"{key}.python", f"{reward.python!r} is not module:function", "e.g. my_rewards:is_correct"
+        )
 
 
 def reward_checks(recipe: Recipe) -> None:

@@ -38,6 +38,7 @@ FAST_ROWS = {
     "test_boft.py::test_we_load_peft_adapters_with_each_option": {"llama-block_num-butterfly-3"},
     "test_c3a.py::test_peft_loads_our_adapter_with_each_option": {"block_size_pattern", "bert"},
     "test_c3a.py::test_we_load_peft_adapters_with_each_option": {"llama-pattern"},
+    "test_grpo.py::test_step_one_loss_and_gradients_equal_trl": {"dapo-kl-accum2"},
     "test_lora_options.py::test_option_round_trips_with_peft": {
         "lora_bias",
         "layers_to_transform",

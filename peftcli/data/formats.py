@@ -12,6 +12,9 @@ Tokenized examples, by task:
 * ``preference`` data (causal_lm): the chosen sequence as ``input_ids``/``loss_mask`` (prompt, then the
   chosen answer and EOS, tokenized separately as the completion format does) and the rejected one as
   ``rejected_ids``/``rejected_mask``; ``length`` is the two sequences' tokens together.
+* ``prompt`` data (causal_lm, grpo): the prompt's ids as ``input_ids`` (BOS first; a chat-message prompt
+  rendered with the generation prompt; an over-long prompt keeps its end, as generation does), no trained
+  token, and every other column of the row as JSON in ``references`` (what rewards compare with).
 
 Every row also gets ``length`` (the sampler's lengths array), ``truncated`` and ``status``: "" for a
 kept row, "dropped" when truncation left no trained token, else "bad:<reason>\\t<detail>" for a row
@@ -54,11 +57,12 @@ FORMAT_COLUMNS: dict[str, tuple[list[str], list[str]]] = {
     "sharegpt": (["conversations"], []),
     "classification": (["text", "label"], ["text_pair"]),
     "preference": (["prompt", "chosen", "rejected"], []),
+    "prompt": (["prompt"], []),  # and any reference columns, passed through (map_columns)
 }
 
 # Which formats each task can train on.
 TASK_FORMATS: dict[str, tuple[str, ...]] = {
-    "causal_lm": ("text", "completion", "instruction", "chat", "sharegpt", "preference"),
+    "causal_lm": ("text", "completion", "instruction", "chat", "sharegpt", "preference", "prompt"),
     "seq2seq": ("completion", "instruction"),
     "seq_cls": ("classification",),
 }
@@ -107,6 +111,8 @@ def map_columns(column_names: list[str], fmt: str, columns: dict[str, str], key:
     """ours -> theirs for the columns the format reads; checks they exist (schema level, all rows)."""
     required, optional = FORMAT_COLUMNS[fmt]
     ours = required + optional
+    if fmt == "prompt":  # every column the user renames is a reference column the rewards read
+        ours = ours + [name for name in columns if name not in ours]
     columns_key = f"{key}.columns" if "[" in key else "data.columns"  # data.train[1].columns in a mixture
     for name in columns:
         if name not in ours:
@@ -123,6 +129,9 @@ def map_columns(column_names: list[str], fmt: str, columns: dict[str, str], key:
         where = f"column '{theirs}' not found in {key} (columns: {', '.join(column_names)})"
         hint = f"map it with data.columns: {{{name}: <your column>}}"
         raise RecipeError(f"{columns_key}.{name}" if name in columns else columns_key, where, hint)
+    if fmt == "prompt":  # the other columns pass through as references, under their own names
+        taken = set(mapping.values())
+        mapping |= {name: name for name in column_names if name not in taken and name not in mapping}
     return mapping
 
 
@@ -347,6 +356,8 @@ def tokenize_row(
         return _classification_row(tokenizer, row, spec)
     if spec.format == "preference":
         return _preference_row(tokenizer, row, spec)
+    if spec.format == "prompt":
+        return _prompt_row(tokenizer, row, spec)
     if spec.format == "text":
         text = str(_value(row, "text", spec))
         ids = bos_ids(tokenizer) + encode(tokenizer, text, encoded) + eos_ids(tokenizer, spec.add_eos)
@@ -440,6 +451,36 @@ def _preference_row(tokenizer, row: dict, spec: FormatSpec) -> dict[str, Any]:
     }
 
 
+def prompt_text(tokenizer, prompt: Any) -> str:
+    """A prompt row's text: a string as it is, chat messages rendered with the generation prompt."""
+    if not isinstance(prompt, list):
+        return str(prompt)
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadRow(
+            "no chat template",
+            "holds chat messages but the tokenizer has no chat template",
+            "set model.chat_template: chatml (or llama3), or give the prompt as a string",
+        )
+    return render_chat(tokenizer, check_messages(prompt), add_generation_prompt=True)
+
+
+def _prompt_row(tokenizer, row: dict, spec: FormatSpec) -> dict[str, Any]:
+    """A prompt to sample completions of: its ids as generation sees them (no trained token, so never
+    dropped) and the row's other columns, the references, as JSON."""
+    text = prompt_text(tokenizer, _value(row, "prompt", spec))
+    full = encode_prompt(tokenizer, text, "causal_lm")
+    input_ids = encode_prompt(tokenizer, text, "causal_lm", spec.max_length)
+    references = {name: value for name, value in row.items() if name != "prompt"}
+    return {
+        "input_ids": input_ids,
+        "loss_mask": [0] * len(input_ids),
+        "references": json.dumps(references, default=str),
+        "truncated": len(full) > len(input_ids),
+        "example": {"prompt": text, **references},
+        "dropped": False,
+    }
+
+
 def _classification_row(tokenizer, row: dict, spec: FormatSpec) -> dict[str, Any]:
     """Text (and an optional text pair) -> input ids and the label's index in ``spec.label_names``."""
     text = str(_value(row, "text", spec))
@@ -503,6 +544,8 @@ def output_columns(spec: FormatSpec, vocab_size: int) -> Any:
         if spec.format == "preference":
             columns["rejected_ids"] = datasets.List(id_type)
             columns["rejected_mask"] = datasets.List(datasets.Value("uint8"))
+        if spec.format == "prompt":
+            columns["references"] = datasets.Value("string")
     elif spec.task == "seq2seq":
         columns["labels"] = datasets.List(id_type)
     else:
@@ -525,6 +568,7 @@ _EMPTY_ROW = {
     "label": -1,
     "rejected_ids": [],
     "rejected_mask": [],
+    "references": "{}",
     "truncated": False,
     "example": None,
 }
@@ -561,6 +605,8 @@ def tokenize_batch(batch: dict[str, list], tokenizer, spec: FormatSpec) -> dict[
             if spec.format == "preference":
                 out["rejected_ids"].append(result["rejected_ids"])
                 out["rejected_mask"].append(result["rejected_mask"])
+            if spec.format == "prompt":
+                out["references"].append(result["references"])
         elif spec.task == "seq2seq":
             out["labels"].append(result["labels"])
         else:
@@ -577,6 +623,7 @@ def tokenize_batch(batch: dict[str, list], tokenizer, spec: FormatSpec) -> dict[
 def output_columns_names(spec: FormatSpec) -> list[str]:
     middle = {"causal_lm": "loss_mask", "seq2seq": "labels"}.get(spec.task, "label")
     pairs = ["rejected_ids", "rejected_mask"] if spec.format == "preference" else []
+    pairs += ["references"] if spec.format == "prompt" else []
     return ["input_ids", middle, *pairs, "length", "truncated", "status"] + (
         ["example"] if spec.keep_examples else []
     )

@@ -60,7 +60,9 @@ class TokenizedRows(Sequence):
         if not indices:
             return []
         pairs = self.task == "causal_lm" and "rejected_ids" in self.dataset.column_names
-        columns = self.dataset.select_columns(_row_columns(self.task, pairs))[indices]
+        prompts = "references" in self.dataset.column_names  # prompt data (grpo)
+        names = _row_columns(self.task, pairs) + (["references"] if prompts else [])
+        columns = self.dataset.select_columns(names)[indices]
         examples = []
         for i in range(len(indices)):
             input_ids = columns["input_ids"][i]
@@ -70,6 +72,8 @@ class TokenizedRows(Sequence):
                     rejected = columns["rejected_ids"][i]
                     example["rejected_ids"] = rejected
                     example["rejected_labels"] = _labels(rejected, columns["rejected_mask"][i])
+                if prompts:  # a prompt: what its completions' rewards compare with
+                    example["references"] = json.loads(columns["references"][i] or "{}")
                 examples.append(example)
             elif self.task == "seq2seq":
                 examples.append({"input_ids": input_ids, "labels": columns["labels"][i]})
@@ -486,7 +490,7 @@ def tokenize_eval(
         metas.append(meta)
     dataset = _concatenate(tables)
     examples = None
-    if all(part.source.format not in ("text", "preference") for part in parts):
+    if all(part.source.format not in ("text", "preference", "prompt") for part in parts):
         examples = [json.loads(text) for text in dataset["example"] if text]
     return TokenizedRows(dataset, stage.task), examples, metas
 

@@ -21,7 +21,9 @@ def human(n: float) -> str:
 
 
 # eval metrics the result tables show, in this order (the rewards: a preference objective, docs/objectives.md)
-METRIC_ORDER = ("eval_loss", "perplexity", "accuracy", "exact_match", "rewards/accuracy", "rewards/margins")
+METRIC_ORDER = (
+    "eval_loss", "perplexity", "accuracy", "exact_match", "rewards/accuracy", "rewards/margins", "eval_reward"
+)  # fmt: skip
 
 
 def peak_memory_bytes(device) -> int:
@@ -42,9 +44,10 @@ class _Bar:
     def __init__(self, progress: Progress | None, task_id: Any):
         self.progress, self.task_id = progress, task_id
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, note: str = "") -> None:
+        """``note``: the objective's own (grpo: the reward's mean ± std)."""
         if self.progress is not None:
-            self.progress.update(self.task_id, completed=step, loss=loss, lr=lr, tps=tokens_per_s)
+            self.progress.update(self.task_id, completed=step, loss=loss, lr=lr, tps=tokens_per_s, note=note)
 
 
 class Reporter:
@@ -134,6 +137,7 @@ class Reporter:
             TextColumn("loss {task.fields[loss]:.4f}"),
             TextColumn("lr {task.fields[lr]:.2e}"),
             TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TextColumn("{task.fields[note]}"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
@@ -141,7 +145,7 @@ class Reporter:
         )
         with progress:
             task_id = progress.add_task(
-                "train", total=steps, completed=start, loss=float("nan"), lr=0.0, tps=0.0
+                "train", total=steps, completed=start, loss=float("nan"), lr=0.0, tps=0.0, note=""
             )
             yield _Bar(progress, task_id)
 

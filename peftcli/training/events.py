@@ -40,9 +40,11 @@ def log_train(run: Run, state: TrainState, lr: float) -> None:
             "lr": lr,
             "tokens_per_s": round(state.tokens_per_s(), 1),
             "elapsed_s": round(state.elapsed(), 3),
+            **state.mean_metrics(),  # the objective's (grpo: reward, reward_std, rewards/NAME, kl)
         },
     )
     state.window_losses.clear()
+    state.window_metrics.clear()
 
 
 def run_eval(run: Run, step: int) -> dict[str, float] | None:
@@ -52,7 +54,12 @@ def run_eval(run: Run, step: int) -> dict[str, float] | None:
     if not run.data.eval:
         return None
     with run.reporter.status("evaluating"):
-        if run.stepper.objective is not None:
+        objective = run.stepper.objective
+        if objective is not None and objective.samples:
+            from peftcli.training.objectives.rollout import evaluate_greedy
+
+            result = evaluate_greedy(objective, run)
+        elif objective is not None:
             result = evaluate_pairs(run)
         else:
             result = evaluate(run.model, run.tokenizer, run.data, run.task, run.recipe.eval, run.device)

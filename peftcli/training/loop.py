@@ -80,11 +80,19 @@ class TrainingInterrupted(Exception):
 
 
 def train(
-    recipe: Recipe, resume: bool = False, reporter: Reporter | None = None, overwrite: bool = False
+    recipe: Recipe,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+    overwrite: bool = False,
+    allow_code: bool = False,
 ) -> TrainResult:
     """Train ``recipe``'s adapter; with ``resume``, continue from its newest intact checkpoint;
-    with ``overwrite``, discard the run already in its output directory first.
+    with ``overwrite``, discard the run already in its output directory first; ``allow_code`` lets the
+    recipe's Python rewards (grpo) run, as ``peftcli train --allow-code`` does.
     Under torchrun every rank calls this; rank 0 alone holds the run directory, writes and reports."""
+    from peftcli.training.objectives.rewards import check_code
+
+    check_code(recipe, allow_code)  # before anything starts: refused code runs nothing
     dist, device = distributed.init(recipe.train.distributed, recipe.train.device)
     ok = False
     try:
@@ -132,7 +140,7 @@ def train_steps(run: Run, state: TrainState) -> None:
         while state.step < run.steps:
             window, next_position = next_window(run, state)
             mine = run.dist.rank_slice(window)  # this rank's slice of the global window
-            micro = collate_window(run, mine)
+            micro = collate_window(run, mine, state.step)  # grpo: its prompts' sampled completions
             run.dist.mask_padding(micro, run.dist.padding_flags(window))
             n_targets = loss_normaliser(micro, run.task, run.dist)
             loss, tokens, lr, fault = optimizer_step(run, micro, n_targets, state.step)
@@ -141,9 +149,9 @@ def train_steps(run: Run, state: TrainState) -> None:
                 skip_or_stop(run, state, fault, window)  # raises unless train.on_nan lets it skip
             state.step, (state.epoch, state.batch_index) = state.step + 1, next_position
             if fault is None:
-                state.record_loss(loss, tokens)
+                state.record_loss(loss, tokens, objective_metrics(run))
 
-            progress.update(state.step, loss, lr, state.tokens_per_s())
+            progress.update(state.step, loss, lr, state.tokens_per_s(), state.note())
             if state.step % cfg.log_every == 0 or state.step == run.steps:
                 log_train(run, state, lr)
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < run.steps:
@@ -181,16 +189,29 @@ def next_window(run: Run, state: TrainState) -> tuple[list[list[int]], tuple[int
     return window, (state.epoch, next_batch)
 
 
-def collate_window(run: Run, window: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+def collate_window(run: Run, window: list[list[int]], step: int = 0) -> list[dict[str, torch.Tensor]]:
     """One padded micro-batch per index batch, read from the memory-mapped tokenized table; with packing,
-    one packed micro-batch per list of rows."""
+    one packed micro-batch per list of rows. An objective that samples (grpo) rolls its prompts out
+    instead: their completions, sampled at optimizer step ``step`` and rewarded, are the micro-batches."""
     from peftcli.data.collate import collate_rows, pad_token_id
 
+    objective = run.stepper.objective
+    if objective is not None and objective.samples:
+        from peftcli.training.objectives.rollout import roll_out
+
+        rows = [run.data.train.take(indices) for indices in window]
+        return roll_out(objective, run.model, run.tokenizer, rows, step, run.recipe.train.seed, run.device)
     if run.recipe.train.packing:
         return [
             collate_packed(take_rows(run.data.train, batch), pad_token_id(run.tokenizer)) for batch in window
         ]
     return [collate_rows(run.data.train, indices, run.tokenizer, run.task) for indices in window]
+
+
+def objective_metrics(run: Run) -> dict[str, float]:
+    """What the objective measured this step (grpo: reward mean and std, each reward, KL), else nothing."""
+    take = getattr(run.stepper.objective, "step_metrics", None)
+    return take() if take is not None else {}
 
 
 def optimizer_step(

@@ -57,6 +57,7 @@ def set_up(
     seed_everything(recipe.train.seed)
     device = resolve_device(device_spec or recipe.train.device)
     base_path, tokenizer, data = load_inputs(recipe, reporter, dist)
+    check_reward_columns(recipe, data)
     method, model = load_model(recipe, base_path, tokenizer, data, device)
     initialise_from_data(method, model, data.train, tokenizer, recipe, reporter, device)
     wrapped = distributed.wrap(dist, model)  # FSDP2 shards in place: parameters are DTensors after this
@@ -110,7 +111,7 @@ def check_objective(recipe: Recipe, dist: Dist) -> None:
             "run it without torchrun",
         )
     method = get_method_class(recipe.method.name)
-    base_reference = objective.needs_reference and recipe.objective.reference == "base"
+    base_reference = objective.wants_reference(recipe.objective) and recipe.objective.reference == "base"
     if base_reference and not overrides(method, "adapter_disabled"):
         raise RecipeError(
             "objective.reference",
@@ -119,6 +120,14 @@ def check_objective(recipe: Recipe, dist: Dist) -> None:
         )
     if base_reference:
         check_base_reference(recipe.method)
+
+
+def check_reward_columns(recipe: Recipe, data: Any) -> None:
+    """grpo: the columns its rewards compare with are in the prompt data (before the model loads)."""
+    if recipe.objective.name == "grpo":
+        from peftcli.training.objectives.rewards import check_reference_columns
+
+        check_reference_columns(recipe.objective.rewards, data.train[0])
 
 
 def check_eval_tasks(recipe: Recipe, dist: Dist) -> None:
@@ -285,7 +294,10 @@ def build_stepper(
     objective = build_objective(recipe.objective, method, model)
     if objective is not None:
         loss_path = "plain"
-        scored = "the head's rewards" if objective.name == "reward" else "log-probabilities of whole answers"
+        scored = {
+            "reward": "the head's rewards",
+            "grpo": f"{recipe.objective.group_size} sampled completions per prompt, rewarded",
+        }.get(objective.name, "log-probabilities of whole answers")
         speed_lines[0] = f"loss: {objective.name} (plain: {scored})"
     stepper = Stepper(
         model=model,

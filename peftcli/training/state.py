@@ -86,17 +86,37 @@ class TrainState:
     first_loss: float | None = None
     last_loss: float | None = None
     window_losses: list[float] = field(default_factory=list)  # since the last train event
+    window_metrics: list[dict[str, float]] = field(default_factory=list)  # the objective's, since then
     tokens_seen: int = 0  # attention-mask tokens in this process's life (for tokens/s)
     skipped_steps: int = 0  # steps dropped for a non-finite loss or gradient (train.on_nan: skip)
     elapsed_before: float = 0.0  # seconds spent before the checkpoint we resumed from
     started: float = field(default_factory=time.perf_counter)  # reset when the loop starts
 
-    def record_loss(self, loss: float, tokens: int) -> None:
-        """A good step's loss and tokens (a skipped step records neither)."""
+    def record_loss(
+        self, loss: float, tokens: int, objective_metrics: dict[str, float] | None = None
+    ) -> None:
+        """A good step's loss and tokens, and what its objective measured (a skipped step records none)."""
         self.first_loss = loss if self.first_loss is None else self.first_loss
         self.last_loss = loss
         self.window_losses.append(loss)
         self.tokens_seen += tokens
+        if objective_metrics:
+            self.window_metrics.append(objective_metrics)
+
+    def mean_metrics(self) -> dict[str, float]:
+        """The objective's metrics averaged over the steps since the last train event."""
+        values: dict[str, list[float]] = {}
+        for step_metrics in self.window_metrics:
+            for key, value in step_metrics.items():
+                values.setdefault(key, []).append(value)
+        return {key: sum(v) / len(v) for key, v in values.items()}
+
+    def note(self) -> str:
+        """The progress bar's extra: the last step's reward mean ± std (grpo), else nothing."""
+        last = self.window_metrics[-1] if self.window_metrics else {}
+        if "reward" not in last:
+            return ""
+        return f"reward {last['reward']:.3f} ± {last['reward_std']:.3f}"
 
     def tokens_per_s(self) -> float:
         return self.tokens_seen / max(time.perf_counter() - self.started, 1e-9)

@@ -22,7 +22,6 @@ from peftcli.methods.registry import Method
 from peftcli.training import faults
 from peftcli.training.distributed import Dist
 from peftcli.training.loss import count_targets, micro_batch_loss_sum
-from peftcli.training.objectives.base import pair_counts
 
 __all__ = ["StepResult", "Stepper", "loss_normaliser"]
 
@@ -125,8 +124,8 @@ class Stepper:
         return loss_total, tokens, micro_losses
 
     def window_counts(self, micro: list[dict[str, torch.Tensor]]) -> dict[str, int]:
-        """A preference objective's normalisers over the global window (pairs, chosen tokens)."""
-        local = pair_counts(micro)
+        """An objective's normalisers over the global window (pairs, chosen tokens; grpo: its tokens)."""
+        local = self.objective.window_counts(micro)
         return {k: max(1, self.dist.sum_int(v)) for k, v in local.items()}
 
     def update(self, step: int) -> float:

@@ -11,5 +11,6 @@ ipo      preference      yes        ((avg_c − avgref_c) − (avg_r − avgref_
 simpo    preference      no         −logσ(β·(avg_c − avg_r) − γ)
 orpo     preference      no         SFT on chosen − β·logσ(log-odds ratio)
 reward   preference      no         −logσ(r_c − r_r), r: a seq_cls head's one output (model.task seq_cls)
+grpo     prompt          kl_coef>0  clipped −ρ·Â over G sampled completions per prompt (rollout.py, rewards.py)
 =======  ==============  =========  ===========================================================
 """

@@ -108,6 +108,7 @@ class Objective:
     data_format: ClassVar[str | None] = "preference"
     needs_reference: ClassVar[bool] = False
     task: ClassVar[str] = "causal_lm"  # the model head it trains (reward: seq_cls)
+    samples: ClassVar[bool] = False  # grpo: the loop samples completions of the window's prompts first
 
     def __init__(
         self, cfg: ObjectiveConfig, reference: Callable[[], Any] | None = None, reference_model=None
@@ -122,6 +123,15 @@ class Objective:
     def rewards(self, s: PairScores) -> tuple[torch.Tensor, torch.Tensor]:
         """The implicit rewards of the chosen and rejected answers (B,) each, as TRL logs them."""
         raise NotImplementedError
+
+    @classmethod
+    def wants_reference(cls, cfg: ObjectiveConfig) -> bool:
+        """Whether this run compares with a reference (grpo: only with a KL term)."""
+        return cls.needs_reference
+
+    def window_counts(self, micro: list[dict[str, torch.Tensor]]) -> dict[str, int]:
+        """The window's normalisers, before summing over ranks (pairs, chosen tokens)."""
+        return pair_counts(micro)
 
     def window_loss(self, s: PairScores, counts: dict[str, int]) -> torch.Tensor:
         """This micro-batch's share of the window's loss: its pairs' losses over the window's pairs."""

@@ -8,6 +8,7 @@ from peftcli.methods.registry import Method
 from peftcli.recipe import ObjectiveConfig
 from peftcli.training.objectives.base import Objective
 from peftcli.training.objectives.dpo import Dpo
+from peftcli.training.objectives.grpo import Grpo
 from peftcli.training.objectives.ipo import Ipo
 from peftcli.training.objectives.orpo import Orpo
 from peftcli.training.objectives.reference import reference_context
@@ -15,7 +16,7 @@ from peftcli.training.objectives.reward import Reward
 from peftcli.training.objectives.sft import Sft
 from peftcli.training.objectives.simpo import Simpo
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Sft, Dpo, Ipo, Simpo, Orpo, Reward)}
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Sft, Dpo, Ipo, Simpo, Orpo, Reward, Grpo)}
 
 __all__ = ["OBJECTIVES", "build_objective"]
 
@@ -26,6 +27,6 @@ def build_objective(cfg: ObjectiveConfig, method: Method, model: nn.Module) -> O
     cls = OBJECTIVES[cfg.name]
     if cls is Sft:
         return None
-    if not cls.needs_reference:
+    if not cls.wants_reference(cfg):
         return cls(cfg)
     return cls(cfg, reference_context(cfg.reference, method, model), model)
