@@ -155,6 +155,17 @@ METHODS: dict[str, Case] = {
     "prompt_tuning": Case(
         {"llama": ("prompt_tuning",)}, identity=False, mergeable=False, peft_type="PROMPT_TUNING"
     ),
+    "shira": Case(
+        {
+            "llama": ("shira",),
+            "weight_magnitude": ("shira", "method.mask_type=weight_magnitude", "method.r=2"),
+            "bert-seq_cls": ("shira", *BERT),
+            "t5-seq2seq": ("shira", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="SHIRA",
+    ),
     "unipelt": Case({"llama": ("unipelt",)}, identity=False, mergeable=False),
     "vera": Case(
         {
