@@ -155,6 +155,19 @@ METHODS: dict[str, Case] = {
     "prompt_tuning": Case(
         {"llama": ("prompt_tuning",)}, identity=False, mergeable=False, peft_type="PROMPT_TUNING"
     ),
+    "road": Case(
+        {
+            "llama": ("road",),
+            "road_2": ("road", "method.variant=road_2", "method.group_size=32"),
+            "road_4": ("road", "method.variant=road_4", "method.group_size=8"),
+            "bert-seq_cls": ("road", *BERT),
+            "t5-seq2seq": ("road", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="ROAD",
+        peft_counts=True,
+    ),
     "shira": Case(
         {
             "llama": ("shira",),
