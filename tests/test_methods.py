@@ -180,6 +180,18 @@ METHODS: dict[str, Case] = {
         peft_type="SHIRA",
     ),
     "unipelt": Case({"llama": ("unipelt",)}, identity=False, mergeable=False),
+    "vblora": Case(
+        {
+            "llama": ("vblora",),
+            "gpt2": ("vblora", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("vblora", *BERT),
+            "t5-seq2seq": ("vblora", *T5),
+        },
+        identity=False,
+        mergeable=True,
+        peft_type="VBLORA",
+        peft_counts=True,
+    ),
     "vera": Case(
         {
             "llama": ("vera",),

@@ -30,6 +30,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     road,
     shira,
     unipelt,
+    vblora,
     vera,
 )
 from peftcli.methods.registry import Method, registered
