@@ -155,6 +155,23 @@ METHODS: dict[str, Case] = {
     "prompt_tuning": Case(
         {"llama": ("prompt_tuning",)}, identity=False, mergeable=False, peft_type="PROMPT_TUNING"
     ),
+    "randlora": Case(
+        {
+            "llama": ("randlora",),
+            "no-saved-projection-sparse": (
+                "randlora",
+                "method.save_projection=false",
+                "method.sparse=true",
+                "method.projection_prng_key=7",
+            ),
+            "gpt2": ("randlora", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("randlora", *BERT),
+            "t5-seq2seq": ("randlora", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="RANDLORA",
+    ),
     "road": Case(
         {
             "llama": ("road",),
