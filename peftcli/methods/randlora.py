@@ -185,7 +185,7 @@ class RandLora(LayerMethod):
     config_cls = RandLoraConfig
     mergeable = True
     peft_type = "RANDLORA"
-    supports_quantized_base = False  # refused until tested here against peft's bitsandbytes layers
+    supports_quantized_base = True  # the update acts beside the 4-bit layer, as peft's bitsandbytes RandLoRA
     supports_packing = True  # a per-token linear update: packed examples never meet
     supports_fsdp = True  # Λ, Γ shard with their layers; A, B are buffers every rank holds whole
     trainable_formula = (

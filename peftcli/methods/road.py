@@ -148,7 +148,7 @@ class Road(LayerMethod):
     config_cls = RoadConfig
     mergeable = True
     peft_type = "ROAD"
-    supports_quantized_base = False  # refused until tested here against peft's bitsandbytes layers
+    supports_quantized_base = True  # R acts on the 4-bit layer's output, as peft's bitsandbytes RoAd
     supports_packing = True  # a per-token map of the layer's output: packed examples never meet
     supports_fsdp = True  # θ and α are plain parameters of their layer; forward calls the layer
     trainable_formula = (
@@ -158,7 +158,7 @@ class Road(LayerMethod):
     layer_types = (RoadLinear,)
     target_kind = "nn.Linear layers"
     target_hint = "use LoRA or FourierFT for GPT-2's Conv1D (peft's RoAd adapts nn.Linear only too)"
-    accepts_target = staticmethod(lambda module: type(module) is nn.Linear)
+    accepts_target = staticmethod(lambda module: isinstance(module, nn.Linear))  # 4-bit layers are too
 
     cfg: RoadConfig
 
