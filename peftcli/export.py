@@ -203,7 +203,7 @@ def load_adapter(
             else None
         ),
     )
-    state = read_adapter_state(path)
+    state = method.adapter_file_state(read_adapter_state(path))
     # Names and dtype kinds must be what this method writes for this base, listed if not. Shapes are
     # checked once loaded (a pruned AdaLoRA adapter resizes the model to its ranks): a file tensor whose
     # shape differs from what the model now holds was broadcast or cut, never loaded as written.

@@ -53,6 +53,14 @@ FAST_ROWS = {
     "test_oft.py::test_peft_loads_our_adapter_with_each_option": {"coft", "block_size-not-dividing"},
     "test_oft.py::test_we_load_peft_adapters_with_each_option": {"llama-coft"},
     "test_quantized_methods.py::test_trains_on_a_4bit_base_loads_in_peft_and_merges": {"vera"},
+    "test_randlora.py::test_peft_loads_our_adapter_with_each_option": {"very_sparse-no-saved-projection"},
+    "test_randlora.py::test_we_load_peft_adapters_with_each_option": {"llama"},
+    "test_road.py::test_peft_loads_our_adapter_with_each_option": {"road_4"},
+    "test_road.py::test_we_load_peft_adapters_with_each_option": {"llama-road_1"},
+    "test_shira.py::test_peft_loads_our_adapter_with_each_option": {"weight_magnitude"},
+    "test_shira.py::test_we_load_peft_adapters_with_each_option": {"llama"},
+    "test_vblora.py::test_peft_loads_our_adapter_with_each_option": {"save_only_topk_weights"},
+    "test_vblora.py::test_we_load_peft_adapters_with_each_option": {"llama-topk-only"},
 }
 
 

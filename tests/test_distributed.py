@@ -3,8 +3,9 @@
 References and tolerances (fp32, CPU, fixed seeds, OMP_NUM_THREADS=1 per rank):
 - 2 processes with micro-batch b vs 1 process with micro-batch 2b (the same global batch): every
   step's logged loss and every adapter tensor within 1e-5 (LoHa's tensors 5e-5: ADAPTER_TOLERANCE), for
-  ddp and fsdp with LoRA, fsdp with LoHa, LoKr, VeRA, OFT, BOFT, MiSS (bat) and C3A, and AdaLoRA, IA3 and prompt tuning under
-  ddp. The data (13 examples, global batch 4, accumulation 2) makes the last micro-batch of each epoch
+  ddp and fsdp with LoRA, fsdp with LoHa, LoKr, VeRA, OFT, BOFT, MiSS (bat), C3A, RandLoRA, RoAd and SHiRA,
+  and AdaLoRA, IA3 and prompt tuning under ddp. The data (13 examples, global batch 4, accumulation 2)
+  makes the last micro-batch of each epoch
   a single example, so one rank runs a stand-in that scores nothing;
 - a two-"node" localhost job (two launches, --nnodes 2) writes one adapter equal to the reference;
 - a 2-process run SIGKILLed after a checkpoint and resumed ends with the uninterrupted 2-process
@@ -46,6 +47,9 @@ METHODS = {
     "boft": "{name: boft, boft_block_size: 8, boft_n_butterfly_factor: 2}",
     "miss": "{name: miss, r: 16, init_weights: bat}",
     "c3a": "{name: c3a, block_size: 16}",
+    "randlora": "{name: randlora, r: 16, randlora_alpha: 32}",
+    "road": "{name: road, group_size: 16}",
+    "shira": "{name: shira, r: 2, random_seed: 0}",
 }
 
 # Adapter tolerance where 1e-5 is too tight for the arithmetic, not for the distribution: LoHa's W2b starts
@@ -212,6 +216,9 @@ def test_ddp_leaves_the_frozen_base_alone(tmp_path):
         ("boft", "fsdp"),
         ("miss", "fsdp"),
         ("c3a", "fsdp"),
+        ("randlora", "fsdp"),
+        ("road", "fsdp"),
+        ("shira", "fsdp"),
     ],
 )
 def test_two_processes_compute_what_one_process_computes(tmp_path, method, mode):

@@ -202,7 +202,60 @@ METHODS: dict[str, Case] = {
     "prompt_tuning": Case(
         {"llama": ("prompt_tuning",)}, identity=False, mergeable=False, peft_type="PROMPT_TUNING"
     ),
+    "randlora": Case(
+        {
+            "llama": ("randlora",),
+            "no-saved-projection-sparse": (
+                "randlora",
+                "method.save_projection=false",
+                "method.sparse=true",
+                "method.projection_prng_key=7",
+            ),
+            "gpt2": ("randlora", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("randlora", *BERT),
+            "t5-seq2seq": ("randlora", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="RANDLORA",
+    ),
+    "road": Case(
+        {
+            "llama": ("road",),
+            "road_2": ("road", "method.variant=road_2", "method.group_size=32"),
+            "road_4": ("road", "method.variant=road_4", "method.group_size=8"),
+            "bert-seq_cls": ("road", *BERT),
+            "t5-seq2seq": ("road", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="ROAD",
+        peft_counts=True,
+    ),
+    "shira": Case(
+        {
+            "llama": ("shira",),
+            "weight_magnitude": ("shira", "method.mask_type=weight_magnitude", "method.r=2"),
+            "bert-seq_cls": ("shira", *BERT),
+            "t5-seq2seq": ("shira", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="SHIRA",
+    ),
     "unipelt": Case({"llama": ("unipelt",)}, identity=False, mergeable=False),
+    "vblora": Case(
+        {
+            "llama": ("vblora",),
+            "gpt2": ("vblora", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("vblora", *BERT),
+            "t5-seq2seq": ("vblora", *T5),
+        },
+        identity=False,
+        mergeable=True,
+        peft_type="VBLORA",
+        peft_counts=True,
+    ),
     "vera": Case(
         {
             "llama": ("vera",),

@@ -30,7 +30,11 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     parallel_adapter,
     prefix_tuning,
     prompt_tuning,
+    randlora,
+    road,
+    shira,
     unipelt,
+    vblora,
     vera,
 )
 from peftcli.methods.registry import Method, registered

@@ -105,6 +105,12 @@ class Method:
         """The trainable state to save, keyed in peft's naming where ``peft_type`` is set."""
         return {k: v.detach() for k, v in self.live_state_dict(model).items()}
 
+    def adapter_file_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An adapter file's tensors as this method loads them (``peftcli.export.load_adapter`` checks
+        and loads what this returns): as they are by default. A method whose peft files hold tensors it
+        keeps elsewhere drops them here (peft's RandLoRA saves its shared bases once per layer too)."""
+        return state
+
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Copy a saved state into the model; every key must match (``inject.load_prefixed``)."""
         load_prefixed(model, state, {k: v.detach() for k, v in self.live_state_dict(model).items()})
