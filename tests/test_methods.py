@@ -155,6 +155,17 @@ METHODS: dict[str, Case] = {
     "prompt_tuning": Case(
         {"llama": ("prompt_tuning",)}, identity=False, mergeable=False, peft_type="PROMPT_TUNING"
     ),
+    "trainable_tokens": Case(
+        {
+            "llama": ("trainable_tokens",),
+            "gpt2-tied": ("trainable_tokens", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("trainable_tokens", *BERT),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="TRAINABLE_TOKENS",
+        peft_counts=False,  # a tied head's rows are written twice (peft's file), trained once
+    ),
     "unipelt": Case({"llama": ("unipelt",)}, identity=False, mergeable=False),
     "vera": Case(
         {
