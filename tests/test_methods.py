@@ -57,6 +57,13 @@ class Case:
 METHODS: dict[str, Case] = {
     "adalora": Case({"llama": ("adalora",)}, identity=True, mergeable=True, peft_type="ADALORA"),
     "adapter_fusion": Case({"llama": ("adapter_fusion",)}, identity=False, mergeable=False),
+    "adaption_prompt": Case(
+        {"llama": ("adaption_prompt",), "mistral": ("adaption_prompt", "model.name=tiny:mistral")},
+        identity=True,
+        mergeable=False,
+        peft_type="ADAPTION_PROMPT",
+        peft_counts=True,
+    ),
     "bitfit": Case({"gpt2": ("bitfit",)}, identity=True, mergeable=True),
     "fourierft": Case(
         {

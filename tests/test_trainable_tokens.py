@@ -134,26 +134,3 @@ def test_recipe_mistakes_are_one_line_errors(overrides, key, words, tmp_path):
     with pytest.raises(RecipeError) as err:
         kit.build("trainable_tokens", tmp_path, overrides)
     assert err.value.key == key and words in str(err.value) and "\n" not in str(err.value)
-
-
-def test_trains_on_a_4bit_base_and_loads_in_peft_there(tmp_path):
-    """The embedding stays in full precision on a QLoRA base: the rows train, the 4-bit codes stay
-    bit-identical, and peft loads the adapter on the same 4-bit base with our logits (≤ 1e-4, QLoRA's
-    tolerance)."""
-    pytest.importorskip("bitsandbytes")
-    from test_quantized_methods import QUANTIZED, peft_user_base
-
-    built = kit.build("trainable_tokens", tmp_path, QUANTIZED)
-    quantized = built.model.model.layers[0].self_attn.q_proj
-    assert type(quantized).__name__ == "Linear4bit"
-    codes = quantized.weight.data.clone()
-    batch = kit.batch("causal_lm", built.model.config.vocab_size, lengths=(10, 7))
-    kit.train_step(built.model, built.method, batch, recipe=built.recipe)
-    assert torch.equal(quantized.weight.data, codes)
-    kit.perturb(built.model)
-    ours = kit.logits(built.model, batch)
-    adapter = kit.save(tmp_path, built.model, built.method, built.tokenizer, built.base_path, built.recipe)
-    base = peft_user_base(built.base_path)
-    assert kit.max_diff(ours, kit.logits(base, batch)) > 1e-3
-    theirs = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
-    assert kit.max_diff(ours, kit.peft_logits(theirs, batch)) <= 1e-4

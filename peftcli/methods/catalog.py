@@ -10,6 +10,7 @@ from __future__ import annotations
 from peftcli.methods import (  # noqa: F401  (imported to register)
     adalora,
     adapter_fusion,
+    adaption_prompt,
     bitfit,
     fourierft,
     houlsby_adapter,
