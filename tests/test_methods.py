@@ -129,6 +129,15 @@ METHODS: dict[str, Case] = {
         peft_counts=True,
     ),
     "mam_adapter": Case({"llama": ("mam_adapter",)}, identity=False, mergeable=False),
+    "multitask_prompt_tuning": Case(
+        {
+            "llama": ("multitask_prompt_tuning",),
+            "bert-seq_cls": ("multitask_prompt_tuning", *BERT),
+        },
+        identity=False,
+        mergeable=False,
+        peft_type="MULTITASK_PROMPT_TUNING",
+    ),
     "oft": Case(
         {
             "llama": ("oft",),
@@ -218,8 +227,12 @@ def build(name: str, run: str, tmp_path) -> kit.Built:
 
 
 def probe(built: kit.Built) -> dict[str, torch.Tensor]:
-    """2 rows of 10, the second right-padded after 7; seq2seq targets of 6."""
-    return kit.batch(built.task, built.model.config.vocab_size, lengths=(10, 7), label_length=6)
+    """2 rows of 10, the second right-padded after 7; seq2seq targets of 6; task ids 0 and 1 where the
+    recipe has them (data.task_id_column)."""
+    batch = kit.batch(built.task, built.model.config.vocab_size, lengths=(10, 7), label_length=6)
+    if built.recipe.data.task_id_column:
+        batch["task_ids"] = torch.arange(2) % built.recipe.method.num_tasks
+    return batch
 
 
 def plain_base(built: kit.Built):

@@ -22,6 +22,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     lokr,
     lora,
     mam_adapter,
+    multitask_prompt_tuning,
     oft,
     p_tuning,
     p_tuning_v2,
