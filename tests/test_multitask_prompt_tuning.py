@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from peftcli.data.collate import collate
 from peftcli.data.pipeline import load_data
+from peftcli.evaluate import greedy_generate
 from peftcli.export import load_adapter
 from peftcli.models import resolve_model_name
 from peftcli.recipe import DataConfig, RecipeError
@@ -236,3 +237,15 @@ def test_recipes_that_cannot_work_are_refused_at_start(overrides, key, tmp_path)
     with pytest.raises(RecipeError) as err:
         kit.tiny_recipe("multitask_prompt_tuning", tmp_path, overrides)
     assert err.value.key == key and "\n" not in str(err.value)
+
+
+def test_one_task_needs_no_task_ids(tmp_path):
+    """num_tasks 1 (the paper's target task): no column, every example is task 0, generation works."""
+    overrides = ["method.num_tasks=1", "data.task_id_column=null", "eval.generate=true"]
+    built = kit.build("multitask_prompt_tuning", tmp_path, overrides)
+    kit.perturb(built.model)
+    batch = kit.batch("causal_lm", built.model.config.vocab_size, lengths=(10, 7))
+    task_zero = {**batch, "task_ids": torch.zeros(2, dtype=torch.long)}
+    assert kit.max_diff(kit.logits(built.model, batch), kit.logits(built.model, task_zero)) == 0.0
+    pad = built.tokenizer.pad_token_id
+    assert len(greedy_generate(built.model, [[40, 41, 42]], 3, set(), pad, torch.device("cpu"))[0]) == 3

@@ -7,7 +7,8 @@ matrix of its own, ``u_k v_kᵀ`` (peft's ``prefix_task_cols`` (n, r) and ``pref
     P_k = P* ⊙ (u_k v_kᵀ),     y = f([P_k; E(x)])      for an example of task k
 
 so each example needs its task index: ``data.task_id_column`` names the column, the data stage keeps it
-and collation batches it as ``task_ids``. The paper trains ``P*`` and the task factors on source tasks,
+and collation batches it as ``task_ids`` (with ``num_tasks: 1`` every example is task 0 and no column
+is needed, so generation works too). The paper trains ``P*`` and the task factors on source tasks,
 then starts a target task from them: ``init: average_source_tasks`` (the factors' mean over the source
 tasks), ``exact_source_task`` (source task ``init_task``'s factors) or ``only_source_shared`` (``P*``
 alone, fresh factors), each read from ``init_from`` (a multitask prompt tuning adapter directory). The
@@ -72,13 +73,15 @@ class MultitaskPrompt(nn.Module):
         self.prefix_task_rows = nn.Parameter(torch.normal(0.0, 0.02, size=(num_tasks, num_ranks, hidden)))
 
     def forward(self, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        tasks = self.prefix_task_cols.shape[0]
+        if task_ids is None and tasks == 1:  # one task: every example is task 0, ids or not
+            return self.embedding.weight * (self.prefix_task_cols[0] @ self.prefix_task_rows[0])  # (n, h)
         if task_ids is None:
             raise RecipeError(
                 "data.task_id_column",
-                "multitask_prompt_tuning needs each example's task id and this call has none",
+                f"multitask_prompt_tuning with {tasks} tasks needs each example's task id and this call has none",
                 "train and evaluate with data.task_id_column; generation and chat do not carry task ids",
             )
-        tasks = self.prefix_task_cols.shape[0]
         if task_ids.numel() and not 0 <= int(task_ids.min()) <= int(task_ids.max()) < tasks:
             raise RecipeError(
                 "data.task_id_column",
@@ -111,9 +114,9 @@ class MultitaskPromptTuning(SoftPromptMethod):
                 "use prompt_tuning for seq2seq",
             ),
             (
-                recipe.data.task_id_column is None,
+                recipe.data.task_id_column is None and cfg.num_tasks > 1,
                 "data.task_id_column",
-                "multitask_prompt_tuning needs each example's task index and none is set",
+                f"multitask_prompt_tuning with num_tasks {cfg.num_tasks} needs each example's task index",
                 "name the column holding it, e.g. data.task_id_column: task_id (values 0 … num_tasks-1)",
             ),
             (
@@ -124,11 +127,12 @@ class MultitaskPromptTuning(SoftPromptMethod):
             ),
             (
                 recipe.eval.generate
+                and cfg.num_tasks > 1
                 and recipe.model.task == "causal_lm"
                 and bool(recipe.data.eval or recipe.data.eval_fraction),
                 "eval.generate",
-                "generation carries no task ids, which multitask_prompt_tuning's prompts need",
-                "set eval.generate: false (eval loss and perplexity still run)",
+                "generation carries no task ids, which the prompts of num_tasks > 1 need",
+                "set eval.generate: false (eval loss and perplexity still run), or train one task",
             ),
         ]
         for bad, key, what, hint in checks:
