@@ -176,6 +176,7 @@ METHODS: dict[str, Case] = {
             "llama": ("trainable_tokens",),
             "gpt2-tied": ("trainable_tokens", "model.name=tiny:gpt2"),
             "bert-seq_cls": ("trainable_tokens", *BERT),
+            "t5-seq2seq": ("trainable_tokens", *T5),
         },
         identity=True,
         mergeable=True,

@@ -4,7 +4,8 @@
   ``trainable_tokens_delta``, every other row bit-identical; step 0 is the base (``init_weights``), and
   with ``init_weights: false`` the rows start elsewhere;
 - with each option that changes the numbers (``init_weights``, ``target_modules``: the LM head, both,
-  a tied head on tiny:gpt2) and on tiny:bert seq_cls, our adapter loads in ``PeftModel.from_pretrained``
+  a tied head on tiny:gpt2), on tiny:bert seq_cls and on tiny:t5 seq2seq (encoder, decoder and head
+  all read ``shared``), our adapter loads in ``PeftModel.from_pretrained``
   with our logits (≤ 1e-5) and holds exactly peft's keys and shapes;
 - an adapter peft wrote with each option loads in ``peftcli.export.load_adapter`` with peft's logits
   (≤ 1e-5), and ``peftcli merge`` folds it into a plain model with peft's logits (≤ 1e-4);
@@ -34,6 +35,7 @@ OPTION_RUNS = {
     "embed_tokens-and-lm_head": ["method.target_modules=[embed_tokens, lm_head]"],
     "gpt2-tied": ["model.name=tiny:gpt2"],
     "bert": BERT,
+    "t5-shared": ["model.name=tiny:t5", "model.task=seq2seq"],  # encoder, decoder and head read `shared`
 }
 
 # run id -> (task, model, peft TrainableTokensConfig options)
@@ -42,6 +44,7 @@ PEFT_RUNS = {
     "llama-init_weights-false": ("causal_lm", "tiny:llama", {"init_weights": False}),
     "llama-lm_head": ("causal_lm", "tiny:llama", {"target_modules": ["lm_head"]}),
     "gpt2-tied": ("causal_lm", "tiny:gpt2", {}),
+    "t5-shared": ("seq2seq", "tiny:t5", {}),
 }
 
 

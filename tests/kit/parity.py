@@ -23,7 +23,7 @@ from kit.peft import load_in_peft, logits, peft_logits, perturb, save
 from peftcli.export import load_adapter, merge_adapter
 from peftcli.models import resolve_model_name
 
-PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
+PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
 
 
 def auto_class(task: str):
@@ -33,6 +33,7 @@ def auto_class(task: str):
     return {
         "causal_lm": transformers.AutoModelForCausalLM,
         "seq_cls": transformers.AutoModelForSequenceClassification,
+        "seq2seq": transformers.AutoModelForSeq2SeqLM,
     }[task]
 
 
