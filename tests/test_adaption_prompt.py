@@ -5,13 +5,13 @@ the CPU:
   attention's output is the frozen attention's plus ``g · W_o · W_v P`` (each key/value head repeated for
   its query group), ≤ 1e-6; at g = 0 (the init) it is the frozen attention's exactly;
 - only the top ``adapter_layers`` attention modules are adapted, as peft picks them;
-- with each option that changes the numbers (``adapter_len``, ``adapter_layers``) and on tiny:mistral,
-  our adapter loads in ``PeftModel.from_pretrained`` with our logits (≤ 1e-5) and holds exactly peft's
+- with each option that changes the numbers (``adapter_len``, ``adapter_layers``), on tiny:mistral and
+  on tiny:gpt2 (fused c_attn, the branch left unprojected as peft leaves it), our adapter loads in ``PeftModel.from_pretrained`` with our logits (≤ 1e-5) and holds exactly peft's
   keys and shapes; an adapter peft wrote loads in ``peftcli.export.load_adapter`` with peft's logits
   (≤ 1e-5);
 - cached greedy decoding (the prompt branch on one new token at a time) equals decoding that reruns
   the whole sequence at every step;
-- what cannot work is refused in one line at start: another family (gpt2), another task, more layers
+- what cannot work is refused in one line at start: another family (qwen2), another task, more layers
   than the model has, and ``peftcli merge`` (no weight to fold a second attention branch into).
 """
 
@@ -32,6 +32,7 @@ OPTION_RUNS = {
     "default": [],
     "adapter_len-adapter_layers": ["method.adapter_len=3", "method.adapter_layers=1"],
     "mistral": ["model.name=tiny:mistral"],
+    "gpt2": ["model.name=tiny:gpt2", "method.adapter_layers=1"],  # fused c_attn, no output projection
 }
 
 # run id -> (model, peft AdaptionPromptConfig options)
@@ -39,6 +40,7 @@ PEFT_RUNS = {
     "llama": ("tiny:llama", {"adapter_len": 4, "adapter_layers": 2}),
     "llama-top-layer": ("tiny:llama", {"adapter_len": 10, "adapter_layers": 1}),
     "mistral": ("tiny:mistral", {"adapter_len": 6, "adapter_layers": 1}),
+    "gpt2": ("tiny:gpt2", {"adapter_len": 4, "adapter_layers": 2}),
 }
 
 
@@ -105,8 +107,9 @@ def test_we_load_peft_adapters_with_each_option(run, tmp_path):
     assert result.method == "adaption_prompt" and result.loaded <= 1e-5
 
 
-def test_cached_generation_equals_recomputing_the_sequence(tmp_path):
-    built = kit.build("adaption_prompt", tmp_path, [])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cached_generation_equals_recomputing_the_sequence(family, tmp_path):
+    built = kit.build("adaption_prompt", tmp_path, [f"model.name=tiny:{family}"])
     kit.perturb(built.model, scale=0.5)  # the gates well open
     prompts = [[40, 41, 42, 43, 44], [50, 51, 52]]
     pad = built.tokenizer.pad_token_id
@@ -123,7 +126,7 @@ def test_cached_generation_equals_recomputing_the_sequence(tmp_path):
 @pytest.mark.parametrize(
     "overrides,key,words",
     [
-        (["model.name=tiny:gpt2"], "method.name", "llama and mistral families"),
+        (["model.name=tiny:qwen2"], "method.name", "llama, mistral and gpt2 families"),
         (
             ["model.name=tiny:bert", "model.task=seq_cls", "data.format=classification"],
             "model.task",

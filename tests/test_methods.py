@@ -58,7 +58,11 @@ METHODS: dict[str, Case] = {
     "adalora": Case({"llama": ("adalora",)}, identity=True, mergeable=True, peft_type="ADALORA"),
     "adapter_fusion": Case({"llama": ("adapter_fusion",)}, identity=False, mergeable=False),
     "adaption_prompt": Case(
-        {"llama": ("adaption_prompt",), "mistral": ("adaption_prompt", "model.name=tiny:mistral")},
+        {
+            "llama": ("adaption_prompt",),
+            "mistral": ("adaption_prompt", "model.name=tiny:mistral"),
+            "gpt2": ("adaption_prompt", "model.name=tiny:gpt2"),
+        },
         identity=True,
         mergeable=False,
         peft_type="ADAPTION_PROMPT",

@@ -9,14 +9,16 @@ gate, and the result goes through the frozen output projection beside the layer'
 
     y = Attn(x) + W_o · (g · softmax(q Kᵀ / √d) V),   K = W_k P,  V = W_v P,  q = RoPE(W_q x)
 
-The prompt keys carry no rotary position (they sit at no position); the gate starts at 0, so step 0 is
+On GPT-2 q, K and V come from the fused ``c_attn`` (with its bias) and, as in peft, the branch is added
+without an output projection. The prompt keys carry no rotary position (they sit at no position); the
+gate starts at 0, so step 0 is
 the base model and the prompts' influence grows only as training opens the gate (the paper's
 "zero-init attention"). With grouped-query attention each key/value head serves its group of query
 heads, as in the layer itself.
 
 Saved as peft's ``ADAPTION_PROMPT``: ``<attention>.adaption_prompt`` (1, n, h) and
 ``<attention>.adaption_gate`` (1,) under ``base_model.model.``. peft (and so this method) supports the
-llama and mistral families; others are refused at start.
+llama, mistral and gpt2 families; others are refused at start.
 """
 
 from __future__ import annotations
@@ -33,10 +35,10 @@ from peftcli.methods.kit import LayerMethod
 from peftcli.methods.registry import Method, register
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
-# peft's TRANSFORMERS_MODEL_CONFIG less gpt2 (its fused c_attn and the adapter output left unprojected
-# would be a second code path): the families whose attention is q/k/v/o_proj with rotary queries
-FAMILIES = ("llama", "mistral")
-ATTENTION = "self_attn"  # peft's target_modules for those families: the attention module's last name
+# peft's TRANSFORMERS_MODEL_CONFIG: each family's attention module (its last name). llama and mistral
+# project with q/k/v/o_proj and rotate the queries; GPT-2 projects with its fused c_attn and, as peft,
+# adds the prompt branch unprojected (its c_proj has already run on the layer's own attention).
+FAMILIES = {"llama": "self_attn", "mistral": "self_attn", "gpt2": "attn"}
 
 
 @dataclass
@@ -62,13 +64,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class AdaptedAttention(nn.Module):
-    """A frozen llama-style attention plus LLaMA-Adapter's gated prompt branch; looks like the
-    attention it wraps (model code reads ``layer_idx``, ``config``, ...)."""
+    """A frozen attention plus LLaMA-Adapter's gated prompt branch; looks like the attention it wraps
+    (model code reads ``layer_idx``, ``config``, ...). ``fused``: GPT-2's c_attn (see FAMILIES)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_len: int, hidden_size: int):
+    def __init__(self, base_layer: nn.Module, adapter_len: int, hidden_size: int, fused: bool = False):
         super().__init__()
         self.base_layer = base_layer
-        weight = base_layer.q_proj.weight
+        self.fused = fused
+        weight = next(base_layer.parameters())
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32  # as peft
         self.adaption_prompt = nn.Parameter(
             torch.empty(1, adapter_len, hidden_size, device=weight.device, dtype=dtype).normal_()
@@ -86,8 +89,11 @@ class AdaptedAttention(nn.Module):
     def forward(self, *args: Any, **kwargs: Any):
         output, *rest = self.base_layer(*args, **kwargs)
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        position = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
-        update = self.prompt_attention(hidden, position)
+        if self.fused:
+            update = self.fused_prompt_attention(hidden)
+        else:
+            position = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
+            update = self.prompt_attention(hidden, position)
         return (output + update).to(output.dtype), *rest
 
     def prompt_attention(
@@ -104,12 +110,31 @@ class AdaptedAttention(nn.Module):
         n = prompt.shape[1]
         keys = attention.k_proj(prompt).view(1, n, -1, head_dim).transpose(1, 2)  # (1, Hkv, n, d)
         values = attention.v_proj(prompt).view(1, n, -1, head_dim).transpose(1, 2)
+        return attention.o_proj(self.gated_mix(query, keys, values).to(hidden.dtype))
+
+    def fused_prompt_attention(self, hidden: torch.Tensor) -> torch.Tensor:
+        """GPT-2: ``g · softmax(q Kᵀ/√d) V`` with q, K, V from the fused c_attn (biases included), no
+        output projection (peft's AdaptedAttentionGPT)."""
+        attention, width = self.base_layer, hidden.shape[-1]
+        batch, length, _ = hidden.shape
+        head_dim = attention.head_dim
+        query = attention.c_attn(hidden).split(width, dim=2)[0]
+        query = query.view(batch, length, -1, head_dim).transpose(1, 2)  # (B, H, T, d)
+        prompt = self.adaption_prompt.to(hidden.dtype)  # (1, n, h)
+        _, keys, values = attention.c_attn(prompt).split(width, dim=2)
+        keys = keys.view(1, prompt.shape[1], -1, head_dim).transpose(1, 2)  # (1, H, n, d)
+        values = values.view(1, prompt.shape[1], -1, head_dim).transpose(1, 2)
+        return self.gated_mix(query, keys, values).to(hidden.dtype)
+
+    def gated_mix(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``g · softmax(q Kᵀ/√d) V``: queries (B, H, T, d) over the prompt's keys and values
+        (1, Hkv, n, d), each key/value head serving its group of query heads; (B, T, H·d)."""
+        batch, _, length, head_dim = query.shape
         group = query.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
         scores = query @ keys.transpose(2, 3) / math.sqrt(head_dim)  # (B, H, T, n)
         weights = self.adaption_gate * F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        mixed = (weights @ values.to(weights.dtype)).transpose(1, 2).reshape(batch, length, -1)
-        return attention.o_proj(mixed.to(hidden.dtype))
+        return (weights @ values.to(weights.dtype)).transpose(1, 2).reshape(batch, length, -1)
 
 
 @register
@@ -139,14 +164,7 @@ class AdaptionPrompt(LayerMethod):
 
     def resolve_targets(self, model: nn.Module) -> list[str]:
         """The attention modules of the top ``adapter_layers`` decoder layers, as peft picks them."""
-        family = getattr(model.config, "model_type", None)
-        if family not in FAMILIES:
-            raise RecipeError(
-                "method.name",
-                f"adaption_prompt supports the llama and mistral families (as peft), not {family}",
-                "use prefix_tuning (prompts in every layer) or lora for this model",
-            )
-        found = [n for n, _ in model.named_modules() if n.endswith(f".{ATTENTION}")]
+        found = [n for n, _ in model.named_modules() if n.endswith(f".{self.attention_name(model)}")]
         wanted = self.cfg.adapter_layers or len(found)
         if wanted > len(found):
             raise RecipeError(
@@ -156,8 +174,21 @@ class AdaptionPrompt(LayerMethod):
             )
         return found[-wanted:]
 
+    @staticmethod
+    def attention_name(model: nn.Module) -> str:
+        """The family's attention module name (FAMILIES), or one line saying the family is not one."""
+        family = getattr(model.config, "model_type", None)
+        if family not in FAMILIES:
+            raise RecipeError(
+                "method.name",
+                f"adaption_prompt supports the llama, mistral and gpt2 families (as peft), not {family}",
+                "use prefix_tuning (prompts in every layer) or lora for this model",
+            )
+        return FAMILIES[family]
+
     def create_layer(self, name: str, base: nn.Module) -> AdaptedAttention:
-        return AdaptedAttention(base, self.cfg.adapter_len, base.config.hidden_size)
+        fused = hasattr(base, "c_attn")  # GPT-2
+        return AdaptedAttention(base, self.cfg.adapter_len, base.config.hidden_size, fused)
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
         hidden = model.config.hidden_size
@@ -168,7 +199,7 @@ class AdaptionPrompt(LayerMethod):
         return {
             "adapter_len": self.cfg.adapter_len,
             "adapter_layers": len(self.targets),
-            "target_modules": ATTENTION,
+            "target_modules": self.attention_name(model),
         }
 
 
