@@ -57,6 +57,17 @@ class Case:
 METHODS: dict[str, Case] = {
     "adalora": Case({"llama": ("adalora",)}, identity=True, mergeable=True, peft_type="ADALORA"),
     "adapter_fusion": Case({"llama": ("adapter_fusion",)}, identity=False, mergeable=False),
+    "adaption_prompt": Case(
+        {
+            "llama": ("adaption_prompt",),
+            "mistral": ("adaption_prompt", "model.name=tiny:mistral"),
+            "gpt2": ("adaption_prompt", "model.name=tiny:gpt2"),
+        },
+        identity=True,
+        mergeable=False,
+        peft_type="ADAPTION_PROMPT",
+        peft_counts=True,
+    ),
     "bitfit": Case({"gpt2": ("bitfit",)}, identity=True, mergeable=True),
     "boft": Case(
         {
@@ -169,6 +180,15 @@ METHODS: dict[str, Case] = {
         peft_type="MISS",
         peft_counts=True,
     ),
+    "multitask_prompt_tuning": Case(
+        {
+            "llama": ("multitask_prompt_tuning",),
+            "bert-seq_cls": ("multitask_prompt_tuning", *BERT),
+        },
+        identity=False,
+        mergeable=False,
+        peft_type="MULTITASK_PROMPT_TUNING",
+    ),
     "oft": Case(
         {
             "llama": ("oft",),
@@ -243,6 +263,18 @@ METHODS: dict[str, Case] = {
         mergeable=True,
         peft_type="SHIRA",
     ),
+    "trainable_tokens": Case(
+        {
+            "llama": ("trainable_tokens",),
+            "gpt2-tied": ("trainable_tokens", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("trainable_tokens", *BERT),
+            "t5-seq2seq": ("trainable_tokens", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="TRAINABLE_TOKENS",
+        peft_counts=False,  # a tied head's rows are written twice (peft's file), trained once
+    ),
     "unipelt": Case({"llama": ("unipelt",)}, identity=False, mergeable=False),
     "vblora": Case(
         {
@@ -300,8 +332,12 @@ def build(name: str, run: str, tmp_path) -> kit.Built:
 
 
 def probe(built: kit.Built) -> dict[str, torch.Tensor]:
-    """2 rows of 10, the second right-padded after 7; seq2seq targets of 6."""
-    return kit.batch(built.task, built.model.config.vocab_size, lengths=(10, 7), label_length=6)
+    """2 rows of 10, the second right-padded after 7; seq2seq targets of 6; task ids 0 and 1 where the
+    recipe has them (data.task_id_column)."""
+    batch = kit.batch(built.task, built.model.config.vocab_size, lengths=(10, 7), label_length=6)
+    if built.recipe.data.task_id_column:
+        batch["task_ids"] = torch.arange(2) % built.recipe.method.num_tasks
+    return batch
 
 
 def plain_base(built: kit.Built):
