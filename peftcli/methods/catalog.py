@@ -28,8 +28,10 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     p_tuning,
     p_tuning_v2,
     parallel_adapter,
+    peanut,
     prefix_tuning,
     prompt_tuning,
+    supertuning,
     unipelt,
     vera,
 )
