@@ -46,6 +46,8 @@ METHODS = {
     "boft": "{name: boft, boft_block_size: 8, boft_n_butterfly_factor: 2}",
     "miss": "{name: miss, r: 16, init_weights: bat}",
     "c3a": "{name: c3a, block_size: 16}",
+    "peanut": "{name: peanut, r: 4, depth: 1, init_weights: false}",
+    "supertuning": "{name: supertuning, sparsity: 0.9}",
 }
 
 # Adapter tolerance where 1e-5 is too tight for the arithmetic, not for the distribution: LoHa's W2b starts
@@ -212,6 +214,8 @@ def test_ddp_leaves_the_frozen_base_alone(tmp_path):
         ("boft", "fsdp"),
         ("miss", "fsdp"),
         ("c3a", "fsdp"),
+        ("peanut", "fsdp"),
+        ("supertuning", "fsdp"),
     ],
 )
 def test_two_processes_compute_what_one_process_computes(tmp_path, method, mode):
