@@ -52,6 +52,8 @@ FAST_ROWS = {
     "test_miss.py::test_we_load_peft_adapters_with_each_option": {"llama-r-24-padded"},
     "test_oft.py::test_peft_loads_our_adapter_with_each_option": {"coft", "block_size-not-dividing"},
     "test_oft.py::test_we_load_peft_adapters_with_each_option": {"llama-coft"},
+    "test_peanut.py::test_peft_loads_our_adapter_with_each_option": {"depth-2-gelu-scaling"},
+    "test_peanut.py::test_we_load_peft_adapters_with_each_option": {"llama-depth-3-gelu"},
     "test_quantized_methods.py::test_trains_on_a_4bit_base_loads_in_peft_and_merges": {"vera"},
     "test_randlora.py::test_peft_loads_our_adapter_with_each_option": {"very_sparse-no-saved-projection"},
     "test_randlora.py::test_we_load_peft_adapters_with_each_option": {"llama"},
@@ -61,6 +63,8 @@ FAST_ROWS = {
     "test_shira.py::test_we_load_peft_adapters_with_each_option": {"llama"},
     "test_vblora.py::test_peft_loads_our_adapter_with_each_option": {"save_only_topk_weights"},
     "test_vblora.py::test_we_load_peft_adapters_with_each_option": {"llama-topk-only"},
+    "test_supertuning.py::test_peft_loads_our_adapter_with_each_option": {"supra-alpha-dropout"},
+    "test_supertuning.py::test_we_load_peft_adapters_with_each_option": {"llama-bottom-supra"},
 }
 
 

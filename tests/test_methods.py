@@ -212,6 +212,18 @@ METHODS: dict[str, Case] = {
         {"llama": ("p_tuning_v2",)}, identity=False, mergeable=False, peft_type="PREFIX_TUNING"
     ),
     "parallel_adapter": Case({"llama": ("parallel_adapter",)}, identity=True, mergeable=False),
+    "peanut": Case(
+        {
+            "llama": ("peanut",),
+            "depth-2-gelu": ("peanut", "method.depth=2", "method.act_fn=gelu", "method.scaling=0.5"),
+            "bert-seq_cls": ("peanut", *BERT),
+            "t5-seq2seq": ("peanut", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="PEANUT",
+        peft_counts=True,
+    ),
     "prefix_tuning": Case(
         {"llama": ("prefix_tuning",), "t5-seq2seq": ("prefix_tuning_t5",)},
         identity=False,
@@ -274,6 +286,17 @@ METHODS: dict[str, Case] = {
         mergeable=True,
         peft_type="TRAINABLE_TOKENS",
         peft_counts=False,  # a tied head's rows are written twice (peft's file), trained once
+    ),
+    "supertuning": Case(
+        {
+            "llama": ("supertuning",),
+            "supra-bottom": ("supertuning", "method.r=4", "method.select_top=false"),
+            "bert-seq_cls": ("supertuning", *BERT),
+            "t5-seq2seq": ("supertuning", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="SUPERTUNING",
     ),
     "unipelt": Case({"llama": ("unipelt",)}, identity=False, mergeable=False),
     "vblora": Case(
