@@ -103,6 +103,16 @@ METHODS: dict[str, Case] = {
         peft_type="C3A",
         peft_counts=True,
     ),
+    "cartridge": Case(
+        {
+            "llama": ("cartridge",),
+            "random-init-no-sink": ("cartridge", "method.init=random", "method.num_frozen_tokens=0"),
+            "t5-seq2seq": ("cartridge", *T5, "method.init=random", "method.num_frozen_tokens=2"),
+        },
+        identity=False,
+        mergeable=False,
+        peft_type="CARTRIDGE",
+    ),
     "fourierft": Case(
         {
             "llama": ("fourierft",),

@@ -14,6 +14,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     bitfit,
     boft,
     c3a,
+    cartridge,
     fourierft,
     houlsby_adapter,
     hra,

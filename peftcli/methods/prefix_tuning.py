@@ -168,6 +168,12 @@ def real_word_rows(model: nn.Module, n: int, text: str, geometry: PrefixGeometry
             "init: real_words needs a non-empty init_text",
             "set method.init_text to words that describe the task",
         )
+    return kv_cache_rows(model, ids, geometry)
+
+
+def kv_cache_rows(model: nn.Module, ids: list[int], geometry: PrefixGeometry) -> torch.Tensor:
+    """The frozen causal LM's keys and values of the tokens ``ids``, read from its KV cache, as prefix
+    rows (len(ids), L·2·token_dim) in peft's ``[k_0, v_0, k_1, v_1, …]`` layout (also Cartridge's init)."""
     device = model.get_input_embeddings().weight.device
     with torch.no_grad():
         cache = output_cache(model(input_ids=torch.tensor([ids], device=device), use_cache=True))
@@ -176,7 +182,7 @@ def real_word_rows(model: nn.Module, n: int, text: str, geometry: PrefixGeometry
         cached = cache.layers[layer]
         blocks += [cached.keys[0], cached.values[0]]  # each (H, n, d)
     rows = torch.stack(blocks).permute(2, 0, 1, 3)  # (n, 2L, H, d)
-    return rows.reshape(n, geometry.row_size).float()
+    return rows.reshape(len(ids), geometry.row_size).float()
 
 
 # --------------------------------------------------------------------------------------------
