@@ -155,6 +155,18 @@ METHODS: dict[str, Case] = {
     "prompt_tuning": Case(
         {"llama": ("prompt_tuning",)}, identity=False, mergeable=False, peft_type="PROMPT_TUNING"
     ),
+    "pvera": Case(
+        {
+            "llama": ("pvera",),
+            "no-saved-projection": ("pvera", "method.save_projection=false", "method.projection_prng_key=7"),
+            "gpt2": ("pvera", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("pvera", *BERT),
+            "t5-seq2seq": ("pvera", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="PVERA",
+    ),
     "unipelt": Case({"llama": ("unipelt",)}, identity=False, mergeable=False),
     "vera": Case(
         {

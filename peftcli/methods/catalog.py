@@ -27,6 +27,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     parallel_adapter,
     prefix_tuning,
     prompt_tuning,
+    pvera,
     unipelt,
     vera,
 )
