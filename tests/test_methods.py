@@ -180,6 +180,18 @@ METHODS: dict[str, Case] = {
         mergeable=True,
         peft_type="VERA",
     ),
+    "waveft": Case(
+        {
+            "llama": ("waveft",),
+            "gpt2-db2": ("waveft", "model.name=tiny:gpt2", "method.wavelet_family=db2"),
+            "bert-seq_cls": ("waveft", *BERT),
+            "t5-seq2seq": ("waveft", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="WAVEFT",
+        peft_counts=True,
+    ),
 }
 
 

@@ -30,6 +30,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     pvera,
     unipelt,
     vera,
+    waveft,
 )
 from peftcli.methods.registry import Method, registered
 from peftcli.recipe import Recipe, RecipeError, did_you_mean
