@@ -36,7 +36,14 @@ FAST_ROWS = {
     "test_lora_variants.py::test_residual_inits_equal_peft_and_compose_with_dora": {"olora_dora"},
     "test_oft.py::test_peft_loads_our_adapter_with_each_option": {"coft", "block_size-not-dividing"},
     "test_oft.py::test_we_load_peft_adapters_with_each_option": {"llama-coft"},
+    "test_pvera.py::test_peft_loads_our_adapter_with_each_option": {
+        "sample_at_inference",
+        "gpt2-no-saved-projection",
+    },
+    "test_pvera.py::test_we_load_peft_adapters_with_each_option": {"llama-no-saved-projection"},
     "test_quantized_methods.py::test_trains_on_a_4bit_base_loads_in_peft_and_merges": {"vera"},
+    "test_waveft.py::test_peft_loads_our_adapter_with_each_option": {"db4-scaling", "proportional"},
+    "test_waveft.py::test_we_load_peft_adapters_with_each_option": {"llama-db3-seed", "gpt2-no-idwt"},
 }
 
 
