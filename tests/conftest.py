@@ -65,6 +65,13 @@ FAST_ROWS = {
     "test_vblora.py::test_we_load_peft_adapters_with_each_option": {"llama-topk-only"},
     "test_supertuning.py::test_peft_loads_our_adapter_with_each_option": {"supra-alpha-dropout"},
     "test_supertuning.py::test_we_load_peft_adapters_with_each_option": {"llama-bottom-supra"},
+    "test_pvera.py::test_peft_loads_our_adapter_with_each_option": {
+        "sample_at_inference",
+        "gpt2-no-saved-projection",
+    },
+    "test_pvera.py::test_we_load_peft_adapters_with_each_option": {"llama-no-saved-projection"},
+    "test_waveft.py::test_peft_loads_our_adapter_with_each_option": {"db4-scaling", "proportional"},
+    "test_waveft.py::test_we_load_peft_adapters_with_each_option": {"llama-db3-seed", "gpt2-no-idwt"},
 }
 
 

@@ -308,6 +308,18 @@ METHODS: dict[str, Case] = {
         mergeable=True,
         peft_type="SUPERTUNING",
     ),
+    "pvera": Case(
+        {
+            "llama": ("pvera",),
+            "no-saved-projection": ("pvera", "method.save_projection=false", "method.projection_prng_key=7"),
+            "gpt2": ("pvera", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("pvera", *BERT),
+            "t5-seq2seq": ("pvera", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="PVERA",
+    ),
     "unipelt": Case({"llama": ("unipelt",)}, identity=False, mergeable=False),
     "vblora": Case(
         {
@@ -332,6 +344,18 @@ METHODS: dict[str, Case] = {
         identity=True,
         mergeable=True,
         peft_type="VERA",
+    ),
+    "waveft": Case(
+        {
+            "llama": ("waveft",),
+            "gpt2-db2": ("waveft", "model.name=tiny:gpt2", "method.wavelet_family=db2"),
+            "bert-seq_cls": ("waveft", *BERT),
+            "t5-seq2seq": ("waveft", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="WAVEFT",
+        peft_counts=True,
     ),
 }
 

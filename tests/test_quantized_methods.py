@@ -1,7 +1,7 @@
 """Issue 21's methods on a QLoRA base (4-bit NF4, double-quantized, fp32 compute, CPU), against peft
 0.21 on the base a peft user loads (transformers' own ``BitsAndBytesConfig``):
 
-- VeRA, OFT, BOFT, MiSS, C3A, RandLoRA and RoAd train through the 4-bit layers (one step of the loop's Stepper moves the adapter and
+- VeRA, PVeRA, OFT, BOFT, MiSS, C3A, RandLoRA and RoAd train through the 4-bit layers (one step of the loop's Stepper moves the adapter and
   leaves the 4-bit codes bit-identical), and peft loads the adapter on the same 4-bit base with our
   logits (≤ 1e-4, QLoRA's tolerance in tests/test_qlora.py; measured 0); ``peftcli merge`` folds it
   into the full-precision base and reports the 4-bit gap, and the merged model equals the adapter on
@@ -55,7 +55,7 @@ def peft_user_base(path: str):
     return model
 
 
-@pytest.mark.parametrize("name", ["boft", "c3a", "miss", "oft", "randlora", "road", "vera"])
+@pytest.mark.parametrize("name", ["boft", "c3a", "miss", "oft", "pvera", "randlora", "road", "vera"])
 def test_trains_on_a_4bit_base_loads_in_peft_and_merges(name, tmp_path):
     built = kit.build(name, tmp_path, QUANTIZED)
     layer = built.method.layers(built.model)[0][1].base_layer

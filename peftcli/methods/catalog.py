@@ -34,6 +34,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     peanut,
     prefix_tuning,
     prompt_tuning,
+    pvera,
     randlora,
     road,
     shira,
@@ -42,6 +43,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     unipelt,
     vblora,
     vera,
+    waveft,
 )
 from peftcli.methods.registry import Method, registered
 from peftcli.recipe import Recipe, RecipeError, did_you_mean

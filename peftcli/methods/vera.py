@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftcli.inject import is_linear, linear_dims, match_targets
+from peftcli.inject import is_linear, linear_dims
 from peftcli.methods.kit import AdapterLayer, LayerMethod, SharedState, write_weight
 from peftcli.methods.registry import register
-from peftcli.recipe import MethodConfig, RecipeError, doc
+from peftcli.recipe import MethodConfig, doc
 
 
 @dataclass
@@ -71,12 +71,16 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
-def shared_projections(r: int, in_max: int, out_max: int, key: int) -> dict[str, torch.Tensor]:
-    """A (r, in_max) then B (out_max, r) from one CPU generator seeded with ``key``."""
+def shared_projections(
+    r: int, in_max: int, out_max: int, key: int, a_rows: int | None = None, prefix: str = "vera"
+) -> dict[str, torch.Tensor]:
+    """A (a_rows, in_max) then B (out_max, r) from one CPU generator seeded with ``key``, named
+    ``<prefix>_A`` / ``<prefix>_B``. A has r rows (VeRA) unless ``a_rows`` says otherwise (PVeRA's A
+    has 2r: a mean and a log-variance half)."""
     generator = torch.Generator(device="cpu").manual_seed(key)
-    vera_a = kaiming_uniform((r, in_max), generator)
-    vera_b = kaiming_uniform((out_max, r), generator)
-    return {"vera_A": vera_a, "vera_B": vera_b}
+    projection_a = kaiming_uniform((a_rows or r, in_max), generator)
+    projection_b = kaiming_uniform((out_max, r), generator)
+    return {f"{prefix}_A": projection_a, f"{prefix}_B": projection_b}
 
 
 class VeraLinear(AdapterLayer):
@@ -138,26 +142,26 @@ class Vera(LayerMethod):
     )
     parameter_prefix = "vera_lambda_"  # saved as base_model.model.<module>.vera_lambda_b / _d, peft's keys
     layer_types = (VeraLinear,)
+    target_kind = "linear layers (nn.Linear, GPT-2's Conv1D)"
+    target_hint = "target the model's linear layers"
+    accepts_target = staticmethod(is_linear)
 
     cfg: VeraConfig
-
-    def resolve_targets(self, model: nn.Module) -> list[str]:
-        targets = match_targets(model, self.cfg.target_modules)
-        for name in targets:
-            if not is_linear(model.get_submodule(name)):
-                raise RecipeError(
-                    "method.target_modules",
-                    f"{name} is a {type(model.get_submodule(name)).__name__}, not a linear layer",
-                    "VeRA adapts linear layers (nn.Linear, GPT-2's Conv1D)",
-                )
-        return targets
 
     def build_shared(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """A and B, sized for the largest in and out among the targets (each layer slices its own)."""
         self.targets = self.resolve_targets(model)
         dims = [linear_dims(model.get_submodule(name)) for name in self.targets]
         in_max, out_max = max(d[0] for d in dims), max(d[1] for d in dims)
+        return self.projections(in_max, out_max)
+
+    def projections(self, in_max: int, out_max: int) -> dict[str, torch.Tensor]:
+        """The shared tensors by their peft names, drawn from ``projection_prng_key``."""
         return shared_projections(self.cfg.r, in_max, out_max, self.cfg.projection_prng_key)
+
+    def vector_sizes(self, layer: nn.Module) -> int:
+        """The trained numbers of one layer: b (out) and d (r)."""
+        return layer.out_features + self.cfg.r
 
     def create_layer(self, name: str, base: nn.Module) -> VeraLinear:
         cfg = self.cfg
@@ -169,7 +173,7 @@ class Vera(LayerMethod):
         return super().shared_state_dict(model) if self.cfg.save_projection else {}
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
-        count = sum(m.out_features + self.cfg.r for _, m in self.layers(model))
+        count = sum(self.vector_sizes(m) for _, m in self.layers(model))
         return count + self.saved_modules_count(model)
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
