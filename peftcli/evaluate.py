@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from peftcli.compat import cache_argument, output_cache, pop_cache
-from peftcli.data.collate import collate, pad_token_id
+from peftcli.data.collate import collate, model_extras, pad_token_id
 from peftcli.data.formats import IGNORE_INDEX, encode_prompt
 from peftcli.data.pipeline import DataBundle
 from peftcli.decoding import decode, eos_token_ids
@@ -115,7 +115,7 @@ def _loss_sums(
         labels = batch["labels"]
         if task == "seq_cls":
             logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **model_extras(batch)
             ).logits  # (B, C)
             logits = logits.float()
             total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
@@ -128,7 +128,7 @@ def _loss_sums(
             targets = labels
         else:
             logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **model_extras(batch)
             ).logits.float()
             logits, targets = logits[:, :-1, :], labels[:, 1:]  # position t predicts token t + 1
         total_loss += F.cross_entropy(

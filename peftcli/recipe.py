@@ -255,6 +255,13 @@ class DataConfig:
     on_bad_row: Literal["error", "skip"] = field(
         default="error", metadata=doc("a malformed row: error stops with its file and line; skip counts it")
     )
+    task_id_column: str | None = field(
+        default=None,
+        metadata=doc(
+            "the column holding each example's task index (0, 1, ...), batched as task_ids: "
+            "multitask_prompt_tuning and poly need it; every source must have it"
+        ),
+    )
 
     def sources(self) -> list[SourceConfig]:
         """data.train as a list of sources with every field resolved (a plain path is one source)."""

@@ -192,6 +192,17 @@ METHODS: dict[str, Case] = {
         {"llama": ("p_tuning_v2",)}, identity=False, mergeable=False, peft_type="PREFIX_TUNING"
     ),
     "parallel_adapter": Case({"llama": ("parallel_adapter",)}, identity=True, mergeable=False),
+    "poly": Case(
+        {
+            "llama": ("poly",),
+            "bert-seq_cls": ("poly", *BERT, "method.target_modules=[query,value]"),
+            "t5-seq2seq": ("poly", *T5, "method.target_modules=[q,v]"),
+        },
+        identity=True,
+        mergeable=False,
+        peft_type="POLY",
+        peft_counts=True,
+    ),
     "prefix_tuning": Case(
         {"llama": ("prefix_tuning",), "t5-seq2seq": ("prefix_tuning_t5",)},
         identity=False,
@@ -300,8 +311,13 @@ def build(name: str, run: str, tmp_path) -> kit.Built:
 
 
 def probe(built: kit.Built) -> dict[str, torch.Tensor]:
-    """2 rows of 10, the second right-padded after 7; seq2seq targets of 6."""
-    return kit.batch(built.task, built.model.config.vocab_size, lengths=(10, 7), label_length=6)
+    """2 rows of 10, the second right-padded after 7; seq2seq targets of 6; task ids 0 and 1 where the
+    recipe has them (data.task_id_column)."""
+    batch = kit.batch(built.task, built.model.config.vocab_size, lengths=(10, 7), label_length=6)
+    if built.recipe.data.task_id_column:
+        tasks = getattr(built.recipe.method, "num_tasks", None) or built.recipe.method.n_tasks
+        batch["task_ids"] = torch.arange(2) % tasks
+    return batch
 
 
 def plain_base(built: kit.Built):

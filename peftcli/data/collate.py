@@ -43,7 +43,18 @@ def collate(examples: Sequence[dict], tokenizer, task: str) -> dict[str, torch.T
         batch["labels"] = torch.tensor([example["label"] for example in examples], dtype=torch.long)  # (B,)
     else:
         batch["labels"] = _pad([example["labels"] for example in examples], IGNORE_INDEX)  # (B, T')
+    if examples and "task_id" in examples[0]:  # data.task_id_column
+        batch["task_ids"] = torch.tensor([example["task_id"] for example in examples], dtype=torch.long)
     return batch
+
+
+# Batch entries the model's forward takes besides ids and mask (multitask prompt tuning's task_ids)
+MODEL_EXTRAS = ("task_ids",)
+
+
+def model_extras(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch's :data:`MODEL_EXTRAS`, for the forward calls that name their arguments."""
+    return {key: batch[key] for key in MODEL_EXTRAS if key in batch}
 
 
 def collate_pairs(examples: Sequence[dict], tokenizer) -> dict[str, torch.Tensor]:

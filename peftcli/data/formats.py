@@ -102,6 +102,7 @@ class FormatSpec:
     roles: dict[str, str] = field(default_factory=dict)
     label_names: list[str] | None = None
     keep_examples: bool = False  # eval sets keep {prompt, answer} for generation metrics
+    task_id_column: str | None = None  # data.task_id_column: each row's task index, kept as task_id
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -557,6 +558,8 @@ def output_columns(spec: FormatSpec, vocab_size: int) -> Any:
     }
     if spec.keep_examples:
         columns["example"] = datasets.Value("string")
+    if spec.task_id_column:
+        columns["task_id"] = datasets.Value("int32")
     return datasets.Features(columns)
 
 
@@ -571,7 +574,24 @@ _EMPTY_ROW = {
     "references": "{}",
     "truncated": False,
     "example": None,
+    "task_id": -1,
 }
+
+
+def task_id_of(row: dict, spec: FormatSpec) -> int:
+    """The row's task index (``data.task_id_column``): an integer ≥ 0 (also "2" from CSV); raises BadRow."""
+    value = row.get("task_id")
+    text = str(value).strip() if value is not None and not isinstance(value, bool | float) else ""
+    if isinstance(value, float) and value.is_integer():
+        text = str(int(value))
+    if not text.isdigit():
+        column = spec.task_id_column
+        raise BadRow(
+            f"bad '{column}'",
+            f"has '{column}' {value!r}, not a task index (an integer ≥ 0)",
+            "give every row its task's index 0, 1, …",
+        )
+    return int(text)
 
 
 def tokenize_batch(batch: dict[str, list], tokenizer, spec: FormatSpec) -> dict[str, list]:
@@ -593,6 +613,8 @@ def tokenize_batch(batch: dict[str, list], tokenizer, spec: FormatSpec) -> dict[
     for row in rows:
         try:
             result = tokenize_row(tokenizer, row, spec, encoded)
+            if spec.task_id_column:
+                result = {**result, "task_id": task_id_of(row, spec)}
             status = "dropped" if result.get("dropped") else ""
         except BadRow as bad:
             result = _EMPTY_ROW
@@ -617,6 +639,8 @@ def tokenize_batch(batch: dict[str, list], tokenizer, spec: FormatSpec) -> dict[
         if spec.keep_examples:
             example = result.get("example")
             out["example"].append("" if example is None else json.dumps(example))
+        if spec.task_id_column:
+            out["task_id"].append(result["task_id"])
     return out
 
 
@@ -624,6 +648,8 @@ def output_columns_names(spec: FormatSpec) -> list[str]:
     middle = {"causal_lm": "loss_mask", "seq2seq": "labels"}.get(spec.task, "label")
     pairs = ["rejected_ids", "rejected_mask"] if spec.format == "preference" else []
     pairs += ["references"] if spec.format == "prompt" else []
-    return ["input_ids", middle, *pairs, "length", "truncated", "status"] + (
-        ["example"] if spec.keep_examples else []
+    return (
+        ["input_ids", middle, *pairs, "length", "truncated", "status"]
+        + (["example"] if spec.keep_examples else [])
+        + (["task_id"] if spec.task_id_column else [])
     )

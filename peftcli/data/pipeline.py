@@ -34,7 +34,7 @@ from peftcli.data.formats import (
 from peftcli.data.progress import datasets_progress
 from peftcli.data.sampler import Mixture
 from peftcli.data.sources import Source, load_source, quiet_datasets, source_fingerprint
-from peftcli.recipe import DataConfig, RecipeError, SourceConfig
+from peftcli.recipe import DataConfig, RecipeError, SourceConfig, did_you_mean
 
 Log = Callable[[str], None]
 MAP_BATCH_ROWS = 4096  # rows per tokenizer call and per Arrow record batch of the cache
@@ -61,7 +61,9 @@ class TokenizedRows(Sequence):
             return []
         pairs = self.task == "causal_lm" and "rejected_ids" in self.dataset.column_names
         prompts = "references" in self.dataset.column_names  # prompt data (grpo)
+        task_ids = "task_id" in self.dataset.column_names  # data.task_id_column
         names = _row_columns(self.task, pairs) + (["references"] if prompts else [])
+        names += ["task_id"] if task_ids else []
         columns = self.dataset.select_columns(names)[indices]
         examples = []
         for i in range(len(indices)):
@@ -79,6 +81,8 @@ class TokenizedRows(Sequence):
                 examples.append({"input_ids": input_ids, "labels": columns["labels"][i]})
             else:
                 examples.append({"input_ids": input_ids, "label": columns["label"][i]})
+            if task_ids:
+                examples[-1]["task_id"] = columns["task_id"][i]
         return examples
 
     def __getitem__(self, index):
@@ -253,6 +257,8 @@ def _tokenize_rows(raw, part: Part, spec: FormatSpec, tokenizer, cfg: DataConfig
     """``raw``'s columns mapped to the format's, classification labels inferred when not given, and every
     row tokenized (datasets.map, ``num_proc`` workers) into ``tmp/rows.arrow``."""
     spec.columns = map_columns(list(raw.column_names), spec.format, part.source.columns or {}, part.key)
+    if spec.task_id_column:
+        spec.columns["task_id"] = task_id_source(list(raw.column_names), spec.task_id_column, part.key)
     if spec.format == "classification" and spec.label_names is None:
         spec.label_names = infer_label_names(raw.unique(spec.columns["label"]))
     return raw.map(
@@ -271,6 +277,17 @@ def _tokenize_rows(raw, part: Part, spec: FormatSpec, tokenizer, cfg: DataConfig
         load_from_cache_file=False,
         desc=f"tokenizing {part.key}",
     )
+
+
+def task_id_source(column_names: list[str], column: str, key: str) -> str:
+    """``data.task_id_column``, checked to exist in the part's source (one line naming what does)."""
+    if column not in column_names:
+        raise RecipeError(
+            "data.task_id_column",
+            f"column '{column}' not found in {key} (columns: {', '.join(column_names)})",
+            did_you_mean(column, column_names) or "add each example's task index (0, 1, …) as a column",
+        )
+    return column
 
 
 def _select_rows(raw, part: Part):
@@ -395,6 +412,7 @@ class Tokenize:
             roles=dict(cfg.roles) if part.source.format == "sharegpt" else {},
             label_names=labels,
             keep_examples=keep_examples,
+            task_id_column=cfg.task_id_column,
         )
 
     def part(

@@ -28,6 +28,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     p_tuning,
     p_tuning_v2,
     parallel_adapter,
+    poly,
     prefix_tuning,
     prompt_tuning,
     randlora,

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from peftcli.data.collate import model_extras
+
 IGNORE_INDEX = -100
 PLAIN, CHUNKED, FUSED, LIGER = "plain", "chunked (torch)", "fused (torch)", "liger fused"
 CHUNK_ELEMENTS = 2**25  # logits per chunk (128 MiB in fp32): 256 tokens of a 128k vocabulary
@@ -130,7 +132,7 @@ def micro_batch_loss_sum(
     """Summed loss of one collated micro-batch on ``path``. A batch with ``position_ids`` is packed: its
     attention mask only marks real tokens, and transformers derives block-diagonal attention from the
     position ids (each example restarts at 0)."""
-    inputs = {"input_ids": batch["input_ids"]}
+    inputs = {"input_ids": batch["input_ids"], **model_extras(batch)}
     if "position_ids" in batch:  # no KV cache either: transformers only detects packing without one
         inputs.update(position_ids=batch["position_ids"], use_cache=False)
     else:

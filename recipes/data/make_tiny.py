@@ -11,6 +11,9 @@
   recipes/objectives/*.yaml: "the <noun> was <word>. feeling:" prefers " happy" or " sad" as the word
   is positive or negative; the eval pairs use (noun, word) combinations the training pairs do not
   (two of each word's eight nouns).
+- tiny_multitask_train.jsonl / tiny_multitask_eval.jsonl: completion pairs "<word> =" with a
+  ``task_id``: task 0 reverses the word, task 1 upper-cases it; the prompt alone does not say which, so
+  only the task id does (multitask prompt tuning, recipes/tiny/multitask_prompt_tuning.yaml).
 - tasks/tiny_reverse_choice.jsonl: a four-way multiple-choice version of the reversal task for
   lm-evaluation-harness (tasks/tiny_reverse_choice.yaml; `peftcli eval --tasks`, docs/use.md).
 """
@@ -67,6 +70,20 @@ def main() -> None:
     train, held_out = preference_pairs(random.Random(2))
     write(HERE / "tiny_pref_train.jsonl", train)
     write(HERE / "tiny_pref_eval.jsonl", held_out)
+    multitask = multitask_pairs()
+    picks = random.Random(3)
+    write(HERE / "tiny_multitask_train.jsonl", [picks.choice(multitask) for _ in range(256)])
+    write(HERE / "tiny_multitask_eval.jsonl", multitask[:8] + multitask[20:28])
+
+
+def multitask_pairs() -> list[dict]:
+    """Every word under task 0 (reverse) and then under task 1 (upper-case), one prompt for both."""
+    tasks = [lambda w: w[::-1], lambda w: w.upper()]
+    return [
+        {"prompt": f"{w} =", "completion": f" {task(w)}", "task_id": task_id}
+        for task_id, task in enumerate(tasks)
+        for w in WORDS
+    ]
 
 
 def preference_pairs(rng: random.Random) -> tuple[list[dict], list[dict]]:

@@ -47,10 +47,13 @@ def batch_of(vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def inputs(batch: dict[str, torch.Tensor], task: str = "causal_lm") -> dict[str, torch.Tensor]:
-    """The model's forward arguments: ids and mask, plus the decoder's targets for seq2seq."""
+    """The model's forward arguments: ids and mask, plus the decoder's targets for seq2seq and the task
+    ids where the batch has them."""
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if task == "seq2seq":
         kwargs["labels"] = batch["labels"]
+    if "task_ids" in batch:  # data.task_id_column's (multitask prompt tuning)
+        kwargs["task_ids"] = batch["task_ids"]
     return kwargs
 
 
