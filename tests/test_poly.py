@@ -112,6 +112,10 @@ def test_recipes_it_cannot_run_are_refused(tmp_path):
         kit.build("poly", tmp_path, ["data.task_id_column=null"])
     with pytest.raises(RecipeError, match="generation carries no task ids"):
         kit.build("poly", tmp_path, ["eval.generate=true"])
+    with pytest.raises(RecipeError, match="packed row holds examples of several tasks"):
+        kit.build("poly", tmp_path, ["train.packing=true"])
+    with pytest.raises(RecipeError, match="cannot train on a quantized base"):
+        kit.build("poly", tmp_path, ["model.quantization.bits=4"])
     with pytest.raises(RecipeError, match="not divisible by n_splits 3"):
         kit.build("poly", tmp_path, ["method.n_splits=3"])
 
@@ -130,3 +134,21 @@ def test_a_missing_task_id_column_names_it(tmp_path):
     ]
     with pytest.raises(RecipeError, match="column 'task_id' not found"):
         api.train(str(kit.RECIPES / "tiny" / "poly.yaml"), overrides=overrides)
+
+
+def test_a_bad_task_id_names_file_row_and_column(tmp_path):
+    from peftcli import api
+
+    rows = [{"prompt": "a =", "completion": " b", "task_id": 0}] * 3 + [{"prompt": "c =", "completion": " d"}]
+    data = tmp_path / "bad_id.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [
+        f"data.train={data}",
+        "data.eval=null",
+        "train.max_steps=1",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    with pytest.raises(RecipeError) as err:
+        api.train(str(kit.RECIPES / "tiny" / "poly.yaml"), overrides=overrides)
+    line = str(err.value)
+    assert "bad_id.jsonl" in line and "4" in line and "'task_id'" in line and "\n" not in line

@@ -72,6 +72,7 @@ class TaskIds:
     def __init__(self, n_tasks: int):
         self.n_tasks = n_tasks
         self.current: torch.Tensor | None = None
+        self.owner: nn.Module | None = None  # the module whose forward took them
 
     def get(self, batch_size: int, device: torch.device) -> torch.Tensor:
         ids = self.current
@@ -90,6 +91,13 @@ class TaskIds:
                 "give ids 0 … n_tasks-1, or raise method.n_tasks",
             )
         return ids.to(device)
+
+
+def entry_points(model: nn.Module) -> list[nn.Module]:
+    """The modules a forward with ``task_ids=`` starts at: the model, and its transformer body (the
+    loss's chunked path calls ``model.<base_model_prefix>`` directly, then the head)."""
+    body = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    return [model] + ([body] if isinstance(body, nn.Module) and body is not model else [])
 
 
 class PolyRouter(nn.Module):
@@ -167,7 +175,8 @@ class Poly(LayerMethod):
     peft_type = "POLY"
     mergeable = False  # the update depends on each example's task
     merge = Method.merge
-    supports_packing = False  # a packed row mixes examples of different tasks
+    supports_packing = False
+    packing_refusal = "routes each row by one task id, and a packed row holds examples of several tasks"
     trainable_formula = (
         "n_skills·r·(in + out) + n_tasks·n_splits·n_skills per adapted layer, plus modules_to_save"
     )
@@ -217,17 +226,22 @@ class Poly(LayerMethod):
     def apply(self, model: nn.Module) -> nn.Module:
         self.task_state = TaskIds(self.cfg.n_tasks)
         model = super().apply(model)
-        model.register_forward_pre_hook(self._take_task_ids, with_kwargs=True)
-        model.register_forward_hook(self._drop_task_ids, always_call=True)
+        for entry in entry_points(model):
+            entry.register_forward_pre_hook(self._take_task_ids, with_kwargs=True)
+            entry.register_forward_hook(self._drop_task_ids, always_call=True)
         return model
 
-    def _take_task_ids(self, _module, args, kwargs):
-        """Take ``task_ids`` out of the model's keyword arguments (transformers does not know it)."""
-        self.task_state.current = kwargs.pop("task_ids", None)
+    def _take_task_ids(self, module, args, kwargs):
+        """Take ``task_ids`` out of the keyword arguments (transformers does not know it); the module
+        that took them clears them when its forward ends."""
+        if "task_ids" in kwargs:
+            self.task_state.current = kwargs.pop("task_ids")
+            self.task_state.owner = module
         return args, kwargs
 
-    def _drop_task_ids(self, _module, _args, _output):
-        self.task_state.current = None
+    def _drop_task_ids(self, module, _args, _output):
+        if self.task_state.owner is module:
+            self.task_state.current = self.task_state.owner = None
 
     def create_layer(self, name: str, base: nn.Module) -> PolyLinear:
         for what, size in (("in", base.in_features), ("out", base.out_features)):
