@@ -57,6 +57,17 @@ class Case:
 METHODS: dict[str, Case] = {
     "adalora": Case({"llama": ("adalora",)}, identity=True, mergeable=True, peft_type="ADALORA"),
     "adapter_fusion": Case({"llama": ("adapter_fusion",)}, identity=False, mergeable=False),
+    "adaption_prompt": Case(
+        {
+            "llama": ("adaption_prompt",),
+            "mistral": ("adaption_prompt", "model.name=tiny:mistral"),
+            "gpt2": ("adaption_prompt", "model.name=tiny:gpt2"),
+        },
+        identity=True,
+        mergeable=False,
+        peft_type="ADAPTION_PROMPT",
+        peft_counts=True,
+    ),
     "bitfit": Case({"gpt2": ("bitfit",)}, identity=True, mergeable=True),
     "boft": Case(
         {
@@ -169,6 +180,15 @@ METHODS: dict[str, Case] = {
         peft_type="MISS",
         peft_counts=True,
     ),
+    "multitask_prompt_tuning": Case(
+        {
+            "llama": ("multitask_prompt_tuning",),
+            "bert-seq_cls": ("multitask_prompt_tuning", *BERT),
+        },
+        identity=False,
+        mergeable=False,
+        peft_type="MULTITASK_PROMPT_TUNING",
+    ),
     "oft": Case(
         {
             "llama": ("oft",),
@@ -253,6 +273,18 @@ METHODS: dict[str, Case] = {
         identity=True,
         mergeable=True,
         peft_type="SHIRA",
+    ),
+    "trainable_tokens": Case(
+        {
+            "llama": ("trainable_tokens",),
+            "gpt2-tied": ("trainable_tokens", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("trainable_tokens", *BERT),
+            "t5-seq2seq": ("trainable_tokens", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="TRAINABLE_TOKENS",
+        peft_counts=False,  # a tied head's rows are written twice (peft's file), trained once
     ),
     "unipelt": Case({"llama": ("unipelt",)}, identity=False, mergeable=False),
     "vblora": Case(

@@ -6,6 +6,9 @@
   logits (≤ 1e-4, QLoRA's tolerance in tests/test_qlora.py; measured 0); ``peftcli merge`` folds it
   into the full-precision base and reports the 4-bit gap, and the merged model equals the adapter on
   the full-precision base (≤ 1e-4);
+- trainable tokens and adaption prompt train on the 4-bit base (the embedding stays in full precision;
+  the prompt runs through the frozen 4-bit projections), leave the 4-bit codes bit-identical, and peft
+  loads the adapter on the same 4-bit base with our logits (≤ 1e-4);
 - LoHa and LoKr are refused at start in one line: peft's LyCORIS layers size their factors by the
   packed 4-bit weight's shape, so peft could not load such an adapter (the last test shows it).
 """
@@ -99,3 +102,24 @@ def test_peft_sizes_lycoris_factors_by_the_packed_4bit_weight():
     model = peft.get_peft_model(base, peft.LoHaConfig(r=4, target_modules=["q_proj"]))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.out_features == 64 and layer.hada_w1_a["default"].shape[0] != 64
+
+
+@pytest.mark.parametrize("name", ["adaption_prompt", "trainable_tokens"])
+def test_beside_the_4bit_layers_trains_and_loads_in_peft(name, tmp_path):
+    built = kit.build(name, tmp_path, QUANTIZED)
+    quantized = built.model.model.layers[-1].mlp.down_proj
+    assert type(quantized).__name__ == "Linear4bit"
+    codes = quantized.weight.data.clone()
+    trained = {n: p.detach().clone() for n, p in built.model.named_parameters() if p.requires_grad}
+    batch = kit.batch("causal_lm", built.model.config.vocab_size, lengths=(10, 7))
+    kit.train_step(built.model, built.method, batch, recipe=built.recipe)
+    assert torch.equal(quantized.weight.data, codes)
+    params = dict(built.model.named_parameters())
+    assert any(not torch.equal(params[n], before) for n, before in trained.items())
+    kit.perturb(built.model)
+    ours = kit.logits(built.model, batch)
+    adapter = kit.save(tmp_path, built.model, built.method, built.tokenizer, built.base_path, built.recipe)
+    base = peft_user_base(built.base_path)
+    assert kit.max_diff(ours, kit.logits(base, batch)) > 1e-3  # the adapter is loaded and not trivial
+    theirs = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
+    assert kit.max_diff(ours, kit.peft_logits(theirs, batch)) <= 1e-4

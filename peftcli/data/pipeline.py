@@ -62,8 +62,11 @@ class TokenizedRows(Sequence):
         pairs = self.task == "causal_lm" and "rejected_ids" in self.dataset.column_names
         prompts = "references" in self.dataset.column_names  # prompt data (grpo)
         task_ids = "task_id" in self.dataset.column_names  # data.task_id_column
-        names = _row_columns(self.task, pairs) + (["references"] if prompts else [])
-        names += ["task_id"] if task_ids else []
+        names = (
+            _row_columns(self.task, pairs)
+            + (["references"] if prompts else [])
+            + (["task_id"] if task_ids else [])
+        )
         columns = self.dataset.select_columns(names)[indices]
         examples = []
         for i in range(len(indices)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from peftcli.methods import (  # noqa: F401  (imported to register)
     adalora,
     adapter_fusion,
+    adaption_prompt,
     bitfit,
     boft,
     c3a,
@@ -24,6 +25,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     lora,
     mam_adapter,
     miss,
+    multitask_prompt_tuning,
     oft,
     p_tuning,
     p_tuning_v2,
@@ -34,6 +36,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     randlora,
     road,
     shira,
+    trainable_tokens,
     unipelt,
     vblora,
     vera,

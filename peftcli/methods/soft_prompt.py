@@ -193,14 +193,21 @@ class PromptedModel(nn.Module):
     def n_prefix(self) -> int:
         return self.prefix.num_virtual_tokens if self.prefix is not None else 0
 
-    def _prompt_embeds(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+    def _prompt_embeds(
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor | None,
+        task_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         embeds = (
             inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
         )  # (B, T, h)
-        prompt = self.input_prompt().to(embeds.dtype)  # (n, h)
-        return torch.cat(
-            [prompt.unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds], dim=1
-        )  # (B, n + T, h)
+        # (n, h), or (B, n, h) from a prompt per example (multitask prompt tuning reads task_ids)
+        prompt = self.input_prompt() if task_ids is None else self.input_prompt(task_ids)
+        prompt = prompt.to(embeds.dtype)
+        if prompt.ndim == 2:
+            prompt = prompt.unsqueeze(0).expand(embeds.shape[0], -1, -1)
+        return torch.cat([prompt, embeds], dim=1)  # (B, n + T, h)
 
     def _prefix_cache(self, batch_size: int, dtype: torch.dtype):
         key_values = [(k.to(dtype), v.to(dtype)) for k, v in self.prefix.key_values(batch_size)]
@@ -218,6 +225,7 @@ class PromptedModel(nn.Module):
         **kwargs,
     ):
         cache = pop_cache(kwargs)
+        task_ids = kwargs.pop("task_ids", None)  # data.task_id_column's, for a prompt per task
         if self.task == "seq2seq":
             return self._forward_seq2seq(input_ids, attention_mask, inputs_embeds, cache, **kwargs)
         reference = input_ids if input_ids is not None else inputs_embeds
@@ -235,7 +243,7 @@ class PromptedModel(nn.Module):
                 position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -length:]
             position_ids = position_ids + n_virtual  # (B, T)
         if first and self.input_prompt is not None:
-            args["inputs_embeds"] = self._prompt_embeds(input_ids, inputs_embeds)
+            args["inputs_embeds"] = self._prompt_embeds(input_ids, inputs_embeds, task_ids)
             if position_ids is not None:
                 virtual = torch.arange(self.n_prefix, n_virtual, device=device).expand(batch, -1)
                 position_ids = torch.cat([virtual, position_ids], dim=1)  # (B, n + T)
@@ -495,6 +503,13 @@ class SoftPromptMethod(Method):
     # -- prompt transfer (SPoT, Vu et al., arXiv 2110.07904) -------------------------------
     def transfer_prompt(self, model: PromptedModel, source: str) -> None:
         """Start from the prompt another run saved: step 0 consumes exactly the source's rows."""
+        state = self.transfer_source(source)
+        rows = self.check_rows(state["prompt_embeddings"], model, "method.init_from")
+        self.load_transferred_rows(model, rows)
+
+    def transfer_source(self, source: str) -> dict[str, torch.Tensor]:
+        """The tensors of the soft-prompt adapter directory ``source`` (``method.init_from``), checked to
+        hold a prompt (``prompt_embeddings``)."""
         key = "method.init_from"
         path = Path(source).expanduser()
         if not (path / "adapter_model.safetensors").is_file():
@@ -510,8 +525,7 @@ class SoftPromptMethod(Method):
                 f"{source} holds no soft prompt (keys {sorted(state)[:3]})",
                 "transfer between soft-prompt adapters only",
             )
-        rows = self.check_rows(state["prompt_embeddings"], model, key)
-        self.load_transferred_rows(model, rows)
+        return state
 
     def load_transferred_rows(self, model: PromptedModel, rows: torch.Tensor) -> None:
         raise RecipeError(

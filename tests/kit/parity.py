@@ -23,7 +23,7 @@ from kit.peft import boft_in_torch, load_in_peft, logits, peft_logits, perturb, 
 from peftcli.export import load_adapter, merge_adapter
 from peftcli.models import resolve_model_name
 
-PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
+PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
 
 
 def auto_class(task: str):
@@ -33,6 +33,7 @@ def auto_class(task: str):
     return {
         "causal_lm": transformers.AutoModelForCausalLM,
         "seq_cls": transformers.AutoModelForSequenceClassification,
+        "seq2seq": transformers.AutoModelForSeq2SeqLM,
     }[task]
 
 
@@ -66,13 +67,14 @@ def peft_loads_ours(method: str, tmp_path: Path, overrides: list[str] | None = N
 class PeftInOurs:
     method: str  # the method peftcli read the adapter as
     loaded: float  # max |peft's logits − ours, loaded|
-    merged: float  # max |peft's logits − the model `peftcli merge` wrote|
+    merged: float | None  # max |peft's logits − the model `peftcli merge` wrote| (None: not merged)
 
 
 def we_load_peft(
-    config_cls, task: str, tmp_path: Path, model_name: str | None = None, **options
+    config_cls, task: str, tmp_path: Path, model_name: str | None = None, merges: bool = True, **options
 ) -> PeftInOurs:
-    """``config_cls(task_type=..., **options)`` on the task's tiny model (or ``model_name``)."""
+    """``config_cls(task_type=..., **options)`` on the task's tiny model (or ``model_name``); with
+    ``merges: False`` (a method that does not merge) no ``peftcli merge``."""
     import peft
 
     boft_in_torch()
@@ -89,10 +91,9 @@ def we_load_peft(
     with peft_model.disable_adapter():
         assert max_diff(theirs, peft_logits(peft_model, probe, task)) > 1e-3  # the adapter is not trivial
     loaded = load_adapter(tmp_path / "adapter")
+    ours = max_diff(theirs, logits(loaded.model, probe, task))
+    if not merges:
+        return PeftInOurs(loaded.method.name, ours, None)
     merge_adapter(tmp_path / "adapter", tmp_path / "merged")  # peftcli merge of peft's adapter
     merged = auto_class(task).from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    return PeftInOurs(
-        loaded.method.name,
-        max_diff(theirs, logits(loaded.model, probe, task)),
-        max_diff(theirs, logits(merged, probe, task)),
-    )
+    return PeftInOurs(loaded.method.name, ours, max_diff(theirs, logits(merged, probe, task)))
