@@ -259,7 +259,7 @@ class DataConfig:
         default=None,
         metadata=doc(
             "the column holding each example's task index (0, 1, ...), batched as task_ids: "
-            "multitask_prompt_tuning needs it; every source must have it"
+            "multitask_prompt_tuning and poly need it; every source must have it"
         ),
     )
 

@@ -59,7 +59,7 @@ def build_recipe(raw: dict, source: str | None = None) -> Recipe:
     if recipe.train.packing and not method_cls.supports_packing:
         raise RecipeError(
             "train.packing",
-            f"method {method_cls.name} prepends virtual tokens per row, so packed examples would see each other",
+            f"method {method_cls.name} {method_cls.packing_refusal}",
             "set train.packing: false (train.group_by_length: true also cuts padding)",
         )
     method_cls.validate_config(recipe.method, recipe)

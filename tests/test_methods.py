@@ -234,6 +234,17 @@ METHODS: dict[str, Case] = {
         peft_type="PEANUT",
         peft_counts=True,
     ),
+    "poly": Case(
+        {
+            "llama": ("poly",),
+            "bert-seq_cls": ("poly", *BERT, "method.target_modules=[query,value]"),
+            "t5-seq2seq": ("poly", *T5, "method.target_modules=[q,v]"),
+        },
+        identity=True,
+        mergeable=False,
+        peft_type="POLY",
+        peft_counts=True,
+    ),
     "prefix_tuning": Case(
         {"llama": ("prefix_tuning",), "t5-seq2seq": ("prefix_tuning_t5",)},
         identity=False,
@@ -393,7 +404,8 @@ def probe(built: kit.Built) -> dict[str, torch.Tensor]:
     recipe has them (data.task_id_column)."""
     batch = kit.batch(built.task, built.model.config.vocab_size, lengths=(10, 7), label_length=6)
     if built.recipe.data.task_id_column:
-        batch["task_ids"] = torch.arange(2) % built.recipe.method.num_tasks
+        tasks = getattr(built.recipe.method, "num_tasks", None) or built.recipe.method.n_tasks
+        batch["task_ids"] = torch.arange(2) % tasks
     return batch
 
 

@@ -32,6 +32,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     p_tuning_v2,
     parallel_adapter,
     peanut,
+    poly,
     prefix_tuning,
     prompt_tuning,
     pvera,

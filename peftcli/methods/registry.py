@@ -42,6 +42,10 @@ class Method:
     # train.packing lays several examples in one row; methods that prepend virtual tokens or cache
     # per-example keys/values would let them attend across examples, so they set this False
     supports_packing: ClassVar[bool] = True
+    # why, in the refusal's words after "method <name> " (Poly: one task id per row)
+    packing_refusal: ClassVar[str] = (
+        "prepends virtual tokens per row, so packed examples would see each other"
+    )
     supports_fsdp: ClassVar[bool] = False  # can train with the base sharded by FSDP2 (train.distributed)
     trainable_formula: ClassVar[str] = ""  # human-readable count formula, printed by `peftcli methods`
     # peft's idea (``prefix = "lora_"``): a parameter is the method's own when a component of its dotted
