@@ -25,6 +25,12 @@ def tiny_cache(tmp_path_factory):
 # the list cannot go stale.
 FAST_ROWS = {
     "test_batching.py::test_packed_window_equals_unpacked": {"lora", "adalora"},
+    "test_delora.py::test_peft_loads_our_adapter_with_each_option": {"patterns"},
+    "test_delora.py::test_we_load_peft_adapters_with_each_option": {"llama-patterns"},
+    "test_gralora.py::test_peft_loads_our_adapter_with_each_option": {"k4-alpha"},
+    "test_gralora.py::test_we_load_peft_adapters_with_each_option": {"llama-k4-hybrid"},
+    "test_hira.py::test_peft_loads_our_adapter_with_each_option": {"gpt2"},
+    "test_hira.py::test_we_load_peft_adapters_with_each_option": {"llama"},
     "test_lora_options.py::test_option_round_trips_with_peft": {
         "lora_bias",
         "layers_to_transform",
@@ -37,6 +43,8 @@ FAST_ROWS = {
     "test_oft.py::test_peft_loads_our_adapter_with_each_option": {"coft", "block_size-not-dividing"},
     "test_oft.py::test_we_load_peft_adapters_with_each_option": {"llama-coft"},
     "test_quantized_methods.py::test_trains_on_a_4bit_base_loads_in_peft_and_merges": {"vera"},
+    "test_tinylora.py::test_peft_loads_our_adapter_with_each_option": {"weight_tying"},
+    "test_tinylora.py::test_we_load_peft_adapters_with_each_option": {"llama-tied"},
 }
 
 

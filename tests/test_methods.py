@@ -58,6 +58,12 @@ METHODS: dict[str, Case] = {
     "adalora": Case({"llama": ("adalora",)}, identity=True, mergeable=True, peft_type="ADALORA"),
     "adapter_fusion": Case({"llama": ("adapter_fusion",)}, identity=False, mergeable=False),
     "bitfit": Case({"gpt2": ("bitfit",)}, identity=True, mergeable=True),
+    "delora": Case(
+        {"llama": ("delora",), "bert-seq_cls": ("delora", *BERT), "t5-seq2seq": ("delora", *T5)},
+        identity=True,
+        mergeable=True,
+        peft_type="DELORA",  # peft stores each layer's W0 column norms too: no peft_counts
+    ),
     "fourierft": Case(
         {
             "llama": ("fourierft",),
@@ -67,6 +73,31 @@ METHODS: dict[str, Case] = {
         identity=False,
         mergeable=True,
         peft_type="FOURIERFT",
+        peft_counts=True,
+    ),
+    "gralora": Case(
+        {
+            "llama": ("gralora",),
+            "k4-hybrid": ("gralora", "method.gralora_k=4", "method.hybrid_r=2"),
+            "gpt2": ("gralora", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("gralora", *BERT),
+            "t5-seq2seq": ("gralora", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="GRALORA",
+        peft_counts=True,
+    ),
+    "hira": Case(
+        {
+            "llama": ("hira",),
+            "gpt2": ("hira", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("hira", *BERT),
+            "t5-seq2seq": ("hira", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="HIRA",
         peft_counts=True,
     ),
     "houlsby_adapter": Case({"llama": ("houlsby_adapter",)}, identity=True, mergeable=False),
@@ -154,6 +185,23 @@ METHODS: dict[str, Case] = {
     ),
     "prompt_tuning": Case(
         {"llama": ("prompt_tuning",)}, identity=False, mergeable=False, peft_type="PROMPT_TUNING"
+    ),
+    "tinylora": Case(
+        {
+            "llama": ("tinylora",),
+            "tied-no-projection": (
+                "tinylora",
+                "method.weight_tying=1.0",
+                "method.save_projection=false",
+                "method.projection_seed=7",
+            ),
+            "gpt2": ("tinylora", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("tinylora", *BERT),
+            "t5-seq2seq": ("tinylora", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="TINYLORA",  # peft stores the frozen SVD factors (and P) too: no peft_counts
     ),
     "unipelt": Case({"llama": ("unipelt",)}, identity=False, mergeable=False),
     "vera": Case(

@@ -11,7 +11,10 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     adalora,
     adapter_fusion,
     bitfit,
+    delora,
     fourierft,
+    gralora,
+    hira,
     houlsby_adapter,
     hra,
     ia3,
@@ -27,6 +30,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     parallel_adapter,
     prefix_tuning,
     prompt_tuning,
+    tinylora,
     unipelt,
     vera,
 )
