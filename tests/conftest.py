@@ -45,6 +45,8 @@ FAST_ROWS = {
     "test_quantized_methods.py::test_trains_on_a_4bit_base_loads_in_peft_and_merges": {"vera"},
     "test_tinylora.py::test_peft_loads_our_adapter_with_each_option": {"weight_tying"},
     "test_tinylora.py::test_we_load_peft_adapters_with_each_option": {"llama-tied"},
+    "test_unilora.py::test_peft_loads_our_adapter_with_each_option": {"save_indices-bound"},
+    "test_unilora.py::test_we_load_peft_adapters_with_each_option": {"llama-seed-length"},
 }
 
 

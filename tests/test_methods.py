@@ -203,6 +203,18 @@ METHODS: dict[str, Case] = {
         mergeable=True,
         peft_type="TINYLORA",  # peft stores the frozen SVD factors (and P) too: no peft_counts
     ),
+    "unilora": Case(
+        {
+            "llama": ("unilora",),
+            "gpt2": ("unilora", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("unilora", *BERT),
+            "t5-seq2seq": ("unilora", *T5),
+        },
+        identity=False,
+        mergeable=True,
+        peft_type="UNILORA",
+        peft_counts=True,
+    ),
     "unipelt": Case({"llama": ("unipelt",)}, identity=False, mergeable=False),
     "vera": Case(
         {

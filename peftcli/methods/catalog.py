@@ -31,6 +31,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     prefix_tuning,
     prompt_tuning,
     tinylora,
+    unilora,
     unipelt,
     vera,
 )
