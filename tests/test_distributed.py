@@ -43,6 +43,8 @@ METHODS = {
     "lokr": "{name: lokr, r: 2, alpha: 4, decompose_both: true}",
     "vera": "{name: vera, r: 16}",
     "oft": "{name: oft, oft_block_size: 16}",
+    "delora": "{name: delora, r: 4}",
+    "gralora": "{name: gralora, r: 4, alpha: 8}",
 }
 
 # Adapter tolerance where 1e-5 is too tight for the arithmetic, not for the distribution: LoHa's W2b starts
@@ -206,6 +208,8 @@ def test_ddp_leaves_the_frozen_base_alone(tmp_path):
         ("lokr", "fsdp"),
         ("vera", "fsdp"),
         ("oft", "fsdp"),
+        ("delora", "fsdp"),
+        ("gralora", "fsdp"),
     ],
 )
 def test_two_processes_compute_what_one_process_computes(tmp_path, method, mode):
