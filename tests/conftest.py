@@ -39,6 +39,12 @@ FAST_ROWS = {
     "test_c3a.py::test_peft_loads_our_adapter_with_each_option": {"block_size_pattern", "bert"},
     "test_c3a.py::test_we_load_peft_adapters_with_each_option": {"llama-pattern"},
     "test_grpo.py::test_step_one_loss_and_gradients_equal_trl": {"dapo-kl-accum2"},
+    "test_delora.py::test_peft_loads_our_adapter_with_each_option": {"patterns"},
+    "test_delora.py::test_we_load_peft_adapters_with_each_option": {"llama-patterns"},
+    "test_gralora.py::test_peft_loads_our_adapter_with_each_option": {"k4-alpha"},
+    "test_gralora.py::test_we_load_peft_adapters_with_each_option": {"llama-k4-hybrid"},
+    "test_hira.py::test_peft_loads_our_adapter_with_each_option": {"gpt2"},
+    "test_hira.py::test_we_load_peft_adapters_with_each_option": {"llama"},
     "test_lora_options.py::test_option_round_trips_with_peft": {
         "lora_bias",
         "layers_to_transform",
@@ -72,6 +78,10 @@ FAST_ROWS = {
     "test_pvera.py::test_we_load_peft_adapters_with_each_option": {"llama-no-saved-projection"},
     "test_waveft.py::test_peft_loads_our_adapter_with_each_option": {"db4-scaling", "proportional"},
     "test_waveft.py::test_we_load_peft_adapters_with_each_option": {"llama-db3-seed", "gpt2-no-idwt"},
+    "test_tinylora.py::test_peft_loads_our_adapter_with_each_option": {"weight_tying"},
+    "test_tinylora.py::test_we_load_peft_adapters_with_each_option": {"llama-tied"},
+    "test_unilora.py::test_peft_loads_our_adapter_with_each_option": {"save_indices-bound"},
+    "test_unilora.py::test_we_load_peft_adapters_with_each_option": {"llama-seed-length"},
 }
 
 

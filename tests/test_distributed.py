@@ -4,8 +4,8 @@ References and tolerances (fp32, CPU, fixed seeds, OMP_NUM_THREADS=1 per rank):
 - 2 processes with micro-batch b vs 1 process with micro-batch 2b (the same global batch): every
   step's logged loss and every adapter tensor within 1e-5 (LoHa's tensors 5e-5: ADAPTER_TOLERANCE), for
   ddp and fsdp with LoRA, fsdp with LoHa, LoKr, VeRA, OFT, BOFT, MiSS (bat), C3A, RandLoRA, RoAd, SHiRA,
-  PEANuT and Super-Tuning, and AdaLoRA, IA3 and prompt tuning under ddp. The data (13 examples, global batch 4, accumulation 2)
-  makes the last micro-batch of each epoch
+  PEANuT, Super-Tuning, DeLoRA and GraLoRA, and AdaLoRA, IA3 and prompt tuning under ddp. The data
+  (13 examples, global batch 4, accumulation 2) makes the last micro-batch of each epoch
   a single example, so one rank runs a stand-in that scores nothing;
 - a two-"node" localhost job (two launches, --nnodes 2) writes one adapter equal to the reference;
 - a 2-process run SIGKILLed after a checkpoint and resumed ends with the uninterrupted 2-process
@@ -52,6 +52,8 @@ METHODS = {
     "shira": "{name: shira, r: 2, random_seed: 0}",
     "peanut": "{name: peanut, r: 4, depth: 1, init_weights: false}",
     "supertuning": "{name: supertuning, sparsity: 0.9}",
+    "delora": "{name: delora, r: 4}",
+    "gralora": "{name: gralora, r: 4, alpha: 8}",
 }
 
 # Adapter tolerance where 1e-5 is too tight for the arithmetic, not for the distribution: LoHa's W2b starts
@@ -223,6 +225,8 @@ def test_ddp_leaves_the_frozen_base_alone(tmp_path):
         ("shira", "fsdp"),
         ("peanut", "fsdp"),
         ("supertuning", "fsdp"),
+        ("delora", "fsdp"),
+        ("gralora", "fsdp"),
     ],
 )
 def test_two_processes_compute_what_one_process_computes(tmp_path, method, mode):

@@ -113,6 +113,12 @@ METHODS: dict[str, Case] = {
         mergeable=False,
         peft_type="CARTRIDGE",
     ),
+    "delora": Case(
+        {"llama": ("delora",), "bert-seq_cls": ("delora", *BERT), "t5-seq2seq": ("delora", *T5)},
+        identity=True,
+        mergeable=True,
+        peft_type="DELORA",  # peft stores each layer's W0 column norms too: no peft_counts
+    ),
     "fourierft": Case(
         {
             "llama": ("fourierft",),
@@ -122,6 +128,31 @@ METHODS: dict[str, Case] = {
         identity=False,
         mergeable=True,
         peft_type="FOURIERFT",
+        peft_counts=True,
+    ),
+    "gralora": Case(
+        {
+            "llama": ("gralora",),
+            "k4-hybrid": ("gralora", "method.gralora_k=4", "method.hybrid_r=2"),
+            "gpt2": ("gralora", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("gralora", *BERT),
+            "t5-seq2seq": ("gralora", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="GRALORA",
+        peft_counts=True,
+    ),
+    "hira": Case(
+        {
+            "llama": ("hira",),
+            "gpt2": ("hira", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("hira", *BERT),
+            "t5-seq2seq": ("hira", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="HIRA",
         peft_counts=True,
     ),
     "houlsby_adapter": Case({"llama": ("houlsby_adapter",)}, identity=True, mergeable=False),
@@ -330,6 +361,35 @@ METHODS: dict[str, Case] = {
         identity=True,
         mergeable=True,
         peft_type="PVERA",
+    ),
+    "tinylora": Case(
+        {
+            "llama": ("tinylora",),
+            "tied-no-projection": (
+                "tinylora",
+                "method.weight_tying=1.0",
+                "method.save_projection=false",
+                "method.projection_seed=7",
+            ),
+            "gpt2": ("tinylora", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("tinylora", *BERT),
+            "t5-seq2seq": ("tinylora", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="TINYLORA",  # peft stores the frozen SVD factors (and P) too: no peft_counts
+    ),
+    "unilora": Case(
+        {
+            "llama": ("unilora",),
+            "gpt2": ("unilora", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("unilora", *BERT),
+            "t5-seq2seq": ("unilora", *T5),
+        },
+        identity=False,
+        mergeable=True,
+        peft_type="UNILORA",
+        peft_counts=True,
     ),
     "unipelt": Case({"llama": ("unipelt",)}, identity=False, mergeable=False),
     "vblora": Case(

@@ -40,11 +40,14 @@ SHARED_PREFIX = "base_model."  # peft's prefix for tensors held by the tuner its
 
 
 class SharedState(nn.Module):
-    """Tensors shared by every adapted layer: frozen ones as buffers, trained ones as parameters."""
+    """Tensors shared by every adapted layer: frozen ones as buffers, trained ones as parameters, and
+    containers of them (TinyLoRA's per-group vectors, saved as ``base_model.tinylora_v.<group>``)."""
 
-    def add(self, name: str, value: torch.Tensor) -> None:
+    def add(self, name: str, value: torch.Tensor | nn.Module) -> None:
         if isinstance(value, nn.Parameter):
             self.register_parameter(name, value)
+        elif isinstance(value, nn.Module):
+            self.add_module(name, value)
         else:
             self.register_buffer(name, value)
 
@@ -164,8 +167,8 @@ class LayerMethod(Method):
         self.saved_modules = self.train_whole(model)
         return model
 
-    def build_shared(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Model-level tensors every layer uses, by their peft names (none by default). They are set on
+    def build_shared(self, model: nn.Module) -> dict[str, torch.Tensor | nn.Module]:
+        """Model-level tensors (or containers of them) every layer uses, by their peft names (none by default). They are set on
         the model before any layer is created; :meth:`create_layer` finds them in :attr:`shared_state`."""
         return {}
 
