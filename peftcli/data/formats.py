@@ -12,6 +12,9 @@ Tokenized examples, by task:
 * ``preference`` data (causal_lm): the chosen sequence as ``input_ids``/``loss_mask`` (prompt, then the
   chosen answer and EOS, tokenized separately as the completion format does) and the rejected one as
   ``rejected_ids``/``rejected_mask``; ``length`` is the two sequences' tokens together.
+* ``unpaired_preference`` data (causal_lm, KTO): the prompt, the completion and EOS as
+  ``input_ids``/``loss_mask`` as the completion format tokenizes them, with ``prompt_length`` (where the
+  completion starts, for the batch's mismatched KL rows) and ``desirable`` (the row's label, 1 or 0).
 
 Every row also gets ``length`` (the sampler's lengths array), ``truncated`` and ``status``: "" for a
 kept row, "dropped" when truncation left no trained token, else "bad:<reason>\\t<detail>" for a row
@@ -54,11 +57,20 @@ FORMAT_COLUMNS: dict[str, tuple[list[str], list[str]]] = {
     "sharegpt": (["conversations"], []),
     "classification": (["text", "label"], ["text_pair"]),
     "preference": (["prompt", "chosen", "rejected"], []),
+    "unpaired_preference": (["prompt", "completion", "label"], []),
 }
 
 # Which formats each task can train on.
 TASK_FORMATS: dict[str, tuple[str, ...]] = {
-    "causal_lm": ("text", "completion", "instruction", "chat", "sharegpt", "preference"),
+    "causal_lm": (
+        "text",
+        "completion",
+        "instruction",
+        "chat",
+        "sharegpt",
+        "preference",
+        "unpaired_preference",
+    ),
     "seq2seq": ("completion", "instruction"),
     "seq_cls": ("classification",),
 }
@@ -347,6 +359,8 @@ def tokenize_row(
         return _classification_row(tokenizer, row, spec)
     if spec.format == "preference":
         return _preference_row(tokenizer, row, spec)
+    if spec.format == "unpaired_preference":
+        return _unpaired_row(tokenizer, row, spec)
     if spec.format == "text":
         text = str(_value(row, "text", spec))
         ids = bos_ids(tokenizer) + encode(tokenizer, text, encoded) + eos_ids(tokenizer, spec.add_eos)
@@ -375,13 +389,16 @@ def tokenize_row(
     }
 
 
-def preference_texts(tokenizer, row: dict, spec: FormatSpec) -> tuple[str, str, str]:
-    """(prompt, chosen, rejected) texts of a preference row. Each column is a string or a list of chat
-    messages: a message prompt is rendered with the generation prompt, and a message answer is what the
-    template adds after that prompt (its end-of-turn token included), so both answers share the prompt."""
-    prompt, chosen, rejected = (_value(row, name, spec) for name in ("prompt", "chosen", "rejected"))
-    if not any(isinstance(v, list) for v in (prompt, chosen, rejected)):
-        return str(prompt), str(chosen), str(rejected)
+def preference_texts(
+    tokenizer, row: dict, spec: FormatSpec, answers: tuple[str, ...] = ("chosen", "rejected")
+) -> tuple[str, ...]:
+    """(prompt, *answers) texts of a preference row (unpaired: ``answers`` is ("completion",)). Each
+    column is a string or a list of chat messages: a message prompt is rendered with the generation
+    prompt, and a message answer is what the template adds after that prompt (its end-of-turn token
+    included), so every answer shares the prompt."""
+    prompt, *given = (_value(row, name, spec) for name in ("prompt", *answers))
+    if not any(isinstance(v, list) for v in (prompt, *given)):
+        return (str(prompt), *(str(v) for v in given))
     if not getattr(tokenizer, "chat_template", None):
         raise BadRow(
             "no chat template",
@@ -390,11 +407,7 @@ def preference_texts(tokenizer, row: dict, spec: FormatSpec) -> tuple[str, str, 
         )
     turns = check_messages(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
     prompt_text = render_chat(tokenizer, turns, add_generation_prompt=True)
-    return (
-        prompt_text,
-        _chat_answer(tokenizer, turns, chosen, prompt_text),
-        _chat_answer(tokenizer, turns, rejected, prompt_text),
-    )
+    return (prompt_text, *(_chat_answer(tokenizer, turns, answer, prompt_text) for answer in given))
 
 
 def _chat_answer(tokenizer, turns: list[dict], answer: Any, prompt_text: str) -> str:
@@ -413,14 +426,19 @@ def _chat_answer(tokenizer, turns: list[dict], answer: Any, prompt_text: str) ->
     return full[len(prompt_text) :]
 
 
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A preference prompt's ids, BOS first (once: a rendered chat template may already start with it)."""
+    bos, prompt_ids = bos_ids(tokenizer), encode(tokenizer, prompt)
+    if prompt_ids[: len(bos)] == bos:
+        bos = []
+    return bos + prompt_ids
+
+
 def _preference_row(tokenizer, row: dict, spec: FormatSpec) -> dict[str, Any]:
     """A pair: the prompt's ids (BOS first) followed by each answer's ids and EOS, prompt and answer
     tokenized separately; dropped when truncation leaves either answer without a trained token."""
     prompt, chosen, rejected = preference_texts(tokenizer, row, spec)
-    bos, prompt_ids = bos_ids(tokenizer), encode(tokenizer, prompt)
-    if prompt_ids[: len(bos)] == bos:
-        bos = []  # the prompt (a rendered chat template) already starts with BOS
-    prompt_ids = bos + prompt_ids
+    prompt_ids = _prompt_ids(tokenizer, prompt)
     prompt_mask = [1 if spec.train_on_prompt else 0] * len(prompt_ids)
     sequences = []
     for answer in (chosen, rejected):
@@ -437,6 +455,41 @@ def _preference_row(tokenizer, row: dict, spec: FormatSpec) -> dict[str, Any]:
         "truncated": chosen_cut or rejected_cut,
         "example": None,
         "dropped": not any(chosen_mask[1:]) or not any(rejected_mask[1:]),
+    }
+
+
+LABEL_VALUES = {True: 1, False: 0, "true": 1, "false": 0}  # 1 and 0 hash as True and False
+
+
+def desirable_label(row: dict, spec: FormatSpec) -> int:
+    """An unpaired row's label as 1 (desirable) or 0: true/false (JSON booleans, or those words)."""
+    value = _value(row, "label", spec)
+    key = value.strip().lower() if isinstance(value, str) else value
+    if not isinstance(key, (bool, int, str)) or key not in LABEL_VALUES:
+        theirs = spec.columns.get("label", "label")
+        raise BadRow("bad label", f"'{theirs}' is {value!r}, not true or false", "write true or false")
+    return LABEL_VALUES[key]
+
+
+def _unpaired_row(tokenizer, row: dict, spec: FormatSpec) -> dict[str, Any]:
+    """One KTO example: the prompt's ids (BOS first), the completion's ids and EOS (tokenized apart, as
+    the completion format does), where the completion starts, and the label (1 desirable, 0 not)."""
+    label = desirable_label(row, spec)
+    prompt, completion = preference_texts(tokenizer, row, spec, ("completion",))
+    prompt_ids = _prompt_ids(tokenizer, prompt)
+    answer_ids = encode(tokenizer, completion) + eos_ids(tokenizer, spec.add_eos)
+    prompt_mask = [1 if spec.train_on_prompt else 0] * len(prompt_ids)
+    input_ids, mask, cut = _truncate(
+        prompt_ids + answer_ids, prompt_mask + [1] * len(answer_ids), spec.max_length
+    )
+    return {
+        "input_ids": input_ids,
+        "loss_mask": mask,
+        "prompt_length": min(len(prompt_ids), len(input_ids)),
+        "desirable": label,
+        "truncated": cut,
+        "example": None,
+        "dropped": not any(mask[1:]),
     }
 
 
@@ -503,6 +556,9 @@ def output_columns(spec: FormatSpec, vocab_size: int) -> Any:
         if spec.format == "preference":
             columns["rejected_ids"] = datasets.List(id_type)
             columns["rejected_mask"] = datasets.List(datasets.Value("uint8"))
+        if spec.format == "unpaired_preference":
+            columns["prompt_length"] = datasets.Value("int32")
+            columns["desirable"] = datasets.Value("uint8")
     elif spec.task == "seq2seq":
         columns["labels"] = datasets.List(id_type)
     else:
@@ -517,6 +573,8 @@ def output_columns(spec: FormatSpec, vocab_size: int) -> Any:
     return datasets.Features(columns)
 
 
+UNPAIRED_COLUMNS = ["prompt_length", "desirable"]  # unpaired_preference's columns beside the ids
+
 # The columns of a bad row (kept until the stage raises or drops it, so row numbers stay aligned).
 _EMPTY_ROW = {
     "input_ids": [],
@@ -525,6 +583,8 @@ _EMPTY_ROW = {
     "label": -1,
     "rejected_ids": [],
     "rejected_mask": [],
+    "prompt_length": 0,
+    "desirable": 0,
     "truncated": False,
     "example": None,
 }
@@ -561,6 +621,9 @@ def tokenize_batch(batch: dict[str, list], tokenizer, spec: FormatSpec) -> dict[
             if spec.format == "preference":
                 out["rejected_ids"].append(result["rejected_ids"])
                 out["rejected_mask"].append(result["rejected_mask"])
+            if spec.format == "unpaired_preference":
+                out["prompt_length"].append(result["prompt_length"])
+                out["desirable"].append(result["desirable"])
         elif spec.task == "seq2seq":
             out["labels"].append(result["labels"])
         else:
@@ -576,7 +639,8 @@ def tokenize_batch(batch: dict[str, list], tokenizer, spec: FormatSpec) -> dict[
 
 def output_columns_names(spec: FormatSpec) -> list[str]:
     middle = {"causal_lm": "loss_mask", "seq2seq": "labels"}.get(spec.task, "label")
-    pairs = ["rejected_ids", "rejected_mask"] if spec.format == "preference" else []
+    extra = {"preference": ["rejected_ids", "rejected_mask"], "unpaired_preference": UNPAIRED_COLUMNS}
+    pairs = extra.get(spec.format, []) if spec.task == "causal_lm" else []
     return ["input_ids", middle, *pairs, "length", "truncated", "status"] + (
         ["example"] if spec.keep_examples else []
     )

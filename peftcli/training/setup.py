@@ -37,6 +37,7 @@ from peftcli.training.attention import use_packed_attention
 from peftcli.training.console import Reporter
 from peftcli.training.distributed import Dist
 from peftcli.training.loss import choose_loss_path
+from peftcli.training.objectives.precompute import attach_references
 from peftcli.training.objectives.registry import build_objective
 from peftcli.training.optim import build_optimizer, build_scheduler, total_steps
 from peftcli.training.state import Run
@@ -64,6 +65,18 @@ def set_up(
     sampler, steps, steps_per_epoch, plan_lines = plan_batches(recipe, data, dist.world_size)
     method.on_train_start(model, steps)
     stepper, speed_lines = build_stepper(recipe, method, model, wrapped, dist, device, steps)
+    attach_references(
+        recipe,
+        stepper.objective,
+        model,
+        data,
+        tokenizer,
+        base_path,
+        device,
+        stepper.amp_dtype,
+        dist,
+        reporter.note,
+    )
     return Run(
         recipe=recipe,
         reporter=reporter,

@@ -128,7 +128,14 @@ class Objective:
         return self.losses(s).sum() / counts["pairs"]
 
     def score(self, policy: nn.Module, batch: dict[str, torch.Tensor]) -> PairScores:
-        """The pairs' scores that :meth:`losses` and :meth:`rewards` read (log-probs; reward: the head's)."""
+        """The pairs' scores that :meth:`losses` and :meth:`rewards` read (log-probs; reward: the head's).
+        A batch carrying ``reference`` (objective.precompute_reference) skips the reference forward."""
+        if self.needs_reference and "reference" in batch:
+            scores = score_pairs(policy, batch)
+            ref = batch["reference"].to(scores.chosen.device)
+            half = ref.size(0) // 2
+            scores.ref_chosen, scores.ref_rejected = ref[:half], ref[half:]
+            return scores
         reference = self.reference if self.needs_reference else None
         return score_pairs(policy, batch, reference, self.reference_model)
 
