@@ -158,6 +158,13 @@ class ModelConfig:
         default=None,
         metadata=doc("load the base in 4/8 bits with bitsandbytes (QLoRA); see model.quantization.*"),
     )
+    adapter: str | None = field(
+        default=None,
+        metadata=doc(
+            "continue from a trained adapter directory (RUN/adapter): the run starts from its weights; "
+            "method must be the adapter's"
+        ),
+    )
     chat_template: str | None = field(
         default=None,
         metadata=doc(

@@ -875,3 +875,106 @@ def test_reference_cache_key_follows_the_data_the_model_and_the_start_adapter(tm
     copied = reference_key(recipe, str(base), built.model, rows, None)
     os.utime(weights, ns=(1, 1))
     assert reference_key(recipe, str(base), built.model, rows, None) != copied
+
+
+# -- continuing from a trained adapter (model.adapter) ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tmp_path_factory) -> Path:
+    """A LoRA adapter trained by 3 SFT steps of recipes/tiny/lora.yaml (the DPO recipe's LoRA options)."""
+    from peftcli.training.loop import train
+
+    run = tmp_path_factory.mktemp("sft") / "run"
+    train(load_recipe(kit.TINY / "lora.yaml", [f"output_dir={run}", "train.max_steps=3", "data.eval=null"]))
+    return run / "adapter"
+
+
+def set_up_run(recipe):
+    from peftcli.training.console import Reporter
+    from peftcli.training.setup import set_up
+
+    return set_up(recipe, Reporter(quiet=True))
+
+
+def assert_starts_from(run, adapter: Path) -> None:
+    """Every trainable tensor of the run's model is the adapter's, as saved."""
+    from peftcli.checkpoint import read_adapter_state
+
+    saved = read_adapter_state(adapter)
+    ours = run.stepper.method.adapter_state_dict(run.stepper.model)
+    assert set(ours) == set(saved)
+    for name, tensor in saved.items():
+        assert torch.equal(ours[name].float(), tensor.float()), name
+
+
+@pytest.mark.parametrize("reference", ["start", "base"])
+def test_dpo_continues_from_an_sft_adapter_with_it_as_the_start_reference(tmp_path, sft_adapter, reference):
+    """SFT → DPO: the run starts from the adapter's weights; with ``reference: start`` the step-1 reference
+    log-probs are the start adapter's (loaded as ``peftcli merge`` loads it; step 1's loss is log 2) and
+    stay so after an update; with ``base`` they are the base model's and step 1's loss is not log 2."""
+    from peftcli.export import load_adapter
+    from peftcli.training.objectives.base import sequence_logps
+
+    recipe = recipe_for(tmp_path, {"name": "dpo", "reference": reference})
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, adapter=str(sft_adapter)))
+    run = set_up_run(recipe)
+    assert_starts_from(run, sft_adapter)
+    batch = collate_rows(run.data.train, range(len(PAIRS)), run.tokenizer, "causal_lm")
+    if reference == "start":
+        expected_model = load_adapter(sft_adapter).model
+    else:
+        expected_model = kit.base_model(run.base_path, recipe, run.tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected, _ = sequence_logps(expected_model, batch)
+    objective = run.stepper.objective
+    run.model.train()
+    for step in range(2):
+        with torch.no_grad():
+            s = objective.score(run.model, batch)
+        torch.testing.assert_close(torch.cat([s.ref_chosen, s.ref_rejected]), expected, atol=1e-5, rtol=0)
+        loss = float(objective.losses(s).mean())
+        if step == 0:
+            assert (loss == pytest.approx(math.log(2), abs=1e-6)) == (reference == "start")
+        run.stepper.step([batch], step)
+
+
+def test_continued_sft_starts_from_the_adapter(tmp_path, sft_adapter):
+    recipe = load_recipe(
+        kit.TINY / "lora.yaml",
+        [f"output_dir={tmp_path / 'run'}", f"model.adapter={sft_adapter}", "data.eval=null"],
+    )
+    assert_starts_from(set_up_run(recipe), sft_adapter)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "words"),
+    [
+        ({"method": {"name": "ia3"}}, "model.adapter", "is a lora adapter, not ia3"),
+        ({"method": {"name": "lora", "init": "pissa"}}, "method.init", "trained with init kaiming"),
+        ({"model": {"name": "tiny:qwen3"}}, "model.adapter", "trained on tiny:llama"),
+    ],
+)
+def test_a_mismatched_start_adapter_is_one_line(tmp_path, sft_adapter, overrides, key, words):
+    import yaml
+
+    from peftcli.recipe_loader import recipe_from_dict
+    from peftcli.training.distributed import Dist
+    from peftcli.training.setup import check_recipe
+
+    raw = yaml.safe_load((kit.TINY / "lora.yaml").read_text())
+    raw["model"] = {**raw["model"], "adapter": str(sft_adapter), **overrides.get("model", {})}
+    raw["method"] = overrides.get("method", raw["method"])
+    recipe = recipe_from_dict(raw)
+    with pytest.raises(RecipeError) as err:
+        check_recipe(recipe, Dist())
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(key) and words in message, message
+
+
+def test_a_missing_start_adapter_is_one_line(tmp_path):
+    from peftcli.recipe_loader import validate_files
+
+    recipe = load_recipe(kit.TINY / "lora.yaml", [f"model.adapter={tmp_path / 'nope'}"])
+    with pytest.raises(RecipeError, match="model.adapter: adapter directory not found"):
+        validate_files(recipe)

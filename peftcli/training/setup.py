@@ -1,10 +1,12 @@
 """Set up a run: :func:`set_up` builds the :class:`~peftcli.training.state.Run` from a recipe in named stages,
 in this order (the random draws of each depend on those before it):
 
-    check_recipe     what can be refused before anything loads (method × distributed, eval tasks)
+    check_recipe     what can be refused before anything loads (method × distributed, eval tasks,
+                     model.adapter)
     seed_everything  Python's and torch's generators
     load_inputs      the base model's path, its tokenizer and the tokenized data
-    load_model       base model + method (peftcli.models.build_model)
+    load_model       base model + method (peftcli.models.build_model); model.adapter's weights after
+                     any data-driven init (peftcli.training.continuing)
     plan_batches     the sampler (shuffled, length-grouped or packed) and the number of steps
     build_stepper    optimizer, scheduler, mixed precision, loss path, packed attention, compile
 
@@ -35,6 +37,7 @@ from peftcli.models import build_model
 from peftcli.recipe import Recipe, RecipeError
 from peftcli.training.attention import use_packed_attention
 from peftcli.training.console import Reporter
+from peftcli.training.continuing import check_start_adapter, load_start_adapter
 from peftcli.training.distributed import Dist
 from peftcli.training.loss import choose_loss_path
 from peftcli.training.objectives.precompute import attach_references
@@ -60,6 +63,9 @@ def set_up(
     base_path, tokenizer, data = load_inputs(recipe, reporter, dist)
     method, model = load_model(recipe, base_path, tokenizer, data, device)
     initialise_from_data(method, model, data.train, tokenizer, recipe, reporter, device)
+    if recipe.model.adapter:  # continue from a trained adapter: its weights replace the fresh init's
+        load_start_adapter(recipe, method, model)
+        reporter.note(f"starting from the adapter {recipe.model.adapter}")
     wrapped = distributed.wrap(dist, model)  # FSDP2 shards in place: parameters are DTensors after this
     trainable, total = count_parameters(model)
     sampler, steps, steps_per_epoch, plan_lines = plan_batches(recipe, data, dist.world_size)
@@ -102,6 +108,7 @@ def check_recipe(recipe: Recipe, dist: Dist) -> None:
         dist, get_method_class(recipe.method.name), recipe.model.quantization is not None
     )
     check_objective(recipe, dist)
+    check_start_adapter(recipe)
     if recipe.eval.tasks:
         check_eval_tasks(recipe, dist)
 
