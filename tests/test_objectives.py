@@ -978,3 +978,64 @@ def test_a_missing_start_adapter_is_one_line(tmp_path):
     recipe = load_recipe(kit.TINY / "lora.yaml", [f"model.adapter={tmp_path / 'nope'}"])
     with pytest.raises(RecipeError, match="model.adapter: adapter directory not found"):
         validate_files(recipe)
+
+
+# -- compare and report know the objective ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def preference_runs(tmp_path_factory) -> dict[str, Path]:
+    """Two finished tiny runs, DPO and KTO (3 steps, eval at 0 and 3 on 16 held-out examples)."""
+    from peftcli.training.loop import train
+
+    root = tmp_path_factory.mktemp("preference-runs")
+    common = ["train.max_steps=3", "train.batch_size=8", "train.eval_every=3", "data.max_eval_examples=16"]
+    runs = {}
+    for name, recipe in (("dpo", RECIPE), ("kto", KTO_RECIPE)):
+        runs[name] = root / name
+        train(load_recipe(recipe, [f"output_dir={runs[name]}", *common]))
+    return runs
+
+
+def test_report_shows_the_objective_and_its_eval_metrics(preference_runs, tmp_path):
+    """`peftcli report` on a DPO run: the objective in the summary and title, the rewards, margins and
+    accuracy of the first and last evals (the numbers metrics.jsonl holds), the best eval ranked by
+    rewards/accuracy, and no SFT metric (perplexity)."""
+    from rich.console import Console
+
+    from peftcli.tools.report import report, report_table
+
+    run = preference_runs["dpo"]
+    summary = report(run, tmp_path / "report.png")
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    evals = [e for e in evals if e["event"] == "eval"]
+    assert summary["objective"] == "dpo"
+    assert summary["best_eval"]["metric"] == "rewards/accuracy"
+    for key in ("eval_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"):
+        assert summary["before"][key] == evals[0][key] and summary["final"][key] == evals[-1][key]
+    console = Console(record=True, width=200)
+    console.print(report_table(summary))
+    text = console.export_text()
+    assert "(dpo, finished, step 3 of 3)" in text and "eval_loss (dpo)" in text
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"):
+        assert key in text
+    assert "perplexity" not in text
+
+
+def test_compare_shows_the_objective_and_its_eval_metrics(preference_runs, tmp_path):
+    """`peftcli compare` of the DPO and KTO runs: an objective column, the reward metrics after training
+    as results.json holds them, ranked by rewards/accuracy; KTO's kl too."""
+    from peftcli.tools.compare import compare_runs, table_rows
+
+    result = compare_runs([preference_runs["dpo"], preference_runs["kto"]], tmp_path / "out", repeats=1)
+    assert [r["objective"] for r in result["rows"]] == ["dpo", "kto"]
+    assert result["primary_metric"] == "rewards/accuracy"
+    header, cells = table_rows(result)
+    assert header[:2] == ["method", "objective"] and "perplexity" not in header
+    for row, cell in zip(result["rows"], cells, strict=True):
+        after = json.loads((Path(row["run_dir"]) / "results.json").read_text())["eval_after"]
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"):
+            assert cell[header.index(key)] == f"{after[key]:.4f}"
+    assert cells[1][header.index("kl")] != "-" and cells[0][header.index("kl")] == "-"
+    markdown = (tmp_path / "out" / "compare.md").read_text()
+    assert "| objective |" in markdown and "| dpo |" in markdown and "| kto |" in markdown
