@@ -114,8 +114,9 @@ def check_recipe(recipe: Recipe, dist: Dist) -> None:
 
 
 def check_objective(recipe: Recipe, dist: Dist) -> None:
-    """A preference objective runs in one process for now, and ``reference: base`` needs a method that
-    can switch its adapter off (peftcli.methods.registry.Method.adapter_disabled)."""
+    """A preference objective runs in one process or under DDP (not FSDP; KTO in one process only: its
+    KL rows pair examples across the whole batch), and ``reference: base`` needs a method that can
+    switch its adapter off (peftcli.methods.registry.Method.adapter_disabled)."""
     from peftcli.methods.registry import overrides
     from peftcli.training.objectives.reference import check_base_reference
     from peftcli.training.objectives.registry import OBJECTIVES
@@ -123,11 +124,16 @@ def check_objective(recipe: Recipe, dist: Dist) -> None:
     objective = OBJECTIVES[recipe.objective.name]
     if objective.data_format is None:
         return
-    if dist.enabled:
+    if dist.enabled and (dist.mode != "ddp" or objective.name == "kto"):
+        why = (
+            "its KL rows pair each example with another of the whole batch, which no rank holds"
+            if objective.name == "kto"
+            else f"its reference swaps adapter weights that {dist.mode} shards"
+        )
         raise RecipeError(
             "objective.name",
-            f"{objective.name} runs in one process for now; this run has {dist.world_size}",
-            "run it without torchrun",
+            f"{objective.name} cannot run under {dist.mode} with {dist.world_size} processes: {why}",
+            "run it in one process" if objective.name == "kto" else "set train.distributed: ddp",
         )
     method = get_method_class(recipe.method.name)
     base_reference = objective.needs_reference and recipe.objective.reference == "base"
