@@ -34,6 +34,7 @@ FAST_ROWS = {
     "test_lora_variants.py::test_saved_adapter_loads_in_peft_with_our_logits": {"dora_gpt2", "pissa_dora"},
     "test_lora_variants.py::test_merged_plain_model_reloads_with_the_adapter_logits": {"pissa_dora"},
     "test_lora_variants.py::test_residual_inits_equal_peft_and_compose_with_dora": {"olora_dora"},
+    "test_objectives.py::test_dpo_continues_from_an_sft_adapter_with_it_as_the_start_reference": {"start"},
     "test_objectives.py::test_precomputed_reference_gives_the_same_run": {"base"},
     "test_oft.py::test_peft_loads_our_adapter_with_each_option": {"coft", "block_size-not-dividing"},
     "test_oft.py::test_we_load_peft_adapters_with_each_option": {"llama-coft"},

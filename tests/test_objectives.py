@@ -19,6 +19,13 @@ ids are checked equal first, then the step-1 loss and every adapter gradient, â‰
 
 TRL 1.16's DPO ``sigmoid`` has no label smoothing; cDPO's ``label_smoothing`` is checked against the
 definition written out instead.
+
+Beyond parity: KTO's KL term against its definition (each mismatched row scored alone); precomputed
+reference log-probs give the very same logged losses and evals as scoring the reference every step, and
+their cache key follows the data, the base's files and the start adapter; ``model.adapter`` starts a run
+from a trained adapter's tensors, with ``reference: start`` scoring exactly that adapter; ``report`` and
+``compare`` show a preference run's objective and reward metrics (checked against metrics.jsonl and
+results.json).
 """
 
 from __future__ import annotations
@@ -1022,6 +1029,7 @@ def test_report_shows_the_objective_and_its_eval_metrics(preference_runs, tmp_pa
     assert "perplexity" not in text
 
 
+@pytest.mark.slow
 def test_compare_shows_the_objective_and_its_eval_metrics(preference_runs, tmp_path):
     """`peftcli compare` of the DPO and KTO runs: an objective column, the reward metrics after training
     as results.json holds them, ranked by rewards/accuracy; KTO's kl too."""
