@@ -158,6 +158,13 @@ class ModelConfig:
         default=None,
         metadata=doc("load the base in 4/8 bits with bitsandbytes (QLoRA); see model.quantization.*"),
     )
+    adapter: str | None = field(
+        default=None,
+        metadata=doc(
+            "continue from a trained adapter directory (RUN/adapter): the run starts from its weights; "
+            "method must be the adapter's"
+        ),
+    )
     chat_template: str | None = field(
         default=None,
         metadata=doc(
@@ -168,7 +175,15 @@ class ModelConfig:
 
 
 DataFormat = Literal[
-    "text", "completion", "instruction", "chat", "sharegpt", "classification", "preference", "prompt"
+    "text",
+    "completion",
+    "instruction",
+    "chat",
+    "sharegpt",
+    "classification",
+    "preference",
+    "unpaired_preference",
+    "prompt",
 ]
 
 
@@ -216,6 +231,7 @@ class DataConfig:
         metadata=doc(
             "text | completion (prompt/completion) | instruction (alpaca) | chat (messages) "
             "| sharegpt (conversations) | classification | preference (prompt/chosen/rejected) "
+            "| unpaired_preference (prompt/completion/label, for kto) "
             "| prompt (prompt and reference columns, for grpo)"
         ),
     )
@@ -380,7 +396,7 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=doc("torch.compile the model (slow first steps)"))
 
 
-ObjectiveName = Literal["sft", "dpo", "ipo", "orpo", "simpo", "reward", "grpo"]
+ObjectiveName = Literal["sft", "dpo", "ipo", "kto", "orpo", "simpo", "reward", "grpo"]
 
 
 @dataclass
@@ -415,8 +431,10 @@ class RewardConfig:
         return next(k for k in self.KINDS if getattr(self, k) is not None)
 
 
-PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "simpo", "reward")  # trained on data.format: preference
-REFERENCE_OBJECTIVES = ("dpo", "ipo")  # compare the policy with a frozen reference
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "kto", "orpo", "simpo", "reward")  # trained on preference data
+REFERENCE_OBJECTIVES = ("dpo", "ipo", "kto")  # compare the policy with a frozen reference
+# The data format each preference objective trains on (the others: data.format preference).
+OBJECTIVE_FORMATS = {"kto": "unpaired_preference"}
 
 
 @dataclass
@@ -426,14 +444,15 @@ class ObjectiveConfig:
     name: ObjectiveName = field(
         default="sft",
         metadata=doc(
-            "sft (next-token cross-entropy) | dpo | ipo | orpo | simpo (preference data) | reward "
-            "(a seq_cls reward model on preference data) | grpo (sampled completions of prompt data, rewarded)"
+            "sft (next-token cross-entropy) | dpo | ipo | orpo | simpo (preference data) | kto "
+            "(unpaired_preference data) | reward (a seq_cls reward model on preference data) | grpo "
+            "(sampled completions of prompt data, rewarded)"
         ),
     )
     beta: float = field(
         default=0.1,
         metadata=doc(
-            "dpo/ipo: strength of the tie to the reference; simpo: reward scale; orpo: odds-ratio weight",
+            "dpo/ipo/kto: strength of the tie to the reference; simpo: reward scale; orpo: odds-ratio weight",
             min_exclusive=0.0,
         ),
     )
@@ -446,11 +465,25 @@ class ObjectiveConfig:
     gamma_beta_ratio: float = field(
         default=0.5, metadata=doc("simpo: γ / β when gamma is not set (SimPO's default 0.5)")
     )
+    desirable_weight: float = field(
+        default=1.0, metadata=doc("kto: the weight of the desirable (label true) examples' losses", min=0.0)
+    )
+    undesirable_weight: float = field(
+        default=1.0,
+        metadata=doc("kto: the weight of the undesirable (label false) examples' losses", min=0.0),
+    )
     reference: Literal["base", "start"] = field(
         default="base",
         metadata=doc(
-            "dpo/ipo (grpo with kl_coef): base (the same weights with the adapter switched off) or start "
-            "(the adapter as the run started, frozen)"
+            "dpo/ipo/kto (grpo with kl_coef): base (the same weights with the adapter switched off) "
+            "or start (the adapter the run started from, frozen: model.adapter's, else the fresh one)"
+        ),
+    )
+    precompute_reference: bool = field(
+        default=False,
+        metadata=doc(
+            "dpo/ipo: compute the reference log-probs once before training and cache them beside the "
+            "tokenized data (no reference forward per step)"
         ),
     )
 
@@ -866,15 +899,19 @@ def objective_checks(recipe: Recipe) -> None:
             f"{objective.name} trains causal LMs, not {recipe.model.task}",
             "set model.task: causal_lm",
         )
-    if preference and formats != {"preference"}:
-        other = ", ".join(sorted(formats - {"preference"}))
+    wanted = OBJECTIVE_FORMATS.get(objective.name, "preference")
+    if preference and formats != {wanted}:
+        other = ", ".join(sorted(formats - {wanted}))
+        rows = (
+            "{prompt, completion, label}" if wanted == "unpaired_preference" else "{prompt, chosen, rejected}"
+        )
         raise RecipeError(
             "data.format",
-            f"objective {objective.name} trains on preference data, not {other}",
-            "set data.format: preference (rows {prompt, chosen, rejected})",
+            f"objective {objective.name} trains on {wanted.replace('_', ' ')} data, not {other}",
+            f"set data.format: {wanted} (rows {rows})",
         )
     grpo_checks(recipe, formats)
-    if not preference and "preference" in formats:
+    if not preference and formats & {"preference", "unpaired_preference"}:
         raise RecipeError(
             "objective.name",
             f"preference data needs a preference objective, not {objective.name}",
@@ -886,6 +923,19 @@ def objective_checks(recipe: Recipe) -> None:
         raise RecipeError("objective.label_smoothing", f"only dpo uses it, not {objective.name}", "remove it")
     if objective.gamma is not None and objective.name != "simpo":
         raise RecipeError("objective.gamma", f"only simpo uses it, not {objective.name}", "remove it")
+    for key in ("desirable_weight", "undesirable_weight"):
+        if getattr(objective, key) != 1.0 and objective.name != "kto":
+            raise RecipeError(f"objective.{key}", f"only kto uses it, not {objective.name}", "remove it")
+    if objective.precompute_reference and objective.name not in ("dpo", "ipo"):
+        why = (
+            "its KL rows pair each prompt with another row's completion of the same batch, so their "
+            "reference changes with the batch"
+            if objective.name == "kto"
+            else "it has no reference"
+        )
+        raise RecipeError(
+            "objective.precompute_reference", f"{objective.name} cannot precompute: {why}", "remove it"
+        )
 
 
 GRPO_OPTIONS = (

@@ -88,6 +88,13 @@ def validate_files(recipe: Recipe) -> None:
         raise RecipeError(
             "model.name", f"model directory not found: {name}", "check the path or use a hub id"
         )
+    adapter = recipe.model.adapter
+    if adapter and not Path(expand_path(adapter)).is_dir():
+        raise RecipeError(
+            "model.adapter",
+            f"adapter directory not found: {adapter}",
+            "point at a run's adapter (RUN/adapter)",
+        )
     paths = [(f"data.train[{i}].path", source.path) for i, source in enumerate(recipe.data.sources())]
     if isinstance(recipe.data.train, str):
         paths = [("data.train", recipe.data.train)]

@@ -56,6 +56,8 @@ FAST_ROWS = {
     "test_lora_variants.py::test_residual_inits_equal_peft_and_compose_with_dora": {"olora_dora"},
     "test_miss.py::test_peft_loads_our_adapter_with_each_option": {"bat", "mini"},
     "test_miss.py::test_we_load_peft_adapters_with_each_option": {"llama-r-24-padded"},
+    "test_objectives.py::test_dpo_continues_from_an_sft_adapter_with_it_as_the_start_reference": {"start"},
+    "test_objectives.py::test_precomputed_reference_gives_the_same_run": {"base"},
     "test_oft.py::test_peft_loads_our_adapter_with_each_option": {"coft", "block_size-not-dividing"},
     "test_oft.py::test_we_load_peft_adapters_with_each_option": {"llama-coft"},
     "test_peanut.py::test_peft_loads_our_adapter_with_each_option": {"depth-2-gelu-scaling"},

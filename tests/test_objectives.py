@@ -14,9 +14,18 @@ ids are checked equal first, then the step-1 loss and every adapter gradient, �
 * orpo: ``trl.experimental.orpo.ORPOTrainer``, with its SFT term restricted to the answer's tokens and
   EOS as the issue defines it (TRL's experimental ORPO also scores the prompt tokens there); the
   odds-ratio term, the average log-probs and the forward are TRL's.
+* kto: ``KTOTrainer`` (loss_type kto, its KL term from the batch's completions rotated by one) on
+  unpaired examples with both labels, unequal desirable/undesirable weights, both references.
 
 TRL 1.16's DPO ``sigmoid`` has no label smoothing; cDPO's ``label_smoothing`` is checked against the
 definition written out instead.
+
+Beyond parity: KTO's KL term against its definition (each mismatched row scored alone); precomputed
+reference log-probs give the very same logged losses and evals as scoring the reference every step, and
+their cache key follows the data, the base's files and the start adapter; ``model.adapter`` starts a run
+from a trained adapter's tensors, with ``reference: start`` scoring exactly that adapter; ``report`` and
+``compare`` show a preference run's objective and reward metrics (checked against metrics.jsonl and
+results.json).
 """
 
 from __future__ import annotations
@@ -42,12 +51,29 @@ from peftcli.training.step import Stepper
 pytest.importorskip("trl")
 
 RECIPE = kit.ROOT / "recipes" / "objectives" / "dpo.yaml"
+KTO_RECIPE = kit.ROOT / "recipes" / "objectives" / "kto.yaml"
 PAIRS = [json.loads(line) for line in (kit.ROOT / "recipes/data/tiny_pref_train.jsonl").open()][:4]
 # Unequal answer lengths, so padding, per-answer counts and averages all matter.
 PAIRS[1] = {**PAIRS[1], "chosen": " very happy indeed"}
 PAIRS[2] = {**PAIRS[2], "rejected": " sad, sad"}
+# KTO's unpaired examples: both labels, interleaved, and the answers of unequal lengths above.
+UNPAIRED = [
+    {"prompt": PAIRS[i]["prompt"], "completion": PAIRS[i][answer], "label": answer == "chosen"}
+    for i, answer in [
+        (0, "chosen"),
+        (1, "rejected"),
+        (2, "chosen"),
+        (3, "rejected"),
+        (1, "chosen"),
+        (2, "rejected"),
+    ]
+]
 BETA = 0.2
 TOLERANCE = 1e-4
+KTO_WEIGHTS = {"desirable_weight": 1.3, "undesirable_weight": 0.7}
+# kit.perturb's seed per objective: under seed 7 the mismatched KL rows gain log-probability against the
+# base (z ≈ 0.63), so KTO's KL term is not clamped to 0 and the parity covers it.
+PERTURB_SEED = {"kto": 7}
 
 # name: (recipe objective overrides, which TRL trainer, its config)
 CASES = {
@@ -60,17 +86,25 @@ CASES = {
         {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": 0.3},
     ),
     "orpo": ({"name": "orpo"}, "orpo", {}),
+    "kto-base": ({"name": "kto", "reference": "base", **KTO_WEIGHTS}, "kto", KTO_WEIGHTS),
+    "kto-start": ({"name": "kto", "reference": "start", **KTO_WEIGHTS}, "kto", KTO_WEIGHTS),
 }
 
 
+def examples_for(objective: dict) -> list[dict]:
+    return UNPAIRED if objective.get("name") == "kto" else PAIRS
+
+
 def recipe_for(tmp_path: Path, objective: dict):
-    data = kit.write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    data = kit.write_jsonl(tmp_path / "pairs.jsonl", examples_for(objective))
     overrides = [
         f"output_dir={tmp_path / 'run'}",
         f"data.train={data}",
         "data.eval=null",
         f"objective.beta={BETA}",
     ]
+    if objective.get("name") == "kto":
+        overrides.append("data.format=unpaired_preference")
     overrides += [f"objective.{k}={v}" for k, v in objective.items()]
     return load_recipe(RECIPE, overrides)
 
@@ -79,9 +113,9 @@ def our_side(tmp_path: Path, objective: dict):
     """(batch, step-1 loss, adapter gradients by peft's key, built model) from the loop's own step."""
     recipe = recipe_for(tmp_path, objective)
     built = kit.build(recipe)
-    kit.perturb(built.model)
+    kit.perturb(built.model, seed=PERTURB_SEED.get(objective["name"], 1))
     rows = load_data(recipe.data, built.tokenizer, "causal_lm").train
-    batch = collate_rows(rows, range(len(PAIRS)), built.tokenizer, "causal_lm")
+    batch = collate_rows(rows, range(len(rows)), built.tokenizer, "causal_lm")
     built.model.train()
     stepper = Stepper(
         model=built.model,
@@ -109,10 +143,11 @@ def trl_trainer(tmp_path: Path, built, kind: str, options: dict):
     )
     base = AutoModelForCausalLM.from_pretrained(built.base_path, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    examples = UNPAIRED if kind == "kto" else PAIRS
     common = {
         "output_dir": str(tmp_path / "trl"),
         "beta": BETA,
-        "per_device_train_batch_size": len(PAIRS),
+        "per_device_train_batch_size": len(examples),
         "report_to": [],
         "use_cpu": True,
         "max_length": 64,
@@ -120,6 +155,9 @@ def trl_trainer(tmp_path: Path, built, kind: str, options: dict):
     if kind == "dpo":
         from trl import DPOConfig as Config
         from trl import DPOTrainer as Trainer
+    elif kind == "kto":
+        from trl import KTOConfig as Config
+        from trl import KTOTrainer as Trainer
     elif kind == "cpo":
         from trl.experimental.cpo import CPOConfig as Config
         from trl.experimental.cpo import CPOTrainer as Trainer
@@ -127,9 +165,12 @@ def trl_trainer(tmp_path: Path, built, kind: str, options: dict):
         from trl.experimental.orpo import ORPOConfig as Config
         from trl.experimental.orpo import ORPOTrainer as Trainer
     args = Config(**common, **options)
-    rows = PAIRS
-    if kind == "dpo":  # DPOTrainer tokenizes the prompt as it is; ours (and CPO/ORPO's) start it with BOS
-        rows = [{**pair, "prompt": built.tokenizer.bos_token + pair["prompt"]} for pair in PAIRS]
+    rows = examples
+    if kind in (
+        "dpo",
+        "kto",
+    ):  # DPO/KTOTrainer tokenize the prompt as it is; ours (and CPO/ORPO's) start with BOS
+        rows = [{**row, "prompt": built.tokenizer.bos_token + row["prompt"]} for row in examples]
     trainer = Trainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=built.tokenizer
     )
@@ -138,7 +179,9 @@ def trl_trainer(tmp_path: Path, built, kind: str, options: dict):
 
 def trl_rows(trainer, kind: str, inputs) -> list[list[int]]:
     """The token ids of TRL's concatenated rows (chosen first), padding left out."""
-    if kind == "dpo":
+    if kind == "kto":  # the examples, then their mismatched KL rows (ours: the same 2B rows)
+        parts = [(inputs[f"{k}input_ids"], inputs[f"{k}attention_mask"]) for k in ("", "KL_")]
+    elif kind == "dpo":
         parts = [(inputs["input_ids"], inputs["attention_mask"])]
     else:  # CPO and ORPO collate chosen and rejected apart, each padded to its own width
         parts = [(inputs[f"{k}_input_ids"], inputs[f"{k}_attention_mask"]) for k in ("chosen", "rejected")]
@@ -163,11 +206,11 @@ def trl_side(tmp_path: Path, built, case: str):
     objective, kind, options = CASES[case]
     trainer = trl_trainer(tmp_path, built, kind, options)
     model = trainer.model
-    if kind == "dpo" and objective.get("reference") == "base" and "ref" in model.peft_config:
+    if kind in ("dpo", "kto") and objective.get("reference") == "base" and "ref" in model.peft_config:
         model.delete_adapter("ref")  # TRL then takes the reference with the adapters disabled: the base
     if kind == "orpo":
         completion_nll_orpo(trainer)
-    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
     model.train()
     model.zero_grad(set_to_none=True)
     loss = trainer.compute_loss(model, inputs)
@@ -204,6 +247,38 @@ def test_dpo_label_smoothing_is_cdpo(tmp_path):
         s = score_pairs(built.model, batch, objective.reference, built.model)
     d = (s.chosen - s.ref_chosen) - (s.rejected - s.ref_rejected)
     expected = (0.8 * -F.logsigmoid(BETA * d) + 0.2 * -F.logsigmoid(-BETA * d)).mean()
+    assert loss == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_kto_kl_term_is_the_batch_mismatched_pairs(tmp_path):
+    """z = max(0, mean over i of logp − logref of example i's prompt followed by example i−1's completion
+    and EOS), each scored alone here; the loss is the weighted 1 − σ of the definition, with z > 0."""
+    from peftcli.training.objectives.base import sequence_logps
+
+    batch, loss, _, built = our_side(tmp_path, {"name": "kto", **KTO_WEIGHTS})
+    objective = build_objective(built.recipe.objective, built.method, built.model)
+    tok = built.tokenizer
+    shifted = []
+    for i, row in enumerate(UNPAIRED):
+        prompt = [tok.bos_token_id, *kit.ids(tok, row["prompt"])]
+        answer = [*kit.ids(tok, UNPAIRED[i - 1]["completion"]), tok.eos_token_id]
+        ids = torch.tensor([prompt + answer])
+        one = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        one["labels"] = torch.tensor([[-100] * len(prompt) + answer])
+        with torch.no_grad():
+            policy = sequence_logps(built.model, one)[0]
+            with objective.reference():
+                ref = sequence_logps(built.model, one)[0]
+        shifted.append(float(policy - ref))
+    z = max(0.0, sum(shifted) / len(shifted))
+    with torch.no_grad():
+        s = objective.score(built.model, batch)
+    assert z > 0.1 and float(s.kl[0]) == pytest.approx(z, abs=1e-5)
+    ratio = s.logps - s.ref
+    labels = torch.tensor([row["label"] for row in UNPAIRED])
+    expected = torch.where(
+        labels, 1.3 * (1 - torch.sigmoid(BETA * (ratio - z))), 0.7 * (1 - torch.sigmoid(BETA * (z - ratio)))
+    ).mean()
     assert loss == pytest.approx(float(expected), abs=1e-6)
 
 
@@ -271,6 +346,19 @@ def test_window_loss_is_the_mean_over_the_windows_pairs(tmp_path):
             "one output",
         ),
         (["objective.name=reward", "model.task=seq2seq"], "model.task", "not seq2seq"),
+        (["objective.name=kto"], "data.format", "data.format: unpaired_preference"),
+        (["objective.desirable_weight=2"], "objective.desirable_weight", "only kto"),
+        (
+            ["objective.precompute_reference=true", "objective.name=simpo"],
+            "precompute_reference",
+            "no reference",
+        ),
+        (
+            ["objective.precompute_reference=true", "objective.name=kto", "data.format=unpaired_preference"],
+            "objective.precompute_reference",
+            "KL rows",
+        ),
+        (["data.format=unpaired_preference"], "data.format", "trains on preference data"),
     ],
 )
 def test_recipe_errors_are_one_line(overrides, key, words):
@@ -295,6 +383,63 @@ def test_a_row_missing_rejected_names_file_row_and_column(tmp_path):
         load_data(recipe.data, kit.tokenizer(), "causal_lm")
     message = str(err.value)
     assert "\n" not in message and "pairs.jsonl line 2" in message and "'rejected'" in message, message
+
+
+@pytest.mark.parametrize(
+    ("row", "words"),
+    [
+        ({"prompt": "p", "completion": " c"}, "'label'"),
+        ({"prompt": "p", "completion": " c", "label": "maybe"}, "not true or false"),
+        ({"prompt": "p", "label": True}, "'completion'"),
+    ],
+)
+def test_an_unpaired_row_without_a_label_names_file_row_and_column(tmp_path, row, words):
+    data = kit.write_jsonl(tmp_path / "kto.jsonl", [UNPAIRED[0], row, UNPAIRED[1]])
+    recipe = load_recipe(KTO_RECIPE, [f"data.train={data}", "data.eval=null"])
+    with pytest.raises(RecipeError) as err:
+        load_data(recipe.data, kit.tokenizer(), "causal_lm")
+    message = str(err.value)
+    assert "\n" not in message and "kto.jsonl line 2" in message and words in message, message
+
+
+def test_unpaired_rows_are_prompt_then_completion_then_eos_with_their_label(tmp_path):
+    """BOS and the prompt, the completion tokenized apart, then EOS; labels on the completion and EOS;
+    the batch's second half pairs each prompt with the previous example's completion (cyclically)."""
+    tok = kit.tokenizer()
+    rows_in = [UNPAIRED[0], UNPAIRED[4], UNPAIRED[5], {**UNPAIRED[3], "label": "False"}]  # 4 answers
+    data = kit.write_jsonl(tmp_path / "kto.jsonl", rows_in)
+    recipe = load_recipe(KTO_RECIPE, [f"data.train={data}", "data.eval=null"])
+    rows = load_data(recipe.data, tok, "causal_lm").train
+    batch = collate_rows(rows, range(4), tok, "causal_lm")
+    assert batch["desirable"].tolist() == [True, True, False, False]
+    for i in range(8):
+        row, answer_row = rows_in[i % 4], rows_in[i if i < 4 else (i - 5) % 4]
+        prompt = [tok.bos_token_id, *kit.ids(tok, row["prompt"])]
+        answer = [*kit.ids(tok, answer_row["completion"]), tok.eos_token_id]
+        n = len(prompt) + len(answer)
+        assert batch["input_ids"][i, :n].tolist() == prompt + answer
+        assert batch["labels"][i, :n].tolist() == [-100] * len(prompt) + answer
+        assert batch["attention_mask"][i].sum() == n
+
+    chat = {
+        "prompt": [{"role": "user", "content": "the day was good. feeling?"}],
+        "completion": [{"role": "assistant", "content": "happy"}],
+        "label": True,
+    }
+    data = kit.write_jsonl(tmp_path / "chat.jsonl", [chat])
+    recipe = load_recipe(
+        KTO_RECIPE,
+        [f"data.train={data}", "data.eval=null", "model.chat_template=chatml", "data.max_length=256"],
+    )
+    from peftcli.models import load_tokenizer, resolve_model_name
+
+    tok = load_tokenizer(resolve_model_name(recipe.model.name), recipe.model)
+    (example,) = load_data(recipe.data, tok, "causal_lm").train
+    prompt = tok.apply_chat_template(chat["prompt"], tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(chat["prompt"] + chat["completion"], tokenize=False)
+    prompt_ids = [tok.bos_token_id, *kit.ids(tok, prompt)]
+    assert example["input_ids"] == [*prompt_ids, *kit.ids(tok, full[len(prompt) :]), tok.eos_token_id]
+    assert example["prompt_length"] == len(prompt_ids) and example["desirable"] == 1
 
 
 def test_preference_rows_are_prompt_then_answer_then_eos(tmp_path):
@@ -349,10 +494,10 @@ def test_chat_message_pairs_render_through_the_template(tmp_path):
 # -- the loop --------------------------------------------------------------------------------------
 
 
-def run_train(tmp_path: Path, overrides: list[str]):
+def run_train(tmp_path: Path, overrides: list[str], recipe_path: Path = RECIPE):
     from peftcli.training.loop import train
 
-    recipe = load_recipe(RECIPE, [f"output_dir={tmp_path / 'run'}", *overrides])
+    recipe = load_recipe(recipe_path, [f"output_dir={tmp_path / 'run'}", *overrides])
     result = train(recipe)
     events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     return recipe, result, events
@@ -399,6 +544,27 @@ def test_simpo_step_one_logged_loss_is_the_first_batch(tmp_path):
         expected = objective.micro_loss(built.model, batch, pair_counts([batch]))
     (train_event,) = [e for e in events if e["event"] == "train"]
     assert train_event["loss"] == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_kto_run_logs_its_loss_and_rewards(tmp_path):
+    """A KTO run from a fresh (identity) LoRA: every log-ratio and z are 0 at step 1, so each example's
+    loss is w·(1 − σ(0)) and the step-1 loss is 0.5; eval logs the rewards, margins, accuracy and kl."""
+    from peftcli.training.loop import train
+
+    recipe = load_recipe(
+        KTO_RECIPE,
+        [f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=4", "train.log_every=1"],
+    )
+    train(recipe)
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    first = next(e for e in events if e["event"] == "train")
+    evals = [e for e in events if e["event"] == "eval"]
+    assert first["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert evals[0]["eval_loss"] == pytest.approx(0.5, abs=1e-6) and evals[0]["eval_examples"] == 64
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "kl"} <= set(
+        evals[-1]
+    )
+    assert evals[-1]["rewards/chosen"] != 0.0
 
 
 @pytest.mark.slow
@@ -559,7 +725,7 @@ def trl_reward_side(tmp_path: Path, built):
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=built.tokenizer
     )
-    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
     model.train()
     model.zero_grad(set_to_none=True)
     loss = trainer.compute_loss(model, inputs)
@@ -635,3 +801,249 @@ def test_reward_run_logs_pair_metrics_and_saves_the_head(tmp_path):
     assert "score" in config["modules_to_save"] and config["task_type"] == "SEQ_CLS"
     weights = load_file(adapter / "adapter_model.safetensors")
     assert weights["base_model.model.score.weight"].shape == (1, 64)
+
+
+# -- precomputed reference -------------------------------------------------------------------------
+
+
+def losses_and_evals(run: Path) -> tuple[list, list]:
+    events = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    train = [(e["step"], e["loss"]) for e in events if e["event"] == "train"]
+    evals = [{k: v for k, v in e.items() if k not in ("elapsed_s",)} for e in events if e["event"] == "eval"]
+    return train, evals
+
+
+@pytest.mark.parametrize("reference", ["base", "start"])
+def test_precomputed_reference_gives_the_same_run(tmp_path, reference):
+    """objective.precompute_reference: the logged losses and eval metrics of 3 DPO steps equal those of
+    the run that scores the reference every step; the log-probs land in the cache and a second run reads
+    them. ``start`` with a PiSSA init (its reference swaps the start adapter in)."""
+    common = [
+        "train.max_steps=3",
+        "train.batch_size=8",
+        "train.log_every=1",
+        "train.eval_every=3",
+        "data.max_eval_examples=12",
+        f"objective.reference={reference}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    if reference == "start":
+        common.append("method.init=pissa")
+    runs = {}
+    for name, extra in [
+        ("plain", []),
+        ("pre", ["objective.precompute_reference=true"]),
+        ("again", ["objective.precompute_reference=true"]),
+    ]:
+        run_train(tmp_path / name, [*common, *extra])
+        runs[name] = losses_and_evals(tmp_path / name / "run")
+    assert runs["pre"][0] == runs["plain"][0]  # every logged loss, step 1 to 3
+    assert runs["pre"][1] == runs["plain"][1]  # eval: loss, rewards, margins, accuracy
+    assert runs["again"] == runs["pre"]
+    cached = sorted((tmp_path / "cache" / "reference").glob("*.npy"))
+    assert len(cached) == 2  # train and eval pairs; the second run computed nothing new
+    import numpy as np
+
+    train_ref = np.load(cached[0]) if len(np.load(cached[0])) == 96 else np.load(cached[1])
+    assert train_ref.shape == (96, 2) and np.isfinite(train_ref).all()
+
+
+def test_reference_cache_key_follows_the_data_the_model_and_the_start_adapter(tmp_path):
+    """A changed pair, a changed base-model file or a changed start adapter gives another key; the same
+    inputs give the same key."""
+    import os
+
+    from peftcli.training.objectives.precompute import reference_key
+
+    recipe = recipe_for(tmp_path, {"name": "dpo", "reference": "start"})
+    built = kit.build(recipe)
+    rows = load_data(recipe.data, built.tokenizer, "causal_lm").train
+    key = reference_key(recipe, built.base_path, built.model, rows, None)
+    assert reference_key(recipe, built.base_path, built.model, rows, None) == key
+
+    changed = [dict(p) for p in PAIRS]
+    changed[3]["rejected"] = " glad"
+    kit.write_jsonl(tmp_path / "other.jsonl", changed)
+    other = load_recipe(RECIPE, [f"data.train={tmp_path / 'other.jsonl'}", "data.eval=null"]).data
+    other_rows = load_data(other, built.tokenizer, "causal_lm").train
+    assert reference_key(recipe, built.base_path, built.model, other_rows, None) != key
+
+    start = {n: p.detach().clone() for n, p in built.model.named_parameters() if p.requires_grad}
+    kit.perturb(built.model)
+    assert reference_key(recipe, built.base_path, built.model, rows, None) != key
+    built.model.load_state_dict(start, strict=False)  # the start adapter as it was
+    assert reference_key(recipe, built.base_path, built.model, rows, None) == key
+
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(built.base_path, base)
+    weights = next(base.glob("*.safetensors"))
+    copied = reference_key(recipe, str(base), built.model, rows, None)
+    os.utime(weights, ns=(1, 1))
+    assert reference_key(recipe, str(base), built.model, rows, None) != copied
+
+
+# -- continuing from a trained adapter (model.adapter) ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tmp_path_factory) -> Path:
+    """A LoRA adapter trained by 3 SFT steps of recipes/tiny/lora.yaml (the DPO recipe's LoRA options)."""
+    from peftcli.training.loop import train
+
+    run = tmp_path_factory.mktemp("sft") / "run"
+    train(load_recipe(kit.TINY / "lora.yaml", [f"output_dir={run}", "train.max_steps=3", "data.eval=null"]))
+    return run / "adapter"
+
+
+def set_up_run(recipe):
+    from peftcli.training.console import Reporter
+    from peftcli.training.setup import set_up
+
+    return set_up(recipe, Reporter(quiet=True))
+
+
+def assert_starts_from(run, adapter: Path) -> None:
+    """Every trainable tensor of the run's model is the adapter's, as saved."""
+    from peftcli.checkpoint import read_adapter_state
+
+    saved = read_adapter_state(adapter)
+    ours = run.stepper.method.adapter_state_dict(run.stepper.model)
+    assert set(ours) == set(saved)
+    for name, tensor in saved.items():
+        assert torch.equal(ours[name].float(), tensor.float()), name
+
+
+@pytest.mark.parametrize("reference", ["start", "base"])
+def test_dpo_continues_from_an_sft_adapter_with_it_as_the_start_reference(tmp_path, sft_adapter, reference):
+    """SFT → DPO: the run starts from the adapter's weights; with ``reference: start`` the step-1 reference
+    log-probs are the start adapter's (loaded as ``peftcli merge`` loads it; step 1's loss is log 2) and
+    stay so after an update; with ``base`` they are the base model's and step 1's loss is not log 2."""
+    from peftcli.export import load_adapter
+    from peftcli.training.objectives.base import sequence_logps
+
+    recipe = recipe_for(tmp_path, {"name": "dpo", "reference": reference})
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, adapter=str(sft_adapter)))
+    run = set_up_run(recipe)
+    assert_starts_from(run, sft_adapter)
+    batch = collate_rows(run.data.train, range(len(PAIRS)), run.tokenizer, "causal_lm")
+    if reference == "start":
+        expected_model = load_adapter(sft_adapter).model
+    else:
+        expected_model = kit.base_model(run.base_path, recipe, run.tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected, _ = sequence_logps(expected_model, batch)
+    objective = run.stepper.objective
+    run.model.train()
+    for step in range(2):
+        with torch.no_grad():
+            s = objective.score(run.model, batch)
+        torch.testing.assert_close(torch.cat([s.ref_chosen, s.ref_rejected]), expected, atol=1e-5, rtol=0)
+        loss = float(objective.losses(s).mean())
+        if step == 0:
+            assert (loss == pytest.approx(math.log(2), abs=1e-6)) == (reference == "start")
+        run.stepper.step([batch], step)
+
+
+def test_continued_sft_starts_from_the_adapter(tmp_path, sft_adapter):
+    recipe = load_recipe(
+        kit.TINY / "lora.yaml",
+        [f"output_dir={tmp_path / 'run'}", f"model.adapter={sft_adapter}", "data.eval=null"],
+    )
+    assert_starts_from(set_up_run(recipe), sft_adapter)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "words"),
+    [
+        ({"method": {"name": "ia3"}}, "model.adapter", "is a lora adapter, not ia3"),
+        ({"method": {"name": "lora", "init": "pissa"}}, "method.init", "trained with init kaiming"),
+        ({"model": {"name": "tiny:qwen3"}}, "model.adapter", "trained on tiny:llama"),
+    ],
+)
+def test_a_mismatched_start_adapter_is_one_line(tmp_path, sft_adapter, overrides, key, words):
+    import yaml
+
+    from peftcli.recipe_loader import recipe_from_dict
+    from peftcli.training.distributed import Dist
+    from peftcli.training.setup import check_recipe
+
+    raw = yaml.safe_load((kit.TINY / "lora.yaml").read_text())
+    raw["model"] = {**raw["model"], "adapter": str(sft_adapter), **overrides.get("model", {})}
+    raw["method"] = overrides.get("method", raw["method"])
+    recipe = recipe_from_dict(raw)
+    with pytest.raises(RecipeError) as err:
+        check_recipe(recipe, Dist())
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(key) and words in message, message
+
+
+def test_a_missing_start_adapter_is_one_line(tmp_path):
+    from peftcli.recipe_loader import validate_files
+
+    recipe = load_recipe(kit.TINY / "lora.yaml", [f"model.adapter={tmp_path / 'nope'}"])
+    with pytest.raises(RecipeError, match="model.adapter: adapter directory not found"):
+        validate_files(recipe)
+
+
+# -- compare and report know the objective ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def preference_runs(tmp_path_factory) -> dict[str, Path]:
+    """Two finished tiny runs, DPO and KTO (3 steps, eval at 0 and 3 on 16 held-out examples)."""
+    from peftcli.training.loop import train
+
+    root = tmp_path_factory.mktemp("preference-runs")
+    common = ["train.max_steps=3", "train.batch_size=8", "train.eval_every=3", "data.max_eval_examples=16"]
+    runs = {}
+    for name, recipe in (("dpo", RECIPE), ("kto", KTO_RECIPE)):
+        runs[name] = root / name
+        train(load_recipe(recipe, [f"output_dir={runs[name]}", *common]))
+    return runs
+
+
+def test_report_shows_the_objective_and_its_eval_metrics(preference_runs, tmp_path):
+    """`peftcli report` on a DPO run: the objective in the summary and title, the rewards, margins and
+    accuracy of the first and last evals (the numbers metrics.jsonl holds), the best eval ranked by
+    rewards/accuracy, and no SFT metric (perplexity)."""
+    from rich.console import Console
+
+    from peftcli.tools.report import report, report_table
+
+    run = preference_runs["dpo"]
+    summary = report(run, tmp_path / "report.png")
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    evals = [e for e in evals if e["event"] == "eval"]
+    assert summary["objective"] == "dpo"
+    assert summary["best_eval"]["metric"] == "rewards/accuracy"
+    for key in ("eval_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"):
+        assert summary["before"][key] == evals[0][key] and summary["final"][key] == evals[-1][key]
+    console = Console(record=True, width=200)
+    console.print(report_table(summary))
+    text = console.export_text()
+    assert "(dpo, finished, step 3 of 3)" in text and "eval_loss (dpo)" in text
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"):
+        assert key in text
+    assert "perplexity" not in text
+
+
+@pytest.mark.slow
+def test_compare_shows_the_objective_and_its_eval_metrics(preference_runs, tmp_path):
+    """`peftcli compare` of the DPO and KTO runs: an objective column, the reward metrics after training
+    as results.json holds them, ranked by rewards/accuracy; KTO's kl too."""
+    from peftcli.tools.compare import compare_runs, table_rows
+
+    result = compare_runs([preference_runs["dpo"], preference_runs["kto"]], tmp_path / "out", repeats=1)
+    assert [r["objective"] for r in result["rows"]] == ["dpo", "kto"]
+    assert result["primary_metric"] == "rewards/accuracy"
+    header, cells = table_rows(result)
+    assert header[:2] == ["method", "objective"] and "perplexity" not in header
+    for row, cell in zip(result["rows"], cells, strict=True):
+        after = json.loads((Path(row["run_dir"]) / "results.json").read_text())["eval_after"]
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"):
+            assert cell[header.index(key)] == f"{after[key]:.4f}"
+    assert cells[1][header.index("kl")] != "-" and cells[0][header.index("kl")] == "-"
+    markdown = (tmp_path / "out" / "compare.md").read_text()
+    assert "| objective |" in markdown and "| dpo |" in markdown and "| kto |" in markdown

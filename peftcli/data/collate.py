@@ -33,7 +33,9 @@ def collate(examples: Sequence[dict], tokenizer, task: str) -> dict[str, torch.T
     causal_lm (T' = T) and seq2seq (T' = longest target), or (B,) class indices for seq_cls.
     """
     if examples and "rejected_ids" in examples[0]:
-        return collate_pairs(examples, tokenizer)
+        return with_reference(collate_pairs(examples, tokenizer), examples)
+    if examples and "desirable" in examples[0]:
+        return collate_unpaired(examples, tokenizer)
     input_rows = [example["input_ids"] for example in examples]
     batch = {
         "input_ids": _pad(input_rows, pad_token_id(tokenizer)),  # (B, T)
@@ -67,6 +69,34 @@ def collate_pairs(examples: Sequence[dict], tokenizer) -> dict[str, torch.Tensor
         "attention_mask": _pad([[1] * len(row) for row in input_rows], 0),  # (2B, T)
         "labels": _pad(label_rows, IGNORE_INDEX),  # (2B, T)
     }
+
+
+def collate_unpaired(examples: Sequence[dict], tokenizer) -> dict[str, torch.Tensor]:
+    """KTO examples as one batch of 2B rows: the B examples (rows 0..B-1), then their B mismatched KL
+    rows (B..2B-1), row i pairing example i's prompt with example i-1's completion (cyclically, as
+    TRL's KTOTrainer rotates completions within a batch), its labels on that completion; and the
+    labels ``desirable`` (B,). KL rows are not truncated again: each is at most two examples long."""
+    prompts = [e["input_ids"][: e["prompt_length"]] for e in examples]
+    answers = [e["input_ids"][e["prompt_length"] :] for e in examples]
+    answer_labels = [e["labels"][e["prompt_length"] :] for e in examples]
+    kl_rows = [list(prompts[i]) + list(answers[i - 1]) for i in range(len(examples))]
+    kl_labels = [[IGNORE_INDEX] * len(prompts[i]) + list(answer_labels[i - 1]) for i in range(len(examples))]
+    input_rows = [e["input_ids"] for e in examples] + kl_rows
+    return {
+        "input_ids": _pad(input_rows, pad_token_id(tokenizer)),  # (2B, T)
+        "attention_mask": _pad([[1] * len(row) for row in input_rows], 0),  # (2B, T)
+        "labels": _pad([e["labels"] for e in examples] + kl_labels, IGNORE_INDEX),  # (2B, T)
+        "desirable": torch.tensor([bool(e["desirable"]) for e in examples]),  # (B,)
+    }
+
+
+def with_reference(batch: dict[str, torch.Tensor], examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """The examples' precomputed reference log-probs as ``batch["reference"]`` (2B,), in the batch's row
+    order (chosen rows, then rejected), when the rows carry them (objective.precompute_reference)."""
+    if "reference" in examples[0]:
+        columns = torch.tensor([e["reference"] for e in examples], dtype=torch.float32)  # (B, 2)
+        batch["reference"] = columns.t().reshape(-1)
+    return batch
 
 
 def collate_rows(rows, indices: list[int], tokenizer, task: str) -> dict[str, torch.Tensor]:

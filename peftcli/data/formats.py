@@ -15,6 +15,9 @@ Tokenized examples, by task:
 * ``prompt`` data (causal_lm, grpo): the prompt's ids as ``input_ids`` (BOS first; a chat-message prompt
   rendered with the generation prompt; an over-long prompt keeps its end, as generation does), no trained
   token, and every other column of the row as JSON in ``references`` (what rewards compare with).
+* ``unpaired_preference`` data (causal_lm, KTO): the prompt, the completion and EOS as
+  ``input_ids``/``loss_mask`` as the completion format tokenizes them, with ``prompt_length`` (where the
+  completion starts, for the batch's mismatched KL rows) and ``desirable`` (the row's label, 1 or 0).
 
 Every row also gets ``length`` (the sampler's lengths array), ``truncated`` and ``status``: "" for a
 kept row, "dropped" when truncation left no trained token, else "bad:<reason>\\t<detail>" for a row
@@ -58,11 +61,21 @@ FORMAT_COLUMNS: dict[str, tuple[list[str], list[str]]] = {
     "classification": (["text", "label"], ["text_pair"]),
     "preference": (["prompt", "chosen", "rejected"], []),
     "prompt": (["prompt"], []),  # and any reference columns, passed through (map_columns)
+    "unpaired_preference": (["prompt", "completion", "label"], []),
 }
 
 # Which formats each task can train on.
 TASK_FORMATS: dict[str, tuple[str, ...]] = {
-    "causal_lm": ("text", "completion", "instruction", "chat", "sharegpt", "preference", "prompt"),
+    "causal_lm": (
+        "text",
+        "completion",
+        "instruction",
+        "chat",
+        "sharegpt",
+        "preference",
+        "unpaired_preference",
+        "prompt",
+    ),
     "seq2seq": ("completion", "instruction"),
     "seq_cls": ("classification",),
 }
@@ -359,6 +372,8 @@ def tokenize_row(
         return _preference_row(tokenizer, row, spec)
     if spec.format == "prompt":
         return _prompt_row(tokenizer, row, spec)
+    if spec.format == "unpaired_preference":
+        return _unpaired_row(tokenizer, row, spec)
     if spec.format == "text":
         text = str(_value(row, "text", spec))
         ids = bos_ids(tokenizer) + encode(tokenizer, text, encoded) + eos_ids(tokenizer, spec.add_eos)
@@ -387,13 +402,16 @@ def tokenize_row(
     }
 
 
-def preference_texts(tokenizer, row: dict, spec: FormatSpec) -> tuple[str, str, str]:
-    """(prompt, chosen, rejected) texts of a preference row. Each column is a string or a list of chat
-    messages: a message prompt is rendered with the generation prompt, and a message answer is what the
-    template adds after that prompt (its end-of-turn token included), so both answers share the prompt."""
-    prompt, chosen, rejected = (_value(row, name, spec) for name in ("prompt", "chosen", "rejected"))
-    if not any(isinstance(v, list) for v in (prompt, chosen, rejected)):
-        return str(prompt), str(chosen), str(rejected)
+def preference_texts(
+    tokenizer, row: dict, spec: FormatSpec, answers: tuple[str, ...] = ("chosen", "rejected")
+) -> tuple[str, ...]:
+    """(prompt, *answers) texts of a preference row (unpaired: ``answers`` is ("completion",)). Each
+    column is a string or a list of chat messages: a message prompt is rendered with the generation
+    prompt, and a message answer is what the template adds after that prompt (its end-of-turn token
+    included), so every answer shares the prompt."""
+    prompt, *given = (_value(row, name, spec) for name in ("prompt", *answers))
+    if not any(isinstance(v, list) for v in (prompt, *given)):
+        return (str(prompt), *(str(v) for v in given))
     if not getattr(tokenizer, "chat_template", None):
         raise BadRow(
             "no chat template",
@@ -402,11 +420,7 @@ def preference_texts(tokenizer, row: dict, spec: FormatSpec) -> tuple[str, str, 
         )
     turns = check_messages(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
     prompt_text = render_chat(tokenizer, turns, add_generation_prompt=True)
-    return (
-        prompt_text,
-        _chat_answer(tokenizer, turns, chosen, prompt_text),
-        _chat_answer(tokenizer, turns, rejected, prompt_text),
-    )
+    return (prompt_text, *(_chat_answer(tokenizer, turns, answer, prompt_text) for answer in given))
 
 
 def _chat_answer(tokenizer, turns: list[dict], answer: Any, prompt_text: str) -> str:
@@ -425,14 +439,19 @@ def _chat_answer(tokenizer, turns: list[dict], answer: Any, prompt_text: str) ->
     return full[len(prompt_text) :]
 
 
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A preference prompt's ids, BOS first (once: a rendered chat template may already start with it)."""
+    bos, prompt_ids = bos_ids(tokenizer), encode(tokenizer, prompt)
+    if prompt_ids[: len(bos)] == bos:
+        bos = []
+    return bos + prompt_ids
+
+
 def _preference_row(tokenizer, row: dict, spec: FormatSpec) -> dict[str, Any]:
     """A pair: the prompt's ids (BOS first) followed by each answer's ids and EOS, prompt and answer
     tokenized separately; dropped when truncation leaves either answer without a trained token."""
     prompt, chosen, rejected = preference_texts(tokenizer, row, spec)
-    bos, prompt_ids = bos_ids(tokenizer), encode(tokenizer, prompt)
-    if prompt_ids[: len(bos)] == bos:
-        bos = []  # the prompt (a rendered chat template) already starts with BOS
-    prompt_ids = bos + prompt_ids
+    prompt_ids = _prompt_ids(tokenizer, prompt)
     prompt_mask = [1 if spec.train_on_prompt else 0] * len(prompt_ids)
     sequences = []
     for answer in (chosen, rejected):
@@ -479,6 +498,41 @@ def _prompt_row(tokenizer, row: dict, spec: FormatSpec) -> dict[str, Any]:
         "truncated": len(full) > len(input_ids),
         "example": {"prompt": text, **references},
         "dropped": False,
+    }
+
+
+LABEL_VALUES = {True: 1, False: 0, "true": 1, "false": 0}  # 1 and 0 hash as True and False
+
+
+def desirable_label(row: dict, spec: FormatSpec) -> int:
+    """An unpaired row's label as 1 (desirable) or 0: true/false (JSON booleans, or those words)."""
+    value = _value(row, "label", spec)
+    key = value.strip().lower() if isinstance(value, str) else value
+    if not isinstance(key, (bool, int, str)) or key not in LABEL_VALUES:
+        theirs = spec.columns.get("label", "label")
+        raise BadRow("bad label", f"'{theirs}' is {value!r}, not true or false", "write true or false")
+    return LABEL_VALUES[key]
+
+
+def _unpaired_row(tokenizer, row: dict, spec: FormatSpec) -> dict[str, Any]:
+    """One KTO example: the prompt's ids (BOS first), the completion's ids and EOS (tokenized apart, as
+    the completion format does), where the completion starts, and the label (1 desirable, 0 not)."""
+    label = desirable_label(row, spec)
+    prompt, completion = preference_texts(tokenizer, row, spec, ("completion",))
+    prompt_ids = _prompt_ids(tokenizer, prompt)
+    answer_ids = encode(tokenizer, completion) + eos_ids(tokenizer, spec.add_eos)
+    prompt_mask = [1 if spec.train_on_prompt else 0] * len(prompt_ids)
+    input_ids, mask, cut = _truncate(
+        prompt_ids + answer_ids, prompt_mask + [1] * len(answer_ids), spec.max_length
+    )
+    return {
+        "input_ids": input_ids,
+        "loss_mask": mask,
+        "prompt_length": min(len(prompt_ids), len(input_ids)),
+        "desirable": label,
+        "truncated": cut,
+        "example": None,
+        "dropped": not any(mask[1:]),
     }
 
 
@@ -547,6 +601,9 @@ def output_columns(spec: FormatSpec, vocab_size: int) -> Any:
             columns["rejected_mask"] = datasets.List(datasets.Value("uint8"))
         if spec.format == "prompt":
             columns["references"] = datasets.Value("string")
+        if spec.format == "unpaired_preference":
+            columns["prompt_length"] = datasets.Value("int32")
+            columns["desirable"] = datasets.Value("uint8")
     elif spec.task == "seq2seq":
         columns["labels"] = datasets.List(id_type)
     else:
@@ -563,6 +620,8 @@ def output_columns(spec: FormatSpec, vocab_size: int) -> Any:
     return datasets.Features(columns)
 
 
+UNPAIRED_COLUMNS = ["prompt_length", "desirable"]  # unpaired_preference's columns beside the ids
+
 # The columns of a bad row (kept until the stage raises or drops it, so row numbers stay aligned).
 _EMPTY_ROW = {
     "input_ids": [],
@@ -572,6 +631,8 @@ _EMPTY_ROW = {
     "rejected_ids": [],
     "rejected_mask": [],
     "references": "{}",
+    "prompt_length": 0,
+    "desirable": 0,
     "truncated": False,
     "example": None,
     "task_id": -1,
@@ -629,6 +690,9 @@ def tokenize_batch(batch: dict[str, list], tokenizer, spec: FormatSpec) -> dict[
                 out["rejected_mask"].append(result["rejected_mask"])
             if spec.format == "prompt":
                 out["references"].append(result["references"])
+            if spec.format == "unpaired_preference":
+                out["prompt_length"].append(result["prompt_length"])
+                out["desirable"].append(result["desirable"])
         elif spec.task == "seq2seq":
             out["labels"].append(result["labels"])
         else:
@@ -646,8 +710,12 @@ def tokenize_batch(batch: dict[str, list], tokenizer, spec: FormatSpec) -> dict[
 
 def output_columns_names(spec: FormatSpec) -> list[str]:
     middle = {"causal_lm": "loss_mask", "seq2seq": "labels"}.get(spec.task, "label")
-    pairs = ["rejected_ids", "rejected_mask"] if spec.format == "preference" else []
-    pairs += ["references"] if spec.format == "prompt" else []
+    extra = {
+        "preference": ["rejected_ids", "rejected_mask"],
+        "unpaired_preference": UNPAIRED_COLUMNS,
+        "prompt": ["references"],
+    }
+    pairs = extra.get(spec.format, []) if spec.task == "causal_lm" else []
     return (
         ["input_ids", middle, *pairs, "length", "truncated", "status"]
         + (["example"] if spec.keep_examples else [])

@@ -51,6 +51,9 @@ class TokenizedRows(Sequence):
     def __init__(self, dataset, task: str):
         self.dataset, self.task = dataset, task
         self.lengths: np.ndarray = dataset.data.column("length").to_numpy().astype(np.int32, copy=False)
+        # Precomputed reference log-probs (objective.precompute_reference), one row per example:
+        # [chosen, rejected]; collated as the batch's "reference" (peftcli.training.objectives.precompute).
+        self.reference: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -59,15 +62,17 @@ class TokenizedRows(Sequence):
         indices = [int(i) for i in indices]
         if not indices:
             return []
-        pairs = self.task == "causal_lm" and "rejected_ids" in self.dataset.column_names
-        prompts = "references" in self.dataset.column_names  # prompt data (grpo)
-        task_ids = "task_id" in self.dataset.column_names  # data.task_id_column
-        names = (
-            _row_columns(self.task, pairs)
+        names = self.dataset.column_names
+        pairs = self.task == "causal_lm" and "rejected_ids" in names
+        unpaired = self.task == "causal_lm" and "desirable" in names
+        prompts = "references" in names  # prompt data (grpo)
+        task_ids = "task_id" in names  # data.task_id_column
+        wanted = (
+            _row_columns(self.task, pairs, unpaired)
             + (["references"] if prompts else [])
             + (["task_id"] if task_ids else [])
         )
-        columns = self.dataset.select_columns(names)[indices]
+        columns = self.dataset.select_columns(wanted)[indices]
         examples = []
         for i in range(len(indices)):
             input_ids = columns["input_ids"][i]
@@ -79,6 +84,11 @@ class TokenizedRows(Sequence):
                     example["rejected_labels"] = _labels(rejected, columns["rejected_mask"][i])
                 if prompts:  # a prompt: what its completions' rewards compare with
                     example["references"] = json.loads(columns["references"][i] or "{}")
+                if unpaired:  # a KTO example: where its completion starts, and its label
+                    example["prompt_length"] = columns["prompt_length"][i]
+                    example["desirable"] = columns["desirable"][i]
+                if self.reference is not None:
+                    example["reference"] = self.reference[indices[i]].tolist()
                 examples.append(example)
             elif self.task == "seq2seq":
                 examples.append({"input_ids": input_ids, "labels": columns["labels"][i]})
@@ -107,9 +117,13 @@ class TokenizedRows(Sequence):
     __hash__ = None  # type: ignore[assignment]
 
 
-def _row_columns(task: str, pairs: bool = False) -> list[str]:
+def _row_columns(task: str, pairs: bool = False, unpaired: bool = False) -> list[str]:
     columns = ["input_ids", {"causal_lm": "loss_mask", "seq2seq": "labels"}.get(task, "label")]
-    return columns + (["rejected_ids", "rejected_mask"] if pairs else [])
+    return (
+        columns
+        + (["rejected_ids", "rejected_mask"] if pairs else [])
+        + (["prompt_length", "desirable"] if unpaired else [])
+    )
 
 
 def _labels(input_ids: list[int], mask: list[int]) -> list[int]:
@@ -511,7 +525,9 @@ def tokenize_eval(
         metas.append(meta)
     dataset = _concatenate(tables)
     examples = None
-    if all(part.source.format not in ("text", "preference", "prompt") for part in parts):
+    if all(
+        part.source.format not in ("text", "preference", "unpaired_preference", "prompt") for part in parts
+    ):
         examples = [json.loads(text) for text in dataset["example"] if text]
     return TokenizedRows(dataset, stage.task), examples, metas
 

@@ -43,7 +43,7 @@ from peftcli.methods.catalog import get_method_class, list_methods
 from peftcli.methods.registry import count_parameters
 from peftcli.recipe import RecipeError, apply_overrides, did_you_mean, dump_recipe, read_yaml
 from peftcli.recipe_loader import build_recipe
-from peftcli.tools.report import PRIMARY_METRICS, SCORE_METRICS, save_png
+from peftcli.tools.report import PRIMARY_METRICS, REWARD_METRICS, SCORE_METRICS, run_objective, save_png
 
 SECTIONS = ("model", "data", "train", "eval")
 NOT_MERGEABLE = "n/a (not mergeable)"
@@ -209,6 +209,7 @@ def measure_run(run_dir: str | Path, repeats: int = TIMING_REPEATS) -> dict[str,
     method = loaded.method
     row: dict[str, Any] = {
         "method": method.name,
+        "objective": run_objective(run_dir),
         "run_dir": str(run_dir),
         "steps": results["steps"],
         "base_parameters": base_total,
@@ -335,14 +336,14 @@ def _kib(n: int) -> str:
 
 
 def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted cells shared by the rich table and compare.md."""
-    metrics = [
-        m
-        for m in ("eval_loss", "perplexity", *SCORE_METRICS)
-        if any(m in (r.get("eval") or {}) for r in result["rows"])
-    ]
+    """Header and formatted cells shared by the rich table and compare.md. Runs of a preference
+    objective add an objective column and show its eval metrics (rewards, margins, accuracy)."""
+    names = ("eval_loss", "perplexity", *SCORE_METRICS, *REWARD_METRICS)
+    metrics = [m for m in dict.fromkeys(names) if any(m in (r.get("eval") or {}) for r in result["rows"])]
+    objectives = any(r.get("objective", "sft") != "sft" for r in result["rows"])
     header = [
         "method",
+        *(["objective"] if objectives else []),
         "trainable (% of base)",
         "added",
         "changed by merge",
@@ -362,6 +363,7 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         cells.append(
             [
                 row["method"],
+                *([row.get("objective", "sft")] if objectives else []),
                 f"{row['trainable']:,} ({row['trainable_percent_of_base']:.3g}%)",
                 f"{row['added']:,}",
                 f"{changed:,}" if isinstance(changed, int) else changed,

@@ -3,9 +3,12 @@
 Everything comes from ``RUN/metrics.jsonl``, so a run that is still going or was interrupted reports
 as well as a finished one (``results.json`` only says which it is). The summary's numbers:
 
+- ``objective``: the run's objective (recipe.yaml's objective.name; sft when it names none). A
+  preference run (dpo, ipo, kto, ...) shows its objective's eval metrics (docs/objectives.md): its loss,
+  rewards/chosen, rewards/rejected, margins and accuracy, instead of the SFT ones;
 - ``best_eval``: the eval event with the best primary metric (exact_match or accuracy, higher is
-  better, when the run scores answers; else eval_loss, lower is better); ties go to the lower eval
-  loss, then to the earlier step;
+  better, when the run scores answers; rewards/accuracy for a preference run; else eval_loss, lower is
+  better); ties go to the lower eval loss, then to the earlier step;
 - ``before`` / ``final``: the eval at step 0 and the last eval logged;
 - ``tokens_per_s`` and ``training_time_s``: the last train event's (tokens/s since the process
   started, i.e. since the resume for a resumed run; training time across resumes, evals included).
@@ -24,8 +27,31 @@ from peftcli.training import metrics
 from peftcli.training.console import METRIC_ORDER, fmt
 from peftcli.training.metrics import metrics_path
 
-PRIMARY_METRICS = (("exact_match", True), ("accuracy", True), ("eval_loss", False))
-SCORE_METRICS = ("exact_match", "accuracy")
+PRIMARY_METRICS = (
+    ("exact_match", True),
+    ("accuracy", True),
+    ("rewards/accuracy", True),
+    ("eval_loss", False),
+)
+SCORE_METRICS = ("exact_match", "accuracy", "rewards/accuracy")  # shares of examples right, in [0, 1]
+# A preference objective's eval metrics, in table order (kl: KTO's).
+REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "kl")
+
+
+def run_objective(run_dir: str | Path) -> str:
+    """The objective a run trained (its recipe.yaml's objective.name; sft when it names none)."""
+    path = Path(run_dir) / "recipe.yaml"
+    raw = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return (raw.get("objective") or {}).get("name") or "sft"
+
+
+def table_metrics(objective: str) -> tuple[str, ...]:
+    """The eval metrics a table shows for a run of ``objective``."""
+    return METRIC_ORDER if objective == "sft" else ("eval_loss", *REWARD_METRICS)
+
+
+def loss_label(objective: str) -> str:
+    return "loss (token-weighted CE)" if objective == "sft" else f"loss ({objective})"
 
 
 def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -88,6 +114,7 @@ def summarize(run_dir: str | Path, events: list[dict[str, Any]] | None = None) -
         "run_dir": str(run_dir),
         "status": "finished" if (run_dir / "results.json").is_file() else "running or interrupted",
         "method": method,
+        "objective": run_objective(run_dir),
         "last_step": max((e["step"] for e in events), default=0),
         "planned_steps": planned,
         "best_eval": best_eval(evals),
@@ -112,8 +139,9 @@ def require_matplotlib() -> None:
         )
 
 
-def plot_run(events: list[dict[str, Any]], output: Path, title: str) -> Path:
-    """Four panels against the optimizer step: train loss, eval loss, eval score, learning rate."""
+def plot_run(events: list[dict[str, Any]], output: Path, title: str, objective: str = "sft") -> Path:
+    """Four panels against the optimizer step: train loss, eval loss, eval score (a preference run:
+    rewards/accuracy), learning rate."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -126,8 +154,8 @@ def plot_run(events: list[dict[str, Any]], output: Path, title: str) -> Path:
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 2, sharex=True)
     panels = [
-        (axes[0][0], "train loss", "loss (token-weighted CE)", train, "loss", "tab:blue"),
-        (axes[0][1], "eval loss", "loss (token-weighted CE)", evals, "eval_loss", "tab:orange"),
+        (axes[0][0], "train loss", loss_label(objective), train, "loss", "tab:blue"),
+        (axes[0][1], "eval loss", loss_label(objective), evals, "eval_loss", "tab:orange"),
         (
             axes[1][0],
             f"eval {score or 'perplexity'}",
@@ -193,8 +221,11 @@ def report(run_dir: str | Path, output: str | Path | None = None, plot: bool = T
         steps = f"step {summary['last_step']}" + (
             f"/{summary['planned_steps']}" if summary["planned_steps"] else ""
         )
-        title = f"{run_dir.name}: {summary['method'] or 'run'}, {steps}, {summary['status']}"
-        summary["plot"] = str(plot_run(events, target, title))
+        name = summary["method"] or "run"
+        if summary["objective"] != "sft":
+            name += f" ({summary['objective']})"
+        title = f"{run_dir.name}: {name}, {steps}, {summary['status']}"
+        summary["plot"] = str(plot_run(events, target, title, summary["objective"]))
     return summary
 
 
@@ -203,9 +234,11 @@ def report_table(summary: dict[str, Any]) -> Table:
     steps = f"{summary['last_step']}" + (
         f" of {summary['planned_steps']}" if summary["planned_steps"] else ""
     )
-    table = Table(
-        title=f"report {summary['run_dir']} ({summary['status']}, step {steps})", title_justify="left"
-    )
+    objective = summary.get("objective", "sft")
+    state = f"{summary['status']}, step {steps}"
+    if objective != "sft":  # an SFT run's title reads as before objectives existed
+        state = f"{objective}, {state}"
+    table = Table(title=f"report {summary['run_dir']} ({state})", title_justify="left")
     best = summary["best_eval"]
     before, final = summary["before"] or {}, summary["final"] or {}
     table.add_column("metric")
@@ -213,9 +246,10 @@ def report_table(summary: dict[str, Any]) -> Table:
     table.add_column(
         f"final (step {summary['final_step']})" if summary["final_step"] else "final", justify="right"
     )
-    for key in METRIC_ORDER:
+    for key in table_metrics(objective):
         if key in before or key in final:
-            table.add_row(key, fmt(before.get(key)), fmt(final.get(key)))
+            label = f"{key} ({objective})" if key == "eval_loss" and objective != "sft" else key
+            table.add_row(label, fmt(before.get(key)), fmt(final.get(key)))
     table.add_row(
         "train loss (first → last event)", fmt(summary["train_loss_first"]), fmt(summary["train_loss_last"])
     )

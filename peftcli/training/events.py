@@ -73,7 +73,6 @@ def evaluate_pairs(run: Run) -> dict[str, float]:
     import torch
 
     from peftcli.data.collate import collate_rows
-    from peftcli.training.objectives.base import PairScores
 
     objective, rows, size = run.stepper.objective, run.data.eval, run.recipe.eval.batch_size
     was_training = run.model.training
@@ -85,7 +84,7 @@ def evaluate_pairs(run: Run) -> dict[str, float]:
             batch = {k: v.to(run.device) for k, v in batch.items()}
             parts.append(objective.score(run.model, batch).detached())
     run.model.train(was_training)
-    return objective.metrics(PairScores.cat(parts))
+    return objective.metrics(type(parts[0]).cat(parts))  # PairScores, or KtoScores
 
 
 def run_eval_tasks(run: Run) -> dict[str, dict[str, Any]]:

@@ -1,10 +1,12 @@
 """Set up a run: :func:`set_up` builds the :class:`~peftcli.training.state.Run` from a recipe in named stages,
 in this order (the random draws of each depend on those before it):
 
-    check_recipe     what can be refused before anything loads (method × distributed, eval tasks)
+    check_recipe     what can be refused before anything loads (method × distributed, eval tasks,
+                     model.adapter)
     seed_everything  Python's and torch's generators
     load_inputs      the base model's path, its tokenizer and the tokenized data
-    load_model       base model + method (peftcli.models.build_model)
+    load_model       base model + method (peftcli.models.build_model); model.adapter's weights after
+                     any data-driven init (peftcli.training.continuing)
     plan_batches     the sampler (shuffled, length-grouped or packed) and the number of steps
     build_stepper    optimizer, scheduler, mixed precision, loss path, packed attention, compile
 
@@ -35,8 +37,10 @@ from peftcli.models import build_model
 from peftcli.recipe import Recipe, RecipeError
 from peftcli.training.attention import use_packed_attention
 from peftcli.training.console import Reporter
+from peftcli.training.continuing import check_start_adapter, load_start_adapter
 from peftcli.training.distributed import Dist
 from peftcli.training.loss import choose_loss_path
+from peftcli.training.objectives.precompute import attach_references
 from peftcli.training.objectives.registry import build_objective
 from peftcli.training.optim import build_optimizer, build_scheduler, total_steps
 from peftcli.training.state import Run
@@ -60,11 +64,26 @@ def set_up(
     check_reward_columns(recipe, data)
     method, model = load_model(recipe, base_path, tokenizer, data, device)
     initialise_from_data(method, model, data.train, tokenizer, recipe, reporter, device)
+    if recipe.model.adapter:  # continue from a trained adapter: its weights replace the fresh init's
+        load_start_adapter(recipe, method, model)
+        reporter.note(f"starting from the adapter {recipe.model.adapter}")
     wrapped = distributed.wrap(dist, model)  # FSDP2 shards in place: parameters are DTensors after this
     trainable, total = count_parameters(model)
     sampler, steps, steps_per_epoch, plan_lines = plan_batches(recipe, data, dist.world_size)
     method.on_train_start(model, steps)
     stepper, speed_lines = build_stepper(recipe, method, model, wrapped, dist, device, steps)
+    attach_references(
+        recipe,
+        stepper.objective,
+        model,
+        data,
+        tokenizer,
+        base_path,
+        device,
+        stepper.amp_dtype,
+        dist,
+        reporter.note,
+    )
     return Run(
         recipe=recipe,
         reporter=reporter,
@@ -90,13 +109,22 @@ def check_recipe(recipe: Recipe, dist: Dist) -> None:
         dist, get_method_class(recipe.method.name), recipe.model.quantization is not None
     )
     check_objective(recipe, dist)
+    check_start_adapter(recipe)
     if recipe.eval.tasks:
         check_eval_tasks(recipe, dist)
 
 
+# Objectives that run in one process only, and why.
+ONE_PROCESS = {
+    "kto": "its KL rows pair each example with another of the whole batch, which no rank holds",
+    "grpo": "grpo runs in one process for now (its rollouts are not shared out between ranks)",
+}
+
+
 def check_objective(recipe: Recipe, dist: Dist) -> None:
-    """A preference objective runs in one process for now, and ``reference: base`` needs a method that
-    can switch its adapter off (peftcli.methods.registry.Method.adapter_disabled)."""
+    """A preference objective runs in one process or under DDP (not FSDP; KTO and GRPO in one process
+    only: ONE_PROCESS), and ``reference: base`` needs a method that can
+    switch its adapter off (peftcli.methods.registry.Method.adapter_disabled)."""
     from peftcli.methods.registry import overrides
     from peftcli.training.objectives.reference import check_base_reference
     from peftcli.training.objectives.registry import OBJECTIVES
@@ -104,11 +132,12 @@ def check_objective(recipe: Recipe, dist: Dist) -> None:
     objective = OBJECTIVES[recipe.objective.name]
     if objective.data_format is None:
         return
-    if dist.enabled:
+    if dist.enabled and (dist.mode != "ddp" or objective.name in ONE_PROCESS):
+        why = ONE_PROCESS.get(objective.name, f"its reference swaps adapter weights that {dist.mode} shards")
         raise RecipeError(
             "objective.name",
-            f"{objective.name} runs in one process for now; this run has {dist.world_size}",
-            "run it without torchrun",
+            f"{objective.name} cannot run under {dist.mode} with {dist.world_size} processes: {why}",
+            "run it in one process" if objective.name in ONE_PROCESS else "set train.distributed: ddp",
         )
     method = get_method_class(recipe.method.name)
     base_reference = objective.wants_reference(recipe.objective) and recipe.objective.reference == "base"

@@ -19,7 +19,7 @@ from torch import nn
 from peftcli.recipe import ObjectiveConfig
 from peftcli.training.loss import IGNORE_INDEX, shift_labels
 
-__all__ = ["Objective", "PairScores", "pair_counts", "score_pairs", "sequence_logps"]
+__all__ = ["Objective", "PairScores", "pair_counts", "score_pairs", "sequence_logps", "stand_in"]
 
 
 @dataclass
@@ -87,10 +87,18 @@ def score_pairs(
     return scores
 
 
+def stand_in(batch: dict[str, torch.Tensor]) -> bool:
+    """A torchrun rank's stand-in micro-batch (Dist.mask_padding: every label ignored): it runs forward
+    and backward to keep the ranks' collectives in step, and counts for nothing."""
+    return not bool((batch["labels"] != IGNORE_INDEX).any())
+
+
 def pair_counts(micro: list[dict[str, torch.Tensor]]) -> dict[str, int]:
     """A window's normalisers: its pairs, and the chosen answers' scored positions (ORPO's SFT term)."""
     pairs, chosen_tokens = 0, 0
     for batch in micro:
+        if stand_in(batch):
+            continue
         half = batch["labels"].size(0) // 2
         pairs += half
         chosen_tokens += int((shift_labels(batch["labels"][:half]) != IGNORE_INDEX).sum())
@@ -138,14 +146,24 @@ class Objective:
         return self.losses(s).sum() / counts["pairs"]
 
     def score(self, policy: nn.Module, batch: dict[str, torch.Tensor]) -> PairScores:
-        """The pairs' scores that :meth:`losses` and :meth:`rewards` read (log-probs; reward: the head's)."""
+        """The pairs' scores that :meth:`losses` and :meth:`rewards` read (log-probs; reward: the head's).
+        A batch carrying ``reference`` (objective.precompute_reference) skips the reference forward."""
+        if self.needs_reference and "reference" in batch:
+            scores = score_pairs(policy, batch)
+            ref = batch["reference"].to(scores.chosen.device)
+            half = ref.size(0) // 2
+            scores.ref_chosen, scores.ref_rejected = ref[:half], ref[half:]
+            return scores
         reference = self.reference if self.needs_reference else None
         return score_pairs(policy, batch, reference, self.reference_model)
 
     def micro_loss(
         self, policy: nn.Module, batch: dict[str, torch.Tensor], counts: dict[str, int]
     ) -> torch.Tensor:
-        return self.window_loss(self.score(policy, batch), counts)
+        scores = self.score(policy, batch)
+        if stand_in(batch):  # zero gradients through the graph (its averages are 0/0: not the loss)
+            return scores.chosen.sum() * 0.0
+        return self.window_loss(scores, counts)
 
     def metrics(self, s: PairScores) -> dict[str, float]:
         """The eval metrics over ``s`` (all pairs of the eval split): the loss as training computes it over

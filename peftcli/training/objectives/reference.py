@@ -1,8 +1,9 @@
 """The reference of dpo/ipo, with no second copy of the model:
 
 * ``base``: the same weights with the adapter switched off (:meth:`Method.adapter_disabled`);
-* ``start``: the adapter as the run started (its trainable tensors, kept once at set-up), swapped in
-  for the reference forward and swapped back out after it.
+* ``start``: the adapter as the run started (its trainable tensors, kept once at set-up: a fresh
+  adapter, or ``model.adapter``'s trained one), swapped in for the reference forward and swapped back
+  out after it.
 """
 
 from __future__ import annotations

@@ -10,13 +10,16 @@ from peftcli.training.objectives.base import Objective
 from peftcli.training.objectives.dpo import Dpo
 from peftcli.training.objectives.grpo import Grpo
 from peftcli.training.objectives.ipo import Ipo
+from peftcli.training.objectives.kto import Kto
 from peftcli.training.objectives.orpo import Orpo
 from peftcli.training.objectives.reference import reference_context
 from peftcli.training.objectives.reward import Reward
 from peftcli.training.objectives.sft import Sft
 from peftcli.training.objectives.simpo import Simpo
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Sft, Dpo, Ipo, Simpo, Orpo, Reward, Grpo)}
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (Sft, Dpo, Ipo, Kto, Simpo, Orpo, Reward, Grpo)
+}
 
 __all__ = ["OBJECTIVES", "build_objective"]
 
