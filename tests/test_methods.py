@@ -57,6 +57,18 @@ class Case:
 METHODS: dict[str, Case] = {
     "adalora": Case({"llama": ("adalora",)}, identity=True, mergeable=True, peft_type="ADALORA"),
     "adapter_fusion": Case({"llama": ("adapter_fusion",)}, identity=False, mergeable=False),
+    "beft": Case(
+        {
+            "qwen2": ("beft",),
+            "qwen2-q-v": ("beft", "method.target_modules=[q_proj,v_proj]"),
+            "bert-seq_cls": ("beft", *BERT),
+            "bart-seq2seq": ("beft", "model.name=tiny:bart", "model.task=seq2seq"),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="BEFT",
+        peft_counts=True,
+    ),
     "bitfit": Case({"gpt2": ("bitfit",)}, identity=True, mergeable=True),
     "fourierft": Case(
         {
@@ -70,6 +82,22 @@ METHODS: dict[str, Case] = {
         peft_counts=True,
     ),
     "houlsby_adapter": Case({"llama": ("houlsby_adapter",)}, identity=True, mergeable=False),
+    "glora": Case(
+        {
+            "llama": ("glora",),
+            "qwen2-vector": (
+                "glora",
+                "model.name=tiny:qwen2",
+                "method.config_A_B=vector",
+                "method.config_D_E=vector",
+            ),
+            "bert-seq_cls": ("glora", *BERT),
+            "t5-seq2seq": ("glora", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="GLORA",
+    ),
     "hra": Case(
         {
             "llama": ("hra",),
@@ -140,6 +168,18 @@ METHODS: dict[str, Case] = {
         peft_type="OFT",
         peft_counts=True,
     ),
+    "osf": Case(
+        {
+            "llama": ("osf",),
+            "llama-fraction": ("osf", "method.effective_rank=0.25"),
+            "bert-seq_cls": ("osf", *BERT),
+            "bart-seq2seq": ("osf", "model.name=tiny:bart", "model.task=seq2seq"),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="OSF",
+        peft_counts=True,
+    ),
     "p_tuning": Case({"llama": ("p_tuning",)}, identity=False, mergeable=False, peft_type="P_TUNING"),
     "p_tuning_v2": Case(
         {"llama": ("p_tuning_v2",)}, identity=False, mergeable=False, peft_type="PREFIX_TUNING"
@@ -154,6 +194,18 @@ METHODS: dict[str, Case] = {
     ),
     "prompt_tuning": Case(
         {"llama": ("prompt_tuning",)}, identity=False, mergeable=False, peft_type="PROMPT_TUNING"
+    ),
+    "psoft": Case(
+        {
+            "llama": ("psoft",),
+            "llama-free-pissa": ("psoft", "method.psoft_orth=false", "method.ab_svd_init=pissa_init"),
+            "bert-seq_cls": ("psoft", *BERT),
+            "t5-seq2seq": ("psoft", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="PSOFT",
+        peft_counts=True,
     ),
     "unipelt": Case({"llama": ("unipelt",)}, identity=False, mergeable=False),
     "vera": Case(
