@@ -1,4 +1,4 @@
-"""BEFT: Bias-Efficient Fine-Tuning (Huang et al., 2025, arXiv 2509.15974).
+"""BEFT: Bias-Efficient Fine-Tuning (2025, arXiv 2509.15974).
 
 The paper fine-tunes only bias terms and finds that, of the query, key and value projections' biases,
 the value projection's is the one worth training in low-data regimes. Each adapted linear layer keeps W
@@ -91,7 +91,7 @@ class Beft(LayerMethod):
     config_cls = BeftConfig
     mergeable = True  # into the base bias, where the layer has one (else refused in one line)
     peft_type = "BEFT"
-    supports_quantized_base = True  # β is added after the layer: a 4-bit base works
+    supports_quantized_base = False  # not checked on a 4-bit base here: refused at start, not guessed
     supports_packing = True  # a per-token shift: packed examples never meet
     supports_fsdp = True  # β is a plain parameter of its layer, sharded with it
     trainable_formula = "out per adapted layer (the bias β), plus modules_to_save"

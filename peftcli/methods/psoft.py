@@ -1,5 +1,5 @@
-"""PSOFT: efficient Orthogonal Fine-Tuning with Principal Subspace adaptation (Wu et al., ICLR 2026,
-https://openreview.net/forum?id=FSHrinMArK).
+"""PSOFT: efficient Orthogonal Fine-Tuning with Principal Subspace adaptation (ICLR 2026,
+https://openreview.net/forum?id=FSHrinMArK, the paper peft cites).
 
 OFT rotates a weight's columns by an orthogonal matrix, which keeps their pairwise angles (the
 pre-trained geometry) but costs in × in numbers. PSOFT restricts the rotation to W's principal subspace
