@@ -70,6 +70,19 @@ METHODS: dict[str, Case] = {
         peft_counts=True,
     ),
     "bitfit": Case({"gpt2": ("bitfit",)}, identity=True, mergeable=True),
+    "deft": Case(
+        {
+            "llama": ("deft",),
+            "llama-qr-alpha": ("deft", "method.decomposition_method=qr", "method.alpha=16"),
+            "gpt2": ("deft", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("deft", *BERT),
+            "bart-seq2seq": ("deft", "model.name=tiny:bart", "model.task=seq2seq"),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="DEFT",
+        peft_counts=True,
+    ),
     "fourierft": Case(
         {
             "llama": ("fourierft",),

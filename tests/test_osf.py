@@ -69,6 +69,7 @@ def test_split_rebuilds_w_and_layer_adds_the_change_of_the_low_part(tmp_path):
     assert kit.max_diff(layer(x.float()).double(), x @ (w + delta).T) <= 1e-5
 
 
+@pytest.mark.slow
 def test_gradients_stay_orthogonal_to_the_high_subspace_and_equal_peft(tmp_path):
     result = kit.peft_loads_ours("osf", tmp_path, ["method.effective_rank=0.5"])
     built, theirs = result.built, result.peft_model

@@ -12,6 +12,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     adapter_fusion,
     beft,
     bitfit,
+    deft,
     fourierft,
     glora,
     houlsby_adapter,
