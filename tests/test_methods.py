@@ -97,13 +97,9 @@ METHODS: dict[str, Case] = {
     "houlsby_adapter": Case({"llama": ("houlsby_adapter",)}, identity=True, mergeable=False),
     "glora": Case(
         {
-            "llama": ("glora",),
-            "qwen2-vector": (
-                "glora",
-                "model.name=tiny:qwen2",
-                "method.config_A_B=vector",
-                "method.config_D_E=vector",
-            ),
+            "qwen2": ("glora",),
+            "qwen2-vector-constant": ("glora", "method.config_A_B=vector", "method.config_D_E=constant"),
+            "llama": ("glora", "model.name=tiny:llama"),
             "bert-seq_cls": ("glora", *BERT),
             "t5-seq2seq": ("glora", *T5),
         },
