@@ -93,7 +93,7 @@ class Beft(LayerMethod):
     peft_type = "BEFT"
     supports_quantized_base = False  # not checked on a 4-bit base here: refused at start, not guessed
     supports_packing = True  # a per-token shift: packed examples never meet
-    supports_fsdp = True  # β is a plain parameter of its layer, sharded with it
+    supports_fsdp = False  # not yet run under FSDP here (tests/test_distributed.py): refused at start
     trainable_formula = "out per adapted layer (the bias β), plus modules_to_save"
     parameter_prefix = "beft_"  # saved as base_model.model.<module>.beft_bias, peft's key
     layer_types = (BeftLinear,)
