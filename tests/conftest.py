@@ -25,6 +25,12 @@ def tiny_cache(tmp_path_factory):
 # the list cannot go stale.
 FAST_ROWS = {
     "test_batching.py::test_packed_window_equals_unpacked": {"lora", "adalora"},
+    "test_beft.py::test_peft_loads_our_adapter_with_each_option": {"q-v"},
+    "test_beft.py::test_we_load_peft_adapters_with_each_option": {"qwen2"},
+    "test_deft.py::test_peft_loads_our_adapter_with_each_option": {"gpt2"},
+    "test_deft.py::test_we_load_peft_adapters_with_each_option": {"llama-qr-alpha"},
+    "test_glora.py::test_peft_loads_our_adapter_with_each_option": {"qwen2-vector-vector-vector"},
+    "test_glora.py::test_we_load_peft_adapters_with_each_option": {"qwen2-lora-lora-constant"},
     "test_lora_inits.py::test_init_equals_peft_for_the_same_seed": {
         "gaussian",
         "orthogonal",
@@ -62,6 +68,10 @@ FAST_ROWS = {
     "test_oft.py::test_we_load_peft_adapters_with_each_option": {"llama-coft"},
     "test_peanut.py::test_peft_loads_our_adapter_with_each_option": {"depth-2-gelu-scaling"},
     "test_peanut.py::test_we_load_peft_adapters_with_each_option": {"llama-depth-3-gelu"},
+    "test_osf.py::test_peft_loads_our_adapter_with_each_option": {"rank_pattern"},
+    "test_osf.py::test_we_load_peft_adapters_with_each_option": {"llama-pattern"},
+    "test_psoft.py::test_peft_loads_our_adapter_with_each_option": {"cayley_neumann"},
+    "test_psoft.py::test_we_load_peft_adapters_with_each_option": {"llama-pissa-free"},
     "test_quantized_methods.py::test_trains_on_a_4bit_base_loads_in_peft_and_merges": {"vera"},
     "test_randlora.py::test_peft_loads_our_adapter_with_each_option": {"very_sparse-no-saved-projection"},
     "test_randlora.py::test_we_load_peft_adapters_with_each_option": {"llama"},

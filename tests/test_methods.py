@@ -119,6 +119,31 @@ METHODS: dict[str, Case] = {
         mergeable=True,
         peft_type="DELORA",  # peft stores each layer's W0 column norms too: no peft_counts
     ),
+    "beft": Case(
+        {
+            "qwen2": ("beft",),
+            "qwen2-q-v": ("beft", "method.target_modules=[q_proj,v_proj]"),
+            "bert-seq_cls": ("beft", *BERT),
+            "bart-seq2seq": ("beft", "model.name=tiny:bart", "model.task=seq2seq"),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="BEFT",
+        peft_counts=True,
+    ),
+    "deft": Case(
+        {
+            "llama": ("deft",),
+            "llama-qr-alpha": ("deft", "method.decomposition_method=qr", "method.alpha=16"),
+            "gpt2": ("deft", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("deft", *BERT),
+            "bart-seq2seq": ("deft", "model.name=tiny:bart", "model.task=seq2seq"),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="DEFT",
+        peft_counts=True,
+    ),
     "fourierft": Case(
         {
             "llama": ("fourierft",),
@@ -156,6 +181,18 @@ METHODS: dict[str, Case] = {
         peft_counts=True,
     ),
     "houlsby_adapter": Case({"llama": ("houlsby_adapter",)}, identity=True, mergeable=False),
+    "glora": Case(
+        {
+            "qwen2": ("glora",),
+            "qwen2-vector-constant": ("glora", "method.config_A_B=vector", "method.config_D_E=constant"),
+            "llama": ("glora", "model.name=tiny:llama"),
+            "bert-seq_cls": ("glora", *BERT),
+            "t5-seq2seq": ("glora", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="GLORA",
+    ),
     "hra": Case(
         {
             "llama": ("hra",),
@@ -246,6 +283,18 @@ METHODS: dict[str, Case] = {
         identity=True,
         mergeable=True,
         peft_type="OFT",
+        peft_counts=True,
+    ),
+    "osf": Case(
+        {
+            "llama": ("osf",),
+            "llama-fraction": ("osf", "method.effective_rank=0.25"),
+            "bert-seq_cls": ("osf", *BERT),
+            "bart-seq2seq": ("osf", "model.name=tiny:bart", "model.task=seq2seq"),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="OSF",
         peft_counts=True,
     ),
     "p_tuning": Case({"llama": ("p_tuning",)}, identity=False, mergeable=False, peft_type="P_TUNING"),
@@ -389,6 +438,18 @@ METHODS: dict[str, Case] = {
         identity=False,
         mergeable=True,
         peft_type="UNILORA",
+        peft_counts=True,
+    ),
+    "psoft": Case(
+        {
+            "llama": ("psoft",),
+            "llama-free-pissa": ("psoft", "method.psoft_orth=false", "method.ab_svd_init=pissa_init"),
+            "bert-seq_cls": ("psoft", *BERT),
+            "t5-seq2seq": ("psoft", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="PSOFT",
         peft_counts=True,
     ),
     "unipelt": Case({"llama": ("unipelt",)}, identity=False, mergeable=False),
