@@ -94,10 +94,17 @@ PACKABLE = sorted(
 )
 
 
+# Methods that draw noise in training (PVeRA samples its latent z = μ + ε·σ): like dropout, the draws
+# follow the layout, so packed and padded batches are compared on the mean path (eval).
+SAMPLES_IN_TRAINING = {"pvera"}
+
+
 def build(tmp_path: Path, recipe_name: str, *overrides: str):
     _, _, tokenizer, model, method = kit.build(recipe_name, tmp_path, list(overrides))
     model.train()
-    if any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout)):
+    if recipe_name in SAMPLES_IN_TRAINING or any(
+        m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout)
+    ):
         model.eval()  # dropout draws differ by layout (gpt2's resid/attn dropout); eval keeps it exact
     return model, tokenizer, method
 

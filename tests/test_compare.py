@@ -30,7 +30,7 @@ from peftcli.methods.catalog import get_method_class
 from peftcli.models import load_model, load_tokenizer, resolve_model_name
 from peftcli.recipe import RecipeError
 from peftcli.recipe_loader import load_recipe
-from peftcli.tools.compare import NOT_MERGEABLE, compare_recipe, parse_sets
+from peftcli.tools.compare import MERGE_REFUSED, NOT_MERGEABLE, compare_recipe, measure_run, parse_sets
 
 METHODS = ["lora", "ia3", "prompt_tuning"]
 
@@ -116,6 +116,21 @@ def test_columns_match_independent_values(comparison, tmp_path):
     assert rows["lora"]["changed_after_merge"] == sum(
         p.numel() for n, p in plain_base(lora).named_parameters() if n.endswith("proj.weight")
     )
+
+
+@pytest.mark.slow
+def test_a_merge_refused_on_this_model_times_the_adapter_model(comparison, monkeypatch):
+    """A method that merges, but not on this model (BEFT on a base without biases), is measured unmerged
+    rather than failing the whole comparison."""
+    _, output = comparison
+
+    def refuse(self, model):
+        raise RecipeError("merge", "no bias to merge into", "keep the adapter")
+
+    monkeypatch.setattr(get_method_class("lora"), "merge", refuse)
+    row = measure_run(output / "runs" / "lora", repeats=1)
+    assert row["changed_after_merge"] == MERGE_REFUSED and row["merged_for_inference"] is False
+    assert math.isfinite(row["inference_ratio"]) and row["inference_ratio"] > 0
 
 
 @pytest.mark.slow

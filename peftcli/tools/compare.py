@@ -13,7 +13,8 @@ string saying why, never a silent 0):
   minus the plain base); 0 for methods that only train base weights (BitFit); training-only parts
   (prefix projection, P-tuning's encoder) are trainable but not added;
 - ``changed_after_merge``: base weights (scalars) whose value differs after ``merge`` — what a merged
-  checkpoint really changes; ``"n/a (not mergeable)"`` for methods that cannot merge;
+  checkpoint really changes; ``"n/a (not mergeable)"`` for methods that cannot merge (``"n/a (not
+  mergeable on this model)"`` where the method merges but not on this base: timed unmerged);
 - ``adapter_bytes``: size of ``adapter_model.safetensors`` on disk;
 - ``peak_memory_bytes``: the training process's peak (ru_maxrss on CPU, CUDA max allocated on GPU),
   recorded by the loop in results.json;
@@ -47,6 +48,7 @@ from peftcli.tools.report import PRIMARY_METRICS, REWARD_METRICS, SCORE_METRICS,
 
 SECTIONS = ("model", "data", "train", "eval")
 NOT_MERGEABLE = "n/a (not mergeable)"
+MERGE_REFUSED = "n/a (not mergeable on this model)"  # e.g. BEFT where the layers have no bias
 NOT_RECORDED = "n/a (not in results.json)"
 TIMING_BATCH = (4, 32)  # (sequences, tokens) of the fixed inference batch
 TIMING_REPEATS = 7
@@ -222,14 +224,17 @@ def measure_run(run_dir: str | Path, repeats: int = TIMING_REPEATS) -> dict[str,
         "eval_before": results.get("eval_before"),
         "eval": results.get("eval_after"),
     }
-    tuned = loaded.model
+    tuned, merged = loaded.model, False
+    row["changed_after_merge"] = NOT_MERGEABLE
     if method.mergeable:
-        tuned = method.merge(loaded.model)
-        tuned.eval()
-        row["changed_after_merge"] = changed_after_merge(base, tuned)
-    else:
-        row["changed_after_merge"] = NOT_MERGEABLE
-    row["merged_for_inference"] = method.mergeable
+        try:
+            tuned, merged = method.merge(loaded.model), True
+        except RecipeError:  # the method merges, but not on this model: time the adapter model
+            row["changed_after_merge"] = MERGE_REFUSED
+        else:
+            tuned.eval()
+            row["changed_after_merge"] = changed_after_merge(base, tuned)
+    row["merged_for_inference"] = merged
     row.update(inference_timing(base, tuned, _vocab_size(base), loaded.task, device, repeats))
     return row
 
