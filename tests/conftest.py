@@ -1,8 +1,26 @@
-"""Shared test setup: tiny models are built into a per-session temporary cache."""
+"""Shared test setup: one compute thread per xdist worker, and tiny models built into a per-session
+temporary cache."""
 
 import os
 
-import pytest
+# Under `pytest -n N` each worker (and every process it starts: the CLI, torchrun's ranks) gets its share
+# of the cores. Left to itself each torch process spins one OpenMP thread per core, and N workers on N
+# cores fight for them: the quickstart test ran 31 s alone and 310 s beside a second copy (33 s each with
+# one thread). Set before torch is first imported, so the OpenMP pool is sized from it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_name] = _THREADS
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    if _WORKERS > 1:  # in case a plugin imported torch before this file ran
+        import torch
+
+        torch.set_num_threads(int(_THREADS))
 
 
 @pytest.fixture(scope="session", autouse=True)
