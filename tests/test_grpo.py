@@ -444,14 +444,16 @@ def test_metrics_log_rewards_kl_and_the_progress_bar_shows_the_reward(tmp_path):
     assert "| eval_reward |" in (tmp_path / "run" / "summary.md").read_text()
 
 
-def test_torchrun_is_refused_at_start():
+def test_fsdp_is_refused_at_start_and_ddp_is_not():
+    """DDP runs grpo (tests/test_distributed.py: 2 ranks = 1 process); FSDP would shard the weights the
+    rollout samples with."""
     from peftcli.training.distributed import Dist
     from peftcli.training.setup import check_objective
 
-    dist = Dist(rank=0, world_size=2, local_rank=0, mode="ddp")
+    check_objective(load_recipe(RECIPE), Dist(rank=0, world_size=2, local_rank=0, mode="ddp"))
     with pytest.raises(RecipeError) as err:
-        check_objective(load_recipe(RECIPE), dist)
-    assert "grpo runs in one process" in str(err.value)
+        check_objective(load_recipe(RECIPE), Dist(rank=0, world_size=2, local_rank=0, mode="fsdp"))
+    assert "grpo cannot run under fsdp with 2 processes: its rollout samples" in str(err.value)
 
 
 @pytest.mark.slow
