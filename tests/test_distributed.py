@@ -8,8 +8,12 @@ References and tolerances (fp32, CPU, fixed seeds, OMP_NUM_THREADS=1 per rank):
   (13 examples, global batch 4, accumulation 2) makes the last micro-batch of each epoch
   a single example, so one rank runs a stand-in that scores nothing;
 - the preference objectives under ddp (dpo with either reference, precomputed or not; orpo's
-  token-weighted SFT term), on 13 pairs batched the same way (a stand-in pair on one rank), with SGD:
-  every logged loss and adapter tensor within 1e-5 of one process's;
+  token-weighted SFT term; kto, whose KL rows and estimate span the ranks; the reward model), on 13
+  pairs (examples) batched the same way (a stand-in pair on one rank), with SGD: every logged loss and
+  adapter tensor within 1e-5 of one process's;
+- grpo under ddp (13 prompts, G = 4, a stand-in slice, loss_type grpo, scale_rewards batch, a KL term),
+  SIGKILLed mid-rollout on 2 ranks and resumed: every logged loss, reward statistic and KL, and the
+  adapter, within 1e-5 of one uninterrupted process's;
 - a two-"node" localhost job (two launches, --nnodes 2) writes one adapter equal to the reference;
 - a 2-process run SIGKILLed after a checkpoint and resumed ends with the uninterrupted 2-process
   run's adapter (≤ 1e-6; LoRA dropout 0.1, so every rank's RNG state must be restored);
