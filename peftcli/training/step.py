@@ -111,7 +111,7 @@ class Stepper:
                     loss = loss_sum / n_targets  # token-weighted over the whole (global) accumulation window
                     share = None
                 else:  # a preference objective: this micro-batch's share of the window's loss
-                    loss = self.objective.micro_loss(self.wrapped, batch, counts)
+                    loss = self.objective.micro_loss(self.wrapped, batch, {**counts, "micro": i})
                     share = loss.item()
                 extra = self.method.extra_loss(self.model)
                 if extra is not None:
@@ -123,10 +123,16 @@ class Stepper:
             tokens += int(batch["attention_mask"].sum())
         return loss_total, tokens, micro_losses
 
-    def window_counts(self, micro: list[dict[str, torch.Tensor]]) -> dict[str, int]:
-        """An objective's normalisers over the global window (pairs, chosen tokens; grpo: its tokens)."""
+    def window_counts(self, micro: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """An objective's normalisers over the global window (pairs, chosen tokens; grpo: its tokens, and
+        each micro-batch's rows and tokens as lists), each summed over ranks and at least 1, in one
+        all-reduce."""
         local = self.objective.window_counts(micro)
-        return {k: max(1, self.dist.sum_int(v)) for k, v in local.items()}
+        flat = [float(x) for v in local.values() for x in (v if isinstance(v, list) else [v])]
+        summed = iter(max(1, round(x)) for x in self.dist.sum_floats(flat))
+        return {
+            k: [next(summed) for _ in v] if isinstance(v, list) else next(summed) for k, v in local.items()
+        }
 
     def update(self, step: int) -> float:
         """after_backward → clip → optimizer (through the scaler) → after_step → scheduler → zero_grad;
