@@ -47,8 +47,12 @@ BERT = ["model.name=tiny:bert", "model.task=seq_cls", "data.format=classificatio
 T5 = ["model.name=tiny:t5", "model.task=seq2seq"]
 
 OPTION_RUNS = {
-    "sparse_rate-alpha": ["method.sparse_rate=0.05", "method.regularization_alpha=0.1"],
-    "no-saved-projection-key": ["method.save_projection=false", "method.projection_prng_key=7"],
+    "no-saved-projection-key-alpha-rate": [
+        "method.save_projection=false",  # peft rebuilds V and the positions with these options
+        "method.projection_prng_key=7",
+        "method.regularization_alpha=0.1",
+        "method.sparse_rate=0.05",
+    ],
     "sparse_rate-0-q-v": ["method.sparse_rate=0", "method.target_modules=[q_proj,v_proj]"],
     "one-block-svd": [r"method.target_modules=model\.layers\.0\.self_attn\.(k|v)_proj"],
     "gpt2-random-init": ["model.name=tiny:gpt2", "method.init_weights=false"],
