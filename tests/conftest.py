@@ -66,6 +66,7 @@ FAST_ROWS = {
     "test_grpo.py::test_step_one_loss_and_gradients_equal_trl": {"dapo-kl-accum2"},
     "test_delora.py::test_peft_loads_our_adapter_with_each_option": {"patterns"},
     "test_delora.py::test_we_load_peft_adapters_with_each_option": {"llama-patterns"},
+    "test_frod.py::test_peft_loads_our_adapter_with_each_option": {"one-block-svd"},
     "test_gralora.py::test_peft_loads_our_adapter_with_each_option": {"k4-alpha"},
     "test_gralora.py::test_we_load_peft_adapters_with_each_option": {"llama-k4-hybrid"},
     "test_hira.py::test_peft_loads_our_adapter_with_each_option": {"gpt2"},

@@ -44,6 +44,8 @@ class Case:
     peft_type: peft's name for the method, where peft has it: peft parity is checked.
     peft_counts: peft's saved adapter holds exactly our trainable tensors (same number of numbers).
     beyond_peft: run id → why peft cannot load that run's adapter (an option peft has no format for).
+    slow: the row's runs run in the full suite only (the fast tier keeps its time budget; the method's
+      own test file keeps a fast row).
     """
 
     runs: dict[str, tuple[str, ...]]
@@ -52,6 +54,7 @@ class Case:
     peft_type: str | None = None
     peft_counts: bool = False
     beyond_peft: dict[str, str] = field(default_factory=dict)
+    slow: bool = False
 
 
 METHODS: dict[str, Case] = {
@@ -154,6 +157,17 @@ METHODS: dict[str, Case] = {
         mergeable=True,
         peft_type="FOURIERFT",
         peft_counts=True,
+    ),
+    "frod": Case(
+        {
+            "llama": ("frod",),
+            "gpt2": ("frod", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("frod", *BERT),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="FROD",  # peft stores V and the sparse positions per category too: no peft_counts
+        slow=True,  # tests/test_frod.py keeps the fast rows
     ),
     "gralora": Case(
         {
@@ -495,7 +509,7 @@ METHODS: dict[str, Case] = {
 def runs(where=lambda case: True) -> list:
     """pytest params (method, run) over every row whose case passes ``where``."""
     return [
-        pytest.param(name, run, id=f"{name}-{run}")
+        pytest.param(name, run, id=f"{name}-{run}", marks=pytest.mark.slow if case.slow else ())
         for name, case in METHODS.items()
         if where(case)
         for run in case.runs

@@ -19,6 +19,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     deft,
     delora,
     fourierft,
+    frod,
     glora,
     gralora,
     hira,
