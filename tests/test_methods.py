@@ -44,6 +44,7 @@ class Case:
     peft_type: peft's name for the method, where peft has it: peft parity is checked.
     peft_counts: peft's saved adapter holds exactly our trainable tensors (same number of numbers).
     beyond_peft: run id → why peft cannot load that run's adapter (an option peft has no format for).
+    slow: the row's runs are in the full suite only (the fast tier runs the method's own fast rows).
     """
 
     runs: dict[str, tuple[str, ...]]
@@ -52,6 +53,7 @@ class Case:
     peft_type: str | None = None
     peft_counts: bool = False
     beyond_peft: dict[str, str] = field(default_factory=dict)
+    slow: bool = False
 
 
 METHODS: dict[str, Case] = {
@@ -205,6 +207,23 @@ METHODS: dict[str, Case] = {
     ),
     "ia3": Case({"llama": ("ia3",)}, identity=True, mergeable=True, peft_type="IA3", peft_counts=True),
     "ladder_side_tuning": Case({"llama": ("ladder_side_tuning",)}, identity=True, mergeable=False),
+    "lily": Case(
+        {
+            "llama": ("lily",),
+            "names-stride-1-num_B-4": (
+                "lily",
+                "method.target_modules=[q_proj,v_proj]",
+                "method.stride_A=1",
+                "method.num_B=4",
+            ),
+            "bert-seq_cls": ("lily", *BERT),
+            "t5-seq2seq": ("lily", *T5),
+        },
+        identity=True,
+        mergeable=False,
+        peft_type="LILY",  # peft repeats each shared A and B under every module: no peft_counts
+        slow=True,  # tests/test_lily.py's fast rows cover it in the fast tier (its budget: 1 s)
+    ),
     "ln_tuning": Case(
         {"llama": ("ln_tuning",), "bert-seq_cls": ("ln_tuning", *BERT), "t5-seq2seq": ("ln_tuning", *T5)},
         identity=True,
@@ -495,7 +514,7 @@ METHODS: dict[str, Case] = {
 def runs(where=lambda case: True) -> list:
     """pytest params (method, run) over every row whose case passes ``where``."""
     return [
-        pytest.param(name, run, id=f"{name}-{run}")
+        pytest.param(name, run, id=f"{name}-{run}", marks=[pytest.mark.slow] if case.slow else [])
         for name, case in METHODS.items()
         if where(case)
         for run in case.runs
