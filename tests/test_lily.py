@@ -6,12 +6,14 @@
 - the paper's equation: a layer's output equals ``W0 x + s · h Σ_e p_e B_e`` with h = A x and p the
   router's softmax averaged over every token of the call, written out in float64;
 - the router's mean is over the whole call, padding included: the same two examples padded wider give
-  other logits, in peft by the same numbers (≤ 1e-5), so eval numbers depend on the batch layout;
+  other logits, in peft by the same numbers (≤ 1e-5), so eval numbers depend on the batch layout; a
+  cached decoding step (one new token) differs from re-running the sequence, in peft too;
 - with each option that changes the numbers (``r``, ``stride_A``, ``num_B``, ``scaling``,
   ``init_weights``, names, a regex (one group per shape), all-linear), our adapter moved off init loads
   in ``PeftModel.from_pretrained`` with our logits (≤ 1e-5), and an adapter peft wrote loads in
   ``peftcli.export.load_adapter`` with peft's logits (≤ 1e-5), on tiny:llama, tiny:bert seq_cls and
-  tiny:t5 seq2seq (its all-linear names ``o`` and ``wo``: the one name ends the other);
+  tiny:t5 seq2seq (whose all-linear names ``o`` and ``wo`` end one another, with no effect on the
+  groups); the method table adds ours in peft on bert seq_cls and t5;
 - one-line refusals: merge, packing, GPT-2's Conv1D, target names whose grouping in peft would depend
   on Python's hash order, a file whose copies of one shared tensor disagree.
 """
@@ -30,20 +32,18 @@ from peftcli.recipe_loader import load_recipe
 
 peft = pytest.importorskip("peft")
 
-BERT = ["model.name=tiny:bert", "model.task=seq_cls", "data.format=classification"]
-T5 = ["model.name=tiny:t5", "model.task=seq2seq"]
-
+# (the method table runs peft on our llama default, a name list with stride 1, bert seq_cls and t5 seq2seq)
 OPTION_RUNS = {
-    "default": [],
-    "stride-1-num_B-2-scaling": ["method.stride_A=1", "method.num_B=2", "method.scaling=0.5", "method.r=4"],
     "names-stride-3-init_weights-false": [
         "method.target_modules=[q_proj,v_proj,down_proj]",
         "method.stride_A=3",
         "method.init_weights=false",
     ],
-    "regex-one-group-per-shape": ["method.target_modules=.*(q_proj|o_proj|down_proj)", "method.num_B=4"],
-    "bert": [*BERT, "method.r=4"],
-    "t5-o-and-wo": [*T5, "method.r=4", "method.num_B=2"],
+    "regex-one-group-per-shape": [
+        "method.target_modules=.*(q_proj|o_proj|down_proj)",
+        "method.num_B=4",
+        "method.scaling=0.5",
+    ],
 }
 
 # run id -> (task, model, peft LilyConfig options)
@@ -64,6 +64,7 @@ PEFT_RUNS = {
         {"r": 4, "num_B": 2, "init_weights": False, "target_modules": ["k_proj", "up_proj"]},
     ),
     "bert-all-linear": ("seq_cls", "tiny:bert", {"r": 4, "num_B": 2, "target_modules": "all-linear"}),
+    "t5-all-linear": ("seq2seq", "tiny:t5", {"r": 4, "num_B": 2, "target_modules": "all-linear"}),
 }
 
 
@@ -122,7 +123,7 @@ def test_layer_is_the_paper_equation_with_the_mix_averaged_over_the_call(tmp_pat
 
 
 @pytest.mark.slow
-def test_padding_enters_the_mix_as_in_peft(tmp_path):
+def test_the_mix_is_per_call_padding_and_decoding_steps_included_as_in_peft(tmp_path):
     result = kit.peft_loads_ours("lily", tmp_path)
     built, theirs = result.built, result.peft_model
     vocab = built.model.config.vocab_size
@@ -133,9 +134,20 @@ def test_padding_enters_the_mix_as_in_peft(tmp_path):
         kit.logits(kit.base_model(built.base_path, built.recipe), wide),
     )
     ours_narrow, ours_wide = kit.logits(built.model, narrow), kit.logits(built.model, wide)
-    assert kit.max_diff(ours_narrow, ours_wide) > 1e-4  # padding moved every real position's logits
+    assert kit.max_diff(ours_narrow, ours_wide) > 1e-4  # the pad columns moved the real positions' logits
     assert kit.max_diff(ours_narrow, kit.peft_logits(theirs, narrow)) <= 1e-5
     assert kit.max_diff(ours_wide, kit.peft_logits(theirs, wide)) <= 1e-5
+    # a cached decoding step mixes over its one new token, not over the whole sequence a re-run sees
+    ids = narrow["input_ids"][:1]
+    steps = []
+    for model in (built.model, theirs):
+        with torch.no_grad():
+            prefix = model(input_ids=ids[:, :-1], use_cache=True)
+            step = model(input_ids=ids[:, -1:], past_key_values=prefix.past_key_values).logits[0, -1]
+            steps.append((step, model(input_ids=ids).logits[0, -1]))
+    (ours_step, ours_full), (peft_step, peft_full) = steps
+    assert kit.max_diff(ours_step, ours_full) > 1e-4
+    assert kit.max_diff(ours_step, peft_step) <= 1e-5 and kit.max_diff(ours_full, peft_full) <= 1e-5
 
 
 @pytest.mark.parametrize("run", list(OPTION_RUNS))
