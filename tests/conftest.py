@@ -50,6 +50,8 @@ FAST_ROWS = {
     "test_deft.py::test_we_load_peft_adapters_with_each_option": {"llama-qr-alpha"},
     "test_glora.py::test_peft_loads_our_adapter_with_each_option": {"qwen2-vector-vector-vector"},
     "test_glora.py::test_we_load_peft_adapters_with_each_option": {"qwen2-lora-lora-constant"},
+    "test_lily.py::test_peft_loads_our_adapter_with_each_option": {"regex-one-group-per-shape"},
+    "test_lily.py::test_we_load_peft_adapters_with_each_option": {"llama-init_weights-false"},
     "test_lora_inits.py::test_init_equals_peft_for_the_same_seed": {
         "gaussian",
         "orthogonal",

@@ -219,6 +219,23 @@ METHODS: dict[str, Case] = {
     ),
     "ia3": Case({"llama": ("ia3",)}, identity=True, mergeable=True, peft_type="IA3", peft_counts=True),
     "ladder_side_tuning": Case({"llama": ("ladder_side_tuning",)}, identity=True, mergeable=False),
+    "lily": Case(
+        {
+            "llama": ("lily",),
+            "names-stride-1-num_B-4": (
+                "lily",
+                "method.target_modules=[q_proj,v_proj]",
+                "method.stride_A=1",
+                "method.num_B=4",
+            ),
+            "bert-seq_cls": ("lily", *BERT),
+            "t5-seq2seq": ("lily", *T5),
+        },
+        identity=True,
+        mergeable=False,
+        peft_type="LILY",  # peft repeats each shared A and B under every module: no peft_counts
+        slow=True,  # tests/test_lily.py's fast rows cover it in the fast tier (its budget: 1 s)
+    ),
     "ln_tuning": Case(
         {"llama": ("ln_tuning",), "bert-seq_cls": ("ln_tuning", *BERT), "t5-seq2seq": ("ln_tuning", *T5)},
         identity=True,

@@ -27,6 +27,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     hra,
     ia3,
     ladder_side_tuning,
+    lily,
     ln_tuning,
     loha,
     lokr,
