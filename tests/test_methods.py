@@ -56,6 +56,16 @@ class Case:
 
 METHODS: dict[str, Case] = {
     "adalora": Case({"llama": ("adalora",)}, identity=True, mergeable=True, peft_type="ADALORA"),
+    "adamss": Case(
+        {
+            "llama": ("adamss",),
+            "bert-seq_cls": ("adamss", *BERT, "method.r=8"),
+            "t5-seq2seq": ("adamss", *T5),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="ADAMSS",  # peft stores each layer's frozen Vᵀ (adamss_newB) too: no peft_counts
+    ),
     "adapter_fusion": Case({"llama": ("adapter_fusion",)}, identity=False, mergeable=False),
     "adaption_prompt": Case(
         {
