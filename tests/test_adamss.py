@@ -34,30 +34,35 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 BERT_TARGETS = ["query", "key", "value", "dense"]
 
 OPTION_RUNS = {
-    "default": [],
     "r-subspaces-rank": ["method.r=8", "method.num_subspaces=3", "method.subspace_rank=3"],
-    "dynamic-rank": ["method.use_dynamic_rank=true", "method.svd_threshold=0.3", "method.subspace_rank=4"],
+    "dynamic-rank": [
+        "method.use_dynamic_rank=true",
+        "method.svd_threshold=0.3",
+        "method.subspace_rank=4",
+        "method.target_modules=[q_proj, v_proj, down_proj]",
+    ],
     "seed-layers": [
         "method.random_seed=5",
         "method.target_modules=[q_proj, v_proj]",
         "method.layers_to_transform=[1]",
     ],
-    "bert": [*BERT, "method.r=8"],
-}
-# run id -> (task, model, peft AdamssConfig options)
+}  # the defaults on llama and bert seq_cls: the method table's peft rows
+# run id -> (task, model, targets, peft AdamssConfig options)
 PEFT_RUNS = {
-    "llama": ("causal_lm", "tiny:llama", {"r": 16, "num_subspaces": 4, "subspace_rank": 2}),
+    "llama": ("causal_lm", "tiny:llama", LLAMA_TARGETS, {"r": 16, "num_subspaces": 4, "subspace_rank": 2}),
     "llama-dynamic": (
         "causal_lm",
         "tiny:llama",
+        ["q_proj", "v_proj", "down_proj"],
         {"r": 12, "num_subspaces": 5, "subspace_rank": 3, "use_dynamic_rank": True, "svd_threshold": 0.2},
     ),
     "llama-seed-layers": (
         "causal_lm",
         "tiny:llama",
+        ["q_proj", "k_proj"],
         {"r": 8, "num_subspaces": 2, "random_seed": 3, "layers_to_transform": [0]},
     ),
-    "bert": ("seq_cls", "tiny:bert", {"r": 8, "num_subspaces": 3, "subspace_rank": 2}),
+    "bert": ("seq_cls", "tiny:bert", BERT_TARGETS, {"r": 8, "num_subspaces": 3, "subspace_rank": 2}),
 }
 
 
@@ -166,8 +171,7 @@ def test_peft_loads_our_adapter_with_each_option(run, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("run", list(PEFT_RUNS))
 def test_we_load_peft_adapters_with_each_option(run, tmp_path):
-    task, model_name, options = PEFT_RUNS[run]
-    targets = BERT_TARGETS if model_name == "tiny:bert" else LLAMA_TARGETS
+    task, model_name, targets, options = PEFT_RUNS[run]
     result = kit.we_load_peft(
         peft.AdamssConfig, task, tmp_path, model_name, target_modules=targets, **options
     )
