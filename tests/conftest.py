@@ -42,7 +42,6 @@ def tiny_cache(tmp_path_factory):
 # code path the table covers at least once. A name or row id here that no longer exists is an error, so
 # the list cannot go stale.
 FAST_ROWS = {
-    "test_adamss.py::test_peft_loads_our_adapter_with_each_option": {"seed-layers"},
     "test_batching.py::test_packed_window_equals_unpacked": {"lora", "adalora"},
     "test_beft.py::test_peft_loads_our_adapter_with_each_option": {"q-v"},
     "test_beft.py::test_we_load_peft_adapters_with_each_option": {"qwen2"},

@@ -11,7 +11,8 @@
   ``use_dynamic_rank`` / ``svd_threshold``, ``random_seed``, ``layers_to_transform``), our adapter moved
   off init loads in ``PeftModel.from_pretrained`` with our logits (≤ 1e-5), and an adapter peft wrote
   loads in ``peftcli.export.load_adapter`` with peft's logits (≤ 1e-5) and ``peftcli merge`` folds it
-  with peft's logits (≤ 1e-4), on tiny:llama and tiny:bert seq_cls (biases);
+  with peft's logits (≤ 1e-4), on tiny:llama and tiny:bert seq_cls (biases), and ours on tiny:t5 seq2seq
+  (the method table holds the defaults on llama and bert);
 - ASA: the same steps through the loop's ``Stepper`` and through peft's ``AdamssAsaCallback`` freeze
   the same subspaces after every step and end with the same logits (≤ 1e-5); a resumed run re-freezes;
 - refusals in one line: r reaching a layer's outputs, an empty ASA ramp, GPT-2's Conv1D, ASA under DDP.
@@ -46,14 +47,14 @@ OPTION_RUNS = {
         "method.target_modules=[q_proj, v_proj]",
         "method.layers_to_transform=[1]",
     ],
+    "t5-seq2seq": ["model.name=tiny:t5", "model.task=seq2seq", "method.target_modules=[q, v, wo]"],
 }  # the defaults on llama and bert seq_cls: the method table's peft rows
 # run id -> (task, model, targets, peft AdamssConfig options)
 PEFT_RUNS = {
-    "llama": ("causal_lm", "tiny:llama", LLAMA_TARGETS, {"r": 16, "num_subspaces": 4, "subspace_rank": 2}),
     "llama-dynamic": (
         "causal_lm",
         "tiny:llama",
-        ["q_proj", "v_proj", "down_proj"],
+        LLAMA_TARGETS,
         {"r": 12, "num_subspaces": 5, "subspace_rank": 3, "use_dynamic_rank": True, "svd_threshold": 0.2},
     ),
     "llama-seed-layers": (
@@ -89,6 +90,7 @@ def test_kmeans_is_scikit_learns_on_svd_rows_and_random_points():
     assert checked == 28
 
 
+@pytest.mark.slow  # peft's AdaMSS imports scikit-learn (~3 s), which nothing in the fast tier needs
 @pytest.mark.parametrize(
     "bias,options",
     [
@@ -163,6 +165,7 @@ def test_merge_unmerge_round_trip(bias):
         assert kit.max_diff(ours, layer(x)) <= 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", list(OPTION_RUNS))
 def test_peft_loads_our_adapter_with_each_option(run, tmp_path):
     assert kit.peft_loads_ours("adamss", tmp_path, OPTION_RUNS[run]).diff <= 1e-5
@@ -246,6 +249,7 @@ def test_asa_schedule_is_the_papers_and_a_resumed_run_refreezes(tmp_path):
             assert torch.equal(param, before[name]) and not param.requires_grad, name
 
 
+@pytest.mark.slow
 def test_refusals_are_one_line(tmp_path, monkeypatch):
     cases = [
         (["method.r=32"], "method.r: 32 reaches model.layers.0.self_attn.k_proj's 32 outputs"),

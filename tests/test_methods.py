@@ -60,8 +60,7 @@ METHODS: dict[str, Case] = {
         {
             "llama": ("adamss",),
             "bert-seq_cls": ("adamss", *BERT, "method.r=8"),
-            "t5-seq2seq": ("adamss", *T5),
-        },
+        },  # seq2seq (tiny:t5): tests/test_adamss.py's peft row
         identity=True,
         mergeable=True,
         peft_type="ADAMSS",  # peft stores each layer's frozen Vᵀ (adamss_newB) too: no peft_counts

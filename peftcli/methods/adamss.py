@@ -36,7 +36,7 @@ Saved as peft names it: ``<module>.adamss_A.<k>``, ``.adamss_B.<k>`` and ``.adam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -232,6 +232,12 @@ class AdamssLinear(AdapterLayer):
         k = min(cfg.num_subspaces, weight.shape[0])
         labels = kmeans_labels(u.cpu(), k).to(device)
         subspaces = [(labels == c).nonzero().flatten() for c in range(k)]  # S_k, ascending
+        if any(len(rows) == 0 for rows in subspaces):  # only where output rows repeat (peft fails there too)
+            raise RecipeError(
+                "method.num_subspaces",
+                f"k-means left a subspace of a {tuple(weight.shape)} layer empty (its output rows repeat)",
+                f"lower method.num_subspaces below {k}",
+            )
         self.register_buffer("adamss_newB", vt.to(dtype))
         a_init, b_init = [], []
         for rows in subspaces:
@@ -310,7 +316,6 @@ class Adamss(LayerMethod):
     target_kind = "nn.Linear layers"
     target_hint = "target the model's nn.Linear layers (peft's AdaMSS adapts nn.Linear only too)"
     accepts_target = staticmethod(lambda module: isinstance(module, nn.Linear))
-    adapter_omits: ClassVar[tuple[str, ...]] = ()
 
     cfg: AdamssConfig
 
