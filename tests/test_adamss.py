@@ -61,7 +61,8 @@ PEFT_RUNS = {
         "causal_lm",
         "tiny:llama",
         ["q_proj", "k_proj"],
-        {"r": 8, "num_subspaces": 2, "random_seed": 3, "layers_to_transform": [0]},
+        # init_weights None: peft's random-B testing init; the file's B is read, so it loads all the same
+        {"r": 8, "num_subspaces": 2, "random_seed": 3, "layers_to_transform": [0], "init_weights": None},
     ),
     "bert": ("seq_cls", "tiny:bert", BERT_TARGETS, {"r": 8, "num_subspaces": 3, "subspace_rank": 2}),
 }
