@@ -59,6 +59,15 @@ class Case:
 
 METHODS: dict[str, Case] = {
     "adalora": Case({"llama": ("adalora",)}, identity=True, mergeable=True, peft_type="ADALORA"),
+    "adamss": Case(
+        {
+            "llama": ("adamss",),
+            "bert-seq_cls": ("adamss", *BERT, "method.r=8"),
+        },  # seq2seq (tiny:t5): tests/test_adamss.py's peft row
+        identity=True,
+        mergeable=True,
+        peft_type="ADAMSS",  # peft stores each layer's frozen Vᵀ (adamss_newB) too: no peft_counts
+    ),
     "adapter_fusion": Case({"llama": ("adapter_fusion",)}, identity=False, mergeable=False),
     "adaption_prompt": Case(
         {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from peftcli.methods import (  # noqa: F401  (imported to register)
     adalora,
+    adamss,
     adapter_fusion,
     adaption_prompt,
     beft,
