@@ -142,7 +142,7 @@ def train_steps(run: Run, state: TrainState) -> None:
             mine = run.dist.rank_slice(window)  # this rank's slice of the global window
             micro = collate_window(run, mine, state.step)  # grpo: its prompts' sampled completions
             run.dist.mask_padding(micro, run.dist.padding_flags(window))
-            n_targets = loss_normaliser(micro, run.task, run.dist)
+            n_targets = loss_normaliser(micro, run.task, run.dist, run.method)
             loss, tokens, lr, fault = optimizer_step(run, micro, n_targets, state.step)
             loss, tokens, stopping = run.dist.reduce_step(loss, tokens, bool(stop))
             if fault is not None:
