@@ -127,10 +127,13 @@ def test_loss_and_logits_equal_peft(run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", list(RUNS))
+@pytest.mark.parametrize("run", [*RUNS, "decay-accum2"])
 def test_the_loops_steps_land_on_peft_prompt(run, tmp_path):
-    built = kit.build("cpt", tmp_path, RUNS[run])
+    """peft steps on the whole batch; ours on it too, or (accum2) on its rows as two micro-batches of
+    one accumulation window, which CPT's loss normalises over the window's scored positions."""
+    built = kit.build("cpt", tmp_path, RUNS.get(run, []))
     batch = probe(built.model.config.vocab_size)
+    window = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(2)] if "accum2" in run else batch
     theirs = peft_twin(built)
     theirs.train()
     optimizer = torch.optim.AdamW(
@@ -140,7 +143,7 @@ def test_the_loops_steps_land_on_peft_prompt(run, tmp_path):
         peft_loss(theirs, batch).backward()
         optimizer.step()
         optimizer.zero_grad()
-    results = kit.train_step(built.model, built.method, batch, lr=1e-2, steps=4)
+    results = kit.train_step(built.model, built.method, window, lr=1e-2, steps=4)
     theirs.eval()
     expected = theirs.get_prompt_embedding_to_save("default")
     ours = built.model.input_prompt
@@ -200,6 +203,7 @@ def test_we_load_peft_adapters(tmp_path):
     assert kit.max_diff(kit.peft_logits(theirs, batch), kit.logits(loaded.model, batch)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_recipes_it_cannot_run_are_refused(tmp_path):
     refusals = {
         "cpt trains causal_lm models only": [
