@@ -79,7 +79,10 @@ class CPTConfig(MethodConfig):
         default=None, metadata=doc("the context's token ids (peft's key; built from context when unset)")
     )
     cpt_mask: list[int] | None = field(
-        default=None, metadata=doc("the context's attention mask (peft's key; all 1 when unset)")
+        default=None,
+        metadata=doc(
+            "the context's attention mask (peft's key, stored as given; peft's forward does not read it either)"
+        ),
     )
     cpt_tokens_type_mask: list[int] | None = field(
         default=None,
