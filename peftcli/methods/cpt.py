@@ -360,6 +360,8 @@ class CPT(SoftPromptMethod):
 
     # -- building ------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> PromptedModel:
+        """The context as the input prompt: no classifier head (causal LMs only) and no SPoT transfer
+        (the prompt *is* the user's examples)."""
         wrapped = PromptedModel(model, self.task)
         self.set_prompt_module(wrapped, self.build_prompt(model))
         return wrapped
@@ -383,19 +385,17 @@ class CPT(SoftPromptMethod):
             )
         with torch.no_grad():
             rows = embeddings(torch.tensor(self.token_ids, device=embeddings.weight.device)).float().cpu()
-        cfg = self.cfg
-        radii = projection_radii(
-            self.types, hidden, cfg.opt_projection_epsilon, cfg.opt_projection_format_epsilon
-        )
-        return ContextPrompt(rows, self.types, radii).to(embeddings.weight.device)
+        return ContextPrompt(rows, self.types, self.radii(hidden)).to(embeddings.weight.device)
 
     def fixed_prompt(self, rows: torch.Tensor, model: PromptedModel) -> ContextPrompt:
-        hidden = rows.shape[1]
+        """A loaded adapter's rows as the context (its offsets start at zero again)."""
+        return ContextPrompt(rows, self.types, self.radii(rows.shape[1]))
+
+    def radii(self, hidden: int) -> torch.Tensor:
         cfg = self.cfg
-        radii = projection_radii(
+        return projection_radii(
             self.types, hidden, cfg.opt_projection_epsilon, cfg.opt_projection_format_epsilon
         )
-        return ContextPrompt(rows, self.types, radii)
 
     def prompt_parameter_count(self, model: PromptedModel) -> int:
         return len(self.token_ids) * model.get_input_embeddings().weight.shape[1]
