@@ -65,6 +65,7 @@ FAST_ROWS = {
     "test_boft.py::test_we_load_peft_adapters_with_each_option": {"llama-block_num-butterfly-3"},
     "test_c3a.py::test_peft_loads_our_adapter_with_each_option": {"block_size_pattern", "bert"},
     "test_c3a.py::test_we_load_peft_adapters_with_each_option": {"llama-pattern"},
+    "test_cpt.py::test_loss_and_logits_equal_peft": {"decay"},
     "test_grpo.py::test_step_one_loss_and_gradients_equal_trl": {"dapo-kl-accum2"},
     "test_delora.py::test_peft_loads_our_adapter_with_each_option": {"patterns"},
     "test_delora.py::test_we_load_peft_adapters_with_each_option": {"llama-patterns"},

@@ -125,6 +125,7 @@ METHODS: dict[str, Case] = {
         mergeable=False,
         peft_type="CARTRIDGE",
     ),
+    "cpt": Case({"llama": ("cpt",)}, identity=False, mergeable=False, peft_type="CPT"),
     "delora": Case(
         {"llama": ("delora",), "bert-seq_cls": ("delora", *BERT), "t5-seq2seq": ("delora", *T5)},
         identity=True,

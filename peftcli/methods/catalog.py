@@ -17,6 +17,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     boft,
     c3a,
     cartridge,
+    cpt,
     deft,
     delora,
     fourierft,

@@ -172,6 +172,17 @@ class Method:
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         return None
 
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The method's own training loss of one micro-batch, summed over what it scores (CPT: the
+        context's labels and the row's, decay-weighted), or None for the loop's loss path (the default).
+        ``model`` is what forward runs through (the DDP wrapper under torchrun)."""
+        return None
+
+    def loss_targets(self, batch: dict[str, torch.Tensor]) -> int | None:
+        """How many positions :meth:`loss_sum` scores in ``batch`` (the window's normaliser counts these),
+        or None for the loop's count (labelled tokens)."""
+        return None
+
     def after_backward(self, model: nn.Module, step: int) -> None:
         """Called after backward, before the optimizer step and zero_grad (gradients present)."""
 

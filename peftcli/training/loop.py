@@ -141,7 +141,7 @@ def train_steps(run: Run, state: TrainState) -> None:
             window, next_position = next_window(run, state)
             micro = collate_window(run, window, state.step)  # this rank's slice; grpo: sampled completions
             run.dist.mask_padding(micro, run.dist.padding_flags(window))
-            n_targets = loss_normaliser(micro, run.task, run.dist)
+            n_targets = loss_normaliser(micro, run.task, run.dist, run.method)
             loss, tokens, lr, fault = optimizer_step(run, micro, n_targets, state.step)
             loss, tokens, stopping = run.dist.reduce_step(loss, tokens, bool(stop))
             measured = objective_metrics(run)  # every rank: grpo sums its KL over ranks here

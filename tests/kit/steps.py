@@ -71,7 +71,7 @@ def window_gradients(
     """The loop's forward/backward over one accumulation window (``Stepper.backward_window``), without
     the update: (window loss, scored targets, the trainable gradients). Gradients start from zero."""
     model.zero_grad(set_to_none=True)
-    n_targets = loss_normaliser(micro, task)
+    n_targets = loss_normaliser(micro, task, method=method)
     stepper = Stepper(model=model, method=method, optimizer=None, task=task, loss_path=loss_path)  # no update
     loss, _, _ = stepper.backward_window(micro, n_targets)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
