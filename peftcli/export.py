@@ -81,6 +81,7 @@ def save_adapter(
     from safetensors.torch import save_file
 
     with AtomicDir(out_dir) as tmp:
+        config.update(method.adapter_parts(model, tmp, Path(out_dir)))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -123,6 +124,7 @@ def read_adapter_info(path: str | Path) -> dict[str, Any]:
         task = TASK_FROM_PEFT.get(config.get("task_type") or "CAUSAL_LM", "causal_lm")
         model_name = config.get("base_model_name_or_path")
         quant, label_names, seed = None, None, 0
+    method_cfg = method_cls.config_at(method_cfg, path)
     return {
         "written_by_peft": not sidecar_path.is_file(),
         "config": config,
