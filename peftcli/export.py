@@ -104,7 +104,9 @@ def read_adapter_info(path: str | Path) -> dict[str, Any]:
     if sidecar_path.is_file():
         sidecar = json.loads(sidecar_path.read_text())
         method_cls = get_method_class(sidecar["method"])
-        method_cfg = from_dict(method_cls.config_cls, sidecar["method_config"], "method")
+        method_cfg = method_cls.config_at(
+            from_dict(method_cls.config_cls, sidecar["method_config"], "method"), path
+        )
         task = sidecar["task"]
         model_name = sidecar.get("model_name") or config.get("base_model_name_or_path")
         quant = sidecar.get("quantization")
@@ -124,7 +126,6 @@ def read_adapter_info(path: str | Path) -> dict[str, Any]:
         task = TASK_FROM_PEFT.get(config.get("task_type") or "CAUSAL_LM", "causal_lm")
         model_name = config.get("base_model_name_or_path")
         quant, label_names, seed = None, None, 0
-    method_cfg = method_cls.config_at(method_cfg, path)
     return {
         "written_by_peft": not sidecar_path.is_file(),
         "config": config,

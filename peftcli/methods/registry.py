@@ -214,7 +214,7 @@ class Method:
 
     @classmethod
     def config_at(cls, cfg: MethodConfig, adapter_dir: Path) -> MethodConfig:
-        """The config of an adapter loaded from ``adapter_dir``, with what it keeps there (see
+        """The config of an adapter peftcli wrote into ``adapter_dir``, with what it keeps there (see
         :meth:`adapter_parts`) in place of the paths it was trained with; as it is by default."""
         return cfg
 

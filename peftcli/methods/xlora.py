@@ -24,7 +24,8 @@ On disk, as peft: ``adapter_config.json`` (peft's ``XLoraConfig``; ``adapters`` 
 the experts' directories, which peft's loader reads, and ``hidden_size``),
 ``adapter_model.safetensors`` with the classifier as ``base_model.internal_xlora_classifier.layers.<i>.*``
 and each expert again in a subdirectory named by its position ("0", "1", ...), a LoRA adapter in peft's
-format, so the X-LoRA adapter reloads without the original directories (both loaders prefer them).
+format, so the X-LoRA adapter reloads without the original directories (our loader prefers them; peft
+reads ``adapters``, which names them).
 """
 
 from __future__ import annotations
@@ -347,7 +348,7 @@ class XLora(LayerMethod):
             (
                 recipe.eval.generate and bool(recipe.data.eval or recipe.data.eval_fraction),
                 "eval.generate",
-                "xlora reruns the whole sequence for each token's scalings; cached decoding cannot",
+                "xlora cannot decode with a KV cache: each token's scalings need a pass over the whole sequence",
                 "set eval.generate: false (eval loss and perplexity still run)",
             ),
             (
@@ -366,8 +367,10 @@ class XLora(LayerMethod):
 
     @classmethod
     def config_at(cls, cfg: XLoraConfig, adapter_dir: Path) -> XLoraConfig:
-        """The experts saved beside a loaded X-LoRA adapter (subdirectories "0", "1", ..., as peftcli
-        and peft write them) replace the paths it names, which may be gone or relative elsewhere."""
+        """The experts peftcli saved beside the X-LoRA adapter (subdirectories "0", "1", ...) replace the
+        paths it was trained with, which may be gone or relative to another directory. (peft 0.21 writes
+        such subdirectories too, but with base weights and only part of each expert: an adapter peft
+        wrote is read, as peft reads it, from the paths in its ``adapters``.)"""
         beside = {
             name: str(adapter_dir / str(i)) if (adapter_dir / str(i) / ADAPTER_CONFIG).is_file() else path
             for i, (name, path) in enumerate(cfg.adapters.items())
@@ -423,7 +426,7 @@ class XLora(LayerMethod):
             raise RecipeError(
                 "eval.generate",
                 "xlora cannot decode with a KV cache: each token's scalings need the whole sequence's pass",
-                "evaluate with loss and perplexity (eval.generate: false)",
+                "xlora models are evaluated by loss and perplexity (eval.generate: false), not generation",
             )
         tokens = (
             kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
@@ -462,6 +465,23 @@ class XLora(LayerMethod):
     def shared_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The classifier, as peft saves it (``base_model.internal_xlora_classifier.layers.<i>.*``)."""
         return {f"base_model.{CLASSIFIER}.{n}": p for n, p in self.classifier().named_parameters()}
+
+    def adapter_file_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The classifier's tensors, every one of them: peft 0.21's ``save_pretrained`` leaves out those
+        whose names hold an expert's name (``.0.``, ``.1.``: its experts are named by position), so its
+        files lack ``layers.0`` (at depth 1 everything), and a classifier cannot be rebuilt from them."""
+        stride = 3 if self.cfg.xlora_dropout_p > 0 else 2  # Linear, ReLU[, Dropout] per hidden layer
+        linears = [k * stride for k in range(self.cfg.xlora_depth)]
+        wanted = [f"base_model.{CLASSIFIER}.layers.{i}.{p}" for i in linears for p in ("weight", "bias")]
+        missing = [k for k in wanted if k not in state]
+        if missing:
+            raise RecipeError(
+                "adapter",
+                f"the X-LoRA classifier tensor {missing[0]} is missing ({len(missing)} of {len(wanted)}); "
+                "peft 0.21 leaves out those named like an expert (.0., .1.) when it saves",
+                "save the X-LoRA model with peftcli, or add the classifier's tensors from the peft model",
+            )
+        return state
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
         config = Method.adapter_config(self, model)
