@@ -29,21 +29,22 @@ EXPERTS = kit.TINY / "xlora_experts"
 
 # the options that change results (the tiny recipe: depth 2, layerwise scalings, dropout 0.1)
 ROWS = {
-    "depth1-broadcast": ["method.xlora_depth=1", "method.layerwise_scalings=false"],
-    "topk-softmax-temperature": [
+    "depth1-broadcast-top1": [
+        "method.xlora_depth=1",
+        "method.layerwise_scalings=false",
         "method.top_k_lora=1",
         "method.enable_softmax_topk=true",
-        "method.softmax_temperature=0.5",
     ],
-    "depth3-pass-value-weight": [
+    "depth3-pass-value-weight-trainable": [
         "method.xlora_depth=3",
         "method.xlora_dropout_p=0",
         "method.scaling_pass_value=0.5",
         "method.global_scaling_weight=0.7",
         "method.enable_softmax=false",
+        "method.use_trainable_adapters=true",
     ],
-    "trainable-experts": ["method.use_trainable_adapters=true"],
-    "peft-experts": [],  # experts written by peft: other ranks, alphas, rsLoRA, other targets
+    # experts written by peft: other ranks, alphas, rsLoRA, other targets
+    "peft-experts-temperature": ["method.softmax_temperature=0.5"],
 }
 
 
@@ -64,10 +65,10 @@ def peft_experts(tmp_path) -> list[str]:
 
 
 def overrides_for(row: str, tmp_path) -> list[str]:
-    if row != "peft-experts":
+    if not row.startswith("peft-experts"):
         return ROWS[row]
     first, second = peft_experts(tmp_path)
-    return [f"method.adapters={{a: {first}, b: {second}}}"]
+    return [*ROWS[row], f"method.adapters={{a: {first}, b: {second}}}"]
 
 
 def classifier_of(peft_model) -> dict[str, torch.Tensor]:
@@ -130,6 +131,7 @@ def test_the_papers_mixture_on_one_layer(tmp_path):
     assert max_diff(got, want) <= 1e-6
 
 
+@pytest.mark.slow
 def test_the_classifier_reads_the_scaling_pass_hidden_state(tmp_path):
     """scaling_pass_value 0: the first pass is the base model, so the classifier sees its last hidden
     state, and the layers get softmax(classifier(h)) per token and layer."""
@@ -158,6 +160,18 @@ REFUSALS = {
     "top-k-over-n": (["method.top_k_lora=3"], "method.top_k_lora", "keeps 3 of 2"),
     "softmax-topk-alone": (["method.enable_softmax_topk=true"], "method.enable_softmax_topk", "top_k_lora"),
     "generate": (["eval.generate=true"], "eval.generate", "KV cache"),
+    "checkpointing": (["model.gradient_checkpointing=true"], "model.gradient_checkpointing", "scalings"),
+    "grpo": (
+        [
+            "objective.name=grpo",
+            "objective.rewards=[{contains: answer}]",
+            "data.format=prompt",
+            "data.train=recipes/data/tiny_grpo_train.jsonl",
+            "data.eval=recipes/data/tiny_grpo_eval.jsonl",
+        ],
+        "objective.name",
+        "KV cache",
+    ),
     "seq_cls": (["model.task=seq_cls", "data.format=classification"], "model.task", "causal_lm"),
     "qlora": (["model.quantization={bits: 4}"], "model.quantization", "xlora"),
 }
@@ -191,6 +205,7 @@ def test_experts_with_other_targets_are_refused(tmp_path):
     assert caught.value.key == "method.adapters[1]"
 
 
+@pytest.mark.slow
 def test_decoding_with_a_kv_cache_is_refused(tmp_path):
     """Each token's scalings come from a pass over the whole sequence: a cached step cannot have it."""
     built = kit.build("xlora", tmp_path)

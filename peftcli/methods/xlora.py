@@ -352,6 +352,12 @@ class XLora(LayerMethod):
                 "set eval.generate: false (eval loss and perplexity still run)",
             ),
             (
+                recipe.model.gradient_checkpointing,
+                "model.gradient_checkpointing",
+                "would recompute xlora's layers in the backward pass, after the forward's scalings are gone",
+                "set model.gradient_checkpointing: false",
+            ),
+            (
                 recipe.objective.name == "grpo",
                 "objective.name",
                 "grpo samples completions, and xlora cannot decode with a KV cache",
