@@ -205,6 +205,19 @@ def test_experts_with_other_targets_are_refused(tmp_path):
     assert caught.value.key == "method.adapters[1]"
 
 
+def test_experts_on_the_output_head_are_refused(tmp_path):
+    """The scalings live while the transformer body runs; the loss's chunked path runs the head after."""
+    weights = load_file(str(EXPERTS / "reverse" / "adapter_model.safetensors"))
+    weights["base_model.model.lm_head.lora_A.weight"] = torch.zeros(4, 64)
+    weights["base_model.model.lm_head.lora_B.weight"] = torch.zeros(260, 4)
+    head = tmp_path / "head"
+    head.mkdir()
+    (head / "adapter_config.json").write_text((EXPERTS / "reverse" / "adapter_config.json").read_text())
+    save_file(weights, str(head / "adapter_model.safetensors"))
+    with pytest.raises(RecipeError, match="lm_head, outside the transformer body"):
+        kit.build("xlora", tmp_path, [f"method.adapters={{a: {head}, b: {head}}}"])
+
+
 @pytest.mark.slow
 def test_decoding_with_a_kv_cache_is_refused(tmp_path):
     """Each token's scalings come from a pass over the whole sequence: a cached step cannot have it."""

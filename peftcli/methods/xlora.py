@@ -412,12 +412,19 @@ class XLora(LayerMethod):
         """The modules the experts adapt, in model order; each must be a linear layer here."""
         wanted = self.experts[0].factors
         names = dict(model.named_modules())
+        body = f"{getattr(model, 'base_model_prefix', '')}."
         for module in wanted:
             if module not in names or not is_linear(names[module]):
                 raise RecipeError(
                     expert_key(0),
                     f"{self.experts[0].path} adapts {module}, which is no linear layer of this model",
                     "mix LoRA experts on linear layers, trained on this base model",
+                )
+            if not module.startswith(body):  # the scalings live while the body runs (the loss's
+                raise RecipeError(  # chunked path runs the head after it)
+                    expert_key(0),
+                    f"{self.experts[0].path} adapts {module}, outside the transformer body ({body[:-1]})",
+                    "mix experts on the body's layers (attention and MLP projections), not the output head",
                 )
         return [n for n in names if n in wanted]
 
