@@ -94,6 +94,11 @@ def test_peft_loads_ours_and_we_load_peft(row, tmp_path):
     assert config["peft_type"] == "XLORA" and list(config["adapters"]) == ["0", "1"]
     theirs = kit.load_in_peft(adapter, built.base_path)
     assert max_diff(ours, kit.peft_logits(theirs, batch)) <= 1e-5  # peft loads ours
+    reloaded = load_adapter(adapter)  # the experts from the adapter's own subdirectories
+    assert reloaded.method.cfg.adapters == {
+        name: str(adapter / str(i)) for i, name in enumerate(built.recipe.method.adapters)
+    }
+    assert max_diff(ours, kit.logits(reloaded.model, batch)) <= 1e-6
 
     gen = torch.Generator().manual_seed(3)  # peft's classifier, moved: saved by peft, loaded by us
     with torch.no_grad():
@@ -154,8 +159,8 @@ def houlsby_dir() -> str:
 
 
 REFUSALS = {
-    "missing-dir": (["method.adapters={a: /nonexistent/expert}"], "method.adapters[0]", "no adapter_config"),
-    "not-lora": ([f"method.adapters={{a: {houlsby_dir()}}}"], "method.adapters[0]", "X-LoRA mixes LoRA"),
+    "missing-dir": (["method.adapters={a: /nonexistent/expert}"], "method.adapters.a", "no adapter_config"),
+    "not-lora": ([f"method.adapters={{a: {houlsby_dir()}}}"], "method.adapters.a", "X-LoRA mixes LoRA"),
     "no-experts": (["method.adapters={}"], "method.adapters", "names no LoRA experts"),
     "top-k-over-n": (["method.top_k_lora=3"], "method.top_k_lora", "keeps 3 of 2"),
     "softmax-topk-alone": (["method.enable_softmax_topk=true"], "method.enable_softmax_topk", "top_k_lora"),
@@ -202,7 +207,7 @@ def test_experts_with_other_targets_are_refused(tmp_path):
     reverse = EXPERTS / "reverse"
     with pytest.raises(RecipeError, match="adapt different modules") as caught:
         kit.tiny_recipe("xlora", tmp_path, [f"method.adapters={{a: {reverse}, b: {other}}}"])
-    assert caught.value.key == "method.adapters[1]"
+    assert caught.value.key == "method.adapters.b"
 
 
 def test_experts_on_the_output_head_are_refused(tmp_path):

@@ -108,6 +108,7 @@ class XLoraConfig(MethodConfig):
 class Expert:
     """One LoRA expert read from disk: per adapted module its factors and scale s = α/r (α/√r)."""
 
+    key: str  # method.adapters.<name>: where a refusal points
     path: Path
     config: dict[str, Any]  # its adapter_config.json, written again beside the X-LoRA adapter
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A (r, in), B (out, r))
@@ -115,13 +116,13 @@ class Expert:
     dropout: float
 
 
-def expert_key(index: int) -> str:
-    return f"method.adapters[{index}]"
+def read_experts(cfg: XLoraConfig) -> list[Expert]:
+    return [read_expert(path, f"method.adapters.{name}") for name, path in cfg.adapters.items()]
 
 
-def read_expert(path: str | Path, index: int) -> Expert:
+def read_expert(path: str | Path, key: str) -> Expert:
     """A plain LoRA adapter directory (peftcli's or peft's): A and B on linear layers, nothing else."""
-    path, key = Path(path), expert_key(index)
+    path = Path(path)
     if not (path / ADAPTER_CONFIG).is_file():
         raise RecipeError(
             key,
@@ -162,17 +163,17 @@ def read_expert(path: str | Path, index: int) -> Expert:
             scaling[module] = alpha / math.sqrt(r) if lora.cfg.use_rslora else alpha / r
     if not factors:
         raise RecipeError(key, f"{path} holds no LoRA tensors", "point at a trained LoRA adapter")
-    return Expert(path, config, factors, scaling, float(config.get("lora_dropout") or 0.0))
+    return Expert(key, path, config, factors, scaling, float(config.get("lora_dropout") or 0.0))
 
 
 def check_same_targets(experts: list[Expert]) -> None:
     """Every expert must adapt the same modules: the classifier gives each layer one scaling per expert."""
     first = experts[0]
-    for index, other in enumerate(experts[1:], start=1):
+    for other in experts[1:]:
         differ = sorted(set(first.factors) ^ set(other.factors))
         if differ:
             raise RecipeError(
-                expert_key(index),
+                other.key,
                 f"{other.path} and {first.path} adapt different modules ({differ[0]} is in one only)",
                 "mix experts trained with the same target_modules",
             )
@@ -261,7 +262,7 @@ class XLoraLinear(AdapterLayer):
             a, b = expert.factors[module]
             if a.shape[1] != self.in_features or b.shape[0] != self.out_features:
                 raise RecipeError(
-                    expert_key(n),
+                    expert.key,
                     f"{expert.path}: {module} is {b.shape[0]}×{a.shape[1]} there, {self.out_features}×"
                     f"{self.in_features} in this model",
                     "mix experts trained on this base model",
@@ -367,7 +368,7 @@ class XLora(LayerMethod):
         for bad, key, what, hint in checks:
             if bad:
                 raise RecipeError(key, what, hint)
-        experts = [read_expert(path, i) for i, path in enumerate(cfg.adapters.values())]
+        experts = read_experts(cfg)
         check_same_targets(experts)
         check_same_base(experts, recipe.model.name)
 
@@ -387,7 +388,7 @@ class XLora(LayerMethod):
     def apply(self, model: nn.Module) -> nn.Module:
         """Wrap the experts' layers (numbered in model order, as peft numbers them), put the classifier
         in the model's shared state, and run the scaling pass before every forward of the body."""
-        self.experts = [read_expert(path, i) for i, path in enumerate(self.cfg.adapters.values())]
+        self.experts = read_experts(self.cfg)
         check_same_targets(self.experts)
         self.state = Scalings(self.cfg)
         self.targets = self.resolve_targets(model)
@@ -416,13 +417,13 @@ class XLora(LayerMethod):
         for module in wanted:
             if module not in names or not is_linear(names[module]):
                 raise RecipeError(
-                    expert_key(0),
+                    self.experts[0].key,
                     f"{self.experts[0].path} adapts {module}, which is no linear layer of this model",
                     "mix LoRA experts on linear layers, trained on this base model",
                 )
             if not module.startswith(body):  # the scalings live while the body runs (the loss's
                 raise RecipeError(  # chunked path runs the head after it)
-                    expert_key(0),
+                    self.experts[0].key,
                     f"{self.experts[0].path} adapts {module}, outside the transformer body ({body[:-1]})",
                     "mix experts on the body's layers (attention and MLP projections), not the output head",
                 )
@@ -524,14 +525,14 @@ class XLora(LayerMethod):
 
 def check_same_base(experts: list[Expert], model_name: str) -> None:
     """Experts peftcli wrote record the base they were trained on; it must be this recipe's."""
-    for index, expert in enumerate(experts):
+    for expert in experts:
         sidecar = expert.path / SIDECAR
         if not sidecar.is_file():
             continue  # peft's: its shapes are checked when the model is built
         trained_on = json.loads(sidecar.read_text()).get("model_name")
         if trained_on and trained_on != model_name:
             raise RecipeError(
-                expert_key(index),
+                expert.key,
                 f"{expert.path} was trained on {trained_on!r}, this recipe uses {model_name!r}",
                 "mix experts trained on the same base model",
             )
