@@ -59,6 +59,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     vblora,
     vera,
     waveft,
+    xlora,
 )
 from peftcli.methods.registry import Method, registered
 from peftcli.recipe import Recipe, RecipeError, did_you_mean

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import inspect
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -215,6 +216,18 @@ class Method:
         """Extra safetensors files written into the adapter directory beside the adapter, {file name:
         tensors} (LoRA's ``init: loftq``: the quantized base it pairs with); none by default."""
         return {}
+
+    def adapter_parts(self, model: nn.Module, directory: Path, final: Path) -> dict[str, Any]:
+        """Write what the adapter directory holds beyond files of tensors (X-LoRA: its experts, each a
+        LoRA adapter in a subdirectory) into ``directory``, the temporary directory that becomes
+        ``final``; return the ``adapter_config.json`` entries that name them. Nothing by default."""
+        return {}
+
+    @classmethod
+    def config_at(cls, cfg: MethodConfig, adapter_dir: Path) -> MethodConfig:
+        """The config of an adapter peftcli wrote into ``adapter_dir``, with what it keeps there (see
+        :meth:`adapter_parts`) in place of the paths it was trained with; as it is by default."""
+        return cfg
 
     def method_state(self) -> dict[str, Any]:
         """Non-parameter state that exact resume needs (tensors, numbers, strings; no objects)."""
