@@ -142,9 +142,10 @@ def test_adapter_config_round_trips_through_the_config(name, tmp_path):
     original, rebuilt = to_dict(method.cfg), to_dict(back)
     differing = {k for k in written_fields if k not in RESOLVED and original[k] != rebuilt[k]}
     # AdaLoRA writes the schedule it ran (total_step), Houlsby the preset's values it resolved, prefix
-    # tuning the encoder width it used
+    # tuning the encoder width it used, CPT the context it laid out from its context file
     allowed = {
         "adalora": {"total_step"},
+        "cpt": {"cpt_token_ids", "cpt_mask", "cpt_tokens_type_mask"},
         "houlsby_adapter": set(original) - {"name"},
         "prefix_tuning": {"encoder_hidden_size"},
     }.get(name, set())
