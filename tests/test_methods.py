@@ -14,6 +14,8 @@ Every check runs in fp32 on the CPU with a fixed seed, and compares numbers:
   loading it on the original base gives our logits, ≤ 1e-5 (and, where peft stores exactly the
   trainable tensors, as many adapter numbers as we train).
 
+The full suite runs every run of every row; the fast tier each row's first run (``EVERY_RUN_FAST``).
+
 Adding a method adds a row to ``METHODS`` (tests/test_adding_a_method.py checks that it exists).
 Method-specific references (DoRA's and PiSSA's equations, AdaLoRA's allocation, AdapterHub parity)
 stay in the method's own test file.
@@ -535,13 +537,20 @@ METHODS: dict[str, Case] = {
 }
 
 
+# The fast tier runs each row's first run, and every run of these rows: together they take each task
+# (causal_lm, seq_cls, seq2seq) and family the table uses through the kit, export and merge. The full
+# suite runs every run of every row.
+EVERY_RUN_FAST = {"lora", "ia3", "prefix_tuning"}
+
+
 def runs(where=lambda case: True) -> list:
     """pytest params (method, run) over every row whose case passes ``where``."""
     return [
-        pytest.param(name, run, id=f"{name}-{run}", marks=pytest.mark.slow if case.slow else ())
+        pytest.param(name, run, id=f"{name}-{run}", marks=pytest.mark.slow if slow else ())
         for name, case in METHODS.items()
         if where(case)
-        for run in case.runs
+        for i, run in enumerate(case.runs)
+        for slow in [case.slow or (i > 0 and name not in EVERY_RUN_FAST)]
     ]
 
 
