@@ -172,6 +172,12 @@ class Method:
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         return None
 
+    def auxiliary_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """A loss term of the method's own that reads the micro-batch the loop just ran forward (sft
+        only): Shadow's loss of its shadow path on the batch's labels. Added as ``extra_loss`` is (one
+        share per micro-batch of the window); None (the default): nothing."""
+        return None
+
     def after_backward(self, model: nn.Module, step: int) -> None:
         """Called after backward, before the optimizer step and zero_grad (gradients present)."""
 

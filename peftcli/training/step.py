@@ -116,6 +116,11 @@ class Stepper:
                 extra = self.method.extra_loss(self.model)
                 if extra is not None:
                     loss = loss + extra / (len(micro) * world)
+                auxiliary = (
+                    None if self.objective is not None else self.method.auxiliary_loss(self.model, batch)
+                )
+                if auxiliary is not None:
+                    loss = loss + auxiliary / (len(micro) * world)
                 loss = loss * world
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             micro_losses.append(loss_sum.item() / n_targets if share is None else share)
