@@ -368,18 +368,11 @@ METHODS: dict[str, Case] = {
     "shadow": Case(
         {
             "llama": ("shadow",),
-            "wide-mirror-no-sharing": (
-                "shadow",
-                "method.shadow_hidden_size=48",
-                "method.shadow_num_attention_heads=4",
-                "method.shadow_num_hidden_layers=2",
-                "method.update_hidden_size=6",
-            ),
             "llama-seq_cls": ("shadow", "model.task=seq_cls", "data.format=classification"),
         },
         identity=True,
         mergeable=False,
-        peft_type="SHADOW",  # peft also stores the exit block's update, which never trains: no peft_counts
+        peft_type="SHADOW",  # peft stores the exit block's update, which never trains: no peft_counts
     ),
     "shira": Case(
         {

@@ -71,6 +71,7 @@ def peft_shadow(model_name: str, task: str, seed: int, **options):
     return peft.get_peft_model(base, peft.ShadowConfig(task_type=kit.parity.PEFT_TASK_TYPES[task], **options))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init_weights", [True, False], ids=["zero-up", "random-up"])
 def test_init_is_peft_draw(init_weights):
     options = {"r": 4, "shadow_num_hidden_layers": 2, "init_weights": init_weights}
@@ -85,6 +86,7 @@ def test_init_is_peft_draw(init_weights):
     assert (torch.count_nonzero(up).item() == 0) == init_weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["causal_lm", "seq_cls"])
 def test_gradients_with_the_auxiliary_loss_equal_peft(task, tmp_path):
     from peft import PeftModel
@@ -126,6 +128,7 @@ def test_we_load_peft_adapters_with_each_option(run, tmp_path):
     assert result.method == "shadow" and result.loaded <= 1e-5
 
 
+@pytest.mark.slow
 def test_cached_decoding_equals_recompute(tmp_path):
     built = kit.build("shadow", tmp_path, ["method.init_weights=false"])
     kit.perturb(built.model, scale=0.3)
@@ -143,6 +146,7 @@ def test_cached_decoding_equals_recompute(tmp_path):
     assert generated[0, len(prompts[0]) :].tolist() == cached[0]  # transformers' loop keeps the pairing too
 
 
+@pytest.mark.slow
 def test_adapter_disabled_runs_the_base(tmp_path):
     built = kit.build("shadow", tmp_path, ["method.init_weights=false"])
     kit.perturb(built.model)
@@ -154,6 +158,7 @@ def test_adapter_disabled_runs_the_base(tmp_path):
     assert kit.max_diff(kit.logits(built.model, batch), off) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "key", "words"),
     [
@@ -181,6 +186,7 @@ def test_what_cannot_work_is_refused_in_one_line(overrides, key, words, tmp_path
     assert err.value.key == key and words in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_blocks_must_be_contiguous():
     model = kit.tiny("llama")
     model.config.num_hidden_layers = 3  # a third block: 0 and 2 leave a gap
