@@ -11,6 +11,8 @@
   ``layers_to_transform``, gpt2's tuple-returning blocks, qwen3's ``layer_types``, seq_cls), our adapter
   moved off init loads in ``PeftModel.from_pretrained`` with our logits (≤ 1e-5), and an adapter peft
   wrote loads in ``peftcli.export.load_adapter`` with peft's logits (≤ 1e-5); Shadow does not merge;
+- ``shadow_model`` as a pretrained backbone (a model directory, loaded by ``AutoModel``; a "projected"
+  shadow checkpoint with its trained projection) loads both ways with peft's logits (≤ 1e-5);
 - decoding with the KV cache (the shadow backbone's cache kept beside the base's) gives the tokens of
   greedy decoding that recomputes the whole sequence each step;
 - ``adapter_disabled`` runs the base exactly;
@@ -128,6 +130,51 @@ def test_we_load_peft_adapters_with_each_option(run, tmp_path):
     assert result.method == "shadow" and result.loaded <= 1e-5
 
 
+def projected_checkpoint(path) -> str:
+    """A "projected" shadow checkpoint as peft reads it: a 32-wide qwen2 backbone's config inside a
+    ``causal_lm_with_hidden_projection`` config, its weights under ``shadow_model.`` and a trained
+    32 → 64 ``shadow_hidden_projection``."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2Model
+
+    torch.manual_seed(4)
+    inner = Qwen2Config(
+        vocab_size=kit.tiny("llama").config.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    weights = {f"shadow_model.{k}": v.contiguous() for k, v in Qwen2Model(inner).state_dict().items()}
+    weights["shadow_hidden_projection.weight"] = torch.randn(64, 32) * 0.1
+    path.mkdir()
+    save_file(weights, path / "model.safetensors")
+    config = {"model_type": "causal_lm_with_hidden_projection", "shadow_model_config": inner.to_dict()}
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["auto-model", "projected"])
+def test_pretrained_shadow_backbones_both_ways(kind, tmp_path):
+    """``shadow_model`` as a model directory (tiny:qwen2's, loaded by ``AutoModel``, beside a llama)
+    or a projected shadow checkpoint: embeddings frozen, everything saved, peft's logits both ways."""
+    from peftcli.tiny import ensure_tiny
+
+    name = str(ensure_tiny("qwen2")) if kind == "auto-model" else projected_checkpoint(tmp_path / "shadow")
+    ours = kit.peft_loads_ours("shadow", tmp_path / "ours", [f"method.shadow_model={name}"])
+    assert ours.diff <= 1e-5
+    backbone = ours.built.model.shadow_backbone
+    assert not backbone.get_input_embeddings().weight.requires_grad
+    theirs = kit.we_load_peft(
+        peft.ShadowConfig, "causal_lm", tmp_path / "theirs", "tiny:llama", merges=False, shadow_model=name
+    )
+    assert theirs.method == "shadow" and theirs.loaded <= 1e-5
+
+
 @pytest.mark.slow
 def test_cached_decoding_equals_recompute(tmp_path):
     built = kit.build("shadow", tmp_path, ["method.init_weights=false"])
@@ -164,7 +211,12 @@ def test_adapter_disabled_runs_the_base(tmp_path):
     [
         (["model.name=tiny:t5", "model.task=seq2seq"], "model.task", "decoder-only"),
         (["model.name=tiny:bert", *SEQ_CLS], "model.name", "BertForSequenceClassification has none"),
-        (["method.shadow_model=/some/model"], "method.shadow_model", "not supported yet"),
+        (["method.shadow_model=/no/such/model"], "method.shadow_model", "cannot load '/no/such/model'"),
+        (
+            ["method.shadow_model=/some/model", "method.shadow_hidden_size=32"],
+            "method.shadow_hidden_size",
+            "sizes a mirror backbone",
+        ),
         (
             ["method.target_modules=[model.layers.0]", "method.exclude_modules=[model.layers.0]"],
             "method.target_modules",
@@ -178,7 +230,16 @@ def test_adapter_disabled_runs_the_base(tmp_path):
         ),
         (["model.quantization.bits=4"], "model.quantization", ""),
     ],
-    ids=["seq2seq", "encoder", "pretrained-backbone", "nothing-left", "not-a-block", "dpo", "4bit"],
+    ids=[
+        "seq2seq",
+        "encoder",
+        "missing-backbone",
+        "mirror-size-on-pretrained",
+        "nothing-left",
+        "not-a-block",
+        "dpo",
+        "4bit",
+    ],
 )
 def test_what_cannot_work_is_refused_in_one_line(overrides, key, words, tmp_path):
     with pytest.raises(RecipeError) as err:

@@ -1,10 +1,12 @@
-"""ShadowPEFT (peft's SHADOW): a small trainable shadow network run beside the frozen decoder, its state
-injected into every adapted block (peft 0.21's ``ShadowConfig``; paper: "ShadowPEFT").
+"""ShadowPEFT (Li et al., "ShadowPEFT: Shadow Network for Parameter-Efficient Fine-Tuning", arXiv
+2604.19254; peft's SHADOW): a small trainable shadow network run beside the frozen decoder, its state
+injected into every adapted block.
 
-A **shadow backbone** — the base's own decoder class rebuilt with ``shadow_num_hidden_layers`` fresh
-blocks (``shadow_model: mirror``), fed the frozen base embeddings — gives the initial shadow state
-``s⁰ = P(backbone(x))`` (P: a projection to the base width when ``shadow_hidden_size`` differs). The
-state then rides the base's decoder loop. At each adapted block l, with base hidden states h::
+A **shadow backbone** gives the initial shadow state ``s⁰ = P(backbone(x))``: with ``shadow_model:
+mirror`` the base's own decoder class rebuilt with ``shadow_num_hidden_layers`` fresh blocks, fed the
+frozen base embeddings; or a pretrained model (``shadow_model: <id or directory>``), its embeddings
+frozen. P projects to the base width where the backbone's differs (trained; loaded with a "projected"
+checkpoint). The state then rides the base's decoder loop. At each adapted block l, with base hidden states h::
 
     δ = h − s^(l−1)                                   (Eq. 2)
     δ̃ = Dropout(δ) W_downᵀ W_upᵀ                      (Eq. 3, rank r, W_up = 0 at init)
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,12 +50,19 @@ from peftcli.recipe import MethodConfig, RecipeError, doc
 ADAPTER = "default"  # the adapter name peft keeps inside Shadow's keys
 MODEL_PREFIX = "base_model."  # peft's prefix for modules its tuner holds (the shadow backbone)
 STACK_ATTRS = ("layers", "h")  # the decoder block list's name inside the stack
+MIRROR_ONLY = (
+    "shadow_num_hidden_layers",
+    "shadow_hidden_size",
+    "shadow_num_attention_heads",
+    "shadow_intermediate_size",
+)
+PROJECTED = "causal_lm_with_hidden_projection"  # a shadow checkpoint with its projection to a base
 OWNER_ATTRS = ("model", "transformer", "base_model", "decoder")  # where peft looks for the stack
 
 
 @dataclass
 class ShadowConfig(MethodConfig):
-    """peft's ``ShadowConfig`` fields (``shadow_model: mirror``, the default, only)."""
+    """peft's ``ShadowConfig`` fields."""
 
     r: int = field(default=8, metadata=doc("rank of the injection bottleneck W_down / W_up", min=1))
     shadow_alpha: float = field(
@@ -66,7 +76,10 @@ class ShadowConfig(MethodConfig):
     )
     shadow_model: str = field(
         default="mirror",
-        metadata=doc("the shadow backbone: mirror (the base's decoder class, fewer/smaller blocks, new)"),
+        metadata=doc(
+            "the shadow backbone: mirror (the base's decoder class, fewer/smaller blocks, new), or a "
+            "pretrained model id / directory (its embeddings frozen)"
+        ),
     )
     shadow_num_hidden_layers: int | None = field(
         default=None, metadata=doc("blocks of the mirror backbone (default 1)", min=1)
@@ -248,6 +261,43 @@ def mirror_config(stack: nn.Module, cfg: ShadowConfig) -> Any:
     return config
 
 
+def pretrained_backbone(name: str) -> tuple[nn.Module, nn.Linear | None]:
+    """A pretrained shadow backbone (a model id or directory), as peft loads it: ``AutoModel``, or a
+    "projected" shadow checkpoint (``model_type: causal_lm_with_hidden_projection``: the backbone's
+    config inside, its weights under ``shadow_model.`` and a trained ``shadow_hidden_projection``)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+    from transformers.utils import cached_file
+
+    try:
+        with open(cached_file(name, "config.json"), encoding="utf-8") as f:
+            raw = json.load(f)
+        if raw.get("model_type") != PROJECTED:
+            return AutoModel.from_pretrained(name), None
+        inner = dict(raw["shadow_model_config"])
+        backbone = AutoModel.from_config(AutoConfig.for_model(inner.pop("model_type"), **inner))
+        weights = load_file(cached_file(name, "model.safetensors"))
+    except (OSError, ValueError, KeyError) as err:
+        raise RecipeError(
+            "method.shadow_model",
+            f"cannot load {name!r} as a shadow backbone ({type(err).__name__}: {str(err).splitlines()[0]})",
+            "name a local model directory or a cached hub id, or use shadow_model: mirror",
+        ) from None
+    prefix = "shadow_model."
+    backbone.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+    if "shadow_hidden_projection.weight" not in weights:
+        raise RecipeError(
+            "method.shadow_model",
+            f"{name!r} is a projected checkpoint without its projection",
+            "re-export it",
+        )
+    out_features, in_features = weights["shadow_hidden_projection.weight"].shape
+    projection = nn.Linear(in_features, out_features, bias=False)
+    with torch.no_grad():
+        projection.weight.copy_(weights["shadow_hidden_projection.weight"])
+    return backbone, projection
+
+
 def shifted_mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the scored positions (peft's shifted CE)."""
     return F.cross_entropy(logits.float(), labels, ignore_index=-100)
@@ -285,12 +335,13 @@ class Shadow(Method):
     # -- recipe --------------------------------------------------------------------------
     @classmethod
     def validate_config(cls, cfg: ShadowConfig, recipe) -> None:
+        mirror_only = [key for key in MIRROR_ONLY if getattr(cfg, key) is not None]
         checks = (
             (
-                cfg.shadow_model != "mirror",
-                "method.shadow_model",
-                f"a pretrained shadow backbone ({cfg.shadow_model!r}) is not supported yet",
-                "use shadow_model: mirror (a new backbone of the base's class, sized by the shadow_* keys)",
+                cfg.shadow_model != "mirror" and bool(mirror_only),
+                f"method.{mirror_only[0] if mirror_only else ''}",
+                f"sizes a mirror backbone; shadow_model {cfg.shadow_model!r} brings its own architecture",
+                "leave the shadow_num_* / shadow_*_size keys unset with a pretrained shadow_model",
             ),
             (
                 recipe.model.task == "seq2seq",
@@ -383,15 +434,27 @@ class Shadow(Method):
     def build_shadow(
         self, model: nn.Module, stack: nn.Module
     ) -> tuple[nn.Module, nn.Module, nn.Module | None]:
-        """The mirror backbone (its embedding dropped when it reads the base's), the projection to the
-        base width, and (seq_cls) a copy of the new classifier: drawn in peft's order."""
+        """The shadow backbone (a mirror, its embedding dropped when it reads the base's; or a
+        pretrained one, its embeddings frozen), the projection to the base width, and (seq_cls) a copy
+        of the new classifier: drawn in peft's order."""
         cfg = self.cfg
-        backbone = type(stack)(mirror_config(stack, cfg))
+        mirror = cfg.shadow_model == "mirror"
+        if mirror:
+            backbone, projection = type(stack)(mirror_config(stack, cfg)), None
+        else:
+            backbone, projection = pretrained_backbone(cfg.shadow_model)
         d, d_s = width(model.config), width(backbone.config)
-        projection = nn.Linear(d_s, d, bias=False) if d_s != d else nn.Identity()
-        # peft's rule: the base embeddings feed the mirror when the widths agree; its own table goes
+        if projection is not None and (projection.in_features, projection.out_features) != (d_s, d):
+            raise RecipeError(
+                "method.shadow_model",
+                f"its projection maps {projection.in_features} → {projection.out_features}, not {d_s} → {d}",
+                "use a shadow checkpoint projected to this base's hidden size",
+            )
+        if projection is None:
+            projection = nn.Linear(d_s, d, bias=False) if d_s != d else nn.Identity()
+        # peft's rule: the base embeddings feed a mirror when the widths agree; its own table goes
         # where it is called embed_tokens (gpt2's wte stays, unused: saved as peft saves it, frozen)
-        self.shared_embeddings = cfg.share_embeddings and d_s == d
+        self.shared_embeddings = mirror and cfg.share_embeddings and d_s == d
         if self.shared_embeddings and isinstance(getattr(backbone, "embed_tokens", None), nn.Module):
             del backbone.embed_tokens
         head = None
@@ -402,9 +465,12 @@ class Shadow(Method):
         for module in (backbone, projection, head):
             if module is not None:
                 module.to(device=weight.device, dtype=weight.dtype).requires_grad_(True)
-        if self.shared_embeddings:
-            with contextlib.suppress(AttributeError, NotImplementedError):
-                backbone.get_input_embeddings().requires_grad_(False)
+        if self.shared_embeddings or not mirror:  # unused, or pretrained: not parameter-efficient
+            for getter in ("get_input_embeddings", "get_output_embeddings"):
+                with contextlib.suppress(AttributeError, NotImplementedError):
+                    table = getattr(backbone, getter)()
+                    if isinstance(table, nn.Module):
+                        table.requires_grad_(False)
         return backbone, projection, head
 
     # -- the forward ---------------------------------------------------------------------
@@ -514,7 +580,7 @@ class Shadow(Method):
             v is None
             for v in (cfg.shadow_hidden_size, cfg.shadow_intermediate_size, cfg.shadow_num_attention_heads)
         )
-        if not same_shape:
+        if not same_shape or cfg.shadow_model != "mirror":
             return sum(p.numel() for p in backbone.parameters() if p.requires_grad)
         block = next(m for m in model.modules() if isinstance(m, ShadowBlock)).base_layer
         stack_parameters = (cfg.shadow_num_hidden_layers or 1) * sum(p.numel() for p in block.parameters())
