@@ -8,14 +8,15 @@
   peft never trains (no gradient reaches it), is frozen here;
 - with each option that changes the numbers (``r``, ``shadow_alpha``, ``update_hidden_size``,
   ``init_weights``, the mirror's depth / width / heads / feed-forward width, ``share_embeddings``,
-  ``layers_to_transform``, gpt2's tuple-returning blocks, qwen3's ``layer_types``, seq_cls), our adapter
+  ``layers_to_transform``, gpt2's tuple-returning blocks, qwen3's and gemma2's ``layer_types``, opt's
+  nested block list, seq_cls), our adapter
   moved off init loads in ``PeftModel.from_pretrained`` with our logits (≤ 1e-5), and an adapter peft
   wrote loads in ``peftcli.export.load_adapter`` with peft's logits (≤ 1e-5); Shadow does not merge;
 - ``shadow_model`` as a pretrained backbone (a model directory, loaded by ``AutoModel``; a "projected"
   shadow checkpoint with its trained projection) loads both ways with peft's logits (≤ 1e-5);
 - decoding with the KV cache (the shadow backbone's cache kept beside the base's) gives the tokens of
   greedy decoding that recomputes the whole sequence each step;
-- ``adapter_disabled`` runs the base exactly;
+- ``adapter_disabled`` runs the base exactly; gradient checkpointing gives the same gradients;
 - what cannot work is refused at start in one line.
 """
 
@@ -46,6 +47,8 @@ OPTION_RUNS = {
     "last-block": ["method.layers_to_transform=[1]"],
     "gpt2": ["model.name=tiny:gpt2"],
     "qwen3": ["model.name=tiny:qwen3"],
+    "gemma2": ["model.name=tiny:gemma2"],  # sliding / global layer_types, embeddings scaled by √d
+    "opt": ["model.name=tiny:opt"],  # the block list one level deeper (model.decoder.layers)
     "seq_cls": SEQ_CLS,
 }
 
@@ -128,6 +131,22 @@ def test_we_load_peft_adapters_with_each_option(run, tmp_path):
     task, model_name, options = PEFT_RUNS[run]
     result = kit.we_load_peft(peft.ShadowConfig, task, tmp_path, model_name, merges=False, **options)
     assert result.method == "shadow" and result.loaded <= 1e-5
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    """The frozen blocks recompute inside the wrappers; the injection, the update and the shadow
+    backbone's graph are kept: the same window gradients with and without checkpointing."""
+    grads = []
+    for checkpointing in ("false", "true"):
+        overrides = [f"model.gradient_checkpointing={checkpointing}", "method.shadow_dropout=0.0"]
+        built = kit.build("shadow", tmp_path / checkpointing, overrides)
+        kit.perturb(built.model)
+        built.model.train()
+        batch = kit.batch("causal_lm", built.model.config.vocab_size, lengths=(10, 7))
+        grads.append(kit.window_gradients(built.model, built.method, [batch])[2])
+    assert built.model.is_gradient_checkpointing and grads[0].keys() == grads[1].keys()
+    assert max(kit.max_diff(grads[0][k], grads[1][k]) for k in grads[0]) <= 1e-6
 
 
 def projected_checkpoint(path) -> str:

@@ -527,6 +527,7 @@ class Shadow(Method):
         """λ × the shadow path's own loss on s⁰ of the forward just run (Eq. 8–9): the base's LM head
         (next-token CE over the scored tokens), or for seq_cls the shadow head on the last real token."""
         seed, weight = self.run.seed, self.cfg.auxiliary_loss_weight
+        self.run.seed = None  # read once: the next forward sets it again
         if seed is None or weight == 0:
             return None
         labels = batch["labels"].to(seed.device)
