@@ -194,7 +194,7 @@ class ShadowBlock(nn.Module):
 
 
 def decoder_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    """(the module running the decoder loop, its full name, its block list), found as peft finds them:
+    """(the module running the decoder loop, its block list's full name, the list), found as peft does:
     under ``model`` / ``transformer`` / ``base_model`` / ``decoder``, a ``layers`` or ``h`` list."""
     names = {id(m): n for n, m in model.named_modules()}
     for attr in OWNER_ATTRS:
@@ -205,7 +205,7 @@ def decoder_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
             for list_attr in STACK_ATTRS:
                 blocks = getattr(stack, list_attr, None) if isinstance(stack, nn.Module) else None
                 if isinstance(blocks, nn.ModuleList):
-                    return stack, names[id(stack)], blocks
+                    return stack, f"{names[id(stack)]}.{list_attr}", blocks
     raise RecipeError(
         "model.name",
         f"shadow rides a decoder stack (a layers or h block list) and {type(model).__name__} has none",
@@ -298,22 +298,18 @@ def pretrained_backbone(name: str) -> tuple[nn.Module, nn.Linear | None]:
     return backbone, projection
 
 
-def shifted_mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the scored positions (peft's shifted CE)."""
-    return F.cross_entropy(logits.float(), labels, ignore_index=-100)
-
-
 @register
 class Shadow(Method):
     name = "shadow"
-    description = "ShadowPEFT: a small shadow network beside the frozen decoder, injected into every block (peft SHADOW)"
+    description = (
+        "ShadowPEFT: a small shadow network beside the frozen decoder, injected into every block "
+        "(arXiv 2604.19254)"
+    )
     config_cls = ShadowConfig
     peft_type = "SHADOW"
     identity_at_init = True  # W_up = 0: no block input changes at step 0
     supports_quantized_base = False  # the mirror copies the base's decoder class, not 4-bit layers
-    supports_packing = (
-        True  # the mirror reads the packed position ids as the base does; updates are per token
-    )
+    supports_packing = True  # the backbone reads packed position ids as the base does; per-token updates
     supports_fsdp = False  # the shadow backbone sits outside the sharded decoder blocks
     trainable_formula = (
         "blocks·(2·d·r + 2·(2·d·u + u + d)) less the exit block's T and G (u = update_hidden_size or r), "
@@ -322,7 +318,6 @@ class Shadow(Method):
         "+ a seq_cls head copy, + modules_to_save"
     )
     parameter_prefix = "shadow_"
-    adapter_omits = ()
 
     cfg: ShadowConfig
 
@@ -374,8 +369,8 @@ class Shadow(Method):
 
     # -- building ------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:
-        stack, stack_name, blocks = decoder_stack(model)
-        self.targets = self.resolve_targets(model, stack_name, blocks)
+        stack, list_name, blocks = decoder_stack(model)
+        self.targets = self.resolve_targets(model, list_name, blocks)
         backbone, projection, head = self.build_shadow(model, stack)
         d = width(model.config)
         for i, name in enumerate(self.targets):
@@ -396,11 +391,10 @@ class Shadow(Method):
         self.saved_modules = make_trainable_copies(model, to_save)
         return model
 
-    def resolve_targets(self, model: nn.Module, stack_name: str, blocks: nn.ModuleList) -> list[str]:
+    def resolve_targets(self, model: nn.Module, list_name: str, blocks: nn.ModuleList) -> list[str]:
         """The adapted blocks, in order: every block by default; else ``target_modules`` among them,
         less ``exclude_modules`` and the blocks ``layers_to_transform`` leaves out. They must be
         contiguous: the state rides the loop from the first to the last."""
-        list_name = f"{stack_name}.{next(a for a in STACK_ATTRS if getattr(model.get_submodule(stack_name), a, None) is blocks)}"
         names = [f"{list_name}.{i}" for i in range(len(blocks))]
         cfg = self.cfg
         if cfg.target_modules is not None:
@@ -542,7 +536,7 @@ class Shadow(Method):
         if not bool(scored.any()):
             return seed.sum() * 0.0
         logits = model.get_output_embeddings()(seed[:, :-1][scored])
-        return weight * shifted_mean_ce(logits, targets[scored])
+        return weight * F.cross_entropy(logits.float(), targets[scored])  # mean over scored tokens
 
     def adapter_disabled(self, model: nn.Module) -> contextlib.AbstractContextManager | None:
         if self.saved_modules:
