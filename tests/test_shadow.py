@@ -11,7 +11,8 @@
   ``layers_to_transform``, gpt2's tuple-returning blocks, qwen3's and gemma2's ``layer_types``, opt's
   nested block list, seq_cls), our adapter
   moved off init loads in ``PeftModel.from_pretrained`` with our logits (≤ 1e-5), and an adapter peft
-  wrote loads in ``peftcli.export.load_adapter`` with peft's logits (≤ 1e-5); Shadow does not merge;
+  wrote loads in ``peftcli.export.load_adapter`` with peft's logits (≤ 1e-5); ``peftcli merge`` refuses in
+  one line, as peft refuses to merge;
 - ``shadow_model`` as a pretrained backbone (a model directory, loaded by ``AutoModel``; a "projected"
   shadow checkpoint with its trained projection) loads both ways with peft's logits (≤ 1e-5);
 - decoding with the KV cache (the shadow backbone's cache kept beside the base's) gives the tokens of
@@ -264,6 +265,17 @@ def test_what_cannot_work_is_refused_in_one_line(overrides, key, words, tmp_path
     with pytest.raises(RecipeError) as err:
         kit.build("shadow", tmp_path, overrides)
     assert err.value.key == key and words in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_merge_is_refused_in_one_line(tmp_path):
+    from peftcli.export import merge_adapter
+
+    built = kit.build("shadow", tmp_path)
+    adapter = kit.save(tmp_path, built.model, built.method, built.tokenizer, built.base_path, built.recipe)
+    with pytest.raises(RecipeError) as err:
+        merge_adapter(adapter, tmp_path / "merged")
+    assert "shadow cannot be merged" in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.slow
