@@ -467,6 +467,15 @@ class Shadow(Method):
                         table.requires_grad_(False)
         return backbone, projection, head
 
+    def summary_lines(self) -> list[str]:
+        cfg = self.cfg
+        backbone = "a mirror" if cfg.shadow_model == "mirror" else cfg.shadow_model
+        feed = "the base embeddings" if self.shared_embeddings else "its own embeddings"
+        return [
+            f"Shadow: {len(self.targets)} blocks adapted, shadow backbone {backbone} reading {feed}; "
+            f"auxiliary loss weight {cfg.auxiliary_loss_weight}"
+        ]
+
     # -- the forward ---------------------------------------------------------------------
     def seed_hook(self, stack: nn.Module, args: tuple, kwargs: dict) -> None:
         """Before the decoder loop: s⁰ from the raw inputs (2-D mask, position ids), the shadow
