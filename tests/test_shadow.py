@@ -8,7 +8,7 @@
   peft never trains (no gradient reaches it), is frozen here;
 - with each option that changes the numbers (``r``, ``shadow_alpha``, ``update_hidden_size``,
   ``init_weights``, the mirror's depth / width / heads / feed-forward width, ``share_embeddings``,
-  ``layers_to_transform``, gpt2's tuple-returning blocks, qwen3's and gemma2's ``layer_types``, opt's
+  ``layers_to_transform``, ``exclude_modules``, ``modules_to_save``, gpt2's tuple-returning blocks, qwen3's and gemma2's ``layer_types``, opt's
   nested block list, seq_cls), our adapter
   moved off init loads in ``PeftModel.from_pretrained`` with our logits (≤ 1e-5), and an adapter peft
   wrote loads in ``peftcli.export.load_adapter`` with peft's logits (≤ 1e-5); ``peftcli merge`` refuses in
@@ -46,6 +46,10 @@ OPTION_RUNS = {
         "method.shadow_num_attention_heads=2",
     ],
     "last-block": ["method.layers_to_transform=[1]"],
+    "exclude-first-train-head": [
+        "method.exclude_modules=[model.layers.0]",
+        "method.modules_to_save=[lm_head]",
+    ],
     "gpt2": ["model.name=tiny:gpt2"],
     "qwen3": ["model.name=tiny:qwen3"],
     "gemma2": ["model.name=tiny:gemma2"],  # sliding / global layer_types, embeddings scaled by √d
@@ -67,6 +71,11 @@ PEFT_RUNS = {
         {"shadow_hidden_size": 48, "update_hidden_size": 5, "target_modules": ["model.layers.0"]},
     ),
     "gpt2": ("causal_lm", "tiny:gpt2", {"r": 4, "init_weights": False}),
+    "llama-exclude-train-head": (
+        "causal_lm",
+        "tiny:llama",
+        {"exclude_modules": ["model.layers.1"], "modules_to_save": ["lm_head"], "auxiliary_loss_weight": 0.0},
+    ),
     "llama-seq_cls": ("seq_cls", "tiny:llama", {"r": 4}),
 }
 
