@@ -5,7 +5,8 @@
 - training: one window's gradients through the loop's own ``Stepper`` equal peft's
   ``(task loss + auxiliary_loss_weight · shadow loss).backward()`` with the batch's labels (≤ 1e-5), on
   causal_lm and seq_cls: the auxiliary loss (Eq. 8–9) is peft's, and the exit block's update, which
-  peft never trains (no gradient reaches it), is frozen here;
+  peft never trains (no gradient reaches it), is frozen here; a window of two micro-batches gives the
+  gradients of one batch (the auxiliary loss is normalised over the window's targets, as the task loss);
 - with each option that changes the numbers (``r``, ``shadow_alpha``, ``update_hidden_size``,
   ``init_weights``, the mirror's depth / width / heads / feed-forward width, ``share_embeddings``,
   ``layers_to_transform``, ``exclude_modules``, ``modules_to_save``, gpt2's tuple-returning blocks, qwen3's and gemma2's ``layer_types``, opt's
@@ -141,6 +142,21 @@ def test_we_load_peft_adapters_with_each_option(run, tmp_path):
     task, model_name, options = PEFT_RUNS[run]
     result = kit.we_load_peft(peft.ShadowConfig, task, tmp_path, model_name, merges=False, **options)
     assert result.method == "shadow" and result.loaded <= 1e-5
+
+
+@pytest.mark.slow
+def test_accumulated_window_equals_one_batch(tmp_path):
+    """The auxiliary loss is summed and normalised over the window's targets with the task loss: two
+    micro-batches of one row give the gradients of the one batch of both rows."""
+    built = kit.build("shadow", tmp_path, ["method.shadow_dropout=0.0", "method.auxiliary_loss_weight=0.5"])
+    kit.perturb(built.model)
+    built.model.train()
+    batch = kit.batch("causal_lm", built.model.config.vocab_size, lengths=(10, 7))
+    rows = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(2)]
+    _, _, whole = kit.window_gradients(built.model, built.method, [batch])
+    _, _, split = kit.window_gradients(built.model, built.method, rows)
+    assert whole.keys() == split.keys()
+    assert max(kit.max_diff(whole[k], split[k]) for k in whole) <= 1e-6
 
 
 @pytest.mark.slow

@@ -174,8 +174,9 @@ class Method:
 
     def auxiliary_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """A loss term of the method's own that reads the micro-batch the loop just ran forward (sft
-        only): Shadow's loss of its shadow path on the batch's labels. Added as ``extra_loss`` is (one
-        share per micro-batch of the window); None (the default): nothing."""
+        only; Shadow: its shadow path's loss on the batch's labels), *summed* over the batch's scored
+        targets: the loop adds it to the task loss's sum before normalising both over the window's
+        targets, so gradient accumulation and DDP see one loss. None (the default): nothing."""
         return None
 
     def after_backward(self, model: nn.Module, step: int) -> None:

@@ -527,8 +527,10 @@ class Shadow(Method):
         return super().attach(model)
 
     def auxiliary_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """λ × the shadow path's own loss on s⁰ of the forward just run (Eq. 8–9): the base's LM head
-        (next-token CE over the scored tokens), or for seq_cls the shadow head on the last real token."""
+        """λ × the shadow path's own loss on s⁰ of the forward just run (Eq. 8–9), summed over the
+        batch's scored targets as the task loss is: the base's LM head (next-token cross-entropy), or
+        for seq_cls the shadow head on the last real token. Normalised with the task loss, so one
+        micro-batch gives peft's ``loss + λ·shadow_loss`` (both means over the same targets)."""
         seed, weight = self.run.seed, self.cfg.auxiliary_loss_weight
         self.run.seed = None  # read once: the next forward sets it again
         if seed is None or weight == 0:
@@ -539,13 +541,12 @@ class Shadow(Method):
             positions = torch.arange(mask.shape[-1], device=mask.device)
             last = (mask.ne(0) * positions).argmax(dim=-1)
             logits = model.shadow_head(seed[torch.arange(seed.shape[0], device=seed.device), last])
-            return weight * F.cross_entropy(logits.float(), labels)
+            scored = labels != -100  # a distributed stand-in row scores nothing
+            return weight * F.cross_entropy(logits[scored].float(), labels[scored], reduction="sum")
         targets = labels[:, 1:]
         scored = targets != -100
-        if not bool(scored.any()):
-            return seed.sum() * 0.0
         logits = model.get_output_embeddings()(seed[:, :-1][scored])
-        return weight * F.cross_entropy(logits.float(), targets[scored])  # mean over scored tokens
+        return weight * F.cross_entropy(logits.float(), targets[scored], reduction="sum")
 
     def adapter_disabled(self, model: nn.Module) -> contextlib.AbstractContextManager | None:
         if self.saved_modules:

@@ -108,7 +108,9 @@ class Stepper:
             ):
                 if self.objective is None:
                     loss_sum = micro_batch_loss_sum(self.wrapped, batch, self.task, self.loss_path)
-                    loss = loss_sum / n_targets  # token-weighted over the whole (global) accumulation window
+                    auxiliary = self.method.auxiliary_loss(self.model, batch)  # summed, as loss_sum
+                    total = loss_sum if auxiliary is None else loss_sum + auxiliary
+                    loss = total / n_targets  # token-weighted over the whole (global) accumulation window
                     share = None
                 else:  # a preference objective: this micro-batch's share of the window's loss
                     loss = self.objective.micro_loss(self.wrapped, batch, counts)
@@ -116,11 +118,6 @@ class Stepper:
                 extra = self.method.extra_loss(self.model)
                 if extra is not None:
                     loss = loss + extra / (len(micro) * world)
-                auxiliary = (
-                    None if self.objective is not None else self.method.auxiliary_loss(self.model, batch)
-                )
-                if auxiliary is not None:
-                    loss = loss + auxiliary / (len(micro) * world)
                 loss = loss * world
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             micro_losses.append(loss_sum.item() / n_targets if share is None else share)
