@@ -81,6 +81,7 @@ def save_adapter(
     from safetensors.torch import save_file
 
     with AtomicDir(out_dir) as tmp:
+        config.update(method.adapter_parts(model, tmp, Path(out_dir)))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -103,7 +104,9 @@ def read_adapter_info(path: str | Path) -> dict[str, Any]:
     if sidecar_path.is_file():
         sidecar = json.loads(sidecar_path.read_text())
         method_cls = get_method_class(sidecar["method"])
-        method_cfg = from_dict(method_cls.config_cls, sidecar["method_config"], "method")
+        method_cfg = method_cls.config_at(
+            from_dict(method_cls.config_cls, sidecar["method_config"], "method"), path
+        )
         task = sidecar["task"]
         model_name = sidecar.get("model_name") or config.get("base_model_name_or_path")
         quant = sidecar.get("quantization")

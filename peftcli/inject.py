@@ -28,6 +28,11 @@ HEAD_NAMES = {"lm_head", "qa_outputs", "cls", "pooler", *CLASSIFIER_HEAD_NAMES}
 _REGEX_CHARS = set("^$*+?()[]{}|\\")
 
 
+def is_regex_target(targets: str | list[str]) -> bool:
+    """Whether ``target_modules`` is one regex on full names (not a name, a list, or ``all-linear``)."""
+    return isinstance(targets, str) and bool(_REGEX_CHARS & set(targets))
+
+
 def has_module(model: nn.Module, name: str) -> bool:
     """Whether some module's full name is ``name`` or ends with ``.name``."""
     return any(n == name or n.endswith("." + name) for n, _ in model.named_modules())
@@ -183,7 +188,7 @@ def match_targets(
         found = [
             n for n, m in candidates if accept(m) and not any(n == h or n.startswith(h + ".") for h in heads)
         ]
-    elif isinstance(targets, str) and _REGEX_CHARS & set(targets):
+    elif is_regex_target(targets):
         try:
             pattern = re.compile(targets)
         except re.error as err:

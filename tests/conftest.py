@@ -1,6 +1,7 @@
 """Shared test setup: one compute thread per xdist worker, and tiny models built into a per-session
 temporary cache."""
 
+import itertools
 import os
 
 # Under `pytest -n N` each worker (and every process it starts: the CLI, torchrun's ranks) gets its share
@@ -49,6 +50,8 @@ FAST_ROWS = {
     "test_deft.py::test_we_load_peft_adapters_with_each_option": {"llama-qr-alpha"},
     "test_glora.py::test_peft_loads_our_adapter_with_each_option": {"qwen2-vector-vector-vector"},
     "test_glora.py::test_we_load_peft_adapters_with_each_option": {"qwen2-lora-lora-constant"},
+    "test_lily.py::test_peft_loads_our_adapter_with_each_option": {"regex-one-group-per-shape"},
+    "test_lily.py::test_we_load_peft_adapters_with_each_option": {"llama-init_weights-false"},
     "test_lora_inits.py::test_init_equals_peft_for_the_same_seed": {
         "gaussian",
         "orthogonal",
@@ -62,9 +65,11 @@ FAST_ROWS = {
     "test_boft.py::test_we_load_peft_adapters_with_each_option": {"llama-block_num-butterfly-3"},
     "test_c3a.py::test_peft_loads_our_adapter_with_each_option": {"block_size_pattern", "bert"},
     "test_c3a.py::test_we_load_peft_adapters_with_each_option": {"llama-pattern"},
+    "test_cpt.py::test_loss_and_logits_equal_peft": {"decay"},
     "test_grpo.py::test_step_one_loss_and_gradients_equal_trl": {"dapo-kl-accum2"},
     "test_delora.py::test_peft_loads_our_adapter_with_each_option": {"patterns"},
     "test_delora.py::test_we_load_peft_adapters_with_each_option": {"llama-patterns"},
+    "test_frod.py::test_peft_loads_our_adapter_with_each_option": {"one-block-svd"},
     "test_gralora.py::test_peft_loads_our_adapter_with_each_option": {"k4-alpha"},
     "test_gralora.py::test_we_load_peft_adapters_with_each_option": {"llama-k4-hybrid"},
     "test_hira.py::test_peft_loads_our_adapter_with_each_option": {"gpt2"},
@@ -116,7 +121,54 @@ FAST_ROWS = {
 }
 
 
+# -- the full suite's order under xdist ---------------------------------------------------------------
+# xdist hands each worker a first run of consecutive tests, then deals out the rest as workers free up. A
+# long test collected late becomes the run's tail (the quickstart alone once kept one worker busy for
+# minutes after the other had finished), so the longest tests go first, shared out between the workers'
+# first runs. Test-name prefixes, longest first (from `--durations`); a stale name only loses its place.
+LONGEST_FIRST = (
+    "test_distributed.py::test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted",
+    "test_no_deprecations.py::",
+    "test_quickstart.py::",
+    "test_gpu.py::test_dry_run_writes_the_whole_report_on_the_cpu",
+    "test_fuzz_data.py::test_fuzz_jsonl_lines_long",
+    "test_reliability.py::test_second_resume_while_the_first_runs_is_refused",
+    "test_speed_paths.py::test_compiled_training_matches_eager",
+    "test_errors.py::test_real_console_script_prints_no_traceback",
+    "test_fuzz_data.py::test_fuzz_csv_long",
+    "test_distributed.py::",
+    "test_fuzz_recipe.py::test_recipe_trees_slow",
+    "test_soak.py::",
+    "test_objectives.py::test_sigkill_then_resume_matches_uninterrupted",
+    "test_report.py::test_run_killed_with_sigkill",
+    "test_data_stage.py::test_memory_does_not_grow_with_the_number_of_rows",
+)
+
+
+def _longest_first(items: list, workers: int) -> list:
+    """``items`` with the LONGEST_FIRST tests dealt in turn to the starts of the workers' first runs
+    (xdist's load scheduler gives worker k items [k·c, (k+1)·c) first, c = len(items) // workers // 4)."""
+
+    def rank(item) -> int:
+        name = f"{item.path.name}::{item.name}"
+        return next((i for i, prefix in enumerate(LONGEST_FIRST) if name.startswith(prefix)), -1)
+
+    long = sorted((item for item in items if rank(item) >= 0), key=rank)
+    if not long or len(items) < 2 * workers:
+        return items
+    rest = iter(item for item in items if rank(item) < 0)
+    chunk = max(2, len(items) // workers // 4)
+    firsts = [long[k::workers] for k in range(workers)]
+    ordered = []
+    for k in range(workers):
+        ordered += firsts[k]
+        ordered += itertools.islice(rest, max(0, chunk - len(firsts[k])))
+    return ordered + list(rest)
+
+
 def pytest_collection_modifyitems(config, items):
+    if _WORKERS > 1:
+        items[:] = _longest_first(items, _WORKERS)
     seen: dict[str, set[str]] = {}
     for item in items:
         key = f"{item.path.name}::{item.originalname}"

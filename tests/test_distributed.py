@@ -8,8 +8,12 @@ References and tolerances (fp32, CPU, fixed seeds, OMP_NUM_THREADS=1 per rank):
   (13 examples, global batch 4, accumulation 2) makes the last micro-batch of each epoch
   a single example, so one rank runs a stand-in that scores nothing;
 - the preference objectives under ddp (dpo with either reference, precomputed or not; orpo's
-  token-weighted SFT term), on 13 pairs batched the same way (a stand-in pair on one rank), with SGD:
-  every logged loss and adapter tensor within 1e-5 of one process's;
+  token-weighted SFT term; kto, whose KL rows and estimate span the ranks; the reward model), on 13
+  pairs (examples) batched the same way (a stand-in pair on one rank), with SGD: every logged loss and
+  adapter tensor within 1e-5 of one process's;
+- grpo under ddp (13 prompts, G = 4, a stand-in slice, loss_type grpo, scale_rewards batch, a KL term),
+  SIGKILLed mid-rollout on 2 ranks and resumed: every logged loss, reward statistic and KL, and the
+  adapter, within 1e-5 of one uninterrupted process's;
 - a two-"node" localhost job (two launches, --nnodes 2) writes one adapter equal to the reference;
 - a 2-process run SIGKILLed after a checkpoint and resumed ends with the uninterrupted 2-process
   run's adapter (≤ 1e-6; LoRA dropout 0.1, so every rank's RNG state must be restored);
@@ -251,15 +255,18 @@ def test_two_processes_compute_what_one_process_computes(tmp_path, method, mode)
         assert config["rank_pattern"]
 
 
-def preference_recipe(batch_size: int, objective: str) -> str:
+DATA = ROOT / "recipes" / "data"
+
+
+def preference_recipe(batch_size: int, objective: str, data: str = "", model: str = "") -> str:
     """Plain SGD: the adapters then show the gradients themselves equal (≤ 1e-7 measured). Under AdamW a
     few near-zero gradient entries (LoRA A in the first layer, while B is still ~lr) are normalised to
     lr-sized moves, so their rounding shows as ~1.5% of lr (3e-5 at lr 2e-3) though every logged loss
     agrees within 1e-6."""
-    pairs = ROOT / "recipes" / "data" / "tiny_pref_train.jsonl"
+    data = data or f"train: {DATA / 'tiny_pref_train.jsonl'}, format: preference"
     return f"""
-model: {{name: "tiny:llama"}}
-data: {{train: {pairs}, format: preference, max_train_examples: 13, max_length: 64}}
+model: {{name: "tiny:llama"{model}}}
+data: {{{data}, max_train_examples: 13, max_length: 64}}
 method: {METHODS["lora"]}
 objective: {objective}
 train: {{max_steps: 4, batch_size: {batch_size}, grad_accum: 2, lr: 1.0, optimizer: sgd, log_every: 1, seed: 5,
@@ -267,42 +274,95 @@ train: {{max_steps: 4, batch_size: {batch_size}, grad_accum: 2, lr: 1.0, optimiz
 """
 
 
+KTO_DATA = f"train: {DATA / 'tiny_kto_train.jsonl'}, format: unpaired_preference"
+GRPO_DATA = f"train: {DATA / 'tiny_grpo_train.jsonl'}, format: prompt"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "objective",
+    ("objective", "data", "model"),
     [
-        "{name: dpo, beta: 0.5}",
-        "{name: dpo, beta: 0.5, reference: start, precompute_reference: true}",
-        "{name: orpo, beta: 0.2}",
+        ("{name: dpo, beta: 0.5}", "", ""),
+        ("{name: dpo, beta: 0.5, reference: start, precompute_reference: true}", "", ""),
+        ("{name: orpo, beta: 0.2}", "", ""),
+        ("{name: kto, beta: 0.5, desirable_weight: 1.5}", KTO_DATA, ""),
+        ("{name: reward}", "", ", task: seq_cls"),
     ],
-    ids=["dpo", "dpo-start-precomputed", "orpo"],
+    ids=["dpo", "dpo-start-precomputed", "orpo", "kto", "reward"],
 )
-def test_preference_objectives_under_ddp_compute_what_one_process_computes(tmp_path, objective):
-    """13 pairs, global micro-batch 4, accumulation 2: the last micro-batch of each epoch is one pair, so
-    rank 1 runs a stand-in that counts for nothing (no pair, no chosen token)."""
+def test_preference_objectives_under_ddp_compute_what_one_process_computes(tmp_path, objective, data, model):
+    """13 pairs (KTO: examples), global micro-batch 4, accumulation 2: the last micro-batch of each epoch
+    is one pair, so rank 1 runs a stand-in that counts for nothing (no pair, no chosen token, no KL row).
+    KTO's KL rows cross the ranks' slices (each rank's first row takes the previous rank's last
+    completion) and z is the mean over both ranks' rows: one process's z."""
+    text = preference_recipe(4, objective, data, model)
     recipe = tmp_path / "one.yaml"
-    recipe.write_text(preference_recipe(4, objective).replace(", distributed: ddp", ""))
+    recipe.write_text(text.replace(", distributed: ddp", ""))
     peftcli.train(recipe, output_dir=str(tmp_path / "one"))
     one = tmp_path / "one"
-    two = two_process_run(tmp_path, "lora", text=preference_recipe(2, objective))
+    two = two_process_run(tmp_path, "lora", text=preference_recipe(2, objective, data, model))
     losses = train_losses(one)
     assert len(losses) == 4 and len(set(losses)) == 4  # the adapter moves every step
     assert max(abs(a - b) for a, b in zip(losses, train_losses(two), strict=True)) <= 1e-5
     assert max_diff(adapter(one), adapter(two)) <= 1e-5
 
 
-def test_kto_and_fsdp_are_refused_for_preference_objectives():
+def grpo_recipe(batch_size: int, extra: str = "") -> str:
+    """13 prompts, 2 per rank and micro-batch (4 per global one), G = 4 sampled completions each."""
+    objective = (
+        "{name: grpo, group_size: 4, max_new_tokens: 4, temperature: 1.0, kl_coef: 0.05, loss_type: grpo,"
+        " scale_rewards: batch, rewards: [{contains: answer}, {regex: '^[0-9]', weight: 0.5}]}"
+    )
+    return preference_recipe(batch_size, objective, GRPO_DATA).replace("lr: 1.0,", f"lr: 0.5{extra},")
+
+
+def train_events(run: Path) -> list[dict]:
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [e for e in events if e["event"] == "train"]
+
+
+@pytest.mark.slow
+def test_grpo_under_ddp_computes_what_one_process_computes_and_resumes_after_sigkill(tmp_path):
+    """GRPO on 2 ranks, killed (SIGKILL) in the rollout of step 4 after the step-2 checkpoint and resumed,
+    ends where one uninterrupted process ends: every logged loss, reward, reward_std and KL within 1e-5,
+    and the adapter. That takes samples seeded by their row in the whole window (not the rank), the
+    window's std (scale_rewards: batch) and statistics over both ranks' completions, loss_type grpo's
+    per-micro-batch completion count summed over ranks, the KL's token sums over ranks, and a stand-in
+    slice (the 13th prompt alone in its micro-batch) that counts for nothing."""
+    recipe = tmp_path / "one.yaml"
+    recipe.write_text(grpo_recipe(4).replace(", distributed: ddp", ""))
+    peftcli.train(recipe, output_dir=str(tmp_path / "one"))
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(grpo_recipe(2, ", save_every: 2"))
+    run = tmp_path / "two"
+    killer = torchrun_cmd(2, HELPERS / "kill_in_rollout.py", "4", "--", "train", recipe, "-o", run, "-q")
+    proc = subprocess.run(killer, capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
+    assert proc.returncode != 0 and not (run / "adapter").exists()
+    assert (run / "checkpoints" / "step-2" / "complete").exists()
+    cmd = peftcli_cmd("train", str(recipe), "-o", str(run), "-q", "--resume", "--nproc-per-node", "2")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    keys = ("loss", "reward", "reward_std", "kl", "completion_length", "rewards/contains")
+    one, two = train_events(tmp_path / "one"), train_events(run)
+    assert [e["step"] for e in two] == [1, 2, 3, 4] and len({e["loss"] for e in one}) == 4
+    assert one[0]["reward_std"] > 0 and one[-1]["kl"] > 0  # the advantages and the KL are not all 0
+    for a, b in zip(one, two, strict=True):
+        assert [b[k] for k in keys] == pytest.approx([a[k] for k in keys], abs=1e-5)
+    assert max_diff(adapter(tmp_path / "one"), adapter(run)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["dpo", "kto", "reward", "grpo"])
+def test_preference_objectives_run_under_ddp_and_are_refused_under_fsdp(name):
     from peftcli.recipe_loader import load_recipe
     from peftcli.training.setup import check_objective
 
-    kto = load_recipe(ROOT / "recipes" / "objectives" / "kto.yaml")
-    with pytest.raises(RecipeError, match="kto cannot run under ddp with 2 processes: its KL rows") as err:
-        check_objective(kto, Dist("ddp", 0, 2))
-    assert "\n" not in str(err.value)
-    dpo = load_recipe(ROOT / "recipes" / "objectives" / "dpo.yaml")
-    with pytest.raises(RecipeError, match="dpo cannot run under fsdp"):
-        check_objective(dpo, Dist("fsdp", 0, 2))
-    check_objective(dpo, Dist("ddp", 0, 2))
+    recipe = load_recipe(ROOT / "recipes" / "objectives" / f"{name}.yaml")
+    check_objective(recipe, Dist("ddp", 0, 2))
+    why = "its rollout samples with the whole model" if name == "grpo" else "its reference swaps"
+    with pytest.raises(RecipeError, match=f"{name} cannot run under fsdp with 2 processes: {why}") as err:
+        check_objective(recipe, Dist("fsdp", 0, 2))
+    assert err.value.key == "objective.name" and "\n" not in str(err.value)
 
 
 @pytest.mark.slow

@@ -216,6 +216,37 @@ def test_start_reference_is_the_policy_at_step_one(tmp_path):
         torch.testing.assert_close(grad, plain_grads[name], atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+def test_two_ranks_shares_sum_to_one_process(loss_type, tmp_path):
+    """The window's normalisers under torchrun: 4 prompts in micro-batches of 3 and 1, on 2 ranks (rank 1
+    holds one prompt of the first and a stand-in copy of the last). The ranks' loss shares sum to one
+    process's loss, and their gradients (as DDP averages them) to one process's (≤ 1e-6), for every
+    loss_type, with the KL term."""
+    from peftcli.training.distributed import Dist
+
+    recipe = grpo_recipe(tmp_path, [f"objective.loss_type={loss_type}", "objective.kl_coef=0.05"])
+    built = kit.build(recipe)
+    kit.perturb(built.model)
+    prompts, outputs = completion_tokens(built.tokenizer)
+    advantages = advantages_for(recipe)
+    window = [[0, 1, 2], [3]]
+
+    def micro_batches(dist: Dist) -> list[dict[str, torch.Tensor]]:
+        rows = [[p * GROUP + k for p in batch for k in range(GROUP)] for batch in dist.rank_slice(window)]
+        micro = [
+            completion_batch([prompts[i] for i in r], [outputs[i] for i in r], advantages[r], 0) for r in rows
+        ]
+        dist.mask_padding(micro, dist.padding_flags(window))
+        return micro
+
+    loss, grads = kit.rank_window(built, recipe.objective, micro_batches(Dist()), Dist())
+    ranks = kit.thread_ranks(2, lambda d: kit.rank_window(built, recipe.objective, micro_batches(d), d))
+    assert abs(loss) > 1e-4
+    assert ranks[0][0] + ranks[1][0] == pytest.approx(loss, abs=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(ranks[0][1][name] + ranks[1][1][name], grad, atol=1e-6, rtol=0, msg=name)
+
+
 # -- advantages and rewards ------------------------------------------------------------------------
 
 
@@ -444,14 +475,16 @@ def test_metrics_log_rewards_kl_and_the_progress_bar_shows_the_reward(tmp_path):
     assert "| eval_reward |" in (tmp_path / "run" / "summary.md").read_text()
 
 
-def test_torchrun_is_refused_at_start():
+def test_fsdp_is_refused_at_start_and_ddp_is_not():
+    """DDP runs grpo (tests/test_distributed.py: 2 ranks = 1 process); FSDP would shard the weights the
+    rollout samples with."""
     from peftcli.training.distributed import Dist
     from peftcli.training.setup import check_objective
 
-    dist = Dist(rank=0, world_size=2, local_rank=0, mode="ddp")
+    check_objective(load_recipe(RECIPE), Dist(rank=0, world_size=2, local_rank=0, mode="ddp"))
     with pytest.raises(RecipeError) as err:
-        check_objective(load_recipe(RECIPE), dist)
-    assert "grpo runs in one process" in str(err.value)
+        check_objective(load_recipe(RECIPE), Dist(rank=0, world_size=2, local_rank=0, mode="fsdp"))
+    assert "grpo cannot run under fsdp with 2 processes: its rollout samples" in str(err.value)
 
 
 @pytest.mark.slow

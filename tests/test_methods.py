@@ -44,6 +44,8 @@ class Case:
     peft_type: peft's name for the method, where peft has it: peft parity is checked.
     peft_counts: peft's saved adapter holds exactly our trainable tensors (same number of numbers).
     beyond_peft: run id → why peft cannot load that run's adapter (an option peft has no format for).
+    slow: the row's runs run in the full suite only (the fast tier keeps its time budget; the method's
+      own test file keeps a fast row).
     """
 
     runs: dict[str, tuple[str, ...]]
@@ -52,10 +54,20 @@ class Case:
     peft_type: str | None = None
     peft_counts: bool = False
     beyond_peft: dict[str, str] = field(default_factory=dict)
+    slow: bool = False
 
 
 METHODS: dict[str, Case] = {
     "adalora": Case({"llama": ("adalora",)}, identity=True, mergeable=True, peft_type="ADALORA"),
+    "adamss": Case(
+        {
+            "llama": ("adamss",),
+            "bert-seq_cls": ("adamss", *BERT, "method.r=8"),
+        },  # seq2seq (tiny:t5): tests/test_adamss.py's peft row
+        identity=True,
+        mergeable=True,
+        peft_type="ADAMSS",  # peft stores each layer's frozen Vᵀ (adamss_newB) too: no peft_counts
+    ),
     "adapter_fusion": Case({"llama": ("adapter_fusion",)}, identity=False, mergeable=False),
     "adaption_prompt": Case(
         {
@@ -113,6 +125,7 @@ METHODS: dict[str, Case] = {
         mergeable=False,
         peft_type="CARTRIDGE",
     ),
+    "cpt": Case({"llama": ("cpt",)}, identity=False, mergeable=False, peft_type="CPT"),
     "delora": Case(
         {"llama": ("delora",), "bert-seq_cls": ("delora", *BERT), "t5-seq2seq": ("delora", *T5)},
         identity=True,
@@ -154,6 +167,17 @@ METHODS: dict[str, Case] = {
         mergeable=True,
         peft_type="FOURIERFT",
         peft_counts=True,
+    ),
+    "frod": Case(
+        {
+            "llama": ("frod",),
+            "gpt2": ("frod", "model.name=tiny:gpt2"),
+            "bert-seq_cls": ("frod", *BERT),
+        },
+        identity=True,
+        mergeable=True,
+        peft_type="FROD",  # peft stores V and the sparse positions per category too: no peft_counts
+        slow=True,  # tests/test_frod.py keeps the fast rows
     ),
     "gralora": Case(
         {
@@ -205,6 +229,23 @@ METHODS: dict[str, Case] = {
     ),
     "ia3": Case({"llama": ("ia3",)}, identity=True, mergeable=True, peft_type="IA3", peft_counts=True),
     "ladder_side_tuning": Case({"llama": ("ladder_side_tuning",)}, identity=True, mergeable=False),
+    "lily": Case(
+        {
+            "llama": ("lily",),
+            "names-stride-1-num_B-4": (
+                "lily",
+                "method.target_modules=[q_proj,v_proj]",
+                "method.stride_A=1",
+                "method.num_B=4",
+            ),
+            "bert-seq_cls": ("lily", *BERT),
+            "t5-seq2seq": ("lily", *T5),
+        },
+        identity=True,
+        mergeable=False,
+        peft_type="LILY",  # peft repeats each shared A and B under every module: no peft_counts
+        slow=True,  # tests/test_lily.py's fast rows cover it in the fast tier (its budget: 1 s)
+    ),
     "ln_tuning": Case(
         {"llama": ("ln_tuning",), "bert-seq_cls": ("ln_tuning", *BERT), "t5-seq2seq": ("ln_tuning", *T5)},
         identity=True,
@@ -498,13 +539,15 @@ METHODS: dict[str, Case] = {
         peft_type="WAVEFT",
         peft_counts=True,
     ),
+    # peft 0.21 drops classifier tensors named like an expert ("layers.0") when saving: no peft_counts
+    "xlora": Case({"llama": ("xlora",)}, identity=False, mergeable=False, peft_type="XLORA"),
 }
 
 
 def runs(where=lambda case: True) -> list:
     """pytest params (method, run) over every row whose case passes ``where``."""
     return [
-        pytest.param(name, run, id=f"{name}-{run}")
+        pytest.param(name, run, id=f"{name}-{run}", marks=pytest.mark.slow if case.slow else ())
         for name, case in METHODS.items()
         if where(case)
         for run in case.runs

@@ -282,6 +282,40 @@ def test_kto_kl_term_is_the_batch_mismatched_pairs(tmp_path):
     assert loss == pytest.approx(float(expected), abs=1e-6)
 
 
+def test_kto_on_two_ranks_is_one_process(tmp_path):
+    """Under torchrun a rank's KL rows take the completions of the examples before its own in the whole
+    micro-batch, and z is the mean over both ranks' rows (Kto.score across_ranks): 6 examples in
+    micro-batches of 5 and 1 on 2 ranks (rank 1 holds 2 of the first and a stand-in copy of the last)
+    give one process's loss (the ranks' shares summed) and gradients (≤ 1e-6), with z > 0."""
+    from peftcli.data.collate import collate_unpaired
+    from peftcli.training.distributed import Dist
+
+    recipe = recipe_for(tmp_path, {"name": "kto", **KTO_WEIGHTS})
+    built = kit.build(recipe)
+    kit.perturb(built.model, seed=PERTURB_SEED["kto"])
+    rows = load_data(recipe.data, built.tokenizer, "causal_lm").train
+    window = [[0, 1, 2, 3, 4], [5]]
+
+    def micro_batches(dist: Dist) -> list[dict[str, torch.Tensor]]:
+        before = dist.rank_slice([[batch[i - 1] for i in range(len(batch))] for batch in window])
+        micro = [
+            collate_unpaired(rows.take(mine), built.tokenizer, rows.take(partners))
+            for mine, partners in zip(dist.rank_slice(window), before, strict=True)
+        ]
+        dist.mask_padding(micro, dist.padding_flags(window))
+        return micro
+
+    one = [collate_rows(rows, batch, built.tokenizer, "causal_lm") for batch in window]
+    with torch.no_grad():
+        objective = build_objective(recipe.objective, built.method, built.model)
+        assert float(objective.score(built.model, one[0]).kl[0]) > 0.1
+    loss, grads = kit.rank_window(built, recipe.objective, one, Dist())
+    ranks = kit.thread_ranks(2, lambda d: kit.rank_window(built, recipe.objective, micro_batches(d), d))
+    assert ranks[0][0] + ranks[1][0] == pytest.approx(loss, abs=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(ranks[0][1][name] + ranks[1][1][name], grad, atol=1e-6, rtol=0, msg=name)
+
+
 def test_reference_base_is_the_model_without_its_adapter(tmp_path):
     """With the adapter switched off, the model's log-probs are the plain base model's, and switching it
     off leaves the tuned model as it was."""

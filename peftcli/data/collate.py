@@ -71,16 +71,21 @@ def collate_pairs(examples: Sequence[dict], tokenizer) -> dict[str, torch.Tensor
     }
 
 
-def collate_unpaired(examples: Sequence[dict], tokenizer) -> dict[str, torch.Tensor]:
+def collate_unpaired(
+    examples: Sequence[dict], tokenizer, partners: Sequence[dict] | None = None
+) -> dict[str, torch.Tensor]:
     """KTO examples as one batch of 2B rows: the B examples (rows 0..B-1), then their B mismatched KL
     rows (B..2B-1), row i pairing example i's prompt with example i-1's completion (cyclically, as
     TRL's KTOTrainer rotates completions within a batch), its labels on that completion; and the
-    labels ``desirable`` (B,). KL rows are not truncated again: each is at most two examples long."""
+    labels ``desirable`` (B,). KL rows are not truncated again: each is at most two examples long.
+    ``partners`` (a torchrun rank's slice): the examples whose completions the KL rows take, row i
+    partners[i]'s, the example before it in the whole micro-batch."""
     prompts = [e["input_ids"][: e["prompt_length"]] for e in examples]
-    answers = [e["input_ids"][e["prompt_length"] :] for e in examples]
-    answer_labels = [e["labels"][e["prompt_length"] :] for e in examples]
-    kl_rows = [list(prompts[i]) + list(answers[i - 1]) for i in range(len(examples))]
-    kl_labels = [[IGNORE_INDEX] * len(prompts[i]) + list(answer_labels[i - 1]) for i in range(len(examples))]
+    donors = list(partners) if partners is not None else [examples[i - 1] for i in range(len(examples))]
+    answers = [e["input_ids"][e["prompt_length"] :] for e in donors]
+    answer_labels = [e["labels"][e["prompt_length"] :] for e in donors]
+    kl_rows = [list(prompts[i]) + list(answers[i]) for i in range(len(examples))]
+    kl_labels = [[IGNORE_INDEX] * len(prompts[i]) + list(answer_labels[i]) for i in range(len(examples))]
     input_rows = [e["input_ids"] for e in examples] + kl_rows
     return {
         "input_ids": _pad(input_rows, pad_token_id(tokenizer)),  # (2B, T)

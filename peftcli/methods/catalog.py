@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from peftcli.methods import (  # noqa: F401  (imported to register)
     adalora,
+    adamss,
     adapter_fusion,
     adaption_prompt,
     beft,
@@ -16,9 +17,11 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     boft,
     c3a,
     cartridge,
+    cpt,
     deft,
     delora,
     fourierft,
+    frod,
     glora,
     gralora,
     hira,
@@ -26,6 +29,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     hra,
     ia3,
     ladder_side_tuning,
+    lily,
     ln_tuning,
     loha,
     lokr,
@@ -56,6 +60,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     vblora,
     vera,
     waveft,
+    xlora,
 )
 from peftcli.methods.registry import Method, registered
 from peftcli.recipe import Recipe, RecipeError, did_you_mean

@@ -41,7 +41,8 @@ SHARED_PREFIX = "base_model."  # peft's prefix for tensors held by the tuner its
 
 class SharedState(nn.Module):
     """Tensors shared by every adapted layer: frozen ones as buffers, trained ones as parameters, and
-    containers of them (TinyLoRA's per-group vectors, saved as ``base_model.tinylora_v.<group>``)."""
+    containers of them (TinyLoRA's per-group vectors, saved as ``base_model.tinylora_v.<group>``; FRoD's
+    per-category bases, a ``SharedState`` of buffers each, saved as ``base_model.frod_V.<category>``)."""
 
     def add(self, name: str, value: torch.Tensor | nn.Module) -> None:
         if isinstance(value, nn.Parameter):

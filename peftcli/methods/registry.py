@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import inspect
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -172,6 +173,17 @@ class Method:
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         return None
 
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The method's own training loss of one micro-batch, summed over what it scores (CPT: the
+        context's labels and the row's, decay-weighted), or None for the loop's loss path (the default).
+        ``model`` is what forward runs through (the DDP wrapper under torchrun)."""
+        return None
+
+    def loss_targets(self, batch: dict[str, torch.Tensor]) -> int | None:
+        """How many positions :meth:`loss_sum` scores in ``batch`` (the window's normaliser counts these),
+        or None for the loop's count (labelled tokens)."""
+        return None
+
     def auxiliary_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """A loss term of the method's own that reads the micro-batch the loop just ran forward (sft
         only; Shadow: its shadow path's loss on the batch's labels), *summed* over the batch's scored
@@ -211,6 +223,18 @@ class Method:
         """Extra safetensors files written into the adapter directory beside the adapter, {file name:
         tensors} (LoRA's ``init: loftq``: the quantized base it pairs with); none by default."""
         return {}
+
+    def adapter_parts(self, model: nn.Module, directory: Path, final: Path) -> dict[str, Any]:
+        """Write what the adapter directory holds beyond files of tensors (X-LoRA: its experts, each a
+        LoRA adapter in a subdirectory) into ``directory``, the temporary directory that becomes
+        ``final``; return the ``adapter_config.json`` entries that name them. Nothing by default."""
+        return {}
+
+    @classmethod
+    def config_at(cls, cfg: MethodConfig, adapter_dir: Path) -> MethodConfig:
+        """The config of an adapter peftcli wrote into ``adapter_dir``, with what it keeps there (see
+        :meth:`adapter_parts`) in place of the paths it was trained with; as it is by default."""
+        return cfg
 
     def method_state(self) -> dict[str, Any]:
         """Non-parameter state that exact resume needs (tensors, numbers, strings; no objects)."""

@@ -226,6 +226,7 @@ class PromptedModel(nn.Module):
     ):
         cache = pop_cache(kwargs)
         task_ids = kwargs.pop("task_ids", None)  # data.task_id_column's, for a prompt per task
+        virtual_logits = kwargs.pop("virtual_logits", False)  # CPT's loss also scores the prompt's positions
         if self.task == "seq2seq":
             return self._forward_seq2seq(input_ids, attention_mask, inputs_embeds, cache, **kwargs)
         reference = input_ids if input_ids is not None else inputs_embeds
@@ -261,7 +262,7 @@ class PromptedModel(nn.Module):
         if cache is not None:
             args[cache_argument()] = cache
         out = self.base_model(**args)
-        if self.task == "causal_lm":
+        if self.task == "causal_lm" and not virtual_logits:
             out["logits"] = out.logits[:, -length:, :]  # (B, T, V): the real positions only
         return out
 

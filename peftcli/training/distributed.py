@@ -85,11 +85,24 @@ class Dist:
             return window
         mine = []
         for batch in window:
-            base, extra = divmod(len(batch), self.world_size)
-            start = self.rank * base + min(self.rank, extra)
-            part = batch[start : start + base + (1 if self.rank < extra else 0)]
+            start, size = self.share(len(batch))
+            part = batch[start : start + size]
             mine.append(part if len(part) else batch[:1])
         return mine
+
+    def share(self, size: int) -> tuple[int, int]:
+        """(start, length) of this rank's contiguous part of a micro-batch of ``size`` examples."""
+        base, extra = divmod(size, self.world_size)
+        return self.rank * base + min(self.rank, extra), base + (1 if self.rank < extra else 0)
+
+    def slice_offsets(self, window: list[list[int]]) -> list[int]:
+        """Where this rank's part of each micro-batch starts in the whole global window, counted in
+        examples (grpo seeds its samples by their place in the window, not on the rank)."""
+        offsets, before = [], 0
+        for batch in window:
+            offsets.append(before + self.share(len(batch))[0])
+            before += len(batch)
+        return offsets
 
     def padding_flags(self, window: list[list[int]]) -> list[bool]:
         """Which of this rank's micro-batches are stand-ins (see :meth:`rank_slice`)."""
@@ -110,6 +123,14 @@ class Dist:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.reduce_device)
         dist.all_reduce(tensor)
         return int(tensor.item())
+
+    def sum_floats(self, values: list[float]) -> list[float]:
+        """``values`` summed over ranks, element by element, in float64 (one all-reduce)."""
+        if not self.enabled or not values:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.reduce_device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
 
     def reduce_step(self, loss: float, tokens: int, stop: bool) -> tuple[float, int, bool]:
         """One all-reduce per step: the window loss (each rank holds its share of the token-weighted

@@ -139,17 +139,17 @@ def train_steps(run: Run, state: TrainState) -> None:
     ):
         while state.step < run.steps:
             window, next_position = next_window(run, state)
-            mine = run.dist.rank_slice(window)  # this rank's slice of the global window
-            micro = collate_window(run, mine, state.step)  # grpo: its prompts' sampled completions
+            micro = collate_window(run, window, state.step)  # this rank's slice; grpo: sampled completions
             run.dist.mask_padding(micro, run.dist.padding_flags(window))
-            n_targets = loss_normaliser(micro, run.task, run.dist)
+            n_targets = loss_normaliser(micro, run.task, run.dist, run.method)
             loss, tokens, lr, fault = optimizer_step(run, micro, n_targets, state.step)
             loss, tokens, stopping = run.dist.reduce_step(loss, tokens, bool(stop))
+            measured = objective_metrics(run)  # every rank: grpo sums its KL over ranks here
             if fault is not None:
                 skip_or_stop(run, state, fault, window)  # raises unless train.on_nan lets it skip
             state.step, (state.epoch, state.batch_index) = state.step + 1, next_position
             if fault is None:
-                state.record_loss(loss, tokens, objective_metrics(run))
+                state.record_loss(loss, tokens, measured)
 
             progress.update(state.step, loss, lr, state.tokens_per_s(), state.note())
             if state.step % cfg.log_every == 0 or state.step == run.steps:
@@ -190,22 +190,32 @@ def next_window(run: Run, state: TrainState) -> tuple[list[list[int]], tuple[int
 
 
 def collate_window(run: Run, window: list[list[int]], step: int = 0) -> list[dict[str, torch.Tensor]]:
-    """One padded micro-batch per index batch, read from the memory-mapped tokenized table; with packing,
-    one packed micro-batch per list of rows. An objective that samples (grpo) rolls its prompts out
-    instead: their completions, sampled at optimizer step ``step`` and rewarded, are the micro-batches."""
-    from peftcli.data.collate import collate_rows, pad_token_id
+    """This rank's slice of the global ``window`` (Dist.rank_slice; one process: all of it), one padded
+    micro-batch per index batch, read from the memory-mapped tokenized table; with packing, one packed
+    micro-batch per list of rows. An objective that samples (grpo) rolls its prompts out instead: their
+    completions, sampled at optimizer step ``step`` and rewarded, are the micro-batches. KTO's KL rows
+    take the completions of the examples before the rank's own in the whole micro-batch."""
+    from peftcli.data.collate import collate_rows, collate_unpaired, pad_token_id
 
+    mine, train = run.dist.rank_slice(window), run.data.train
     objective = run.stepper.objective
     if objective is not None and objective.samples:
         from peftcli.training.objectives.rollout import roll_out
 
-        rows = [run.data.train.take(indices) for indices in window]
-        return roll_out(objective, run.model, run.tokenizer, rows, step, run.recipe.train.seed, run.device)
-    if run.recipe.train.packing:
+        rows = [train.take(indices) for indices in mine]
+        layout = {"offsets": run.dist.slice_offsets(window), "stand_ins": run.dist.padding_flags(window)}
+        return roll_out(
+            objective, run.model, run.tokenizer, rows, step, run.recipe.train.seed, run.device, **layout
+        )
+    if objective is not None and objective.data_format == "unpaired_preference":
+        partners = run.dist.rank_slice([[batch[i - 1] for i in range(len(batch))] for batch in window])
         return [
-            collate_packed(take_rows(run.data.train, batch), pad_token_id(run.tokenizer)) for batch in window
+            collate_unpaired(train.take(indices), run.tokenizer, train.take(before))
+            for indices, before in zip(mine, partners, strict=True)
         ]
-    return [collate_rows(run.data.train, indices, run.tokenizer, run.task) for indices in window]
+    if run.recipe.train.packing:
+        return [collate_packed(take_rows(train, batch), pad_token_id(run.tokenizer)) for batch in mine]
+    return [collate_rows(train, indices, run.tokenizer, run.task) for indices in mine]
 
 
 def objective_metrics(run: Run) -> dict[str, float]:

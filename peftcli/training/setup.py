@@ -114,17 +114,14 @@ def check_recipe(recipe: Recipe, dist: Dist) -> None:
         check_eval_tasks(recipe, dist)
 
 
-# Objectives that run in one process only, and why.
-ONE_PROCESS = {
-    "kto": "its KL rows pair each example with another of the whole batch, which no rank holds",
-    "grpo": "grpo runs in one process for now (its rollouts are not shared out between ranks)",
-}
+# Why an objective cannot run under fsdp (the others: their reference swaps adapter weights it shards).
+NOT_SHARDED = {"grpo": "its rollout samples with the whole model, which fsdp shards"}
 
 
 def check_objective(recipe: Recipe, dist: Dist) -> None:
-    """A preference objective runs in one process or under DDP (not FSDP; KTO and GRPO in one process
-    only: ONE_PROCESS), and ``reference: base`` needs a method that can
-    switch its adapter off (peftcli.methods.registry.Method.adapter_disabled)."""
+    """A preference objective (or grpo) runs in one process or under DDP (not FSDP: NOT_SHARDED), and
+    ``reference: base`` needs a method that can switch its adapter off
+    (peftcli.methods.registry.Method.adapter_disabled)."""
     from peftcli.methods.registry import overrides
     from peftcli.training.objectives.reference import check_base_reference
     from peftcli.training.objectives.registry import OBJECTIVES
@@ -132,12 +129,12 @@ def check_objective(recipe: Recipe, dist: Dist) -> None:
     objective = OBJECTIVES[recipe.objective.name]
     if objective.data_format is None:
         return
-    if dist.enabled and (dist.mode != "ddp" or objective.name in ONE_PROCESS):
-        why = ONE_PROCESS.get(objective.name, f"its reference swaps adapter weights that {dist.mode} shards")
+    if dist.enabled and dist.mode != "ddp":
+        why = NOT_SHARDED.get(objective.name, f"its reference swaps adapter weights that {dist.mode} shards")
         raise RecipeError(
             "objective.name",
             f"{objective.name} cannot run under {dist.mode} with {dist.world_size} processes: {why}",
-            "run it in one process" if objective.name in ONE_PROCESS else "set train.distributed: ddp",
+            "set train.distributed: ddp",
         )
     method = get_method_class(recipe.method.name)
     base_reference = objective.wants_reference(recipe.objective) and recipe.objective.reference == "base"
@@ -320,7 +317,7 @@ def build_stepper(
     scheduler = build_scheduler(optimizer, cfg, steps)
     amp_dtype = autocast_dtype(recipe, device)
     loss_path, speed_lines = choose_speed_paths(recipe, model, dist, device)
-    objective = build_objective(recipe.objective, method, model)
+    objective = build_objective(recipe.objective, method, model, dist)
     if objective is not None:
         loss_path = "plain"
         scored = {

@@ -38,11 +38,19 @@ class StepResult:
     fault: faults.NonFinite | None  # a non-finite loss or gradient norm: the update was dropped
 
 
-def loss_normaliser(micro: list[dict[str, torch.Tensor]], task: str, dist: Dist | None = None) -> int:
+def loss_normaliser(
+    micro: list[dict[str, torch.Tensor]], task: str, dist: Dist | None = None, method: Method | None = None
+) -> int:
     """The number of scored targets in the whole global accumulation window (summed over ranks): every
-    micro-batch's summed loss is divided by it, so the step's loss is token-weighted over the window."""
-    local = sum(count_targets(batch, task) for batch in micro)
+    micro-batch's summed loss is divided by it, so the step's loss is token-weighted over the window.
+    A method with its own loss (``Method.loss_sum``) counts its own targets (``Method.loss_targets``)."""
+    local = sum(batch_targets(batch, task, method) for batch in micro)
     return max(1, dist.sum_int(local) if dist is not None else local)
+
+
+def batch_targets(batch: dict[str, torch.Tensor], task: str, method: Method | None) -> int:
+    counted = method.loss_targets(batch) if method is not None else None
+    return count_targets(batch, task) if counted is None else counted
 
 
 @dataclass
@@ -78,7 +86,7 @@ class Stepper:
         window's loss normaliser (:func:`loss_normaliser` of ``micro`` when None). A non-finite loss or
         gradient norm drops the update and leaves the optimizer's state untouched (``StepResult.fault``)."""
         if n_targets is None:
-            n_targets = loss_normaliser(micro, self.task, self.dist)
+            n_targets = loss_normaliser(micro, self.task, self.dist, self.method)
         loss, tokens, micro_losses = self.backward_window(micro, n_targets)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -107,13 +115,15 @@ class Stepper:
                 torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None),
             ):
                 if self.objective is None:
-                    loss_sum = micro_batch_loss_sum(self.wrapped, batch, self.task, self.loss_path)
+                    loss_sum = self.method.loss_sum(self.wrapped, batch)  # None: the loss path's
+                    if loss_sum is None:
+                        loss_sum = micro_batch_loss_sum(self.wrapped, batch, self.task, self.loss_path)
                     auxiliary = self.method.auxiliary_loss(self.model, batch)  # summed, as loss_sum
                     total = loss_sum if auxiliary is None else loss_sum + auxiliary
                     loss = total / n_targets  # token-weighted over the whole (global) accumulation window
                     share = None
                 else:  # a preference objective: this micro-batch's share of the window's loss
-                    loss = self.objective.micro_loss(self.wrapped, batch, counts)
+                    loss = self.objective.micro_loss(self.wrapped, batch, {**counts, "micro": i})
                     share = loss.item()
                 extra = self.method.extra_loss(self.model)
                 if extra is not None:
@@ -125,10 +135,16 @@ class Stepper:
             tokens += int(batch["attention_mask"].sum())
         return loss_total, tokens, micro_losses
 
-    def window_counts(self, micro: list[dict[str, torch.Tensor]]) -> dict[str, int]:
-        """An objective's normalisers over the global window (pairs, chosen tokens; grpo: its tokens)."""
+    def window_counts(self, micro: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """An objective's normalisers over the global window (pairs, chosen tokens; grpo: its tokens, and
+        each micro-batch's rows and tokens as lists), each summed over ranks and at least 1, in one
+        all-reduce."""
         local = self.objective.window_counts(micro)
-        return {k: max(1, self.dist.sum_int(v)) for k, v in local.items()}
+        flat = [float(x) for v in local.values() for x in (v if isinstance(v, list) else [v])]
+        summed = iter(max(1, round(x)) for x in self.dist.sum_floats(flat))
+        return {
+            k: [next(summed) for _ in v] if isinstance(v, list) else next(summed) for k, v in local.items()
+        }
 
     def update(self, step: int) -> float:
         """after_backward → clip → optimizer (through the scaler) → after_step → scheduler → zero_grad;

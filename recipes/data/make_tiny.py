@@ -14,6 +14,8 @@
 - tiny_multitask_train.jsonl / tiny_multitask_eval.jsonl: completion pairs "<word> =" with a
   ``task_id``: task 0 reverses the word, task 1 upper-cases it; the prompt alone does not say which, so
   only the task id does (multitask prompt tuning, recipes/tiny/multitask_prompt_tuning.yaml).
+- tiny_cpt_context.jsonl: four solved reversals {input, output}, the in-context examples CPT lays out as
+  its prompt (recipes/tiny/cpt.yaml: "reverse <word> = <drow>" per line, as tiny_train's rows read).
 - tasks/tiny_reverse_choice.jsonl: a four-way multiple-choice version of the reversal task for
   lm-evaluation-harness (tasks/tiny_reverse_choice.yaml; `peftcli eval --tasks`, docs/use.md).
 """
@@ -74,6 +76,7 @@ def main() -> None:
     picks = random.Random(3)
     write(HERE / "tiny_multitask_train.jsonl", [picks.choice(multitask) for _ in range(256)])
     write(HERE / "tiny_multitask_eval.jsonl", multitask[:8] + multitask[20:28])
+    write(HERE / "tiny_cpt_context.jsonl", [{"input": w, "output": w[::-1]} for w in WORDS[16:20]])
 
 
 def multitask_pairs() -> list[dict]:

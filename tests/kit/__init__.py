@@ -7,7 +7,8 @@
 - tokenizers: ``tokenizer(arch)``, ``ids`` (byte-level reference ids);
 - batches: ``batch(task, vocab, lengths=...)`` one seeded, right-padded batch for any task;
 - steps: ``train_step`` / ``train_steps`` run the training loop's own ``Stepper.step``;
-  ``window_gradients`` its forward/backward over a window without the update;
+  ``window_gradients`` its forward/backward over a window without the update; ``thread_ranks`` and
+  ``rank_window``: torchrun ranks' windows as threads (their all-reduce meets, no processes);
 - generation: cached decoding against full recompute;
 - parity: ``peft_loads_ours`` / ``we_load_peft``, peft parity both ways for a method's option table;
 - peft: the oracle helpers (``logits``, ``perturb``, ``save``, ``load_in_peft``, ``copy_into_peft``).
@@ -33,7 +34,7 @@ from kit.models import (
 from kit.parity import auto_class, max_diff, peft_loads_ours, we_load_peft
 from kit.paths import CPU, DATA, EVAL, HELPERS, RECIPES, ROOT, TINY, TRAIN
 from kit.peft import boft_in_torch, copy_into_peft, load_in_peft, logits, peft_logits, perturb, save
-from kit.steps import stepper, train_step, train_steps, window_gradients
+from kit.steps import rank_window, stepper, thread_ranks, train_step, train_steps, window_gradients
 
 __all__ = [
     "CPU",
@@ -68,8 +69,10 @@ __all__ = [
     "peft_loads_ours",
     "peft_logits",
     "perturb",
+    "rank_window",
     "save",
     "stepper",
+    "thread_ranks",
     "tiny",
     "tiny_recipe",
     "tokenizer",

@@ -3,6 +3,7 @@ and the logits both are compared on."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -57,7 +58,9 @@ def load_in_peft(adapter_dir: Path, base_path: str, auto_class=None, **base_opti
     from transformers import AutoModelForCausalLM
 
     boft_in_torch()
-
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    if config.get("peft_type") == "XLORA":  # peft's X-LoRA refuses a base that caches keys and values
+        base_options.setdefault("use_cache", False)
     base = (auto_class or AutoModelForCausalLM).from_pretrained(
         base_path, dtype=torch.float32, **base_options
     )

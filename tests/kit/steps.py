@@ -71,8 +71,62 @@ def window_gradients(
     """The loop's forward/backward over one accumulation window (``Stepper.backward_window``), without
     the update: (window loss, scored targets, the trainable gradients). Gradients start from zero."""
     model.zero_grad(set_to_none=True)
-    n_targets = loss_normaliser(micro, task)
+    n_targets = loss_normaliser(micro, task, method=method)
     stepper = Stepper(model=model, method=method, optimizer=None, task=task, loss_path=loss_path)  # no update
     loss, _, _ = stepper.backward_window(micro, n_targets)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss, n_targets, grads
+
+
+def thread_ranks(world: int, work) -> list:
+    """``work(dist)`` for each of ``world`` ranks, run in threads whose ``Dist.sum_floats`` (the all-reduce
+    every normaliser and estimate goes through) meet: a torchrun job's arithmetic without processes.
+    The Dists' mode is "none" (no DDP wrapper: each rank's gradients stay its own, scaled by the world
+    size as the loop scales them for DDP's average). Returns each rank's result; a rank's error is raised."""
+    import threading
+
+    from peftcli.training.distributed import Dist
+
+    barrier, slots, results, errors = threading.Barrier(world, timeout=120), [None] * world, {}, []
+
+    def rank(r: int) -> None:
+        def sum_floats(values):
+            slots[r] = list(values)
+            barrier.wait()
+            total = [sum(column) for column in zip(*slots, strict=True)]
+            barrier.wait()
+            return total
+
+        dist = Dist("none", r, world)
+        dist.sum_floats = sum_floats
+        try:
+            results[r] = work(dist)
+        except BaseException as error:  # the others must not wait for this rank
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return [results[r] for r in range(world)]
+
+
+def rank_window(built, objective_cfg, micro: list[dict[str, torch.Tensor]], dist) -> tuple[float, dict]:
+    """One rank's forward/backward over its micro-batches through the loop's Stepper with ``objective_cfg``,
+    on its own copy of the built model: (its share of the window's loss, its gradients divided by the world
+    size: DDP averages them, so the ranks' sum is the update)."""
+    import copy
+
+    from peftcli.training.objectives.registry import build_objective
+
+    method, model = copy.deepcopy((built.method, built.model))
+    model.train()
+    objective = build_objective(objective_cfg, method, model, dist)
+    stepper_ = Stepper(model=model, method=method, optimizer=None, objective=objective, dist=dist)
+    loss, _, _ = stepper_.backward_window(micro, 1)
+    grads = {n: p.grad / dist.world_size for n, p in model.named_parameters() if p.grad is not None}
+    return loss, grads

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from peftcli.recipe import ObjectiveConfig
+from peftcli.training.distributed import Dist
 from peftcli.training.loss import IGNORE_INDEX, shift_labels
 
 __all__ = ["Objective", "PairScores", "pair_counts", "score_pairs", "sequence_logps", "stand_in"]
@@ -110,13 +111,16 @@ class Objective:
     and :meth:`rewards`; ORPO adds a token-weighted term through :meth:`window_loss`.
 
     ``data_format``: the data format it trains on (None: any SFT format). ``needs_reference``: whether
-    it compares the policy with a frozen reference (a second forward, no gradients)."""
+    it compares the policy with a frozen reference (a second forward, no gradients). ``dist``: the
+    run's ranks (build_objective sets it), for what a micro-batch's loss needs from the other ranks
+    (KTO's KL estimate, GRPO's rollout statistics) beyond the Stepper's summed normalisers."""
 
     name: ClassVar[str]
     data_format: ClassVar[str | None] = "preference"
     needs_reference: ClassVar[bool] = False
     task: ClassVar[str] = "causal_lm"  # the model head it trains (reward: seq_cls)
     samples: ClassVar[bool] = False  # grpo: the loop samples completions of the window's prompts first
+    dist: Dist = Dist()  # one process unless build_objective is given the run's
 
     def __init__(
         self, cfg: ObjectiveConfig, reference: Callable[[], Any] | None = None, reference_model=None
@@ -138,7 +142,8 @@ class Objective:
         return cls.needs_reference
 
     def window_counts(self, micro: list[dict[str, torch.Tensor]]) -> dict[str, int]:
-        """The window's normalisers, before summing over ranks (pairs, chosen tokens)."""
+        """The window's normalisers, before summing over ranks (pairs, chosen tokens): ints, or lists of
+        ints (one per micro-batch). micro_loss gets them summed, with ``micro``: the micro-batch's index."""
         return pair_counts(micro)
 
     def window_loss(self, s: PairScores, counts: dict[str, int]) -> torch.Tensor:

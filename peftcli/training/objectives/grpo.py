@@ -14,6 +14,10 @@ per prompt (:mod:`~peftcli.training.objectives.rollout`), rewarded (``objective.
   sequence, then over sequences; bnpo over each micro-batch's tokens; dr_grpo over rows × max_new_tokens
   (the last three over the window's micro-batches too, as TRL scales for gradient accumulation).
 
+Under torchrun every normaliser is the whole (global) micro-batch's or window's, summed over ranks, and
+the rollout's advantages and statistics are computed over every rank's completions (rollout.py), so N
+ranks compute what one process does. (TRL's DDP averages per-device means instead.)
+
 log π scores logits / temperature, the distribution that sampled (as TRL does).
 """
 
@@ -28,7 +32,7 @@ from torch import nn
 
 from peftcli.recipe import ObjectiveConfig
 from peftcli.training.loss import IGNORE_INDEX, shift_labels
-from peftcli.training.objectives.base import Objective
+from peftcli.training.objectives.base import Objective, stand_in
 from peftcli.training.objectives.rewards import build_rewards
 
 __all__ = ["Grpo", "group_advantages", "summed_rewards", "token_logps", "unbiased_std"]
@@ -91,7 +95,8 @@ class Grpo(Objective):
         self.rewards = build_rewards(cfg.rewards)
         self.epsilon_low = cfg.epsilon
         self.epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
-        self.logged: dict[str, list[float]] = {}  # this step's metrics, until the loop takes them
+        self.logged: dict[str, list[float]] = {}  # this rank's token-weighted sums, until the loop takes them
+        self.rollout_stats: dict[str, float] = {}  # this step's reward statistics (over every rank's)
 
     @classmethod
     def wants_reference(cls, cfg: ObjectiveConfig) -> bool:
@@ -101,10 +106,12 @@ class Grpo(Objective):
     def kl_coef(self) -> float:
         return self.cfg.kl_coef
 
-    def window_counts(self, micro: list[dict[str, torch.Tensor]]) -> dict[str, int]:
-        """dapo's normaliser: the window's completion tokens; the others scale by its micro-batches."""
-        tokens = sum(int((shift_labels(b["labels"]) != IGNORE_INDEX).sum()) for b in micro)
-        return {"tokens": tokens, "micro_batches": len(micro)}
+    def window_counts(self, micro: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """dapo's normaliser: the window's completion tokens; grpo's and dr_grpo's: each micro-batch's
+        completions (rows), bnpo's: each micro-batch's tokens (a torchrun stand-in counts none)."""
+        tokens = [int((shift_labels(b["labels"]) != IGNORE_INDEX).sum()) for b in micro]
+        rows = [0 if stand_in(b) else b["labels"].size(0) for b in micro]
+        return {"tokens": sum(tokens), "micro_tokens": tokens, "rows": rows}
 
     def per_token_losses(
         self, logps: torch.Tensor, advantages: torch.Tensor, ref_logps: torch.Tensor | None
@@ -119,16 +126,20 @@ class Grpo(Objective):
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
         return losses + self.kl_coef * kl * ratio, kl  # × ρ: TRL's use_bias_correction_kl (default)
 
-    def aggregate(self, losses: torch.Tensor, mask: torch.Tensor, counts: dict[str, int]) -> torch.Tensor:
-        """This micro-batch's share of the window's loss, as ``loss_type`` averages (TRL's four)."""
-        kind, micro = self.cfg.loss_type, counts["micro_batches"]
+    def aggregate(self, losses: torch.Tensor, mask: torch.Tensor, counts: dict[str, Any]) -> torch.Tensor:
+        """This micro-batch's share of the window's loss, as ``loss_type`` averages (TRL's four), over the
+        whole micro-batch's rows or tokens (``counts``: summed over ranks; ``micro``: its index)."""
+        kind, index, micro = self.cfg.loss_type, counts["micro"], len(counts["rows"])
         if kind == "dapo":
             return (losses * mask).sum() / counts["tokens"]
         if kind == "grpo":
-            return ((losses * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / micro
+            return (
+                (losses * mask).sum(-1).div(mask.sum(-1).clamp(min=1.0)).sum() / counts["rows"][index] / micro
+            )
         if kind == "bnpo":
-            return (losses * mask).sum() / mask.sum().clamp(min=1.0) / micro
-        return (losses * mask).sum() / (losses.size(0) * self.cfg.max_new_tokens) / micro  # dr_grpo
+            return (losses * mask).sum() / counts["micro_tokens"][index] / micro
+        rows = counts["rows"][index]
+        return (losses * mask).sum() / (rows * self.cfg.max_new_tokens) / micro  # dr_grpo
 
     def micro_loss(
         self, policy: nn.Module, batch: dict[str, torch.Tensor], counts: dict[str, int]
@@ -150,11 +161,14 @@ class Grpo(Objective):
 
     def record_rollout(self, stats: dict[str, float]) -> None:
         """The rollout's reward statistics for this step (rollout.py computes them over the window)."""
-        for key, value in stats.items():
-            self.logged[key] = [value, 1.0]
+        self.rollout_stats = dict(stats)
 
     def step_metrics(self) -> dict[str, float]:
-        """This step's metrics (reward mean/std, each reward's mean, completion length, KL); then cleared."""
-        metrics = {k: total / count for k, (total, count) in self.logged.items() if count}
-        self.logged = {}
+        """This step's metrics (reward mean/std, each reward's mean, completion length, KL: its sums over
+        every rank's tokens, so every rank calls this once per step); then cleared."""
+        keys = sorted(self.logged)
+        sums = self.dist.sum_floats([x for key in keys for x in self.logged[key]])
+        measured = {k: sums[2 * i] / sums[2 * i + 1] for i, k in enumerate(keys) if sums[2 * i + 1]}
+        metrics = self.rollout_stats | measured
+        self.logged, self.rollout_stats = {}, {}
         return metrics

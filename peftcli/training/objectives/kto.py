@@ -7,6 +7,12 @@ batch's KL estimate,
 and the loss is the mean over the examples. z is estimated from mismatched pairs of the same batch:
 example i's prompt with example i−1's completion (collate_unpaired builds those rows), z =
 max(0, mean(logp − logref) over them), with no gradient through it (the paper and TRL detach it).
+
+Under torchrun each rank holds a slice of the micro-batch, and N ranks compute what one process does:
+the loop gives each rank's KL rows the completions of the examples before its own in the whole
+micro-batch (the previous rank's last one included), and z is the mean over every rank's KL rows (their
+sums and counts all-reduced). TRL instead rotates completions within each device's batch and averages
+the devices' means, which equals one process only when every device holds as many examples.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peftcli.training.objectives.base import Objective, sequence_logps
+from peftcli.training.objectives.base import Objective, sequence_logps, stand_in
 
 __all__ = ["Kto", "KtoScores"]
 
@@ -51,9 +57,10 @@ class Kto(Objective):
     data_format = "unpaired_preference"
     needs_reference = True
 
-    def score(self, policy, batch: dict[str, torch.Tensor]) -> KtoScores:
+    def score(self, policy, batch: dict[str, torch.Tensor], across_ranks: bool = False) -> KtoScores:
         """The examples' log-probs with gradients, the KL rows' without (z is detached), and the
-        reference's over all 2B rows in one forward."""
+        reference's over all 2B rows in one forward. ``across_ranks`` (training under torchrun): z over
+        the KL rows of every rank's slice of the micro-batch (eval: each rank scores all of it)."""
         half = batch["input_ids"].size(0) // 2
         logps, counts = sequence_logps(policy, rows(batch, slice(0, half)))
         with torch.no_grad():
@@ -62,9 +69,26 @@ class Kto(Objective):
                 ref, _ = sequence_logps(
                     policy if self.reference_model is None else self.reference_model, rows(batch, slice(None))
                 )
-        kl = (kl_logps - ref[half:]).mean().clamp(min=0)
+        terms = kl_logps - ref[half:]
+        kl = self.ranks_mean(terms, stand_in(batch)) if across_ranks else terms.mean()
         desirable = batch["desirable"].to(logps.device).bool()
-        return KtoScores(logps, counts, desirable, ref[:half], kl.expand(half))
+        return KtoScores(logps, counts, desirable, ref[:half], kl.clamp(min=0).expand(half))
+
+    def ranks_mean(self, terms: torch.Tensor, stand_in_batch: bool) -> torch.Tensor:
+        """The mean of the KL terms of every rank's slice (a stand-in slice counts none); one process:
+        their mean."""
+        if not self.dist.enabled:
+            return terms.mean()
+        total, count = self.dist.sum_floats(
+            [0.0, 0.0] if stand_in_batch else [float(terms.sum()), terms.numel()]
+        )
+        return torch.tensor(total / count, dtype=terms.dtype, device=terms.device)
+
+    def micro_loss(self, policy, batch: dict[str, torch.Tensor], counts: dict) -> torch.Tensor:
+        scores = self.score(policy, batch, across_ranks=True)
+        if stand_in(batch):  # zero gradients through the graph: it counts for nothing
+            return scores.logps.sum() * 0.0
+        return self.window_loss(scores, counts)
 
     def losses(self, s: KtoScores) -> torch.Tensor:
         ratio = s.logps - s.ref

@@ -6,6 +6,7 @@ from torch import nn
 
 from peftcli.methods.registry import Method
 from peftcli.recipe import ObjectiveConfig
+from peftcli.training.distributed import Dist
 from peftcli.training.objectives.base import Objective
 from peftcli.training.objectives.dpo import Dpo
 from peftcli.training.objectives.grpo import Grpo
@@ -24,12 +25,19 @@ OBJECTIVES: dict[str, type[Objective]] = {
 __all__ = ["OBJECTIVES", "build_objective"]
 
 
-def build_objective(cfg: ObjectiveConfig, method: Method, model: nn.Module) -> Objective | None:
+def build_objective(
+    cfg: ObjectiveConfig, method: Method, model: nn.Module, dist: Dist | None = None
+) -> Objective | None:
     """The run's objective; None for sft (the Stepper's own loss path). Its reference is set up here, so a
-    method that cannot switch its adapter off is refused before the first step."""
+    method that cannot switch its adapter off is refused before the first step. ``dist``: the run's
+    ranks under torchrun (KTO and GRPO exchange their estimates through it)."""
     cls = OBJECTIVES[cfg.name]
     if cls is Sft:
         return None
     if not cls.wants_reference(cfg):
-        return cls(cfg)
-    return cls(cfg, reference_context(cfg.reference, method, model), model)
+        objective = cls(cfg)
+    else:
+        objective = cls(cfg, reference_context(cfg.reference, method, model), model)
+    if dist is not None:
+        objective.dist = dist
+    return objective

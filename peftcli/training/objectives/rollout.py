@@ -9,6 +9,11 @@ model samples in eval mode (no dropout) and the loop's train mode is restored af
 
 A completion is its tokens up to and including the first EOS, or ``max_new_tokens`` tokens when no EOS
 came (truncated); its row is prompt + completion, right-padded, the completion's tokens labelled.
+
+Under torchrun each rank samples its slice of every micro-batch's prompts (a prompt's whole group on one
+rank), seeded by the completions' rows in the whole window, so the samples do not depend on the number of
+ranks; the ranks then exchange their rewards, and the advantages (``scale_rewards: batch`` takes the
+window's std) and the logged statistics are computed over the whole window in one process's order.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import nn
 from peftcli.data.collate import pad_token_id
 from peftcli.data.formats import IGNORE_INDEX
 from peftcli.decoding import Sampling, decode, eos_token_ids
+from peftcli.training.distributed import Dist
 from peftcli.training.objectives.grpo import Grpo, group_advantages, summed_rewards, unbiased_std
 from peftcli.training.objectives.rewards import Completions
 
@@ -42,19 +48,58 @@ def roll_out(
     step: int,
     seed: int,
     device: torch.device,
+    offsets: Sequence[int] | None = None,
+    stand_ins: Sequence[bool] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """The window's micro-batches of prompt rows → its micro-batches of scored completions (G per prompt,
-    a prompt's group on consecutive rows), with ``advantages``; the reward statistics go to the objective."""
-    group, sampling = objective.cfg.group_size, sampling_for(objective, seed, step)
+    a prompt's group on consecutive rows), with ``advantages``; the reward statistics go to the objective.
+    Under torchrun ``window`` is this rank's slice: ``offsets`` (Dist.slice_offsets) place each
+    micro-batch's first prompt in the whole window, and ``stand_ins`` (Dist.padding_flags) mark the
+    slices that count for nothing (Dist.rank_slice)."""
+    if offsets is None:
+        offsets = [sum(len(rows) for rows in window[:i]) for i in range(len(window))]
+    stand_ins = list(stand_ins) if stand_ins is not None else [False] * len(window)
+    sampled = sample(
+        objective, model, tokenizer, window, sampling_for(objective, seed, step), offsets, device
+    )
+    eos, group = eos_token_ids(model, tokenizer), objective.cfg.group_size
+    mine = [reward_matrix(objective, tokenizer, rows, outputs, eos, group) for rows, _, outputs in sampled]
+    lengths = [[len(ids) for ids in outputs] for _, _, outputs in sampled]
+    per_reward, all_lengths, places = whole_window(objective.dist, mine, lengths, stand_ins)
+    rewards = summed_rewards(per_reward, reward_weights(objective))
+    advantages = group_advantages(rewards, group, objective.cfg.scale_rewards)
+    objective.record_rollout(
+        window_stats(objective, per_reward) | {"completion_length": sum(all_lengths) / len(all_lengths)}
+    )
+    pad = pad_token_id(tokenizer)
+    return [
+        completion_batch(
+            prompts, outputs, advantages[place] if place is not None else torch.zeros(len(outputs)), pad
+        )
+        for (_, prompts, outputs), place in zip(sampled, places, strict=True)
+    ]
+
+
+def sample(
+    objective: Grpo,
+    model: nn.Module,
+    tokenizer,
+    window: Sequence[list[dict]],
+    sampling: Sampling,
+    offsets: Sequence[int],
+    device: torch.device,
+) -> list[tuple[list[dict], list[list[int]], list[list[int]]]]:
+    """(prompt rows, G prompts per row, their completions) per micro-batch; completion k of the prompt at
+    place p of the window is sampled from row p·G + k's generator, in eval mode."""
+    group = objective.cfg.group_size
     eos, pad = eos_token_ids(model, tokenizer), pad_token_id(tokenizer)
     was_training = model.training
     model.eval()
-    sampled, first_row = [], 0
+    sampled = []
     try:
-        for rows in window:
+        for rows, offset in zip(window, offsets, strict=True):
             prompts = [row["input_ids"] for row in rows for _ in range(group)]
-            row_ids = list(range(first_row, first_row + len(prompts)))
-            first_row += len(prompts)
+            row_ids = list(range(offset * group, offset * group + len(prompts)))
             outputs = decode(
                 model,
                 prompts,
@@ -69,21 +114,31 @@ def roll_out(
             sampled.append((rows, prompts, outputs))
     finally:
         model.train(was_training)
-    per_reward = torch.cat(
-        [reward_matrix(objective, tokenizer, rows, outputs, eos, group) for rows, _, outputs in sampled]
-    )  # (N, K): the window's completions, micro-batch after micro-batch
-    rewards = summed_rewards(per_reward, reward_weights(objective))
-    advantages = group_advantages(rewards, group, objective.cfg.scale_rewards).split(
-        [len(outputs) for _, _, outputs in sampled]
-    )
-    lengths = [len(ids) for _, _, outputs in sampled for ids in outputs]
-    objective.record_rollout(
-        window_stats(objective, per_reward) | {"completion_length": sum(lengths) / len(lengths)}
-    )
-    return [
-        completion_batch(prompts, outputs, micro_advantages, pad)
-        for (_, prompts, outputs), micro_advantages in zip(sampled, advantages, strict=True)
-    ]
+    return sampled
+
+
+def whole_window(
+    dist: Dist, mine: list[torch.Tensor], lengths: list[list[int]], stand_ins: list[bool]
+) -> tuple[torch.Tensor, list[int], list[slice | None]]:
+    """Every rank's rewards (N, K) and completion lengths in one process's order (micro-batch after
+    micro-batch, each rank's slice in rank order, stand-ins left out), and where this rank's micro-batches
+    sit in it (None: a stand-in). One process: its own, in order."""
+    shared = [None if pad else (r, n) for r, n, pad in zip(mine, lengths, stand_ins, strict=True)]
+    ranks = dist.gather_objects(shared)
+    parts, all_lengths, places, start = [], [], [], 0
+    for micro in range(len(shared)):
+        for rank, pieces in enumerate(ranks):
+            if pieces[micro] is None:
+                if rank == dist.rank:
+                    places.append(None)
+                continue
+            rewards, counts = pieces[micro]
+            if rank == dist.rank:
+                places.append(slice(start, start + len(counts)))
+            parts.append(rewards)
+            all_lengths += counts
+            start += len(counts)
+    return torch.cat(parts), all_lengths, places
 
 
 def reward_weights(objective: Grpo) -> torch.Tensor:
