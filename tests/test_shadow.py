@@ -9,11 +9,11 @@
   gradients of one batch (the auxiliary loss is normalised over the window's targets, as the task loss);
 - with each option that changes the numbers (``r``, ``shadow_alpha``, ``update_hidden_size``,
   ``init_weights``, the mirror's depth / width / heads / feed-forward width, ``share_embeddings``,
-  ``layers_to_transform``, ``exclude_modules``, ``modules_to_save``, gpt2's tuple-returning blocks, qwen3's and gemma2's ``layer_types``, opt's
-  nested block list, seq_cls), our adapter
-  moved off init loads in ``PeftModel.from_pretrained`` with our logits (≤ 1e-5), and an adapter peft
-  wrote loads in ``peftcli.export.load_adapter`` with peft's logits (≤ 1e-5); ``peftcli merge`` refuses in
-  one line, as peft refuses to merge;
+  ``layers_to_transform``, ``exclude_modules``, ``modules_to_save``; gpt2's tuple-returning blocks,
+  qwen3's and gemma2's ``layer_types``, opt's nested block list, seq_cls), our adapter moved off init
+  loads in ``PeftModel.from_pretrained`` with our logits (≤ 1e-5), and an adapter peft wrote loads in
+  ``peftcli.export.load_adapter`` with peft's logits (≤ 1e-5); ``peftcli merge`` refuses in one line, as
+  peft refuses to merge;
 - ``shadow_model`` as a pretrained backbone (a model directory, loaded by ``AutoModel``; a "projected"
   shadow checkpoint with its trained projection) loads both ways with peft's logits (≤ 1e-5);
 - decoding with the KV cache (the shadow backbone's cache kept beside the base's) gives the tokens of
