@@ -100,6 +100,7 @@ FAST_ROWS = {
     "test_randlora.py::test_we_load_peft_adapters_with_each_option": {"llama"},
     "test_road.py::test_peft_loads_our_adapter_with_each_option": {"road_4"},
     "test_road.py::test_we_load_peft_adapters_with_each_option": {"llama-road_1"},
+    "test_shadow.py::test_peft_loads_our_adapter_with_each_option": {"narrow-mirror"},
     "test_shira.py::test_peft_loads_our_adapter_with_each_option": {"weight_magnitude"},
     "test_shira.py::test_we_load_peft_adapters_with_each_option": {"llama"},
     "test_vblora.py::test_peft_loads_our_adapter_with_each_option": {"save_only_topk_weights"},

@@ -408,6 +408,15 @@ METHODS: dict[str, Case] = {
         peft_type="ROAD",
         peft_counts=True,
     ),
+    "shadow": Case(
+        {
+            "llama": ("shadow",),
+            "llama-seq_cls": ("shadow", "model.task=seq_cls", "data.format=classification"),
+        },
+        identity=True,
+        mergeable=False,
+        peft_type="SHADOW",  # peft stores the exit block's update, which never trains: no peft_counts
+    ),
     "shira": Case(
         {
             "llama": ("shira",),

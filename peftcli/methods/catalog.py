@@ -50,6 +50,7 @@ from peftcli.methods import (  # noqa: F401  (imported to register)
     pvera,
     randlora,
     road,
+    shadow,
     shira,
     supertuning,
     tinylora,

@@ -184,6 +184,13 @@ class Method:
         or None for the loop's count (labelled tokens)."""
         return None
 
+    def auxiliary_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """A loss term of the method's own that reads the micro-batch the loop just ran forward (sft
+        only; Shadow: its shadow path's loss on the batch's labels), *summed* over the batch's scored
+        targets: the loop adds it to the task loss's sum before normalising both over the window's
+        targets, so gradient accumulation and DDP see one loss. None (the default): nothing."""
+        return None
+
     def after_backward(self, model: nn.Module, step: int) -> None:
         """Called after backward, before the optimizer step and zero_grad (gradients present)."""
 

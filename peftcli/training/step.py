@@ -118,7 +118,9 @@ class Stepper:
                     loss_sum = self.method.loss_sum(self.wrapped, batch)  # None: the loss path's
                     if loss_sum is None:
                         loss_sum = micro_batch_loss_sum(self.wrapped, batch, self.task, self.loss_path)
-                    loss = loss_sum / n_targets  # token-weighted over the whole (global) accumulation window
+                    auxiliary = self.method.auxiliary_loss(self.model, batch)  # summed, as loss_sum
+                    total = loss_sum if auxiliary is None else loss_sum + auxiliary
+                    loss = total / n_targets  # token-weighted over the whole (global) accumulation window
                     share = None
                 else:  # a preference objective: this micro-batch's share of the window's loss
                     loss = self.objective.micro_loss(self.wrapped, batch, {**counts, "micro": i})

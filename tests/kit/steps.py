@@ -1,5 +1,5 @@
 """Training steps in tests run the loop's own step (``peftcli.training.step.Stepper``): forward/backward,
-``extra_loss``, ``after_backward``, clipping, ``optimizer.step``, ``after_step``, the scheduler and
+``extra_loss``, ``auxiliary_loss``, ``after_backward``, clipping, ``optimizer.step``, ``after_step``, the scheduler and
 ``zero_grad``, in the loop's order, so what a test checks after a step is what training does."""
 
 from __future__ import annotations
