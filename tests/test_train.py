@@ -206,3 +206,40 @@ def test_resume_refuses_a_changed_recipe(finished_run, recipe_path):
     )
     assert result.exit_code == 2
     assert "--resume" in result.output and "differs" in result.output
+
+
+def _saved_by_an_older_release(text: str, edit: str) -> str:
+    """recipe.yaml as an earlier peftcli (or a hand edit) left it: ``edit`` is section.key to drop,
+    section.key=value to change, or section.key+ to add a key this release does not know."""
+    import yaml
+
+    raw = yaml.safe_load(text)
+    section, key = edit.rstrip("+").split("=")[0].split(".")
+    if edit.endswith("+"):
+        raw[section][key] = 1
+    elif "=" in edit:
+        raw[section][key] = yaml.safe_load(edit.split("=")[1])
+    else:
+        del raw[section][key]
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+@pytest.mark.parametrize(
+    ("edit", "same"),
+    [
+        ("method.init", True),  # a key added after the run started: its default is what the run used
+        ("train.on_nan", True),
+        ("objective.name", True),
+        ("train.lr=0.01", False),  # a real change still refuses
+        ("method.r=4", False),
+        ("method.no_such_key+", False),  # a key this release cannot read: the text stays as written
+    ],
+)
+def test_resume_reads_an_older_recipe_with_this_releases_defaults(edit, same):
+    from peftcli.recipe import dump_recipe
+    from peftcli.recipe_loader import load_recipe
+    from peftcli.training.checkpoints import saved_identity, training_identity
+
+    current = dump_recipe(load_recipe(kit.ROOT / "recipes/quickstart.yaml"))
+    older = _saved_by_an_older_release(current, edit)
+    assert (saved_identity(older) == training_identity(current)) is same

@@ -54,12 +54,27 @@ def prepare_run_dir(recipe: Recipe, resume: bool, reporter: Reporter, is_main: b
 def check_same_recipe(recipe: Recipe, checkpoint: Path) -> None:
     """--resume continues the run its directory was started with: refuse a recipe that trains differently."""
     saved = checkpoint.parent.parent / "recipe.yaml"
-    if saved.exists() and training_identity(saved.read_text()) != training_identity(dump_recipe(recipe)):
+    if saved.exists() and saved_identity(saved.read_text()) != training_identity(dump_recipe(recipe)):
         raise RecipeError(
             "--resume",
             f"the recipe differs from the one {Path(recipe.output_dir)} was started with",
             f"resume with the same recipe (see {saved}) or start a new output_dir",
         )
+
+
+def saved_identity(recipe_yaml: str) -> str:
+    """The identity of a run directory's recipe.yaml as this release reads it: a run started before a
+    recipe key existed saved no value for it, and the key's default is what that run trained with (a new
+    key's default keeps the old behaviour). A recipe this release cannot read keeps its text as written,
+    which then differs from any recipe it can."""
+    import yaml
+
+    from peftcli.recipe_loader import build_recipe
+
+    try:
+        return training_identity(dump_recipe(build_recipe(yaml.safe_load(recipe_yaml))))
+    except RecipeError:
+        return training_identity(recipe_yaml)
 
 
 def training_identity(recipe_yaml: str) -> str:
