@@ -43,6 +43,7 @@ References and tolerances (fp32, CPU, the recipe's seed, which is also what peft
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,19 +192,26 @@ def test_pissa_niter_holds_the_top_singular_part(tmp_path):
         assert ((top - found) / top).max().item() <= 0.1
 
 
+def trained_adapter_loads_both_ways(tmp_path, recipe, base_path, tokenizer, model, method) -> Path:
+    """Two steps of the loop's Stepper, then save: peft and peftcli load the adapter on the original base
+    with the trained logits (≤ 1e-5). Returns the adapter directory."""
+    from peftcli.export import load_adapter
+
+    batch_ = batch_of(model.config.vocab_size)
+    train_steps(model, method, batch_, steps=2)
+    adapter = save(tmp_path, model, method, tokenizer, base_path, recipe)
+    ours = logits(model, batch_)
+    assert (logits(load_in_peft(adapter, base_path), batch_) - ours).abs().max().item() <= 1e-5
+    assert (logits(load_adapter(adapter).model, batch_) - ours).abs().max().item() <= 1e-5
+    return adapter
+
+
 @pytest.mark.parametrize("init", ["gaussian", "orthogonal", "pissa_niter"])
 def test_trained_adapter_loads_in_peft_and_here_on_the_original_base(init, tmp_path):
     """Built from the recipe with the init, trained two steps of the loop's Stepper and saved: peft and
     peftcli load it on the original base with the trained logits (≤ 1e-5)."""
-    from peftcli.export import load_adapter
-
     recipe, base_path, tokenizer, model, method = build("lora", tmp_path, INITS[init][0])
-    batch = batch_of(model.config.vocab_size)
-    train_steps(model, method, batch, steps=2)
-    adapter = save(tmp_path, model, method, tokenizer, base_path, recipe)
-    ours = logits(model, batch)
-    assert (logits(load_in_peft(adapter, base_path), batch) - ours).abs().max().item() <= 1e-5
-    assert (logits(load_adapter(adapter).model, batch) - ours).abs().max().item() <= 1e-5
+    trained_adapter_loads_both_ways(tmp_path, recipe, base_path, tokenizer, model, method)
 
 
 def test_peft_pissa_niter_config_reads_back():
@@ -442,16 +450,9 @@ def test_converted_peft_data_driven_adapter_loads_with_the_trained_logits(init, 
 
 
 def test_corda_export_on_the_original_base_gives_the_trained_logits(tmp_path):
-    from peftcli.export import load_adapter
-
     recipe, base_path, tokenizer, model, method = build("lora", tmp_path, ["method.init=corda", "method.r=4"])
     method.init_from_data(model, [corda_examples(model.config.vocab_size)])
-    batch_ = batch_of(model.config.vocab_size)
-    train_steps(model, method, batch_, steps=2)
-    adapter = save(tmp_path, model, method, tokenizer, base_path, recipe)
-    ours = logits(model, batch_)
-    assert (logits(load_in_peft(adapter, base_path), batch_) - ours).abs().max().item() <= 1e-5
-    assert (logits(load_adapter(adapter).model, batch_) - ours).abs().max().item() <= 1e-5
+    trained_adapter_loads_both_ways(tmp_path, recipe, base_path, tokenizer, model, method)
 
 
 @pytest.mark.slow
@@ -670,8 +671,6 @@ def test_lora_ga_gradient_is_peft_gradient(tmp_path, monkeypatch):
 
 
 def test_lora_ga_export_on_the_original_base_gives_the_trained_logits(tmp_path):
-    from peftcli.export import load_adapter
-
     recipe, base_path, tokenizer, model, method = build(
         "lora", tmp_path, ["method.init=lora_ga", "method.r=4"]
     )
@@ -680,12 +679,7 @@ def test_lora_ga_export_on_the_original_base_gives_the_trained_logits(tmp_path):
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         n for n, _ in model.named_parameters() if ".lora_" in n
     }
-    batch_ = batch_of(model.config.vocab_size)
-    train_steps(model, method, batch_, steps=2)
-    adapter = save(tmp_path, model, method, tokenizer, base_path, recipe)
-    ours = logits(model, batch_)
-    assert (logits(load_in_peft(adapter, base_path), batch_) - ours).abs().max().item() <= 1e-5
-    assert (logits(load_adapter(adapter).model, batch_) - ours).abs().max().item() <= 1e-5
+    trained_adapter_loads_both_ways(tmp_path, recipe, base_path, tokenizer, model, method)
 
 
 def eva_batches(vocab_size: int) -> list[dict[str, torch.Tensor]]:
@@ -734,18 +728,12 @@ def test_eva_equals_peft_for_the_same_batches(rho, tmp_path):
 
 @pytest.mark.slow  # ~40 s: the examples cycle until the components settle
 def test_eva_adapter_loads_with_its_ranks(tmp_path):
-    from peftcli.export import load_adapter
 
     recipe, base_path, tokenizer, model, method = build(
         "lora", tmp_path, ["method.init=eva", "method.r=4", "method.eva_rho=4", "method.eva_tau=0.9"]
     )
     method.init_from_data(model, eva_batches(model.config.vocab_size))
-    batch_ = batch_of(model.config.vocab_size)
-    train_steps(model, method, batch_, steps=2)
-    adapter = save(tmp_path, model, method, tokenizer, base_path, recipe)
-    ours = logits(model, batch_)
-    assert (logits(load_in_peft(adapter, base_path), batch_) - ours).abs().max().item() <= 1e-5
-    assert (logits(load_adapter(adapter).model, batch_) - ours).abs().max().item() <= 1e-5
+    trained_adapter_loads_both_ways(tmp_path, recipe, base_path, tokenizer, model, method)
 
 
 def test_incremental_pca_equals_the_pca_of_all_rows():

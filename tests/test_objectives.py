@@ -109,20 +109,12 @@ def recipe_for(tmp_path: Path, objective: dict):
     return load_recipe(RECIPE, overrides)
 
 
-def our_side(tmp_path: Path, objective: dict):
-    """(batch, step-1 loss, adapter gradients by peft's key, built model) from the loop's own step."""
-    recipe = recipe_for(tmp_path, objective)
-    built = kit.build(recipe)
-    kit.perturb(built.model, seed=PERTURB_SEED.get(objective["name"], 1))
-    rows = load_data(recipe.data, built.tokenizer, "causal_lm").train
-    batch = collate_rows(rows, range(len(rows)), built.tokenizer, "causal_lm")
+def step_one(recipe, built, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loop's own Stepper on one window of ``batch``: the step-1 loss and the adapter's gradients by
+    peft's key."""
     built.model.train()
-    stepper = Stepper(
-        model=built.model,
-        method=built.method,
-        optimizer=None,
-        objective=build_objective(recipe.objective, built.method, built.model),
-    )
+    objective = build_objective(recipe.objective, built.method, built.model)
+    stepper = Stepper(model=built.model, method=built.method, optimizer=None, objective=objective)
     built.model.zero_grad(set_to_none=True)
     loss, _, _ = stepper.backward_window([batch], 1)
     grads = {
@@ -130,7 +122,17 @@ def our_side(tmp_path: Path, objective: dict):
         for n, p in built.model.named_parameters()
         if p.grad is not None
     }
-    return batch, loss, grads, built
+    return loss, grads
+
+
+def our_side(tmp_path: Path, objective: dict):
+    """(batch, step-1 loss, adapter gradients by peft's key, built model) from the loop's own step."""
+    recipe = recipe_for(tmp_path, objective)
+    built = kit.build(recipe)
+    kit.perturb(built.model, seed=PERTURB_SEED.get(objective["name"], 1))
+    rows = load_data(recipe.data, built.tokenizer, "causal_lm").train
+    batch = collate_rows(rows, range(len(rows)), built.tokenizer, "causal_lm")
+    return (batch, *step_one(recipe, built, batch), built)
 
 
 def trl_trainer(tmp_path: Path, built, kind: str, options: dict):
@@ -713,17 +715,7 @@ def reward_side(tmp_path: Path):
     kit.perturb(built.model)
     rows = load_data(recipe.data, built.tokenizer, "causal_lm").train
     batch = collate_rows(rows, range(len(PAIRS)), built.tokenizer, "seq_cls")
-    built.model.train()
-    objective = build_objective(recipe.objective, built.method, built.model)
-    stepper = Stepper(model=built.model, method=built.method, optimizer=None, objective=objective)
-    built.model.zero_grad(set_to_none=True)
-    loss, _, _ = stepper.backward_window([batch], 1)
-    grads = {
-        built.method.stored_key(n): p.grad.clone()
-        for n, p in built.model.named_parameters()
-        if p.grad is not None
-    }
-    return batch, loss, grads, built
+    return (batch, *step_one(recipe, built, batch), built)
 
 
 def trl_reward_side(tmp_path: Path, built):
