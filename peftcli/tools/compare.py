@@ -431,7 +431,8 @@ def plot(result: dict[str, Any], output: Path) -> Path:
     rows = [r for r in result["rows"] if "error" not in r]
     score = next((m for m in SCORE_METRICS if all(m in (r.get("eval") or {}) for r in rows)), None)
     metrics = ["eval_loss", *([score] if score else [])]
-    figure = Figure(figsize=(5.5 * (len(metrics) + 1), 5), dpi=100, layout="constrained")
+    height = max(5.0, 1.5 + 0.2 * len(rows))  # one bar per method stays legible with 50 of them
+    figure = Figure(figsize=(5.5 * (len(metrics) + 1), height), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(metrics) + 1)
     for ax, metric in zip(axes, metrics, strict=False):
