@@ -22,7 +22,9 @@ definition written out instead.
 
 Beyond parity: KTO's KL term against its definition (each mismatched row scored alone); precomputed
 reference log-probs give the very same logged losses and evals as scoring the reference every step, and
-their cache key follows the data, the base's files and the start adapter; ``model.adapter`` starts a run
+their cache key follows the data, the base's files and the start adapter; a run killed (SIGKILL) after a
+checkpoint and resumed ends as the uninterrupted run did (≤ 1e-6) for dpo with ``reference: start``, kto
+and reward (GRPO's is in tests/test_grpo.py); ``model.adapter`` starts a run
 from a trained adapter's tensors, with ``reference: start`` scoring exactly that adapter; ``report`` and
 ``compare`` show a preference run's objective and reward metrics (checked against metrics.jsonl and
 results.json).
@@ -52,6 +54,7 @@ pytest.importorskip("trl")
 
 RECIPE = kit.ROOT / "recipes" / "objectives" / "dpo.yaml"
 KTO_RECIPE = kit.ROOT / "recipes" / "objectives" / "kto.yaml"
+REWARD_RECIPE = kit.ROOT / "recipes" / "objectives" / "reward.yaml"
 PAIRS = [json.loads(line) for line in (kit.ROOT / "recipes/data/tiny_pref_train.jsonl").open()][:4]
 # Unequal answer lengths, so padding, per-answer counts and averages all matter.
 PAIRS[1] = {**PAIRS[1], "chosen": " very happy indeed"}
@@ -614,12 +617,21 @@ def test_dpo_learns_held_out_preferences(tmp_path):
     assert evals[-1]["rewards/margins"] > 0
 
 
+# objective row -> (shipped recipe, recipe changes, step-1 loss where it is known exactly)
+RESUME_CASES = {
+    # the reference is the adapter the run began from, not the one restored from the checkpoint (set_up
+    # keeps it before restore); a PiSSA init makes that start adapter differ from the base
+    "dpo-start": (RECIPE, {"objective": {"reference": "start"}, "method": {"init": "pissa"}}, math.log(2)),
+    "kto": (KTO_RECIPE, {}, None),  # its KL estimate pairs the rows of each restored batch again
+    "reward": (REWARD_RECIPE, {}, None),  # the score head trains whole (modules_to_save)
+}
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_with_the_start_reference(tmp_path):
-    """DPO with ``reference: start`` killed right after checkpoint 3 and resumed ends with the adapter and
-    the logged losses of an uninterrupted run (≤ 1e-6): the reference is the adapter the run began
-    from, not the one restored from the checkpoint (set_up keeps it before restore). A gaussian LoRA
-    init makes that start adapter differ from the base."""
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_sigkill_then_resume_matches_uninterrupted(case, tmp_path):
+    """Each objective killed (SIGKILL) right after checkpoint 3 and resumed ends with the adapter and the
+    logged losses of an uninterrupted run (≤ 1e-6)."""
     import sys
 
     import yaml
@@ -631,10 +643,11 @@ def test_sigkill_then_resume_matches_uninterrupted_with_the_start_reference(tmp_
     sys.path.insert(0, str(kit.HELPERS))
     from kill_after_checkpoint import run_killed_after_checkpoint
 
-    raw = yaml.safe_load(RECIPE.read_text())
+    recipe, changes, first_loss = RESUME_CASES[case]
+    raw = yaml.safe_load(recipe.read_text())
     raw["data"] = {k: str(kit.ROOT / v) if k == "train" else v for k, v in raw["data"].items() if k != "eval"}
-    raw["objective"]["reference"] = "start"
-    raw["method"]["init"] = "pissa"
+    for section, values in changes.items():
+        raw[section].update(values)
     raw["train"].update(max_steps=6, save_every=3, batch_size=8, log_every=1, eval_every=0)
     runs = {}
     for name in ("full", "killed"):
@@ -657,7 +670,8 @@ def test_sigkill_then_resume_matches_uninterrupted_with_the_start_reference(tmp_
     got, expected = losses(runs["killed"]), losses(runs["full"])
     assert [s for s, _ in got] == list(range(1, 7))
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], abs=1e-6)
-    assert expected[0][1] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at step 1
+    if first_loss is not None:  # DPO: policy = reference at step 1
+        assert expected[0][1] == pytest.approx(first_loss, abs=1e-6)
     assert expected[-1][1] < math.log(2)
 
 
@@ -702,8 +716,6 @@ def test_modules_to_save_refuse_the_base_reference_when_built():
 
 
 # -- reward model ----------------------------------------------------------------------------------
-
-REWARD_RECIPE = kit.ROOT / "recipes" / "objectives" / "reward.yaml"
 
 
 def reward_side(tmp_path: Path):
