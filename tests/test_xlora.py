@@ -3,7 +3,8 @@ changes results (≤ 1e-5, fp32), with experts written by peftcli (the tiny reci
 paper's mixture on one layer from the scalings (≤ 1e-6) and the classifier reading the scaling pass's
 last hidden state (the base's, at scaling_pass_value 0); one-line refusals at start. Generation (no KV
 cache: the whole sequence again at every step): our batched, left-padded greedy tokens equal peft's own
-``generate`` on our adapter, prompt by prompt, and ``peftcli generate`` writes those continuations.
+``generate`` on our adapter, prompt by prompt, ``peftcli generate`` writes those continuations, and GRPO
+samples (a cached step would stop in one line).
 
 peft 0.21's ``save_pretrained`` drops the classifier tensors whose names hold an expert's name (its
 experts are named "0", "1", ..., so ``layers.0`` always goes, and at depth 1 the whole classifier): we
@@ -299,3 +300,27 @@ def test_peftcli_generate_writes_the_decoded_continuations(moved_adapter, tmp_pa
     assert [r["completion_tokens"] for r in written] == [len(t) for t in want]
     with pytest.raises(RecipeError, match="cannot decode with a KV cache"):
         decode(loaded.model, prompts, 2, eos, pad, kit.CPU)
+
+
+@pytest.mark.slow
+def test_grpo_rolls_out_without_a_cache(tmp_path, monkeypatch):
+    """GRPO's sampling and its greedy eval take the method's path: a cached step would stop in one line."""
+    from peftcli import api
+
+    monkeypatch.chdir(kit.ROOT)
+    grpo = [
+        "objective.name=grpo",
+        "objective.rewards=[{contains: answer}]",
+        "objective.max_new_tokens=6",
+        "data.format=prompt",
+        "data.train=recipes/data/tiny_grpo_train.jsonl",
+        "data.eval=recipes/data/tiny_grpo_eval.jsonl",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "train.log_every=1",
+    ]
+    result = api.train(kit.TINY / "xlora.yaml", overrides=[f"output_dir={tmp_path / 'run'}", *grpo])
+    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lengths = [e["completion_length"] for e in logged if e["event"] == "train"]
+    assert len(lengths) == 2 and all(0 < n <= 6 for n in lengths)
+    assert result.eval_after["eval_examples"] == 12
