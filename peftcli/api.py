@@ -131,7 +131,7 @@ def evaluate_tasks(
             tasks, include_path, num_fewshot, limit, resolved.recipe.eval.batch_size, allow_code
         )
     model = resolved.build_model(resolved.label_names)
-    result = run_tasks(model, resolved.tokenizer, resolved.task, device, options)
+    result = run_tasks(model, resolved.tokenizer, resolved.task, device, options, resolved.use_cache)
     return {"target": str(resolved.path), "kind": resolved.kind, "task": resolved.task, **result}
 
 
@@ -182,6 +182,7 @@ class EvalTarget:
     label_names: list[str] | None  # None: taken from the eval data (the untrained base)
     recipe: Recipe | None  # the recipe, or the run's recipe.yaml beside an adapter
     build_model: Callable[[list[str] | None], Any]  # label names of the eval data -> model
+    use_cache: bool = True  # decode over a KV cache (False: an adapter whose method decodes without one)
 
 
 def evaluate_target(
@@ -217,7 +218,9 @@ def evaluate_target(
         )
     model = resolved.build_model(bundle.label_names)
     eval_cfg = resolved.recipe.eval if resolved.recipe else EvalConfig()
-    metrics = evaluate(model, resolved.tokenizer, bundle, resolved.task, eval_cfg, device)
+    metrics = evaluate(
+        model, resolved.tokenizer, bundle, resolved.task, eval_cfg, device, use_cache=resolved.use_cache
+    )
     return {"target": str(resolved.path), "kind": resolved.kind, "task": resolved.task, **metrics}
 
 
@@ -259,10 +262,11 @@ def resolve_eval_target(
         allow_pickle = allow_pickle or recipe.model.allow_pickle
     if kind == "adapter":
         loaded = load_adapter(target, device=device, allow_pickle=allow_pickle)
-        model = _ensemble(loaded, ensemble, vote, device) if ensemble or vote else loaded.model
-        return EvalTarget(
-            target, kind, loaded.task, loaded.tokenizer, loaded.label_names, recipe, lambda _labels: model
-        )
+        model, use_cache = loaded.model, loaded.method.decodes_with_cache
+        if ensemble or vote:
+            model, use_cache = _ensemble(loaded, ensemble, vote, device)
+        labels, build = loaded.label_names, lambda _labels: model
+        return EvalTarget(target, kind, loaded.task, loaded.tokenizer, labels, recipe, build, use_cache)
     if kind == "base":
         assert recipe is not None
         base = recipe.model
@@ -300,7 +304,8 @@ def _eval_data_config(target: EvalTarget, data: str | None) -> DataConfig:
 
 
 def _ensemble(first, others: list[str], vote: bool, device):
-    """The target adapter and ``others`` (same base, task and labels) as one EnsembleModel."""
+    """The target adapter and ``others`` (same base, task and labels) as one EnsembleModel, and whether
+    it decodes over a KV cache (every member's method does)."""
     from peftcli.evaluate import EnsembleModel
     from peftcli.export import load_adapter
 
@@ -310,7 +315,7 @@ def _ensemble(first, others: list[str], vote: bool, device):
             "majority vote is for classification adapters (seq_cls)",
             "drop --vote to average the logits",
         )
-    members = [first.model]
+    members, use_cache = [first.model], first.method.decodes_with_cache
     for path in others:
         loaded = load_adapter(path, device=device)
         if (loaded.base_path, loaded.task, loaded.label_names) != (
@@ -325,7 +330,8 @@ def _ensemble(first, others: list[str], vote: bool, device):
                 "ensemble adapters of one base model, task and label set",
             )
         members.append(loaded.model)
-    return EnsembleModel(members, vote=vote)
+        use_cache = use_cache and loaded.method.decodes_with_cache
+    return EnsembleModel(members, vote=vote), use_cache
 
 
 def export(

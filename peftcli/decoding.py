@@ -7,6 +7,12 @@ each step is a plain ``forward`` with the cache, so every method's own forward p
 left-padded so every row's next token sits in the last column; position ids follow the attention mask
 (as in ``transformers``' ``generate``), so padding does not shift them.
 
+A method whose forward needs the whole sequence for every token (X-LoRA: each token's expert mix comes
+from a first pass over the sequence; ``Method.decodes_with_cache`` False) decodes with ``use_cache=False``:
+every step re-runs the whole left-padded sequence so far, with its attention mask and position ids, and
+takes the last column's logits (what ``transformers``' ``generate`` does without a cache). It costs one
+forward over the whole sequence per new token, but the tokens are those the model gives the sequence.
+
 Greedy decoding takes the argmax. Sampling divides the logits by the temperature, keeps the smallest
 set of most likely tokens whose probability reaches ``top_p`` (Holtzman et al., 2020, nucleus
 sampling) and draws from it with one ``torch.Generator`` per row, seeded from the run's seed and the
@@ -90,6 +96,38 @@ def choose_next(
     return torch.cat(picks)
 
 
+def step_logits(model, inputs: dict[str, torch.Tensor], past, use_cache: bool):
+    """The last column's logits (B, V) of one step, and the cache for the next (None without one)."""
+    if not use_cache:
+        return model(**inputs, use_cache=False).logits[:, -1, :], None
+    out = model(**inputs, use_cache=True, **{cache_argument(): past})
+    return out.logits[:, -1, :], output_cache(out)
+
+
+def next_inputs(inputs: dict[str, torch.Tensor], next_token: torch.Tensor, use_cache: bool):
+    """The next step's inputs: the mask one column longer; with a cache only the new token (the cache
+    holds what came before), else the whole sequence again with the new token appended."""
+    mask = inputs["attention_mask"]
+    attention_mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+    position = inputs["position_ids"][:, -1:] + 1  # (B, 1)
+    if use_cache:
+        return {"input_ids": next_token[:, None], "attention_mask": attention_mask, "position_ids": position}
+    return {
+        "input_ids": torch.cat([inputs["input_ids"], next_token[:, None]], dim=1),  # (B, L + n)
+        "attention_mask": attention_mask,
+        "position_ids": torch.cat([inputs["position_ids"], position], dim=1),  # (B, L + n)
+    }
+
+
+def left_padded(prompts: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The first step's inputs: prompts left-padded, positions counted from each row's first token."""
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)  # (B, L)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+
+
 @torch.no_grad()
 def decode(
     model,
@@ -102,16 +140,15 @@ def decode(
     row_ids: list[int] | None = None,
     on_step: OnStep | None = None,
     keep_eos: bool = False,
+    use_cache: bool = True,
 ) -> list[list[int]]:
     """Continuations of ``prompts`` (new tokens only, cut before the first EOS; with ``keep_eos``, just
     after it, so a caller can tell a finished continuation from one cut at ``max_new_tokens``).
 
-    ``row_ids`` (default 0..B-1) seed the per-row generators when sampling.
+    ``row_ids`` (default 0..B-1) seed the per-row generators when sampling. ``use_cache`` False (for a
+    method whose ``decodes_with_cache`` is False) re-runs the whole sequence at every step.
     """
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)  # (B, L)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    inputs = left_padded(prompts, pad_id, device)
     eos = torch.tensor(sorted(eos_ids) or [-1], device=device)
     generators = None
     if not sampling.greedy:
@@ -121,15 +158,8 @@ def decode(
     generated: list[torch.Tensor] = []
     past = None
     for _ in range(max_new_tokens):
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{cache_argument(): past},
-        )
-        past = output_cache(out)
-        next_token = choose_next(out.logits[:, -1, :], sampling, generators)  # (B,)
+        logits, past = step_logits(model, inputs, past, use_cache)
+        next_token = choose_next(logits, sampling, generators)  # (B,)
         next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
         generated.append(next_token)
         if on_step is not None:
@@ -137,9 +167,7 @@ def decode(
         finished |= torch.isin(next_token, eos)
         if bool(finished.all()):
             break
-        input_ids = next_token[:, None]  # (B, 1)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)
-        position_ids = position_ids[:, -1:] + 1  # (B, 1)
+        inputs = next_inputs(inputs, next_token, use_cache)
     tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in prompts]  # (B, N)
     results = []
     for row in tokens:

@@ -80,11 +80,18 @@ class EnsembleModel(torch.nn.Module):
 
 
 def greedy_generate(
-    model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad_id: int, device: torch.device
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_ids: set[int],
+    pad_id: int,
+    device: torch.device,
+    use_cache: bool = True,
 ) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (new tokens only, cut before the first EOS): the shared
-    loop of :mod:`peftcli.decoding`, the one ``peftcli generate`` and ``chat`` use."""
-    return decode(model, prompts, max_new_tokens, eos_ids, pad_id, device)
+    loop of :mod:`peftcli.decoding`, the one ``peftcli generate`` and ``chat`` use; ``use_cache`` is
+    the method's ``decodes_with_cache``."""
+    return decode(model, prompts, max_new_tokens, eos_ids, pad_id, device, use_cache=use_cache)
 
 
 def _seq2seq_generate(
@@ -150,12 +157,14 @@ def evaluate(
     cfg: EvalConfig,
     device: torch.device,
     generate_fn: GenerateFn | None = None,
+    use_cache: bool = True,
 ) -> dict[str, float]:
     """Metrics on ``bundle.eval``: eval_loss, perplexity, eval_examples, plus accuracy (seq_cls) or
     exact_match and generated_examples (causal_lm / seq2seq with answers, when ``cfg.generate``).
 
     ``generate_fn(model, prompt_ids_list, max_new_tokens) -> new token ids`` replaces the built-in
-    greedy decoding. With no eval data the result is ``{"eval_examples": 0}``.
+    greedy decoding; ``use_cache`` False (the model's method's ``decodes_with_cache``) decodes causal
+    LMs without a KV cache. With no eval data the result is ``{"eval_examples": 0}``.
     """
     if not bundle.eval:
         return {"eval_examples": 0}
@@ -174,7 +183,7 @@ def evaluate(
         if task == "seq_cls":
             metrics["accuracy"] = correct / len(bundle.eval)
         elif cfg.generate and bundle.eval_examples:
-            metrics.update(_exact_match(model, tokenizer, bundle, task, cfg, device, generate_fn))
+            metrics.update(_exact_match(model, tokenizer, bundle, task, cfg, device, generate_fn, use_cache))
     finally:
         model.train(was_training)
     return metrics
@@ -188,6 +197,7 @@ def _exact_match(
     cfg: EvalConfig,
     device: torch.device,
     generate_fn: GenerateFn | None,
+    use_cache: bool = True,
 ) -> dict[str, float]:
     examples = bundle.eval_examples[: cfg.max_generate_examples]
     max_length = bundle.stats.get("max_length")
@@ -201,7 +211,7 @@ def _exact_match(
         elif task == "seq2seq":
             outputs += _seq2seq_generate(model, tokenizer, chunk, cfg.max_new_tokens, device)
         else:
-            outputs += greedy_generate(model, chunk, cfg.max_new_tokens, eos_ids, pad_id, device)
+            outputs += greedy_generate(model, chunk, cfg.max_new_tokens, eos_ids, pad_id, device, use_cache)
     matches = sum(
         tokenizer.decode(tokens, skip_special_tokens=True).strip() == example["answer"].strip()
         for tokens, example in zip(outputs, examples, strict=False)

@@ -128,8 +128,16 @@ def _virtual_tokens(model: torch.nn.Module) -> int:
     return int(getattr(model, "n_prefix", 0) or 0) + int(getattr(model, "n_input", 0) or 0)
 
 
-def make_lm(model: torch.nn.Module, tokenizer, task: str, device: torch.device, batch_size: int):
-    """lm-eval's ``HFLM`` around ``model``; generation decodes with :func:`peftcli.decoding.decode`."""
+def make_lm(
+    model: torch.nn.Module,
+    tokenizer,
+    task: str,
+    device: torch.device,
+    batch_size: int,
+    use_cache: bool = True,
+):
+    """lm-eval's ``HFLM`` around ``model``; generation decodes with :func:`peftcli.decoding.decode`
+    (without a KV cache when ``use_cache`` is False: the method's ``decodes_with_cache``)."""
     from lm_eval.models.huggingface import HFLM
 
     from peftcli.data.collate import pad_token_id
@@ -163,6 +171,7 @@ def make_lm(model: torch.nn.Module, tokenizer, task: str, device: torch.device, 
                 pad,
                 self.device,
                 sampling,
+                use_cache=use_cache,
             )
             # HFLM drops the first context.shape[1] columns and cuts at the stop strings itself.
             width = max(len(row) for row in new)
@@ -206,9 +215,15 @@ def quiet_lm_eval() -> None:
 
 
 def run_tasks(
-    model: torch.nn.Module, tokenizer, task: str, device: torch.device, options: TaskOptions
+    model: torch.nn.Module,
+    tokenizer,
+    task: str,
+    device: torch.device,
+    options: TaskOptions,
+    use_cache: bool = True,
 ) -> dict[str, Any]:
-    """Score ``model`` on ``options.tasks``; returns ``{"tasks": {name: {metric: value, ...}}, ...}``."""
+    """Score ``model`` on ``options.tasks``; returns ``{"tasks": {name: {metric: value, ...}}, ...}``.
+    ``use_cache``: the method's ``decodes_with_cache`` (generation tasks decode without a cache if False)."""
     check_tasks(options)
     if task == "seq_cls":
         raise RecipeError(
@@ -225,7 +240,7 @@ def run_tasks(
     model.eval()
     try:
         output = simple_evaluate(
-            model=make_lm(model, tokenizer, task, device, options.batch_size),
+            model=make_lm(model, tokenizer, task, device, options.batch_size, use_cache),
             tasks=list(options.tasks),
             num_fewshot=options.num_fewshot,
             limit=options.limit,

@@ -133,6 +133,31 @@ def test_greedy_generate_equals_peft(method, use_peft_generate, tmp_path):
         assert record["finish_reason"] == ("length" if len(tokens) == steps else "stop")
 
 
+def test_decoding_without_a_cache_gives_the_cached_tokens(tmp_path):
+    """decode's path for methods that cannot cache (X-LoRA) re-runs the whole left-padded sequence at every
+    step; on a LoRA model its greedy tokens must be the cached path's, row for row."""
+    from kit import build, perturb
+
+    built = build("lora", tmp_path)
+    perturb(built.model)
+    widths: list[int] = []
+    built.model.register_forward_pre_hook(
+        lambda _module, _args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    prompts = [prompt_ids(built.tokenizer, row, "row") for row in ROWS]
+    pad, steps, width = built.tokenizer.pad_token_id, 12, max(map(len, prompts))
+    for eos in (eos_token_ids(built.model, built.tokenizer), set()):  # the callers' EOS; every step
+        widths.clear()
+        cached = decode(built.model, prompts, steps, eos, pad, CPU)
+        cached_widths = list(widths)
+        widths.clear()
+        recomputed = decode(built.model, prompts, steps, eos, pad, CPU, use_cache=False)
+        assert recomputed == cached
+        assert cached_widths == [width] + [1] * (len(cached_widths) - 1)  # one new token over the cache
+        assert widths == [width + i for i in range(len(cached_widths))]  # the whole sequence each step
+    assert len(widths) == steps and all(len(row) == steps for row in cached)  # set(): all steps ran
+
+
 # -- sampling -------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,10 @@
 """X-LoRA (a classifier mixes frozen LoRA experts per token): peft parity both ways for each option that
 changes results (≤ 1e-5, fp32), with experts written by peftcli (the tiny recipe's) and by peft; the
 paper's mixture on one layer from the scalings (≤ 1e-6) and the classifier reading the scaling pass's
-last hidden state (the base's, at scaling_pass_value 0); one-line refusals at start.
+last hidden state (the base's, at scaling_pass_value 0); one-line refusals at start. Generation (no KV
+cache: the whole sequence again at every step): our batched, left-padded greedy tokens equal peft's own
+``generate`` on our adapter, prompt by prompt, ``peftcli generate`` writes those continuations, and GRPO
+samples (a cached step would stop in one line).
 
 peft 0.21's ``save_pretrained`` drops the classifier tensors whose names hold an expert's name (its
 experts are named "0", "1", ..., so ``layers.0`` always goes, and at depth 1 the whole classifier): we
@@ -11,6 +14,7 @@ refuse such a file in one line, and check our loading on peft's file with those 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import kit
@@ -18,12 +22,17 @@ import pytest
 import torch
 from kit.parity import max_diff
 from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
+from peftcli.cli import app
+from peftcli.decoding import decode, eos_token_ids
 from peftcli.export import load_adapter
 from peftcli.methods.xlora import XLora
 from peftcli.models import resolve_model_name
 from peftcli.recipe import RecipeError
 from peftcli.training.distributed import check_method
+from peftcli.use.generate import prompt_ids
+from peftcli.use.load import load_model_or_adapter
 
 EXPERTS = kit.TINY / "xlora_experts"
 
@@ -164,19 +173,7 @@ REFUSALS = {
     "no-experts": (["method.adapters={}"], "method.adapters", "names no LoRA experts"),
     "top-k-over-n": (["method.top_k_lora=3"], "method.top_k_lora", "keeps 3 of 2"),
     "softmax-topk-alone": (["method.enable_softmax_topk=true"], "method.enable_softmax_topk", "top_k_lora"),
-    "generate": (["eval.generate=true"], "eval.generate", "KV cache"),
     "checkpointing": (["model.gradient_checkpointing=true"], "model.gradient_checkpointing", "scalings"),
-    "grpo": (
-        [
-            "objective.name=grpo",
-            "objective.rewards=[{contains: answer}]",
-            "data.format=prompt",
-            "data.train=recipes/data/tiny_grpo_train.jsonl",
-            "data.eval=recipes/data/tiny_grpo_eval.jsonl",
-        ],
-        "objective.name",
-        "KV cache",
-    ),
     "seq_cls": (["model.task=seq_cls", "data.format=classification"], "model.task", "causal_lm"),
     "qlora": (["model.quantization={bits: 4}"], "model.quantization", "xlora"),
 }
@@ -232,3 +229,98 @@ def test_decoding_with_a_kv_cache_is_refused(tmp_path):
         cache = built.model(input_ids=ids, use_cache=True).past_key_values
         with pytest.raises(RecipeError, match="KV cache"):
             built.model(input_ids=torch.tensor([[8]]), past_key_values=cache, use_cache=True)
+
+
+# -- generation: the whole sequence at every step -------------------------------------------------
+
+PROMPTS = ["reverse apple =", "hi", "upper grape =", "a longer prompt, so that the batch is ragged"]
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def moved_adapter(tmp_path_factory) -> tuple[Path, str]:
+    """The tiny X-LoRA, its classifier moved off init, saved as training saves it; and its base."""
+    tmp = tmp_path_factory.mktemp("xlora-generate")
+    built = kit.build("xlora", tmp)
+    kit.perturb(built.model, scale=0.5)
+    return kit.save(
+        tmp, built.model, built.method, built.tokenizer, built.base_path, built.recipe
+    ), built.base_path
+
+
+def peft_generate(peft_model, prompt: list[int], eos: set[int], pad: int) -> list[int]:
+    """peft's X-LoRA ``generate`` (it turns the cache off) on one unpadded prompt, cut before EOS."""
+    ids = torch.tensor([prompt])
+    out = peft_model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=STEPS,
+        do_sample=False,
+        pad_token_id=pad,
+    )
+    new = out[0, len(prompt) :].tolist()
+    return new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
+
+
+@pytest.mark.slow
+def test_greedy_decoding_equals_peft_generate(moved_adapter):
+    """Batched and left-padded, without a cache: each row's tokens are peft's for that prompt alone."""
+    adapter, base_path = moved_adapter
+    loaded = load_adapter(adapter)
+    assert loaded.method.decodes_with_cache is False
+    tokenizer = loaded.tokenizer
+    prompts = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False).input_ids] for t in PROMPTS]
+    eos, pad = eos_token_ids(loaded.model, tokenizer), tokenizer.pad_token_id
+    ours = decode(loaded.model, prompts, STEPS, eos, pad, kit.CPU, use_cache=False)
+    theirs = kit.load_in_peft(adapter, base_path)
+    assert ours == [peft_generate(theirs, prompt, eos, pad) for prompt in prompts]
+    assert sum(map(len, ours)) >= 20 and len({len(row) for row in ours}) > 1  # rows end at different steps
+    base = kit.base_model(base_path, kit.tiny_recipe("xlora"), pad_token_id=pad)
+    assert decode(base, prompts, STEPS, eos, pad, kit.CPU) != ours  # the experts change the tokens
+
+
+def test_peftcli_generate_writes_the_decoded_continuations(moved_adapter, tmp_path):
+    """``peftcli generate`` on the adapter decodes without a cache: its file holds decode's tokens; the
+    cached path still stops in one line."""
+    adapter, _ = moved_adapter
+    rows = [{"prompt": text} for text in PROMPTS]
+    inputs, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inputs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ["generate", str(adapter), "-i", str(inputs), "-o", str(output), "--max-new-tokens", str(STEPS)]
+    result = CliRunner().invoke(app, [*args, "--batch-size", "3"])  # a batch of 3, then one of 1
+    assert result.exit_code == 0, result.output
+    loaded = load_model_or_adapter(adapter)
+    assert loaded.use_cache is False
+    tokenizer = loaded.tokenizer
+    prompts = [prompt_ids(tokenizer, row, "row") for row in rows]
+    eos, pad = eos_token_ids(loaded.model, tokenizer), tokenizer.pad_token_id
+    want = decode(loaded.model, prompts, STEPS, eos, pad, kit.CPU, use_cache=False)
+    written = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["completion"] for r in written] == [tokenizer.decode(t, skip_special_tokens=True) for t in want]
+    assert [r["completion_tokens"] for r in written] == [len(t) for t in want]
+    with pytest.raises(RecipeError, match="cannot decode with a KV cache"):
+        decode(loaded.model, prompts, 2, eos, pad, kit.CPU)
+
+
+@pytest.mark.slow
+def test_grpo_rolls_out_without_a_cache(tmp_path, monkeypatch):
+    """GRPO's sampling and its greedy eval take the method's path: a cached step would stop in one line."""
+    from peftcli import api
+
+    monkeypatch.chdir(kit.ROOT)
+    grpo = [
+        "objective.name=grpo",
+        "objective.rewards=[{contains: answer}]",
+        "objective.max_new_tokens=6",
+        "data.format=prompt",
+        "data.train=recipes/data/tiny_grpo_train.jsonl",
+        "data.eval=recipes/data/tiny_grpo_eval.jsonl",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "train.log_every=1",
+    ]
+    result = api.train(kit.TINY / "xlora.yaml", overrides=[f"output_dir={tmp_path / 'run'}", *grpo])
+    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lengths = [e["completion_length"] for e in logged if e["event"] == "train"]
+    assert len(lengths) == 2 and all(0 < n <= 6 for n in lengths)
+    assert result.eval_after["eval_examples"] == 12

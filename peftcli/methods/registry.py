@@ -48,6 +48,10 @@ class Method:
         "prepends virtual tokens per row, so packed examples would see each other"
     )
     supports_fsdp: ClassVar[bool] = False  # can train with the base sharded by FSDP2 (train.distributed)
+    # generation (peftcli.decoding.decode) feeds one new token a step over a KV cache; a method whose
+    # forward needs the whole sequence for every token (X-LoRA's scaling pass) sets this False, and
+    # decoding re-runs the whole sequence at every step instead
+    decodes_with_cache: ClassVar[bool] = True
     trainable_formula: ClassVar[str] = ""  # human-readable count formula, printed by `peftcli methods`
     # peft's idea (``prefix = "lora_"``): a parameter is the method's own when a component of its dotted
     # name starts with this. It drives the default saving (``adapter_state_dict``) and loading.

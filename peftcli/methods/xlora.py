@@ -18,7 +18,10 @@ the same layers. Every forward runs the model twice:
    with s_n = α_n / r_n (α_n / √r_n for rsLoRA) the expert's own scale and g = ``global_scaling_weight``.
 
 Only the classifier trains (and the experts too with ``use_trainable_adapters``). The mix depends on
-each token, so X-LoRA does not merge; the scaling pass doubles the forward's cost.
+each token, so X-LoRA does not merge; the scaling pass doubles the forward's cost. A token's scalings come
+from the scaling pass over the whole sequence, so X-LoRA cannot decode over a KV cache: it sets
+``decodes_with_cache`` False and generation re-runs the whole sequence at every step (as peft's
+``generate``, which turns the cache off).
 
 On disk, as peft: ``adapter_config.json`` (peft's ``XLoraConfig``; ``adapters`` maps "0", "1", ... to
 the experts' directories, which peft's loader reads, and ``hidden_size``),
@@ -41,6 +44,7 @@ import torch
 from torch import nn
 
 from peftcli.checkpoint import ADAPTER_WEIGHTS, read_adapter_state
+from peftcli.compat import pop_cache
 from peftcli.inject import PREFIX, is_linear
 from peftcli.methods.kit import SHARED_ATTR, AdapterLayer, LayerMethod, SharedState
 from peftcli.methods.lora import LoRA
@@ -304,6 +308,7 @@ class XLora(LayerMethod):
     peft_type = "XLORA"
     identity_at_init = False  # the experts act from step 0
     mergeable = False  # the mix depends on each token
+    decodes_with_cache = False  # each token's scalings need the scaling pass over the whole sequence
     merge = Method.merge
     trainable_formula = (
         "classifier: (d+1)·N·(L if layerwise_scalings else 1) at depth 1; at depth D > 1 with width w: "
@@ -347,22 +352,10 @@ class XLora(LayerMethod):
                 "set method.top_k_lora, or enable_softmax_topk: false",
             ),
             (
-                recipe.eval.generate and bool(recipe.data.eval or recipe.data.eval_fraction),
-                "eval.generate",
-                "xlora cannot decode with a KV cache: each token's scalings need a pass over the whole sequence",
-                "set eval.generate: false (eval loss and perplexity still run)",
-            ),
-            (
                 recipe.model.gradient_checkpointing,
                 "model.gradient_checkpointing",
                 "would recompute xlora's layers in the backward pass, after the forward's scalings are gone",
                 "set model.gradient_checkpointing: false",
-            ),
-            (
-                recipe.objective.name == "grpo",
-                "objective.name",
-                "grpo samples completions, and xlora cannot decode with a KV cache",
-                "use an objective that needs no generation (sft, dpo, ...)",
             ),
         ]
         for bad, key, what, hint in checks:
@@ -434,13 +427,16 @@ class XLora(LayerMethod):
 
     def _scaling_pass(self, module: nn.Module, args, kwargs):
         """The first pass, without gradients, every expert at ``scaling_pass_value``; its last hidden state
-        gives the classifier's scalings for the real pass (the forward that follows)."""
-        past = kwargs.get("past_key_values")
+        gives the classifier's scalings for the real pass (the forward that follows). A forward that
+        continues a KV cache (transformers' ``generate`` with its default cache) stops: the new tokens'
+        scalings would come from a pass that never saw the tokens before them."""
+        first = {**kwargs, "output_hidden_states": True, "return_dict": True, "use_cache": False}
+        past = pop_cache(first)  # the first pass runs without a cache (either spelling)
         if past is not None and past.get_seq_length() > 0:
             raise RecipeError(
-                "eval.generate",
+                "use_cache",
                 "xlora cannot decode with a KV cache: each token's scalings need the whole sequence's pass",
-                "xlora models are evaluated by loss and perplexity (eval.generate: false), not generation",
+                "decode with use_cache=False (peftcli's generate, chat, eval and grpo do)",
             )
         tokens = (
             kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
@@ -452,8 +448,6 @@ class XLora(LayerMethod):
         shape = (b, t, classifier.n_layers, classifier.n_experts)
         dtype = classifier.layers[0].weight.dtype
         self.state.current = torch.full(shape, self.cfg.scaling_pass_value, dtype=dtype, device=tokens.device)
-        first = {**kwargs, "output_hidden_states": True, "return_dict": True, "use_cache": False}
-        first.pop("past_key_values", None)
         with torch.no_grad():
             hidden = module.forward(*args, **first).hidden_states[-1]
         self.state.current = classifier(hidden)

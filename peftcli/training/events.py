@@ -62,7 +62,10 @@ def run_eval(run: Run, step: int) -> dict[str, float] | None:
         elif objective is not None:
             result = evaluate_pairs(run)
         else:
-            result = evaluate(run.model, run.tokenizer, run.data, run.task, run.recipe.eval, run.device)
+            use_cache = run.method.decodes_with_cache
+            result = evaluate(
+                run.model, run.tokenizer, run.data, run.task, run.recipe.eval, run.device, use_cache=use_cache
+            )
     log_event(run, {"event": "eval", "step": step, **result})
     return result
 
@@ -92,7 +95,7 @@ def run_eval_tasks(run: Run) -> dict[str, dict[str, Any]]:
     from peftcli.harness import recipe_task_options, run_tasks
 
     with run.reporter.status(f"lm-eval: {', '.join(run.recipe.eval.tasks)}"):
-        result = run_tasks(
-            run.model, run.tokenizer, run.task, run.device, recipe_task_options(run.recipe.eval)
-        )
+        options = recipe_task_options(run.recipe.eval)
+        use_cache = run.method.decodes_with_cache
+        result = run_tasks(run.model, run.tokenizer, run.task, run.device, options, use_cache)
     return result["tasks"]

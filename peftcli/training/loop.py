@@ -205,7 +205,15 @@ def collate_window(run: Run, window: list[list[int]], step: int = 0) -> list[dic
         rows = [train.take(indices) for indices in mine]
         layout = {"offsets": run.dist.slice_offsets(window), "stand_ins": run.dist.padding_flags(window)}
         return roll_out(
-            objective, run.model, run.tokenizer, rows, step, run.recipe.train.seed, run.device, **layout
+            objective,
+            run.model,
+            run.tokenizer,
+            rows,
+            step,
+            run.recipe.train.seed,
+            run.device,
+            **layout,
+            use_cache=run.method.decodes_with_cache,
         )
     if objective is not None and objective.data_format == "unpaired_preference":
         partners = run.dist.rank_slice([[batch[i - 1] for i in range(len(batch))] for batch in window])

@@ -171,6 +171,7 @@ class Replier:
             self.sampling,
             row_ids=[row],
             on_step=stream.add,
+            use_cache=self.loaded.use_cache,
         )
         reply = tokenizer.decode(reply_ids, skip_special_tokens=True)
         stream.finish(reply)

@@ -193,7 +193,15 @@ def complete_rows(
             rows = list(range(start, min(start + options.batch_size, len(inputs))))
             batch = [prompts[i] for i in rows]
             completions = decode(
-                loaded.model, batch, options.max_new_tokens, eos, pad, device, sampling, row_ids=rows
+                loaded.model,
+                batch,
+                options.max_new_tokens,
+                eos,
+                pad,
+                device,
+                sampling,
+                row_ids=rows,
+                use_cache=loaded.use_cache,
             )
             for i, tokens in zip(rows, completions, strict=True):
                 record = {

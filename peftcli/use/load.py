@@ -17,6 +17,7 @@ class Loaded:
     tokenizer: Any
     task: str  # causal_lm | seq2seq | seq_cls
     kind: str  # "adapter" (base + our method, unmerged) or "model" (a transformers model directory)
+    use_cache: bool = True  # decode over a KV cache: the adapter's method's ``decodes_with_cache``
 
 
 def load_model_or_adapter(
@@ -31,7 +32,8 @@ def load_model_or_adapter(
     device = torch.device(device)
     if is_adapter_dir(path):
         loaded = load_adapter(path, base=base, device=device, allow_pickle=allow_pickle)
-        return Loaded(loaded.model, loaded.tokenizer, loaded.task, "adapter")
+        use_cache = loaded.method.decodes_with_cache
+        return Loaded(loaded.model, loaded.tokenizer, loaded.task, "adapter", use_cache)
     if (path / "config.json").is_file():
         cfg = ModelConfig(
             name=str(path), task=task_of_model_dir(str(path)), dtype="float32", allow_pickle=allow_pickle

@@ -1,6 +1,6 @@
 """GRPO's rollout: for every prompt of a window, G completions sampled with the policy through
-:func:`peftcli.decoding.decode` (the KV cache, the method's own forward), rewarded, and collated into the
-micro-batches the loss reads.
+:func:`peftcli.decoding.decode` (the KV cache, unless the method decodes without one; the method's own
+forward), rewarded, and collated into the micro-batches the loss reads.
 
 Sampling is a pure function of the run's seed, the optimizer step and the completion's row in the
 window (one ``torch.Generator`` per row, :func:`peftcli.decoding.row_generator`), and of the weights:
@@ -50,18 +50,18 @@ def roll_out(
     device: torch.device,
     offsets: Sequence[int] | None = None,
     stand_ins: Sequence[bool] | None = None,
+    use_cache: bool = True,
 ) -> list[dict[str, torch.Tensor]]:
     """The window's micro-batches of prompt rows → its micro-batches of scored completions (G per prompt,
     a prompt's group on consecutive rows), with ``advantages``; the reward statistics go to the objective.
     Under torchrun ``window`` is this rank's slice: ``offsets`` (Dist.slice_offsets) place each
     micro-batch's first prompt in the whole window, and ``stand_ins`` (Dist.padding_flags) mark the
-    slices that count for nothing (Dist.rank_slice)."""
+    slices that count for nothing (Dist.rank_slice). ``use_cache``: the method's ``decodes_with_cache``."""
     if offsets is None:
         offsets = [sum(len(rows) for rows in window[:i]) for i in range(len(window))]
     stand_ins = list(stand_ins) if stand_ins is not None else [False] * len(window)
-    sampled = sample(
-        objective, model, tokenizer, window, sampling_for(objective, seed, step), offsets, device
-    )
+    sampling = sampling_for(objective, seed, step)
+    sampled = sample(objective, model, tokenizer, window, sampling, offsets, device, use_cache)
     eos, group = eos_token_ids(model, tokenizer), objective.cfg.group_size
     mine = [reward_matrix(objective, tokenizer, rows, outputs, eos, group) for rows, _, outputs in sampled]
     lengths = [[len(ids) for ids in outputs] for _, _, outputs in sampled]
@@ -88,6 +88,7 @@ def sample(
     sampling: Sampling,
     offsets: Sequence[int],
     device: torch.device,
+    use_cache: bool = True,
 ) -> list[tuple[list[dict], list[list[int]], list[list[int]]]]:
     """(prompt rows, G prompts per row, their completions) per micro-batch; completion k of the prompt at
     place p of the window is sampled from row p·G + k's generator, in eval mode."""
@@ -110,6 +111,7 @@ def sample(
                 sampling,
                 row_ids,
                 keep_eos=True,
+                use_cache=use_cache,
             )
             sampled.append((rows, prompts, outputs))
     finally:
@@ -208,7 +210,15 @@ def evaluate_greedy(objective: Grpo, run) -> dict[str, float]:
             batch = rows[start : start + size]
             prompts = [row["input_ids"] for row in batch]
             outputs = decode(
-                model, prompts, objective.cfg.max_new_tokens, eos, pad, device, GREEDY, keep_eos=True
+                model,
+                prompts,
+                objective.cfg.max_new_tokens,
+                eos,
+                pad,
+                device,
+                GREEDY,
+                keep_eos=True,
+                use_cache=run.method.decodes_with_cache,
             )
             parts.append(reward_matrix(objective, tokenizer, batch, outputs, eos, 1))
     finally:
