@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcli.inject import is_linear
-from peftcli.methods.kit import AdapterLayer, LayerMethod, write_weight
+from peftcli.methods.kit import DeltaLayer, LayerMethod
 from peftcli.methods.registry import register
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
@@ -69,7 +69,7 @@ def frequency_positions(out_features: int, in_features: int, n: int, seed: int) 
     return torch.stack([cells // in_features, cells % in_features])
 
 
-class FourierFtLinear(AdapterLayer):
+class FourierFtLinear(DeltaLayer):
     """``base_layer(x) + x ΔWᵀ`` with ΔW = α Re(IDFT2(S)) around a frozen linear-like layer."""
 
     def __init__(self, base_layer: nn.Module, n_frequency: int, scaling: float, seed: int, zero_init: bool):
@@ -105,14 +105,6 @@ class FourierFtLinear(AdapterLayer):
         """ΔW as W stores it: (out, in), or (in, out) for GPT-2's Conv1D, in fp32."""
         delta = self.delta_weight().detach().float()
         return delta.T if self.fan_in_fan_out else delta
-
-    def merge(self) -> None:
-        weight = self.base_layer.weight
-        write_weight(weight, weight.float() + self.stored_delta())
-
-    def unmerge(self) -> None:
-        weight = self.base_layer.weight
-        write_weight(weight, weight.float() - self.stored_delta())
 
 
 @register

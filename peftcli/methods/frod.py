@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcli.inject import is_conv1d, is_linear, linear_dims
-from peftcli.methods.kit import AdapterLayer, LayerMethod, SharedState, write_weight
+from peftcli.methods.kit import DeltaLayer, LayerMethod, SharedState
 from peftcli.methods.registry import register
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
@@ -200,7 +200,7 @@ def random_init(values: torch.Tensor, lambdas: torch.Tensor) -> None:
         lambdas.add_(torch.randn_like(lambdas) * 0.1)
 
 
-class FrodLinear(AdapterLayer):
+class FrodLinear(DeltaLayer):
     """``base_layer(x) + U (Λ − Λ⁰ + S) Vᵀ dropout(x)`` around a frozen linear-like layer; V and the
     positions of S come from the model's shared state, by this layer's category."""
 
@@ -262,14 +262,6 @@ class FrodLinear(AdapterLayer):
         middle = middle.index_put((rows, cols), self.frod_lambda_s_values.float(), accumulate=True)
         delta = (self.frod_U.float() @ middle @ self.basis().float().T).detach()
         return delta.T if self.fan_in_fan_out else delta
-
-    def merge(self) -> None:
-        weight = self.base_layer.weight
-        write_weight(weight, weight.float() + self.stored_delta())
-
-    def unmerge(self) -> None:
-        weight = self.base_layer.weight
-        write_weight(weight, weight.float() - self.stored_delta())
 
 
 @register

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from peftcli.inject import is_linear
-from peftcli.methods.kit import AdapterLayer, LayerMethod, write_weight
+from peftcli.methods.kit import DeltaLayer, LayerMethod
 from peftcli.methods.registry import register
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
@@ -77,7 +77,7 @@ def block_factors(in_features: int, out_features: int, r: int, k: int, device) -
     return a.to(device), torch.zeros(k, r, out_features // k, device=device)
 
 
-class GraloraLinear(AdapterLayer):
+class GraloraLinear(DeltaLayer):
     """``base_layer(x) + scale · (grid update + hybrid LoRA)`` around a frozen linear-like layer."""
 
     def __init__(self, base_layer: nn.Module, r: int, k: int, alpha: float, hybrid_r: int, dropout: float):
@@ -134,14 +134,6 @@ class GraloraLinear(AdapterLayer):
         """ΔW as W stores it: (out, in), or (in, out) for GPT-2's Conv1D."""
         delta = self.delta_weight().detach()
         return delta.T if self.fan_in_fan_out else delta
-
-    def merge(self) -> None:
-        weight = self.base_layer.weight
-        write_weight(weight, weight.float() + self.stored_delta())
-
-    def unmerge(self) -> None:
-        weight = self.base_layer.weight
-        write_weight(weight, weight.float() - self.stored_delta())
 
 
 @register

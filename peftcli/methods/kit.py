@@ -85,6 +85,22 @@ def write_weight(target: torch.Tensor, value: torch.Tensor) -> None:
         target.copy_(value.to(target.dtype))
 
 
+class DeltaLayer(AdapterLayer):
+    """A kit layer whose update is an additive ΔW on the base weight: subclasses write ``stored_delta``
+    (fp32, in the weight's own layout); merge adds it and unmerge subtracts it."""
+
+    def stored_delta(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        weight = self.base_layer.weight
+        write_weight(weight, weight.float() + self.stored_delta())
+
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        write_weight(weight, weight.float() - self.stored_delta())
+
+
 def pattern_key(patterns: dict[str, Any] | list[str], name: str) -> str | None:
     r"""The first key (in sorted order) such that ``name`` matches ``(.*\.)?(key)$``, as peft matches
     ``rank_pattern`` keys. Sorted, because peft reads them back from a JSON file written with sorted keys."""

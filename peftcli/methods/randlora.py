@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcli.inject import is_linear, linear_dims
-from peftcli.methods.kit import SHARED_PREFIX, AdapterLayer, LayerMethod, SharedState, write_weight
+from peftcli.methods.kit import SHARED_PREFIX, DeltaLayer, LayerMethod, SharedState
 from peftcli.methods.registry import register
 from peftcli.recipe import MethodConfig, doc
 
@@ -124,7 +124,7 @@ def sparse_bases(
     return ternary(uniform_a), ternary(uniform_b)
 
 
-class RandLoraLinear(AdapterLayer):
+class RandLoraLinear(DeltaLayer):
     """``base_layer(x) + (α/r) x ΔWᵀ`` with ΔW built from the shared bases and this layer's Λ, Γ, around
     a frozen linear-like layer."""
 
@@ -168,14 +168,6 @@ class RandLoraLinear(AdapterLayer):
         first, second = self.factors()
         delta = (second.float() @ first.float()).detach() * self.scaling
         return delta.T if self.fan_in_fan_out else delta
-
-    def merge(self) -> None:
-        weight = self.base_layer.weight
-        write_weight(weight, weight.float() + self.stored_delta())
-
-    def unmerge(self) -> None:
-        weight = self.base_layer.weight
-        write_weight(weight, weight.float() - self.stored_delta())
 
 
 @register

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcli.inject import is_linear
-from peftcli.methods.kit import AdapterLayer, LayerMethod, SharedState, write_weight
+from peftcli.methods.kit import DeltaLayer, LayerMethod, SharedState
 from peftcli.methods.registry import register
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
@@ -92,7 +92,7 @@ def projections(u: int, r: int, seed: int) -> torch.Tensor:
     return torch.normal(mean=0.0, std=1.0 / r**0.5, size=(u, r, r), generator=generator)
 
 
-class TinyLoraLinear(AdapterLayer):
+class TinyLoraLinear(DeltaLayer):
     """``base_layer(x) + B R A x`` with R = Σ v_i P_i, v shared through the model's shared state."""
 
     def __init__(
@@ -135,14 +135,6 @@ class TinyLoraLinear(AdapterLayer):
         """ΔW = B R A as W stores it: (out, in), or (in, out) for GPT-2's Conv1D, fp32."""
         delta = (self.tinylora_B @ self.mixing() @ self.tinylora_A).detach().float()
         return delta.T if self.fan_in_fan_out else delta
-
-    def merge(self) -> None:
-        weight = self.base_layer.weight
-        write_weight(weight, weight.float() + self.stored_delta())
-
-    def unmerge(self) -> None:
-        weight = self.base_layer.weight
-        write_weight(weight, weight.float() - self.stored_delta())
 
 
 @register

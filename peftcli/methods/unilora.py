@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcli.inject import is_linear, linear_dims
-from peftcli.methods.kit import AdapterLayer, LayerMethod, SharedState, write_weight
+from peftcli.methods.kit import DeltaLayer, LayerMethod, SharedState
 from peftcli.methods.registry import register
 from peftcli.recipe import MethodConfig, doc
 
@@ -87,7 +87,7 @@ def isometric_scales(indices: torch.Tensor, length: int) -> torch.Tensor:
     return torch.where(counts > 0, counts.clamp(min=1).rsqrt(), torch.zeros_like(counts))
 
 
-class UniLoraLinear(AdapterLayer):
+class UniLoraLinear(DeltaLayer):
     """``base_layer(x) + B A x`` with A = θ[idx_A]·s_A, B = θ[idx_B]·s_B, θ from the shared state."""
 
     def __init__(
@@ -133,14 +133,6 @@ class UniLoraLinear(AdapterLayer):
         a, b = self.factors()
         delta = (b @ a).detach().float()
         return delta.T if self.fan_in_fan_out else delta
-
-    def merge(self) -> None:
-        weight = self.base_layer.weight
-        write_weight(weight, weight.float() + self.stored_delta())
-
-    def unmerge(self) -> None:
-        weight = self.base_layer.weight
-        write_weight(weight, weight.float() - self.stored_delta())
 
 
 @register

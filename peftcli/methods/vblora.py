@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcli.inject import is_linear, linear_dims, load_prefixed
-from peftcli.methods.kit import AdapterLayer, LayerMethod, SharedState, write_weight
+from peftcli.methods.kit import DeltaLayer, LayerMethod, SharedState
 from peftcli.methods.registry import register
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
@@ -108,7 +108,7 @@ def logits_from_topk(indices: torch.Tensor, weights: torch.Tensor, num_vectors: 
     return logits.scatter(-1, indices.long(), weights.log())
 
 
-class VbloraLinear(AdapterLayer):
+class VbloraLinear(DeltaLayer):
     """``base_layer(x) + B (A dropout(x))`` with A and B mixed from the shared bank, around a frozen
     linear-like layer."""
 
@@ -148,14 +148,6 @@ class VbloraLinear(AdapterLayer):
         lora_a, lora_b = self.factors()
         delta = (lora_b.float() @ lora_a.float()).detach()
         return delta.T if self.fan_in_fan_out else delta
-
-    def merge(self) -> None:
-        weight = self.base_layer.weight
-        write_weight(weight, weight.float() + self.stored_delta())
-
-    def unmerge(self) -> None:
-        weight = self.base_layer.weight
-        write_weight(weight, weight.float() - self.stored_delta())
 
 
 @register

@@ -32,7 +32,7 @@ from torch import nn
 
 from peftcli.inject import is_linear, linear_dims
 from peftcli.methods.fourierft import frequency_positions
-from peftcli.methods.kit import AdapterLayer, LayerMethod, pattern_key, write_weight
+from peftcli.methods.kit import DeltaLayer, LayerMethod, pattern_key
 from peftcli.methods.registry import register
 from peftcli.recipe import MethodConfig, RecipeError, doc
 
@@ -123,7 +123,7 @@ def inverse_dwt2(bands: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> 
     return full[border : full.shape[0] - border, border : full.shape[1] - border]
 
 
-class WaveFtLinear(AdapterLayer):
+class WaveFtLinear(DeltaLayer):
     """``base_layer(x) + x ΔWᵀ`` with ΔW = α IDWT2(S) around a frozen linear-like layer."""
 
     def __init__(self, base_layer: nn.Module, n_frequency: int, cfg: WaveFtConfig):
@@ -175,14 +175,6 @@ class WaveFtLinear(AdapterLayer):
         """ΔW as W stores it: (out, in), or (in, out) for GPT-2's Conv1D, in fp32."""
         delta = self.delta_weight().detach().float()
         return delta.T if self.fan_in_fan_out else delta
-
-    def merge(self) -> None:
-        weight = self.base_layer.weight
-        write_weight(weight, weight.float() + self.stored_delta())
-
-    def unmerge(self) -> None:
-        weight = self.base_layer.weight
-        write_weight(weight, weight.float() - self.stored_delta())
 
 
 @register
